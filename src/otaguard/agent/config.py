@@ -1,0 +1,155 @@
+"""Device configuration and directory layout."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from otaguard._fs import atomic_write_json
+from otaguard.model.errors import ConfigError
+
+__all__ = ["DeviceConfig", "DevicePaths", "MAX_CONFIG_BYTES"]
+
+# A device config is a few hundred bytes; anything large is corrupt or hostile.
+MAX_CONFIG_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DevicePaths:
+    """Where a device keeps each piece of its state (all under one directory)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        """Device configuration (JSON)."""
+        return self.root / "config.json"
+
+    @property
+    def trust(self) -> Path:
+        """Trust anchors provisioned at manufacture."""
+        return self.root / "trust"
+
+    @property
+    def trusted_root(self) -> Path:
+        """The image repository's root metadata provisioned at manufacture."""
+        return self.trust / "root.json"
+
+    @property
+    def ca(self) -> Path:
+        """The CA certificate the server's TLS certificate must chain to."""
+        return self.trust / "ca.pem"
+
+    @property
+    def metadata(self) -> Path:
+        """ngclient's cache of verified metadata."""
+        return self.root / "metadata"
+
+    @property
+    def staging(self) -> Path:
+        """Downloads land here before they are verified and written to a slot."""
+        return self.root / "staging"
+
+    @property
+    def slots(self) -> Path:
+        """File-backed A/B slots."""
+        return self.root / "slots"
+
+    @property
+    def bootenv(self) -> Path:
+        """The boot environment shared by agent and bootloader."""
+        return self.root / "bootenv.json"
+
+    @property
+    def monotonic(self) -> Path:
+        """The anti-rollback floor (development backend)."""
+        return self.root / "monotonic.json"
+
+    @property
+    def install_state(self) -> Path:
+        """The install state machine's persisted state."""
+        return self.root / "install-state.json"
+
+    @property
+    def booted(self) -> Path:
+        """What the (simulated) bootloader started; stands in for /proc/cmdline."""
+        return self.root / "run" / "booted.json"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Settings of one device; validated on load."""
+
+    server_url: str
+    hardware_id: str
+    #: command run after booting a new slot; exit 0 means healthy. None: digest check.
+    health_command: list[str] | None = None
+    health_timeout_s: float = 60.0
+    #: boots of a new slot before the bootloader gives up and rolls back
+    max_boot_tries: int = 3
+    poll_interval_s: float = 300.0
+    #: +/- fraction of poll_interval so a fleet does not poll in lock-step
+    poll_jitter: float = 0.2
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    #: per-download deadline = base + length / min rate (slow-retrieval defence)
+    download_deadline_base_s: float = 60.0
+    download_min_rate_bps: int = 64 * 1024
+    #: largest image a slot accepts; bigger targets are refused before download
+    max_image_bytes: int = 4 * 1024**3
+    #: development only: allow http:// server URLs
+    insecure_http: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.server_url.startswith(("https://", "http://")):
+            raise ConfigError(f"server URL {self.server_url!r} must be https://")
+        if self.server_url.startswith("http://") and not self.insecure_http:
+            raise ConfigError("plain http:// server URL needs the insecure development mode")
+        if not self.hardware_id:
+            raise ConfigError("hardware id is empty")
+        if not 1 <= self.max_boot_tries <= 16:
+            raise ConfigError("max_boot_tries must be between 1 and 16")
+        if self.health_command is not None and (
+            not isinstance(self.health_command, list)
+            or not all(isinstance(a, str) for a in self.health_command)
+            or not self.health_command
+        ):
+            raise ConfigError("health_command must be a non-empty list of strings")
+        for name in ("poll_interval_s", "connect_timeout_s", "read_timeout_s", "health_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceConfig:
+        """Read and validate a config file.
+
+        Raises:
+            ConfigError: missing, unreadable, too large, not JSON or invalid values.
+        """
+        try:
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"device config {path} is too large")
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError as e:
+            raise ConfigError(f"device config {path} is missing (run 'otaguard device init')") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read device config {path}: {e.strerror}") from e
+        except ValueError as e:
+            raise ConfigError(f"device config {path} is corrupt: not valid JSON") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"device config {path} is corrupt: not a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"device config {path} has unknown keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise ConfigError(f"device config {path} is invalid: {e}") from e
+
+    def save(self, path: Path) -> None:
+        """Write the config atomically."""
+        atomic_write_json(path, asdict(self))

@@ -1,0 +1,145 @@
+"""A/B slots and the boot environment the agent and the bootloader share.
+
+The boot environment is what U-Boot/GRUB keep in their environment block: which slot
+is primary, which slot to try once and how many tries are left, and what image each
+slot holds. It is always written atomically.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+from otaguard._fs import atomic_write_json
+from otaguard.model.errors import ConfigError, DeviceStorageError
+
+__all__ = ["SLOTS", "BootEnv", "FileSlots", "SlotBackend", "SlotImage", "other_slot"]
+
+SLOTS: Final = ("A", "B")
+# Slots are copied and hashed in chunks this size: images never sit in memory.
+CHUNK: Final = 1024 * 1024
+
+
+def other_slot(slot: str) -> str:
+    """The A/B partner of ``slot``."""
+    return "B" if slot == "A" else "A"
+
+
+@dataclass(frozen=True)
+class SlotImage:
+    """What a slot holds, as recorded when it was written and verified."""
+
+    target: str
+    version: str
+    security_counter: int
+    sha256: str
+    length: int
+
+
+@dataclass
+class BootEnv:
+    """The persisted boot environment."""
+
+    primary: str
+    try_slot: str | None
+    tries_left: int
+    slots: dict[str, SlotImage | None]
+
+    @classmethod
+    def load(cls, path: Path) -> BootEnv:
+        """Read the boot environment.
+
+        Raises:
+            ConfigError: missing or corrupt.
+        """
+        try:
+            raw = json.loads(path.read_bytes())
+            slots = {
+                s: (SlotImage(**raw["slots"][s]) if raw["slots"].get(s) else None) for s in SLOTS
+            }
+            env = cls(raw["primary"], raw["try_slot"], int(raw["tries_left"]), slots)
+        except FileNotFoundError as e:
+            raise ConfigError(f"boot environment {path} is missing") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read boot environment {path}: {e.strerror}") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"boot environment {path} is corrupt") from e
+        if env.primary not in SLOTS or env.try_slot not in (*SLOTS, None):
+            raise ConfigError(f"boot environment {path} names an unknown slot")
+        return env
+
+    def save(self, path: Path) -> None:
+        """Persist atomically (temp, fsync, rename)."""
+        atomic_write_json(
+            path,
+            {
+                "primary": self.primary,
+                "try_slot": self.try_slot,
+                "tries_left": self.tries_left,
+                "slots": {s: (asdict(i) if i else None) for s, i in self.slots.items()},
+            },
+        )
+
+
+class SlotBackend(abc.ABC):
+    """Where slot images live: files here; block devices or RAUC elsewhere."""
+
+    @abc.abstractmethod
+    def write(self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None) -> None:
+        """Copy ``source`` into ``slot`` durably.
+
+        Raises:
+            DeviceStorageError: the slot cannot be written.
+        """
+
+    @abc.abstractmethod
+    def digest(self, slot: str, length: int) -> str:
+        """SHA-256 of the first ``length`` bytes of ``slot`` (empty string if unreadable)."""
+
+
+class FileSlots(SlotBackend):
+    """Slots as files ``a.img`` and ``b.img`` in a directory (simulation and tests)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def path(self, slot: str) -> Path:
+        """File backing ``slot``."""
+        if slot not in SLOTS:
+            raise ValueError(f"unknown slot {slot!r}")
+        return self.directory / f"{slot.lower()}.img"
+
+    def write(self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None) -> None:
+        """Copy ``source`` into the slot file in place, like a partition, then fsync."""
+        try:
+            with open(source, "rb") as src, open(self.path(slot), "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                dst.flush()
+                os.fsync(dst.fileno())
+        except OSError as e:
+            raise DeviceStorageError(f"cannot write slot {slot}: {e.strerror or e}") from e
+
+    def digest(self, slot: str, length: int) -> str:
+        """Stream-hash the slot; a short or unreadable slot yields ``""``."""
+        h = hashlib.sha256()
+        remaining = length
+        try:
+            with open(self.path(slot), "rb") as f:
+                while remaining > 0:
+                    chunk = f.read(min(CHUNK, remaining))
+                    if not chunk:
+                        return ""
+                    h.update(chunk)
+                    remaining -= len(chunk)
+        except OSError:
+            return ""
+        return h.hexdigest()

@@ -1,0 +1,192 @@
+"""Metadata verification and image download through python-tuf's ngclient.
+
+ngclient does the TUF client workflow (root rotation, rollback and freeze protection,
+thresholds, expiry, mix-and-match, length caps). This module adds what otaguard needs on
+top: choosing the image for this hardware, the anti-rollback checks against the running
+image, and translation of tuf's exceptions into otaguard's.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.ngclient import Updater, UpdaterConfig
+
+from otaguard.agent.fetcher import TlsFetcher
+from otaguard.model.errors import (
+    DeviceStorageError,
+    DowngradeError,
+    TransportError,
+    VerificationError,
+)
+from otaguard.model.release import ReleaseInfo
+from otaguard.model.version import Version
+
+__all__ = ["Offer", "Selection", "TufSession", "select_update", "tuf_errors"]
+
+logger = logging.getLogger(__name__)
+
+# python-tuf's defaults assume Ed25519; hybrid roles carry ML-DSA-65 keys (1952 B) and
+# signatures (3309 B), hex-encoded, so the caps are raised with room for key rotation.
+ROOT_MAX_LENGTH: Final = 1024 * 1024
+TIMESTAMP_MAX_LENGTH: Final = 64 * 1024
+SNAPSHOT_MAX_LENGTH: Final = 4 * 1024 * 1024
+TARGETS_MAX_LENGTH: Final = 16 * 1024 * 1024
+
+
+@contextmanager
+def tuf_errors(action: str) -> Iterator[None]:
+    """Translate python-tuf and OS exceptions raised inside the block."""
+    try:
+        yield
+    except tuf_exc.DownloadLengthMismatchError as e:
+        raise VerificationError(f"{action}: {e}") from e
+    except tuf_exc.DownloadError as e:
+        raise TransportError(f"{action}: {e}") from e
+    except tuf_exc.RepositoryError as e:
+        raise VerificationError(f"{action}: {type(e).__name__}: {e}") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise DeviceStorageError(f"{action}: {e.strerror}") from e
+        raise
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A target from verified metadata that names this device's hardware."""
+
+    target: TargetFile
+    info: ReleaseInfo
+
+    @property
+    def path(self) -> str:
+        """Target path in the repository."""
+        return self.target.path
+
+    @property
+    def sha256(self) -> str:
+        """Expected SHA-256 of the image."""
+        return self.target.hashes["sha256"]
+
+
+@dataclass
+class Selection:
+    """What to install, and what was offered but refused (attack indicators)."""
+
+    chosen: Offer | None
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def select_update(
+    offers: list[Offer], *, running: Version, floor_counter: int, max_length: int
+) -> Selection:
+    """Pick the newest offer above the running version whose counter is not below the floor.
+
+    Pure. Offers older than the running version are ignored unless nothing newer or equal
+    is offered, which means the repository tries to move the device backwards: that is
+    reported as refused (a downgrade attempt).
+    """
+    sel = Selection(chosen=None)
+    newer = [o for o in offers if o.info.version > running]
+    for o in sorted(newer, key=lambda o: o.info.version, reverse=True):
+        if o.info.security_counter < floor_counter:
+            sel.refused.append((o.path, f"security counter {o.info.security_counter} < {floor_counter}"))
+            continue
+        if o.target.length > max_length:
+            sel.refused.append((o.path, f"image of {o.target.length} bytes exceeds the slot"))
+            continue
+        if sel.chosen is None:
+            sel.chosen = o
+    if offers and not any(o.info.version >= running for o in offers):
+        newest = max(offers, key=lambda o: o.info.version)
+        sel.refused.append((newest.path, f"version {newest.info.version} < running {running}"))
+    return sel
+
+
+class TufSession:
+    """One update session against the image repository (one ngclient ``Updater``)."""
+
+    def __init__(
+        self,
+        *,
+        metadata_dir: Path,
+        trusted_root: bytes,
+        server_url: str,
+        fetcher: TlsFetcher,
+    ):
+        self._metadata_dir = metadata_dir
+        self.fetcher = fetcher
+        base = server_url.rstrip("/")
+        config = UpdaterConfig(
+            root_max_length=ROOT_MAX_LENGTH,
+            timestamp_max_length=TIMESTAMP_MAX_LENGTH,
+            snapshot_max_length=SNAPSHOT_MAX_LENGTH,
+            targets_max_length=TARGETS_MAX_LENGTH,
+        )
+        with tuf_errors("loading trusted metadata"):
+            self._updater = Updater(
+                metadata_dir=str(metadata_dir),
+                metadata_base_url=f"{base}/metadata/",
+                target_base_url=f"{base}/targets/",
+                fetcher=fetcher,
+                config=config,
+                bootstrap=trusted_root,
+            )
+
+    def refresh(self) -> None:
+        """Run the TUF client workflow: root, timestamp, snapshot, targets.
+
+        Raises:
+            VerificationError: metadata is forged, rolled back, expired or mismatched.
+            TransportError: the server could not be reached.
+        """
+        with tuf_errors("metadata refresh"):
+            self._updater.refresh()
+
+    def offers(self, hardware_id: str) -> tuple[list[Offer], list[tuple[str, str]]]:
+        """Targets for ``hardware_id`` from the freshly verified top-level targets.
+
+        Returns the offers and the targets skipped for malformed custom fields.
+        """
+        # ngclient only caches metadata that verified; the cached targets.json is the one
+        # refresh() just accepted. Each candidate is then re-read through get_targetinfo().
+        listing = Metadata[Targets].from_file(str(self._metadata_dir / "targets.json"))
+        offers: list[Offer] = []
+        bad: list[tuple[str, str]] = []
+        for path in listing.signed.targets:
+            with tuf_errors(f"looking up {path}"):
+                target = self._updater.get_targetinfo(path)
+            if target is None:
+                continue
+            try:
+                info = ReleaseInfo.from_custom(target.custom)
+            except VerificationError as e:
+                bad.append((path, str(e)))
+                continue
+            if hardware_id in info.hardware_ids:
+                offers.append(Offer(target, info))
+        return offers, bad
+
+    def download(self, target: TargetFile, dest: Path) -> Path:
+        """Download ``target`` to ``dest``, verifying length and hashes as python-tuf does.
+
+        Raises:
+            VerificationError: wrong length or hash (tampered or truncated image).
+            TransportError: network failure or deadline exceeded.
+            DeviceStorageError: the staging area is full or unwritable.
+        """
+        with tuf_errors(f"download of {target.path}"):
+            return Path(self._updater.download_target(target, str(dest)))
+
+    def find_target(self, path: str) -> TargetFile | None:
+        """Look up ``path`` in verified metadata."""
+        with tuf_errors(f"looking up {path}"):
+            return self._updater.get_targetinfo(path)
