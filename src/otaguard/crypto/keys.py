@@ -31,9 +31,7 @@ MAX_KEY_FILE_BYTES: Final = 64 * 1024
 
 def warn_insecure(what: str) -> None:
     """Warn, on every use, that a development-only insecure mode is in effect."""
-    msg = f"INSECURE development mode: {what}"
-    logger.warning(msg)
-    warnings.warn(msg, InsecureModeWarning, stacklevel=2)
+    warnings.warn(f"INSECURE development mode: {what}", InsecureModeWarning, stacklevel=2)
 
 
 def generate_signer(algorithm: str) -> CryptoSigner:

@@ -364,11 +364,11 @@ class ImageRepository:
         if name in targets_md.signed.targets:
             raise OperatorError(f"target {name} already exists")
 
-        length, sha256 = self._store_blob(image, name, progress=progress)
-        tf = TargetFile(length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()})
-        # Sign everything before writing anything, so a wrong passphrase changes nothing.
+        # Unlock every key before writing anything, so a wrong passphrase changes nothing.
         for role in ("targets", "snapshot", "timestamp"):
             self._role_signers(role)
+        length, sha256 = self._store_blob(image, name, progress=progress)
+        tf = TargetFile(length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()})
         targets_md.signed.targets[name] = tf
         targets_md.signed.version += 1
         targets_md.signed.expires = self._expires("targets", now)
@@ -407,6 +407,27 @@ class ImageRepository:
         if length == 0:
             raise OperatorError(f"image {image} is empty")
         return length, digest
+
+    def withdraw_release(self, path: str, *, now: datetime | None = None) -> None:
+        """Remove a target from the repository (e.g. a faulty release) and re-sign.
+
+        Devices never go back to an older release because of this: their anti-rollback
+        floor refuses it. The blob stays on disk for audit.
+
+        Raises:
+            OperatorError: no such target.
+        """
+        now = now or datetime.now(UTC)
+        targets_md: Metadata[Targets] = self._latest("targets", Targets)
+        if path not in targets_md.signed.targets:
+            raise OperatorError(f"no target named {path}")
+        for role in ("targets", "snapshot", "timestamp"):
+            self._role_signers(role)
+        del targets_md.signed.targets[path]
+        targets_md.signed.version += 1
+        targets_md.signed.expires = self._expires("targets", now)
+        self._sign_and_write(targets_md, "targets")
+        self._write_snapshot_and_timestamp(targets_md, now=now)
 
     def refresh(self, *, roles: Iterable[str] = ("snapshot", "timestamp"), now: datetime | None = None) -> None:
         """Re-sign online roles with new versions and expiries (before they expire)."""

@@ -1,0 +1,7 @@
+"""``python -m otaguard``."""
+
+import sys
+
+from otaguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,359 @@
+"""Argument parsing and dispatch. Thin: every command calls the public library API."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from otaguard import __version__
+from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
+
+__all__ = ["main"]
+
+PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"
+TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"
+EXIT_ROLLED_BACK = 6
+
+# soft_wrap: one-line messages stay one line when piped (logs, CI, tests)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+# -- helpers -------------------------------------------------------------------------
+def _passphrase(*, confirm: bool = False) -> bytes:
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return env.encode()
+    if not sys.stdin.isatty():
+        raise KeyAccessError(f"no passphrase: set {PASSPHRASE_ENV} or run interactively")
+    first = getpass.getpass("Key passphrase: ")
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise KeyAccessError("passphrases do not match")
+    if not first:
+        raise KeyAccessError("empty passphrase")
+    return first.encode()
+
+
+def _repo_passphrase(repo_dir: Path) -> bytes | None:
+    import json
+
+    try:
+        cfg = json.loads((repo_dir / "otaguard-repo.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return None if cfg.get("plaintext_keys") else _passphrase()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=err, transient=True,
+    )
+
+
+# -- repository and releases -------------------------------------------------------------
+def _repo_init(a: argparse.Namespace) -> int:
+    from otaguard.repo import ImageRepository
+
+    expiries = {
+        role: days
+        for role in ("root", "targets", "snapshot", "timestamp")
+        if (days := getattr(a, f"{role}_expiry_days")) is not None
+    }
+    passphrase = None if a.insecure_plaintext_keys else _passphrase(confirm=True)
+    repo = ImageRepository.init(a.repo_dir, passphrase=passphrase, expiry_days=expiries)
+    out.print(f"initialised image repository in {repo.dir}")
+    out.print(f"trusted root for devices: {repo.metadata_dir / 'root.json'}")
+    return 0
+
+
+def _repo_verify(a: argparse.Namespace) -> int:
+    from otaguard.cli._render import render_verification
+    from otaguard.repo import ImageRepository
+
+    repo = ImageRepository(a.repo_dir, passphrase=None)
+    report, checks = repo.verify()
+    render_verification(out, report, checks)
+    ok = report.ok and all(c.ok for c in checks)
+    if not ok:
+        problems = report.all_problems() + [f"target {c.path}: {c.problem}" for c in checks if not c.ok]
+        err.print(f"verification failed: {problems[0]}")
+        return 3
+    out.print("[green]repository verified[/green]")
+    return 0
+
+
+def _repo_refresh(a: argparse.Namespace) -> int:
+    from otaguard.repo import ImageRepository
+
+    repo = ImageRepository(a.repo_dir, passphrase=_repo_passphrase(a.repo_dir))
+    repo.refresh(roles=a.role or ("snapshot", "timestamp"))
+    out.print("re-signed " + ", ".join(a.role or ("snapshot", "timestamp")))
+    return 0
+
+
+def _release_add(a: argparse.Namespace) -> int:
+    from otaguard.repo import ImageRepository
+
+    repo = ImageRepository(a.repo_dir, passphrase=_repo_passphrase(a.repo_dir))
+    size = a.image.stat().st_size if a.image.is_file() else 0
+    with _progress() as prog:
+        task = prog.add_task("hashing image", total=size)
+        rel = repo.add_release(
+            a.image,
+            version=a.version,
+            hardware_ids=a.hardware_id,
+            security=a.security,
+            security_counter=a.security_counter,
+            progress=lambda n: prog.advance(task, n),
+        )
+    out.print(
+        f"added [bold]{rel.path}[/bold] version {rel.info.version} ({rel.info.release_type}, "
+        f"security counter {rel.info.security_counter}) sha256 {rel.sha256}"
+    )
+    return 0
+
+
+def _release_withdraw(a: argparse.Namespace) -> int:
+    from otaguard.repo import ImageRepository
+
+    ImageRepository(a.repo_dir, passphrase=_repo_passphrase(a.repo_dir)).withdraw_release(a.target)
+    out.print(f"withdrew {a.target}")
+    return 0
+
+
+def _release_list(a: argparse.Namespace) -> int:
+    from otaguard.cli._render import render_releases
+    from otaguard.repo import ImageRepository
+
+    render_releases(out, ImageRepository(a.repo_dir, passphrase=None).releases())
+    return 0
+
+
+# -- server --------------------------------------------------------------------------
+def _server(a: argparse.Namespace) -> int:
+    from otaguard.server import ServerSettings, run_server
+
+    settings = ServerSettings(
+        data_dir=a.data, repo_dir=a.repo, host=a.host, port=a.port, insecure_http=a.insecure_http
+    )
+    run_server(settings)
+    return 0
+
+
+def _publish(a: argparse.Namespace) -> int:
+    from otaguard.server.client import publish_repository
+
+    token = a.token or os.environ.get(TOKEN_ENV)
+    if token is None and a.token_file is not None:
+        try:
+            token = a.token_file.read_text().strip()
+        except OSError as e:
+            raise OperatorError(f"cannot read token file {a.token_file}: {e.strerror}") from e
+    if not token:
+        raise OperatorError(f"no operator token: pass --token-file or set {TOKEN_ENV}")
+    result = publish_repository(a.repo_dir, server_url=a.server, ca_cert=a.ca, token=token)
+    out.print(f"published: {result}")
+    return 0
+
+
+# -- device --------------------------------------------------------------------------
+def _device_init(a: argparse.Namespace) -> int:
+    from otaguard.agent import Device
+
+    dev = Device.provision(
+        a.device_dir,
+        server_url=a.server,
+        root_json=a.root,
+        ca_pem=a.ca,
+        hardware_id=a.hardware_id,
+        factory_image=a.factory_image,
+        factory_version=a.factory_version,
+        factory_security_counter=a.factory_security_counter,
+        insecure_http=a.insecure_http,
+        health_command=a.health_command.split() if a.health_command else None,
+    )
+    out.print(f"provisioned device in {dev.paths.root} running {a.factory_version} from slot A")
+    return 0
+
+
+def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch per subcommand
+    from otaguard.agent import Device
+    from otaguard.cli._render import render_selection, render_status
+
+    dev = Device(a.device_dir)
+    if a.action == "status":
+        render_status(out, dev.status())
+        return 0
+    if a.action == "boot":
+        rec = dev.boot()
+        kind = "trial boot of" if rec.trial else "booted"
+        out.print(f"{kind} slot {rec.slot} (version {rec.version}, digest verified)")
+        if rec.note:
+            err.print(f"[yellow]{rec.note}[/yellow]")
+        return 0
+    if a.action == "check":
+        running, sel = dev.check()
+        render_selection(out, running, sel)
+        return 0
+    if a.action == "update":
+        with _progress() as prog:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(stage: str, n: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = prog.add_task(stage, total=total)
+                prog.advance(tasks[stage], n)
+
+            res = dev.update(progress=on_progress)
+        if res.outcome == "up-to-date":
+            out.print(f"up to date: running {res.from_version}")
+        elif res.outcome == "updated":
+            out.print(f"[green]updated[/green] {res.from_version} → {res.to_version}: {res.detail}")
+        else:
+            err.print(f"[red]{res.outcome}[/red] ({res.to_version}): {res.detail}")
+            return EXIT_ROLLED_BACK
+        for path, why in res.refused:
+            err.print(f"[yellow]refused[/yellow] {path}: {why}")
+        return 0
+    # run
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    out.print(f"polling every {dev.config.poll_interval_s:g} s (±{dev.config.poll_jitter:.0%}); Ctrl-C stops")
+    try:
+        dev.run(
+            stop,
+            on_result=lambda r: out.print(f"{r.outcome}: {r.from_version} {r.to_version or ''} {r.detail}"),
+            on_error=lambda e: err.print(e.diagnostics()),
+        )
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from otaguard.sim.demo import run_demo
+
+    return 0 if run_demo(devices=a.devices, workdir=a.workdir, console=out) else 1
+
+
+# -- parser --------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
+    p.add_argument("--version", action="version", version=f"otaguard {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    repo = sub.add_parser("repo", help="image repository").add_subparsers(dest="repo_cmd", required=True)
+    init = repo.add_parser("init", help="create keys and initial signed metadata")
+    init.add_argument("repo_dir", type=Path)
+    init.add_argument("--insecure-plaintext-keys", action="store_true",
+                      help="development only: store private keys unencrypted")
+    for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
+        init.add_argument(f"--{role}-expiry-days", type=int, metavar="DAYS",
+                          help=f"{role} metadata lifetime (default {days})")
+    init.set_defaults(func=_repo_init)
+    ver = repo.add_parser("verify", help="check signatures, thresholds, expiry and target hashes")
+    ver.add_argument("repo_dir", type=Path)
+    ver.set_defaults(func=_repo_verify)
+    ref = repo.add_parser("refresh", help="re-sign online roles before they expire")
+    ref.add_argument("repo_dir", type=Path)
+    ref.add_argument("--role", action="append", choices=("targets", "snapshot", "timestamp"))
+    ref.set_defaults(func=_repo_refresh)
+
+    rel = sub.add_parser("release", help="releases").add_subparsers(dest="release_cmd", required=True)
+    add = rel.add_parser("add", help="add a firmware image and re-sign")
+    add.add_argument("repo_dir", type=Path)
+    add.add_argument("image", type=Path)
+    add.add_argument("--version", required=True, help="semantic version X.Y.Z")
+    add.add_argument("--hardware-id", action="append", required=True, metavar="HW")
+    add.add_argument("--security", action="store_true", help="security release (else feature)")
+    add.add_argument("--security-counter", type=int, metavar="N",
+                     help="default: highest published, +1 for --security")
+    add.set_defaults(func=_release_add)
+    wd = rel.add_parser("withdraw", help="remove a release from the repository and re-sign")
+    wd.add_argument("repo_dir", type=Path)
+    wd.add_argument("target", help="target name, as shown by 'release list'")
+    wd.set_defaults(func=_release_withdraw)
+    lst = rel.add_parser("list", help="list published releases")
+    lst.add_argument("repo_dir", type=Path)
+    lst.set_defaults(func=_release_list)
+
+    srv = sub.add_parser("server", help="run the update server (HTTPS)")
+    srv.add_argument("--data", type=Path, required=True, help="server data directory")
+    srv.add_argument("--repo", type=Path, help="image repository to serve and follow")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8443)
+    srv.add_argument("--insecure-http", action="store_true", help="development only: plain HTTP")
+    srv.set_defaults(func=_server)
+
+    pub = sub.add_parser("publish", help="upload signed metadata and blobs to a server")
+    pub.add_argument("repo_dir", type=Path)
+    pub.add_argument("--server", required=True, metavar="URL")
+    pub.add_argument("--ca", type=Path, required=True, help="CA certificate of the server")
+    pub.add_argument("--token-file", type=Path, help=f"operator token file (or ${TOKEN_ENV})")
+    pub.add_argument("--token", help=argparse.SUPPRESS)
+    pub.set_defaults(func=_publish)
+
+    dev = sub.add_parser("device", help="device provisioning").add_subparsers(dest="device_cmd", required=True)
+    dinit = dev.add_parser("init", help="provision a simulated device directory")
+    dinit.add_argument("device_dir", type=Path)
+    dinit.add_argument("--server", required=True, metavar="URL")
+    dinit.add_argument("--root", type=Path, required=True, help="image repository root.json")
+    dinit.add_argument("--ca", type=Path, required=True, help="server CA certificate (PEM)")
+    dinit.add_argument("--hardware-id", required=True)
+    dinit.add_argument("--factory-image", type=Path, required=True)
+    dinit.add_argument("--factory-version", required=True)
+    dinit.add_argument("--factory-security-counter", type=int, default=0)
+    dinit.add_argument("--health-command", help="command run after a new slot boots (exit 0 = healthy)")
+    dinit.add_argument("--insecure-http", action="store_true", help="development only")
+    dinit.set_defaults(func=_device_init)
+
+    ag = sub.add_parser("agent", help="run the device agent")
+    ag.add_argument("device_dir", type=Path)
+    ag.add_argument("action", choices=("check", "update", "run", "status", "boot"))
+    ag.set_defaults(func=_agent)
+
+    demo = sub.add_parser("demo", help="end-to-end demo: rollout and four refused attacks")
+    demo.add_argument("--devices", type=int, default=20)
+    demo.add_argument("--workdir", type=Path, help="default: a new temporary directory")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    pkg = logging.getLogger("otaguard")
+    pkg.setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    pkg.addHandler(handler)
+    warnings.simplefilter("always", InsecureModeWarning)
+    warnings.showwarning = _show_warning  # type: ignore[assignment]
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except OtaguardError as e:
+        err.print(e.diagnostics(), highlight=False, markup=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
