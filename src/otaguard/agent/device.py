@@ -251,7 +251,11 @@ class Device:
         """Verify fresh metadata and say what would be installed (installs nothing)."""
         with self._locked():
             booted = self._booted()
-            return booted.version, self._select(self._session(), Version.parse(booted.version))
+            session = self._session()
+            try:
+                return booted.version, self._select(session, Version.parse(booted.version))
+            finally:
+                session.fetcher.close()
 
     def update(self, *, progress: ProgressFn | None = None) -> UpdateResult:
         """Resume any interrupted install, else check for and install an update.
@@ -268,28 +272,24 @@ class Device:
             state = InstallState.load(self.paths.install_state)
             session: TufSession | None = None
             refused: list[tuple[str, str]] = []
-            if state.phase is Phase.IDLE:
-                session = self._session()
-                sel = self._select(session, Version.parse(booted.version))
-                refused = sel.refused
-                if sel.chosen is None:
-                    if refused:
-                        path, why = refused[0]
-                        raise DowngradeError(f"{path}: {why}")
-                    return UpdateResult("up-to-date", booted.version)
-                installer.begin(sel.chosen, from_slot=booted.slot, to_slot=other_slot(booted.slot))
-            else:
-                logger.info("resuming interrupted install (phase %s)", state.phase.value)
             try:
-                final = installer.drive(session)
-            except BaseException:
-                # Anything that stopped the install midway leaves a resumable state; an
-                # install that never got past selection is simply abandoned.
-                cur = InstallState.load(self.paths.install_state)
-                if cur.phase is Phase.SELECTED:
-                    cur.phase = Phase.IDLE
-                    cur.save(self.paths.install_state)
-                raise
+                if state.phase is Phase.IDLE:
+                    session = self._session()
+                    sel = self._select(session, Version.parse(booted.version))
+                    refused = sel.refused
+                    if sel.chosen is None:
+                        if refused:
+                            path, why = refused[0]
+                            raise DowngradeError(f"{path}: {why}")
+                        return UpdateResult("up-to-date", booted.version)
+                    installer.begin(sel.chosen, from_slot=booted.slot, to_slot=other_slot(booted.slot))
+                else:
+                    logger.info("resuming interrupted install (phase %s)", state.phase.value)
+                final = self._drive(installer, session)
+            finally:
+                installer.close()
+                if session is not None:
+                    session.fetcher.close()
             result: dict[str, Any] = final.last_result or {}
             return UpdateResult(
                 outcome=str(result.get("outcome", "failed")),
@@ -298,6 +298,18 @@ class Device:
                 detail=str(result.get("detail", "")),
                 refused=refused,
             )
+
+    def _drive(self, installer: Installer, session: TufSession | None) -> InstallState:
+        try:
+            return installer.drive(session)
+        except BaseException:
+            # An install stopped before anything was downloaded is abandoned (the next
+            # check selects afresh); any later phase stays persisted and resumes.
+            cur = InstallState.load(self.paths.install_state)
+            if cur.phase is Phase.SELECTED:
+                cur.phase = Phase.IDLE
+                cur.save(self.paths.install_state)
+            raise
 
     def poll_delay(self) -> float:
         """Seconds until the next poll, with jitter so a fleet spreads out."""

@@ -82,11 +82,14 @@ class TlsFetcher(FetcherInterface):
         except urllib3.exceptions.HTTPError as e:
             raise exceptions.DownloadError(f"cannot reach {url}: {e}") from e
         if resp.status != 200:
-            resp.release_conn()
+            # Never hand a connection with an unread body back to the pool: the next
+            # request would read that body as its response.
+            resp.close()
             raise exceptions.DownloadHTTPError(f"HTTP {resp.status} for {url}", resp.status)
         return self._chunks(resp, url, deadline)
 
     def _chunks(self, resp: urllib3.BaseHTTPResponse, url: str, deadline: float) -> Iterator[bytes]:
+        complete = False
         try:
             for chunk in resp.stream(CHUNK):
                 if time.monotonic() > deadline:
@@ -94,10 +97,15 @@ class TlsFetcher(FetcherInterface):
                 if self.on_chunk is not None:
                     self.on_chunk(len(chunk))
                 yield chunk
+            complete = True
         except urllib3.exceptions.HTTPError as e:
             raise exceptions.DownloadError(f"download of {url} failed: {e}") from e
         finally:
-            resp.release_conn()
+            # Only a fully read response may return its connection to the pool.
+            if complete:
+                resp.release_conn()
+            else:
+                resp.close()
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:

@@ -221,6 +221,11 @@ class Installer:
             state.save(self.paths.install_state)
             _fault_point(step.value)
 
+    def close(self) -> None:
+        """Close the network session, if one was opened."""
+        if self._session is not None:
+            self._session.fetcher.close()
+
     # -- steps -----------------------------------------------------------------------
     def _staged(self, state: InstallState) -> Path:
         assert state.target is not None  # noqa: S101 - phases after SELECTED carry a target

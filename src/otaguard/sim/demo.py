@@ -1,0 +1,205 @@
+"""``otaguard demo``: a rollout to a fleet, then four attacks that must all be refused."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import urllib3
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from otaguard.model.errors import DowngradeError, OperatorError, VerificationError
+from otaguard.repo import ImageRepository
+from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
+from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
+from otaguard.sim.fleet import DeviceRun, Fleet, make_image
+
+__all__ = ["run_demo"]
+
+HARDWARE_ID: Final = "gateway-v1"
+IMAGE_SIZE: Final = 4 * 1024 * 1024
+# How long the demo waits for the server to pick up a repository change.
+SYNC_TIMEOUT_S: Final = 30.0
+
+
+def _wait_served(server: RunningServer, repo: ImageRepository) -> None:
+    """Block until the server serves the repository's current timestamp."""
+    want = (repo.metadata_dir / "timestamp.json").read_bytes()
+    assert server.ca_cert is not None  # noqa: S101 - the demo runs HTTPS
+    http = urllib3.PoolManager(ca_certs=str(server.ca_cert), timeout=5.0)
+    deadline = time.monotonic() + SYNC_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
+            if resp.status == 200 and resp.data == want:
+                return
+            time.sleep(0.1)
+    finally:
+        http.clear()
+    raise OperatorError("the server did not pick up the repository change in time")
+
+
+def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
+    with Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        console=console, transient=False,
+    ) as prog:
+        tasks: dict[str, TaskID] = {}
+        overall = prog.add_task(f"[bold]{title}", total=len(fleet.names))
+
+        def on_progress(name: str, stage: str, n: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = prog.add_task(f"{name} download+install", total=2 * total)
+            prog.advance(tasks[name], n)
+
+        runs: list[DeviceRun] = []
+        for run in fleet.update_all(progress=on_progress):
+            runs.append(run)
+            prog.advance(overall)
+    return runs
+
+
+def _attack(
+    console: Console,
+    fleet: Fleet,
+    name: str,
+    expected: type[Exception],
+    version: str,
+) -> AttackOutcome:
+    runs = fleet.update_all()
+    versions = fleet.versions()
+    refused = [
+        r for r in runs
+        if isinstance(r.error, expected) and versions[r.name] == version
+    ]
+    reason = next((r.error.diagnostics() for r in runs if r.error is not None), "not refused!")
+    outcome = AttackOutcome(name, len(refused), len(runs), reason)
+    mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
+    console.print(f"  {mark} by {outcome.refused}/{outcome.total} devices: {reason}")
+    return outcome
+
+
+def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
+    """Run the whole demo; True when every device updated and every attack was refused."""
+    if devices < 1:
+        raise OperatorError("--devices must be at least 1")
+    cleanup = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="otaguard-demo-")) if workdir is None else Path(workdir)
+    if work.exists() and any(work.iterdir()) and not cleanup:
+        raise OperatorError(f"{work} is not empty; give the demo a new directory")
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(console, work, devices)
+    finally:
+        if cleanup:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a linear script
+    step: Callable[[str], None] = lambda s: console.rule(f"[bold]{s}")  # noqa: E731
+    passphrase = secrets.token_urlsafe(24).encode()  # keys are encrypted even in the demo
+    console.print(f"working directory: {work}")
+
+    step("1. Image repository: hybrid Ed25519 + ML-DSA-65 offline keys")
+    repo = ImageRepository.init(work / "repo", passphrase=passphrase)
+    v100 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.0.0")
+    rel100 = repo.add_release(v100, version="1.0.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None)
+    console.print(f"released {rel100.path} (feature, counter {rel100.info.security_counter})")
+
+    step("2. Update server (HTTPS, CA made on first run)")
+    server = start_server_in_thread(
+        ServerSettings(data_dir=work / "server", repo_dir=repo.dir, host="127.0.0.1", port=0)
+    )
+    attacker = None
+    try:
+        assert server.ca_cert is not None  # noqa: S101
+        _wait_served(server, repo)
+        console.print(f"serving {server.base_url}")
+
+        step(f"3. Provision {count} devices at 1.0.0")
+        fleet = Fleet.provision(
+            work / "devices", count=count, server_url=server.base_url,
+            root_json=repo.metadata_dir / "root.json", ca_pem=server.ca_cert,
+            hardware_id=HARDWARE_ID, factory_image=v100, factory_version="1.0.0",
+        )
+        attacker = CompromisedServer(server.data_dir)
+        old_timestamp = attacker.current_timestamp()
+
+        step("4. Release 1.1.0 (security) and roll it out")
+        v110 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.1.0")
+        rel110 = repo.add_release(v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None)
+        _wait_served(server, repo)
+        runs = _update_fleet(console, fleet, "rollout 1.1.0")
+        versions = fleet.versions()
+        updated = sum(1 for r in runs if r.result and r.result.outcome == "updated" and versions[r.name] == "1.1.0")
+        for r in runs:
+            if r.error is not None:
+                console.print(f"[red]{r.name}: {r.error.diagnostics()}")
+        console.print(f"{updated}/{count} devices run 1.1.0")
+
+        outcomes: list[AttackOutcome] = []
+        step("5a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
+        v120 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.2.0")
+        rel120 = repo.add_release(v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None)
+        _wait_served(server, repo)
+        attacker.tamper_blob(rel120.path)
+        outcomes.append(_attack(console, fleet, "(a) tampered image", VerificationError, "1.1.0"))
+
+        step("5b. Attack: replay of an older signed timestamp, snapshot and targets")
+        current = attacker.current_timestamp()
+        attacker.serve_timestamp(old_timestamp)
+        outcomes.append(_attack(console, fleet, "(b) metadata rollback", VerificationError, "1.1.0"))
+        attacker.serve_timestamp(current)
+
+        step("5c. Attack: validly signed metadata offering only an older release")
+        repo.withdraw_release(rel120.path)
+        repo.withdraw_release(rel110.path)
+        _wait_served(server, repo)
+        outcomes.append(_attack(console, fleet, "(c) downgrade to 1.0.0", DowngradeError, "1.1.0"))
+
+        step("5d. Attack: release signed by only the Ed25519 half of the hybrid targets key")
+        attacker.inject_targets(
+            signers=[steal_key(repo.dir, "targets-ed25519.pem", "ed25519", passphrase)],
+            snapshot_signer=steal_key(repo.dir, "snapshot-ed25519.pem", "ed25519", passphrase),
+            timestamp_signer=steal_key(repo.dir, "timestamp-ed25519.pem", "ed25519", passphrase),
+            target_path="firmware-6.6.6.img",
+            payload=b"malicious firmware" * 1000,
+            custom={"version": "6.6.6", "security_counter": 99, "hardware_ids": [HARDWARE_ID],
+                    "release_type": "security"},
+        )
+        outcomes.append(_attack(console, fleet, "(d) single-key signature", VerificationError, "1.1.0"))
+    finally:
+        if attacker is not None:
+            attacker.close()
+        server.stop()
+
+    step("Summary")
+    table = Table()
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    rollout_ok = updated == count
+    def short(text: str) -> str:
+        return text if len(text) <= 90 else text[:89] + "…"
+
+    table.add_row(
+        "rollout 1.0.0 → 1.1.0", "[green]pass[/green]" if rollout_ok else "[red]FAIL[/red]",
+        f"{updated}/{count} devices updated",
+    )
+    for o in outcomes:
+        table.add_row(o.name, "[green]refused[/green]" if o.ok else "[red]FAIL[/red]",
+                      short(f"{o.refused}/{o.total} refused: {o.reason}"))
+    console.print(table)
+    refused = sum(o.ok for o in outcomes)
+    ok = rollout_ok and refused == len(outcomes) == 4
+    console.print(
+        f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated, "
+        f"{refused}/4 attacks refused"
+    )
+    return ok
