@@ -1,0 +1,95 @@
+"""Shared fixtures: a signed repository, a real HTTPS server, provisioned devices."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from otaguard.agent import Device
+from otaguard.repo import ImageRepository, Release
+from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
+from otaguard.sim import make_image
+
+HW = "test-hw"
+PASSPHRASE = b"test passphrase"
+IMAGE_SIZE = 2 * 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the caller's otaguard settings."""
+    for key in list(os.environ):
+        if key.startswith("OTAGUARD_"):
+            monkeypatch.delenv(key)
+
+
+@dataclass
+class World:
+    """A repository served by a real HTTPS server, and a way to make devices."""
+
+    tmp: Path
+    repo: ImageRepository
+    server: RunningServer
+    releases: dict[str, Release]
+    images: dict[str, Path]
+
+    def image(self, version: str, size: int = IMAGE_SIZE) -> Path:
+        """Make (once) a deterministic image for ``version``."""
+        if version not in self.images:
+            self.images[version] = make_image(self.tmp / f"fw-{version}.img", size=size, seed=version)
+        return self.images[version]
+
+    def release(self, version: str, *, security: bool = False, counter: int | None = None) -> Release:
+        """Publish ``version`` and wait until the server serves it."""
+        rel = self.repo.add_release(
+            self.image(version), version=version, hardware_ids=[HW], security=security,
+            security_counter=counter,
+        )
+        self.releases[version] = rel
+        self.wait_served()
+        return rel
+
+    def wait_served(self) -> None:
+        """Block until the server serves the repository's timestamp."""
+        from otaguard.sim.demo import _wait_served
+
+        _wait_served(self.server, self.repo)
+
+    def device(self, name: str = "dev", *, version: str = "1.0.0", **kw: object) -> Device:
+        """Provision a device running ``version``."""
+        assert self.server.ca_cert is not None
+        return Device.provision(
+            self.tmp / name,
+            server_url=self.server.base_url,
+            root_json=self.repo.metadata_dir / "root.json",
+            ca_pem=self.server.ca_cert,
+            hardware_id=HW,
+            factory_image=self.image(version),
+            factory_version=version,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def cli(self) -> list[str]:
+        """argv prefix to run the real CLI in a subprocess."""
+        return [sys.executable, "-m", "otaguard"]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """Repository with 1.0.0 published, served over HTTPS by a real server."""
+    repo = ImageRepository.init(tmp_path / "repo", passphrase=PASSPHRASE)
+    server = start_server_in_thread(
+        ServerSettings(data_dir=tmp_path / "server", repo_dir=repo.dir, host="127.0.0.1", port=0,
+                       sync_interval=0.1)
+    )
+    w = World(tmp_path, repo, server, {}, {})
+    try:
+        w.release("1.0.0")
+        yield w
+    finally:
+        server.stop()
