@@ -1,0 +1,460 @@
+"""The update server as an ASGI application (FastAPI), built by :func:`create_app`.
+
+URL layout::
+
+    GET  /healthz                     liveness
+    GET  /metadata/{filename}         exact signed bytes; timestamp.json via the pointer,
+                                      root.json = newest root, N.<role>.json immutable
+    GET  /targets/{sha256}.{path}     target blob, HTTP Range supported (HEAD too)
+    PUT  /api/v1/blobs/{filename}     operator: upload a blob (streamed, hash verified)
+    POST /api/v1/publish              operator: publish metadata in one transaction
+
+Mirrors and CDNs in front of ``/metadata`` and ``/targets`` are untrusted by design; the
+device verifies everything. The operator API needs the bearer token in
+``DATA/operator-token``.
+"""
+
+import base64
+import binascii
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from otaguard import __version__
+from otaguard.model.errors import (
+    OperatorError,
+    OtaguardError,
+    TransportError,
+    VerificationError,
+)
+from otaguard.server._names import parse_blob_name, parse_metadata_name
+from otaguard.server.auth import load_or_create_operator_token, token_matches
+from otaguard.server.publish import publish_files
+from otaguard.server.settings import ServerSettings
+from otaguard.server.storage.base import (
+    MAX_BLOB_BYTES,
+    BlobStore,
+    MetadataRecord,
+    MetadataStore,
+    StorageError,
+)
+from otaguard.server.storage.files import FileBlobStore
+from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
+from otaguard.server.sync import RepoSync
+
+__all__ = ["MAX_PUBLISH_REQUEST_BYTES", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+# A publication is the root history plus three roles, base64-encoded; bounds memory use.
+MAX_PUBLISH_REQUEST_BYTES: Final = 64 * 1024 * 1024
+# Versioned metadata and blobs never change, so caches may keep them; the mutable names
+# (timestamp.json, root.json) and 404s must be re-fetched every time.
+IMMUTABLE_CACHE: Final = "public, max-age=31536000, immutable"
+NO_CACHE: Final = "no-store"
+
+TAGS: Final = [
+    {"name": "health", "description": "Liveness of the server."},
+    {
+        "name": "repository",
+        "description": "The image repository as TUF clients fetch it: exact signed metadata "
+        "and target blobs. Public; every byte is verified by the device.",
+    },
+    {
+        "name": "operator",
+        "description": "Release operations (upload blobs, publish metadata). Bearer token "
+        "from DATA/operator-token.",
+    },
+]
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: str = Field(description="one line saying what went wrong")
+
+
+class HealthBody(BaseModel):
+    """The health check response."""
+
+    status: str = "ok"
+
+
+class BlobBody(BaseModel):
+    """A stored blob."""
+
+    filename: str
+    length: int
+    sha256: str
+
+
+class PublishRequest(BaseModel):
+    """Signed metadata files to publish together."""
+
+    metadata: dict[str, str] = Field(
+        description="file name (e.g. 3.snapshot.json, timestamp.json) to base64 of the "
+        "exact signed bytes"
+    )
+
+
+class PublishBody(BaseModel):
+    """What a publication changed."""
+
+    added: list[str]
+    unchanged: list[str]
+    timestamp: str | None = Field(description="stored name of the newly served timestamp")
+
+
+@dataclass(frozen=True)
+class _Services:
+    store: MetadataStore
+    blobs: BlobStore
+    token: str
+    clock: Callable[[], dt.datetime]
+
+
+_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    404: {"model": ErrorBody, "description": "Unknown file"}
+}
+_AUTH_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    401: {"model": ErrorBody, "description": "Operator token missing or wrong"},
+    400: {"model": ErrorBody, "description": "Malformed request"},
+    422: {"model": ErrorBody, "description": "Refused by verification"},
+}
+
+
+_TARGET_PARAM: Final = PathParam(description="<sha256 hex>.<target path>", max_length=300)
+
+
+def _status_for(error: OtaguardError) -> int:
+    if isinstance(error, VerificationError):
+        return 422
+    if isinstance(error, OperatorError):
+        return 400
+    if isinstance(error, StorageError):
+        return 503
+    if isinstance(error, TransportError):
+        return 502
+    return 500
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def otaguard_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OtaguardError)  # noqa: S101 - registered for this type only
+        status = _status_for(exc)
+        log = logger.warning if status < 500 else logger.error
+        log("request refused (%d): %s", status, exc.diagnostics())
+        return _error(status, exc.diagnostics())
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, f"invalid request: {where}: {first.get('msg', 'invalid')}")
+
+    app.add_exception_handler(OtaguardError, otaguard_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(404, f"{what} not found", headers={"Cache-Control": NO_CACHE})
+
+
+def _metadata_response(record: MetadataRecord, *, mutable: bool) -> Response:
+    return Response(
+        content=record.data,
+        media_type="application/json",
+        headers={
+            "Cache-Control": NO_CACHE if mutable else IMMUTABLE_CACHE,
+            "ETag": f'"{record.sha256}"',
+        },
+    )
+
+
+def _repository_router(svc: _Services) -> APIRouter:
+    router = APIRouter(tags=["repository"])
+
+    @router.get(
+        "/metadata/{filename}",
+        summary="Signed metadata file (exact bytes)",
+        response_class=Response,
+        responses={200: {"content": {"application/json": {}}}, **_ERRORS},
+    )
+    def get_metadata(
+        filename: Annotated[
+            str,
+            PathParam(
+                description="timestamp.json, root.json or <version>.<role>.json",
+                max_length=100,
+            ),
+        ],
+    ) -> Response:
+        """Serve a metadata file byte for byte as it was signed.
+
+        ``timestamp.json`` is the currently published timestamp and ``root.json`` the
+        newest root; ``<version>.<role>.json`` never changes once published. Unknown
+        names are 404, which is how a TUF client learns there is no newer root.
+        """
+        name = parse_metadata_name(filename)
+        if name is None:
+            raise _not_found(filename)
+        record: MetadataRecord | None
+        if name.version is None and name.role == "timestamp":
+            record = svc.store.current_timestamp()
+        elif name.version is None and name.role == "root":
+            record = svc.store.newest("root")
+        elif name.version is None or name.role == "timestamp":
+            record = None
+        else:
+            record = svc.store.get_record(filename)
+        if record is None:
+            raise _not_found(filename)
+        return _metadata_response(record, mutable=name.version is None)
+
+    def _blob_response(filename: str) -> FileResponse:
+        path = svc.blobs.local_path(filename) if parse_blob_name(filename) else None
+        if path is None:
+            raise _not_found(filename)
+        # FileResponse answers Range requests (206 + Content-Range) and HEAD itself.
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            headers={"Cache-Control": IMMUTABLE_CACHE},
+        )
+
+    blob_responses: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"application/octet-stream": {}}, "description": "The whole blob"},
+        206: {"content": {"application/octet-stream": {}}, "description": "A byte range"},
+        416: {"model": ErrorBody, "description": "Range not satisfiable"},
+        **_ERRORS,
+    }
+
+    @router.get(
+        "/targets/{filename}",
+        summary="Target blob (Range supported)",
+        response_class=FileResponse,
+        responses=blob_responses,
+    )
+    def get_target(filename: Annotated[str, _TARGET_PARAM]) -> FileResponse:
+        """Serve a target blob by its consistent-snapshot name; supports ``Range``."""
+        return _blob_response(filename)
+
+    @router.head(
+        "/targets/{filename}",
+        summary="Target blob length and presence",
+        response_class=FileResponse,
+        responses=blob_responses,
+    )
+    def head_target(filename: Annotated[str, _TARGET_PARAM]) -> FileResponse:
+        """Like GET without the body: tells uploaders whether a blob is already stored."""
+        return _blob_response(filename)
+
+    return router
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, f"request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+def _decode_publication(body: bytes) -> dict[str, bytes]:
+    try:
+        req = PublishRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise OperatorError('publish body must be {"metadata": {filename: base64}}') from e
+    files: dict[str, bytes] = {}
+    for name, encoded in req.metadata.items():
+        try:
+            files[name] = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise OperatorError(f"{name} is not valid base64") from e
+    return files
+
+
+def _operator_router(svc: _Services) -> APIRouter:
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="operatorToken",
+        description="The operator token in DATA/operator-token.",
+    )
+
+    def require_operator(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ) -> None:
+        if not token_matches(creds.credentials if creds else None, svc.token):
+            raise HTTPException(
+                401, "operator token missing or wrong", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    router = APIRouter(
+        prefix="/api/v1", tags=["operator"], dependencies=[Depends(require_operator)]
+    )
+
+    @router.put(
+        "/blobs/{filename}",
+        summary="Upload a target blob",
+        responses={
+            **_AUTH_ERRORS,
+            413: {"model": ErrorBody, "description": "Blob larger than the size cap"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+    )
+    async def put_blob(
+        filename: Annotated[str, PathParam(description="<sha256 hex>.<target path>")],
+        request: Request,
+    ) -> BlobBody:
+        """Store a blob, streamed to disk and verified against the sha256 in its name.
+
+        Idempotent: uploading the same blob again replaces it with identical bytes.
+        """
+        if parse_blob_name(filename) is None:
+            raise OperatorError(f"{filename!r} is not a blob name (<sha256 hex>.<target path>)")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BLOB_BYTES:
+            raise HTTPException(413, f"blob exceeds {MAX_BLOB_BYTES} bytes")
+        writer = await run_in_threadpool(svc.blobs.writer, filename, max_length=MAX_BLOB_BYTES)
+        with writer:
+            async for chunk in request.stream():
+                writer.write(chunk)
+            info = await run_in_threadpool(writer.commit)
+        return BlobBody(filename=info.filename, length=info.length, sha256=info.sha256)
+
+    @router.post(
+        "/publish",
+        summary="Publish signed metadata atomically",
+        responses={**_AUTH_ERRORS, 413: {"model": ErrorBody, "description": "Body too large"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PublishRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def publish(request: Request) -> PublishBody:
+        """Verify metadata files and serve them in one transaction.
+
+        Every target must already be uploaded; the set must verify against the newest
+        served root; the timestamp pointer moves only when everything is stored.
+        """
+        files = _decode_publication(await _read_capped(request, MAX_PUBLISH_REQUEST_BYTES))
+        outcome = await run_in_threadpool(
+            publish_files, svc.store, svc.blobs, files, now=svc.clock()
+        )
+        return PublishBody(
+            added=list(outcome.added),
+            unchanged=list(outcome.unchanged),
+            timestamp=outcome.timestamp_filename,
+        )
+
+    return router
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow) -> FastAPI:
+    """Build the server application: stores, operator token, repository sync, routes.
+
+    Nothing happens at import time; the database engine lives in the returned app and
+    is disposed of when the app shuts down.
+
+    Args:
+        settings: server configuration.
+        clock: reference time for verification (tests pass a fixed clock).
+
+    Returns:
+        The ASGI application. Its lifespan starts and stops the repository sync.
+
+    Raises:
+        ConfigError: the operator token file is unusable.
+        StorageError: the database or blob directory cannot be opened.
+    """
+    data_dir = settings.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StorageError(f"cannot create data directory {data_dir}: {e.strerror}") from e
+    token = load_or_create_operator_token(data_dir)
+    store = SQLMetadataStore(settings.database_url or sqlite_url(data_dir / "otaguard.db"))
+    blobs = FileBlobStore(data_dir / "blobs")
+    svc = _Services(store=store, blobs=blobs, token=token, clock=clock)
+    sync = (
+        RepoSync(
+            settings.repo_dir,
+            store=store,
+            blobs=blobs,
+            interval=settings.sync_interval,
+            clock=clock,
+        )
+        if settings.repo_dir is not None
+        else None
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if sync is not None:
+            await run_in_threadpool(sync.start)
+        try:
+            yield
+        finally:
+            if sync is not None:
+                await run_in_threadpool(sync.stop)
+            store.close()
+
+    app = FastAPI(
+        title="otaguard update server",
+        version=__version__,
+        description="Serves a TUF image repository to devices and takes releases from "
+        "operators. Devices verify every byte; this server is not trusted by them.",
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.blobs = blobs
+    app.state.sync = sync
+    _install_error_handlers(app)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness check")
+    def healthz() -> HealthBody:
+        """Return ``{"status": "ok"}`` while the server runs."""
+        return HealthBody()
+
+    app.include_router(_repository_router(svc))
+    app.include_router(_operator_router(svc))
+    return app

@@ -1,0 +1,202 @@
+"""Running the server: uvicorn with TLS from the fleet CA, in the foreground or in a thread."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import uvicorn
+
+from otaguard.crypto import CertificateAuthority, warn_insecure
+from otaguard.model.errors import ConfigError
+from otaguard.server.app import create_app
+from otaguard.server.auth import load_or_create_operator_token
+from otaguard.server.settings import ServerSettings
+
+__all__ = ["RunningServer", "run_server", "start_server_in_thread"]
+
+logger = logging.getLogger(__name__)
+
+# Start-up creates the CA and database on first run; a few seconds is plenty.
+STARTUP_TIMEOUT_SECONDS: Final = 30.0
+# Shutdown waits for in-flight requests, but not forever. Idle keep-alive TLS clients
+# never answer the server's close_notify, so whatever is left after this is aborted.
+SHUTDOWN_TIMEOUT_SECONDS: Final = 10.0
+# The in-process server (tests, demo) stops quickly; its clients are local.
+IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS: Final = 1
+# Idle keep-alive connections are closed after this, so slow clients cannot hold sockets.
+KEEP_ALIVE_SECONDS: Final = 5
+# Connections beyond this get 503 instead of exhausting file descriptors.
+MAX_CONCURRENT_CONNECTIONS: Final = 1000
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, aborting connections still open after the graceful shutdown.
+
+    Without this, an idle keep-alive TLS connection outlives the event loop (its TLS
+    shutdown waits for the peer) and leaks a socket.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+
+def _config(
+    settings: ServerSettings, *, graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS
+) -> tuple[uvicorn.Config, Path | None]:
+    """Build the uvicorn config (TLS unless insecure_http) and return the CA cert path."""
+    ca_cert: Path | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    if settings.insecure_http:
+        warn_insecure("the update server is serving plain HTTP without TLS")
+    else:
+        ca = CertificateAuthority.load_or_create(settings.data_dir / "ca")
+        tls_dir = settings.data_dir / "tls"
+        try:
+            tls_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {tls_dir}: {e.strerror}") from e
+        creds = ca.server_credentials(tls_dir, hosts=[settings.host])
+        certfile, keyfile = str(creds.cert_path), str(creds.key_path)
+        ca_cert = ca.cert_path
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # the application configures logging, never uvicorn
+        server_header=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=max(1, int(graceful_seconds)),
+        limit_concurrency=MAX_CONCURRENT_CONNECTIONS,
+        lifespan="on",
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+    )
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    return config, ca_cert
+
+
+def run_server(settings: ServerSettings) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM), HTTPS with the data directory's CA.
+
+    Creates the CA (``DATA/ca``), a server certificate for ``settings.host``
+    (``DATA/tls``) and the operator token on first run.
+
+    Raises:
+        ConfigError: the CA, certificate or token is unusable.
+        StorageError: the database or blob directory cannot be opened.
+    """
+    config, ca_cert = _config(settings)
+    scheme = "http" if ca_cert is None else "https"
+    logger.info("serving on %s://%s:%d", scheme, settings.host, settings.port)
+    _Server(config).run()
+
+
+def _url_host(host: str) -> str:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if addr.is_unspecified:
+        return "127.0.0.1" if addr.version == 4 else "[::1]"
+    return f"[{addr}]" if addr.version == 6 else str(addr)
+
+
+@dataclass
+class RunningServer:
+    """A server running in a background thread of this process; stop it when done.
+
+    Attributes:
+        base_url: ``https://127.0.0.1:<port>`` (the actual port when 0 was asked).
+        ca_cert: the CA certificate clients must trust (``None`` with insecure HTTP).
+        operator_token: the bearer token for ``/api/v1``.
+        data_dir: the server's data directory.
+    """
+
+    base_url: str
+    ca_cert: Path | None
+    operator_token: str
+    data_dir: Path
+    _server: uvicorn.Server
+    _thread: threading.Thread
+    _socket: socket.socket
+
+    def stop(self) -> None:
+        """Shut the server down and wait for its thread (idempotent)."""
+        self._server.should_exit = True
+        self._thread.join(SHUTDOWN_TIMEOUT_SECONDS + 5)
+        self._socket.close()
+        if self._thread.is_alive():
+            logger.warning("server thread did not stop in time")
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_server_in_thread(settings: ServerSettings) -> RunningServer:
+    """Start the server in a daemon thread and return once it accepts connections.
+
+    Port 0 binds a free port; :attr:`RunningServer.base_url` names the actual one.
+    Used by the demo and the tests; production uses :func:`run_server`.
+
+    Raises:
+        ConfigError: the server did not come up (see the log for the cause).
+    """
+    config, ca_cert = _config(settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot bind {settings.host}:{settings.port}: {e.strerror}") from e
+    port = sock.getsockname()[1]
+    server = _Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="otaguard-server", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(SHUTDOWN_TIMEOUT_SECONDS)
+            sock.close()
+            raise ConfigError("the update server failed to start")
+        time.sleep(0.02)
+    scheme = "http" if ca_cert is None else "https"
+    base_url = f"{scheme}://{_url_host(settings.host)}:{port}"
+    logger.info("server running in-process at %s", base_url)
+    return RunningServer(
+        base_url=base_url,
+        ca_cert=ca_cert,
+        operator_token=load_or_create_operator_token(settings.data_dir),
+        data_dir=settings.data_dir,
+        _server=server,
+        _thread=thread,
+        _socket=sock,
+    )

@@ -1,0 +1,250 @@
+"""Metadata in a SQL database through SQLAlchemy 2 Core.
+
+SQLite is the embedded default (``DATA/otaguard.db``); the same tables work unchanged on
+PostgreSQL (``postgresql+psycopg://...``) because only portable column types are used.
+This is the only module of the server that imports SQLAlchemy.
+
+Tables::
+
+    metadata(filename PK, role, version, sha256, data, published_at)
+    current(name PK, filename -> metadata.filename, updated_at)   # name = "timestamp"
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from otaguard.model.errors import VerificationError
+from otaguard.server.storage.base import (
+    MetadataRecord,
+    MetadataStore,
+    PublishOutcome,
+    StorageError,
+)
+
+__all__ = ["SQLMetadataStore", "sqlite_url"]
+
+logger = logging.getLogger(__name__)
+
+# Writers wait this long for a SQLite lock before failing with a StorageError.
+SQLITE_BUSY_TIMEOUT_MS: Final = 5000
+TIMESTAMP_POINTER: Final = "timestamp"
+
+_schema = MetaData()
+metadata_table = Table(
+    "metadata",
+    _schema,
+    Column("filename", String(255), primary_key=True),
+    Column("role", String(64), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+    Index("ix_metadata_role_version", "role", "version"),
+)
+current_table = Table(
+    "current",
+    _schema,
+    Column("name", String(32), primary_key=True),
+    Column("filename", String(255), ForeignKey("metadata.filename"), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def sqlite_url(path: Path) -> str:
+    """Return the SQLAlchemy URL of a SQLite database file."""
+    return f"sqlite+pysqlite:///{Path(path).resolve()}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        # WAL lets devices read while a publish writes; foreign keys keep the pointer honest.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def _record(row: Row[Any]) -> MetadataRecord:
+    return MetadataRecord(
+        filename=row.filename,
+        role=row.role,
+        version=int(row.version),
+        data=bytes(row.data),
+        sha256=row.sha256,
+    )
+
+
+class SQLMetadataStore(MetadataStore):
+    """:class:`MetadataStore` on any SQLAlchemy 2 database URL."""
+
+    def __init__(self, url: str):
+        """Connect to ``url`` and create the tables if missing.
+
+        Args:
+            url: SQLAlchemy URL, e.g. :func:`sqlite_url` of ``DATA/otaguard.db``.
+
+        Raises:
+            StorageError: the database cannot be opened or initialised.
+        """
+        # Serialises publishes within this process; across processes the transaction
+        # re-checks the pointer (compare-and-swap) and the database's own locks decide.
+        self._publish_lock = threading.Lock()
+        try:
+            self._engine: Engine = create_engine(url)
+            if self._engine.dialect.name == "sqlite":
+                event.listen(self._engine, "connect", _sqlite_pragmas)
+            _schema.create_all(self._engine)
+        except SQLAlchemyError as e:
+            raise StorageError(f"cannot open the metadata database: {e.__class__.__name__}") from e
+
+    def _one(self, stmt: Any) -> Row[Any] | None:
+        try:
+            with self._engine.connect() as conn:
+                return conn.execute(stmt).first()
+        except SQLAlchemyError as e:
+            raise StorageError(f"metadata database read failed: {e.__class__.__name__}") from e
+
+    def get(self, filename: str) -> bytes | None:
+        """Return the stored bytes of ``filename``, or ``None``."""
+        row = self._one(select(metadata_table.c.data).where(metadata_table.c.filename == filename))
+        return None if row is None else bytes(row.data)
+
+    def get_record(self, filename: str) -> MetadataRecord | None:
+        """Return the stored record of ``filename``, or ``None``."""
+        row = self._one(select(metadata_table).where(metadata_table.c.filename == filename))
+        return None if row is None else _record(row)
+
+    def current_timestamp(self) -> MetadataRecord | None:
+        """Return the timestamp the pointer names, or ``None`` before the first publish."""
+        stmt = (
+            select(metadata_table)
+            .join(current_table, current_table.c.filename == metadata_table.c.filename)
+            .where(current_table.c.name == TIMESTAMP_POINTER)
+        )
+        row = self._one(stmt)
+        return None if row is None else _record(row)
+
+    def newest(self, role: str) -> MetadataRecord | None:
+        """Return the highest-version stored record of ``role``."""
+        stmt = (
+            select(metadata_table)
+            .where(metadata_table.c.role == role)
+            .order_by(metadata_table.c.version.desc())
+            .limit(1)
+        )
+        row = self._one(stmt)
+        return None if row is None else _record(row)
+
+    def publish(
+        self,
+        records: Sequence[MetadataRecord],
+        *,
+        timestamp: str | None,
+        now: dt.datetime,
+        expected_timestamp: str | None,
+    ) -> PublishOutcome:
+        """Insert ``records`` and move the timestamp pointer in one transaction.
+
+        See :meth:`MetadataStore.publish`.
+        """
+        added: list[str] = []
+        unchanged: list[str] = []
+        try:
+            with self._publish_lock, self._engine.begin() as conn:
+                self._check_pointer(conn, expected_timestamp)
+                for rec in records:
+                    if self._insert(conn, rec, now):
+                        added.append(rec.filename)
+                    else:
+                        unchanged.append(rec.filename)
+                moved = timestamp is not None and timestamp != expected_timestamp
+                if moved:
+                    values = {"filename": timestamp, "updated_at": now}
+                    if expected_timestamp is None:
+                        conn.execute(insert(current_table).values(name=TIMESTAMP_POINTER, **values))
+                    else:
+                        conn.execute(
+                            update(current_table)
+                            .where(current_table.c.name == TIMESTAMP_POINTER)
+                            .values(**values)
+                        )
+        except IntegrityError as e:
+            # A concurrent writer inserted the same filename or pointer first.
+            raise VerificationError("a concurrent publish changed the repository; retry") from e
+        except SQLAlchemyError as e:
+            raise StorageError(f"publish transaction failed: {e.__class__.__name__}") from e
+        if moved:
+            logger.info("timestamp pointer moved to %s", timestamp)
+        return PublishOutcome(
+            added=tuple(added),
+            unchanged=tuple(unchanged),
+            timestamp_filename=timestamp if moved else None,
+            published_at=now,
+        )
+
+    @staticmethod
+    def _check_pointer(conn: Connection, expected: str | None) -> None:
+        stmt = (
+            select(current_table.c.filename)
+            .where(current_table.c.name == TIMESTAMP_POINTER)
+            .with_for_update()
+        )
+        current = conn.execute(stmt).scalar_one_or_none()
+        if current != expected:
+            raise VerificationError("a concurrent publish moved the timestamp; retry")
+
+    @staticmethod
+    def _insert(conn: Connection, rec: MetadataRecord, now: dt.datetime) -> bool:
+        stmt = select(metadata_table.c.sha256, metadata_table.c.data).where(
+            metadata_table.c.filename == rec.filename
+        )
+        existing = conn.execute(stmt).first()
+        if existing is not None:
+            if existing.sha256 == rec.sha256 and bytes(existing.data) == rec.data:
+                return False
+            raise VerificationError(
+                f"{rec.filename} is already published with different content; "
+                "versioned metadata is immutable"
+            )
+        conn.execute(
+            insert(metadata_table).values(
+                filename=rec.filename,
+                role=rec.role,
+                version=rec.version,
+                sha256=rec.sha256,
+                data=rec.data,
+                published_at=now,
+            )
+        )
+        return True
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self._engine.dispose()

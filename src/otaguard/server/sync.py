@@ -1,0 +1,160 @@
+"""Serving what the release tooling writes into a repository directory, without a restart.
+
+A background thread polls ``REPO_DIR/metadata/timestamp.json``. When its fingerprint
+(mtime, size, sha256) changes, the current set is imported: blobs first (each verified
+against the hash in its name while it is copied), then the metadata through the same
+verified, single-transaction :func:`~otaguard.server.publish.publish_files` the operator
+API uses. A repository caught mid-write is skipped and retried at the next interval.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final
+
+from otaguard.model.errors import OtaguardError, VerificationError
+from otaguard.server._repo_dir import (
+    BlobSource,
+    RepoNotReadyError,
+    read_current_set,
+    timestamp_fingerprint,
+)
+from otaguard.server.publish import publish_files
+from otaguard.server.storage.base import MAX_BLOB_BYTES, BlobStore, MetadataStore, StorageError
+
+__all__ = ["RepoSync"]
+
+logger = logging.getLogger(__name__)
+
+# Copy blobs in chunks so a multi-GiB image never sits in memory.
+COPY_CHUNK_BYTES: Final = 1024 * 1024
+# Joining the thread on shutdown must not hang the server's exit.
+STOP_TIMEOUT_SECONDS: Final = 10.0
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK_BYTES):
+            yield chunk
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class RepoSync:
+    """Imports a repository directory into the stores whenever its timestamp changes."""
+
+    def __init__(
+        self,
+        repo_dir: Path,
+        *,
+        store: MetadataStore,
+        blobs: BlobStore,
+        interval: float,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ):
+        """Prepare (but do not start) syncing ``repo_dir``.
+
+        Args:
+            repo_dir: repository directory written by :mod:`otaguard.repo`.
+            store: metadata store to publish into.
+            blobs: blob store to copy target blobs into.
+            interval: seconds between polls.
+            clock: reference time source for verification.
+        """
+        if interval <= 0:
+            raise ValueError("sync interval must be positive")
+        self.repo_dir = Path(repo_dir)
+        self._store = store
+        self._blobs = blobs
+        self._interval = interval
+        self._clock = clock
+        self._last: tuple[int, int, str] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _copy_blob(self, src: BlobSource) -> None:
+        have = self._blobs.stat(src.name)
+        if have is not None and have.length == src.length:
+            return
+        if src.length > MAX_BLOB_BYTES:
+            raise VerificationError(f"blob {src.name} exceeds {MAX_BLOB_BYTES} bytes")
+        try:
+            self._blobs.put_chunks(src.name, _chunks(src.path), max_length=src.length)
+        except FileNotFoundError as e:
+            raise RepoNotReadyError(f"blob {src.name} is not in the repository (yet)") from e
+        except OSError as e:
+            raise StorageError(f"cannot read blob {src.path}: {e.strerror}") from e
+
+    def check_once(self) -> bool:
+        """Import the repository if its timestamp changed since the last import.
+
+        Returns:
+            True when a new publication was imported.
+
+        Raises:
+            VerificationError: the repository's current set was refused (it is not
+                retried until the timestamp changes again).
+            StorageError: the stores failed; retried at the next check.
+        """
+        with self._lock:
+            fingerprint = timestamp_fingerprint(self.repo_dir)
+            if fingerprint is None or fingerprint == self._last:
+                return False
+            try:
+                current = read_current_set(self.repo_dir)
+                for blob in current.blobs:
+                    self._copy_blob(blob)
+            except RepoNotReadyError as e:
+                logger.debug("repository mid-write, retrying later: %s", e)
+                return False
+            try:
+                outcome = publish_files(
+                    self._store, self._blobs, current.metadata, now=self._clock()
+                )
+            except VerificationError:
+                # Same bytes will fail the same way; wait for the next release.
+                self._last = fingerprint
+                raise
+            self._last = fingerprint
+            if outcome.added:
+                logger.info("imported %s from %s", ", ".join(outcome.added), self.repo_dir)
+            return bool(outcome.added)
+
+    def _tick(self) -> None:
+        try:
+            self.check_once()
+        except VerificationError as e:
+            logger.error(  # noqa: TRY400 - one line, no traceback for refused data
+                "repository %s refused: %s", self.repo_dir, e.diagnostics()
+            )
+        except OtaguardError as e:
+            logger.warning("repository sync failed, will retry: %s", e.diagnostics())
+        except Exception:  # thread boundary: keep serving, record the bug
+            logger.exception("unexpected error while syncing %s", self.repo_dir)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._tick()
+
+    def start(self) -> None:
+        """Check once now, then poll in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError("repository sync already started")
+        self._tick()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="otaguard-repo-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and wait for the thread to finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+            self._thread = None
