@@ -83,6 +83,16 @@ class CompromisedServer:
             expected_timestamp=self.current_timestamp(),
         )
 
+    def plant_timestamp(self, data: bytes) -> None:
+        """Serve ``data`` as the timestamp, bypassing every check the server makes."""
+        ts = Metadata[Timestamp].from_bytes(data)
+        version = ts.signed.version
+        rec = _rec(f"{version}.timestamp.json", "timestamp", version, data)
+        self.store.publish(
+            [rec], timestamp=rec.filename, now=dt.datetime.now(dt.UTC),
+            expected_timestamp=self.current_timestamp(),
+        )
+
     def inject_targets(
         self,
         *,

@@ -1,0 +1,188 @@
+"""Each attack performed against the real server and agent; each must be refused.
+
+After every attack the device must still run a verified 1.1.0 from its primary slot,
+with no install in progress and the anti-rollback floor unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from conftest import HW, PASSPHRASE, World
+
+from otaguard.agent import Device, Phase
+from otaguard.model.errors import DowngradeError, VerificationError
+from otaguard.sim.attacks import CompromisedServer, steal_key
+
+
+def _assert_untouched(dev: Device, version: str = "1.1.0") -> None:
+    st = dev.status()
+    assert st.booted is not None and st.booted.version == version
+    assert st.bootenv.try_slot is None
+    primary = st.bootenv.slots[st.bootenv.primary]
+    assert primary is not None and primary.version == version
+    assert dev.backend.digest(st.bootenv.primary, primary.length) == primary.sha256
+    assert str(st.floor.version) == version
+    assert st.install.phase is Phase.IDLE
+
+
+@pytest.fixture
+def updated(world: World) -> tuple[World, Device, CompromisedServer]:
+    dev = world.device()
+    world.release("1.1.0", security=True)
+    assert dev.update().outcome == "updated"
+    attacker = CompromisedServer(world.server.data_dir)
+    yield world, dev, attacker  # type: ignore[misc]
+    attacker.close()
+
+
+def test_tampered_image_blob_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
+    world, dev, attacker = updated
+    rel = world.release("1.2.0")
+    attacker.tamper_blob(rel.path)
+    with pytest.raises(VerificationError, match="hash"):
+        dev.update()
+    _assert_untouched(dev)
+    assert not any(dev.paths.staging.iterdir()), "tampered download must be discarded"
+
+
+def test_replayed_old_metadata_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
+    world, dev, attacker = updated
+    # The first timestamp the server ever served (before 1.1.0 existed), validly signed.
+    attacker.serve_timestamp("1.timestamp.json" if attacker.store.get_record("1.timestamp.json") else
+                             sorted(_timestamps(attacker))[0])
+    with pytest.raises(VerificationError, match="BadVersionNumber"):
+        dev.update()
+    _assert_untouched(dev)
+
+
+def _timestamps(attacker: CompromisedServer) -> list[str]:
+    newest = attacker.store.current_timestamp()
+    assert newest is not None
+    return [f"{v}.timestamp.json" for v in range(1, newest.version)
+            if attacker.store.get_record(f"{v}.timestamp.json")]
+
+
+def test_validly_signed_older_release_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
+    world, dev, _ = updated
+    world.repo.withdraw_release(world.releases["1.1.0"].path)
+    world.wait_served()
+    with pytest.raises(DowngradeError, match="1.0.0"):
+        dev.update()
+    _assert_untouched(dev)
+
+
+def test_newer_version_with_lower_security_counter_is_refused(
+    updated: tuple[World, Device, CompromisedServer],
+) -> None:
+    world, dev, _ = updated
+    # 1.1.0 raised the counter to 1; a "newer" build carrying counter 0 would reopen the hole.
+    # The release tool refuses it, so an insider signs it with the library directly.
+    from otaguard.model.errors import OperatorError
+
+    with pytest.raises(OperatorError, match="below the highest"):
+        world.repo.add_release(world.image("1.3.0"), version="1.3.0", hardware_ids=[HW],
+                               security=False, security_counter=0)
+    _publish_with_counter(world, "1.3.0", 0)
+    with pytest.raises(DowngradeError, match="security counter"):
+        dev.update()
+    _assert_untouched(dev)
+
+
+def _publish_with_counter(world: World, version: str, counter: int) -> None:
+    """Bypass the release tool's checks (an insider with the offline keys)."""
+    from tuf.api.metadata import Metadata, TargetFile, Targets
+
+    repo = world.repo
+    md = repo._latest("targets", Targets)  # noqa: SLF001
+    image = world.image(version)
+    tf = TargetFile.from_file(f"fw-{version}.img", str(image))
+    tf.unrecognized_fields["custom"] = {"version": version, "security_counter": counter,
+                                        "hardware_ids": [HW], "release_type": "feature"}
+    md.signed.targets[tf.path] = tf
+    md.signed.version += 1
+    repo._sign_and_write(md, "targets")  # noqa: SLF001
+    (repo.targets_dir / f"{tf.hashes['sha256']}.{tf.path}").write_bytes(image.read_bytes())
+    assert isinstance(md, Metadata)
+    repo._write_snapshot_and_timestamp(md, now=dt.datetime.now(dt.UTC))  # noqa: SLF001
+    world.wait_served()
+
+
+def test_release_signed_by_one_hybrid_key_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
+    world, dev, attacker = updated
+    attacker.inject_targets(
+        signers=[steal_key(world.repo.dir, "targets-ed25519.pem", "ed25519", PASSPHRASE)],
+        snapshot_signer=steal_key(world.repo.dir, "snapshot-ed25519.pem", "ed25519", PASSPHRASE),
+        timestamp_signer=steal_key(world.repo.dir, "timestamp-ed25519.pem", "ed25519", PASSPHRASE),
+        target_path="evil-9.9.9.img",
+        payload=b"evil" * 1000,
+        custom={"version": "9.9.9", "security_counter": 9, "hardware_ids": [HW], "release_type": "security"},
+    )
+    with pytest.raises(VerificationError, match="signed by 1/2 keys"):
+        dev.update()
+    _assert_untouched(dev)
+
+
+def test_release_signed_by_only_the_post_quantum_key_is_refused(
+    updated: tuple[World, Device, CompromisedServer],
+) -> None:
+    world, dev, attacker = updated
+    attacker.inject_targets(
+        signers=[steal_key(world.repo.dir, "targets-ml-dsa-65.pem", "ml-dsa-65", PASSPHRASE)],
+        snapshot_signer=steal_key(world.repo.dir, "snapshot-ed25519.pem", "ed25519", PASSPHRASE),
+        timestamp_signer=steal_key(world.repo.dir, "timestamp-ed25519.pem", "ed25519", PASSPHRASE),
+        target_path="evil-9.9.9.img",
+        payload=b"evil" * 1000,
+        custom={"version": "9.9.9", "security_counter": 9, "hardware_ids": [HW], "release_type": "security"},
+    )
+    with pytest.raises(VerificationError, match="signed by 1/2 keys"):
+        dev.update()
+    _assert_untouched(dev)
+
+
+def test_server_publish_api_refuses_under_signed_metadata(world: World) -> None:
+    """The server's own verification refuses what the agent would refuse anyway."""
+    from otaguard.server.client import publish_repository
+
+    forged = world.tmp / "forged"
+    import shutil
+
+    shutil.copytree(world.repo.dir, forged)
+    # Re-sign targets with one of the two keys only.
+    from tuf.api.metadata import Metadata, Targets
+
+    newest = max(int(p.name.split(".")[0]) for p in (forged / "metadata").glob("*.targets.json"))
+    md = Metadata[Targets].from_file(str(forged / "metadata" / f"{newest}.targets.json"))
+    md.signatures.clear()
+    md.sign(steal_key(forged, "targets-ed25519.pem", "ed25519", PASSPHRASE))
+    (forged / "metadata" / f"{newest}.targets.json").write_bytes(md.to_bytes())
+    assert world.server.ca_cert is not None
+    with pytest.raises(VerificationError):
+        publish_repository(forged, server_url=world.server.base_url, ca_cert=world.server.ca_cert,
+                           token=world.server.operator_token)
+
+
+def test_image_for_other_hardware_is_never_offered(world: World) -> None:
+    dev = world.device()
+    world.repo.add_release(world.image("2.0.0"), version="2.0.0", hardware_ids=["other-hw"],
+                           security=False, security_counter=None)
+    world.wait_served()
+    assert dev.update().outcome == "up-to-date"
+    _assert_untouched(dev, "1.0.0")
+
+
+def test_expired_timestamp_is_refused(world: World) -> None:
+    """Freeze attack: the server keeps serving a timestamp that has expired."""
+    dev = world.device()
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    world.repo.refresh(roles=("timestamp",), now=past)  # expires 1 day after `past`
+    # The honest server refuses to serve it; a compromised one does.
+    attacker = CompromisedServer(world.server.data_dir)
+    try:
+        attacker.plant_timestamp((world.repo.metadata_dir / "timestamp.json").read_bytes())
+    finally:
+        attacker.close()
+    with pytest.raises(VerificationError, match="[Ee]xpired"):
+        dev.update()
+    _assert_untouched(dev, "1.0.0")
