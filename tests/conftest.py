@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +41,20 @@ class World:
     def image(self, version: str, size: int = IMAGE_SIZE) -> Path:
         """Make (once) a deterministic image for ``version``."""
         if version not in self.images:
-            self.images[version] = make_image(self.tmp / f"fw-{version}.img", size=size, seed=version)
+            self.images[version] = make_image(
+                self.tmp / f"fw-{version}.img", size=size, seed=version
+            )
         return self.images[version]
 
-    def release(self, version: str, *, security: bool = False, counter: int | None = None) -> Release:
+    def release(
+        self, version: str, *, security: bool = False, counter: int | None = None
+    ) -> Release:
         """Publish ``version`` and wait until the server serves it."""
         rel = self.repo.add_release(
-            self.image(version), version=version, hardware_ids=[HW], security=security,
+            self.image(version),
+            version=version,
+            hardware_ids=[HW],
+            security=security,
             security_counter=counter,
         )
         self.releases[version] = rel
@@ -84,8 +91,13 @@ def world(tmp_path: Path) -> Iterator[World]:
     """Repository with 1.0.0 published, served over HTTPS by a real server."""
     repo = ImageRepository.init(tmp_path / "repo", passphrase=PASSPHRASE)
     server = start_server_in_thread(
-        ServerSettings(data_dir=tmp_path / "server", repo_dir=repo.dir, host="127.0.0.1", port=0,
-                       sync_interval=0.1)
+        ServerSettings(
+            data_dir=tmp_path / "server",
+            repo_dir=repo.dir,
+            host="127.0.0.1",
+            port=0,
+            sync_interval=0.1,
+        )
     )
     w = World(tmp_path, repo, server, {}, {})
     try:

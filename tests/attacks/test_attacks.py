@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from conftest import HW, PASSPHRASE, World
 
+from conftest import HW, PASSPHRASE, World
 from otaguard.agent import Device, Phase
 from otaguard.model.errors import DowngradeError, VerificationError
 from otaguard.sim.attacks import CompromisedServer, steal_key
@@ -48,10 +48,13 @@ def test_tampered_image_blob_is_refused(updated: tuple[World, Device, Compromise
 
 
 def test_replayed_old_metadata_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
-    world, dev, attacker = updated
+    _, dev, attacker = updated
     # The first timestamp the server ever served (before 1.1.0 existed), validly signed.
-    attacker.serve_timestamp("1.timestamp.json" if attacker.store.get_record("1.timestamp.json") else
-                             sorted(_timestamps(attacker))[0])
+    attacker.serve_timestamp(
+        "1.timestamp.json"
+        if attacker.store.get_record("1.timestamp.json")
+        else sorted(_timestamps(attacker))[0]
+    )
     with pytest.raises(VerificationError, match="BadVersionNumber"):
         dev.update()
     _assert_untouched(dev)
@@ -60,15 +63,20 @@ def test_replayed_old_metadata_is_refused(updated: tuple[World, Device, Compromi
 def _timestamps(attacker: CompromisedServer) -> list[str]:
     newest = attacker.store.current_timestamp()
     assert newest is not None
-    return [f"{v}.timestamp.json" for v in range(1, newest.version)
-            if attacker.store.get_record(f"{v}.timestamp.json")]
+    return [
+        f"{v}.timestamp.json"
+        for v in range(1, newest.version)
+        if attacker.store.get_record(f"{v}.timestamp.json")
+    ]
 
 
-def test_validly_signed_older_release_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
+def test_validly_signed_older_release_is_refused(
+    updated: tuple[World, Device, CompromisedServer],
+) -> None:
     world, dev, _ = updated
     world.repo.withdraw_release(world.releases["1.1.0"].path)
     world.wait_served()
-    with pytest.raises(DowngradeError, match="1.0.0"):
+    with pytest.raises(DowngradeError, match=r"1.0.0"):
         dev.update()
     _assert_untouched(dev)
 
@@ -82,8 +90,13 @@ def test_newer_version_with_lower_security_counter_is_refused(
     from otaguard.model.errors import OperatorError
 
     with pytest.raises(OperatorError, match="below the highest"):
-        world.repo.add_release(world.image("1.3.0"), version="1.3.0", hardware_ids=[HW],
-                               security=False, security_counter=0)
+        world.repo.add_release(
+            world.image("1.3.0"),
+            version="1.3.0",
+            hardware_ids=[HW],
+            security=False,
+            security_counter=0,
+        )
     _publish_with_counter(world, "1.3.0", 0)
     with pytest.raises(DowngradeError, match="security counter"):
         dev.update()
@@ -95,21 +108,27 @@ def _publish_with_counter(world: World, version: str, counter: int) -> None:
     from tuf.api.metadata import Metadata, TargetFile, Targets
 
     repo = world.repo
-    md = repo._latest("targets", Targets)  # noqa: SLF001
+    md = repo._latest("targets", Targets)
     image = world.image(version)
     tf = TargetFile.from_file(f"fw-{version}.img", str(image))
-    tf.unrecognized_fields["custom"] = {"version": version, "security_counter": counter,
-                                        "hardware_ids": [HW], "release_type": "feature"}
+    tf.unrecognized_fields["custom"] = {
+        "version": version,
+        "security_counter": counter,
+        "hardware_ids": [HW],
+        "release_type": "feature",
+    }
     md.signed.targets[tf.path] = tf
     md.signed.version += 1
-    repo._sign_and_write(md, "targets")  # noqa: SLF001
+    repo._sign_and_write(md, "targets")
     (repo.targets_dir / f"{tf.hashes['sha256']}.{tf.path}").write_bytes(image.read_bytes())
     assert isinstance(md, Metadata)
-    repo._write_snapshot_and_timestamp(md, now=dt.datetime.now(dt.UTC))  # noqa: SLF001
+    repo._write_snapshot_and_timestamp(md, now=dt.datetime.now(dt.UTC))
     world.wait_served()
 
 
-def test_release_signed_by_one_hybrid_key_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:
+def test_release_signed_by_one_hybrid_key_is_refused(
+    updated: tuple[World, Device, CompromisedServer],
+) -> None:
     world, dev, attacker = updated
     attacker.inject_targets(
         signers=[steal_key(world.repo.dir, "targets-ed25519.pem", "ed25519", PASSPHRASE)],
@@ -117,9 +136,14 @@ def test_release_signed_by_one_hybrid_key_is_refused(updated: tuple[World, Devic
         timestamp_signer=steal_key(world.repo.dir, "timestamp-ed25519.pem", "ed25519", PASSPHRASE),
         target_path="evil-9.9.9.img",
         payload=b"evil" * 1000,
-        custom={"version": "9.9.9", "security_counter": 9, "hardware_ids": [HW], "release_type": "security"},
+        custom={
+            "version": "9.9.9",
+            "security_counter": 9,
+            "hardware_ids": [HW],
+            "release_type": "security",
+        },
     )
-    with pytest.raises(VerificationError, match="signed by 1/2 keys"):
+    with pytest.raises(VerificationError, match=r"signed by 1/2 keys"):
         dev.update()
     _assert_untouched(dev)
 
@@ -134,9 +158,14 @@ def test_release_signed_by_only_the_post_quantum_key_is_refused(
         timestamp_signer=steal_key(world.repo.dir, "timestamp-ed25519.pem", "ed25519", PASSPHRASE),
         target_path="evil-9.9.9.img",
         payload=b"evil" * 1000,
-        custom={"version": "9.9.9", "security_counter": 9, "hardware_ids": [HW], "release_type": "security"},
+        custom={
+            "version": "9.9.9",
+            "security_counter": 9,
+            "hardware_ids": [HW],
+            "release_type": "security",
+        },
     )
-    with pytest.raises(VerificationError, match="signed by 1/2 keys"):
+    with pytest.raises(VerificationError, match=r"signed by 1/2 keys"):
         dev.update()
     _assert_untouched(dev)
 
@@ -159,14 +188,23 @@ def test_server_publish_api_refuses_under_signed_metadata(world: World) -> None:
     (forged / "metadata" / f"{newest}.targets.json").write_bytes(md.to_bytes())
     assert world.server.ca_cert is not None
     with pytest.raises(VerificationError):
-        publish_repository(forged, server_url=world.server.base_url, ca_cert=world.server.ca_cert,
-                           token=world.server.operator_token)
+        publish_repository(
+            forged,
+            server_url=world.server.base_url,
+            ca_cert=world.server.ca_cert,
+            token=world.server.operator_token,
+        )
 
 
 def test_image_for_other_hardware_is_never_offered(world: World) -> None:
     dev = world.device()
-    world.repo.add_release(world.image("2.0.0"), version="2.0.0", hardware_ids=["other-hw"],
-                           security=False, security_counter=None)
+    world.repo.add_release(
+        world.image("2.0.0"),
+        version="2.0.0",
+        hardware_ids=["other-hw"],
+        security=False,
+        security_counter=None,
+    )
     world.wait_served()
     assert dev.update().outcome == "up-to-date"
     _assert_untouched(dev, "1.0.0")
@@ -183,6 +221,6 @@ def test_expired_timestamp_is_refused(world: World) -> None:
         attacker.plant_timestamp((world.repo.metadata_dir / "timestamp.json").read_bytes())
     finally:
         attacker.close()
-    with pytest.raises(VerificationError, match="[Ee]xpired"):
+    with pytest.raises(VerificationError, match=r"[Ee]xpired"):
         dev.update()
     _assert_untouched(dev, "1.0.0")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from conftest import HW, PASSPHRASE, World
-
 from otaguard.agent import Device
 
 
@@ -39,11 +38,27 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = tmp_path / "srv2"
-    env = {"PATH": "/usr/bin:/bin", "OTAGUARD_KEY_PASSPHRASE": PASSPHRASE.decode(), "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OTAGUARD_KEY_PASSPHRASE": PASSPHRASE.decode(),
+        "HOME": str(tmp_path),
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "otaguard", "server", "--data", str(data), "--repo", str(world.repo.dir),
-         "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "otaguard",
+            "server",
+            "--data",
+            str(data),
+            "--repo",
+            str(world.repo.dir),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         url = f"https://127.0.0.1:{port}"
@@ -56,13 +71,29 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         cli = [sys.executable, "-m", "otaguard"]
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+            return subprocess.run(
+                [*cli, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+            )
 
         init = None
         while time.monotonic() < deadline:
-            init = run("device", "init", str(tmp_path / "d1"), "--server", url, "--root",
-                       str(world.repo.metadata_dir / "root.json"), "--ca", str(ca), "--hardware-id", HW,
-                       "--factory-image", str(world.image("1.0.0")), "--factory-version", "1.0.0")
+            init = run(
+                "device",
+                "init",
+                str(tmp_path / "d1"),
+                "--server",
+                url,
+                "--root",
+                str(world.repo.metadata_dir / "root.json"),
+                "--ca",
+                str(ca),
+                "--hardware-id",
+                HW,
+                "--factory-image",
+                str(world.image("1.0.0")),
+                "--factory-version",
+                "1.0.0",
+            )
             if init.returncode == 0:
                 break
             time.sleep(0.2)
@@ -71,8 +102,16 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         assert check.returncode == 0, check.stderr
         assert "no update" in check.stdout
 
-        add = run("release", "add", str(world.repo.dir), str(world.image("1.1.0")), "--version", "1.1.0",
-                  "--hardware-id", HW)
+        add = run(
+            "release",
+            "add",
+            str(world.repo.dir),
+            str(world.image("1.1.0")),
+            "--version",
+            "1.1.0",
+            "--hardware-id",
+            HW,
+        )
         assert add.returncode == 0, add.stderr
         # Served without restarting the server process.
         deadline = time.monotonic() + 20

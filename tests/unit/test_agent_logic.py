@@ -27,7 +27,9 @@ def offer(version: str, counter: int = 0, length: int = 10) -> Offer:
 
 
 def select(offers: list[Offer], running: str = "1.0.0", floor: int = 0, max_length: int = 100):  # type: ignore[no-untyped-def]
-    return select_update(offers, running=Version.parse(running), floor_counter=floor, max_length=max_length)
+    return select_update(
+        offers, running=Version.parse(running), floor_counter=floor, max_length=max_length
+    )
 
 
 def test_selects_newest_above_running() -> None:
@@ -102,6 +104,8 @@ def test_corrupt_floor_is_an_error_not_a_reset(tmp_path: Path) -> None:
 
 
 def test_install_state_round_trip(tmp_path: Path) -> None:
-    state = InstallState(phase=Phase.ARMED, target=IMAGE, from_slot="A", to_slot="B", history=["arm"])
+    state = InstallState(
+        phase=Phase.ARMED, target=IMAGE, from_slot="A", to_slot="B", history=["arm"]
+    )
     state.save(tmp_path / "s.json")
     assert InstallState.load(tmp_path / "s.json") == state

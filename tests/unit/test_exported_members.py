@@ -6,8 +6,16 @@ import importlib
 
 import pytest
 
-PACKAGES = ["otaguard", "otaguard.model", "otaguard.crypto", "otaguard.repo", "otaguard.agent",
-            "otaguard.server", "otaguard.sim", "otaguard.cli"]
+PACKAGES = [
+    "otaguard",
+    "otaguard.model",
+    "otaguard.crypto",
+    "otaguard.repo",
+    "otaguard.agent",
+    "otaguard.server",
+    "otaguard.sim",
+    "otaguard.cli",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -25,7 +33,11 @@ def test_model_imports_no_other_component() -> None:
     src = Path(importlib.import_module("otaguard.model").__file__).parent  # type: ignore[arg-type]
     for py in src.glob("*.py"):
         for node in ast.walk(ast.parse(py.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("otaguard."):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("otaguard.")
+            ):
                 assert node.module.startswith("otaguard.model"), f"{py.name} imports {node.module}"
 
 

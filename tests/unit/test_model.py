@@ -9,8 +9,15 @@ from otaguard.model import ReleaseInfo, VerificationError, Version
 
 @pytest.mark.parametrize(
     ("low", "high"),
-    [("1.0.0", "1.0.1"), ("1.9.0", "1.10.0"), ("1.0.0-rc.1", "1.0.0"), ("1.0.0-alpha", "1.0.0-beta"),
-     ("1.0.0-2", "1.0.0-10"), ("1.0.0-9", "1.0.0-a"), ("0.9.9", "1.0.0")],
+    [
+        ("1.0.0", "1.0.1"),
+        ("1.9.0", "1.10.0"),
+        ("1.0.0-rc.1", "1.0.0"),
+        ("1.0.0-alpha", "1.0.0-beta"),
+        ("1.0.0-2", "1.0.0-10"),
+        ("1.0.0-9", "1.0.0-a"),
+        ("0.9.9", "1.0.0"),
+    ],
 )
 def test_version_precedence(low: str, high: str) -> None:
     assert Version.parse(low) < Version.parse(high)
@@ -38,14 +45,39 @@ def test_release_info_round_trip() -> None:
     [
         None,
         {},
-        {"version": "1.0.0", "security_counter": "1", "hardware_ids": ["a"], "release_type": "feature"},
-        {"version": "1.0.0", "security_counter": True, "hardware_ids": ["a"], "release_type": "feature"},
-        {"version": "1.0.0", "security_counter": -1, "hardware_ids": ["a"], "release_type": "feature"},
+        {
+            "version": "1.0.0",
+            "security_counter": "1",
+            "hardware_ids": ["a"],
+            "release_type": "feature",
+        },
+        {
+            "version": "1.0.0",
+            "security_counter": True,
+            "hardware_ids": ["a"],
+            "release_type": "feature",
+        },
+        {
+            "version": "1.0.0",
+            "security_counter": -1,
+            "hardware_ids": ["a"],
+            "release_type": "feature",
+        },
         {"version": "1.0.0", "security_counter": 0, "hardware_ids": [], "release_type": "feature"},
         {"version": "1.0.0", "security_counter": 0, "hardware_ids": "a", "release_type": "feature"},
-        {"version": "1.0.0", "security_counter": 0, "hardware_ids": ["a"], "release_type": "urgent"},
+        {
+            "version": "1.0.0",
+            "security_counter": 0,
+            "hardware_ids": ["a"],
+            "release_type": "urgent",
+        },
         {"version": "one", "security_counter": 0, "hardware_ids": ["a"], "release_type": "feature"},
-        {"version": "1.0.0", "security_counter": 2**64, "hardware_ids": ["a"], "release_type": "feature"},
+        {
+            "version": "1.0.0",
+            "security_counter": 2**64,
+            "hardware_ids": ["a"],
+            "release_type": "feature",
+        },
     ],
 )
 def test_malformed_custom_fields_are_refused(custom: object) -> None:

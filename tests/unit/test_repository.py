@@ -50,24 +50,50 @@ def test_init_refuses_non_empty_dir(repo: ImageRepository) -> None:
 
 
 def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
-    rel = repo.add_release(image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False,
-                           security_counter=None)
+    rel = repo.add_release(
+        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+    )
     assert rel.info.release_type == "feature" and rel.info.security_counter == 0
     with pytest.raises(OperatorError, match="not greater"):
-        repo.add_release(image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False,
-                         security_counter=None)
+        repo.add_release(
+            image(tmp_path),
+            version="1.0.0",
+            hardware_ids=["hw"],
+            security=False,
+            security_counter=None,
+        )
     with pytest.raises(OperatorError, match="not greater"):
-        repo.add_release(image(tmp_path), version="0.9.0", hardware_ids=["other", "hw"], security=False,
-                         security_counter=None)
-    sec = repo.add_release(image(tmp_path, "s.img"), version="1.1.0", hardware_ids=["hw"], security=True,
-                           security_counter=None)
+        repo.add_release(
+            image(tmp_path),
+            version="0.9.0",
+            hardware_ids=["other", "hw"],
+            security=False,
+            security_counter=None,
+        )
+    sec = repo.add_release(
+        image(tmp_path, "s.img"),
+        version="1.1.0",
+        hardware_ids=["hw"],
+        security=True,
+        security_counter=None,
+    )
     assert sec.info.release_type == "security" and sec.info.security_counter == 1
     with pytest.raises(OperatorError, match="below the highest"):
-        repo.add_release(image(tmp_path), version="1.2.0", hardware_ids=["hw"], security=False,
-                         security_counter=0)
+        repo.add_release(
+            image(tmp_path),
+            version="1.2.0",
+            hardware_ids=["hw"],
+            security=False,
+            security_counter=0,
+        )
     # Another hardware id may use a lower version, not a lower counter.
-    other = repo.add_release(image(tmp_path, "o.img"), version="0.1.0", hardware_ids=["other"],
-                             security=False, security_counter=None)
+    other = repo.add_release(
+        image(tmp_path, "o.img"),
+        version="0.1.0",
+        hardware_ids=["other"],
+        security=False,
+        security_counter=None,
+    )
     assert other.info.security_counter == 1
     report, checks = repo.verify()
     assert report.ok and all(c.ok for c in checks) and len(checks) == 3
@@ -75,18 +101,26 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
 
 def test_wrong_passphrase_changes_nothing(repo: ImageRepository, tmp_path: Path) -> None:
     before = sorted(p.name for p in repo.metadata_dir.iterdir()) + sorted(
-        p.name for p in repo.targets_dir.iterdir())
+        p.name for p in repo.targets_dir.iterdir()
+    )
     with pytest.raises(KeyAccessError, match="wrong passphrase"):
         ImageRepository(repo.dir, passphrase=b"nope").add_release(
-            image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None)
+            image(tmp_path),
+            version="1.0.0",
+            hardware_ids=["hw"],
+            security=False,
+            security_counter=None,
+        )
     after = sorted(p.name for p in repo.metadata_dir.iterdir()) + sorted(
-        p.name for p in repo.targets_dir.iterdir())
+        p.name for p in repo.targets_dir.iterdir()
+    )
     assert before == after
 
 
 def test_verify_finds_tampered_blob_and_metadata(repo: ImageRepository, tmp_path: Path) -> None:
-    rel = repo.add_release(image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False,
-                           security_counter=None)
+    rel = repo.add_release(
+        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+    )
     blob = repo.blob_path(rel)
     data = bytearray(blob.read_bytes())
     data[100] ^= 1
@@ -95,10 +129,15 @@ def test_verify_finds_tampered_blob_and_metadata(repo: ImageRepository, tmp_path
     assert report.ok and not checks[0].ok and "hash" in (checks[0].problem or "")
 
     files = repo.read_files()
-    name = max((n for n in files if n.endswith(".targets.json")), key=lambda n: int(n.split(".")[0]))
+    name = max(
+        (n for n in files if n.endswith(".targets.json")), key=lambda n: int(n.split(".")[0])
+    )
     files[name] = files[name].replace(b'"1.0.0"', b'"9.0.0"')
-    report = check_metadata(files, trusted_root=None, now=__import__("datetime").datetime.now(
-        __import__("datetime").UTC))
+    report = check_metadata(
+        files,
+        trusted_root=None,
+        now=__import__("datetime").datetime.now(__import__("datetime").UTC),
+    )
     assert not report.ok
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from otaguard._fs import atomic_write_json
 from otaguard.agent.config import DevicePaths
@@ -93,7 +92,9 @@ def boot(paths: DevicePaths, backend: SlotBackend) -> BootRecord:
     atomic_write_json(paths.booted, asdict(record))
     if note:
         logger.warning("%s", note)
-    logger.info("booted slot %s (version %s%s)", candidate, image.version, ", trial" if trial else "")
+    logger.info(
+        "booted slot %s (version %s%s)", candidate, image.version, ", trial" if trial else ""
+    )
     return record
 
 

@@ -10,7 +10,7 @@ from typing import Any, Final
 from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError
 
-__all__ = ["DeviceConfig", "DevicePaths", "MAX_CONFIG_BYTES"]
+__all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths"]
 
 # A device config is a few hundred bytes; anything large is corrupt or hostile.
 MAX_CONFIG_BYTES: Final = 64 * 1024
@@ -134,7 +134,9 @@ class DeviceConfig:
                 raise ConfigError(f"device config {path} is too large")
             raw = json.loads(path.read_bytes())
         except FileNotFoundError as e:
-            raise ConfigError(f"device config {path} is missing (run 'otaguard device init')") from e
+            raise ConfigError(
+                f"device config {path} is missing (run 'otaguard device init')"
+            ) from e
         except OSError as e:
             raise ConfigError(f"cannot read device config {path}: {e.strerror}") from e
         except ValueError as e:
@@ -144,7 +146,9 @@ class DeviceConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(raw) - known
         if unknown:
-            raise ConfigError(f"device config {path} has unknown keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"device config {path} has unknown keys: {', '.join(sorted(unknown))}"
+            )
         try:
             return cls(**raw)
         except TypeError as e:

@@ -145,7 +145,14 @@ class Device:
 
         paths = DevicePaths(directory)
         try:
-            for d in (paths.root, paths.trust, paths.metadata, paths.staging, paths.slots, paths.booted.parent):
+            for d in (
+                paths.root,
+                paths.trust,
+                paths.metadata,
+                paths.staging,
+                paths.slots,
+                paths.booted.parent,
+            ):
                 d.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(paths.trusted_root, root_bytes)
             atomic_write_bytes(paths.ca, ca_bytes)
@@ -282,7 +289,9 @@ class Device:
                             path, why = refused[0]
                             raise DowngradeError(f"{path}: {why}")
                         return UpdateResult("up-to-date", booted.version)
-                    installer.begin(sel.chosen, from_slot=booted.slot, to_slot=other_slot(booted.slot))
+                    installer.begin(
+                        sel.chosen, from_slot=booted.slot, to_slot=other_slot(booted.slot)
+                    )
                 else:
                     logger.info("resuming interrupted install (phase %s)", state.phase.value)
                 final = self._drive(installer, session)

@@ -123,7 +123,9 @@ class InstallState:
         atomic_write_json(path, data)
 
 
-def next_step(state: InstallState, *, booted_slot: str, try_slot: str | None) -> Step:
+def next_step(  # noqa: PLR0911 - one return per phase reads best
+    state: InstallState, *, booted_slot: str, try_slot: str | None
+) -> Step:
     """Name the next step. Pure: no I/O, every input passed in."""
     match state.phase:
         case Phase.IDLE:
@@ -263,11 +265,15 @@ class Installer:
         state.phase = Phase.DOWNLOADED
 
     def _write(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         staged = self._staged(state)
         # The staged file survived a possible power cut: check it again before use.
         try:
-            ok = staged.stat().st_size == state.target.length and file_sha256(staged) == state.target.sha256
+            ok = (
+                staged.stat().st_size == state.target.length
+                and file_sha256(staged) == state.target.sha256
+            )
         except OSError:
             ok = False
         if not ok:
@@ -296,18 +302,24 @@ class Installer:
         state.phase = Phase.WRITTEN
 
     def _verify_slot(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         if self.backend.digest(state.to_slot, state.target.length) == state.target.sha256:
             state.phase = Phase.VERIFIED
         elif state.write_attempts >= MAX_WRITE_ATTEMPTS:
-            self._finish(state, "failed", f"slot {state.to_slot} does not read back what was written")
+            self._finish(
+                state, "failed", f"slot {state.to_slot} does not read back what was written"
+            )
         else:
             state.phase = Phase.DOWNLOADED
 
     def _arm(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         # Defence in depth: the floor may have moved since selection.
-        self.monotonic.read().check(Version.parse(state.target.version), state.target.security_counter)
+        self.monotonic.read().check(
+            Version.parse(state.target.version), state.target.security_counter
+        )
         env.slots[state.to_slot] = state.target
         env.try_slot, env.tries_left = state.to_slot, self.config.max_boot_tries
         env.save(self.paths.bootenv)
@@ -319,7 +331,8 @@ class Installer:
         boot(self.paths, self.backend)
 
     def _health_check(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         problem = self._run_health_check(state)
         if problem is None:
             state.phase = Phase.HEALTHY
@@ -328,10 +341,13 @@ class Installer:
             state.phase = Phase.ROLLING_BACK
 
     def _run_health_check(self, state: InstallState) -> str | None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         if self.config.health_command is None:
             digest = self.backend.digest(state.to_slot, state.target.length)
-            return None if digest == state.target.sha256 else "booted image does not match the target"
+            return (
+                None if digest == state.target.sha256 else "booted image does not match the target"
+            )
         env = dict(os.environ)
         env.update(
             OTAGUARD_DEVICE_DIR=str(self.paths.root),
@@ -355,16 +371,20 @@ class Installer:
         return None
 
     def _commit(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         if env.primary != state.to_slot or env.try_slot is not None:
             env.primary, env.try_slot, env.tries_left = state.to_slot, None, 0
             env.save(self.paths.bootenv)
         _fault_point("commit-bootenv")
         self.monotonic.raise_to(Version.parse(state.target.version), state.target.security_counter)
-        self._finish(state, "updated", f"now running {state.target.version} from slot {state.to_slot}")
+        self._finish(
+            state, "updated", f"now running {state.target.version} from slot {state.to_slot}"
+        )
 
     def _roll_back(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None and state.to_slot is not None  # noqa: S101
+        assert state.target is not None  # noqa: S101 - set by begin()
+        assert state.to_slot is not None  # noqa: S101
         reason = state.reason or "the new slot did not boot"
         state.phase = Phase.ROLLING_BACK
         state.reason = reason
@@ -377,4 +397,3 @@ class Installer:
         if booted is None or booted.slot == state.to_slot:
             boot(self.paths, self.backend)
         self._finish(state, "rolled-back", reason)
-

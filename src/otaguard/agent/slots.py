@@ -91,7 +91,9 @@ class SlotBackend(abc.ABC):
     """Where slot images live: files here; block devices or RAUC elsewhere."""
 
     @abc.abstractmethod
-    def write(self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None) -> None:
+    def write(
+        self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None
+    ) -> None:
         """Copy ``source`` into ``slot`` durably.
 
         Raises:
@@ -115,7 +117,9 @@ class FileSlots(SlotBackend):
             raise ValueError(f"unknown slot {slot!r}")
         return self.directory / f"{slot.lower()}.img"
 
-    def write(self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None) -> None:
+    def write(
+        self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None
+    ) -> None:
         """Copy ``source`` into the slot file in place, like a partition, then fsync."""
         try:
             with open(source, "rb") as src, open(self.path(slot), "wb") as dst:

@@ -23,7 +23,6 @@ from tuf.ngclient import Updater, UpdaterConfig
 from otaguard.agent.fetcher import TlsFetcher
 from otaguard.model.errors import (
     DeviceStorageError,
-    DowngradeError,
     TransportError,
     VerificationError,
 )
@@ -98,7 +97,9 @@ def select_update(
     newer = [o for o in offers if o.info.version > running]
     for o in sorted(newer, key=lambda o: o.info.version, reverse=True):
         if o.info.security_counter < floor_counter:
-            sel.refused.append((o.path, f"security counter {o.info.security_counter} < {floor_counter}"))
+            sel.refused.append(
+                (o.path, f"security counter {o.info.security_counter} < {floor_counter}")
+            )
             continue
         if o.target.length > max_length:
             sel.refused.append((o.path, f"image of {o.target.length} bytes exceeds the slot"))

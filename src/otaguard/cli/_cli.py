@@ -22,8 +22,8 @@ from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorE
 
 __all__ = ["main"]
 
-PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"
-TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"
+PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"  # noqa: S105 - a variable name
 EXIT_ROLLED_BACK = 6
 
 # soft_wrap: one-line messages stay one line when piped (logs, CI, tests)
@@ -58,8 +58,12 @@ def _repo_passphrase(repo_dir: Path) -> bytes | None:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=err, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
     )
 
 
@@ -88,7 +92,9 @@ def _repo_verify(a: argparse.Namespace) -> int:
     render_verification(out, report, checks)
     ok = report.ok and all(c.ok for c in checks)
     if not ok:
-        problems = report.all_problems() + [f"target {c.path}: {c.problem}" for c in checks if not c.ok]
+        problems = report.all_problems() + [
+            f"target {c.path}: {c.problem}" for c in checks if not c.ok
+        ]
         err.print(f"verification failed: {problems[0]}")
         return 3
     out.print("[green]repository verified[/green]")
@@ -189,7 +195,7 @@ def _device_init(a: argparse.Namespace) -> int:
     return 0
 
 
-def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch per subcommand
+def _agent(a: argparse.Namespace) -> int:
     from otaguard.agent import Device
     from otaguard.cli._render import render_selection, render_status
 
@@ -231,11 +237,16 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch per subc
     # run
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    out.print(f"polling every {dev.config.poll_interval_s:g} s (±{dev.config.poll_jitter:.0%}); Ctrl-C stops")
+    out.print(
+        f"polling every {dev.config.poll_interval_s:g} s "
+        f"(±{dev.config.poll_jitter:.0%}); Ctrl-C stops"
+    )
     try:
         dev.run(
             stop,
-            on_result=lambda r: out.print(f"{r.outcome}: {r.from_version} {r.to_version or ''} {r.detail}"),
+            on_result=lambda r: out.print(
+                f"{r.outcome}: {r.from_version} {r.to_version or ''} {r.detail}"
+            ),
             on_error=lambda e: err.print(e.diagnostics()),
         )
     except KeyboardInterrupt:
@@ -250,20 +261,29 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     sub = p.add_subparsers(dest="command", required=True)
 
-    repo = sub.add_parser("repo", help="image repository").add_subparsers(dest="repo_cmd", required=True)
+    repo = sub.add_parser("repo", help="image repository").add_subparsers(
+        dest="repo_cmd", required=True
+    )
     init = repo.add_parser("init", help="create keys and initial signed metadata")
     init.add_argument("repo_dir", type=Path)
-    init.add_argument("--insecure-plaintext-keys", action="store_true",
-                      help="development only: store private keys unencrypted")
+    init.add_argument(
+        "--insecure-plaintext-keys",
+        action="store_true",
+        help="development only: store private keys unencrypted",
+    )
     for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
-        init.add_argument(f"--{role}-expiry-days", type=int, metavar="DAYS",
-                          help=f"{role} metadata lifetime (default {days})")
+        init.add_argument(
+            f"--{role}-expiry-days",
+            type=int,
+            metavar="DAYS",
+            help=f"{role} metadata lifetime (default {days})",
+        )
     init.set_defaults(func=_repo_init)
     ver = repo.add_parser("verify", help="check signatures, thresholds, expiry and target hashes")
     ver.add_argument("repo_dir", type=Path)
@@ -273,15 +293,21 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--role", action="append", choices=("targets", "snapshot", "timestamp"))
     ref.set_defaults(func=_repo_refresh)
 
-    rel = sub.add_parser("release", help="releases").add_subparsers(dest="release_cmd", required=True)
+    rel = sub.add_parser("release", help="releases").add_subparsers(
+        dest="release_cmd", required=True
+    )
     add = rel.add_parser("add", help="add a firmware image and re-sign")
     add.add_argument("repo_dir", type=Path)
     add.add_argument("image", type=Path)
     add.add_argument("--version", required=True, help="semantic version X.Y.Z")
     add.add_argument("--hardware-id", action="append", required=True, metavar="HW")
     add.add_argument("--security", action="store_true", help="security release (else feature)")
-    add.add_argument("--security-counter", type=int, metavar="N",
-                     help="default: highest published, +1 for --security")
+    add.add_argument(
+        "--security-counter",
+        type=int,
+        metavar="N",
+        help="default: highest published, +1 for --security",
+    )
     add.set_defaults(func=_release_add)
     wd = rel.add_parser("withdraw", help="remove a release from the repository and re-sign")
     wd.add_argument("repo_dir", type=Path)
@@ -307,7 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--token", help=argparse.SUPPRESS)
     pub.set_defaults(func=_publish)
 
-    dev = sub.add_parser("device", help="device provisioning").add_subparsers(dest="device_cmd", required=True)
+    dev = sub.add_parser("device", help="device provisioning").add_subparsers(
+        dest="device_cmd", required=True
+    )
     dinit = dev.add_parser("init", help="provision a simulated device directory")
     dinit.add_argument("device_dir", type=Path)
     dinit.add_argument("--server", required=True, metavar="URL")
@@ -317,7 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     dinit.add_argument("--factory-image", type=Path, required=True)
     dinit.add_argument("--factory-version", required=True)
     dinit.add_argument("--factory-security-counter", type=int, default=0)
-    dinit.add_argument("--health-command", help="command run after a new slot boots (exit 0 = healthy)")
+    dinit.add_argument(
+        "--health-command", help="command run after a new slot boots (exit 0 = healthy)"
+    )
     dinit.add_argument("--insecure-http", action="store_true", help="development only")
     dinit.set_defaults(func=_device_init)
 
@@ -347,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     pkg.addHandler(handler)
     warnings.simplefilter("always", InsecureModeWarning)
-    warnings.showwarning = _show_warning  # type: ignore[assignment]
+    warnings.showwarning = _show_warning
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

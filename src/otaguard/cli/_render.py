@@ -11,7 +11,9 @@ from otaguard.repo import Release, TargetCheck, VerificationReport
 __all__ = ["render_releases", "render_selection", "render_status", "render_verification"]
 
 
-def render_verification(console: Console, report: VerificationReport, checks: list[TargetCheck]) -> None:
+def render_verification(
+    console: Console, report: VerificationReport, checks: list[TargetCheck]
+) -> None:
     """Table of every role and target checked by ``repo verify``."""
     table = Table(title="Repository verification")
     for col in ("item", "version", "signatures", "expires (UTC)", "result"):
@@ -81,8 +83,12 @@ def render_status(console: Console, st: DeviceStatus) -> None:
             table.add_row(slot, ", ".join(roles), "-", "-", "(empty or invalid)", "-")
         else:
             table.add_row(
-                slot, ", ".join(roles), image.version, str(image.security_counter),
-                image.target, image.sha256[:16] + "…",
+                slot,
+                ", ".join(roles),
+                image.version,
+                str(image.security_counter),
+                image.target,
+                image.sha256[:16] + "…",
             )
     console.print(table)
     console.print(

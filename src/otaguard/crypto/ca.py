@@ -62,7 +62,9 @@ class CertificateAuthority:
         return self.directory / "ca.pem"
 
     @classmethod
-    def load_or_create(cls, directory: Path, *, name: str = "otaguard fleet CA") -> CertificateAuthority:
+    def load_or_create(
+        cls, directory: Path, *, name: str = "otaguard fleet CA"
+    ) -> CertificateAuthority:
         """Load the CA in ``directory``, creating it on first use.
 
         Raises:
@@ -93,13 +95,21 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=False, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .sign(key, hashes.SHA256())
         )
         atomic_write_bytes(
@@ -126,7 +136,9 @@ class CertificateAuthority:
                 have = sorted(str(v) for v in sans.get_values_for_type(x509.DNSName)) + sorted(
                     str(v) for v in sans.get_values_for_type(x509.IPAddress)
                 )
-                fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > SERVER_CERT_RENEW_BEFORE
+                fresh = (
+                    cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > SERVER_CERT_RENEW_BEFORE
+                )
                 if fresh and set(wanted) <= set(have) and cert.issuer == self.certificate.subject:
                     return ServerCredentials(cert_path, key_path)
             except (OSError, ValueError, x509.ExtensionNotFound):

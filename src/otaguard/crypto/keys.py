@@ -58,7 +58,7 @@ def write_private_key(path: Path, signer: CryptoSigner, *, passphrase: bytes | N
         if not passphrase:
             raise KeyAccessError("an empty passphrase cannot protect a private key")
         enc = serialization.BestAvailableEncryption(passphrase)
-    pem = signer._private_key.private_bytes(  # noqa: SLF001 - CryptoSigner exposes only plaintext
+    pem = signer._private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
     )
     atomic_write_bytes(path, pem, mode=0o600)
@@ -97,7 +97,7 @@ def load_signer(path: Path, *, algorithm: str, passphrase: bytes | None) -> Cryp
     except TypeError as e:
         raise ConfigError(f"{path} is not a valid private key") from e
     try:
-        public = SSlibKey.from_crypto(key.public_key(), scheme=ALGORITHMS[algorithm])  # type: ignore[arg-type]
+        public = SSlibKey.from_crypto(key.public_key(), scheme=ALGORITHMS[algorithm])
         return CryptoSigner(key, public)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{path} does not hold an {algorithm} key") from e

@@ -255,7 +255,9 @@ class ImageRepository:
             ts_md = Metadata(Timestamp(expires=self._expires("timestamp", now)))
         ts_md.signed.expires = self._expires("timestamp", now)
         # Length and hash pin the exact snapshot bytes, not just its version.
-        ts_md.signed.snapshot_meta = MetaFile.from_data(snapshot_md.signed.version, snap_bytes, ["sha256"])
+        ts_md.signed.snapshot_meta = MetaFile.from_data(
+            snapshot_md.signed.version, snap_bytes, ["sha256"]
+        )
         self._sign_and_write(ts_md, "timestamp")
 
     # -- reading ---------------------------------------------------------------------
@@ -368,7 +370,9 @@ class ImageRepository:
         for role in ("targets", "snapshot", "timestamp"):
             self._role_signers(role)
         length, sha256 = self._store_blob(image, name, progress=progress)
-        tf = TargetFile(length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()})
+        tf = TargetFile(
+            length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()}
+        )
         targets_md.signed.targets[name] = tf
         targets_md.signed.version += 1
         targets_md.signed.expires = self._expires("targets", now)
@@ -429,7 +433,9 @@ class ImageRepository:
         self._sign_and_write(targets_md, "targets")
         self._write_snapshot_and_timestamp(targets_md, now=now)
 
-    def refresh(self, *, roles: Iterable[str] = ("snapshot", "timestamp"), now: datetime | None = None) -> None:
+    def refresh(
+        self, *, roles: Iterable[str] = ("snapshot", "timestamp"), now: datetime | None = None
+    ) -> None:
         """Re-sign online roles with new versions and expiries (before they expire)."""
         now = now or datetime.now(UTC)
         roles = set(roles)
@@ -447,7 +453,9 @@ class ImageRepository:
             self._sign_and_write(ts_md, "timestamp")
 
     # -- verification ----------------------------------------------------------------
-    def verify(self, *, now: datetime | None = None) -> tuple[VerificationReport, list[TargetCheck]]:
+    def verify(
+        self, *, now: datetime | None = None
+    ) -> tuple[VerificationReport, list[TargetCheck]]:
         """Check signatures, thresholds, expiry of every role and the hash of every blob."""
         report = check_metadata(self.read_files(), trusted_root=None, now=now or datetime.now(UTC))
         checks: list[TargetCheck] = []

@@ -22,10 +22,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from tuf.api.exceptions import LengthOrHashMismatchError
-from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from otaguard.model.errors import VerificationError
@@ -86,7 +86,7 @@ class VerificationReport:
         return out
 
 
-def _load(data: bytes, cls: type, name: str) -> Metadata:  # type: ignore[type-arg]
+def _load(data: bytes, cls: type[Signed], name: str) -> Metadata[Any]:
     try:
         md = Metadata.from_bytes(data)
     except DeserializationError as e:
@@ -115,7 +115,9 @@ def _verify_roots(
     files: Mapping[str, bytes], trusted_root: bytes | None, now: datetime
 ) -> tuple[Root, bytes, RoleCheck]:
     check = RoleCheck("root")
-    versions = sorted(int(m.group(1)) for n in files if (m := VERSIONED_NAME.match(n)) and m.group(2) == "root")
+    versions = sorted(
+        int(m.group(1)) for n in files if (m := VERSIONED_NAME.match(n)) and m.group(2) == "root"
+    )
     if len(versions) > MAX_ROOT_VERSIONS:
         raise VerificationError(f"too many root versions ({len(versions)})")
     if trusted_root is not None:

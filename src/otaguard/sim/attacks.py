@@ -89,7 +89,9 @@ class CompromisedServer:
         version = ts.signed.version
         rec = _rec(f"{version}.timestamp.json", "timestamp", version, data)
         self.store.publish(
-            [rec], timestamp=rec.filename, now=dt.datetime.now(dt.UTC),
+            [rec],
+            timestamp=rec.filename,
+            now=dt.datetime.now(dt.UTC),
             expected_timestamp=self.current_timestamp(),
         )
 
@@ -132,7 +134,9 @@ class CompromisedServer:
 
         timestamp.signed.version += 1
         timestamp.signed.expires = expires
-        timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot.signed.version, s_bytes, ["sha256"])
+        timestamp.signed.snapshot_meta = MetaFile.from_data(
+            snapshot.signed.version, s_bytes, ["sha256"]
+        )
         timestamp.sign(timestamp_signer)
         ts_bytes = timestamp.to_bytes()
 
@@ -140,9 +144,21 @@ class CompromisedServer:
         blobs = self.data_dir / "blobs"
         (blobs / f"{digest}.{target_path}").write_bytes(payload)
         records = [
-            _rec(f"{targets.signed.version}.targets.json", "targets", targets.signed.version, t_bytes),
-            _rec(f"{snapshot.signed.version}.snapshot.json", "snapshot", snapshot.signed.version, s_bytes),
-            _rec(f"{timestamp.signed.version}.timestamp.json", "timestamp", timestamp.signed.version, ts_bytes),
+            _rec(
+                f"{targets.signed.version}.targets.json", "targets", targets.signed.version, t_bytes
+            ),
+            _rec(
+                f"{snapshot.signed.version}.snapshot.json",
+                "snapshot",
+                snapshot.signed.version,
+                s_bytes,
+            ),
+            _rec(
+                f"{timestamp.signed.version}.timestamp.json",
+                "timestamp",
+                timestamp.signed.version,
+                ts_bytes,
+            ),
         ]
         self.store.publish(
             records,
@@ -162,6 +178,8 @@ def _rec(filename: str, role: str, version: int, data: bytes) -> MetadataRecord:
     return MetadataRecord(filename, role, version, data, hashlib.sha256(data).hexdigest())
 
 
-def steal_key(repo_dir: Path, filename: str, algorithm: str, passphrase: bytes | None) -> CryptoSigner:
+def steal_key(
+    repo_dir: Path, filename: str, algorithm: str, passphrase: bytes | None
+) -> CryptoSigner:
     """Load one private key from a repository, as an insider or thief would."""
     return load_signer(repo_dir / "keys" / filename, algorithm=algorithm, passphrase=passphrase)

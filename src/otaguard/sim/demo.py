@@ -48,8 +48,11 @@ def _wait_served(server: RunningServer, repo: ImageRepository) -> None:
 
 def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
     with Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        console=console, transient=False,
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        console=console,
+        transient=False,
     ) as prog:
         tasks: dict[str, TaskID] = {}
         overall = prog.add_task(f"[bold]{title}", total=len(fleet.names))
@@ -75,10 +78,7 @@ def _attack(
 ) -> AttackOutcome:
     runs = fleet.update_all()
     versions = fleet.versions()
-    refused = [
-        r for r in runs
-        if isinstance(r.error, expected) and versions[r.name] == version
-    ]
+    refused = [r for r in runs if isinstance(r.error, expected) and versions[r.name] == version]
     reason = next((r.error.diagnostics() for r in runs if r.error is not None), "not refused!")
     outcome = AttackOutcome(name, len(refused), len(runs), reason)
     mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
@@ -110,7 +110,9 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     step("1. Image repository: hybrid Ed25519 + ML-DSA-65 offline keys")
     repo = ImageRepository.init(work / "repo", passphrase=passphrase)
     v100 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.0.0")
-    rel100 = repo.add_release(v100, version="1.0.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None)
+    rel100 = repo.add_release(
+        v100, version="1.0.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
+    )
     console.print(f"released {rel100.path} (feature, counter {rel100.info.security_counter})")
 
     step("2. Update server (HTTPS, CA made on first run)")
@@ -125,20 +127,31 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
 
         step(f"3. Provision {count} devices at 1.0.0")
         fleet = Fleet.provision(
-            work / "devices", count=count, server_url=server.base_url,
-            root_json=repo.metadata_dir / "root.json", ca_pem=server.ca_cert,
-            hardware_id=HARDWARE_ID, factory_image=v100, factory_version="1.0.0",
+            work / "devices",
+            count=count,
+            server_url=server.base_url,
+            root_json=repo.metadata_dir / "root.json",
+            ca_pem=server.ca_cert,
+            hardware_id=HARDWARE_ID,
+            factory_image=v100,
+            factory_version="1.0.0",
         )
         attacker = CompromisedServer(server.data_dir)
         old_timestamp = attacker.current_timestamp()
 
         step("4. Release 1.1.0 (security) and roll it out")
         v110 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.1.0")
-        rel110 = repo.add_release(v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None)
+        rel110 = repo.add_release(
+            v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
+        )
         _wait_served(server, repo)
         runs = _update_fleet(console, fleet, "rollout 1.1.0")
         versions = fleet.versions()
-        updated = sum(1 for r in runs if r.result and r.result.outcome == "updated" and versions[r.name] == "1.1.0")
+        updated = sum(
+            1
+            for r in runs
+            if r.result and r.result.outcome == "updated" and versions[r.name] == "1.1.0"
+        )
         for r in runs:
             if r.error is not None:
                 console.print(f"[red]{r.name}: {r.error.diagnostics()}")
@@ -147,7 +160,9 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         outcomes: list[AttackOutcome] = []
         step("5a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
         v120 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.2.0")
-        rel120 = repo.add_release(v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None)
+        rel120 = repo.add_release(
+            v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
+        )
         _wait_served(server, repo)
         attacker.tamper_blob(rel120.path)
         outcomes.append(_attack(console, fleet, "(a) tampered image", VerificationError, "1.1.0"))
@@ -155,7 +170,9 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         step("5b. Attack: replay of an older signed timestamp, snapshot and targets")
         current = attacker.current_timestamp()
         attacker.serve_timestamp(old_timestamp)
-        outcomes.append(_attack(console, fleet, "(b) metadata rollback", VerificationError, "1.1.0"))
+        outcomes.append(
+            _attack(console, fleet, "(b) metadata rollback", VerificationError, "1.1.0")
+        )
         attacker.serve_timestamp(current)
 
         step("5c. Attack: validly signed metadata offering only an older release")
@@ -171,10 +188,16 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             timestamp_signer=steal_key(repo.dir, "timestamp-ed25519.pem", "ed25519", passphrase),
             target_path="firmware-6.6.6.img",
             payload=b"malicious firmware" * 1000,
-            custom={"version": "6.6.6", "security_counter": 99, "hardware_ids": [HARDWARE_ID],
-                    "release_type": "security"},
+            custom={
+                "version": "6.6.6",
+                "security_counter": 99,
+                "hardware_ids": [HARDWARE_ID],
+                "release_type": "security",
+            },
         )
-        outcomes.append(_attack(console, fleet, "(d) single-key signature", VerificationError, "1.1.0"))
+        outcomes.append(
+            _attack(console, fleet, "(d) single-key signature", VerificationError, "1.1.0")
+        )
     finally:
         if attacker is not None:
             attacker.close()
@@ -185,16 +208,21 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     for col in ("check", "result", "detail"):
         table.add_column(col)
     rollout_ok = updated == count
+
     def short(text: str) -> str:
         return text if len(text) <= 90 else text[:89] + "…"
 
     table.add_row(
-        "rollout 1.0.0 → 1.1.0", "[green]pass[/green]" if rollout_ok else "[red]FAIL[/red]",
+        "rollout 1.0.0 → 1.1.0",
+        "[green]pass[/green]" if rollout_ok else "[red]FAIL[/red]",
         f"{updated}/{count} devices updated",
     )
     for o in outcomes:
-        table.add_row(o.name, "[green]refused[/green]" if o.ok else "[red]FAIL[/red]",
-                      short(f"{o.refused}/{o.total} refused: {o.reason}"))
+        table.add_row(
+            o.name,
+            "[green]refused[/green]" if o.ok else "[red]FAIL[/red]",
+            short(f"{o.refused}/{o.total} refused: {o.reason}"),
+        )
     console.print(table)
     refused = sum(o.ok for o in outcomes)
     ok = rollout_ok and refused == len(outcomes) == 4
