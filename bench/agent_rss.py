@@ -1,0 +1,317 @@
+"""Peak memory and time of a real agent update of a 256 MiB image.
+
+Builds a signed repository with a small 1.0.0 image and a 256 MiB 1.1.0 image, serves it
+with the real HTTPS server (in a thread of this process), provisions a device at 1.0.0
+and runs ``python -m otaguard -v agent DEVICE update`` as a separate process. The
+agent's peak RSS comes from ``os.wait4`` on that one child (``ru_maxrss``, KiB on
+Linux), so nothing else this process ran or waited for is counted.
+
+While the agent runs, a sampler thread watches ``/proc/PID`` (peak ``VmHWM``, the
+download's unlinked temp file) and the device directory (staged file, slot file), and a
+reader thread timestamps the agent's ``install step ...`` log lines; together they split
+the update into its phases.
+
+Target: peak RSS <= 100 MiB, and the device runs 1.1.0 afterwards. Exit 0 when both
+hold, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+import urllib3
+
+from otaguard.agent import Device
+from otaguard.agent.slots import FileSlots
+from otaguard.repo import ImageRepository
+from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
+from otaguard.sim import make_image
+
+MIB: Final = 1024 * 1024
+IMAGE_BYTES: Final = 256 * MIB
+FACTORY_BYTES: Final = 4 * MIB
+HW: Final = "bench-hw"
+TARGET_RSS_MIB: Final = 100.0
+SAMPLE_S: Final = 0.01
+AGENT_TIMEOUT_S: Final = 600.0
+SERVE_TIMEOUT_S: Final = 60.0
+
+
+def wait_served(server: RunningServer, repo: ImageRepository) -> None:
+    """Block until the server serves the repository's current timestamp."""
+    want = (repo.metadata_dir / "timestamp.json").read_bytes()
+    http = urllib3.PoolManager(ca_certs=str(server.ca_cert), timeout=5.0)
+    deadline = time.monotonic() + SERVE_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
+            if resp.status == 200 and resp.data == want:
+                return
+            time.sleep(0.1)
+    finally:
+        http.clear()
+    raise RuntimeError("the server did not pick up the repository in time")
+
+
+@dataclass
+class Timeline:
+    """Monotonic times of what the agent was seen doing (relative to its start)."""
+
+    start: float
+    events: dict[str, float] = field(default_factory=dict)
+    hwm_kib: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def mark(self, name: str) -> None:
+        """Record the first time ``name`` happened."""
+        self.events.setdefault(name, time.monotonic() - self.start)
+
+
+def _read_stderr(stream: IO[str], tl: Timeline) -> None:
+    for line in stream:
+        tl.log.append(line.rstrip())
+        if "install step " in line:
+            step = line.split("install step ", 1)[1].split()[0]
+            tl.mark(f"step {step}")
+        elif "booted slot" in line:
+            tl.mark("booted new slot")
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _download_temp_size(pid: int, staging: Path) -> int | None:
+    """Size of the agent's unlinked download temp file in ``staging``, if open."""
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            link = os.readlink(f"{fd_dir}/{fd}")
+            if link.startswith(str(staging)) and link.endswith("(deleted)"):
+                return os.stat(f"{fd_dir}/{fd}").st_size
+        except OSError:
+            continue
+    return None
+
+
+def _sample(pid: int, device: Path, staged: Path, tl: Timeline, done: threading.Event) -> None:
+    staging = device / "staging"
+    slot_b = FileSlots(device / "slots").path("B")
+    while not done.is_set():
+        try:
+            tl.hwm_kib = max(tl.hwm_kib, _vm_hwm_kib(pid))
+            size = _download_temp_size(pid, staging)
+        except (OSError, ValueError):
+            size = None  # the process is exiting
+        if size is not None and "step download" in tl.events:  # not a metadata download
+            tl.mark("download started")
+            if size >= IMAGE_BYTES:
+                tl.mark("download received")
+        if staged.exists():
+            tl.mark("staged file created")
+            if staged.stat().st_size >= IMAGE_BYTES:
+                tl.mark("staged file complete")
+        if slot_b.exists():
+            tl.mark("slot B opened")
+            if slot_b.stat().st_size >= IMAGE_BYTES:
+                tl.mark("slot B complete")
+        done.wait(SAMPLE_S)
+
+
+# Runs the agent and reports its rusage. Needed because on Linux a child's ru_maxrss
+# also counts the RSS of the process it was forked (or vforked) from, up to its exec:
+# measured directly, the agent would inherit this benchmark process's size (server,
+# repository, tuf). This wrapper is a bare interpreter (~10 MiB), well below the agent.
+WRAPPER: Final = """
+import json, os, sys
+result, pidfile, *argv = sys.argv[1:]
+pid = os.posix_spawn(argv[0], argv, os.environ)
+with open(pidfile + ".tmp", "w") as f:
+    f.write(str(pid))
+os.replace(pidfile + ".tmp", pidfile)
+_, status, ru = os.wait4(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+with open(result, "w") as f:
+    json.dump({"code": code, "maxrss_kib": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime}, f)
+sys.exit(0 if code == 0 else 1)
+"""
+
+
+@dataclass
+class AgentRun:
+    """What one agent process did."""
+
+    code: int
+    maxrss_kib: int
+    wall_s: float
+    cpu_s: float
+    timeline: Timeline
+
+
+def _agent_pid(pidfile: Path, wrapper: subprocess.Popen[str]) -> int | None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and wrapper.poll() is None:
+        try:
+            return int(pidfile.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.001)
+    return None
+
+
+def run_agent(device: Path, staged: Path, work: Path) -> AgentRun:
+    """Run ``otaguard agent DEVICE update`` under the wrapper and watch it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+    result, pidfile = work / "agent-rusage.json", work / "agent.pid"
+    argv = [sys.executable, "-m", "otaguard", "-v", "agent", str(device), "update"]
+    with open(work / "agent.out", "w") as out:
+        start = time.monotonic()
+        wrapper = subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, str(result), str(pidfile), *argv],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        tl = Timeline(start)
+        assert wrapper.stderr is not None
+        reader = threading.Thread(target=_read_stderr, args=(wrapper.stderr, tl), daemon=True)
+        reader.start()
+        done = threading.Event()
+        pid = _agent_pid(pidfile, wrapper)
+        sampler = None
+        if pid is not None:
+            sampler = threading.Thread(
+                target=_sample, args=(pid, device, staged, tl, done), daemon=True
+            )
+            sampler.start()
+        try:
+            wrapper.wait(AGENT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            if pid is not None:
+                os.kill(pid, 9)
+            wrapper.wait()
+        wall = time.monotonic() - start
+        done.set()
+        if sampler is not None:
+            sampler.join()
+        reader.join(10)
+        wrapper.stderr.close()
+    try:
+        res = json.loads(result.read_text())
+    except (OSError, ValueError):
+        res = {"code": -1, "maxrss_kib": 0, "cpu_s": 0.0}
+    return AgentRun(res["code"], res["maxrss_kib"], wall, res["cpu_s"], tl)
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="otaguard-bench-rss-"))
+    try:
+        return run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: Path) -> int:
+    t0 = time.perf_counter()
+    v100 = make_image(work / "fw-1.0.0.img", size=FACTORY_BYTES, seed="1.0.0")
+    v110 = make_image(work / "fw-1.1.0.img", size=IMAGE_BYTES, seed="1.1.0")
+    repo = ImageRepository.init(work / "repo", passphrase=b"bench passphrase")
+    repo.add_release(
+        v100, version="1.0.0", hardware_ids=[HW], security=False, security_counter=None
+    )
+    rel = repo.add_release(
+        v110, version="1.1.0", hardware_ids=[HW], security=False, security_counter=None
+    )
+    print(
+        f"setup: repository with 1.0.0 and 1.1.0 ({IMAGE_BYTES // MIB} MiB) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+
+    server = start_server_in_thread(
+        ServerSettings(
+            data_dir=work / "server",
+            repo_dir=repo.dir,
+            host="127.0.0.1",
+            port=0,
+            sync_interval=0.1,
+        )
+    )
+    try:
+        assert server.ca_cert is not None
+        wait_served(server, repo)
+        print(f"setup: server {server.base_url} serving, total {time.perf_counter() - t0:.1f} s")
+        device_dir = work / "device"
+        Device.provision(
+            device_dir,
+            server_url=server.base_url,
+            root_json=repo.metadata_dir / "root.json",
+            ca_pem=server.ca_cert,
+            hardware_id=HW,
+            factory_image=v100,
+            factory_version="1.0.0",
+        )
+        staged = device_dir / "staging" / f"{rel.sha256}.{rel.path}"
+        agent = run_agent(device_dir, staged, work)
+    finally:
+        server.stop()
+
+    code, tl, wall = agent.code, agent.timeline, agent.wall_s
+    status = Device(device_dir).status()
+    running = status.booted.version if status.booted else None
+    outcome = (status.install.last_result or {}).get("outcome")
+    slot_ok = FileSlots(device_dir / "slots").digest("B", rel.length) == rel.sha256
+    updated = code == 0 and running == "1.1.0" and outcome == "updated" and slot_ok
+    if not updated:
+        print(f"agent exited {code}, running {running}, outcome {outcome}, slot B ok {slot_ok}")
+        print((work / "agent.out").read_text(errors="replace")[-2000:])
+        print("\n".join(tl.log[-20:]))
+
+    peak_mib = agent.maxrss_kib / 1024
+    mib = IMAGE_BYTES / MIB
+    print(
+        f"agent update 1.0.0 -> 1.1.0 ({mib:.0f} MiB): exit {code}, running {running}, "
+        f"outcome {outcome}"
+    )
+    print(
+        f"peak RSS of the agent: {peak_mib:.1f} MiB (wait4 ru_maxrss via wrapper); "
+        f"/proc VmHWM, last sample: {tl.hwm_kib / 1024:.1f} MiB"
+    )
+    print(
+        f"time: {wall:.2f} s wall, {agent.cpu_s:.2f} s agent CPU; {mib / wall:.0f} MiB/s end to end"
+    )
+    print("timeline (s since the agent process started):")
+    prev = 0.0
+    for name, at in sorted(tl.events.items(), key=lambda kv: kv[1]):
+        print(f"  {at:7.2f}  (+{at - prev:5.2f})  {name}")
+        prev = at
+    print(f"  {wall:7.2f}  (+{wall - prev:5.2f})  agent exited")
+    ev = tl.events
+    if "download started" in ev and "download received" in ev:
+        secs = ev["download received"] - ev["download started"]
+        print(f"download over HTTPS: {secs:.2f} s, {mib / max(secs, 1e-9):.0f} MiB/s")
+
+    ok = updated and peak_mib <= TARGET_RSS_MIB
+    print(
+        f"SUMMARY agent_rss: {'PASS' if ok else 'FAIL'} peak_rss={peak_mib:.1f} MiB "
+        f"(target <= {TARGET_RSS_MIB:.0f}) time={wall:.2f} s throughput={mib / wall:.0f} MiB/s "
+        f"updated={'yes' if updated else 'no'}"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
