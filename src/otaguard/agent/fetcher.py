@@ -91,7 +91,9 @@ class TlsFetcher(FetcherInterface):
     def _chunks(self, resp: urllib3.BaseHTTPResponse, url: str, deadline: float) -> Iterator[bytes]:
         complete = False
         try:
-            for chunk in resp.stream(CHUNK):
+            # read1() returns whatever has arrived, so the deadline is checked at least
+            # once per read timeout even when a server trickles one byte at a time.
+            while chunk := resp.read1(CHUNK):
                 if time.monotonic() > deadline:
                     raise exceptions.SlowRetrievalError(f"download of {url} exceeded its deadline")
                 if self.on_chunk is not None:

@@ -127,6 +127,7 @@ class CertificateAuthority:
 
     def server_credentials(self, directory: Path, hosts: Sequence[str]) -> ServerCredentials:
         """Return a server certificate for ``hosts``, issuing a new one when needed."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_path, key_path = directory / "server.pem", directory / "server.key"
         wanted = sorted(set(hosts) | {"localhost", "127.0.0.1"})
         if cert_path.exists() and key_path.exists():
