@@ -25,6 +25,9 @@ __all__ = ["main"]
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"  # noqa: S105 - a variable name
 EXIT_ROLLED_BACK = 6
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+# Operator tokens are 43 URL-safe characters; anything long is the wrong file.
+MAX_TOKEN_CHARS = 512
 
 # soft_wrap: one-line messages stay one line when piped (logs, CI, tests)
 out = Console(soft_wrap=True)
@@ -170,8 +173,18 @@ def _publish(a: argparse.Namespace) -> int:
             raise OperatorError(f"cannot read token file {a.token_file}: {e.strerror}") from e
     if not token:
         raise OperatorError(f"no operator token: pass --token-file or set {TOKEN_ENV}")
+    if len(token) > MAX_TOKEN_CHARS or not all(
+        c.isascii() and c.isprintable() and c != " " for c in token
+    ):
+        raise OperatorError(
+            "the operator token is malformed (expected one line, as in DATA/operator-token)"
+        )
     result = publish_repository(a.repo_dir, server_url=a.server, ca_cert=a.ca, token=token)
-    out.print(f"published: {result}")
+    out.print(
+        f"published to {a.server}: {len(result.uploaded)} blob(s) uploaded, "
+        f"{len(result.already_present)} already there; {len(result.added)} metadata file(s) added"
+        + (f"; now serving {result.timestamp}" if result.timestamp else "; nothing new to serve")
+    )
     return 0
 
 
@@ -387,3 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except Exception as e:  # noqa: BLE001 - the process boundary: one line, never a traceback
+        logging.getLogger("otaguard").debug("unexpected error", exc_info=True)
+        err.print(
+            f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", markup=False
+        )
+        err.print("re-run with -vv for details", markup=False)
+        return EXIT_INTERNAL
