@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except Exception as e:  # noqa: BLE001 - the process boundary: one line, never a traceback
+    except Exception as e:
         logging.getLogger("otaguard").debug("unexpected error", exc_info=True)
         err.print(
             f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", markup=False
