@@ -104,6 +104,13 @@ class DeviceConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A hand-edited config can hold any JSON type: check types before using the values.
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) is not (bool in kinds) or not isinstance(value, kinds):
+                raise ConfigError(
+                    f"{name} must be of type {' or '.join(k.__name__ for k in kinds)}"
+                )
         if not self.server_url.startswith(("https://", "http://")):
             raise ConfigError(f"server URL {self.server_url!r} must be https://")
         if self.server_url.startswith("http://") and not self.insecure_http:
@@ -157,3 +164,21 @@ class DeviceConfig:
     def save(self, path: Path) -> None:
         """Write the config atomically."""
         atomic_write_json(path, asdict(self))
+
+
+_NUMBER: Final = (int, float)
+_FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "server_url": (str,),
+    "hardware_id": (str,),
+    "health_timeout_s": _NUMBER,
+    "max_boot_tries": (int,),
+    "poll_interval_s": _NUMBER,
+    "poll_jitter": _NUMBER,
+    "connect_timeout_s": _NUMBER,
+    "read_timeout_s": _NUMBER,
+    "download_deadline_base_s": _NUMBER,
+    "download_min_rate_bps": _NUMBER,
+    "max_image_bytes": (int,),
+    "insecure_http": (bool,),
+    "extra": (dict,),
+}

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,7 +196,21 @@ class Device:
 
     def _session(self) -> TufSession:
         url = self.config.server_url
-        ctx = None if url.startswith("http://") else create_ssl_context(ca_file=self.paths.ca)
+        ctx = None
+        if not url.startswith("http://"):
+            try:
+                ctx = create_ssl_context(ca_file=self.paths.ca)
+            except ssl.SSLError as e:
+                raise ConfigError(
+                    f"CA certificate {self.paths.ca} is not a valid PEM certificate"
+                ) from e
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot read CA certificate {self.paths.ca}: {e.strerror}"
+                ) from e
+        # A corrupt trust anchor is the device's own configuration, not bad repository data.
+        trusted_root = _read_trust_file(self.paths.trusted_root, "trusted root")
+        validate_root(trusted_root, self.paths.trusted_root)
         fetcher = TlsFetcher(
             ssl_context=ctx,
             connect_timeout=self.config.connect_timeout_s,
@@ -206,10 +221,16 @@ class Device:
         )
         return TufSession(
             metadata_dir=self.paths.metadata,
-            trusted_root=_read_trust_file(self.paths.trusted_root, "trusted root"),
+            trusted_root=trusted_root,
             server_url=url,
             fetcher=fetcher,
         )
+
+    def _check_local_state(self) -> None:
+        """Read the boot environment and the anti-rollback floor before any network access,
+        so corrupt local state fails the command before anything is fetched or persisted."""
+        BootEnv.load(self.paths.bootenv)
+        self.monotonic.read()
 
     def _booted(self) -> BootRecord:
         record = read_booted(self.paths)
@@ -257,6 +278,7 @@ class Device:
     def check(self) -> tuple[str, Selection]:
         """Verify fresh metadata and say what would be installed (installs nothing)."""
         with self._locked():
+            self._check_local_state()
             booted = self._booted()
             session = self._session()
             try:
@@ -274,6 +296,7 @@ class Device:
             DeviceStorageError: staging or slot storage failed.
         """
         with self._locked():
+            self._check_local_state()
             booted = self._booted()
             installer = self._installer(progress)
             state = InstallState.load(self.paths.install_state)
