@@ -135,3 +135,23 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         server.wait(timeout=30)
         assert server.stdout is not None
         server.stdout.close()
+
+
+def test_unhealthy_release_is_rolled_back_and_not_retried(world: World) -> None:
+    """A release whose health check fails rolls back once, then is skipped until a newer one."""
+    dev = world.device(health_command=["sh", "-c", 'test "$OTAGUARD_VERSION" != 1.1.0'])
+    world.release("1.1.0")
+
+    first = dev.update()
+    assert first.outcome == "rolled-back"
+    st = dev.status()
+    assert st.booted is not None and st.booted.slot == "A" and st.booted.version == "1.0.0"
+    assert str(st.floor.version) == "1.0.0"
+
+    again = dev.update()
+    assert again.outcome == "up-to-date"
+    assert any("rolled back on this device before" in why for _, why in again.refused)
+
+    world.release("1.2.0")
+    assert dev.update().outcome == "updated"
+    assert dev.status().bootenv.primary == "B"

@@ -32,6 +32,9 @@ class BootRecord:
     trial: bool
     note: str
     time: str
+    #: why the bootloader did not start the slot it was asked to try, if it did not:
+    #: "tries-exhausted" (the image kept failing) or "verification-failed" (bad storage)
+    fallback: str | None = None
 
 
 def _verified(env: BootEnv, slot: str, backend: SlotBackend) -> bool:
@@ -48,6 +51,7 @@ def boot(paths: DevicePaths, backend: SlotBackend) -> BootRecord:
     """
     env = BootEnv.load(paths.bootenv)
     note = ""
+    fallback: str | None = None
     trial = False
     if env.try_slot is not None:
         if env.tries_left > 0:
@@ -57,6 +61,7 @@ def boot(paths: DevicePaths, backend: SlotBackend) -> BootRecord:
             candidate, trial = env.try_slot, True
         else:
             note = f"boot tries of slot {env.try_slot} exhausted; fell back to {env.primary}"
+            fallback = env.fallback = "tries-exhausted"
             env.try_slot = None
             env.save(paths.bootenv)
             candidate = env.primary
@@ -67,6 +72,7 @@ def boot(paths: DevicePaths, backend: SlotBackend) -> BootRecord:
         failed = candidate
         if trial:
             note = f"slot {failed} failed verification; fell back to {env.primary}"
+            fallback = env.fallback = "verification-failed"
             env.try_slot, env.slots[failed] = None, None
             env.save(paths.bootenv)
             candidate, trial = env.primary, False
@@ -86,6 +92,7 @@ def boot(paths: DevicePaths, backend: SlotBackend) -> BootRecord:
         sha256=image.sha256,
         trial=trial,
         note=note,
+        fallback=fallback,
         time=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     paths.booted.parent.mkdir(exist_ok=True)

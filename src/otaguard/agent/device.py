@@ -271,6 +271,7 @@ class Device:
             running=max(running, floor.version),
             floor_counter=floor.security_counter,
             max_length=self.config.max_image_bytes,
+            rejected=frozenset(InstallState.load(self.paths.install_state).rejected),
         )
         sel.refused.extend(bad)
         return sel
@@ -308,10 +309,10 @@ class Device:
                     sel = self._select(session, Version.parse(booted.version))
                     refused = sel.refused
                     if sel.chosen is None:
-                        if refused:
+                        if sel.downgrade:
                             path, why = refused[0]
                             raise DowngradeError(f"{path}: {why}")
-                        return UpdateResult("up-to-date", booted.version)
+                        return UpdateResult("up-to-date", booted.version, refused=refused)
                     installer.begin(
                         sel.chosen, from_slot=booted.slot, to_slot=other_slot(booted.slot)
                     )

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: Fault injection for power-cut tests: the agent SIGKILLs itself right after the named
 #: point (a step name, or ``write-partial`` / ``commit-bootenv`` inside a step).
 FAULT_ENV: Final = "OTAGUARD_TEST_KILL_AFTER"
+# Remembered rolled-back images; the oldest are forgotten first.
+MAX_REJECTED: Final = 32
 # A slot that twice fails to read back what was written is broken hardware: give up.
 MAX_WRITE_ATTEMPTS: Final = 2
 
@@ -87,6 +89,10 @@ class InstallState:
     write_attempts: int = 0
     last_result: dict[str, Any] | None = None
     history: list[str] = field(default_factory=list)
+    #: sha256 of images that failed here and were rolled back; not selected again
+    rejected: list[str] = field(default_factory=list)
+    #: set when rolling back because the image itself failed (then it joins ``rejected``)
+    bad_image: bool = False
 
     @classmethod
     def load(cls, path: Path) -> InstallState:
@@ -112,6 +118,8 @@ class InstallState:
                 write_attempts=int(raw.get("write_attempts", 0)),
                 last_result=raw.get("last_result"),
                 history=list(raw.get("history", [])),
+                rejected=[str(r) for r in raw.get("rejected", [])][-MAX_REJECTED:],
+                bad_image=bool(raw.get("bad_image", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"install state {path} is corrupt") from e
@@ -202,6 +210,7 @@ class Installer:
         )
         state.from_slot, state.to_slot = from_slot, to_slot
         state.reason, state.write_attempts, state.history = None, 0, ["selected"]
+        state.bad_image = False
         state.save(self.paths.install_state)
         return state
 
@@ -322,6 +331,7 @@ class Installer:
         )
         env.slots[state.to_slot] = state.target
         env.try_slot, env.tries_left = state.to_slot, self.config.max_boot_tries
+        env.fallback = None
         env.save(self.paths.bootenv)
         self._staged(state).unlink(missing_ok=True)
         state.phase = Phase.ARMED
@@ -337,7 +347,7 @@ class Installer:
         if problem is None:
             state.phase = Phase.HEALTHY
         else:
-            state.reason = problem
+            state.reason, state.bad_image = problem, True
             state.phase = Phase.ROLLING_BACK
 
     def _run_health_check(self, state: InstallState) -> str | None:
@@ -385,10 +395,18 @@ class Installer:
     def _roll_back(self, state: InstallState, env: BootEnv) -> None:
         assert state.target is not None  # noqa: S101 - set by begin()
         assert state.to_slot is not None  # noqa: S101
-        reason = state.reason or "the new slot did not boot"
-        state.phase = Phase.ROLLING_BACK
-        state.reason = reason
-        state.save(self.paths.install_state)
+        if state.phase is not Phase.ROLLING_BACK:
+            # Coming from armed/healthy: the bootloader did not (or no longer) run the new
+            # slot. The image is bad if it kept failing until the tries ran out; a slot that
+            # failed verification is a storage fault and the image may be tried again.
+            booted = read_booted(self.paths)
+            state.bad_image = env.fallback == "tries-exhausted"
+            state.reason = (
+                booted.note if booted is not None and booted.note else "the new slot did not boot"
+            )
+            state.phase = Phase.ROLLING_BACK
+            state.save(self.paths.install_state)
+        reason = state.reason or "rolled back"
         if env.try_slot == state.to_slot or env.slots.get(state.to_slot) is not None:
             env.try_slot = None
             env.slots[state.to_slot] = None
@@ -396,4 +414,6 @@ class Installer:
         booted = read_booted(self.paths)
         if booted is None or booted.slot == state.to_slot:
             boot(self.paths, self.backend)
+        if state.bad_image and state.target.sha256 not in state.rejected:
+            state.rejected = [*state.rejected, state.target.sha256][-MAX_REJECTED:]
         self._finish(state, "rolled-back", reason)

@@ -50,6 +50,9 @@ class BootEnv:
     try_slot: str | None
     tries_left: int
     slots: dict[str, SlotImage | None]
+    #: why the bootloader last abandoned a try slot: "tries-exhausted" (the image kept
+    #: failing) or "verification-failed" (the slot's bytes are not what was written)
+    fallback: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> BootEnv:
@@ -63,7 +66,9 @@ class BootEnv:
             slots = {
                 s: (SlotImage(**raw["slots"][s]) if raw["slots"].get(s) else None) for s in SLOTS
             }
-            env = cls(raw["primary"], raw["try_slot"], int(raw["tries_left"]), slots)
+            env = cls(
+                raw["primary"], raw["try_slot"], int(raw["tries_left"]), slots, raw.get("fallback")
+            )
         except FileNotFoundError as e:
             raise ConfigError(f"boot environment {path} is missing") from e
         except OSError as e:
@@ -82,6 +87,7 @@ class BootEnv:
                 "primary": self.primary,
                 "try_slot": self.try_slot,
                 "tries_left": self.tries_left,
+                "fallback": self.fallback,
                 "slots": {s: (asdict(i) if i else None) for s, i in self.slots.items()},
             },
         )

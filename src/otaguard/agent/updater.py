@@ -82,16 +82,25 @@ class Selection:
 
     chosen: Offer | None
     refused: list[tuple[str, str]] = field(default_factory=list)
+    #: True when a refusal is a rollback attempt (older version or lower counter)
+    downgrade: bool = False
 
 
 def select_update(
-    offers: list[Offer], *, running: Version, floor_counter: int, max_length: int
+    offers: list[Offer],
+    *,
+    running: Version,
+    floor_counter: int,
+    max_length: int,
+    rejected: frozenset[str] = frozenset(),
 ) -> Selection:
     """Pick the newest offer above the running version whose counter is not below the floor.
 
     Pure. Offers older than the running version are ignored unless nothing newer or equal
     is offered, which means the repository tries to move the device backwards: that is
-    reported as refused (a downgrade attempt).
+    reported as refused (a downgrade attempt). Images in ``rejected`` (sha256 of images that
+    already failed on this device and were rolled back) are skipped, so a bad release does
+    not loop install, fail, roll back on every poll.
     """
     sel = Selection(chosen=None)
     newer = [o for o in offers if o.info.version > running]
@@ -100,6 +109,10 @@ def select_update(
             sel.refused.append(
                 (o.path, f"security counter {o.info.security_counter} < {floor_counter}")
             )
+            sel.downgrade = True
+            continue
+        if o.sha256 in rejected:
+            sel.refused.append((o.path, "rolled back on this device before"))
             continue
         if o.target.length > max_length:
             sel.refused.append((o.path, f"image of {o.target.length} bytes exceeds the slot"))
@@ -109,6 +122,7 @@ def select_update(
     if offers and not any(o.info.version >= running for o in offers):
         newest = max(offers, key=lambda o: o.info.version)
         sel.refused.append((newest.path, f"version {newest.info.version} < running {running}"))
+        sel.downgrade = True
     return sel
 
 
