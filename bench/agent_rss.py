@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-import urllib3
-
 from otaguard.agent import Device
 from otaguard.agent.slots import FileSlots
 from otaguard.repo import ImageRepository
-from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
-from otaguard.sim import make_image
+from otaguard.server import ServerSettings, start_server_in_thread
+from otaguard.sim import make_image, wait_served
 
 MIB: Final = 1024 * 1024
 IMAGE_BYTES: Final = 256 * MIB
@@ -44,23 +42,6 @@ HW: Final = "bench-hw"
 TARGET_RSS_MIB: Final = 100.0
 SAMPLE_S: Final = 0.01
 AGENT_TIMEOUT_S: Final = 600.0
-SERVE_TIMEOUT_S: Final = 60.0
-
-
-def wait_served(server: RunningServer, repo: ImageRepository) -> None:
-    """Block until the server serves the repository's current timestamp."""
-    want = (repo.metadata_dir / "timestamp.json").read_bytes()
-    http = urllib3.PoolManager(ca_certs=str(server.ca_cert), timeout=5.0)
-    deadline = time.monotonic() + SERVE_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
-            if resp.status == 200 and resp.data == want:
-                return
-            time.sleep(0.1)
-    finally:
-        http.clear()
-    raise RuntimeError("the server did not pick up the repository in time")
 
 
 @dataclass

@@ -63,9 +63,9 @@ class World:
 
     def wait_served(self) -> None:
         """Block until the server serves the repository's timestamp."""
-        from otaguard.sim.demo import _wait_served
+        from otaguard.sim import wait_served
 
-        _wait_served(self.server, self.repo)
+        wait_served(self.server, self.repo)
 
     def device(self, name: str = "dev", *, version: str = "1.0.0", **kw: object) -> Device:
         """Provision a device running ``version``."""

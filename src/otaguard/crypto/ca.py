@@ -41,6 +41,14 @@ class ServerCredentials:
     key_path: Path
 
 
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    # TLS keys are used unattended by the server; mode 0600 is their protection.
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    atomic_write_bytes(path, pem, mode=0o600)
+
+
 def _san(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -112,15 +120,7 @@ class CertificateAuthority:
             )
             .sign(key, hashes.SHA256())
         )
-        atomic_write_bytes(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            mode=0o600,
-        )
+        _write_key(key_path, key)
         atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         logger.info("created certificate authority in %s", directory)
         return cls(directory, key, cert)
@@ -163,14 +163,6 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        atomic_write_bytes(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            mode=0o600,
-        )
+        _write_key(key_path, key)
         atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return ServerCredentials(cert_path, key_path)

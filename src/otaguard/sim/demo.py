@@ -5,45 +5,24 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-import urllib3
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from otaguard.model.errors import DowngradeError, OperatorError, VerificationError
 from otaguard.repo import ImageRepository
-from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
+from otaguard.server import ServerSettings, start_server_in_thread
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
-from otaguard.sim.fleet import DeviceRun, Fleet, make_image
+from otaguard.sim.fleet import DeviceRun, Fleet, make_image, wait_served
 
 __all__ = ["run_demo"]
 
 HARDWARE_ID: Final = "gateway-v1"
 IMAGE_SIZE: Final = 4 * 1024 * 1024
-# How long the demo waits for the server to pick up a repository change.
-SYNC_TIMEOUT_S: Final = 30.0
-
-
-def _wait_served(server: RunningServer, repo: ImageRepository) -> None:
-    """Block until the server serves the repository's current timestamp."""
-    want = (repo.metadata_dir / "timestamp.json").read_bytes()
-    assert server.ca_cert is not None  # noqa: S101 - the demo runs HTTPS
-    http = urllib3.PoolManager(ca_certs=str(server.ca_cert), timeout=5.0)
-    deadline = time.monotonic() + SYNC_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
-            if resp.status == 200 and resp.data == want:
-                return
-            time.sleep(0.1)
-    finally:
-        http.clear()
-    raise OperatorError("the server did not pick up the repository change in time")
 
 
 def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
@@ -122,7 +101,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     attacker = None
     try:
         assert server.ca_cert is not None  # noqa: S101
-        _wait_served(server, repo)
+        wait_served(server, repo)
         console.print(f"serving {server.base_url}")
 
         step(f"3. Provision {count} devices at 1.0.0")
@@ -144,7 +123,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         rel110 = repo.add_release(
             v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
         )
-        _wait_served(server, repo)
+        wait_served(server, repo)
         runs = _update_fleet(console, fleet, "rollout 1.1.0")
         versions = fleet.versions()
         updated = sum(
@@ -163,7 +142,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         rel120 = repo.add_release(
             v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
         )
-        _wait_served(server, repo)
+        wait_served(server, repo)
         attacker.tamper_blob(rel120.path)
         outcomes.append(_attack(console, fleet, "(a) tampered image", VerificationError, "1.1.0"))
 
@@ -178,7 +157,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         step("5c. Attack: validly signed metadata offering only an older release")
         repo.withdraw_release(rel120.path)
         repo.withdraw_release(rel110.path)
-        _wait_served(server, repo)
+        wait_served(server, repo)
         outcomes.append(_attack(console, fleet, "(c) downgrade to 1.0.0", DowngradeError, "1.1.0"))
 
         step("5d. Attack: release signed by only the Ed25519 half of the hybrid targets key")

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from otaguard.agent import Device, UpdateResult
-from otaguard.model.errors import OtaguardError
+import urllib3
 
-__all__ = ["DeviceRun", "Fleet", "make_image"]
+from otaguard.agent import Device, UpdateResult
+from otaguard.model.errors import OperatorError, OtaguardError
+from otaguard.repo import ImageRepository
+from otaguard.server import RunningServer
+
+__all__ = ["DeviceRun", "Fleet", "make_image", "wait_served"]
 
 logger = logging.getLogger(__name__)
 
+# How long to wait for a server to pick up a repository change (it polls every second).
+SYNC_TIMEOUT_S: Final = 30.0
 # Two cores here: more threads only add contention (hashing releases the GIL).
 MAX_PARALLEL: Final = 8
 
@@ -33,6 +40,28 @@ def make_image(path: Path, *, size: int, seed: str) -> Path:
             remaining -= min(len(chunk), remaining)
             counter += 1
     return path
+
+
+def wait_served(server: RunningServer, repo: ImageRepository) -> None:
+    """Block until ``server`` serves ``repo``'s current timestamp.
+
+    Raises:
+        OperatorError: the server did not pick up the change within the timeout.
+    """
+    want = (repo.metadata_dir / "timestamp.json").read_bytes()
+    http = urllib3.PoolManager(
+        ca_certs=str(server.ca_cert) if server.ca_cert else None, timeout=5.0
+    )
+    deadline = time.monotonic() + SYNC_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
+            if resp.status == 200 and resp.data == want:
+                return
+            time.sleep(0.1)
+    finally:
+        http.clear()
+    raise OperatorError("the server did not pick up the repository change in time")
 
 
 @dataclass
