@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from tuf.api.exceptions import LengthOrHashMismatchError
-from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from otaguard.model.errors import VerificationError
@@ -153,6 +153,32 @@ def _verify_roots(
     return root, current_bytes, check
 
 
+def _load_linked(
+    files: Mapping[str, bytes],
+    meta: MetaFile,
+    cls: type[Signed],
+    *,
+    parent: str,
+    root: Root,
+    check: RoleCheck,
+    now: datetime,
+) -> Metadata[Any]:
+    """Load the role file ``parent`` names in ``meta`` and check it against that link."""
+    name = f"{meta.version}.{cls.type}.json"
+    if name not in files:
+        raise VerificationError(f"{parent} names {name}, which is missing")
+    try:
+        meta.verify_length_and_hashes(files[name])
+    except LengthOrHashMismatchError as e:
+        raise VerificationError(f"{name} does not match the {parent}: {e}") from e
+    md = _load(files[name], cls, name)
+    _check_signatures(root, cls.type, md, check)
+    _check_expiry(md, check, now)
+    if md.signed.version != meta.version:
+        check.problems.append(f"{name} carries version {md.signed.version}")
+    return md
+
+
 def check_metadata(
     files: Mapping[str, bytes], *, trusted_root: bytes | None, now: datetime
 ) -> VerificationReport:
@@ -178,37 +204,23 @@ def check_metadata(
         _check_signatures(root, Timestamp.type, ts, ts_check)
         _check_expiry(ts, ts_check, now)
 
-        snap_meta = ts.signed.snapshot_meta
-        snap_name = f"{snap_meta.version}.snapshot.json"
         sn_check = report.roles.setdefault("snapshot", RoleCheck("snapshot"))
-        if snap_name not in files:
-            raise VerificationError(f"timestamp names {snap_name}, which is missing")
-        try:
-            snap_meta.verify_length_and_hashes(files[snap_name])
-        except LengthOrHashMismatchError as e:
-            raise VerificationError(f"{snap_name} does not match the timestamp: {e}") from e
-        snap = _load(files[snap_name], Snapshot, snap_name)
-        _check_signatures(root, Snapshot.type, snap, sn_check)
-        _check_expiry(snap, sn_check, now)
-        if snap.signed.version != snap_meta.version:
-            sn_check.problems.append(f"{snap_name} carries version {snap.signed.version}")
-
+        snap = _load_linked(
+            files,
+            ts.signed.snapshot_meta,
+            Snapshot,
+            parent="timestamp",
+            root=root,
+            check=sn_check,
+            now=now,
+        )
         tmeta = snap.signed.meta.get("targets.json")
         if tmeta is None:
             raise VerificationError("snapshot does not list targets.json")
-        tg_name = f"{tmeta.version}.targets.json"
         tg_check = report.roles.setdefault("targets", RoleCheck("targets"))
-        if tg_name not in files:
-            raise VerificationError(f"snapshot names {tg_name}, which is missing")
-        try:
-            tmeta.verify_length_and_hashes(files[tg_name])
-        except LengthOrHashMismatchError as e:
-            raise VerificationError(f"{tg_name} does not match the snapshot: {e}") from e
-        tg = _load(files[tg_name], Targets, tg_name)
-        _check_signatures(root, Targets.type, tg, tg_check)
-        _check_expiry(tg, tg_check, now)
-        if tg.signed.version != tmeta.version:
-            tg_check.problems.append(f"{tg_name} carries version {tg.signed.version}")
+        tg = _load_linked(
+            files, tmeta, Targets, parent="snapshot", root=root, check=tg_check, now=now
+        )
         report.target_meta = tg.signed
         for path, target in tg.signed.targets.items():
             try:
