@@ -3,7 +3,7 @@
 from otaguard.agent.boot import BootRecord, boot
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.device import Device, DeviceStatus, UpdateResult
-from otaguard.agent.fetcher import TlsFetcher, create_ssl_context
+from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
 from otaguard.agent.install import FAULT_ENV, Installer, InstallState, Phase, Step, next_step
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
 from otaguard.agent.slots import BootEnv, FileSlots, SlotBackend, SlotImage
@@ -17,6 +17,7 @@ __all__ = [
     "DeviceConfig",
     "DevicePaths",
     "DeviceStatus",
+    "Fetcher",
     "FileMonotonicStore",
     "FileSlots",
     "Floor",

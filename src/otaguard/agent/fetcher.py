@@ -9,6 +9,7 @@ device forever (TUF "slow retrieval" attack).
 
 from __future__ import annotations
 
+import abc
 import logging
 import ssl
 import tempfile
@@ -24,7 +25,7 @@ from tuf.ngclient import FetcherInterface
 
 from otaguard.crypto.keys import warn_insecure
 
-__all__ = ["CHUNK", "TlsFetcher", "create_ssl_context"]
+__all__ = ["CHUNK", "Fetcher", "TlsFetcher", "create_ssl_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,30 @@ def create_ssl_context(
     return ctx
 
 
-class TlsFetcher(FetcherInterface):
+class Fetcher(FetcherInterface):
+    """The agent's network seam: python-tuf's fetcher interface plus what the agent needs.
+
+    Implementations: :class:`TlsFetcher` (the network) and the in-memory repository
+    fetcher of :mod:`otaguard.sim` (tests run the real agent without a server).
+    """
+
+    #: called with the size of every chunk received (progress display)
+    on_chunk: Callable[[int], None] | None = None
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections; the fetcher may be used again afterwards."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Abort the request in progress and refuse new ones (thread-safe).
+
+        Called from a signal handler or another thread so the agent stops within
+        seconds whatever it is waiting on; the aborted request raises ``DownloadError``.
+        """
+
+
+class TlsFetcher(Fetcher):
     """Fetcher with verified TLS, timeouts and per-download deadlines."""
 
     def __init__(
@@ -70,10 +94,11 @@ class TlsFetcher(FetcherInterface):
         self._min_rate = min_rate_bps
         self._deadline: float | None = None
         self._staging_dir = staging_dir
-        #: called with the size of every chunk received (progress display)
-        self.on_chunk: Callable[[int], None] | None = None
+        self._cancelled = False
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        if self._cancelled:
+            raise exceptions.DownloadError(f"cancelled before fetching {url}")
         if url.startswith("http://") and not self._plain_ok:
             raise exceptions.DownloadError(f"refusing plain HTTP URL {url}")
         deadline = self._deadline or time.monotonic() + self._deadline_base
@@ -134,3 +159,7 @@ class TlsFetcher(FetcherInterface):
     def close(self) -> None:
         """Close pooled connections."""
         self._pool.clear()
+
+    def cancel(self) -> None:
+        """Refuse new requests (a request in progress is not yet interrupted)."""
+        self._cancelled = True

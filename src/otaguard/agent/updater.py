@@ -20,7 +20,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
-from otaguard.agent.fetcher import TlsFetcher
+from otaguard.agent.fetcher import Fetcher
 from otaguard.model.errors import (
     DeviceStorageError,
     TransportError,
@@ -135,7 +135,7 @@ class TufSession:
         metadata_dir: Path,
         trusted_root: bytes,
         server_url: str,
-        fetcher: TlsFetcher,
+        fetcher: Fetcher,
     ):
         self._metadata_dir = metadata_dir
         self.fetcher = fetcher

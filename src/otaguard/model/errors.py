@@ -1,30 +1,41 @@
 """Errors, modelled by whose fault they are.
 
-Hierarchy::
+Hierarchy (exit code of the CLI in brackets)::
 
     OtaguardError                 base; ``diagnostics()`` is the one line a user sees
-    ├── VerificationError         bad or malicious data: signatures, hashes, lengths, expiry
+    ├── VerificationError   [3]   bad or malicious data: signatures, hashes, lengths, expiry
     │   └── DowngradeError        validly signed but older than what the device runs
-    ├── TransportError            the network or a server misbehaved; retrying may help
-    ├── OperatorError             misuse: wrong arguments, missing files, wrong passphrase
+    ├── TransportError      [4]   the network or a server misbehaved; retrying may help
+    ├── RetryLaterError    [75]   nothing is wrong, but not now: a concurrent change won,
+    │   ├── ConflictError         or the other side is not ready; retry soon
+    │   └── NotReadyError
+    ├── OperatorError       [2]   misuse: wrong arguments, missing files, wrong passphrase
     │   ├── ConfigError           a config, key or trust file is unreadable or invalid
     │   └── KeyAccessError        a private key cannot be unlocked (wrong passphrase)
-    └── DeviceStorageError        the device's own storage failed (disk full, unwritable slot)
+    └── StorageError        [5]   our own storage failed underneath us
+        ├── DeviceStorageError    the device's (disk full, unwritable slot)
+        └── ServerStorageError    the server's (database, blob directory)
 
-Foreign exceptions (tuf, securesystemslib, OSError, urllib3) are translated into these
-at adapter boundaries with ``raise ... from e``; logic never catches bare ``Exception``.
+Foreign exceptions (tuf, securesystemslib, OSError, urllib3, SQLAlchemy) are translated
+into these at adapter boundaries with ``raise ... from e``; logic never catches bare
+``Exception``.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConflictError",
     "DeviceStorageError",
     "DowngradeError",
     "InsecureModeWarning",
     "KeyAccessError",
+    "NotReadyError",
     "OperatorError",
     "OtaguardError",
+    "RetryLaterError",
+    "ServerStorageError",
+    "StorageError",
     "TransportError",
     "VerificationError",
 ]
@@ -75,6 +86,32 @@ class TransportError(OtaguardError):
         return "transport error"
 
 
+class RetryLaterError(OtaguardError):
+    """Nobody's fault: a concurrent change won, or the other side is not ready yet."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+    @property
+    def kind(self) -> str:
+        return "try again"
+
+
+class ConflictError(RetryLaterError):
+    """A concurrent publication changed the repository first (HTTP 409); retry."""
+
+    @property
+    def kind(self) -> str:
+        return "conflict, try again"
+
+
+class NotReadyError(RetryLaterError):
+    """The other side is not ready yet (a repository mid-write, a server starting)."""
+
+    @property
+    def kind(self) -> str:
+        return "not ready, try again"
+
+
 class OperatorError(OtaguardError):
     """The caller asked for something that cannot be done as asked."""
 
@@ -97,14 +134,26 @@ class KeyAccessError(OperatorError):
         return "key error"
 
 
-class DeviceStorageError(OtaguardError):
-    """The device's storage failed underneath us (ENOSPC, EROFS, EACCES, EIO)."""
+class StorageError(OtaguardError):
+    """Our own storage failed underneath us; the request or data was not judged."""
 
     exit_code = 5
 
     @property
     def kind(self) -> str:
         return "storage error"
+
+
+class DeviceStorageError(StorageError):
+    """The device's storage failed underneath us (ENOSPC, EROFS, EACCES, EIO)."""
+
+
+class ServerStorageError(StorageError):
+    """The server's own storage (database, blob directory) failed; maps to HTTP 503."""
+
+    @property
+    def kind(self) -> str:
+        return "server storage error"
 
 
 class InsecureModeWarning(UserWarning):

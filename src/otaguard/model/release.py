@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from otaguard.model.errors import VerificationError
+from otaguard.model.names import check_hardware_id
 from otaguard.model.version import Version
 
 __all__ = ["MAX_HARDWARE_IDS", "MAX_SECURITY_COUNTER", "RELEASE_TYPES", "ReleaseInfo"]
@@ -34,8 +35,7 @@ class ReleaseInfo:
         if not self.hardware_ids or len(self.hardware_ids) > MAX_HARDWARE_IDS:
             raise ValueError("a release needs between 1 and 64 hardware ids")
         for hw in self.hardware_ids:
-            if not hw or len(hw) > 128 or not hw.isprintable():
-                raise ValueError(f"invalid hardware id {hw!r}")
+            check_hardware_id(hw)
         if self.release_type not in RELEASE_TYPES:
             raise ValueError(f"release type must be one of {RELEASE_TYPES}")
 

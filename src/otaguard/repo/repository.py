@@ -43,6 +43,7 @@ from tuf.api.metadata import (
 from otaguard._fs import atomic_write_bytes, atomic_write_json, fsync_dir
 from otaguard.crypto.keys import generate_signer, load_signer, warn_insecure, write_private_key
 from otaguard.model.errors import ConfigError, OperatorError
+from otaguard.model.names import check_target_name
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
 from otaguard.repo.verify import VerificationReport, check_metadata
@@ -63,8 +64,6 @@ ROLE_ALGORITHMS: Final = {
 }
 # Images are hashed and copied in chunks this size, never held in memory.
 CHUNK: Final = 1024 * 1024
-# A target path becomes a URL path component and a file name on server and device.
-MAX_TARGET_NAME: Final = 200
 
 
 @dataclass(frozen=True)
@@ -84,15 +83,6 @@ class TargetCheck:
     path: str
     ok: bool
     problem: str | None
-
-
-def _valid_target_name(name: str) -> bool:
-    return (
-        0 < len(name) <= MAX_TARGET_NAME
-        and "/" not in name
-        and not name.startswith(".")
-        and all(c.isalnum() or c in "-_.+" for c in name)
-    )
 
 
 class ImageRepository:
@@ -360,8 +350,10 @@ class ImageRepository:
         image = Path(image)
         suffix = image.suffix or ".img"
         name = f"{image.stem}-{new_version}{suffix}"
-        if not _valid_target_name(name):
-            raise OperatorError(f"image name {image.name!r} makes an invalid target name")
+        try:
+            check_target_name(name)
+        except ValueError as e:
+            raise OperatorError(f"image {image.name!r} gives the target name {name!r}: {e}") from e
         targets_md: Metadata[Targets] = self._latest("targets", Targets)
         if name in targets_md.signed.targets:
             raise OperatorError(f"target {name} already exists")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from otaguard.model.errors import VerificationError
+from otaguard.model.names import TARGET_NAME_PATTERN
 
 __all__ = [
     "BLOB_NAME_RE",
@@ -21,9 +22,8 @@ __all__ = [
     "parse_metadata_name",
 ]
 
-# Role names and target paths: one path component, starting with an alphanumeric so
-# that ".", ".." and hidden temp files (".x.tmp") never match.
-_COMPONENT: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}"
+# Target paths follow the one rule the release tool also applies (otaguard.model.names).
+_COMPONENT: Final = TARGET_NAME_PATTERN
 # Versions are bounded so that an int() of them is cheap and fits a BIGINT column.
 METADATA_NAME_RE: Final = re.compile(
     r"^(?:(?P<version>[1-9][0-9]{0,17})\.)?(?P<role>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.json$"

@@ -16,7 +16,7 @@ from typing import Final
 
 from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
-from otaguard.model.errors import OperatorError, VerificationError
+from otaguard.model.errors import NotReadyError, OperatorError, VerificationError
 from otaguard.server._names import blob_name, parse_metadata_name
 from otaguard.server.publish import MAX_METADATA_FILE_BYTES, MAX_PUBLISH_FILES, load_role
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 TIMESTAMP: Final = "timestamp.json"
 
 
-class RepoNotReadyError(OperatorError):
+class RepoNotReadyError(NotReadyError):
     """The repository is mid-write: the timestamp names a file that is not there yet."""
 
 

@@ -36,6 +36,7 @@ from otaguard import __version__
 from otaguard.model.errors import (
     OperatorError,
     OtaguardError,
+    ServerStorageError,
     TransportError,
     VerificationError,
 )
@@ -48,7 +49,6 @@ from otaguard.server.storage.base import (
     BlobStore,
     MetadataRecord,
     MetadataStore,
-    StorageError,
 )
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
@@ -143,7 +143,7 @@ def _status_for(error: OtaguardError) -> int:
         return 422
     if isinstance(error, OperatorError):
         return 400
-    if isinstance(error, StorageError):
+    if isinstance(error, ServerStorageError):
         return 503
     if isinstance(error, TransportError):
         return 502
@@ -403,13 +403,13 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
 
     Raises:
         ConfigError: the operator token file is unusable.
-        StorageError: the database or blob directory cannot be opened.
+        ServerStorageError: the database or blob directory cannot be opened.
     """
     data_dir = settings.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
-        raise StorageError(f"cannot create data directory {data_dir}: {e.strerror}") from e
+        raise ServerStorageError(f"cannot create data directory {data_dir}: {e.strerror}") from e
     token = load_or_create_operator_token(data_dir)
     store = SQLMetadataStore(settings.database_url or sqlite_url(data_dir / "otaguard.db"))
     blobs = FileBlobStore(data_dir / "blobs")

@@ -227,7 +227,7 @@ def publish_files(
     Raises:
         VerificationError: any check failed, a blob is missing, a versioned file exists
             with different bytes, or the timestamp would roll back; nothing was changed.
-        StorageError: the database failed; nothing was changed.
+        ServerStorageError: the database failed; nothing was changed.
     """
     parsed = _parse(metadata_files)
     _check_blobs(blobs, parsed)

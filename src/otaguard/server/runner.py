@@ -99,7 +99,7 @@ def run_server(settings: ServerSettings) -> None:
 
     Raises:
         ConfigError: the CA, certificate or token is unusable.
-        StorageError: the database or blob directory cannot be opened.
+        ServerStorageError: the database or blob directory cannot be opened.
     """
     config, ca_cert = _config(settings)
     scheme = "http" if ca_cert is None else "https"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from otaguard.model.errors import OtaguardError, VerificationError
+from otaguard.model.errors import OtaguardError, ServerStorageError, VerificationError
 from otaguard.server._repo_dir import (
     BlobSource,
     RepoNotReadyError,
@@ -24,7 +24,7 @@ from otaguard.server._repo_dir import (
     timestamp_fingerprint,
 )
 from otaguard.server.publish import publish_files
-from otaguard.server.storage.base import MAX_BLOB_BYTES, BlobStore, MetadataStore, StorageError
+from otaguard.server.storage.base import MAX_BLOB_BYTES, BlobStore, MetadataStore
 
 __all__ = ["RepoSync"]
 
@@ -90,7 +90,7 @@ class RepoSync:
         except FileNotFoundError as e:
             raise RepoNotReadyError(f"blob {src.name} is not in the repository (yet)") from e
         except OSError as e:
-            raise StorageError(f"cannot read blob {src.path}: {e.strerror}") from e
+            raise ServerStorageError(f"cannot read blob {src.path}: {e.strerror}") from e
 
     def check_once(self) -> bool:
         """Import the repository if its timestamp changed since the last import.
@@ -101,7 +101,7 @@ class RepoSync:
         Raises:
             VerificationError: the repository's current set was refused (it is not
                 retried until the timestamp changes again).
-            StorageError: the stores failed; retried at the next check.
+            ServerStorageError: the stores failed; retried at the next check.
         """
         with self._lock:
             fingerprint = timestamp_fingerprint(self.repo_dir)

@@ -8,7 +8,6 @@ from otaguard.server.storage.base import (
     MetadataRecord,
     MetadataStore,
     PublishOutcome,
-    StorageError,
 )
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
@@ -23,6 +22,5 @@ __all__ = [
     "MetadataStore",
     "PublishOutcome",
     "SQLMetadataStore",
-    "StorageError",
     "sqlite_url",
 ]

@@ -15,8 +15,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from otaguard.model.errors import OtaguardError
-
 __all__ = [
     "MAX_BLOB_BYTES",
     "BlobInfo",
@@ -25,23 +23,11 @@ __all__ = [
     "MetadataRecord",
     "MetadataStore",
     "PublishOutcome",
-    "StorageError",
 ]
 
 # Largest target blob accepted, upload or import: bounds disk use per request and keeps
 # one hostile upload from filling the server. Firmware images are far below this.
 MAX_BLOB_BYTES: Final = 4 * 1024**3
-
-
-class StorageError(OtaguardError):
-    """The server's own storage (database, blob directory) failed; the request was not judged.
-
-    Raised by adapters in place of ``OSError`` or database errors; maps to HTTP 503.
-    """
-
-    @property
-    def kind(self) -> str:
-        return "server storage error"
 
 
 @dataclass(frozen=True)
@@ -119,7 +105,7 @@ class MetadataStore(ABC):
         Raises:
             VerificationError: a versioned file exists with different bytes (versioned
                 metadata is immutable), or the pointer moved concurrently.
-            StorageError: the database failed; nothing was changed.
+            ServerStorageError: the database failed; nothing was changed.
         """
 
     @abstractmethod
@@ -136,7 +122,7 @@ class BlobWriter(ABC):
 
         Raises:
             VerificationError: the blob grew past its size cap.
-            StorageError: the storage failed.
+            ServerStorageError: the storage failed.
         """
 
     @abstractmethod

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from otaguard._fs import fsync_dir
-from otaguard.model.errors import VerificationError
+from otaguard.model.errors import ServerStorageError, VerificationError
 from otaguard.server._names import parse_blob_name
-from otaguard.server.storage.base import BlobInfo, BlobStore, BlobWriter, StorageError
+from otaguard.server.storage.base import BlobInfo, BlobStore, BlobWriter
 
 __all__ = ["FileBlobStore"]
 
@@ -36,7 +36,9 @@ class _FileBlobWriter(BlobWriter):
         try:
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".upload.", suffix=".tmp")
         except OSError as e:
-            raise StorageError(f"cannot create a temp file for {filename}: {e.strerror}") from e
+            raise ServerStorageError(
+                f"cannot create a temp file for {filename}: {e.strerror}"
+            ) from e
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
 
@@ -54,7 +56,7 @@ class _FileBlobWriter(BlobWriter):
             self._file.write(chunk)
         except OSError as e:
             self.abort()
-            raise StorageError(f"cannot write blob {self._filename}: {e.strerror}") from e
+            raise ServerStorageError(f"cannot write blob {self._filename}: {e.strerror}") from e
 
     def commit(self) -> BlobInfo:
         if self._done:
@@ -73,7 +75,7 @@ class _FileBlobWriter(BlobWriter):
             fsync_dir(self._directory)
         except OSError as e:
             self.abort()
-            raise StorageError(f"cannot store blob {self._filename}: {e.strerror}") from e
+            raise ServerStorageError(f"cannot store blob {self._filename}: {e.strerror}") from e
         self._done = True
         logger.info("stored blob %s (%d bytes)", self._filename, self._length)
         return BlobInfo(self._filename, self._length, digest)
@@ -94,13 +96,15 @@ class FileBlobStore(BlobStore):
         """Open (and create) the blob directory.
 
         Raises:
-            StorageError: the directory cannot be created.
+            ServerStorageError: the directory cannot be created.
         """
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
-            raise StorageError(f"cannot create blob directory {directory}: {e.strerror}") from e
+            raise ServerStorageError(
+                f"cannot create blob directory {directory}: {e.strerror}"
+            ) from e
 
     def _checked(self, filename: str) -> str:
         parsed = parse_blob_name(filename)
@@ -118,7 +122,7 @@ class FileBlobStore(BlobStore):
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise StorageError(f"cannot stat blob {filename}: {e.strerror}") from e
+            raise ServerStorageError(f"cannot stat blob {filename}: {e.strerror}") from e
         return BlobInfo(filename, st.st_size, parsed[0])
 
     def local_path(self, filename: str) -> Path | None:
@@ -132,7 +136,7 @@ class FileBlobStore(BlobStore):
 
         Raises:
             VerificationError: the name is not ``<sha256>.<target path>``.
-            StorageError: no temp file can be created.
+            ServerStorageError: no temp file can be created.
         """
         sha = self._checked(filename)
         return _FileBlobWriter(self.directory, filename, sha, max_length)

@@ -38,19 +38,18 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from otaguard.model.errors import VerificationError
+from otaguard.model.errors import ServerStorageError, VerificationError
 from otaguard.server.storage.base import (
     MetadataRecord,
     MetadataStore,
     PublishOutcome,
-    StorageError,
 )
 
 __all__ = ["SQLMetadataStore", "sqlite_url"]
 
 logger = logging.getLogger(__name__)
 
-# Writers wait this long for a SQLite lock before failing with a StorageError.
+# Writers wait this long for a SQLite lock before failing with a ServerStorageError.
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
 TIMESTAMP_POINTER: Final = "timestamp"
 
@@ -111,7 +110,7 @@ class SQLMetadataStore(MetadataStore):
             url: SQLAlchemy URL, e.g. :func:`sqlite_url` of ``DATA/otaguard.db``.
 
         Raises:
-            StorageError: the database cannot be opened or initialised.
+            ServerStorageError: the database cannot be opened or initialised.
         """
         # Serialises publishes within this process; across processes the transaction
         # re-checks the pointer (compare-and-swap) and the database's own locks decide.
@@ -122,14 +121,18 @@ class SQLMetadataStore(MetadataStore):
                 event.listen(self._engine, "connect", _sqlite_pragmas)
             _schema.create_all(self._engine)
         except SQLAlchemyError as e:
-            raise StorageError(f"cannot open the metadata database: {e.__class__.__name__}") from e
+            raise ServerStorageError(
+                f"cannot open the metadata database: {e.__class__.__name__}"
+            ) from e
 
     def _one(self, stmt: Any) -> Row[Any] | None:
         try:
             with self._engine.connect() as conn:
                 return conn.execute(stmt).first()
         except SQLAlchemyError as e:
-            raise StorageError(f"metadata database read failed: {e.__class__.__name__}") from e
+            raise ServerStorageError(
+                f"metadata database read failed: {e.__class__.__name__}"
+            ) from e
 
     def get(self, filename: str) -> bytes | None:
         """Return the stored bytes of ``filename``, or ``None``."""
@@ -199,7 +202,7 @@ class SQLMetadataStore(MetadataStore):
             # A concurrent writer inserted the same filename or pointer first.
             raise VerificationError("a concurrent publish changed the repository; retry") from e
         except SQLAlchemyError as e:
-            raise StorageError(f"publish transaction failed: {e.__class__.__name__}") from e
+            raise ServerStorageError(f"publish transaction failed: {e.__class__.__name__}") from e
         if moved:
             logger.info("timestamp pointer moved to %s", timestamp)
         return PublishOutcome(
