@@ -33,7 +33,7 @@ from otaguard.agent import Device
 from otaguard.agent.slots import FileSlots
 from otaguard.repo import ImageRepository
 from otaguard.server import ServerSettings, start_server_in_thread
-from otaguard.sim import make_image, wait_served
+from otaguard.sim import SIM_HEALTH_COMMAND, make_image, wait_served
 
 MIB: Final = 1024 * 1024
 IMAGE_BYTES: Final = 256 * MIB
@@ -244,6 +244,7 @@ def run(work: Path) -> int:
             hardware_id=HW,
             factory_image=v100,
             factory_version="1.0.0",
+            health_command=SIM_HEALTH_COMMAND,
         )
         staged = device_dir / "staging" / f"{rel.sha256}.{rel.path}"
         agent = run_agent(device_dir, staged, work)

@@ -5,7 +5,7 @@ Measures the two hashing paths the agent runs over a whole image:
 * ``TargetFile.verify_length_and_hashes(fileobj)``: what python-tuf's ngclient runs in
   ``download_target`` on the downloaded temp file before the image is accepted;
 * ``FileSlots.digest(slot, length)``: otaguard's read-back of a written slot (also used
-  by the simulated bootloader and the default health check).
+  by the simulated bootloader).
 
 The reference is ``openssl dgst -sha256 FILE`` run as a subprocess on the same file in
 the same run (process start-up included, a few ms). The page cache is warmed first and

@@ -13,7 +13,7 @@ import pytest
 from otaguard.agent import Device
 from otaguard.repo import ImageRepository, Release
 from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
-from otaguard.sim import make_image
+from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 
 HW = "test-hw"
 PASSPHRASE = b"test passphrase"
@@ -68,8 +68,9 @@ class World:
         wait_served(self.server, self.repo)
 
     def device(self, name: str = "dev", *, version: str = "1.0.0", **kw: object) -> Device:
-        """Provision a device running ``version``."""
+        """Provision a device running ``version`` (simulated health check by default)."""
         assert self.server.ca_cert is not None
+        kw.setdefault("health_command", SIM_HEALTH_COMMAND)
         return Device.provision(
             self.tmp / name,
             server_url=self.server.base_url,

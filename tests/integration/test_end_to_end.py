@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
 from conftest import HW, PASSPHRASE, World
 from otaguard.agent import Device
+from otaguard.sim import SIM_HEALTH_COMMAND
 
 
 def test_device_updates_to_new_release_over_https(world: World) -> None:
@@ -93,6 +95,8 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
                 str(world.image("1.0.0")),
                 "--factory-version",
                 "1.0.0",
+                "--health-command",
+                shlex.join(SIM_HEALTH_COMMAND),
             )
             if init.returncode == 0:
                 break

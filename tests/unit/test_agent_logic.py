@@ -14,9 +14,30 @@ from otaguard.agent import (
     Offer,
     Phase,
     SlotImage,
-    Step,
-    next_step,
     select_update,
+)
+from otaguard.agent.install import (
+    ActionFailed,
+    Arm,
+    DeviceView,
+    DiscardStaged,
+    Done,
+    Download,
+    Downloaded,
+    HealthCheck,
+    HealthResult,
+    InvalidateSlot,
+    Observation,
+    RaiseFloor,
+    Reboot,
+    Resumed,
+    RetireBelowFloor,
+    SetPrimary,
+    SlotChecked,
+    VerifySlot,
+    WriteSlot,
+    Written,
+    transition,
 )
 from otaguard.model import ConfigError, DowngradeError, ReleaseInfo, Version
 
@@ -26,9 +47,19 @@ def offer(version: str, counter: int = 0, length: int = 10) -> Offer:
     return Offer(tf, ReleaseInfo(Version.parse(version), counter, ("hw",), "feature"))
 
 
-def select(offers: list[Offer], running: str = "1.0.0", floor: int = 0, max_length: int = 100):  # type: ignore[no-untyped-def]
+def select(  # type: ignore[no-untyped-def]
+    offers: list[Offer],
+    running: str | None = "1.0.0",
+    floor: int = 0,
+    max_length: int = 100,
+    floor_version: str = "1.0.0",
+):
     return select_update(
-        offers, running=Version.parse(running), floor_counter=floor, max_length=max_length
+        offers,
+        running=Version.parse(running) if running else None,
+        floor=Floor(Version.parse(floor_version), floor),
+        max_length=max_length,
+        rejected=frozenset(),
     )
 
 
@@ -60,29 +91,157 @@ def test_image_larger_than_slot_is_refused() -> None:
     assert sel.chosen is None and "exceeds" in sel.refused[0][1]
 
 
+def test_offer_above_running_but_below_the_floor_version_is_not_chosen() -> None:
+    # The device booted an older slot (1.0.0) than its floor (1.2.0): an offer of 1.1.0
+    # is newer than what runs but older than what it committed; it must not install.
+    sel = select([offer("1.1.0")], running="1.0.0", floor_version="1.2.0")
+    assert sel.chosen is None
+    assert sel.downgrade and "anti-rollback floor 1.2.0" in sel.refused[0][1]
+
+
+def test_recovery_accepts_the_floor_version_itself() -> None:
+    sel = select([offer("1.1.0"), offer("1.0.0")], running=None, floor_version="1.1.0")
+    assert sel.chosen is not None and str(sel.chosen.info.version) == "1.1.0"
+    below = select([offer("1.0.0")], running=None, floor_version="1.1.0")
+    assert below.chosen is None and below.downgrade
+
+
 IMAGE = SlotImage("fw-1.1.0.img", "1.1.0", 1, "a" * 64, 10)
+FLOOR = Floor(Version.parse("1.0.0"), 0)
+NOW = "2026-01-01T00:00:00+00:00"
+
+
+def view(booted: str | None = "A", try_slot: str | None = None, **kw: object) -> DeviceView:
+    return DeviceView(booted=booted, try_slot=try_slot, floor=kw.pop("floor", FLOOR), **kw)  # type: ignore[arg-type]
+
+
+def step(state: InstallState, event: object, v: DeviceView | None = None):  # type: ignore[no-untyped-def]
+    return transition(state, Observation(event, v or view()), now=NOW)  # type: ignore[arg-type]
+
+
+def at(phase: Phase) -> InstallState:
+    return InstallState(phase=phase, target=IMAGE, from_slot="A", to_slot="B")
 
 
 @pytest.mark.parametrize(
-    ("phase", "booted", "try_slot", "expected"),
+    ("phase", "v", "actions"),
     [
-        (Phase.IDLE, "A", None, Step.DONE),
-        (Phase.SELECTED, "A", None, Step.DOWNLOAD),
-        (Phase.DOWNLOADED, "A", None, Step.WRITE),
-        (Phase.WRITTEN, "A", None, Step.VERIFY_SLOT),
-        (Phase.VERIFIED, "A", None, Step.ARM),
-        (Phase.ARMED, "A", "B", Step.REBOOT),
-        (Phase.ARMED, "B", "B", Step.HEALTH_CHECK),
-        (Phase.ARMED, "A", None, Step.ROLL_BACK),  # bootloader gave up on B
-        (Phase.HEALTHY, "B", "B", Step.COMMIT),
-        (Phase.HEALTHY, "B", None, Step.COMMIT),  # commit's boot-env write done, floor not yet
-        (Phase.HEALTHY, "A", None, Step.ROLL_BACK),  # never commit a slot that is not running
-        (Phase.ROLLING_BACK, "B", "B", Step.ROLL_BACK),
+        (Phase.IDLE, view(), ()),
+        (Phase.SELECTED, view(), (Download(),)),
+        (Phase.DOWNLOADED, view(), (InvalidateSlot("B"), WriteSlot("B"))),
+        (Phase.WRITTEN, view(), (VerifySlot("B"),)),
+        (Phase.VERIFIED, view(), (Arm("B", IMAGE), DiscardStaged())),
+        (Phase.ARMED, view("A", "B"), (Reboot(),)),
+        (Phase.ARMED, view("B", "B"), (HealthCheck("B"),)),
+        (
+            Phase.HEALTHY,
+            view("B", None),  # commit's boot-env write done, floor not yet: commit again
+            (SetPrimary("B"), RaiseFloor("1.1.0", 1), RetireBelowFloor("B"), DiscardStaged()),
+        ),
     ],
 )
-def test_next_step(phase: Phase, booted: str, try_slot: str | None, expected: Step) -> None:
-    state = InstallState(phase=phase, target=IMAGE, from_slot="A", to_slot="B")
-    assert next_step(state, booted_slot=booted, try_slot=try_slot) is expected
+def test_resume_reissues_the_phase_actions(
+    phase: Phase, v: DeviceView, actions: tuple[object, ...]
+) -> None:
+    state, got = step(at(phase), Resumed(), v)
+    assert got == actions
+    assert state.phase is phase
+
+
+def test_happy_path_event_by_event() -> None:
+    s, a = step(at(Phase.SELECTED), Downloaded())
+    assert s.phase is Phase.DOWNLOADED and a == (InvalidateSlot("B"), WriteSlot("B"))
+    s, a = step(s, Written(source_ok=True))
+    assert s.phase is Phase.WRITTEN and a == (VerifySlot("B"),)
+    s, a = step(s, SlotChecked(ok=True))
+    assert s.phase is Phase.VERIFIED and a == (Arm("B", IMAGE), DiscardStaged())
+    s, a = step(s, Done())
+    assert s.phase is Phase.ARMED and a == (Reboot(),)
+    s, a = step(s, Done(), view("B", "B"))
+    assert a == (HealthCheck("B"),)
+    s, a = step(s, HealthResult(None), view("B", "B"))
+    assert s.phase is Phase.HEALTHY and SetPrimary("B") in a
+    s, a = step(s, Done(), view("B", None))
+    assert s.phase is Phase.IDLE and a == ()
+    assert s.last_result is not None and s.last_result["outcome"] == "updated"
+
+
+def test_below_the_floor_at_arm_is_a_refusal_not_a_wedge() -> None:
+    raised = view(floor=Floor(Version.parse("1.2.0"), 1))
+    s, a = step(at(Phase.WRITTEN), SlotChecked(ok=True), raised)
+    assert s.phase is Phase.ABANDONING
+    assert a == (InvalidateSlot("B"), DiscardStaged())
+    assert s.pending == {"outcome": "refused", "error": "downgrade"}
+    s, a = step(s, Done(), raised)
+    assert s.phase is Phase.IDLE and a == ()
+    assert s.last_result is not None
+    assert s.last_result["outcome"] == "refused" and s.last_result["error"] == "downgrade"
+    assert "below the installed 1.2.0" in s.last_result["detail"]
+
+
+def test_refused_download_abandons_and_records_the_cause() -> None:
+    s, a = step(at(Phase.SELECTED), ActionFailed("download", "verification", "hash mismatch"))
+    assert s.phase is Phase.ABANDONING and a == (InvalidateSlot("B"), DiscardStaged())
+    s, _ = step(s, Done())
+    assert s.last_result is not None and s.last_result["outcome"] == "refused"
+    assert s.last_result["detail"] == "hash mismatch"
+
+
+def test_damaged_staged_file_is_downloaded_again() -> None:
+    s, a = step(at(Phase.DOWNLOADED), Written(source_ok=False))
+    assert s.phase is Phase.SELECTED and a == (DiscardStaged(), Download())
+
+
+def test_slot_that_never_reads_back_gives_up() -> None:
+    first = at(Phase.WRITTEN)
+    first.write_attempts = 1  # the write that DOWNLOADED performed
+    s, a = step(first, SlotChecked(ok=False))
+    assert s.phase is Phase.DOWNLOADED and a == (InvalidateSlot("B"), WriteSlot("B"))
+    s.phase = Phase.WRITTEN
+    s, a = step(s, SlotChecked(ok=False))
+    assert s.phase is Phase.ABANDONING and s.pending == {"outcome": "failed", "error": "storage"}
+
+
+def test_unhealthy_image_rolls_back_and_is_remembered() -> None:
+    s, a = step(at(Phase.ARMED), HealthResult("exit 1"), view("B", "B"))
+    assert s.phase is Phase.ROLLING_BACK and a == (InvalidateSlot("B"), Reboot())
+    s, _ = step(s, Done(), view("A", None))
+    assert s.phase is Phase.IDLE and s.rejected == [IMAGE.sha256]
+    assert s.last_result is not None and s.last_result["outcome"] == "rolled-back"
+
+
+@pytest.mark.parametrize(
+    ("fallback", "bad"), [("tries-exhausted", True), ("verification-failed", False)]
+)
+def test_bootloader_giving_up_rolls_back(fallback: str, bad: bool) -> None:
+    s, a = step(at(Phase.ARMED), Resumed(), view("A", None, boot_fallback=fallback))
+    assert s.phase is Phase.ROLLING_BACK and s.bad_image is bad
+    assert a == (InvalidateSlot("B"),)  # A runs: no reboot needed
+
+
+def test_never_commits_a_slot_that_is_not_running() -> None:
+    s, _ = step(at(Phase.HEALTHY), Resumed(), view("A", None))
+    assert s.phase is Phase.ROLLING_BACK
+
+
+def test_failure_after_arming_waits_instead_of_abandoning() -> None:
+    s, a = step(at(Phase.HEALTHY), ActionFailed("raise_floor", "storage", "disk"), view("B"))
+    assert s.phase is Phase.HEALTHY and a == ()
+
+
+def test_armed_before_a_power_cut_is_never_re_armed() -> None:
+    # Arm ran, the state still said "verified", the bootloader then used up the tries.
+    v = view("A", None, boot_fallback="tries-exhausted", slots={"B": IMAGE})
+    s, a = step(at(Phase.VERIFIED), Resumed(), v)
+    assert s.phase is Phase.ROLLING_BACK and s.bad_image
+    assert Arm("B", IMAGE) not in a
+
+
+def test_transition_is_pure() -> None:
+    state = at(Phase.VERIFIED)
+    before = InstallState(**{**state.__dict__})
+    step(state, Done())
+    assert state == before
 
 
 def test_floor_only_moves_up(tmp_path: Path) -> None:
@@ -105,7 +264,12 @@ def test_corrupt_floor_is_an_error_not_a_reset(tmp_path: Path) -> None:
 
 def test_install_state_round_trip(tmp_path: Path) -> None:
     state = InstallState(
-        phase=Phase.ARMED, target=IMAGE, from_slot="A", to_slot="B", history=["arm"]
+        phase=Phase.ARMED,
+        target=IMAGE,
+        from_slot="A",
+        to_slot="B",
+        history=["armed"],
+        pending={"outcome": "refused", "error": "downgrade"},
     )
     state.save(tmp_path / "s.json")
     assert InstallState.load(tmp_path / "s.json") == state

@@ -84,8 +84,10 @@ class DeviceConfig:
 
     server_url: str
     hardware_id: str
-    #: command run after booting a new slot; exit 0 means healthy. None: digest check.
+    #: command run after booting a new slot; exit 0 means healthy
     health_command: list[str] | None = None
+    #: development only: commit a new image as soon as it boots (warns on every use)
+    unsafe_no_health_check: bool = False
     health_timeout_s: float = 60.0
     #: boots of a new slot before the bootloader gives up and rolls back
     max_boot_tries: int = 3
@@ -119,6 +121,11 @@ class DeviceConfig:
             raise ConfigError("hardware id is empty")
         if not 1 <= self.max_boot_tries <= 16:
             raise ConfigError("max_boot_tries must be between 1 and 16")
+        if (self.health_command is None) is not self.unsafe_no_health_check:
+            raise ConfigError(
+                "configure exactly one of health_command and the development option "
+                "unsafe_no_health_check"
+            )
         if self.health_command is not None and (
             not isinstance(self.health_command, list)
             or not all(isinstance(a, str) for a in self.health_command)
@@ -180,5 +187,6 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "download_min_rate_bps": _NUMBER,
     "max_image_bytes": (int,),
     "insecure_http": (bool,),
+    "unsafe_no_health_check": (bool,),
     "extra": (dict,),
 }

@@ -9,11 +9,11 @@ import random
 import shutil
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from cryptography import x509
 from tuf.api.metadata import Metadata, Root
@@ -22,13 +22,25 @@ from tuf.api.serialization import DeserializationError
 from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
-from otaguard.agent.fetcher import TlsFetcher, create_ssl_context
-from otaguard.agent.install import Installer, InstallState, Phase, ProgressFn, file_sha256
+from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
+from otaguard.agent.install import Action, InstallState, Phase
+from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor
 from otaguard.agent.slots import BootEnv, FileSlots, SlotImage, other_slot
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
-from otaguard.model.errors import ConfigError, DeviceStorageError, DowngradeError, OperatorError
+from otaguard.model.errors import (
+    ConfigError,
+    DeviceStorageError,
+    DowngradeError,
+    OperatorError,
+    OtaguardError,
+    StopRequestedError,
+    TransportError,
+    VerificationError,
+)
+from otaguard.model.names import check_hardware_id
+from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 
 __all__ = ["Device", "DeviceStatus", "UpdateResult"]
@@ -54,7 +66,8 @@ class DeviceStatus:
 class UpdateResult:
     """The outcome of one ``update``."""
 
-    outcome: str  # "updated" | "up-to-date" | "rolled-back" | "failed"
+    #: "updated" | "recovered" | "up-to-date" | "rolled-back" | "recovery-pending"
+    outcome: str
     from_version: str
     to_version: str | None = None
     detail: str = ""
@@ -87,7 +100,23 @@ def validate_root(data: bytes, source: Path) -> Metadata[Root]:
 class Device:
     """One device directory: configuration, trust anchors, slots and state."""
 
-    def __init__(self, directory: Path):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fetcher_factory: Callable[[], Fetcher] | None = None,
+        after_action: Callable[[Action], None] | None = None,
+    ):
+        """Open a provisioned device directory.
+
+        Args:
+            directory: the device directory.
+            fetcher_factory: the network seam; default a :class:`TlsFetcher` to the
+                configured server (tests pass an in-memory repository).
+            after_action: called after every install action (power-cut tests).
+        """
+        self._fetcher_factory = fetcher_factory
+        self._after_action = after_action
         self.paths = DevicePaths(Path(directory))
         if not self.paths.root.is_dir():
             raise ConfigError(f"device directory {self.paths.root} does not exist")
@@ -96,6 +125,9 @@ class Device:
             warn_insecure(f"device {self.paths.root} talks plain HTTP")
         self.backend = FileSlots(self.paths.slots)
         self.monotonic = FileMonotonicStore(self.paths.monotonic)
+        #: set to make a running ``update``/``run`` stop within seconds (SIGTERM)
+        self.stop_requested = threading.Event()
+        self._fetchers: list[Fetcher] = []
 
     # -- provisioning ----------------------------------------------------------------
     @classmethod
@@ -109,11 +141,15 @@ class Device:
         hardware_id: str,
         factory_image: Path,
         factory_version: str,
+        health_command: list[str] | Literal[Unsafe.NO_HEALTH_CHECK],
         factory_security_counter: int = 0,
         insecure_http: bool = False,
-        health_command: list[str] | None = None,
     ) -> Device:
         """Create a device directory as the factory would.
+
+        Args:
+            health_command: run after a new image boots (exit 0 = healthy, anything else
+                rolls back), or ``Unsafe.NO_HEALTH_CHECK`` (development only, warns).
 
         Raises:
             OperatorError: directory not empty, bad version, unreadable inputs.
@@ -128,11 +164,19 @@ class Device:
             raise OperatorError(str(e)) from e
         if factory_security_counter < 0:
             raise OperatorError("security counter must not be negative")
+        try:
+            check_hardware_id(hardware_id)
+        except ValueError as e:
+            raise OperatorError(str(e)) from e
+        no_check = health_command is Unsafe.NO_HEALTH_CHECK
+        if not no_check and not isinstance(health_command, list):
+            raise OperatorError("give a health command or Unsafe.NO_HEALTH_CHECK")
         config = DeviceConfig(
             server_url=server_url,
             hardware_id=hardware_id,
             insecure_http=insecure_http,
-            health_command=health_command,
+            health_command=None if isinstance(health_command, Unsafe) else health_command,
+            unsafe_no_health_check=no_check,
         )
         root_bytes = _read_trust_file(root_json, "root metadata")
         validate_root(root_bytes, root_json)
@@ -211,6 +255,13 @@ class Device:
         # A corrupt trust anchor is the device's own configuration, not bad repository data.
         trusted_root = _read_trust_file(self.paths.trusted_root, "trusted root")
         validate_root(trusted_root, self.paths.trusted_root)
+        if self._fetcher_factory is not None:
+            return TufSession(
+                metadata_dir=self.paths.metadata,
+                trusted_root=trusted_root,
+                server_url=url,
+                fetcher=self._fetcher_factory(),
+            )
         fetcher = TlsFetcher(
             ssl_context=ctx,
             connect_timeout=self.config.connect_timeout_s,
@@ -234,7 +285,28 @@ class Device:
 
     def _booted(self) -> BootRecord:
         record = read_booted(self.paths)
-        return record if record is not None else boot(self.paths, self.backend)
+        if record is not None:
+            return record
+        return boot(self.paths, self.backend, floor=self.monotonic.read())
+
+    def _tracked_session(self) -> TufSession:
+        """A session whose fetcher :meth:`request_stop` can cancel."""
+        if self.stop_requested.is_set():
+            raise StopRequestedError("the agent is stopping")
+        session = self._session()
+        self._fetchers.append(session.fetcher)
+        if self.stop_requested.is_set():
+            session.fetcher.cancel()
+        return session
+
+    def request_stop(self) -> None:
+        """Ask a running ``update``/``run`` to stop within seconds (thread- and signal-safe).
+
+        A download in progress is cancelled; an install resumes at the next start.
+        """
+        self.stop_requested.set()
+        for fetcher in list(self._fetchers):
+            fetcher.cancel()
 
     def _installer(self, progress: ProgressFn | None) -> Installer:
         return Installer(
@@ -242,15 +314,22 @@ class Device:
             config=self.config,
             backend=self.backend,
             monotonic=self.monotonic,
-            session_factory=self._session,
+            session_factory=self._tracked_session,
             progress=progress,
+            stop=self.stop_requested,
+            after_action=self._after_action,
         )
 
     # -- commands --------------------------------------------------------------------
     def boot(self) -> BootRecord:
-        """Run the simulated bootloader (a power-on)."""
+        """Run the simulated bootloader (a power-on).
+
+        The bootloader starts no image below the anti-rollback floor; when no slot
+        qualifies the record says ``recovery`` and ``update`` installs a release at or
+        above the floor.
+        """
         with self._locked():
-            return boot(self.paths, self.backend)
+            return boot(self.paths, self.backend, floor=self.monotonic.read())
 
     def status(self) -> DeviceStatus:
         """Read everything there is to show about the device."""
@@ -262,14 +341,13 @@ class Device:
             install=InstallState.load(self.paths.install_state),
         )
 
-    def _select(self, session: TufSession, running: Version) -> Selection:
+    def _select(self, session: TufSession, booted: BootRecord) -> Selection:
         session.refresh()
         offers, bad = session.offers(self.config.hardware_id)
-        floor = self.monotonic.read()
         sel = select_update(
             offers,
-            running=max(running, floor.version),
-            floor_counter=floor.security_counter,
+            running=None if booted.recovery else Version.parse(booted.version),
+            floor=self.monotonic.read(),
             max_length=self.config.max_image_bytes,
             rejected=frozenset(InstallState.load(self.paths.install_state).rejected),
         )
@@ -281,9 +359,9 @@ class Device:
         with self._locked():
             self._check_local_state()
             booted = self._booted()
-            session = self._session()
+            session = self._tracked_session()
             try:
-                return booted.version, self._select(session, Version.parse(booted.version))
+                return booted.version, self._select(session, booted)
             finally:
                 session.fetcher.close()
 
@@ -305,44 +383,45 @@ class Device:
             refused: list[tuple[str, str]] = []
             try:
                 if state.phase is Phase.IDLE:
-                    session = self._session()
-                    sel = self._select(session, Version.parse(booted.version))
+                    session = self._tracked_session()
+                    sel = self._select(session, booted)
                     refused = sel.refused
                     if sel.chosen is None:
                         if sel.downgrade:
                             path, why = refused[0]
                             raise DowngradeError(f"{path}: {why}")
-                        return UpdateResult("up-to-date", booted.version, refused=refused)
+                        outcome = "recovery-pending" if booted.recovery else "up-to-date"
+                        return UpdateResult(outcome, booted.version, refused=refused)
                     installer.begin(
-                        sel.chosen, from_slot=booted.slot, to_slot=other_slot(booted.slot)
+                        sel.chosen, from_slot=booted.slot, to_slot=self._target_slot(booted)
                     )
                 else:
                     logger.info("resuming interrupted install (phase %s)", state.phase.value)
-                final = self._drive(installer, session)
+                installer.drive(session)
             finally:
                 installer.close()
                 if session is not None:
                     session.fetcher.close()
-            result: dict[str, Any] = final.last_result or {}
+                self._fetchers.clear()
+            result: dict[str, Any] = installer.finished or {}
+            _raise_for(result)
+            outcome = str(result.get("outcome", "failed"))
+            if outcome == "updated" and result.get("recovery"):
+                outcome = "recovered"
             return UpdateResult(
-                outcome=str(result.get("outcome", "failed")),
+                outcome=outcome,
                 from_version=booted.version,
                 to_version=result.get("version"),
                 detail=str(result.get("detail", "")),
                 refused=refused,
             )
 
-    def _drive(self, installer: Installer, session: TufSession | None) -> InstallState:
-        try:
-            return installer.drive(session)
-        except BaseException:
-            # An install stopped before anything was downloaded is abandoned (the next
-            # check selects afresh); any later phase stays persisted and resumes.
-            cur = InstallState.load(self.paths.install_state)
-            if cur.phase is Phase.SELECTED:
-                cur.phase = Phase.IDLE
-                cur.save(self.paths.install_state)
-            raise
+    def _target_slot(self, booted: BootRecord) -> str:
+        if booted.slot is not None:
+            return other_slot(booted.slot)
+        # Recovery: neither slot may be started; write the one that is not primary, so
+        # the (corrupt or retired) primary stays as evidence until the new slot commits.
+        return other_slot(BootEnv.load(self.paths.bootenv).primary)
 
     def poll_delay(self) -> float:
         """Seconds until the next poll, with jitter so a fleet spreads out."""
@@ -350,17 +429,40 @@ class Device:
         jitter = base * self.config.poll_jitter
         return max(1.0, base + random.uniform(-jitter, jitter))  # noqa: S311 - not security
 
-    def run(self, stop: threading.Event, *, on_result: Any = None, on_error: Any = None) -> None:
-        """Poll and update until ``stop`` is set; errors are reported, not fatal."""
-        from otaguard.model.errors import OtaguardError
-
-        while not stop.is_set():
+    def run(self, *, on_result: Any = None, on_error: Any = None) -> None:
+        """Poll and update until :meth:`request_stop`; errors are reported, not fatal."""
+        while not self.stop_requested.is_set():
             try:
                 result = self.update()
                 if on_result:
                     on_result(result)
+            except StopRequestedError:
+                break
             except OtaguardError as e:
+                if self.stop_requested.is_set():
+                    break
                 if on_error:
                     on_error(e)
                 logger.warning("update failed: %s", e.diagnostics())
-            stop.wait(self.poll_delay())
+            self.stop_requested.wait(self.poll_delay())
+
+
+_ERROR_FOR_KIND: Final[dict[str, type[OtaguardError]]] = {
+    "downgrade": DowngradeError,
+    "verification": VerificationError,
+    "transport": TransportError,
+    "storage": DeviceStorageError,
+    "config": ConfigError,
+}
+
+
+def _raise_for(result: dict[str, Any]) -> None:
+    """Raise the error an install that ended ``refused`` or ``failed`` stands for."""
+    outcome = result.get("outcome")
+    if outcome not in ("refused", "failed"):
+        return
+    detail = str(result.get("detail", ""))
+    kind = str(result.get("error", ""))
+    if kind == "withdrawn":
+        raise VerificationError(f"{result.get('target')}: {detail}")
+    raise _ERROR_FOR_KIND.get(kind, DeviceStorageError)(detail)

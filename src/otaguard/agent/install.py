@@ -1,27 +1,36 @@
-"""The A/B install as a small state machine, every transition persisted atomically.
+"""The A/B install as a pure state machine and a thin driver that performs its actions.
 
-:func:`next_step` is pure: from the persisted :class:`InstallState` and what the
-bootloader reports (which slot is running, which slot is marked to try) it names the one
-step to perform next. :class:`Installer` performs a step, persists the new state, and
-asks again. Because the state is on disk after every step, power may be cut anywhere:
-the next ``boot`` plus ``update`` resumes from the last persisted step.
+:func:`transition` is pure: ``(state, observation) -> (state, actions)``. The observation
+is what the last actions produced (an :data:`Event`) plus what the device looks like now
+(:class:`DeviceView`: booted slot, try slot, anti-rollback floor). The actions are the
+side effects to perform next (write a slot, set the boot environment, raise the floor,
+reboot...). :class:`Installer` persists the new state atomically, performs the actions
+one by one and feeds their outcome back. Rules that make a power cut harmless anywhere:
+
+- a phase's actions are idempotent, and the phase advances only on the event saying
+  they completed; on start-up the driver sends :class:`Resumed` and the machine
+  re-issues the current phase's actions;
+- a refusal or failure before the new slot is armed is a transition too: the install
+  moves to ``abandoning`` (invalidate the target slot, discard the download) and ends
+  ``refused`` or ``failed`` with its cause recorded, never stuck in a phase;
+- the target slot is invalidated in the boot environment before it is written, and
+  armed only after it verified and after the anti-rollback floor allowed it.
 
 Phases (after ``idle`` an update is *selected* from verified metadata)::
 
-    selected --download--> downloaded --write--> written --verify_slot--> verified
-      --arm--> armed --reboot/health_check--> healthy --commit--> idle (updated)
-    armed/healthy, new slot not running or unhealthy --roll_back--> idle (rolled back)
+    selected --Download--> downloaded --InvalidateSlot, WriteSlot--> written
+      --VerifySlot--> verified --(floor check) Arm--> armed --Reboot, HealthCheck-->
+      healthy --SetPrimary, RaiseFloor, RetireBelowFloor--> idle (updated)
+    armed/healthy, new slot not running or unhealthy --> rolling-back --> idle
+    any failure or refusal before armed --> abandoning --> idle (failed / refused)
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
-import os
-import signal
-import subprocess
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -29,21 +38,44 @@ from pathlib import Path
 from typing import Any, Final
 
 from otaguard._fs import atomic_write_json
-from otaguard.agent.boot import boot, read_booted
-from otaguard.agent.config import DeviceConfig, DevicePaths
-from otaguard.agent.monotonic import MonotonicStore
-from otaguard.agent.slots import CHUNK, BootEnv, SlotBackend, SlotImage
-from otaguard.agent.updater import Offer, TufSession
-from otaguard.model.errors import ConfigError
+from otaguard.agent.monotonic import Floor
+from otaguard.agent.slots import SlotImage
+from otaguard.model.errors import ConfigError, DowngradeError
 from otaguard.model.version import Version
 
-__all__ = ["FAULT_ENV", "InstallState", "Installer", "Phase", "Step", "next_step"]
+__all__ = [
+    "MAX_REJECTED",
+    "MAX_WRITE_ATTEMPTS",
+    "Action",
+    "ActionFailed",
+    "Arm",
+    "DeviceView",
+    "DiscardStaged",
+    "Done",
+    "Download",
+    "Downloaded",
+    "Event",
+    "HealthCheck",
+    "HealthResult",
+    "InstallState",
+    "InvalidateSlot",
+    "Observation",
+    "Phase",
+    "RaiseFloor",
+    "Reboot",
+    "Resumed",
+    "RetireBelowFloor",
+    "SetPrimary",
+    "SlotChecked",
+    "VerifySlot",
+    "Withdrawn",
+    "WriteSlot",
+    "Written",
+    "transition",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Fault injection for power-cut tests: the agent SIGKILLs itself right after the named
-#: point (a step name, or ``write-partial`` / ``commit-bootenv`` inside a step).
-FAULT_ENV: Final = "OTAGUARD_TEST_KILL_AFTER"
 # Remembered rolled-back images; the oldest are forgotten first.
 MAX_REJECTED: Final = 32
 # A slot that twice fails to read back what was written is broken hardware: give up.
@@ -61,22 +93,193 @@ class Phase(StrEnum):
     ARMED = "armed"
     HEALTHY = "healthy"
     ROLLING_BACK = "rolling-back"
+    ABANDONING = "abandoning"
 
 
-class Step(StrEnum):
-    """One action of the install."""
+# -- actions: the side effects the driver performs ---------------------------------------
+@dataclass(frozen=True)
+class Download:
+    """Download the target into staging, verified by ngclient (length, hashes)."""
 
-    DOWNLOAD = "download"
-    WRITE = "write"
-    VERIFY_SLOT = "verify_slot"
-    ARM = "arm"
-    REBOOT = "reboot"
-    HEALTH_CHECK = "health_check"
-    COMMIT = "commit"
-    ROLL_BACK = "roll_back"
-    DONE = "done"
+    name = "download"
 
 
+@dataclass(frozen=True)
+class InvalidateSlot:
+    """Mark ``slot`` as holding nothing bootable in the boot environment."""
+
+    slot: str
+    name = "invalidate_slot"
+
+
+@dataclass(frozen=True)
+class WriteSlot:
+    """Copy the staged image into ``slot``, hashing the source as it streams."""
+
+    slot: str
+    name = "write_slot"
+
+
+@dataclass(frozen=True)
+class VerifySlot:
+    """Read ``slot`` back and compare its digest with the target's."""
+
+    slot: str
+    name = "verify_slot"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Record ``image`` for ``slot`` and mark it "try" with the configured tries."""
+
+    slot: str
+    image: SlotImage
+    name = "arm"
+
+
+@dataclass(frozen=True)
+class Reboot:
+    """Reboot (simulated: run the bootloader)."""
+
+    name = "reboot"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Run the device's health check against the new slot."""
+
+    slot: str
+    name = "health_check"
+
+
+@dataclass(frozen=True)
+class SetPrimary:
+    """Make ``slot`` the primary slot and clear the try flag."""
+
+    slot: str
+    name = "set_primary"
+
+
+@dataclass(frozen=True)
+class RaiseFloor:
+    """Raise the anti-rollback floor (never lowers it)."""
+
+    version: str
+    security_counter: int
+    name = "raise_floor"
+
+
+@dataclass(frozen=True)
+class RetireBelowFloor:
+    """Invalidate every slot but ``keep`` whose image is below the floor."""
+
+    keep: str
+    name = "retire_slot"
+
+
+@dataclass(frozen=True)
+class DiscardStaged:
+    """Delete the staged download."""
+
+    name = "discard_staged"
+
+
+Action = (
+    Download
+    | InvalidateSlot
+    | WriteSlot
+    | VerifySlot
+    | Arm
+    | Reboot
+    | HealthCheck
+    | SetPrimary
+    | RaiseFloor
+    | RetireBelowFloor
+    | DiscardStaged
+)
+
+
+# -- events: what the actions produced ---------------------------------------------------
+@dataclass(frozen=True)
+class Resumed:
+    """The driver (re)started: re-issue the current phase's actions."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The phase's actions completed (none of them reports anything)."""
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """The target is in staging, verified."""
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    """The selected target is no longer in the verified metadata."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """The slot was written; ``source_ok`` is False when the staged file was damaged."""
+
+    source_ok: bool
+
+
+@dataclass(frozen=True)
+class SlotChecked:
+    """The slot read back as the target (``ok``) or not."""
+
+    ok: bool
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """The health check's verdict: ``problem`` is ``None`` when healthy."""
+
+    problem: str | None
+
+
+@dataclass(frozen=True)
+class ActionFailed:
+    """An action raised an otaguard error.
+
+    ``kind`` is one of "verification", "downgrade", "transport", "storage", "config".
+    """
+
+    action: str
+    kind: str
+    message: str
+
+
+Event = (
+    Resumed | Done | Downloaded | Withdrawn | Written | SlotChecked | HealthResult | ActionFailed
+)
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What the device looks like when the machine decides (read fresh by the driver)."""
+
+    booted: str | None  # None: booted into recovery
+    try_slot: str | None
+    floor: Floor
+    boot_fallback: str | None = None
+    boot_note: str = ""
+    #: the image the boot environment records for each slot
+    slots: Mapping[str, SlotImage | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The input of :func:`transition`."""
+
+    event: Event
+    view: DeviceView
+
+
+# -- state -------------------------------------------------------------------------------
 @dataclass
 class InstallState:
     """Everything the install machine persists."""
@@ -93,6 +296,8 @@ class InstallState:
     rejected: list[str] = field(default_factory=list)
     #: set when rolling back because the image itself failed (then it joins ``rejected``)
     bad_image: bool = False
+    #: outcome and error kind the install ends with once ``abandoning`` has cleaned up
+    pending: dict[str, str] | None = None
 
     @classmethod
     def load(cls, path: Path) -> InstallState:
@@ -120,6 +325,7 @@ class InstallState:
                 history=list(raw.get("history", [])),
                 rejected=[str(r) for r in raw.get("rejected", [])][-MAX_REJECTED:],
                 bad_image=bool(raw.get("bad_image", False)),
+                pending=raw.get("pending"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"install state {path} is corrupt") from e
@@ -131,289 +337,230 @@ class InstallState:
         atomic_write_json(path, data)
 
 
-def next_step(  # noqa: PLR0911 - one return per phase reads best
-    state: InstallState, *, booted_slot: str, try_slot: str | None
-) -> Step:
-    """Name the next step. Pure: no I/O, every input passed in."""
-    match state.phase:
-        case Phase.IDLE:
-            return Step.DONE
-        case Phase.SELECTED:
-            return Step.DOWNLOAD
-        case Phase.DOWNLOADED:
-            return Step.WRITE
-        case Phase.WRITTEN:
-            return Step.VERIFY_SLOT
-        case Phase.VERIFIED:
-            return Step.ARM
-        case Phase.ARMED:
-            if booted_slot == state.to_slot:
-                return Step.HEALTH_CHECK
-            if try_slot == state.to_slot:
-                return Step.REBOOT
-            # The bootloader gave up on the new slot (tries exhausted or bad digest).
-            return Step.ROLL_BACK
-        case Phase.HEALTHY:
-            return Step.COMMIT if booted_slot == state.to_slot else Step.ROLL_BACK
-        case Phase.ROLLING_BACK:
-            return Step.ROLL_BACK
-    raise RuntimeError(f"unknown phase {state.phase}")  # pragma: no cover
+# -- the pure transition -----------------------------------------------------------------
+def _target(state: InstallState) -> tuple[SlotImage, str]:
+    if state.target is None or state.to_slot is None:
+        raise RuntimeError(f"install in phase {state.phase.value} has no target")
+    return state.target, state.to_slot
 
 
-def _fault_point(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
-        logger.warning("fault injection: killing the agent after %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+def _result(state: InstallState, outcome: str, detail: str, *, now: str) -> dict[str, Any]:
+    target, _ = _target(state)
+    result: dict[str, Any] = {
+        "outcome": outcome,
+        "target": target.target,
+        "version": target.version,
+        "detail": detail,
+        "time": now,
+        "recovery": state.from_slot is None,
+    }
+    if state.pending and state.pending.get("error"):
+        result["error"] = state.pending["error"]
+    return result
 
 
-def file_sha256(path: Path) -> str:
-    """Stream-hash a file."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _abandon(
+    state: InstallState, view: DeviceView, *, outcome: str, kind: str, detail: str
+) -> tuple[InstallState, tuple[Action, ...]]:
+    new = dataclasses.replace(
+        state,
+        phase=Phase.ABANDONING,
+        reason=detail,
+        pending={"outcome": outcome, "error": kind},
+    )
+    return new, _abandon_actions(new, view)
 
 
-ProgressFn = Callable[[str, int, int], None]
+def _abandon_actions(state: InstallState, view: DeviceView) -> tuple[Action, ...]:
+    _, to = _target(state)
+    # Never invalidate the slot the device is running from.
+    invalidate: tuple[Action, ...] = () if view.booted == to else (InvalidateSlot(to),)
+    return (*invalidate, DiscardStaged())
 
 
-class Installer:
-    """Performs install steps against a device's slots, boot environment and store."""
+def _write_actions(state: InstallState) -> tuple[InstallState, tuple[Action, ...]]:
+    _, to = _target(state)
+    new = dataclasses.replace(state, write_attempts=state.write_attempts + 1)
+    # Invalidate first, so a torn write is never bootable.
+    return new, (InvalidateSlot(to), WriteSlot(to))
 
-    def __init__(
-        self,
-        *,
-        paths: DevicePaths,
-        config: DeviceConfig,
-        backend: SlotBackend,
-        monotonic: MonotonicStore,
-        session_factory: Callable[[], TufSession],
-        progress: ProgressFn | None = None,
+
+def _arm_or_refuse(
+    state: InstallState, view: DeviceView
+) -> tuple[InstallState, tuple[Action, ...]]:
+    target, to = _target(state)
+    # Defence in depth: the floor may have moved since selection (another install, a
+    # restored backup); the image must not even be armed below it.
+    try:
+        view.floor.check(Version.parse(target.version), target.security_counter)
+    except DowngradeError as e:
+        return _abandon(state, view, outcome="refused", kind="downgrade", detail=str(e))
+    return state, (Arm(to, target), DiscardStaged())
+
+
+def _commit_actions(state: InstallState) -> tuple[Action, ...]:
+    target, to = _target(state)
+    return (
+        SetPrimary(to),
+        RaiseFloor(target.version, target.security_counter),
+        RetireBelowFloor(keep=to),
+        DiscardStaged(),
+    )
+
+
+def _rollback_actions(state: InstallState, view: DeviceView) -> tuple[Action, ...]:
+    _, to = _target(state)
+    reboot: tuple[Action, ...] = (Reboot(),) if view.booted == to else ()
+    return (InvalidateSlot(to), *reboot)
+
+
+def _rolling_back(
+    state: InstallState, view: DeviceView, *, reason: str, bad_image: bool
+) -> tuple[InstallState, tuple[Action, ...]]:
+    new = dataclasses.replace(state, phase=Phase.ROLLING_BACK, reason=reason, bad_image=bad_image)
+    return new, _rollback_actions(new, view)
+
+
+def _finish(
+    state: InstallState, outcome: str, detail: str, *, now: str
+) -> tuple[InstallState, tuple[Action, ...]]:
+    result = _result(state, outcome, detail, now=now)
+    rejected = list(state.rejected)
+    bad = outcome == "rolled-back" and state.bad_image and state.target is not None
+    if bad and state.target is not None and state.target.sha256 not in rejected:
+        rejected = [*rejected, state.target.sha256][-MAX_REJECTED:]
+    new = dataclasses.replace(
+        state, phase=Phase.IDLE, last_result=result, rejected=rejected, pending=None
+    )
+    return new, ()
+
+
+def transition(  # noqa: PLR0911, PLR0912 - one branch per (phase, event) reads best
+    state: InstallState, obs: Observation, *, now: str | None = None
+) -> tuple[InstallState, tuple[Action, ...]]:
+    """Decide the next state and the actions to perform. Pure: no I/O.
+
+    Args:
+        state: the persisted state.
+        obs: what the last actions produced and what the device looks like now.
+        now: ISO time recorded in a final result (tests pass a fixed one).
+
+    Returns:
+        The new state (to persist before performing anything) and the actions to
+        perform in order; no actions means the install is over (or waits for a retry).
+    """
+    now = now or datetime.now(UTC).isoformat(timespec="seconds")
+    ev, view = obs.event, obs.view
+    phase = state.phase
+    if phase is Phase.IDLE:
+        return state, ()
+    target, to = _target(state)
+    if isinstance(ev, ActionFailed) and phase in (
+        Phase.SELECTED,
+        Phase.DOWNLOADED,
+        Phase.WRITTEN,
+        Phase.VERIFIED,
     ):
-        self.paths = paths
-        self.config = config
-        self.backend = backend
-        self.monotonic = monotonic
-        self._session_factory = session_factory
-        self._session: TufSession | None = None
-        self._progress = progress
+        outcome = "refused" if ev.kind in ("verification", "downgrade") else "failed"
+        return _abandon(state, view, outcome=outcome, kind=ev.kind, detail=ev.message)
 
-    # -- entry points ----------------------------------------------------------------
-    def begin(self, offer: Offer, *, from_slot: str, to_slot: str) -> InstallState:
-        """Persist the selection of ``offer``: the first transition of an install."""
-        state = InstallState.load(self.paths.install_state)
-        state.phase = Phase.SELECTED
-        state.target = SlotImage(
-            target=offer.path,
-            version=str(offer.info.version),
-            security_counter=offer.info.security_counter,
-            sha256=offer.sha256,
-            length=offer.target.length,
-        )
-        state.from_slot, state.to_slot = from_slot, to_slot
-        state.reason, state.write_attempts, state.history = None, 0, ["selected"]
-        state.bad_image = False
-        state.save(self.paths.install_state)
-        return state
-
-    def drive(self, session: TufSession | None = None) -> InstallState:
-        """Run steps until the install is committed or rolled back."""
-        self._session = session
-        while True:
-            state = InstallState.load(self.paths.install_state)
-            booted = read_booted(self.paths)
-            env = BootEnv.load(self.paths.bootenv)
-            if booted is None:
-                booted = boot(self.paths, self.backend)
-            step = next_step(state, booted_slot=booted.slot, try_slot=env.try_slot)
-            if step is Step.DONE:
-                return state
-            logger.info("install step %s (phase %s)", step.value, state.phase.value)
-            getattr(self, f"_{step.value}")(state, env)
-            state.history.append(step.value)
-            state.save(self.paths.install_state)
-            _fault_point(step.value)
-
-    def close(self) -> None:
-        """Close the network session, if one was opened."""
-        if self._session is not None:
-            self._session.fetcher.close()
-
-    # -- steps -----------------------------------------------------------------------
-    def _staged(self, state: InstallState) -> Path:
-        assert state.target is not None  # noqa: S101 - phases after SELECTED carry a target
-        return self.paths.staging / f"{state.target.sha256}.{state.target.target}"
-
-    def _finish(self, state: InstallState, outcome: str, detail: str) -> None:
-        assert state.target is not None  # noqa: S101
-        state.last_result = {
-            "outcome": outcome,
-            "target": state.target.target,
-            "version": state.target.version,
-            "detail": detail,
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        state.phase = Phase.IDLE
-        self._staged(state).unlink(missing_ok=True)
-
-    def _download(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101
-        if self._session is None:
-            self._session = self._session_factory()
-            self._session.refresh()
-        target = self._session.find_target(state.target.target)
-        if target is None or target.hashes.get("sha256") != state.target.sha256:
-            self._finish(state, "failed", "target withdrawn from the repository")
-            return
-        self.paths.staging.mkdir(exist_ok=True)
-        if self._progress:
-            total = target.length
-            self._session.fetcher.on_chunk = lambda n: self._progress("download", n, total)  # type: ignore[misc]
-        try:
-            self._session.download(target, self._staged(state))
-        finally:
-            self._session.fetcher.on_chunk = None
-        state.phase = Phase.DOWNLOADED
-
-    def _write(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        staged = self._staged(state)
-        # The staged file survived a possible power cut: check it again before use.
-        try:
-            ok = (
-                staged.stat().st_size == state.target.length
-                and file_sha256(staged) == state.target.sha256
+    match phase:
+        case Phase.SELECTED:
+            if isinstance(ev, Downloaded):
+                return _write_actions(dataclasses.replace(state, phase=Phase.DOWNLOADED))
+            if isinstance(ev, Withdrawn):
+                return _abandon(
+                    state,
+                    view,
+                    outcome="failed",
+                    kind="withdrawn",
+                    detail="target withdrawn from the repository",
+                )
+            return state, (Download(),)
+        case Phase.DOWNLOADED:
+            if isinstance(ev, Written):
+                if ev.source_ok:
+                    return dataclasses.replace(state, phase=Phase.WRITTEN), (VerifySlot(to),)
+                # The staged file did not survive (power cut, bad storage): fetch it again.
+                return dataclasses.replace(state, phase=Phase.SELECTED), (
+                    DiscardStaged(),
+                    Download(),
+                )
+            return _write_actions(state)
+        case Phase.WRITTEN:
+            if isinstance(ev, SlotChecked):
+                if ev.ok:
+                    return _arm_or_refuse(dataclasses.replace(state, phase=Phase.VERIFIED), view)
+                if state.write_attempts >= MAX_WRITE_ATTEMPTS:
+                    return _abandon(
+                        state,
+                        view,
+                        outcome="failed",
+                        kind="storage",
+                        detail=f"slot {to} does not read back what was written",
+                    )
+                return _write_actions(dataclasses.replace(state, phase=Phase.DOWNLOADED))
+            return state, (VerifySlot(to),)
+        case Phase.VERIFIED:
+            if isinstance(ev, Done):
+                return dataclasses.replace(state, phase=Phase.ARMED), (Reboot(),)
+            if view.slots.get(to) == target:
+                # Armed before the power went: never re-arm (that would hand a slot the
+                # bootloader already gave up on a fresh set of tries).
+                armed = dataclasses.replace(state, phase=Phase.ARMED)
+                return transition(armed, Observation(Resumed(), view), now=now)
+            return _arm_or_refuse(state, view)
+        case Phase.ARMED:
+            if isinstance(ev, HealthResult):
+                if ev.problem is None:
+                    return dataclasses.replace(state, phase=Phase.HEALTHY), _commit_actions(state)
+                return _rolling_back(state, view, reason=ev.problem, bad_image=True)
+            if isinstance(ev, ActionFailed):
+                return state, ()  # resumed later; the driver reports the error
+            if view.booted == to:
+                return state, (HealthCheck(to),)
+            if view.try_slot == to:
+                return state, (Reboot(),)
+            # The bootloader gave up on the new slot: tries exhausted (the image is bad)
+            # or it failed verification (storage; the image may be tried again).
+            return _rolling_back(
+                state,
+                view,
+                reason=view.boot_note or "the new slot did not boot",
+                bad_image=view.boot_fallback == "tries-exhausted",
             )
-        except OSError:
-            ok = False
-        if not ok:
-            staged.unlink(missing_ok=True)
-            state.phase = Phase.SELECTED
-            return
-        # Invalidate the slot before touching it, so a torn write is never bootable.
-        if env.slots.get(state.to_slot) is not None or env.try_slot == state.to_slot:
-            env.slots[state.to_slot] = None
-            if env.try_slot == state.to_slot:
-                env.try_slot = None
-            env.save(self.paths.bootenv)
-        total = state.target.length
-        written = 0
-
-        def on_chunk(n: int) -> None:
-            nonlocal written
-            written += n
-            if self._progress:
-                self._progress("write", n, total)
-            if written >= CHUNK:
-                _fault_point("write-partial")
-
-        state.write_attempts += 1
-        self.backend.write(state.to_slot, staged, progress=on_chunk)
-        state.phase = Phase.WRITTEN
-
-    def _verify_slot(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        if self.backend.digest(state.to_slot, state.target.length) == state.target.sha256:
-            state.phase = Phase.VERIFIED
-        elif state.write_attempts >= MAX_WRITE_ATTEMPTS:
-            self._finish(
-                state, "failed", f"slot {state.to_slot} does not read back what was written"
+        case Phase.HEALTHY:
+            if isinstance(ev, Done):
+                detail = f"now running {target.version} from slot {to}"
+                if state.from_slot is None:
+                    detail = f"recovered: {detail}"
+                return _finish(state, "updated", detail, now=now)
+            if isinstance(ev, ActionFailed):
+                return state, ()  # resumed later; the driver reports the error
+            if view.booted == to:
+                return state, _commit_actions(state)
+            return _rolling_back(
+                state,
+                view,
+                reason=view.boot_note or "the new slot stopped running before commit",
+                bad_image=view.boot_fallback == "tries-exhausted",
             )
-        else:
-            state.phase = Phase.DOWNLOADED
-
-    def _arm(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        # Defence in depth: the floor may have moved since selection.
-        self.monotonic.read().check(
-            Version.parse(state.target.version), state.target.security_counter
-        )
-        env.slots[state.to_slot] = state.target
-        env.try_slot, env.tries_left = state.to_slot, self.config.max_boot_tries
-        env.fallback = None
-        env.save(self.paths.bootenv)
-        self._staged(state).unlink(missing_ok=True)
-        state.phase = Phase.ARMED
-
-    def _reboot(self, state: InstallState, env: BootEnv) -> None:
-        # Simulated reboot: on hardware this is a real reboot, and the agent resumes here.
-        boot(self.paths, self.backend)
-
-    def _health_check(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        problem = self._run_health_check(state)
-        if problem is None:
-            state.phase = Phase.HEALTHY
-        else:
-            state.reason, state.bad_image = problem, True
-            state.phase = Phase.ROLLING_BACK
-
-    def _run_health_check(self, state: InstallState) -> str | None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        if self.config.health_command is None:
-            digest = self.backend.digest(state.to_slot, state.target.length)
-            return (
-                None if digest == state.target.sha256 else "booted image does not match the target"
-            )
-        env = dict(os.environ)
-        env.update(
-            OTAGUARD_DEVICE_DIR=str(self.paths.root),
-            OTAGUARD_SLOT=state.to_slot,
-            OTAGUARD_VERSION=state.target.version,
-        )
-        try:
-            proc = subprocess.run(
-                self.config.health_command,
-                env=env,
-                capture_output=True,
-                timeout=self.config.health_timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return f"health check timed out after {self.config.health_timeout_s:g} s"
-        except OSError as e:
-            return f"health check could not run: {e.strerror}"
-        if proc.returncode != 0:
-            return f"health check exited with {proc.returncode}"
-        return None
-
-    def _commit(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        if env.primary != state.to_slot or env.try_slot is not None:
-            env.primary, env.try_slot, env.tries_left = state.to_slot, None, 0
-            env.save(self.paths.bootenv)
-        _fault_point("commit-bootenv")
-        self.monotonic.raise_to(Version.parse(state.target.version), state.target.security_counter)
-        self._finish(
-            state, "updated", f"now running {state.target.version} from slot {state.to_slot}"
-        )
-
-    def _roll_back(self, state: InstallState, env: BootEnv) -> None:
-        assert state.target is not None  # noqa: S101 - set by begin()
-        assert state.to_slot is not None  # noqa: S101
-        if state.phase is not Phase.ROLLING_BACK:
-            # Coming from armed/healthy: the bootloader did not (or no longer) run the new
-            # slot. The image is bad if it kept failing until the tries ran out; a slot that
-            # failed verification is a storage fault and the image may be tried again.
-            booted = read_booted(self.paths)
-            state.bad_image = env.fallback == "tries-exhausted"
-            state.reason = (
-                booted.note if booted is not None and booted.note else "the new slot did not boot"
-            )
-            state.phase = Phase.ROLLING_BACK
-            state.save(self.paths.install_state)
-        reason = state.reason or "rolled back"
-        if env.try_slot == state.to_slot or env.slots.get(state.to_slot) is not None:
-            env.try_slot = None
-            env.slots[state.to_slot] = None
-            env.save(self.paths.bootenv)
-        booted = read_booted(self.paths)
-        if booted is None or booted.slot == state.to_slot:
-            boot(self.paths, self.backend)
-        if state.bad_image and state.target.sha256 not in state.rejected:
-            state.rejected = [*state.rejected, state.target.sha256][-MAX_REJECTED:]
-        self._finish(state, "rolled-back", reason)
+        case Phase.ROLLING_BACK:
+            if isinstance(ev, Done):
+                return _finish(state, "rolled-back", state.reason or "rolled back", now=now)
+            if isinstance(ev, ActionFailed):
+                return state, ()  # resumed later; the driver reports the error
+            return state, _rollback_actions(state, view)
+        case Phase.ABANDONING:
+            if isinstance(ev, Done):
+                pending = state.pending or {}
+                return _finish(
+                    state,
+                    pending.get("outcome", "failed"),
+                    state.reason or "abandoned",
+                    now=now,
+                )
+            if isinstance(ev, ActionFailed):
+                return state, ()  # resumed later; the driver reports the error
+            return state, _abandon_actions(state, view)
+    raise RuntimeError(f"unknown phase {phase}")  # pragma: no cover

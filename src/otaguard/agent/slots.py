@@ -99,8 +99,12 @@ class SlotBackend(abc.ABC):
     @abc.abstractmethod
     def write(
         self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None
-    ) -> None:
-        """Copy ``source`` into ``slot`` durably.
+    ) -> tuple[int, str]:
+        """Copy ``source`` into ``slot`` durably, hashing what it copies.
+
+        Returns:
+            The number of bytes copied and their SHA-256 (hex), so the caller can check
+            the source without reading it a second time.
 
         Raises:
             DeviceStorageError: the slot cannot be written.
@@ -125,18 +129,23 @@ class FileSlots(SlotBackend):
 
     def write(
         self, slot: str, source: Path, *, progress: Callable[[int], None] | None = None
-    ) -> None:
+    ) -> tuple[int, str]:
         """Copy ``source`` into the slot file in place, like a partition, then fsync."""
+        h = hashlib.sha256()
+        length = 0
         try:
             with open(source, "rb") as src, open(self.path(slot), "wb") as dst:
                 while chunk := src.read(CHUNK):
+                    h.update(chunk)
                     dst.write(chunk)
+                    length += len(chunk)
                     if progress:
                         progress(len(chunk))
                 dst.flush()
                 os.fsync(dst.fileno())
         except OSError as e:
             raise DeviceStorageError(f"cannot write slot {slot}: {e.strerror or e}") from e
+        return length, h.hexdigest()
 
     def digest(self, slot: str, length: int) -> str:
         """Stream-hash the slot; a short or unreadable slot yields ``""``."""

@@ -21,6 +21,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from otaguard.agent.fetcher import Fetcher
+from otaguard.agent.monotonic import Floor
 from otaguard.model.errors import (
     DeviceStorageError,
     TransportError,
@@ -89,25 +90,34 @@ class Selection:
 def select_update(
     offers: list[Offer],
     *,
-    running: Version,
-    floor_counter: int,
+    running: Version | None,
+    floor: Floor,
     max_length: int,
-    rejected: frozenset[str] = frozenset(),
+    rejected: frozenset[str],
 ) -> Selection:
-    """Pick the newest offer above the running version whose counter is not below the floor.
+    """Pick the newest acceptable offer. Pure: every input is passed in.
 
-    Pure. Offers older than the running version are ignored unless nothing newer or equal
-    is offered, which means the repository tries to move the device backwards: that is
-    reported as refused (a downgrade attempt). Images in ``rejected`` (sha256 of images that
-    already failed on this device and were rolled back) are skipped, so a bad release does
-    not loop install, fail, roll back on every poll.
+    Acceptable: a version above both the running version and the anti-rollback floor's
+    version (in recovery, ``running`` is ``None`` and a version *equal* to the floor is
+    acceptable too: it re-installs what the device last committed), and a security
+    counter not below the floor's. Offers older than that are ignored unless nothing at
+    least as new is offered, which means the repository tries to move the device
+    backwards: that is reported as refused (a downgrade attempt). Images in ``rejected``
+    (sha256 of images that already failed on this device and were rolled back) are
+    skipped, so a bad release does not loop install, fail, roll back on every poll.
     """
     sel = Selection(chosen=None)
-    newer = [o for o in offers if o.info.version > running]
-    for o in sorted(newer, key=lambda o: o.info.version, reverse=True):
-        if o.info.security_counter < floor_counter:
+    base = floor.version if running is None else max(running, floor.version)
+
+    def new_enough(v: Version) -> bool:
+        return v >= base if running is None else v > base
+
+    for o in sorted(offers, key=lambda o: o.info.version, reverse=True):
+        if not new_enough(o.info.version):
+            continue
+        if o.info.security_counter < floor.security_counter:
             sel.refused.append(
-                (o.path, f"security counter {o.info.security_counter} < {floor_counter}")
+                (o.path, f"security counter {o.info.security_counter} < {floor.security_counter}")
             )
             sel.downgrade = True
             continue
@@ -119,9 +129,10 @@ def select_update(
             continue
         if sel.chosen is None:
             sel.chosen = o
-    if offers and not any(o.info.version >= running for o in offers):
+    if offers and not any(o.info.version >= base for o in offers):
         newest = max(offers, key=lambda o: o.info.version)
-        sel.refused.append((newest.path, f"version {newest.info.version} < running {running}"))
+        what = "the anti-rollback floor" if running is None or base > running else "running"
+        sel.refused.append((newest.path, f"version {newest.info.version} < {what} {base}"))
         sel.downgrade = True
     return sel
 

@@ -6,9 +6,9 @@ import argparse
 import getpass
 import logging
 import os
+import shlex
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,12 +19,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from otaguard import __version__
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
+from otaguard.model.unsafe import Unsafe
 
 __all__ = ["main"]
 
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"  # noqa: S105 - a variable name
 EXIT_ROLLED_BACK = 6
+EXIT_RECOVERY = 7  # no slot may boot: the device waits for a release at or above its floor
 EXIT_INTERNAL = 70  # EX_SOFTWARE
 # Operator tokens are 43 URL-safe characters; anything long is the wrong file.
 MAX_TOKEN_CHARS = 512
@@ -202,13 +204,15 @@ def _device_init(a: argparse.Namespace) -> int:
         factory_version=a.factory_version,
         factory_security_counter=a.factory_security_counter,
         insecure_http=a.insecure_http,
-        health_command=a.health_command.split() if a.health_command else None,
+        health_command=Unsafe.NO_HEALTH_CHECK
+        if a.unsafe_no_health_check
+        else shlex.split(a.health_command),
     )
     out.print(f"provisioned device in {dev.paths.root} running {a.factory_version} from slot A")
     return 0
 
 
-def _agent(a: argparse.Namespace) -> int:
+def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per action
     from otaguard.agent import Device
     from otaguard.cli._render import render_selection, render_status
 
@@ -218,8 +222,15 @@ def _agent(a: argparse.Namespace) -> int:
         return 0
     if a.action == "boot":
         rec = dev.boot()
+        if rec.recovery:
+            err.print(f"recovery: {rec.note}", markup=False)
+            err.print("run 'otaguard agent DEVICE_DIR update' to install a release", markup=False)
+            return EXIT_RECOVERY
         kind = "trial boot of" if rec.trial else "booted"
-        out.print(f"{kind} slot {rec.slot} (version {rec.version}, digest verified)")
+        out.print(
+            f"{kind} slot {rec.slot} (version {rec.version}, digest verified, "
+            "not below the anti-rollback floor)"
+        )
         if rec.note:
             err.print(f"[yellow]{rec.note}[/yellow]")
         return 0
@@ -239,31 +250,34 @@ def _agent(a: argparse.Namespace) -> int:
             res = dev.update(progress=on_progress)
         if res.outcome == "up-to-date":
             out.print(f"up to date: running {res.from_version}")
-        elif res.outcome == "updated":
-            out.print(f"[green]updated[/green] {res.from_version} → {res.to_version}: {res.detail}")
+        elif res.outcome in ("updated", "recovered"):
+            out.print(
+                f"[green]{res.outcome}[/green] {res.from_version} → {res.to_version}: {res.detail}"
+            )
+        elif res.outcome == "recovery-pending":
+            err.print("recovery: no release at or above the anti-rollback floor is offered yet")
+            return EXIT_RECOVERY
         else:
             err.print(f"[red]{res.outcome}[/red] ({res.to_version}): {res.detail}")
             return EXIT_ROLLED_BACK
         for path, why in res.refused:
             err.print(f"[yellow]refused[/yellow] {path}: {why}")
         return 0
-    # run
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # run: SIGTERM and Ctrl-C cancel whatever the agent waits on (a download, a slot
+    # write, a health check, the poll interval); an install in progress resumes later.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: dev.request_stop())
     out.print(
         f"polling every {dev.config.poll_interval_s:g} s "
-        f"(±{dev.config.poll_jitter:.0%}); Ctrl-C stops"
+        f"(±{dev.config.poll_jitter:.0%}); Ctrl-C or SIGTERM stops"
     )
-    try:
-        dev.run(
-            stop,
-            on_result=lambda r: out.print(
-                f"{r.outcome}: {r.from_version} {r.to_version or ''} {r.detail}"
-            ),
-            on_error=lambda e: err.print(e.diagnostics()),
-        )
-    except KeyboardInterrupt:
-        stop.set()
+    dev.run(
+        on_result=lambda r: out.print(
+            f"{r.outcome}: {r.from_version} {r.to_version or ''} {r.detail}"
+        ),
+        on_error=lambda e: err.print(e.diagnostics()),
+    )
+    out.print("stopped")
     return 0
 
 
@@ -358,8 +372,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     dinit.add_argument("--factory-image", type=Path, required=True)
     dinit.add_argument("--factory-version", required=True)
     dinit.add_argument("--factory-security-counter", type=int, default=0)
-    dinit.add_argument(
-        "--health-command", help="command run after a new slot boots (exit 0 = healthy)"
+    health = dinit.add_mutually_exclusive_group(required=True)
+    health.add_argument(
+        "--health-command",
+        help="command run after a new slot boots (exit 0 = healthy, else roll back)",
+    )
+    health.add_argument(
+        "--unsafe-no-health-check",
+        action="store_true",
+        help="development only: commit a new image as soon as it boots (warns)",
     )
     dinit.add_argument("--insecure-http", action="store_true", help="development only")
     dinit.set_defaults(func=_device_init)

@@ -91,6 +91,8 @@ def render_status(console: Console, st: DeviceStatus) -> None:
                 image.sha256[:16] + "…",
             )
     console.print(table)
+    if st.booted is not None and st.booted.recovery:
+        console.print(f"[red]booted into recovery[/red]: {st.booted.note}", highlight=False)
     console.print(
         f"anti-rollback floor: version {st.floor.version}, security counter "
         f"{st.floor.security_counter}"

@@ -8,7 +8,8 @@ Hierarchy (exit code of the CLI in brackets)::
     ├── TransportError      [4]   the network or a server misbehaved; retrying may help
     ├── RetryLaterError    [75]   nothing is wrong, but not now: a concurrent change won,
     │   ├── ConflictError         or the other side is not ready; retry soon
-    │   └── NotReadyError
+    │   ├── NotReadyError
+    │   └── StopRequestedError    the agent was asked to stop; an install resumes later
     ├── OperatorError       [2]   misuse: wrong arguments, missing files, wrong passphrase
     │   ├── ConfigError           a config, key or trust file is unreadable or invalid
     │   └── KeyAccessError        a private key cannot be unlocked (wrong passphrase)
@@ -35,6 +36,7 @@ __all__ = [
     "OtaguardError",
     "RetryLaterError",
     "ServerStorageError",
+    "StopRequestedError",
     "StorageError",
     "TransportError",
     "VerificationError",
@@ -110,6 +112,14 @@ class NotReadyError(RetryLaterError):
     @property
     def kind(self) -> str:
         return "not ready, try again"
+
+
+class StopRequestedError(RetryLaterError):
+    """The agent was asked to stop (SIGTERM) mid-way; a persisted install resumes later."""
+
+    @property
+    def kind(self) -> str:
+        return "stopped"
 
 
 class OperatorError(OtaguardError):

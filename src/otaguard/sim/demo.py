@@ -17,7 +17,7 @@ from otaguard.model.errors import DowngradeError, OperatorError, VerificationErr
 from otaguard.repo import ImageRepository
 from otaguard.server import ServerSettings, start_server_in_thread
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
-from otaguard.sim.fleet import DeviceRun, Fleet, make_image, wait_served
+from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 
 __all__ = ["run_demo"]
 
@@ -114,6 +114,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             hardware_id=HARDWARE_ID,
             factory_image=v100,
             factory_version="1.0.0",
+            health_command=SIM_HEALTH_COMMAND,
         )
         attacker = CompromisedServer(server.data_dir)
         old_timestamp = attacker.current_timestamp()

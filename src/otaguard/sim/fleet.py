@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,11 +15,12 @@ from typing import Final
 import urllib3
 
 from otaguard.agent import Device, UpdateResult
+from otaguard.healthcheck import UNHEALTHY_MARKER
 from otaguard.model.errors import OperatorError, OtaguardError
 from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer
 
-__all__ = ["DeviceRun", "Fleet", "make_image", "wait_served"]
+__all__ = ["SIM_HEALTH_COMMAND", "DeviceRun", "Fleet", "make_image", "wait_served"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +30,20 @@ SYNC_TIMEOUT_S: Final = 30.0
 MAX_PARALLEL: Final = 8
 
 
-def make_image(path: Path, *, size: int, seed: str) -> Path:
-    """Write a deterministic pseudo-random firmware image of ``size`` bytes."""
+#: the health command of simulated devices (see :mod:`otaguard.healthcheck`)
+SIM_HEALTH_COMMAND: Final = [sys.executable, "-m", "otaguard.healthcheck"]
+
+
+def make_image(path: Path, *, size: int, seed: str, unhealthy: bool = False) -> Path:
+    """Write a deterministic pseudo-random firmware image of ``size`` bytes.
+
+    With ``unhealthy``, the image fails the simulated health check when it boots.
+    """
     block = hashlib.sha256(seed.encode()).digest() * 2048  # 64 KiB
     with open(path, "wb") as f:
-        remaining = size
+        if unhealthy:
+            f.write(UNHEALTHY_MARKER)
+        remaining = size - (len(UNHEALTHY_MARKER) if unhealthy else 0)
         counter = 0
         while remaining > 0:
             chunk = hashlib.sha256(block + counter.to_bytes(8, "big")).digest() + block
@@ -104,6 +115,7 @@ class Fleet:
         hardware_id: str,
         factory_image: Path,
         factory_version: str,
+        health_command: list[str],
     ) -> Fleet:
         """Provision ``count`` devices running the factory image."""
         names = [f"device-{i:02d}" for i in range(1, count + 1)]
@@ -116,6 +128,7 @@ class Fleet:
                 hardware_id=hardware_id,
                 factory_image=factory_image,
                 factory_version=factory_version,
+                health_command=health_command,
             )
         return cls(root, names)
 

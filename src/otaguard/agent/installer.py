@@ -1,0 +1,400 @@
+"""The thin driver of the install machine: persist, perform, observe, repeat.
+
+All I/O of an install happens here; every decision is :func:`otaguard.agent.install.transition`.
+The driver persists each new state atomically *before* performing its actions, performs
+them one at a time, and calls the ``after_action`` hook (and the fault-injection point
+of the SIGKILL power-cut tests) after each one, so a test can cut power after any action.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from otaguard.agent.boot import boot, read_booted
+from otaguard.agent.config import DeviceConfig, DevicePaths
+from otaguard.agent.install import (
+    Action,
+    ActionFailed,
+    Arm,
+    DeviceView,
+    DiscardStaged,
+    Done,
+    Download,
+    Downloaded,
+    Event,
+    HealthCheck,
+    HealthResult,
+    InstallState,
+    InvalidateSlot,
+    Observation,
+    Phase,
+    RaiseFloor,
+    Reboot,
+    Resumed,
+    RetireBelowFloor,
+    SetPrimary,
+    SlotChecked,
+    VerifySlot,
+    Withdrawn,
+    WriteSlot,
+    Written,
+    transition,
+)
+from otaguard.agent.monotonic import Floor, MonotonicStore
+from otaguard.agent.slots import CHUNK, SLOTS, BootEnv, SlotBackend, SlotImage
+from otaguard.agent.updater import Offer, TufSession
+from otaguard.crypto.keys import warn_insecure
+from otaguard.model.errors import (
+    ConfigError,
+    DeviceStorageError,
+    DowngradeError,
+    OtaguardError,
+    StopRequestedError,
+    TransportError,
+    VerificationError,
+)
+from otaguard.model.version import Version
+
+__all__ = ["FAULT_ENV", "Installer", "ProgressFn", "error_kind", "file_sha256"]
+
+logger = logging.getLogger(__name__)
+
+#: Fault injection for power-cut tests: the agent SIGKILLs itself right after the named
+#: action, given as ``action`` (first occurrence, e.g. ``write_slot``), as
+#: ``phase:action`` (e.g. ``rolling-back:invalidate_slot``), or ``write-partial``
+#: (inside a slot write, after the first chunk).
+FAULT_ENV: Final = "OTAGUARD_TEST_KILL_AFTER"
+# How often a running health check looks at the stop flag (SIGTERM must act in seconds).
+HEALTH_POLL_S: Final = 0.2
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _fault_point(name: str, phase: Phase | None = None) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted is not None and wanted in (name, f"{phase.value if phase else ''}:{name}"):
+        logger.warning("fault injection: killing the agent after %s", wanted)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def file_sha256(path: Path) -> str:
+    """Stream-hash a file."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def error_kind(error: OtaguardError) -> str:
+    """The fault an error stands for, as recorded in an install's result."""
+    if isinstance(error, DowngradeError):
+        return "downgrade"
+    if isinstance(error, VerificationError):
+        return "verification"
+    if isinstance(error, TransportError):
+        return "transport"
+    if isinstance(error, DeviceStorageError):
+        return "storage"
+    return "config"
+
+
+class Installer:
+    """Performs the install machine's actions against a device's slots, boot environment
+    and anti-rollback store."""
+
+    def __init__(
+        self,
+        *,
+        paths: DevicePaths,
+        config: DeviceConfig,
+        backend: SlotBackend,
+        monotonic: MonotonicStore,
+        session_factory: Callable[[], TufSession],
+        progress: ProgressFn | None = None,
+        stop: threading.Event | None = None,
+        after_action: Callable[[Action], None] | None = None,
+    ):
+        self.paths = paths
+        self.config = config
+        self.backend = backend
+        self.monotonic = monotonic
+        self._session_factory = session_factory
+        self._session: TufSession | None = None
+        self._progress = progress
+        self._stop = stop or threading.Event()
+        self._after_action = after_action
+        #: the result the last :meth:`drive` ended an install with, if it ended one
+        self.finished: dict[str, object] | None = None
+
+    # -- entry points ----------------------------------------------------------------
+    def begin(self, offer: Offer, *, from_slot: str | None, to_slot: str) -> InstallState:
+        """Persist the selection of ``offer``: the first transition of an install."""
+        state = InstallState.load(self.paths.install_state)
+        state.phase = Phase.SELECTED
+        state.target = SlotImage(
+            target=offer.path,
+            version=str(offer.info.version),
+            security_counter=offer.info.security_counter,
+            sha256=offer.sha256,
+            length=offer.target.length,
+        )
+        state.from_slot, state.to_slot = from_slot, to_slot
+        state.reason, state.write_attempts, state.history = None, 0, ["selected"]
+        state.bad_image, state.pending = False, None
+        state.save(self.paths.install_state)
+        return state
+
+    def drive(self, session: TufSession | None = None) -> InstallState:
+        """Run the machine until the install is over or must wait.
+
+        Returns:
+            The final state (``idle`` when the install ended; :attr:`finished` holds
+            its result).
+
+        Raises:
+            OtaguardError: an action failed after the new slot was armed; the install
+                stays persisted and resumes at the next ``update``.
+            StopRequestedError: the agent was asked to stop; it resumes later.
+        """
+        self._session = session
+        self.finished = None
+        state = InstallState.load(self.paths.install_state)
+        event: Event = Resumed()
+        error: OtaguardError | None = None
+        while True:
+            before = state.phase
+            state, actions = transition(state, Observation(event, self._view()))
+            if state.phase is not before:
+                state.history.append(state.phase.value)
+                logger.info("install: %s -> %s", before.value, state.phase.value)
+            state.save(self.paths.install_state)
+            if state.phase is Phase.IDLE and before is not Phase.IDLE:
+                self.finished = state.last_result
+            if not actions:
+                if error is not None and state.phase is not Phase.IDLE:
+                    raise error
+                return state
+            event, error = self._perform_all(state, actions)
+
+    def close(self) -> None:
+        """Close the network session, if one was opened."""
+        if self._session is not None:
+            self._session.fetcher.close()
+
+    # -- the loop's parts --------------------------------------------------------------
+    def _view(self) -> DeviceView:
+        floor = self.monotonic.read()
+        booted = read_booted(self.paths)
+        if booted is None:
+            booted = boot(self.paths, self.backend, floor=floor)
+        env = BootEnv.load(self.paths.bootenv)
+        return DeviceView(
+            booted=booted.slot,
+            try_slot=env.try_slot,
+            floor=floor,
+            boot_fallback=env.fallback,
+            boot_note=booted.note,
+            slots=dict(env.slots),
+        )
+
+    def _perform_all(
+        self, state: InstallState, actions: tuple[Action, ...]
+    ) -> tuple[Event, OtaguardError | None]:
+        last: Event = Done()
+        for action in actions:
+            if self._stop.is_set():
+                raise StopRequestedError(f"stopped before {action.name}; the install resumes")
+            logger.debug("install action %s", action)
+            try:
+                event = self._perform(state, action)
+            except OtaguardError as e:
+                if self._stop.is_set():
+                    raise StopRequestedError(f"stopped during {action.name}") from e
+                logger.info("install action %s failed: %s", action.name, e.diagnostics())
+                return ActionFailed(action.name, error_kind(e), str(e)), e
+            _fault_point(action.name, state.phase)
+            if self._after_action is not None:
+                self._after_action(action)
+            if event is not None:
+                last = event
+        return last, None
+
+    def _perform(self, state: InstallState, action: Action) -> Event | None:  # noqa: PLR0911
+        match action:
+            case Download():
+                return self._download(state)
+            case InvalidateSlot(slot=slot):
+                self._edit_env(lambda env: _invalidate(env, slot))
+                return None
+            case WriteSlot(slot=slot):
+                return self._write(state, slot)
+            case VerifySlot(slot=slot):
+                target = _target(state)
+                return SlotChecked(self.backend.digest(slot, target.length) == target.sha256)
+            case Arm(slot=slot, image=image):
+                self._edit_env(lambda env: _arm(env, slot, image, self.config.max_boot_tries))
+                return None
+            case Reboot():
+                # Simulated: on hardware this is a real reboot and the agent resumes here.
+                boot(self.paths, self.backend, floor=self.monotonic.read())
+                return None
+            case HealthCheck(slot=slot):
+                return HealthResult(self._health_check(state, slot))
+            case SetPrimary(slot=slot):
+                self._edit_env(lambda env: _set_primary(env, slot))
+                return None
+            case RaiseFloor(version=version, security_counter=counter):
+                self.monotonic.raise_to(Version.parse(version), counter)
+                return None
+            case RetireBelowFloor(keep=keep):
+                floor = self.monotonic.read()
+                self._edit_env(lambda env: _retire(env, keep, floor))
+                return None
+            case DiscardStaged():
+                self._staged(state).unlink(missing_ok=True)
+                return None
+        raise RuntimeError(f"unknown action {action!r}")  # pragma: no cover
+
+    # -- actions -----------------------------------------------------------------------
+    def _edit_env(self, change: Callable[[BootEnv], bool]) -> None:
+        env = BootEnv.load(self.paths.bootenv)
+        if change(env):
+            try:
+                env.save(self.paths.bootenv)
+            except OSError as e:
+                raise DeviceStorageError(f"cannot write the boot environment: {e.strerror}") from e
+
+    def _staged(self, state: InstallState) -> Path:
+        target = _target(state)
+        return self.paths.staging / f"{target.sha256}.{target.target}"
+
+    def _download(self, state: InstallState) -> Event:
+        target = _target(state)
+        if self._session is None:
+            self._session = self._session_factory()
+            self._session.refresh()
+        info = self._session.find_target(target.target)
+        if info is None or info.hashes.get("sha256") != target.sha256:
+            return Withdrawn()
+        self.paths.staging.mkdir(exist_ok=True)
+        fetcher = self._session.fetcher
+        if self._progress is not None:
+            progress, total = self._progress, target.length
+            fetcher.on_chunk = lambda n: progress("download", n, total)
+        try:
+            self._session.download(info, self._staged(state))
+        finally:
+            fetcher.on_chunk = None
+        return Downloaded()
+
+    def _write(self, state: InstallState, slot: str) -> Event:
+        target = _target(state)
+        staged = self._staged(state)
+        written = 0
+
+        def on_chunk(n: int) -> None:
+            nonlocal written
+            written += n
+            if self._stop.is_set():
+                raise StopRequestedError(f"stopped while writing slot {slot}")
+            if self._progress is not None:
+                self._progress("write", n, target.length)
+            if written >= CHUNK:
+                _fault_point("write-partial")
+
+        if not staged.is_file():
+            return Written(source_ok=False)
+        # The staged file may not have survived a power cut: the write hashes what it
+        # copies, and only a source matching the target counts.
+        length, digest = self.backend.write(slot, staged, progress=on_chunk)
+        return Written(source_ok=(length, digest) == (target.length, target.sha256))
+
+    def _health_check(self, state: InstallState, slot: str) -> str | None:
+        target = _target(state)
+        if self.config.unsafe_no_health_check:
+            warn_insecure("no health check: the new image is committed as soon as it boots")
+            return None
+        if self.config.health_command is None:
+            raise ConfigError("no health check is configured")
+        env = dict(os.environ)
+        env.update(
+            OTAGUARD_DEVICE_DIR=str(self.paths.root),
+            OTAGUARD_SLOT=slot,
+            OTAGUARD_VERSION=target.version,
+        )
+        try:
+            proc = subprocess.Popen(
+                self.config.health_command,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as e:
+            return f"health check could not run: {e.strerror}"
+        deadline = time.monotonic() + self.config.health_timeout_s
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=HEALTH_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self._stop.is_set():
+                        raise StopRequestedError("stopped during the health check") from None
+                    if time.monotonic() > deadline:
+                        return f"health check timed out after {self.config.health_timeout_s:g} s"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return None if code == 0 else f"health check exited with {code}"
+
+
+# -- boot environment edits (each returns whether it changed anything) -------------------
+def _target(state: InstallState) -> SlotImage:
+    if state.target is None:
+        raise RuntimeError("install has no target")
+    return state.target
+
+
+def _invalidate(env: BootEnv, slot: str) -> bool:
+    if env.slots.get(slot) is None and env.try_slot != slot:
+        return False
+    env.slots[slot] = None
+    if env.try_slot == slot:
+        env.try_slot, env.tries_left = None, 0
+    return True
+
+
+def _arm(env: BootEnv, slot: str, image: SlotImage, tries: int) -> bool:
+    env.slots[slot] = image
+    env.try_slot, env.tries_left, env.fallback = slot, tries, None
+    return True
+
+
+def _set_primary(env: BootEnv, slot: str) -> bool:
+    if env.primary == slot and env.try_slot is None:
+        return False
+    env.primary, env.try_slot, env.tries_left = slot, None, 0
+    return True
+
+
+def _retire(env: BootEnv, keep: str, floor: Floor) -> bool:
+    changed = False
+    for s in SLOTS:
+        image = env.slots.get(s)
+        if s == keep or image is None:
+            continue
+        try:
+            floor.check(Version.parse(image.version), image.security_counter)
+        except (DowngradeError, ValueError):
+            # Below the floor: a bootloader must never start it again (retired).
+            env.slots[s] = None
+            changed = True
+    return changed
