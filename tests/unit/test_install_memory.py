@@ -240,3 +240,58 @@ def test_floor_raised_before_arm_refuses_cleanly_and_does_not_wedge(mem: Mem) ->
         mem.open(path).update()
     mem.release("1.6.0")
     assert mem.open(path).update().outcome == "updated"
+
+
+def flip_byte(path: Path, offset: int = SIZE // 3) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x80]))
+
+
+def test_staged_file_damaged_after_download_is_fetched_again(mem: Mem) -> None:
+    """Bit rot (or a torn copy) in staging between download and write: the write hashes its
+    source, sees the damage, and the image is downloaded again instead of installed."""
+    mem.release("1.1.0")
+    path = mem.provision("d")
+    fetchers: list[MemoryFetcher] = []
+    files = read_repository_files(mem.repo.dir)
+    damaged = False
+
+    def damage_staging(action: Action) -> None:
+        nonlocal damaged
+        if action.name == "download" and not damaged:
+            damaged = True
+            (staged,) = (path / "staging").iterdir()
+            flip_byte(staged)
+
+    def factory() -> MemoryFetcher:
+        fetchers.append(MemoryFetcher(files))
+        return fetchers[-1]
+
+    dev = Device(path, fetcher_factory=factory, after_action=damage_staging)
+    assert dev.update().outcome == "updated"
+    assert_committed(dev)
+    blob = next(p for p in files if p.startswith("targets/") and p.endswith("-1.1.0.img"))
+    assert sum(f.fetches[blob] for f in fetchers) == 2, "the damaged image is fetched again"
+
+
+def test_slot_that_reads_back_wrong_is_rewritten_not_armed(mem: Mem) -> None:
+    """A write that did not land (flaky flash): the read-back catches it before arming."""
+    mem.release("1.1.0")
+    path = mem.provision("d")
+    writes = 0
+
+    def corrupt_first_write(action: Action) -> None:
+        nonlocal writes
+        if action.name == "write_slot":
+            writes += 1
+            if writes == 1:
+                flip_byte(path / "slots" / "b.img")
+
+    dev = mem.open(path, after=corrupt_first_write)
+    assert dev.update().outcome == "updated"
+    assert writes == 2
+    assert_committed(dev)
+    assert (path / "slots" / "b.img").read_bytes() == mem.image("1.1.0").read_bytes()
