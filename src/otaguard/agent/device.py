@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from cryptography import x509
 from tuf.api.metadata import Metadata, Root
@@ -29,6 +29,7 @@ from otaguard.agent.slots import BootEnv, FileSlots, SlotImage, other_slot
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import ConfigError, DeviceStorageError, DowngradeError, OperatorError
+from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 
 __all__ = ["Device", "DeviceStatus", "UpdateResult"]
@@ -196,10 +197,12 @@ class Device:
 
     def _session(self) -> TufSession:
         url = self.config.server_url
-        ctx = None
-        if not url.startswith("http://"):
+        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
+        if self.config.insecure_http and url.startswith("http://"):
+            tls = Unsafe.PLAIN_HTTP
+        else:
             try:
-                ctx = create_ssl_context(ca_file=self.paths.ca)
+                tls = create_ssl_context(ca_file=self.paths.ca)
             except ssl.SSLError as e:
                 raise ConfigError(
                     f"CA certificate {self.paths.ca} is not a valid PEM certificate"
@@ -212,7 +215,7 @@ class Device:
         trusted_root = _read_trust_file(self.paths.trusted_root, "trusted root")
         validate_root(trusted_root, self.paths.trusted_root)
         fetcher = TlsFetcher(
-            ssl_context=ctx,
+            tls=tls,
             connect_timeout=self.config.connect_timeout_s,
             read_timeout=self.config.read_timeout_s,
             deadline_base=self.config.download_deadline_base_s,
