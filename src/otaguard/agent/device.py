@@ -240,10 +240,12 @@ class Device:
 
     def _session(self) -> TufSession:
         url = self.config.server_url
-        ctx = None
-        if not url.startswith("http://"):
+        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
+        if self.config.insecure_http and url.startswith("http://"):
+            tls = Unsafe.PLAIN_HTTP
+        else:
             try:
-                ctx = create_ssl_context(ca_file=self.paths.ca)
+                tls = create_ssl_context(ca_file=self.paths.ca)
             except ssl.SSLError as e:
                 raise ConfigError(
                     f"CA certificate {self.paths.ca} is not a valid PEM certificate"
@@ -263,7 +265,7 @@ class Device:
                 fetcher=self._fetcher_factory(),
             )
         fetcher = TlsFetcher(
-            ssl_context=ctx,
+            tls=tls,
             connect_timeout=self.config.connect_timeout_s,
             read_timeout=self.config.read_timeout_s,
             deadline_base=self.config.download_deadline_base_s,

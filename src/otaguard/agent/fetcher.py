@@ -2,35 +2,76 @@
 
 Every byte the device reads from the network passes through :class:`TlsFetcher`:
 metadata and images alike. It verifies the server against the provisioned CA (and can
-present a client certificate for mutual TLS), applies connect and read timeouts, and
-enforces a total deadline per download so a server trickling bytes cannot hold the
-device forever (TUF "slow retrieval" attack).
+present a client certificate for mutual TLS) and defends against a hostile or broken
+server:
+
+* **Slow retrieval** (TUF): one deadline covers a whole request, from the TCP connect
+  through the TLS handshake, the status line and headers to the last body byte. A
+  watchdog thread shuts the TCP connection down when the deadline passes, which wakes the
+  request wherever it is blocked, so a server trickling one byte at a time cannot hold the
+  device past it. Connect and read timeouts still bound each single socket operation.
+* **Endless data** (TUF): bodies are capped at the caller's ``max_length``; status line
+  and headers are capped by :mod:`http.client` (64 KiB per line, 100 header lines).
+* **Cancellation**: :meth:`TlsFetcher.cancel` aborts the request in progress within
+  :data:`CANCEL_POLL_S` and refuses every later one.
+
+Built on :mod:`http.client` rather than urllib3: a whole-request deadline needs a handle
+on the socket from before ``connect()`` to the last body byte, which urllib3 exposes only
+through private attributes.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import http.client
 import logging
+import socket
 import ssl
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, Literal
+from urllib.parse import urlsplit
 
-import urllib3
 from tuf.api import exceptions
 from tuf.ngclient import FetcherInterface
 
 from otaguard.crypto.keys import warn_insecure
+from otaguard.model.unsafe import Unsafe
 
-__all__ = ["CHUNK", "Fetcher", "TlsFetcher", "create_ssl_context"]
+__all__ = [
+    "CANCEL_POLL_S",
+    "CHUNK",
+    "DownloadCancelledError",
+    "Fetcher",
+    "TlsFetcher",
+    "create_ssl_context",
+]
 
 logger = logging.getLogger(__name__)
 
+#: largest read handed on at once: big enough that a fast link costs few Python calls,
+#: small enough that progress and the deadline are seen often (a TLS record is 16 KiB)
 CHUNK: Final = 256 * 1024
+#: cancel() only sets a flag, so it is safe in a signal handler; the watchdog of the
+#: request in progress notices it within this many seconds and aborts the connection
+CANCEL_POLL_S: Final = 0.1
 USER_AGENT: Final = "otaguard-agent/0.1"
+
+_Key = tuple[str, str, int]  # (scheme, host, port): what a kept-alive connection serves
+_Reason = Literal["cancelled", "deadline"]
+
+# Errors that mean a kept-alive connection was closed by the server while it sat idle,
+# found when the next request is sent or its first response byte awaited.
+_STALE: Final = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+class DownloadCancelledError(exceptions.DownloadError):
+    """The download was aborted, or refused, because the fetcher was cancelled."""
 
 
 def create_ssl_context(
@@ -67,99 +108,424 @@ class Fetcher(FetcherInterface):
         """
 
 
+class _Watchdog:
+    """Aborts one request's connection when its deadline passes or the fetcher is cancelled.
+
+    It runs its own thread for the duration of one request. ``shutdown(SHUT_RDWR)`` acts
+    on the TCP connection itself, not on one descriptor or wrapper of it, so it wakes the
+    request thread wherever that is blocked: connect, TLS handshake, send, or waiting for
+    the status line, headers or body. The request thread then sees an error or an early
+    end of file and asks :meth:`check` why.
+    """
+
+    def __init__(self, url: str, budget: float, cancelled: Callable[[], bool]) -> None:
+        self.url = url
+        self.budget = budget
+        self.deadline = time.monotonic() + budget
+        self._cancelled = cancelled
+        self._lock = threading.Lock()  # guards _target and _fired
+        self._target: socket.socket | None = None
+        self._fired: _Reason | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="otaguard-fetch-watchdog", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def fired(self) -> bool:
+        """Whether the watchdog fired (and aborted the connection, if there was one)."""
+        return self._fired is not None
+
+    def remaining(self) -> float:
+        """Seconds left until the deadline (negative once it passed)."""
+        return self.deadline - time.monotonic()
+
+    def _due(self) -> _Reason | None:
+        if self._cancelled():
+            return "cancelled"
+        if time.monotonic() >= self.deadline:
+            return "deadline"
+        return None
+
+    def error(self) -> exceptions.DownloadError | None:
+        """The error the request must fail with now, or ``None`` if it may go on."""
+        reason = self._fired or self._due()
+        if reason == "cancelled":
+            return DownloadCancelledError(f"download of {self.url} cancelled")
+        if reason == "deadline":
+            return exceptions.SlowRetrievalError(
+                f"download of {self.url} exceeded its deadline of {self.budget:.1f} s"
+            )
+        return None
+
+    def check(self) -> None:
+        """Raise the cancellation or deadline error if the request must stop."""
+        error = self.error()
+        if error is not None:
+            raise error
+
+    def watch(self, handle: socket.socket) -> None:
+        """Make ``handle`` the connection to abort; raise if the request must stop."""
+        with self._lock:
+            self._target = handle
+        self.check()
+
+    def unwatch(self) -> None:
+        """Forget the connection (call before closing it, so it is never shut down late)."""
+        with self._lock:
+            self._target = None
+
+    def stop(self) -> None:
+        """End the watch (the request finished); returns once the thread has exited."""
+        self._done.set()
+        self._thread.join()
+        self.unwatch()
+
+    def _run(self) -> None:
+        while not self._done.wait(max(0.0, min(CANCEL_POLL_S, self.remaining()))):
+            reason = self._due()
+            if reason is None:
+                continue
+            with self._lock:
+                self._fired = reason
+                if self._target is not None:
+                    with contextlib.suppress(OSError):  # already closed or never connected
+                        self._target.shutdown(socket.SHUT_RDWR)
+            return
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """:mod:`http.client` over a socket the fetcher connected (and wrapped in TLS) itself."""
+
+    def __init__(self, host: str, port: int, sock: socket.socket, default_port: int) -> None:
+        super().__init__(host, port)
+        self.default_port = default_port  # the Host header omits the scheme's default port
+        self.sock = sock
+
+    def connect(self) -> None:
+        # http.client reconnects by itself once it dropped its socket; that connection would
+        # bypass the watchdog (and TLS), so a dropped connection is never used again.
+        raise http.client.NotConnected("connection closed; the fetcher opens a new one")
+
+
+class _Connection:
+    """One HTTP/1.1 connection, with the descriptor the watchdog shuts down."""
+
+    def __init__(self, key: _Key, sock: socket.socket, handle: socket.socket) -> None:
+        self.key = key
+        self.http = _HTTPConnection(key[1], key[2], sock, 443 if key[0] == "https" else 80)
+        #: duplicate of the TCP descriptor: shutting it down aborts the connection whatever
+        #: wraps the original (TLS, http.client's buffered reader)
+        self.handle = handle
+
+    def close(self) -> None:
+        self.http.close()
+        self.handle.close()
+
+
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    """Announced body length, or ``None`` when the body is chunked or ends at close."""
+    if resp.getheader("Transfer-Encoding") is not None:
+        return None
+    value = resp.getheader("Content-Length")
+    try:
+        length = int(value) if value is not None else -1
+    except ValueError:  # as http.client does: an unusable length means "read to close"
+        return None
+    return length if length >= 0 else None
+
+
 class TlsFetcher(Fetcher):
-    """Fetcher with verified TLS, timeouts and per-download deadlines."""
+    """Fetcher with verified TLS, timeouts, whole-request deadlines and cancellation.
+
+    At most one idle keep-alive connection is kept per (scheme, host, port); a connection
+    goes back only after its response body was read to the end. Requests may run from
+    several threads; :meth:`cancel` and :meth:`close` may be called from any thread.
+
+    Args:
+        tls: the context that verifies servers (:func:`create_ssl_context`), or
+            ``Unsafe.PLAIN_HTTP`` to speak plain HTTP (development only; warns).
+        connect_timeout: seconds one TCP connect attempt may take.
+        read_timeout: seconds one socket read or write may wait (the TLS handshake too).
+        deadline_base: seconds every request may take in total; ``download_file`` adds
+            ``max_length / min_rate_bps``.
+        min_rate_bps: slowest acceptable transfer rate, in bytes per second.
+        staging_dir: where ``download_file`` stores its temporary file.
+
+    Raises:
+        TypeError: ``tls`` is neither an ``ssl.SSLContext`` nor ``Unsafe.PLAIN_HTTP``
+            (a forgotten ``None`` never means plain HTTP).
+        ValueError: a timeout, deadline or rate is not positive.
+    """
 
     def __init__(
         self,
         *,
-        ssl_context: ssl.SSLContext | None,
+        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP],
         connect_timeout: float,
         read_timeout: float,
         deadline_base: float,
         min_rate_bps: int,
         staging_dir: Path | None = None,
     ):
-        if ssl_context is None:
+        self._tls: ssl.SSLContext | None
+        if isinstance(tls, ssl.SSLContext):
+            self._tls = tls
+        elif tls is Unsafe.PLAIN_HTTP:
             warn_insecure("plain HTTP fetcher: transport is neither encrypted nor authenticated")
-        self._pool = urllib3.PoolManager(
-            ssl_context=ssl_context,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-            retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, backoff_factor=0.2),
-            headers={"User-Agent": USER_AGENT},
-            maxsize=2,
-        )
-        self._plain_ok = ssl_context is None
+            self._tls = None
+        else:
+            raise TypeError(f"tls must be an ssl.SSLContext or Unsafe.PLAIN_HTTP, not {tls!r}")
+        if not all(v > 0 for v in (connect_timeout, read_timeout, deadline_base, min_rate_bps)):
+            raise ValueError("timeouts, deadline and minimum rate must be positive")
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._deadline_base = deadline_base
         self._min_rate = min_rate_bps
-        self._deadline: float | None = None
         self._staging_dir = staging_dir
-        self._cancelled = False
+        self._headers = {"User-Agent": USER_AGENT}
+        self._cancelled = False  # only ever set: a plain store is signal-handler safe
+        self._pool_lock = threading.Lock()
+        self._idle: dict[_Key, _Connection] = {}
 
+    # -- python-tuf's FetcherInterface -------------------------------------------------
     def _fetch(self, url: str) -> Iterator[bytes]:
-        if self._cancelled:
-            raise exceptions.DownloadError(f"cancelled before fetching {url}")
-        if url.startswith("http://") and not self._plain_ok:
-            raise exceptions.DownloadError(f"refusing plain HTTP URL {url}")
-        deadline = self._deadline or time.monotonic() + self._deadline_base
-        try:
-            resp = self._pool.request("GET", url, preload_content=False)
-        except urllib3.exceptions.HTTPError as e:
-            raise exceptions.DownloadError(f"cannot reach {url}: {e}") from e
-        if resp.status != 200:
-            # Never hand a connection with an unread body back to the pool: the next
-            # request would read that body as its response.
-            resp.close()
-            raise exceptions.DownloadHTTPError(f"HTTP {resp.status} for {url}", resp.status)
-        return self._chunks(resp, url, deadline)
+        """Body of ``url``; nothing is sent until the first chunk is asked for.
 
-    def _chunks(self, resp: urllib3.BaseHTTPResponse, url: str, deadline: float) -> Iterator[bytes]:
-        complete = False
-        try:
-            # read1() returns whatever has arrived, so the deadline is checked at least
-            # once per read timeout even when a server trickles one byte at a time.
-            while chunk := resp.read1(CHUNK):
-                if time.monotonic() > deadline:
-                    raise exceptions.SlowRetrievalError(f"download of {url} exceeded its deadline")
-                if self.on_chunk is not None:
-                    self.on_chunk(len(chunk))
-                yield chunk
-            complete = True
-        except urllib3.exceptions.HTTPError as e:
-            raise exceptions.DownloadError(f"download of {url} failed: {e}") from e
-        finally:
-            # Only a fully read response may return its connection to the pool.
-            if complete:
-                resp.release_conn()
-            else:
-                resp.close()
+        The request may take ``deadline_base`` seconds in total. Every error, including
+        ``DownloadHTTPError``, is raised while iterating.
+        """
+        return self._stream(url, self._deadline_base)
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
         """Download ``url`` to a temp file in the staging dir, capped at ``max_length``.
 
-        Same contract as python-tuf's, plus a deadline proportional to the length.
-        """
-        self._deadline = time.monotonic() + self._deadline_base + max_length / self._min_rate
-        received = 0
-        try:
-            with tempfile.TemporaryFile(dir=self._staging_dir) as temp_file:
-                for chunk in self.fetch(url):
-                    received += len(chunk)
-                    if received > max_length:
-                        raise exceptions.DownloadLengthMismatchError(
-                            f"{url}: more than the expected {max_length} bytes"
-                        )
-                    temp_file.write(chunk)
-                temp_file.seek(0)
-                yield temp_file
-        finally:
-            self._deadline = None
+        Same contract as python-tuf's, with a deadline of ``deadline_base + max_length /
+        min_rate_bps`` seconds for the whole request.
 
+        Raises:
+            DownloadLengthMismatchError: the server sent more than ``max_length`` bytes.
+            SlowRetrievalError: the deadline passed or the server stalled.
+            DownloadCancelledError: :meth:`cancel` was called.
+            DownloadHTTPError: the server answered with another status than 200.
+            DownloadError: any other network, TLS or protocol failure.
+        """
+        budget = self._deadline_base + max_length / self._min_rate
+        received = 0
+        with (
+            tempfile.TemporaryFile(dir=self._staging_dir) as temp_file,
+            contextlib.closing(self._stream(url, budget)) as chunks,
+        ):
+            for chunk in chunks:
+                received += len(chunk)
+                if received > max_length:
+                    raise exceptions.DownloadLengthMismatchError(
+                        f"{url}: more than the expected {max_length} bytes"
+                    )
+                temp_file.write(chunk)
+            temp_file.seek(0)
+            yield temp_file
+
+    # -- Fetcher -----------------------------------------------------------------------
     def close(self) -> None:
-        """Close pooled connections."""
-        self._pool.clear()
+        """Close the idle keep-alive connections; the fetcher may be used again."""
+        with self._pool_lock:
+            idle = list(self._idle.values())
+            self._idle.clear()
+        for conn in idle:
+            conn.close()
 
     def cancel(self) -> None:
-        """Refuse new requests (a request in progress is not yet interrupted)."""
+        """Abort the request in progress within ``CANCEL_POLL_S`` and refuse new ones.
+
+        Safe from any thread and from a signal handler: it only sets a flag, which the
+        watchdog of each request in progress polls.
+        """
         self._cancelled = True
+
+    def _is_cancelled(self) -> bool:
+        return self._cancelled
+
+    # -- one request -------------------------------------------------------------------
+    def _stream(self, url: str, budget: float) -> Generator[bytes, None, None]:
+        key, path = self._target(url)
+        if self._cancelled:
+            raise DownloadCancelledError(f"download of {url} refused: the fetcher was cancelled")
+        wd = _Watchdog(url, budget, self._is_cancelled)
+        conn: _Connection | None = None
+        resp: http.client.HTTPResponse | None = None
+        complete = False
+        try:
+            conn, resp = self._exchange(key, path, wd)
+            if resp.status != 200:
+                raise exceptions.DownloadHTTPError(
+                    f"HTTP {resp.status} {resp.reason} for {url}", resp.status
+                )
+            expected = _content_length(resp)
+            received = 0
+            while chunk := resp.read1(CHUNK):
+                wd.check()
+                received += len(chunk)
+                if self.on_chunk is not None:
+                    self.on_chunk(len(chunk))
+                yield chunk
+            wd.check()  # an end of file the watchdog caused is not the end of the body
+            if expected is not None and received != expected:
+                raise exceptions.DownloadError(
+                    f"download of {url} ended after {received} of {expected} bytes"
+                )
+            complete = True
+        except (OSError, http.client.HTTPException, UnicodeError) as e:
+            raise self._translate(e, url, wd) from e
+        finally:
+            wd.stop()
+            if resp is not None:
+                resp.close()  # releases http.client's reader; the socket stays with conn
+            if conn is not None:
+                # Only a connection whose response was read to the end may serve the next
+                # request: otherwise that request would read the rest of this body as its
+                # response. http.client drops the socket when the server said it closes.
+                if complete and not wd.fired and conn.http.sock is not None:
+                    self._checkin(conn)
+                else:
+                    conn.close()
+
+    def _target(self, url: str) -> tuple[_Key, str]:
+        """Connection key and request path of ``url``; refuse what this fetcher may not do."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise exceptions.DownloadError(f"invalid URL {url!r}: {e}") from e
+        if parts.scheme == "http":
+            if self._tls is not None:
+                raise exceptions.DownloadError(f"refusing plain HTTP URL {url}")
+        elif parts.scheme == "https":
+            if self._tls is None:
+                raise exceptions.DownloadError(
+                    f"refusing {url}: this fetcher was made for plain HTTP and trusts no CA"
+                )
+        else:
+            raise exceptions.DownloadError(f"unsupported URL scheme in {url!r}")
+        if not parts.hostname:
+            raise exceptions.DownloadError(f"no host in URL {url!r}")
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return (parts.scheme, parts.hostname, port), path
+
+    def _exchange(
+        self, key: _Key, path: str, wd: _Watchdog
+    ) -> tuple[_Connection, http.client.HTTPResponse]:
+        """Send the request and read the status line and headers.
+
+        A kept-alive connection the server closed while it was idle is noticed here and
+        replaced once by a fresh one, within the same deadline.
+        """
+        conn = self._checkout(key)
+        if conn is not None:
+            try:
+                return conn, self._send(conn, path, wd)
+            except _STALE as e:
+                if wd.fired:
+                    raise
+                logger.debug("kept-alive connection to %s:%d went stale (%r)", *key[1:], e)
+        conn = self._connect(key, wd)
+        return conn, self._send(conn, path, wd)
+
+    def _send(self, conn: _Connection, path: str, wd: _Watchdog) -> http.client.HTTPResponse:
+        ok = False
+        try:
+            wd.watch(conn.handle)
+            conn.http.request("GET", path, headers=self._headers)
+            resp = conn.http.getresponse()
+            ok = True
+            return resp
+        finally:
+            if not ok:
+                wd.unwatch()
+                conn.close()
+
+    def _connect(self, key: _Key, wd: _Watchdog) -> _Connection:
+        """Open a new connection for ``key``: TCP, then TLS for https."""
+        scheme, host, port = key
+        sock, handle = self._open_tcp(host, port, wd)
+        ok = False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self._read_timeout)
+            if scheme == "https":
+                if self._tls is None:  # _target() refuses this already
+                    raise exceptions.DownloadError("https URL but no TLS context")
+                # wrap_socket takes the descriptor over, and closes it if the handshake fails.
+                sock = self._tls.wrap_socket(sock, server_hostname=host)
+            ok = True
+            return _Connection(key, sock, handle)
+        finally:
+            if not ok:
+                wd.unwatch()
+                sock.close()
+                handle.close()
+
+    def _open_tcp(self, host: str, port: int, wd: _Watchdog) -> tuple[socket.socket, socket.socket]:
+        """Connect to the first address of ``host`` that accepts.
+
+        Returns the socket and a duplicate of its descriptor, which the watchdog watches
+        from before ``connect()``.
+        """
+        # Name resolution cannot be interrupted; the system resolver's timeouts bound it.
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error = OSError(f"no address for {host}")
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            handle: socket.socket | None = None
+            ok = False
+            try:
+                handle = sock.dup()
+                wd.watch(handle)
+                # The watchdog aborts a connect at the deadline; this timeout, just after it,
+                # is the backstop should a platform not abort a connect on shutdown().
+                backstop = max(0.0, wd.remaining()) + CANCEL_POLL_S
+                sock.settimeout(min(self._connect_timeout, backstop))
+                sock.connect(address)
+            except OSError as e:
+                if wd.fired:
+                    raise
+                error = e
+            else:
+                ok = True
+                return sock, handle
+            finally:
+                if not ok:
+                    wd.unwatch()
+                    sock.close()
+                    if handle is not None:
+                        handle.close()
+        raise error
+
+    def _checkout(self, key: _Key) -> _Connection | None:
+        with self._pool_lock:
+            return self._idle.pop(key, None)
+
+    def _checkin(self, conn: _Connection) -> None:
+        with self._pool_lock:
+            old = self._idle.pop(conn.key, None)
+            self._idle[conn.key] = conn
+        if old is not None:
+            old.close()
+
+    def _translate(
+        self, e: OSError | http.client.HTTPException | UnicodeError, url: str, wd: _Watchdog
+    ) -> exceptions.DownloadError:
+        """tuf's error for a foreign exception; the watchdog's reason takes precedence."""
+        stopped = wd.error()
+        if stopped is not None:
+            return stopped
+        if isinstance(e, TimeoutError):
+            return exceptions.SlowRetrievalError(
+                f"download of {url} stalled: no progress within the socket timeout"
+                f" (connect {self._connect_timeout} s, read {self._read_timeout} s)"
+            )
+        return exceptions.DownloadError(f"download of {url} failed: {type(e).__name__}: {e}")
