@@ -115,11 +115,15 @@ def test_timestamp_rollback_and_forgeries_are_refused(
     old = _current(repo)
     repo.publish()
     publish_files(store, blobs, _current(repo), now=NOW)
-    with pytest.raises(VerificationError, match="roll back"):
+    # Valid on its own (a device fresh from the factory accepts it), but a rollback for
+    # every device that already trusts timestamp 2.
+    with pytest.raises(VerificationError, match=r"up to date.*BadVersionNumberError.*>= 2"):
         publish_files(store, blobs, old, now=NOW)
     # A timestamp signed by a key the root does not list.
     repo.signers["timestamp"] = CryptoSigner.generate_ed25519()
-    with pytest.raises(VerificationError, match="timestamp"):
+    with pytest.raises(
+        VerificationError, match=r"timestamp timestamp\.json: UnsignedMetadataError: .*0/1"
+    ):
         publish_files(store, blobs, repo.publish(), now=NOW)
     current = store.current_timestamp()
     assert current is not None
@@ -216,3 +220,26 @@ def test_sync_imports_and_skips_mid_write(
     current = store.current_timestamp()
     assert current is not None
     assert current.data == (repo.meta_dir / "timestamp.json").read_bytes()
+
+
+def test_timestamp_pointing_back_at_an_older_snapshot_is_refused(
+    stores: tuple[SQLMetadataStore, FileBlobStore], repo: RepoWriter
+) -> None:
+    """The reported hole: every device refuses this timestamp, so the server must too."""
+    from tuf.api.metadata import MetaFile
+
+    store, blobs = stores
+    publish_files(store, blobs, _current(repo), now=NOW)
+    repo.publish()
+    publish_files(store, blobs, _current(repo), now=NOW)
+    served = store.current_timestamp()
+    assert served is not None and served.filename == "2.timestamp.json"
+    old_snapshot = store.get("1.snapshot.json")
+    assert old_snapshot is not None
+    # Timestamp v3, validly signed with the repository's timestamp key, naming snapshot 1.
+    repo.timestamp.signed.version = 3
+    repo.timestamp.signed.snapshot_meta = MetaFile.from_data(1, old_snapshot, ["sha256"])
+    forged = repo.sign(repo.timestamp, "timestamp")
+    with pytest.raises(VerificationError, match="BadVersionNumberError"):
+        publish_files(store, blobs, {"timestamp.json": forged}, now=NOW)
+    assert store.current_timestamp() == served

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from otaguard.model import KeyAccessError, OperatorError
-from otaguard.repo import ImageRepository, check_metadata
+from otaguard.repo import ImageRepository, check_repository
 
 PW = b"pw"
 
@@ -133,12 +134,12 @@ def test_verify_finds_tampered_blob_and_metadata(repo: ImageRepository, tmp_path
         (n for n in files if n.endswith(".targets.json")), key=lambda n: int(n.split(".")[0])
     )
     files[name] = files[name].replace(b'"1.0.0"', b'"9.0.0"')
-    report = check_metadata(
-        files,
-        trusted_root=None,
-        now=__import__("datetime").datetime.now(__import__("datetime").UTC),
-    )
+    report = check_repository(files, now=datetime.now(UTC))
     assert not report.ok
+    assert report.problem is not None
+    assert f"targets {name}: UnsignedMetadataError" in report.problem
+    assert report.roles["targets"].problem == report.problem
+    assert report.targets is None
 
 
 def test_plaintext_keys_warn_on_every_use(tmp_path: Path) -> None:

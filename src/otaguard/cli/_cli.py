@@ -88,18 +88,16 @@ def _repo_init(a: argparse.Namespace) -> int:
 
 def _repo_verify(a: argparse.Namespace) -> int:
     from otaguard.cli._render import render_verification
+    from otaguard.model.errors import VerificationError
     from otaguard.repo import ImageRepository
 
     repo = ImageRepository(a.repo_dir, passphrase=None)
     report, checks = repo.verify()
     render_verification(out, report, checks)
-    ok = report.ok and all(c.ok for c in checks)
-    if not ok:
-        problems = report.all_problems() + [
-            f"target {c.path}: {c.problem}" for c in checks if not c.ok
-        ]
-        err.print(f"verification failed: {problems[0]}")
-        return 3
+    problems = report.all_problems() + [f"target {c.path}: {c.problem}" for c in checks if not c.ok]
+    if problems:
+        # main() prints it as one line and exits with VerificationError's code (3).
+        raise VerificationError(problems[0])
     out.print("[green]repository verified[/green]")
     return 0
 
