@@ -6,16 +6,30 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
+import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import urllib3
 from test_server_support import RepoWriter
 
+import otaguard.server.app
+import otaguard.server.client
+import otaguard.server.publish
 from otaguard.crypto import CertificateAuthority
-from otaguard.model.errors import OperatorError, TransportError, VerificationError
+from otaguard.model.errors import (
+    ConflictError,
+    NotReadyError,
+    OperatorError,
+    ServerStorageError,
+    TransportError,
+    VerificationError,
+)
 from otaguard.server import (
     PublishResult,
     RunningServer,
@@ -302,6 +316,8 @@ def test_tls_is_verified(server: RunningServer, repo: RepoWriter, tmp_path: Path
 
 
 def test_operator_token_file_is_private(server: RunningServer) -> None:
+    # The data directory (token, CA key, database) is created owner-only, not tightened later.
+    assert stat.S_IMODE(os.stat(server.data_dir).st_mode) == 0o700
     token_file = server.data_dir / "operator-token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token_file.read_text().strip() == server.operator_token
@@ -320,3 +336,124 @@ def test_verification_error_reason_reaches_the_client(
             ca_cert=bare_server.ca_cert,
             token=bare_server.operator_token,
         )
+
+
+def _post(server: RunningServer, files: dict[str, bytes]) -> urllib3.BaseHTTPResponse:
+    body = json.dumps({"metadata": {k: base64.b64encode(v).decode() for k, v in files.items()}})
+    with _pool(server) as http:
+        return http.request(
+            "POST",
+            f"{server.base_url}/api/v1/publish",
+            body=body.encode(),
+            headers={
+                "Authorization": f"Bearer {server.operator_token}",
+                "Content-Type": "application/json",
+            },
+        )
+
+
+def test_concurrent_publishes_conflict_and_the_loser_retries(
+    bare_server: RunningServer, repo: RepoWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two release jobs publish at once: one commits, the other gets 409 and retries."""
+    monkeypatch.setattr(otaguard.server.client, "CONFLICT_BACKOFF_SECONDS", 0.01)
+    # Both requests finish every check before either commits (the race, made certain).
+    both_checked = threading.Barrier(2, timeout=10)
+    real_check = otaguard.server.publish._check_reachable
+    calls: list[int] = []
+
+    def rendezvous(*args: Any) -> None:
+        real_check(*args)
+        calls.append(1)
+        if len(calls) <= 2:
+            both_checked.wait()
+
+    monkeypatch.setattr(otaguard.server.publish, "_check_reachable", rendezvous)
+    conflicts: list[str] = []
+    real_publish = otaguard.server.publish.publish_files
+
+    def count_conflicts(*args: Any, **kw: Any) -> Any:
+        try:
+            return real_publish(*args, **kw)
+        except ConflictError as e:
+            conflicts.append(str(e))
+            raise
+
+    monkeypatch.setattr(otaguard.server.app, "publish_files", count_conflicts)
+    results: list[PublishResult] = []
+    errors: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            results.append(_publish(bare_server, repo))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert conflicts == ["a concurrent publish moved the timestamp; retry"]
+    assert len(calls) == 3  # two racing checks, one retry
+    # One job published the release; the other's retry found it already served.
+    assert sorted(r.timestamp or "" for r in results) == ["", "2.timestamp.json"]
+    with _pool(bare_server) as http:
+        ts = http.request("GET", f"{bare_server.base_url}/metadata/timestamp.json")
+    assert ts.data == (repo.meta_dir / "timestamp.json").read_bytes()
+
+
+def test_publish_client_gives_up_on_persistent_conflict(
+    bare_server: RunningServer, repo: RepoWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(otaguard.server.client, "CONFLICT_BACKOFF_SECONDS", 0.0)
+    attempts: list[int] = []
+
+    def always_loses(*_args: Any, **_kw: Any) -> Any:
+        attempts.append(1)
+        raise ConflictError("a concurrent publish moved the timestamp; retry")
+
+    monkeypatch.setattr(otaguard.server.app, "publish_files", always_loses)
+    assert _post(bare_server, {"timestamp.json": b"{}"}).status == 409
+    attempts.clear()
+    with pytest.raises(ConflictError, match=r"moved the timestamp.*gave up after 4 attempts"):
+        _publish(bare_server, repo)
+    assert len(attempts) == otaguard.server.client.PUBLISH_ATTEMPTS == 4
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (NotReadyError("the repository is being written"), "2", NotReadyError),
+        (ServerStorageError("metadata database read failed"), None, TransportError),
+    ],
+    ids=["not-ready", "storage"],
+)
+def test_server_faults_are_503(
+    bare_server: RunningServer,
+    repo: RepoWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple[Exception, str | None, type[Exception]],
+) -> None:
+    error, retry_after, client_error = case
+
+    def fails(*_args: Any, **_kw: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(otaguard.server.app, "publish_files", fails)
+    resp = _post(bare_server, {"timestamp.json": b"{}"})
+    assert resp.status == 503
+    assert resp.headers.get("Retry-After") == retry_after
+    assert str(error) in resp.json()["error"]
+    with pytest.raises(client_error, match=str(error)):
+        _publish(bare_server, repo)
+
+
+def test_refusal_is_422_and_changes_nothing(bare_server: RunningServer, repo: RepoWriter) -> None:
+    _publish(bare_server, repo)
+    repo.timestamp.signed.version += 1
+    repo.timestamp.signed.expires = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    resp = _post(bare_server, {"timestamp.json": repo.sign(repo.timestamp, "timestamp")})
+    assert resp.status == 422
+    assert "ExpiredMetadataError" in resp.json()["error"]

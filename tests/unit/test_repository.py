@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from otaguard.model import KeyAccessError, OperatorError
-from otaguard.repo import ImageRepository, check_metadata
+from otaguard.repo import ImageRepository, check_repository
 
 PW = b"pw"
 
@@ -133,12 +134,12 @@ def test_verify_finds_tampered_blob_and_metadata(repo: ImageRepository, tmp_path
         (n for n in files if n.endswith(".targets.json")), key=lambda n: int(n.split(".")[0])
     )
     files[name] = files[name].replace(b'"1.0.0"', b'"9.0.0"')
-    report = check_metadata(
-        files,
-        trusted_root=None,
-        now=__import__("datetime").datetime.now(__import__("datetime").UTC),
-    )
+    report = check_repository(files, now=datetime.now(UTC))
     assert not report.ok
+    assert report.problem is not None
+    assert f"targets {name}: UnsignedMetadataError" in report.problem
+    assert report.roles["targets"].problem == report.problem
+    assert report.targets is None
 
 
 def test_plaintext_keys_warn_on_every_use(tmp_path: Path) -> None:
@@ -148,3 +149,77 @@ def test_plaintext_keys_warn_on_every_use(tmp_path: Path) -> None:
         ImageRepository.init(tmp_path / "r", passphrase=None)
     with pytest.warns(InsecureModeWarning, match="plaintext"):
         ImageRepository(tmp_path / "r", passphrase=None)
+
+
+def _offline_layout(repo: ImageRepository) -> None:
+    """What the new layout keeps: N.root.json and N.targets.json only."""
+    for p in repo.metadata_dir.iterdir():
+        if p.name == "timestamp.json" or p.name.endswith(".snapshot.json"):
+            p.unlink()
+
+
+def _sign_newest_targets_with_one_key(repo: ImageRepository) -> str:
+    from tuf.api.metadata import Metadata, Targets
+
+    md: Metadata[Targets] = repo._latest("targets", Targets)
+    md.signatures.clear()
+    md.sign(repo._role_signers("targets")[0])
+    name = f"{md.signed.version}.targets.json"
+    (repo.metadata_dir / name).write_bytes(md.to_bytes())
+    return name
+
+
+def test_repo_verify_cli(
+    repo: ImageRepository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from otaguard.cli import main
+
+    repo.add_release(
+        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+    )
+    assert main(["repo", "verify", str(repo.dir)]) == 0
+    out = capsys.readouterr().out
+    assert "repository verified" in out
+    assert "2/2" in out and "hash ok" in out
+
+    name = _sign_newest_targets_with_one_key(repo)
+    assert main(["repo", "verify", str(repo.dir)]) == 3
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"verification failed: targets {name}: UnsignedMetadataError: "
+        "targets was signed by 1/2 keys"
+    )
+    assert f"problem: targets {name}: UnsignedMetadataError" in captured.out
+
+
+def test_verify_without_online_roles(repo: ImageRepository, tmp_path: Path) -> None:
+    rel = repo.add_release(
+        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+    )
+    _offline_layout(repo)
+    report, checks = repo.verify()
+    assert report.ok, report.all_problems()
+    for role in ("snapshot", "timestamp"):
+        assert report.roles[role].note == "signed by the server"
+    assert (report.roles["targets"].file, report.roles["targets"].signed) == (
+        "2.targets.json",
+        2,
+    )
+    assert [c.path for c in checks] == [rel.path] and checks[0].ok
+
+    name = _sign_newest_targets_with_one_key(repo)
+    report, checks = repo.verify()
+    assert not report.ok and checks == []
+    assert report.problem == (
+        f"targets {name}: UnsignedMetadataError: targets was signed by 1/2 keys"
+    )
+    assert report.roles["snapshot"].note == "signed by the server"
+
+
+def test_verify_without_online_roles_checks_expiry(repo: ImageRepository) -> None:
+    _offline_layout(repo)
+    later = datetime.now(UTC) + timedelta(days=91)  # targets live 90 days
+    report, _ = repo.verify(now=later)
+    assert report.problem == "targets 1.targets.json: ExpiredMetadataError: New targets is expired"
+    report, _ = repo.verify(now=later + timedelta(days=365))
+    assert report.problem == "root 1.root.json: ExpiredMetadataError: Final root.json is expired"

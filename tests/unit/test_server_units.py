@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import otaguard.server.storage
 from otaguard.model.errors import ConfigError, VerificationError
 from otaguard.server import ServerSettings
 from otaguard.server._names import blob_name, parse_blob_name, parse_metadata_name
+from otaguard.server.app import DATA_DIR_MODE, create_app
 from otaguard.server.auth import load_or_create_operator_token, token_matches
 from otaguard.server.storage import FileBlobStore
 
@@ -135,3 +138,32 @@ def test_exported_members(module: object) -> None:
     assert len(set(exported)) == len(exported)
     for name in exported:
         assert getattr(module, name) is not None
+
+
+def _start_app(data_dir: Path) -> None:
+    app = create_app(ServerSettings(data_dir=data_dir, repo_dir=None))
+    app.state.store.close()
+
+
+def test_new_data_dir_is_owner_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="otaguard")
+    data_dir = tmp_path / "srv" / "data"
+    _start_app(data_dir)
+    assert DATA_DIR_MODE == 0o700
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o770, 0o701])
+def test_wide_data_dir_is_tightened_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    caplog.set_level(logging.WARNING, logger="otaguard")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(mode)
+    _start_app(data_dir)
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert f"had mode {mode:04o}; tightening it to 0700" in record.getMessage()

@@ -90,18 +90,16 @@ def _repo_init(a: argparse.Namespace) -> int:
 
 def _repo_verify(a: argparse.Namespace) -> int:
     from otaguard.cli._render import render_verification
+    from otaguard.model.errors import VerificationError
     from otaguard.repo import ImageRepository
 
     repo = ImageRepository(a.repo_dir, passphrase=None)
     report, checks = repo.verify()
     render_verification(out, report, checks)
-    ok = report.ok and all(c.ok for c in checks)
-    if not ok:
-        problems = report.all_problems() + [
-            f"target {c.path}: {c.problem}" for c in checks if not c.ok
-        ]
-        err.print(f"verification failed: {problems[0]}")
-        return 3
+    problems = report.all_problems() + [f"target {c.path}: {c.problem}" for c in checks if not c.ok]
+    if problems:
+        # main() prints it as one line and exits with VerificationError's code (3).
+        raise VerificationError(problems[0])
     out.print("[green]repository verified[/green]")
     return 0
 
@@ -167,12 +165,15 @@ def _server(a: argparse.Namespace) -> int:
 def _publish(a: argparse.Namespace) -> int:
     from otaguard.server.client import publish_repository
 
-    token = a.token or os.environ.get(TOKEN_ENV)
-    if token is None and a.token_file is not None:
+    # A secret is never taken from the command line (other users see argv in ps).
+    token: str | None
+    if a.token_file is not None:
         try:
             token = a.token_file.read_text().strip()
         except OSError as e:
             raise OperatorError(f"cannot read token file {a.token_file}: {e.strerror}") from e
+    else:
+        token = os.environ.get(TOKEN_ENV)
     if not token:
         raise OperatorError(f"no operator token: pass --token-file or set {TOKEN_ENV}")
     if len(token) > MAX_TOKEN_CHARS or not all(
@@ -288,6 +289,22 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------
+class _RefuseSecret(argparse.Action):
+    """Refuse a secret given as an argument; the error does not repeat the value."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            f"{option_string} is not accepted: a token on the command line is visible to "
+            f"other users; use --token-file FILE or ${TOKEN_ENV}"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -352,12 +369,16 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     srv.add_argument("--insecure-http", action="store_true", help="development only: plain HTTP")
     srv.set_defaults(func=_server)
 
-    pub = sub.add_parser("publish", help="upload signed metadata and blobs to a server")
+    # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
+    pub = sub.add_parser(
+        "publish", help="upload signed metadata and blobs to a server", allow_abbrev=False
+    )
     pub.add_argument("repo_dir", type=Path)
     pub.add_argument("--server", required=True, metavar="URL")
     pub.add_argument("--ca", type=Path, required=True, help="CA certificate of the server")
     pub.add_argument("--token-file", type=Path, help=f"operator token file (or ${TOKEN_ENV})")
-    pub.add_argument("--token", help=argparse.SUPPRESS)
+    # Not an option: refuses a token on the command line without echoing it back.
+    pub.add_argument("--token", nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
     pub.set_defaults(func=_publish)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from otaguard.agent import DeviceStatus, Selection
@@ -16,22 +17,35 @@ def render_verification(
 ) -> None:
     """Table of every role and target checked by ``repo verify``."""
     table = Table(title="Repository verification")
-    for col in ("item", "version", "signatures", "expires (UTC)", "result"):
+    for col in ("item", "file", "version", "signatures", "expires (UTC)", "result"):
         table.add_column(col)
     for name in ("root", "targets", "snapshot", "timestamp"):
         c = report.roles.get(name)
-        if c is None:
-            table.add_row(name, "-", "-", "-", "[red]not checked[/red]")
+        if c is None or not (c.checked or c.problem):
+            table.add_row(name, "-", "-", "-", "-", "[yellow]not checked[/yellow]")
             continue
-        result = "[green]ok[/green]" if c.ok else "[red]" + "; ".join(c.problems) + "[/red]"
-        expires = f"{c.expires:%Y-%m-%d %H:%M}" if c.expires else "-"
-        table.add_row(name, str(c.version or "-"), f"{c.signed}/{c.threshold}", expires, result)
+        if c.problem:
+            # The row already names role and file; show python-tuf's reason.
+            reason = c.problem.removeprefix(f"{name} {c.file}: ") if c.file else c.problem
+            result = f"[red]{escape(reason)}[/red]"
+        elif c.note:
+            result = f"[cyan]{escape(c.note)}[/cyan]"
+        else:
+            result = "[green]ok[/green]"
+        table.add_row(
+            name,
+            escape(c.file or "-"),
+            str(c.version) if c.version is not None else "-",
+            f"{c.signed}/{c.threshold}" if c.threshold is not None else "-",
+            f"{c.expires:%Y-%m-%d %H:%M}" if c.expires else "-",
+            result,
+        )
     for t in checks:
-        result = "[green]hash ok[/green]" if t.ok else f"[red]{t.problem}[/red]"
-        table.add_row(f"target {t.path}", "", "", "", result)
+        result = "[green]hash ok[/green]" if t.ok else f"[red]{escape(t.problem or '')}[/red]"
+        table.add_row("target", escape(t.path), "", "", "", result)
     console.print(table)
-    for p in report.problems:
-        console.print(f"[red]problem:[/red] {p}")
+    for p in report.all_problems():
+        console.print(f"[red]problem:[/red] {escape(p)}")
 
 
 def render_releases(console: Console, releases: list[Release]) -> None:

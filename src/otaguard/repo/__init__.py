@@ -7,16 +7,29 @@ from otaguard.repo.repository import (
     Release,
     TargetCheck,
 )
-from otaguard.repo.verify import RoleCheck, VerificationReport, check_metadata, verify_published
+from otaguard.repo.verify import (
+    FileSource,
+    OfflineRoles,
+    RoleCheck,
+    VerificationReport,
+    VerifiedRepository,
+    check_repository,
+    verify_offline_roles,
+    verify_update,
+)
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
     "ROLE_ALGORITHMS",
+    "FileSource",
     "ImageRepository",
+    "OfflineRoles",
     "Release",
     "RoleCheck",
     "TargetCheck",
     "VerificationReport",
-    "check_metadata",
-    "verify_published",
+    "VerifiedRepository",
+    "check_repository",
+    "verify_offline_roles",
+    "verify_update",
 ]

@@ -46,7 +46,7 @@ from otaguard.model.errors import ConfigError, OperatorError
 from otaguard.model.names import check_target_name
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
-from otaguard.repo.verify import VerificationReport, check_metadata
+from otaguard.repo.verify import VerificationReport, check_repository
 
 __all__ = ["DEFAULT_EXPIRY_DAYS", "ROLE_ALGORITHMS", "ImageRepository", "Release", "TargetCheck"]
 
@@ -448,11 +448,28 @@ class ImageRepository:
     def verify(
         self, *, now: datetime | None = None
     ) -> tuple[VerificationReport, list[TargetCheck]]:
-        """Check signatures, thresholds, expiry of every role and the hash of every blob."""
-        report = check_metadata(self.read_files(), trusted_root=None, now=now or datetime.now(UTC))
+        """Verify the repository as a device fresh from the factory would, then every blob.
+
+        The metadata goes through :func:`otaguard.repo.verify.check_repository` (python-tuf's
+        client workflow, trusting ``1.root.json``); a repository holding only the offline
+        roles has its snapshot and timestamp reported as signed by the server. Each target
+        the verified targets metadata lists is then checked against its blob in
+        ``targets/`` (length and hashes).
+
+        Args:
+            now: reference time for expiry checks (default: the current time, read once).
+
+        Returns:
+            The per-role report and one check per target blob (none when the metadata
+            did not verify).
+
+        Raises:
+            ConfigError: the metadata directory cannot be read.
+        """
+        report = check_repository(self.read_files(), now=now or datetime.now(UTC))
         checks: list[TargetCheck] = []
-        if report.target_meta is not None:
-            for path, tf in report.target_meta.targets.items():
+        if report.targets is not None:
+            for path, tf in report.targets.targets.items():
                 blob = self.targets_dir / f"{tf.hashes.get('sha256', '')}.{path}"
                 try:
                     with open(blob, "rb") as f:

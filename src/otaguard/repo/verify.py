@@ -1,248 +1,557 @@
-"""Pure verification of a complete set of repository metadata files.
+"""Verifying TUF metadata exactly as a device does, with python-tuf's own client logic.
 
-Bytes in, report out; no I/O. Used by ``otaguard repo verify`` (with target blobs
-checked by the caller) and by the server before it accepts a publication.
+Bytes in, verified objects out, :class:`~otaguard.model.errors.VerificationError`
+otherwise; no I/O. This module holds otaguard's only walker of the
+root → timestamp → snapshot → targets chain outside python-tuf itself. The server runs
+it before it accepts a publication (:mod:`otaguard.server.publish`, as two simulated
+devices) and ``otaguard repo verify`` runs it as a device fresh from the factory, so
+neither can accept what a device refuses.
 
-Checklist (TUF specification, client workflow §5, applied to a whole repository):
+Every check of the client workflow is made by python-tuf's ``TrustedMetadataSet``, the
+state machine ngclient's ``Updater`` drives. It is internal API of python-tuf: otaguard
+pins ``tuf>=7.0.1,<8`` (``pyproject.toml``), and :class:`_Walk` follows
+``Updater.refresh()`` of that release line step by step (``tuf/ngclient/updater.py``:
+``_load_root``, ``_load_timestamp``, ``_load_snapshot``, ``_load_targets``). Re-read
+that file and this one whenever the pin moves.
 
-1. Every root version verifies against its predecessor's and its own keys and thresholds,
-   versions are sequential, starting from the trusted root (or ``1.root.json``).
-2. The newest root is not expired.
-3. ``timestamp.json`` is signed by a threshold of the root's timestamp keys, not expired.
-4. The snapshot it names exists, matches its length and hashes when given, is signed by
-   a threshold of snapshot keys, has the named version, and is not expired.
-5. The targets metadata the snapshot names exists, is signed by a threshold of targets
-   keys (both halves of a hybrid pair), has the named version, and is not expired.
-6. Every target carries valid otaguard custom fields.
+Checklist (TUF specification v1.0, "Detailed client workflow"; §5.n.m below), in the
+order a device makes them:
+
+1. §5.1 One reference time for the whole update: the caller's ``now``, set as the
+   trusted set's ``reference_time``.
+2. §5.2 Load the trusted root: it must be signed by a threshold of its own root keys
+   (its expiry does not matter yet).
+3. §5.3.3-5.3.9 Root rotation: for N = trusted version + 1 ... while ``N.root.json``
+   exists (at most :data:`MAX_ROOT_ROTATIONS`, as ngclient): a cached copy first, then
+   the remote one; each must be signed by a threshold of the old and of the new root
+   keys (§5.3.4) and carry version N exactly (§5.3.5).
+4. §5.3.10 The final root is not expired. (§5.3.11 fast-forward recovery: a cached
+   timestamp or snapshot signed by rotated-out keys no longer verifies and is ignored.)
+5. §5.4 Timestamp: the cached one is loaded first, even expired, to guard against
+   rollback; the remote ``timestamp.json`` (at most :data:`DEVICE_MAX_LENGTHS` bytes) must
+   be signed by a threshold of timestamp keys (§5.4.2), must not roll back the trusted
+   timestamp version nor the snapshot version it names (§5.4.3; an equal version keeps
+   the cached file), and must not be expired (§5.4.4).
+6. §5.5 Snapshot: the cached one is used if still valid as final (``trusted=True``, as
+   ngclient); otherwise ``N.snapshot.json`` for the version the timestamp names must
+   match the timestamp's length and hashes (§5.5.2), be signed by a threshold of
+   snapshot keys (§5.5.3), carry that version (§5.5.4), neither drop nor roll back any
+   role the trusted snapshot lists (§5.5.5), and not be expired (§5.5.6).
+7. §5.6 Targets: the cached one if still valid; otherwise ``N.targets.json`` for the
+   version the snapshot names must match the snapshot's length and hashes (§5.6.2), be
+   signed by a threshold of targets keys - both halves of a hybrid pair (§5.6.3) - carry
+   that version (§5.6.4), and not be expired (§5.6.5).
+8. otaguard: every target's ``custom`` field parses as :class:`ReleaseInfo`.
+
+A repository directory that holds only offline roles (``N.root.json`` and
+``N.targets.json``; snapshot and timestamp are signed by the server's online key) is
+checked by :func:`verify_offline_roles`: steps 1-4 as above, then the newest targets
+against the newest root (§5.6.3-5.6.5 without a snapshot to name its version), then 8.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, Protocol
 
-from tuf.api.exceptions import LengthOrHashMismatchError
-from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, Targets, Timestamp
+from tuf.api.exceptions import (
+    BadVersionNumberError,
+    DownloadLengthMismatchError,
+    EqualVersionNumberError,
+    ExpiredMetadataError,
+    RepositoryError,
+)
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
+
+# Internal API of python-tuf, pinned by tuf<8 (see the module docstring).
+from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
+from tuf.ngclient.config import EnvelopeType
 
 from otaguard.model.errors import VerificationError
 from otaguard.model.release import ReleaseInfo
 
 __all__ = [
-    "MAX_ROOT_VERSIONS",
+    "DEVICE_MAX_LENGTHS",
+    "MAX_ROOT_ROTATIONS",
+    "SERVER_SIGNED_NOTE",
+    "FileSource",
+    "OfflineRoles",
     "RoleCheck",
     "VerificationReport",
-    "check_metadata",
-    "verify_published",
+    "VerifiedRepository",
+    "check_repository",
+    "verify_offline_roles",
+    "verify_update",
 ]
 
-# Versioned metadata file names are `<N>.<role>.json`; anything else is refused.
-VERSIONED_NAME: Final = re.compile(r"^([1-9][0-9]{0,9})\.(root|targets|snapshot)\.json$")
-# More root versions than this in one repository is not a rotation history but an attack.
-MAX_ROOT_VERSIONS: Final = 1024
+# ngclient's own bound (UpdaterConfig.max_root_rotations, which the agent leaves at its
+# default): a device stops rotating after this many new roots, so the server must not
+# accept a rotation history a device would stop short of.
+MAX_ROOT_ROTATIONS: Final = 256
+# The most bytes a device downloads per role when the parent names no length
+# (otaguard.agent.updater *_MAX_LENGTH: hybrid ML-DSA-65 keys and signatures are large).
+# A larger file is refused here because every device would refuse to download it.
+DEVICE_MAX_LENGTHS: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        Root.type: 1024 * 1024,
+        Timestamp.type: 64 * 1024,
+        Snapshot.type: 4 * 1024 * 1024,
+        Targets.type: 16 * 1024 * 1024,
+    }
+)
+# What repo verify reports for the online roles of a repository without them.
+SERVER_SIGNED_NOTE: Final = "signed by the server"
+
+ROLES: Final = (Root.type, Timestamp.type, Snapshot.type, Targets.type)
+TIMESTAMP_FILE: Final = "timestamp.json"
+_TARGETS_NAME: Final = re.compile(r"([1-9][0-9]{0,17})\.targets\.json")
+# What python-tuf raises for data it refuses: RepositoryError subclasses (including
+# DeserializationError), ValueError from parsing, and the download cap.
+_REFUSALS: Final = (RepositoryError, DownloadLengthMismatchError, ValueError)
+
+
+class FileSource(Protocol):
+    """Where a device fetches metadata files: exact bytes by file name, ``None`` if absent.
+
+    A ``Mapping[str, bytes]`` is one; the server passes a view that looks names up in
+    the publication and its database. The verifier only ever looks names up.
+    """
+
+    def get(self, name: str, /) -> bytes | None:
+        """Return the exact bytes served as ``name``, or ``None`` (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class VerifiedRepository:
+    """What a device trusts after a successful update of its top-level metadata.
+
+    Attributes:
+        root: the newest trusted root.
+        timestamp: the trusted timestamp.
+        snapshot: the trusted snapshot.
+        targets: the trusted top-level targets.
+        root_bytes: exact bytes of the newest trusted root.
+        releases: every target's parsed otaguard fields, by target path.
+        fetched: the remote file names the device downloaded and accepted.
+    """
+
+    root: Root
+    timestamp: Timestamp
+    snapshot: Snapshot
+    targets: Targets
+    root_bytes: bytes
+    releases: Mapping[str, ReleaseInfo]
+    fetched: frozenset[str]
+
+
+@dataclass(frozen=True)
+class OfflineRoles:
+    """The offline roles of a repository directory, verified (see :func:`verify_offline_roles`).
+
+    Attributes:
+        root: the newest trusted root.
+        targets: the newest targets, verified against ``root``.
+        root_bytes: exact bytes of the newest trusted root.
+        targets_file: file name of the newest targets (``N.targets.json``).
+        releases: every target's parsed otaguard fields, by target path.
+    """
+
+    root: Root
+    targets: Targets
+    root_bytes: bytes
+    targets_file: str
+    releases: Mapping[str, ReleaseInfo]
 
 
 @dataclass
 class RoleCheck:
-    """Outcome of checking one role's metadata."""
+    """One row of ``repo verify``: what was found for one top-level role."""
 
     role: str
+    file: str | None = None
     version: int | None = None
     expires: datetime | None = None
-    signed: int = 0
-    threshold: int = 0
-    problems: list[str] = field(default_factory=list)
+    signed: int | None = None
+    threshold: int | None = None
+    problem: str | None = None
+    note: str | None = None
+    checked: bool = False
 
     @property
     def ok(self) -> bool:
-        """True when the role passed every check."""
-        return not self.problems
+        """True when the role was checked (or is signed elsewhere) and passed."""
+        return self.checked and self.problem is None
 
 
 @dataclass
 class VerificationReport:
-    """Everything :func:`check_metadata` found; fails closed (``ok`` needs every role)."""
+    """Everything :func:`check_repository` found; fails closed (``ok`` needs every role)."""
 
     roles: dict[str, RoleCheck]
-    targets: dict[str, ReleaseInfo | None] = field(default_factory=dict)
-    target_meta: Targets | None = None
-    newest_root: bytes | None = None
-    problems: list[str] = field(default_factory=list)
+    targets: Targets | None = None
+    releases: dict[str, ReleaseInfo] = field(default_factory=dict)
+    problem: str | None = None
 
     @property
     def ok(self) -> bool:
-        """True only when all four top-level roles were found and verified."""
-        names = ("root", "timestamp", "snapshot", "targets")
-        return not self.problems and all(n in self.roles and self.roles[n].ok for n in names)
+        """True only when every top-level role was verified or is signed by the server."""
+        return self.problem is None and all(
+            role in self.roles and self.roles[role].ok for role in ROLES
+        )
 
     def all_problems(self) -> list[str]:
-        """Every problem found, each one line naming the role."""
-        out = list(self.problems)
-        for check in self.roles.values():
-            out.extend(f"{check.role}: {p}" for p in check.problems)
+        """Every problem found, each one line naming the role and file (a walk stops at one)."""
+        if self.problem is not None:
+            return [self.problem]
+        return [f"{c.role}: not checked" for c in self.roles.values() if not c.ok]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _accepts(load: Callable[[bytes], object], data: bytes) -> bool:
+    """Load a cached file as ngclient does: a RepositoryError only means "fetch it"."""
+    try:
+        load(data)
+    except RepositoryError:
+        return False
+    return True
+
+
+class _Walk:
+    """One simulated ``Updater.refresh()``: the only walker of the chain."""
+
+    def __init__(self, now: datetime):
+        self.now = now
+        self.tms: TrustedMetadataSet | None = None
+        # Per role, the file the trusted set now holds: (name, exact bytes).
+        self.loaded: dict[str, tuple[str, bytes]] = {}
+        self.fetched: set[str] = set()
+        # The step under way; left set when it raised (for the report).
+        self.failed: tuple[str, str, bytes | None] | None = None
+
+    @property
+    def trusted(self) -> TrustedMetadataSet:
+        if self.tms is None:
+            raise RuntimeError("the trusted root is not loaded")
+        return self.tms
+
+    @contextmanager
+    def _step(self, role: str, name: str, data: bytes | None) -> Iterator[None]:
+        """Translate python-tuf's refusal of ``role`` file ``name`` into VerificationError."""
+        self.failed = (role, name, data)
+        try:
+            yield
+        except _REFUSALS as e:
+            raise VerificationError(f"{role} {name}: {type(e).__name__}: {_one_line(e)}") from e
+        self.failed = None
+
+    @staticmethod
+    def _download(role: str, name: str, data: bytes | None, max_length: int) -> bytes:
+        """What a device's fetcher does with ``name``: 404, or at most ``max_length`` bytes."""
+        if data is None:
+            raise VerificationError(f"{role} {name}: not available, so no device can fetch it")
+        if len(data) > max_length:
+            raise DownloadLengthMismatchError(
+                f"{len(data)} bytes, more than the {max_length} a device downloads"
+            )
+        return data
+
+    def _fetched(self, role: str, name: str, data: bytes) -> None:
+        self.loaded[role] = (name, data)
+        self.fetched.add(name)
+
+    def _versioned(self, role: str, version: int) -> str:
+        # §5.5.1/§5.6.1: consistent snapshots fetch N.<role>.json, otherwise <role>.json.
+        return f"{version}.{role}.json" if self.trusted.root.consistent_snapshot else f"{role}.json"
+
+    # -- the workflow, in Updater.refresh() order --------------------------------------
+    def load_trusted_root(self, trusted_root: bytes) -> None:
+        """§5.1-5.2: Updater.__init__ (TrustedMetadataSet(bootstrap))."""
+        with self._step(Root.type, "trusted root", trusted_root):
+            self.tms = TrustedMetadataSet(trusted_root, EnvelopeType.METADATA)
+        # §5.1: one reference time for every expiry check, captured once by the caller.
+        self.tms.reference_time = self.now
+        self.loaded[Root.type] = (f"{self.tms.root.version}.root.json", trusted_root)
+
+    def update_roots(self, cached: Mapping[str, bytes], remote: FileSource) -> None:
+        """§5.3: Updater._load_root, then the final root's expiry (§5.3.10)."""
+        lower = self.trusted.root.version + 1
+        for version in range(lower, lower + MAX_ROOT_ROTATIONS):
+            name = f"{version}.root.json"
+            local = cached.get(name)
+            if local is not None and _accepts(self.trusted.update_root, local):
+                self.loaded[Root.type] = (name, local)
+                continue
+            data = remote.get(name)
+            if data is None:
+                break  # §5.3.3: a 404 means the trusted root is the newest
+            with self._step(Root.type, name, data):
+                self.trusted.update_root(
+                    self._download(Root.type, name, data, DEVICE_MAX_LENGTHS[Root.type])
+                )
+            self._fetched(Root.type, name, data)
+        # §5.3.10: TrustedMetadataSet makes this check when the timestamp is loaded; it
+        # is made here too (same check, same exception) so the refusal names the root.
+        name, data = self.loaded[Root.type]
+        with self._step(Root.type, name, data):
+            if self.trusted.root.is_expired(self.now):
+                raise ExpiredMetadataError("Final root.json is expired")
+
+    def update_timestamp(self, cached: Mapping[str, bytes], remote: FileSource) -> None:
+        """§5.4: Updater._load_timestamp."""
+        local = cached.get(TIMESTAMP_FILE)
+        # A cached timestamp is loaded even when expired (as intermediate metadata) so it
+        # still guards the remote one against rollback (§5.4.3).
+        if local is not None and _accepts(self.trusted.update_timestamp, local):
+            self.loaded[Timestamp.type] = (f"{TIMESTAMP_FILE} (cached)", local)
+        data = remote.get(TIMESTAMP_FILE)
+        with self._step(Timestamp.type, TIMESTAMP_FILE, data):
+            try:
+                self.trusted.update_timestamp(
+                    self._download(
+                        Timestamp.type, TIMESTAMP_FILE, data, DEVICE_MAX_LENGTHS[Timestamp.type]
+                    )
+                )
+            except EqualVersionNumberError:
+                # §5.4.3.1: the version the device already trusts: ngclient keeps its copy.
+                return
+        assert data is not None  # noqa: S101 - _download raised otherwise
+        self._fetched(Timestamp.type, TIMESTAMP_FILE, data)
+
+    def update_snapshot(self, cached: Mapping[str, bytes], remote: FileSource) -> None:
+        """§5.5: Updater._load_snapshot."""
+        local = cached.get("snapshot.json")
+        # trusted=True: the cached snapshot verified once, so it is accepted as final if
+        # it is the version the timestamp names, and kept as intermediate (§5.5.5) if not.
+        if local is not None and _accepts(
+            lambda d: self.trusted.update_snapshot(d, trusted=True), local
+        ):
+            self.loaded[Snapshot.type] = ("snapshot.json (cached)", local)
+            return
+        meta = self.trusted.timestamp.snapshot_meta
+        name = self._versioned(Snapshot.type, meta.version)
+        data = remote.get(name)
+        with self._step(Snapshot.type, name, data):
+            max_length = meta.length or DEVICE_MAX_LENGTHS[Snapshot.type]
+            self.trusted.update_snapshot(self._download(Snapshot.type, name, data, max_length))
+        assert data is not None  # noqa: S101 - _download raised otherwise
+        self._fetched(Snapshot.type, name, data)
+
+    def update_targets(self, cached: Mapping[str, bytes], remote: FileSource) -> None:
+        """§5.6: Updater._load_targets("targets", "root")."""
+        local = cached.get("targets.json")
+        if local is not None and _accepts(self.trusted.update_targets, local):
+            self.loaded[Targets.type] = ("targets.json (cached)", local)
+            return
+        meta = self.trusted.snapshot.meta.get("targets.json")
+        if meta is None:
+            with self._step(Targets.type, "targets.json", None):
+                raise RepositoryError("Role targets was delegated but is not part of snapshot")
+        name = self._versioned(Targets.type, meta.version)
+        data = remote.get(name)
+        with self._step(Targets.type, name, data):
+            max_length = meta.length or DEVICE_MAX_LENGTHS[Targets.type]
+            self.trusted.update_targets(self._download(Targets.type, name, data, max_length))
+        assert data is not None  # noqa: S101 - _download raised otherwise
+        self._fetched(Targets.type, name, data)
+
+    def verify_newest_targets(self, files: Mapping[str, bytes]) -> Targets:
+        """§5.6.3-5.6.5 for a repository without snapshot: newest targets vs. newest root."""
+        versions = [int(m.group(1)) for n in files if (m := _TARGETS_NAME.fullmatch(n))]
+        if not versions:
+            self.failed = (Targets.type, "N.targets.json", None)
+            raise VerificationError("targets: the repository holds no N.targets.json")
+        version = max(versions)
+        name = f"{version}.targets.json"
+        data = files[name]
+        with self._step(Targets.type, name, data):
+            md = Metadata[Targets].from_bytes(
+                self._download(Targets.type, name, data, DEVICE_MAX_LENGTHS[Targets.type])
+            )
+            if not isinstance(md.signed, Targets):
+                raise RepositoryError(f"Expected 'targets', got '{md.signed.type}'")
+            self.trusted.root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+            if md.signed.version != version:
+                raise BadVersionNumberError(
+                    f"Expected targets v{version}, got v{md.signed.version}."
+                )
+            if md.signed.is_expired(self.now):
+                raise ExpiredMetadataError("New targets is expired")
+        self._fetched(Targets.type, name, data)
+        return md.signed
+
+    def releases(self, targets: Targets) -> dict[str, ReleaseInfo]:
+        """Checklist 8: every target carries valid otaguard fields."""
+        name, data = self.loaded[Targets.type]
+        out: dict[str, ReleaseInfo] = {}
+        for path, target in targets.targets.items():
+            with self._step(Targets.type, name, data):
+                try:
+                    out[path] = ReleaseInfo.from_custom(target.custom)
+                except VerificationError as e:
+                    raise VerificationError(f"targets {name}: target {path}: {e}") from e
         return out
 
 
-def _load(data: bytes, cls: type[Signed], name: str) -> Metadata[Any]:
-    try:
-        md = Metadata.from_bytes(data)
-    except DeserializationError as e:
-        raise VerificationError(f"{name} is not valid TUF metadata: {e}") from e
-    if not isinstance(md.signed, cls):
-        raise VerificationError(f"{name} is not {cls.type} metadata")
-    return md
-
-
-def _check_signatures(root: Root, role: str, md: Metadata, check: RoleCheck) -> None:  # type: ignore[type-arg]
-    result = root.get_verification_result(role, md.signed_bytes, md.signatures)
-    check.signed, check.threshold = len(result.signed), result.threshold
-    if not result.verified:
-        check.problems.append(
-            f"signed by {len(result.signed)} of the {result.threshold} required keys"
-        )
-
-
-def _check_expiry(md: Metadata, check: RoleCheck, now: datetime) -> None:  # type: ignore[type-arg]
-    check.version, check.expires = md.signed.version, md.signed.expires
-    if md.signed.is_expired(now):
-        check.problems.append(f"expired at {md.signed.expires:%Y-%m-%d %H:%M:%S} UTC")
-
-
-def _verify_roots(
-    files: Mapping[str, bytes], trusted_root: bytes | None, now: datetime
-) -> tuple[Root, bytes, RoleCheck]:
-    check = RoleCheck("root")
-    versions = sorted(
-        int(m.group(1)) for n in files if (m := VERSIONED_NAME.match(n)) and m.group(2) == "root"
-    )
-    if len(versions) > MAX_ROOT_VERSIONS:
-        raise VerificationError(f"too many root versions ({len(versions)})")
-    if trusted_root is not None:
-        current = _load(trusted_root, Root, "trusted root")
-        current_bytes = trusted_root
-    elif 1 in versions:
-        current_bytes = files["1.root.json"]
-        current = _load(current_bytes, Root, "1.root.json")
-        first = current.signed.get_root_verification_result(
-            None, current.signed_bytes, current.signatures
-        )
-        if not first.verified:
-            raise VerificationError("1.root.json is not signed by a threshold of its own keys")
-    else:
-        raise VerificationError("no root metadata (1.root.json) found")
-    root: Root = current.signed
-    for v in versions:
-        if v <= root.version:
-            continue
-        if v != root.version + 1:
-            raise VerificationError(f"root versions are not sequential: {root.version} then {v}")
-        name = f"{v}.root.json"
-        new = _load(files[name], Root, name)
-        new_root: Root = new.signed
-        if new_root.version != v:
-            raise VerificationError(f"{name} carries version {new_root.version}")
-        result = new_root.get_root_verification_result(root, new.signed_bytes, new.signatures)
-        if not result.verified:
-            raise VerificationError(f"{name} is not signed by a threshold of old and new root keys")
-        root, current, current_bytes = new_root, new, files[name]
-    _check_signatures(root, Root.type, current, check)
-    _check_expiry(current, check, now)
-    return root, current_bytes, check
-
-
-def _load_linked(
-    files: Mapping[str, bytes],
-    meta: MetaFile,
-    cls: type[Signed],
+def verify_update(
     *,
-    parent: str,
-    root: Root,
-    check: RoleCheck,
+    trusted_root: bytes,
+    cached: Mapping[str, bytes] | None,
+    remote: FileSource,
     now: datetime,
-) -> Metadata[Any]:
-    """Load the role file ``parent`` names in ``meta`` and check it against that link."""
-    name = f"{meta.version}.{cls.type}.json"
-    if name not in files:
-        raise VerificationError(f"{parent} names {name}, which is missing")
-    try:
-        meta.verify_length_and_hashes(files[name])
-    except LengthOrHashMismatchError as e:
-        raise VerificationError(f"{name} does not match the {parent}: {e}") from e
-    md = _load(files[name], cls, name)
-    _check_signatures(root, cls.type, md, check)
-    _check_expiry(md, check, now)
-    if md.signed.version != meta.version:
-        check.problems.append(f"{name} carries version {md.signed.version}")
-    return md
-
-
-def check_metadata(
-    files: Mapping[str, bytes], *, trusted_root: bytes | None, now: datetime
-) -> VerificationReport:
-    """Check a whole repository's metadata files and report every finding.
+) -> VerifiedRepository:
+    """Update top-level metadata exactly as a device's ngclient would, or refuse.
 
     Args:
-        files: file name (``1.root.json``, ``timestamp.json``, ``3.snapshot.json`` ...)
-            to the exact signed bytes.
-        trusted_root: root metadata already trusted (e.g. the one a server or device
-            holds); ``None`` trusts ``1.root.json`` on first use.
-        now: reference time for expiry, captured once by the caller.
+        trusted_root: the root the device trusts (its factory root or the newest root it
+            has verified since).
+        cached: the device's metadata cache as ngclient keeps it - ``timestamp.json``,
+            ``snapshot.json``, ``targets.json`` (the files it last accepted) and
+            ``N.root.json`` (its root history); ``None`` for a device with no cache.
+        remote: what the server serves, by the name a device fetches:
+            ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``.
+        now: reference time for every expiry check, captured once by the caller.
 
     Returns:
-        A report; structural failures (no root, broken root chain) are in ``problems``.
-    """
-    report = VerificationReport(roles={})
-    try:
-        root, report.newest_root, report.roles["root"] = _verify_roots(files, trusted_root, now)
-        ts_check = report.roles.setdefault("timestamp", RoleCheck("timestamp"))
-        if "timestamp.json" not in files:
-            raise VerificationError("timestamp.json is missing")
-        ts = _load(files["timestamp.json"], Timestamp, "timestamp.json")
-        _check_signatures(root, Timestamp.type, ts, ts_check)
-        _check_expiry(ts, ts_check, now)
-
-        sn_check = report.roles.setdefault("snapshot", RoleCheck("snapshot"))
-        snap = _load_linked(
-            files,
-            ts.signed.snapshot_meta,
-            Snapshot,
-            parent="timestamp",
-            root=root,
-            check=sn_check,
-            now=now,
-        )
-        tmeta = snap.signed.meta.get("targets.json")
-        if tmeta is None:
-            raise VerificationError("snapshot does not list targets.json")
-        tg_check = report.roles.setdefault("targets", RoleCheck("targets"))
-        tg = _load_linked(
-            files, tmeta, Targets, parent="snapshot", root=root, check=tg_check, now=now
-        )
-        report.target_meta = tg.signed
-        for path, target in tg.signed.targets.items():
-            try:
-                report.targets[path] = ReleaseInfo.from_custom(target.custom)
-            except VerificationError as e:
-                report.targets[path] = None
-                tg_check.problems.append(f"target {path}: {e}")
-    except VerificationError as e:
-        report.problems.append(str(e))
-    return report
-
-
-def verify_published(
-    files: Mapping[str, bytes], *, trusted_root: bytes | None, now: datetime
-) -> VerificationReport:
-    """Like :func:`check_metadata` but raise on the first failure.
+        The root, timestamp, snapshot and targets the device would trust afterwards.
 
     Raises:
-        VerificationError: any role fails any check; the message names the first problem.
+        VerificationError: a device would refuse the update. The message names the role
+            and file, python-tuf's exception class and its message, e.g.
+            ``timestamp timestamp.json: BadVersionNumberError: New snapshot version must
+            be >= 2, got version 1``.
     """
-    report = check_metadata(files, trusted_root=trusted_root, now=now)
-    if not report.ok:
-        problems = report.all_problems() or ["incomplete metadata"]
-        raise VerificationError(problems[0])
+    local = cached if cached is not None else {}
+    walk = _Walk(now)
+    walk.load_trusted_root(trusted_root)
+    walk.update_roots(local, remote)
+    walk.update_timestamp(local, remote)
+    walk.update_snapshot(local, remote)
+    walk.update_targets(local, remote)
+    tms = walk.trusted
+    return VerifiedRepository(
+        root=tms.root,
+        timestamp=tms.timestamp,
+        snapshot=tms.snapshot,
+        targets=tms.targets,
+        root_bytes=walk.loaded[Root.type][1],
+        releases=MappingProxyType(walk.releases(tms.targets)),
+        fetched=frozenset(walk.fetched),
+    )
+
+
+def verify_offline_roles(
+    *, trusted_root: bytes, remote: Mapping[str, bytes], now: datetime
+) -> OfflineRoles:
+    """Verify the root chain and the newest targets of a repository without online roles.
+
+    For a repository directory whose snapshot and timestamp are signed by the server's
+    online key: the root chain goes through python-tuf's trusted set (checklist 1-4),
+    the newest ``N.targets.json`` is verified against the newest root (threshold,
+    version, expiry) and its targets' otaguard fields are parsed.
+
+    Args:
+        trusted_root: the root a device fresh from the factory trusts (``1.root.json``).
+        remote: the repository's metadata files by name.
+        now: reference time for every expiry check, captured once by the caller.
+
+    Raises:
+        VerificationError: the message names the role, file and python-tuf's refusal.
+    """
+    walk = _Walk(now)
+    walk.load_trusted_root(trusted_root)
+    walk.update_roots({}, remote)
+    targets = walk.verify_newest_targets(remote)
+    return OfflineRoles(
+        root=walk.trusted.root,
+        targets=targets,
+        root_bytes=walk.loaded[Root.type][1],
+        targets_file=walk.loaded[Targets.type][0],
+        releases=MappingProxyType(walk.releases(targets)),
+    )
+
+
+def check_repository(files: Mapping[str, bytes], *, now: datetime) -> VerificationReport:
+    """Verify a repository directory as a device fresh from the factory would; report per role.
+
+    The device trusts ``1.root.json`` and has no cache. A repository without
+    ``timestamp.json`` holds only the offline roles: it is checked with
+    :func:`verify_offline_roles`'s steps and snapshot and timestamp are reported as
+    :data:`SERVER_SIGNED_NOTE`.
+
+    Args:
+        files: metadata file name to exact bytes, as in the repository's ``metadata/``.
+        now: reference time for every expiry check, captured once by the caller.
+
+    Returns:
+        A report: one row per role, the verified targets and the first problem, if any
+        (a device stops at the first refusal, and so does the check).
+    """
+    report = VerificationReport(roles={role: RoleCheck(role) for role in ROLES})
+    first = files.get("1.root.json")
+    if first is None:
+        report.problem = "root 1.root.json: not in the repository"
+        report.roles[Root.type].problem = "1.root.json is missing"
+        return report
+    walk = _Walk(now)
+    try:
+        walk.load_trusted_root(first)
+        walk.update_roots({}, files)
+        if TIMESTAMP_FILE in files:
+            walk.update_timestamp({}, files)
+            walk.update_snapshot({}, files)
+            walk.update_targets({}, files)
+            targets = walk.trusted.targets
+        else:
+            for role in (Snapshot.type, Timestamp.type):
+                report.roles[role] = RoleCheck(role, checked=True, note=SERVER_SIGNED_NOTE)
+            targets = walk.verify_newest_targets(files)
+        report.releases = walk.releases(targets)
+        report.targets = targets
+    except VerificationError as e:
+        report.problem = str(e)
+    _describe(walk, report)
     return report
+
+
+def _describe(walk: _Walk, report: VerificationReport) -> None:
+    """Fill the report's rows from what the walk loaded and where it stopped."""
+    for role, (name, data) in walk.loaded.items():
+        if walk.failed is not None and walk.failed[0] == role:
+            continue
+        report.roles[role] = _row(walk, role, name, data)
+        report.roles[role].checked = True
+    if walk.failed is not None:
+        failed_role, failed_name, failed_data = walk.failed
+        row = _row(walk, failed_role, failed_name, failed_data)
+        row.problem = report.problem
+        report.roles[failed_role] = row
+
+
+def _row(walk: _Walk, role: str, name: str, data: bytes | None) -> RoleCheck:
+    """Version, expiry and signature count of one file, for display only."""
+    row = RoleCheck(role, file=name)
+    if data is None:
+        return row
+    try:
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except DeserializationError:
+        return row
+    row.version, row.expires = md.signed.version, md.signed.expires
+    # Counting signatures is display, not a chain walk: a root is counted against its
+    # own keys, other roles against the newest trusted root.
+    counting: Root | None = md.signed if isinstance(md.signed, Root) else None
+    if counting is None and walk.tms is not None:
+        counting = walk.tms.root
+    if counting is not None and role in counting.roles:
+        result = counting.get_verification_result(role, md.signed_bytes, md.signatures)
+        row.signed, row.threshold = len(result.signed), result.threshold
+    return row

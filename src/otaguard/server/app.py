@@ -18,9 +18,11 @@ import base64
 import binascii
 import datetime as dt
 import logging
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
@@ -34,6 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otaguard import __version__
 from otaguard.model.errors import (
+    ConflictError,
+    NotReadyError,
     OperatorError,
     OtaguardError,
     ServerStorageError,
@@ -54,7 +58,7 @@ from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
 from otaguard.server.sync import RepoSync
 
-__all__ = ["MAX_PUBLISH_REQUEST_BYTES", "create_app"]
+__all__ = ["DATA_DIR_MODE", "MAX_PUBLISH_REQUEST_BYTES", "create_app", "prepare_data_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,12 @@ MAX_PUBLISH_REQUEST_BYTES: Final = 64 * 1024 * 1024
 # (timestamp.json, root.json) and 404s must be re-fetched every time.
 IMMUTABLE_CACHE: Final = "public, max-age=31536000, immutable"
 NO_CACHE: Final = "no-store"
+# A 503 for "not ready yet" tells clients when to come back: a repository caught
+# mid-write or a server starting up is ready again within a sync interval or two.
+RETRY_AFTER_SECONDS: Final = 2
+# The data directory holds the database, blobs, the CA key and the operator token:
+# owner only, so no other local user can read a secret or swap a blob.
+DATA_DIR_MODE: Final = 0o700
 
 TAGS: Final = [
     {"name": "health", "description": "Liveness of the server."},
@@ -131,7 +141,9 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 _AUTH_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorBody, "description": "Operator token missing or wrong"},
     400: {"model": ErrorBody, "description": "Malformed request"},
+    409: {"model": ErrorBody, "description": "A concurrent publication won; retry"},
     422: {"model": ErrorBody, "description": "Refused by verification"},
+    503: {"model": ErrorBody, "description": "Storage failed or not ready (Retry-After)"},
 }
 
 
@@ -143,7 +155,9 @@ def _status_for(error: OtaguardError) -> int:
         return 422
     if isinstance(error, OperatorError):
         return 400
-    if isinstance(error, ServerStorageError):
+    if isinstance(error, ConflictError):
+        return 409
+    if isinstance(error, (NotReadyError, ServerStorageError)):
         return 503
     if isinstance(error, TransportError):
         return 502
@@ -160,7 +174,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = _status_for(exc)
         log = logger.warning if status < 500 else logger.error
         log("request refused (%d): %s", status, exc.diagnostics())
-        return _error(status, exc.diagnostics())
+        headers = (
+            {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(exc, NotReadyError) else None
+        )
+        return _error(status, exc.diagnostics(), headers)
 
     async def http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101
@@ -388,6 +405,32 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the server's data directory with mode 0700, or tighten an existing one.
+
+    An existing directory that group or others may access is set to 0700 with a warning
+    (it holds the operator token, the CA key and the database).
+
+    Raises:
+        ServerStorageError: the directory cannot be created or its mode not changed.
+    """
+    try:
+        existed = data_dir.exists()
+        data_dir.mkdir(parents=True, exist_ok=True, mode=DATA_DIR_MODE)
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+        if mode & ~DATA_DIR_MODE:
+            if existed:
+                logger.warning(
+                    "data directory %s had mode %04o; tightening it to %04o",
+                    data_dir,
+                    mode,
+                    DATA_DIR_MODE,
+                )
+            data_dir.chmod(DATA_DIR_MODE)
+    except OSError as e:
+        raise ServerStorageError(f"cannot prepare data directory {data_dir}: {e.strerror}") from e
+
+
 def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow) -> FastAPI:
     """Build the server application: stores, operator token, repository sync, routes.
 
@@ -406,10 +449,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         ServerStorageError: the database or blob directory cannot be opened.
     """
     data_dir = settings.data_dir
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise ServerStorageError(f"cannot create data directory {data_dir}: {e.strerror}") from e
+    prepare_data_dir(data_dir)
     token = load_or_create_operator_token(data_dir)
     store = SQLMetadataStore(settings.database_url or sqlite_url(data_dir / "otaguard.db"))
     blobs = FileBlobStore(data_dir / "blobs")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -18,7 +19,13 @@ from urllib.parse import quote
 import urllib3
 
 from otaguard.crypto import warn_insecure
-from otaguard.model.errors import OperatorError, TransportError, VerificationError
+from otaguard.model.errors import (
+    ConflictError,
+    NotReadyError,
+    OperatorError,
+    TransportError,
+    VerificationError,
+)
 from otaguard.server._repo_dir import BlobSource, read_current_set
 
 __all__ = ["PublishResult", "publish_repository"]
@@ -31,6 +38,12 @@ CONNECT_TIMEOUT_SECONDS: Final = 10.0
 READ_TIMEOUT_SECONDS: Final = 300.0
 # Server answers are small JSON; a larger body is a misbehaving server.
 MAX_RESPONSE_BYTES: Final = 64 * 1024
+# A 409 means another publication committed between the server's checks and ours; the
+# server re-verifies against the new state on retry, so a few quick retries resolve a
+# race between two release jobs, and a persistent conflict is reported, not looped on.
+PUBLISH_ATTEMPTS: Final = 4
+# Backoff before retry n (1-based) is CONFLICT_BACKOFF_SECONDS * 2**(n-1): 0.25, 0.5, 1 s.
+CONFLICT_BACKOFF_SECONDS: Final = 0.25
 
 
 @dataclass(frozen=True)
@@ -89,14 +102,18 @@ class _Client:
             return " ".join(body["error"].split())[:500]
         return "no reason given"
 
-    def check(self, what: str, status: int, data: bytes) -> None:
+    def check(self, what: str, status: int, data: bytes, *, retry_after: bool = False) -> None:
         if status in (200, 201):
             return
         reason = self.reason(data)
         if status == 401:
             raise OperatorError(f"{what}: the server refused the operator token")
+        if status == 409:
+            raise ConflictError(f"{what}: {reason}")
         if status == 422:
             raise VerificationError(f"{what}: server refused: {reason}")
+        if status == 503 and retry_after:
+            raise NotReadyError(f"{what}: server not ready: {reason}")
         if 400 <= status < 500:
             raise OperatorError(f"{what}: server answered {status}: {reason}")
         raise TransportError(f"{what}: server answered {status}: {reason}")
@@ -128,6 +145,31 @@ class _Client:
         self.check(f"upload of {blob.name}", status, data)
 
 
+def _post_publication(client: _Client, body: bytes) -> bytes:
+    """POST the publication, retrying a 409 (a concurrent publication won) with backoff.
+
+    Raises:
+        ConflictError: still conflicting after :data:`PUBLISH_ATTEMPTS` attempts.
+    """
+    attempt = 1
+    while True:
+        status, headers, data = client.request(
+            "POST", "/api/v1/publish", body=body, headers={"Content-Type": "application/json"}
+        )
+        retry_after = any(k.lower() == "retry-after" for k in headers)
+        try:
+            client.check("publish", status, data, retry_after=retry_after)
+        except ConflictError as e:
+            if attempt >= PUBLISH_ATTEMPTS:
+                raise ConflictError(f"{e} (gave up after {attempt} attempts)") from e
+            delay = CONFLICT_BACKOFF_SECONDS * 2 ** (attempt - 1)
+            logger.info("publish conflicted with another publication; retrying in %.2f s", delay)
+            time.sleep(delay)
+            attempt += 1
+            continue
+        return data
+
+
 def publish_repository(
     repo_dir: Path, *, server_url: str, ca_cert: Path | None, token: str
 ) -> PublishResult:
@@ -148,6 +190,8 @@ def publish_repository(
             the server refused the request as malformed.
         VerificationError: the server's verification refused the release (its reason is
             in the message); the server still serves the previous release.
+        ConflictError: other publications kept winning the race; retry later.
+        NotReadyError: the server is not ready yet (HTTP 503 with Retry-After).
         TransportError: the server is unreachable, TLS verification failed, or it
             answered with a server error.
     """
@@ -188,10 +232,7 @@ def publish_repository(
                 }
             }
         ).encode()
-        status, _, data = client.request(
-            "POST", "/api/v1/publish", body=body, headers={"Content-Type": "application/json"}
-        )
-        client.check("publish", status, data)
+        data = _post_publication(client, body)
     try:
         answer = json.loads(data)
         added = tuple(str(n) for n in answer["added"])

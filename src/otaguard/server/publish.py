@@ -1,20 +1,33 @@
 """Publishing a set of signed metadata files as one transaction.
 
-Order of checks (each refusal leaves the served repository untouched):
+The server accepts a publication only if devices will: it runs python-tuf's client
+workflow (:func:`otaguard.repo.verify.verify_update`) on exactly what it would then
+serve, as two simulated devices. Order of checks (each refusal leaves the served
+repository untouched):
 
-1. Every name is a known metadata name and every file parses as the role its name says,
-   with the version its name says (``timestamp.json`` is the only unversioned role
-   accepted; ``root.json`` must equal the versioned root of the same version).
-2. Every target listed in new targets metadata already has its blob in the
+1. Structure: every name is a known metadata name within the size cap, every file parses
+   as the role its name says with the version its name says (``timestamp.json`` is the
+   only unversioned role accepted; ``root.json`` must equal the versioned root of the
+   same version).
+2. Versioned files are immutable: one already served must be byte-identical.
+3. Every target listed in new targets metadata already has its blob in the
    :class:`BlobStore`, with the listed length (the sha256 is in the blob's name and was
    verified when the blob was stored).
-3. The new timestamp does not roll back the served one, and the snapshot and targets it
-   leads to are in this set or already stored, matching the lengths and hashes named.
-4. The complete view (new files plus the stored files they refer to) passes
-   :func:`otaguard.repo.verify.verify_published` against the newest stored root
-   (signatures, thresholds, root chain, expiry).
-5. All new rows and the timestamp pointer are written in ONE database transaction, so no
-   device can see a timestamp naming a snapshot that is not yet served.
+4. The candidate view (what is served now overlaid with this publication, served the
+   way the server serves it) is fetched by two simulated devices, and both must accept:
+
+   a. a device fresh from the factory: it trusts only ``1.root.json`` as served (on the
+      first publication: this publication's ``1.root.json``, trusted on first use from
+      the operator who owns the server) and has no cache;
+   b. a device up to date with what is served now: it trusts the newest served root and
+      its cache holds the served timestamp, snapshot and targets, so every rollback
+      check of the workflow applies against what devices already trust.
+
+5. Every new file is one the fresh device fetched: nothing is stored that no device
+   would ever verify (an unreachable versioned file would otherwise block its name).
+6. All new rows and the timestamp pointer are written in ONE database transaction that
+   is refused (:class:`ConflictError`) if another publication moved the pointer since
+   step 4, so no device can see a timestamp naming a snapshot that is not yet served.
 """
 
 from __future__ import annotations
@@ -23,15 +36,14 @@ import datetime as dt
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tuf.api.exceptions import LengthOrHashMismatchError
-from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from otaguard.model.errors import VerificationError
-from otaguard.repo.verify import verify_published
+from otaguard.repo.verify import VerifiedRepository, verify_update
 from otaguard.server._names import blob_name, parse_metadata_name
 from otaguard.server.storage.base import (
     BlobStore,
@@ -60,19 +72,20 @@ PUBLISHABLE_ROLES: Final[dict[str, type[Signed]]] = {
     "targets": Targets,
     "snapshot": Snapshot,
 }
+TIMESTAMP_FILE: Final = "timestamp.json"
+FIRST_ROOT: Final = "1.root.json"
 
 
 @dataclass
 class _Parsed:
-    records: dict[str, MetadataRecord]
-    signed: dict[str, Any]
-    timestamp: Metadata[Timestamp] | None
-    timestamp_record: MetadataRecord | None
-    root_alias: bytes | None
+    records: dict[str, MetadataRecord] = field(default_factory=dict)
+    signed: dict[str, Any] = field(default_factory=dict)
+    timestamp_record: MetadataRecord | None = None
+    root_alias: bytes | None = None
 
 
 def load_role(name: str, data: bytes, cls: type[Signed]) -> Metadata[Any]:
-    """Parse ``data`` as metadata of role class ``cls``.
+    """Parse ``data`` as metadata of role class ``cls`` (no signature is checked).
 
     Raises:
         VerificationError: the bytes are not TUF metadata of that role.
@@ -96,7 +109,7 @@ def _parse(files: Mapping[str, bytes]) -> _Parsed:
         raise VerificationError("nothing to publish")
     if len(files) > MAX_PUBLISH_FILES:
         raise VerificationError(f"too many files in one publication ({len(files)})")
-    out = _Parsed({}, {}, None, None, None)
+    out = _Parsed()
     for name, data in files.items():
         parsed = parse_metadata_name(name)
         if parsed is None:
@@ -107,9 +120,9 @@ def _parse(files: Mapping[str, bytes]) -> _Parsed:
             if parsed.version is not None:
                 raise VerificationError("timestamps are published as timestamp.json only")
             ts: Metadata[Timestamp] = load_role(name, data, Timestamp)
-            out.timestamp = ts
+            version = ts.signed.version
             out.timestamp_record = _record(
-                f"{ts.signed.version}.timestamp.json", Timestamp.type, ts.signed.version, data
+                f"{version}.timestamp.json", Timestamp.type, version, data
             )
             continue
         if parsed.role not in PUBLISHABLE_ROLES:
@@ -127,8 +140,42 @@ def _parse(files: Mapping[str, bytes]) -> _Parsed:
     return out
 
 
+def _all_records(parsed: _Parsed) -> list[MetadataRecord]:
+    records = list(parsed.records.values())
+    if parsed.timestamp_record is not None:
+        records.append(parsed.timestamp_record)
+    return records
+
+
+def _new_records(store: MetadataStore, parsed: _Parsed) -> list[MetadataRecord]:
+    """Step 2: versioned files are immutable; return the records not yet served."""
+    new: list[MetadataRecord] = []
+    for rec in _all_records(parsed):
+        served = store.get(rec.filename)
+        if served is None:
+            new.append(rec)
+        elif served != rec.data:
+            raise VerificationError(
+                f"{rec.filename} is already published with different content; "
+                "versioned metadata is immutable"
+            )
+    return new
+
+
+def _check_root_alias(store: MetadataStore, parsed: _Parsed) -> None:
+    """Step 1: ``root.json`` is only an alias of the versioned root of its version."""
+    if parsed.root_alias is None:
+        return
+    alias = load_role("root.json", parsed.root_alias, Root)
+    versioned = f"{alias.signed.version}.root.json"
+    rec = parsed.records.get(versioned)
+    data = rec.data if rec is not None else store.get(versioned)
+    if data != parsed.root_alias:
+        raise VerificationError(f"root.json differs from {versioned}")
+
+
 def _check_blobs(blobs: BlobStore, parsed: _Parsed) -> None:
-    """Step 2: every target of new targets metadata is already stored."""
+    """Step 3: every target of new targets metadata is already stored."""
     for name, signed in parsed.signed.items():
         if not isinstance(signed, Targets):
             continue
@@ -146,62 +193,107 @@ def _check_blobs(blobs: BlobStore, parsed: _Parsed) -> None:
                 )
 
 
-def _lookup(store: MetadataStore, parsed: _Parsed, name: str) -> bytes:
-    if name in parsed.records:
-        return parsed.records[name].data
-    data = store.get(name)
-    if data is None:
-        raise VerificationError(f"{name} is neither in this publication nor already served")
-    return data
+class _CandidateView:
+    """What devices would be served after the publication, by the names they fetch.
+
+    ``timestamp.json`` is the new timestamp (or the served one when the publication has
+    none); versioned names come from the publication, else from the database.
+    """
+
+    def __init__(
+        self, store: MetadataStore, parsed: _Parsed, current: MetadataRecord | None
+    ) -> None:
+        self._store = store
+        self._parsed = parsed
+        self._current = current
+
+    def get(self, name: str, /) -> bytes | None:
+        if name == TIMESTAMP_FILE:
+            rec = self._parsed.timestamp_record or self._current
+            return rec.data if rec is not None else None
+        if name in self._parsed.records:
+            return self._parsed.records[name].data
+        parsed_name = parse_metadata_name(name)
+        if parsed_name is None or parsed_name.version is None:
+            return None  # the server serves no other unversioned name the walk asks for
+        return self._store.get(name)
 
 
-def _pinned(meta: MetaFile, name: str, data: bytes, by: str) -> None:
+def _parse_quietly(data: bytes) -> Signed | None:
     try:
-        meta.verify_length_and_hashes(data)
-    except LengthOrHashMismatchError as e:
-        raise VerificationError(f"{name} does not match {by}: {e}") from e
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except DeserializationError:
+        return None
+    signed: Signed = md.signed
+    return signed
 
 
-def _complete_view(
-    store: MetadataStore, parsed: _Parsed, current: MetadataRecord | None
-) -> dict[str, bytes]:
-    """Step 3: rollback check and the full file view the verifier needs."""
-    view = {name: rec.data for name, rec in parsed.records.items()}
-    ts = parsed.timestamp
-    if ts is None:
-        if current is None:
-            raise VerificationError("the first publication needs a timestamp.json")
-        ts = load_role("served timestamp", current.data, Timestamp)
-        view["timestamp.json"] = current.data
-    else:
-        assert parsed.timestamp_record is not None  # noqa: S101 - set together in _parse
-        view["timestamp.json"] = parsed.timestamp_record.data
-        if current is not None and ts.signed.version < current.version:
-            raise VerificationError(
-                f"timestamp version {ts.signed.version} would roll back "
-                f"the served version {current.version}"
+def _served_cache(store: MetadataStore, current: MetadataRecord) -> dict[str, bytes]:
+    """The metadata cache of a device that is up to date with what is served now.
+
+    A file collector, not a verifier: it follows the names the served timestamp and
+    snapshot give, as a device's ngclient cache holds those files, and verifies nothing;
+    :func:`verify_update` loads the cache exactly as ngclient does (an entry that does not
+    verify is ignored there). An entry that does not even parse ends the collection.
+    """
+    cache = {TIMESTAMP_FILE: current.data}
+    ts = _parse_quietly(current.data)
+    if not isinstance(ts, Timestamp):
+        return cache
+    snap_data = store.get(f"{ts.snapshot_meta.version}.snapshot.json")
+    snapshot = _parse_quietly(snap_data) if snap_data is not None else None
+    if snap_data is None or not isinstance(snapshot, Snapshot):
+        return cache
+    cache["snapshot.json"] = snap_data
+    targets_meta = snapshot.meta.get("targets.json")
+    targets_data = store.get(f"{targets_meta.version}.targets.json") if targets_meta else None
+    if targets_data is not None:
+        cache["targets.json"] = targets_data
+    return cache
+
+
+def _verify_as_devices(
+    store: MetadataStore, parsed: _Parsed, current: MetadataRecord | None, now: dt.datetime
+) -> VerifiedRepository:
+    """Step 4: both simulated devices fetch the candidate view; both must accept it."""
+    view = _CandidateView(store, parsed, current)
+    factory_root = store.get(FIRST_ROOT)
+    if factory_root is None:
+        first = parsed.records.get(FIRST_ROOT)
+        if first is None:
+            raise VerificationError(f"the first publication needs {FIRST_ROOT}")
+        factory_root = first.data
+    try:
+        fresh = verify_update(trusted_root=factory_root, cached=None, remote=view, now=now)
+    except VerificationError as e:
+        raise VerificationError(
+            f"a device fresh from the factory would refuse this publication: {e}"
+        ) from e
+    newest_root = store.newest(Root.type)
+    if current is not None and newest_root is not None:
+        try:
+            verify_update(
+                trusted_root=newest_root.data,
+                cached=_served_cache(store, current),
+                remote=view,
+                now=now,
             )
-    snap_name = f"{ts.signed.snapshot_meta.version}.snapshot.json"
-    snap_bytes = _lookup(store, parsed, snap_name)
-    _pinned(ts.signed.snapshot_meta, snap_name, snap_bytes, "the timestamp")
-    view[snap_name] = snap_bytes
-    snapshot: Metadata[Snapshot] = load_role(snap_name, snap_bytes, Snapshot)
-    for role_file, meta in snapshot.signed.meta.items():
-        name = f"{meta.version}.{role_file}"
-        data = _lookup(store, parsed, name)
-        _pinned(meta, name, data, snap_name)
-        view[name] = data
-    if parsed.root_alias is not None:
-        alias = load_role("root.json", parsed.root_alias, Root)
-        versioned = f"{alias.signed.version}.root.json"
-        if _lookup(store, parsed, versioned) != parsed.root_alias:
-            raise VerificationError(f"root.json differs from {versioned}")
-    return view
+        except VerificationError as e:
+            raise VerificationError(
+                f"a device up to date with the served repository would refuse this publication: {e}"
+            ) from e
+    return fresh
 
 
-def _verify(view: Mapping[str, bytes], trusted_root: bytes | None, now: dt.datetime) -> None:
-    """Step 4: signatures, thresholds, the root chain and expiry."""
-    verify_published(view, trusted_root=trusted_root, now=now)
+def _check_reachable(new: list[MetadataRecord], fresh: VerifiedRepository) -> None:
+    """Step 5: nothing new is stored that no device would fetch and verify."""
+    for rec in new:
+        name = TIMESTAMP_FILE if rec.role == Timestamp.type else rec.filename
+        if name not in fresh.fetched and rec.filename != FIRST_ROOT:
+            raise VerificationError(
+                f"{rec.filename} is not reached from the published timestamp or the root "
+                "chain, so no device would fetch it"
+            )
 
 
 def publish_files(
@@ -211,7 +303,7 @@ def publish_files(
     *,
     now: dt.datetime,
 ) -> PublishOutcome:
-    """Verify a set of signed metadata files and serve them, atomically.
+    """Verify a set of signed metadata files as devices would, and serve them atomically.
 
     Args:
         store: where metadata is served from.
@@ -219,31 +311,30 @@ def publish_files(
         metadata_files: file name (``2.root.json``, ``5.targets.json``,
             ``5.snapshot.json``, ``timestamp.json``) to the exact signed bytes.
             Files already served with identical bytes are accepted and skipped.
-        now: reference time for expiry checks and the publication record.
+        now: reference time for every expiry check and the publication record.
 
     Returns:
         What was added, what was already there and where the timestamp pointer moved.
 
     Raises:
-        VerificationError: any check failed, a blob is missing, a versioned file exists
-            with different bytes, or the timestamp would roll back; nothing was changed.
+        VerificationError: a device would refuse the result, a blob is missing, a
+            versioned file exists with different bytes, or a file is malformed or
+            unreachable; the message names the cause. Nothing was changed.
+        ConflictError: another publication changed the repository meanwhile; nothing
+            was changed, retrying is safe.
         ServerStorageError: the database failed; nothing was changed.
     """
     parsed = _parse(metadata_files)
-    _check_blobs(blobs, parsed)
     current = store.current_timestamp()
-    view = _complete_view(store, parsed, current)
-    newest_root = store.newest(Root.type)
-    # 1.root.json is trusted on first use, from the operator who owns the server.
-    _verify(view, newest_root.data if newest_root is not None else None, now)
+    new = _new_records(store, parsed)
+    _check_root_alias(store, parsed)
+    _check_blobs(blobs, parsed)
+    fresh = _verify_as_devices(store, parsed, current, now)
+    _check_reachable(new, fresh)
 
-    records = list(parsed.records.values())
-    ts_filename: str | None = None
-    if parsed.timestamp_record is not None:
-        records.append(parsed.timestamp_record)
-        ts_filename = parsed.timestamp_record.filename
+    ts_filename = parsed.timestamp_record.filename if parsed.timestamp_record else None
     outcome = store.publish(
-        records,
+        _all_records(parsed),
         timestamp=ts_filename,
         now=now,
         expected_timestamp=current.filename if current is not None else None,

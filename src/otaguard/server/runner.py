@@ -17,7 +17,7 @@ import uvicorn
 
 from otaguard.crypto import CertificateAuthority, warn_insecure
 from otaguard.model.errors import ConfigError
-from otaguard.server.app import create_app
+from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import load_or_create_operator_token
 from otaguard.server.settings import ServerSettings
 
@@ -60,6 +60,8 @@ def _config(
     ca_cert: Path | None = None
     certfile: str | None = None
     keyfile: str | None = None
+    # Before the CA creates DATA/ca (and DATA with it, at the default mode): 0700 first.
+    prepare_data_dir(settings.data_dir)
     if settings.insecure_http:
         warn_insecure("the update server is serving plain HTTP without TLS")
     else:

@@ -4,7 +4,17 @@ A background thread polls ``REPO_DIR/metadata/timestamp.json``. When its fingerp
 (mtime, size, sha256) changes, the current set is imported: blobs first (each verified
 against the hash in its name while it is copied), then the metadata through the same
 verified, single-transaction :func:`~otaguard.server.publish.publish_files` the operator
-API uses. A repository caught mid-write is skipped and retried at the next interval.
+API uses.
+
+Outcomes of one check, by fault:
+
+* refused (:class:`VerificationError`, from reading the set, copying blobs or
+  publishing): logged once at ERROR, one line, and not retried until the timestamp
+  changes again - the same bytes would be refused the same way;
+* not now (:class:`RetryLaterError`: the repository is mid-write, or a concurrent
+  publication won): retried quietly at the next interval;
+* anything else of ours (unreadable directory, database down): retried at the next
+  interval, logged at WARNING when the failure changes (not every interval).
 """
 
 from __future__ import annotations
@@ -16,7 +26,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from otaguard.model.errors import OtaguardError, ServerStorageError, VerificationError
+from otaguard.model.errors import (
+    OtaguardError,
+    RetryLaterError,
+    ServerStorageError,
+    VerificationError,
+)
 from otaguard.server._repo_dir import (
     BlobSource,
     RepoNotReadyError,
@@ -75,6 +90,7 @@ class RepoSync:
         self._interval = interval
         self._clock = clock
         self._last: tuple[int, int, str] | None = None
+        self._last_failure: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,9 +115,10 @@ class RepoSync:
             True when a new publication was imported.
 
         Raises:
-            VerificationError: the repository's current set was refused (it is not
-                retried until the timestamp changes again).
-            ServerStorageError: the stores failed; retried at the next check.
+            VerificationError: the repository's current set was refused; it is not
+                retried until the timestamp changes again.
+            OtaguardError: anything else (unreadable directory, the stores failed);
+                retried at the next check.
         """
         with self._lock:
             fingerprint = timestamp_fingerprint(self.repo_dir)
@@ -111,15 +128,14 @@ class RepoSync:
                 current = read_current_set(self.repo_dir)
                 for blob in current.blobs:
                     self._copy_blob(blob)
-            except RepoNotReadyError as e:
-                logger.debug("repository mid-write, retrying later: %s", e)
-                return False
-            try:
                 outcome = publish_files(
                     self._store, self._blobs, current.metadata, now=self._clock()
                 )
+            except RetryLaterError as e:
+                logger.debug("repository not ready, retrying later: %s", e.diagnostics())
+                return False
             except VerificationError:
-                # Same bytes will fail the same way; wait for the next release.
+                # Same bytes will be refused the same way; wait for the next release.
                 self._last = fingerprint
                 raise
             self._last = fingerprint
@@ -135,9 +151,15 @@ class RepoSync:
                 "repository %s refused: %s", self.repo_dir, e.diagnostics()
             )
         except OtaguardError as e:
-            logger.warning("repository sync failed, will retry: %s", e.diagnostics())
+            # Retried every interval: say it again only when the failure changes.
+            message = e.diagnostics()
+            log = logger.debug if message == self._last_failure else logger.warning
+            log("repository sync failed, will retry: %s", message)
+            self._last_failure = message
+            return
         except Exception:  # thread boundary: keep serving, record the bug
             logger.exception("unexpected error while syncing %s", self.repo_dir)
+        self._last_failure = None
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -103,8 +103,10 @@ class MetadataStore(ABC):
                 transaction is refused when another publish moved it meanwhile.
 
         Raises:
+            ConflictError: the pointer moved concurrently (it is not
+                ``expected_timestamp``); nothing was changed, the caller may re-check.
             VerificationError: a versioned file exists with different bytes (versioned
-                metadata is immutable), or the pointer moved concurrently.
+                metadata is immutable).
             ServerStorageError: the database failed; nothing was changed.
         """
 

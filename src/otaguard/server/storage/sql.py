@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from otaguard.model.errors import ServerStorageError, VerificationError
+from otaguard.model.errors import ConflictError, ServerStorageError, VerificationError
 from otaguard.server.storage.base import (
     MetadataRecord,
     MetadataStore,
@@ -176,6 +176,12 @@ class SQLMetadataStore(MetadataStore):
         """Insert ``records`` and move the timestamp pointer in one transaction.
 
         See :meth:`MetadataStore.publish`.
+
+        Raises:
+            ConflictError: another publish moved the pointer since the caller read it, or
+                inserted one of the same rows first; nothing was changed.
+            VerificationError: a versioned file exists with different bytes.
+            ServerStorageError: the database failed; nothing was changed.
         """
         added: list[str] = []
         unchanged: list[str] = []
@@ -199,8 +205,9 @@ class SQLMetadataStore(MetadataStore):
                             .values(**values)
                         )
         except IntegrityError as e:
-            # A concurrent writer inserted the same filename or pointer first.
-            raise VerificationError("a concurrent publish changed the repository; retry") from e
+            # A concurrent writer (another process on the same database) inserted the
+            # same filename or the first pointer between our check and our insert.
+            raise ConflictError("a concurrent publish changed the repository; retry") from e
         except SQLAlchemyError as e:
             raise ServerStorageError(f"publish transaction failed: {e.__class__.__name__}") from e
         if moved:
@@ -221,7 +228,8 @@ class SQLMetadataStore(MetadataStore):
         )
         current = conn.execute(stmt).scalar_one_or_none()
         if current != expected:
-            raise VerificationError("a concurrent publish moved the timestamp; retry")
+            # Compare-and-swap failed: the caller verified against another served state.
+            raise ConflictError("a concurrent publish moved the timestamp; retry")
 
     @staticmethod
     def _insert(conn: Connection, rec: MetadataRecord, now: dt.datetime) -> bool:
