@@ -47,13 +47,8 @@ class _MemoryFetcher(FetcherInterface):
 
 
 def _device_config() -> UpdaterConfig:
-    # The caps the agent configures (otaguard.agent.updater.TufSession).
-    return UpdaterConfig(
-        root_max_length=agent_updater.ROOT_MAX_LENGTH,
-        timestamp_max_length=agent_updater.TIMESTAMP_MAX_LENGTH,
-        snapshot_max_length=agent_updater.SNAPSHOT_MAX_LENGTH,
-        targets_max_length=agent_updater.TARGETS_MAX_LENGTH,
-    )
+    # The limits the agent configures (otaguard.agent.updater.TufSession).
+    return agent_updater.updater_config()
 
 
 def _ngclient(metadata_dir: Path, files: Files, bootstrap: bytes | None) -> str | None:
@@ -292,11 +287,12 @@ def test_missing_file_is_refused_naming_it(repo: RepoWriter) -> None:
 
 def test_bounds_match_the_device() -> None:
     """The caps verify_update applies are the ones the agent gives ngclient."""
+    config = _device_config()
     assert dict(DEVICE_MAX_LENGTHS) == {
-        "root": agent_updater.ROOT_MAX_LENGTH,
-        "timestamp": agent_updater.TIMESTAMP_MAX_LENGTH,
-        "snapshot": agent_updater.SNAPSHOT_MAX_LENGTH,
-        "targets": agent_updater.TARGETS_MAX_LENGTH,
+        "root": config.root_max_length,
+        "timestamp": config.timestamp_max_length,
+        "snapshot": config.snapshot_max_length,
+        "targets": config.targets_max_length,
     }
     assert _device_config().max_root_rotations == MAX_ROOT_ROTATIONS
 

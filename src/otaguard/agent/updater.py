@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets
@@ -27,19 +26,13 @@ from otaguard.model.errors import (
     TransportError,
     VerificationError,
 )
+from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
 
-__all__ = ["Offer", "Selection", "TufSession", "select_update", "tuf_errors"]
+__all__ = ["Offer", "Selection", "TufSession", "select_update", "tuf_errors", "updater_config"]
 
 logger = logging.getLogger(__name__)
-
-# python-tuf's defaults assume Ed25519; hybrid roles carry ML-DSA-65 keys (1952 B) and
-# signatures (3309 B), hex-encoded, so the caps are raised with room for key rotation.
-ROOT_MAX_LENGTH: Final = 1024 * 1024
-TIMESTAMP_MAX_LENGTH: Final = 64 * 1024
-SNAPSHOT_MAX_LENGTH: Final = 4 * 1024 * 1024
-TARGETS_MAX_LENGTH: Final = 16 * 1024 * 1024
 
 
 @contextmanager
@@ -137,6 +130,17 @@ def select_update(
     return sel
 
 
+def updater_config() -> UpdaterConfig:
+    """The ngclient limits every device uses (the server's verifier applies the same)."""
+    return UpdaterConfig(
+        max_root_rotations=MAX_ROOT_ROTATIONS,
+        root_max_length=METADATA_MAX_LENGTHS["root"],
+        timestamp_max_length=METADATA_MAX_LENGTHS["timestamp"],
+        snapshot_max_length=METADATA_MAX_LENGTHS["snapshot"],
+        targets_max_length=METADATA_MAX_LENGTHS["targets"],
+    )
+
+
 class TufSession:
     """One update session against the image repository (one ngclient ``Updater``)."""
 
@@ -151,12 +155,7 @@ class TufSession:
         self._metadata_dir = metadata_dir
         self.fetcher = fetcher
         base = server_url.rstrip("/")
-        config = UpdaterConfig(
-            root_max_length=ROOT_MAX_LENGTH,
-            timestamp_max_length=TIMESTAMP_MAX_LENGTH,
-            snapshot_max_length=SNAPSHOT_MAX_LENGTH,
-            targets_max_length=TARGETS_MAX_LENGTH,
-        )
+        config = updater_config()
         with tuf_errors("loading trusted metadata"):
             self._updater = Updater(
                 metadata_dir=str(metadata_dir),

@@ -74,6 +74,7 @@ from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
 from otaguard.model.errors import VerificationError
+from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
 
 __all__ = [
@@ -90,21 +91,12 @@ __all__ = [
     "verify_update",
 ]
 
-# ngclient's own bound (UpdaterConfig.max_root_rotations, which the agent leaves at its
-# default): a device stops rotating after this many new roots, so the server must not
-# accept a rotation history a device would stop short of.
-MAX_ROOT_ROTATIONS: Final = 256
+# A device stops rotating after MAX_ROOT_ROTATIONS new roots (otaguard.model.limits), so
+# the server must not accept a rotation history a device would stop short of.
 # The most bytes a device downloads per role when the parent names no length
-# (otaguard.agent.updater *_MAX_LENGTH: hybrid ML-DSA-65 keys and signatures are large).
+# (otaguard.model.limits, the same caps the agent configures ngclient with).
 # A larger file is refused here because every device would refuse to download it.
-DEVICE_MAX_LENGTHS: Final[Mapping[str, int]] = MappingProxyType(
-    {
-        Root.type: 1024 * 1024,
-        Timestamp.type: 64 * 1024,
-        Snapshot.type: 4 * 1024 * 1024,
-        Targets.type: 16 * 1024 * 1024,
-    }
-)
+DEVICE_MAX_LENGTHS: Final = METADATA_MAX_LENGTHS
 # What repo verify reports for the online roles of a repository without them.
 SERVER_SIGNED_NOTE: Final = "signed by the server"
 
