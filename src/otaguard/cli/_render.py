@@ -23,6 +23,9 @@ def render_verification(
         if c is None:
             table.add_row(name, "-", "-", "-", "[red]not checked[/red]")
             continue
+        if c.ok and c.version is None:  # server mode: the update server signs this role
+            table.add_row(name, "-", "-", "-", "server-signed")
+            continue
         result = "[green]ok[/green]" if c.ok else "[red]" + "; ".join(c.problems) + "[/red]"
         expires = f"{c.expires:%Y-%m-%d %H:%M}" if c.expires else "-"
         table.add_row(name, str(c.version or "-"), f"{c.signed}/{c.threshold}", expires, result)

@@ -2,8 +2,11 @@
 
 from otaguard.repo.repository import (
     DEFAULT_EXPIRY_DAYS,
+    OFFLINE_ROLES,
+    ONLINE_ROLES,
     ROLE_ALGORITHMS,
     ImageRepository,
+    KeyRef,
     Release,
     TargetCheck,
 )
@@ -11,8 +14,11 @@ from otaguard.repo.verify import RoleCheck, VerificationReport, check_metadata, 
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
+    "OFFLINE_ROLES",
+    "ONLINE_ROLES",
     "ROLE_ALGORITHMS",
     "ImageRepository",
+    "KeyRef",
     "Release",
     "RoleCheck",
     "TargetCheck",

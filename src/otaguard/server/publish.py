@@ -24,7 +24,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tuf.api.exceptions import LengthOrHashMismatchError
 from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, Targets, Timestamp
@@ -39,6 +39,9 @@ from otaguard.server.storage.base import (
     MetadataStore,
     PublishOutcome,
 )
+
+if TYPE_CHECKING:
+    from otaguard.server.online import OnlineSigner
 
 __all__ = [
     "MAX_METADATA_FILE_BYTES",
@@ -210,6 +213,7 @@ def publish_files(
     metadata_files: Mapping[str, bytes],
     *,
     now: dt.datetime,
+    online: OnlineSigner | None = None,
 ) -> PublishOutcome:
     """Verify a set of signed metadata files and serve them, atomically.
 
@@ -220,6 +224,8 @@ def publish_files(
             ``5.snapshot.json``, ``timestamp.json``) to the exact signed bytes.
             Files already served with identical bytes are accepted and skipped.
         now: reference time for expiry checks and the publication record.
+        online: the server's online signer; a publication without a timestamp gets the
+            snapshot and timestamp it produces (:mod:`otaguard.server.online`).
 
     Returns:
         What was added, what was already there and where the timestamp pointer moved.
@@ -229,6 +235,11 @@ def publish_files(
             with different bytes, or the timestamp would roll back; nothing was changed.
         ServerStorageError: the database failed; nothing was changed.
     """
+    if online is not None and "timestamp.json" not in metadata_files:
+        # The server signs snapshot and timestamp itself; its lock orders this with re-signing.
+        with online.lock:
+            completed = online.complete(store, metadata_files, now=now)
+            return publish_files(store, blobs, completed, now=now)
     parsed = _parse(metadata_files)
     _check_blobs(blobs, parsed)
     current = store.current_timestamp()

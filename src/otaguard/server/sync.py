@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from otaguard.model.errors import OtaguardError, ServerStorageError, VerificationError
 from otaguard.server._repo_dir import (
@@ -25,6 +25,9 @@ from otaguard.server._repo_dir import (
 )
 from otaguard.server.publish import publish_files
 from otaguard.server.storage.base import MAX_BLOB_BYTES, BlobStore, MetadataStore
+
+if TYPE_CHECKING:
+    from otaguard.server.online import OnlineSigner
 
 __all__ = ["RepoSync"]
 
@@ -57,6 +60,7 @@ class RepoSync:
         blobs: BlobStore,
         interval: float,
         clock: Callable[[], dt.datetime] = _utcnow,
+        online: OnlineSigner | None = None,
     ):
         """Prepare (but do not start) syncing ``repo_dir``.
 
@@ -66,6 +70,8 @@ class RepoSync:
             blobs: blob store to copy target blobs into.
             interval: seconds between polls.
             clock: reference time source for verification.
+            online: the server's online signer, passed to
+                :func:`~otaguard.server.publish.publish_files`.
         """
         if interval <= 0:
             raise ValueError("sync interval must be positive")
@@ -74,6 +80,7 @@ class RepoSync:
         self._blobs = blobs
         self._interval = interval
         self._clock = clock
+        self._online = online
         self._last: tuple[int, int, str] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -116,7 +123,11 @@ class RepoSync:
                 return False
             try:
                 outcome = publish_files(
-                    self._store, self._blobs, current.metadata, now=self._clock()
+                    self._store,
+                    self._blobs,
+                    current.metadata,
+                    now=self._clock(),
+                    online=self._online,
                 )
             except VerificationError:
                 # Same bytes will fail the same way; wait for the next release.
