@@ -370,7 +370,8 @@ class ImageRepository:
         recorded = self.config.get("keys_dir")
         if not isinstance(recorded, str):
             raise ConfigError(f"{self.dir / CONFIG_NAME} records no keys directory")
-        return self.dir / recorded
+        # Recorded relative to the resolved repository directory, so ".." is exact here.
+        return Path(os.path.normpath(self.dir.resolve() / recorded))
 
     @property
     def server_signed(self) -> bool:
