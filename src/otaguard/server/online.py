@@ -67,9 +67,10 @@ logger = logging.getLogger(__name__)
 
 ONLINE_KEY_FILE: Final = "online-key.pem"
 ONLINE_PUBLIC_KEY_FILE: Final = "online-key.pub.json"
-# The loop looks at the served metadata four times per shortest lifetime, so a re-sign
-# due at half-life happens with at least a quarter of the lifetime left; never busier
-# than this (tests use lifetimes of seconds) ...
+# The loop looks at the served metadata eight times per shortest lifetime, so a re-sign
+# due at half-life happens with at least 3/8 of the lifetime left (slack for a slow
+# tick); never busier than this (tests use lifetimes of seconds) ...
+CHECKS_PER_LIFETIME: Final = 8
 MIN_CHECK_SECONDS: Final = 0.2
 # ... and never lazier than this (a clock jump or a failed attempt is retried soon).
 MAX_CHECK_SECONDS: Final = 60.0
@@ -443,14 +444,14 @@ class ResignLoop:
             store: metadata store to read and publish into.
             blobs: blob store (publications are verified against it).
             clock: reference time.
-            interval: seconds between checks; default a quarter of the shortest
+            interval: seconds between checks; default an eighth of the shortest
                 lifetime, within [:data:`MIN_CHECK_SECONDS`, :data:`MAX_CHECK_SECONDS`].
         """
         shortest = min(online.lifetimes.timestamp, online.lifetimes.snapshot).total_seconds()
         self.interval = (
             interval
             if interval is not None
-            else min(MAX_CHECK_SECONDS, max(MIN_CHECK_SECONDS, shortest / 4))
+            else min(MAX_CHECK_SECONDS, max(MIN_CHECK_SECONDS, shortest / CHECKS_PER_LIFETIME))
         )
         if self.interval <= 0:
             raise ValueError("re-sign interval must be positive")
