@@ -31,8 +31,9 @@ from typing import IO, Final
 
 from otaguard.agent import Device
 from otaguard.agent.slots import FileSlots
+from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository
-from otaguard.server import ServerSettings, start_server_in_thread
+from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image, wait_served
 
 MIB: Final = 1024 * 1024
@@ -210,7 +211,13 @@ def run(work: Path) -> int:
     t0 = time.perf_counter()
     v100 = make_image(work / "fw-1.0.0.img", size=FACTORY_BYTES, seed="1.0.0")
     v110 = make_image(work / "fw-1.1.0.img", size=IMAGE_BYTES, seed="1.1.0")
-    repo = ImageRepository.init(work / "repo", passphrase=b"bench passphrase")
+    paths = init_data_dir(work / "server")
+    repo = ImageRepository.init(
+        work / "repo",
+        keys_dir=work / "keys",
+        passphrases=lambda _name: b"bench passphrase",
+        online_key=read_public_key(paths.online_public_key),
+    )
     repo.add_release(
         v100, version="1.0.0", hardware_ids=[HW], security=False, security_counter=None
     )
@@ -224,7 +231,7 @@ def run(work: Path) -> int:
 
     server = start_server_in_thread(
         ServerSettings(
-            data_dir=work / "server",
+            data_dir=paths.data_dir,
             repo_dir=repo.dir,
             host="127.0.0.1",
             port=0,

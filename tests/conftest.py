@@ -1,4 +1,9 @@
-"""Shared fixtures: a signed repository, a real HTTPS server, provisioned devices."""
+"""Shared fixtures: a signed repository, a real HTTPS server, provisioned devices.
+
+The custody split as in production: the server's data directory is prepared first, its
+online public key goes into the offline-made repository's root, the private keys live in
+a keys directory outside the repository, and the server signs snapshot and timestamp.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,25 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from otaguard.agent import Device
+from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository, Release
-from otaguard.server import RunningServer, ServerSettings, start_server_in_thread
+from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 
 HW = "test-hw"
+#: every World key's passphrase (per-key passphrases are tested on their own)
 PASSPHRASE = b"test passphrase"
 IMAGE_SIZE = 2 * 1024 * 1024
+
+
+def same_passphrase(_key_name: str) -> bytes:
+    """The World's secrets source: one passphrase for every key."""
+    return PASSPHRASE
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +50,11 @@ class World:
     server: RunningServer
     releases: dict[str, Release]
     images: dict[str, Path]
+
+    @property
+    def keys_dir(self) -> Path:
+        """The offline keys directory (outside the repository)."""
+        return self.repo.keys_dir
 
     def image(self, version: str, size: int = IMAGE_SIZE) -> Path:
         """Make (once) a deterministic image for ``version``."""
@@ -87,22 +105,33 @@ class World:
         return [sys.executable, "-m", "otaguard"]
 
 
+def start_world(tmp_path: Path, **server_settings: Any) -> World:
+    """Server data dir first, then the offline repository naming its online key, then serve.
+
+    ``server_settings`` go to :class:`ServerSettings` (e.g. ``timestamp_expiry``). The
+    caller stops ``world.server``.
+    """
+    paths = init_data_dir(tmp_path / "server")
+    repo = ImageRepository.init(
+        tmp_path / "repo",
+        keys_dir=tmp_path / "keys",
+        passphrases=same_passphrase,
+        online_key=read_public_key(paths.online_public_key),
+    )
+    settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "sync_interval": 0.1}
+    settings.update(server_settings)
+    server = start_server_in_thread(
+        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, **settings)
+    )
+    return World(tmp_path, repo, server, {}, {})
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     """Repository with 1.0.0 published, served over HTTPS by a real server."""
-    repo = ImageRepository.init(tmp_path / "repo", passphrase=PASSPHRASE)
-    server = start_server_in_thread(
-        ServerSettings(
-            data_dir=tmp_path / "server",
-            repo_dir=repo.dir,
-            host="127.0.0.1",
-            port=0,
-            sync_interval=0.1,
-        )
-    )
-    w = World(tmp_path, repo, server, {}, {})
+    w = start_world(tmp_path)
     try:
         w.release("1.0.0")
         yield w
     finally:
-        server.stop()
+        w.server.stop()

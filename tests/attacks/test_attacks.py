@@ -2,6 +2,9 @@
 
 After every attack the device must still run a verified 1.1.0 from its primary slot,
 with no install in progress and the anti-rollback floor unchanged.
+
+The compromised server holds its online (snapshot and timestamp) key, as a real server
+does; what it cannot get is a threshold of the offline root or targets keys.
 """
 
 from __future__ import annotations
@@ -119,27 +122,28 @@ def _publish_with_counter(world: World, version: str, counter: int) -> None:
     }
     md.signed.targets[tf.path] = tf
     md.signed.version += 1
-    repo._sign_and_write(md, "targets")
     (repo.targets_dir / f"{tf.hashes['sha256']}.{tf.path}").write_bytes(image.read_bytes())
     assert isinstance(md, Metadata)
-    repo._write_snapshot_and_timestamp(md, now=dt.datetime.now(dt.UTC))
+    repo._sign_and_write(md, "targets")  # the server signs snapshot and timestamp for it
     world.wait_served()
 
 
 @pytest.mark.parametrize(
-    ("key_file", "algorithm"),
-    [("targets-ed25519.pem", "ed25519"), ("targets-ml-dsa-65.pem", "ml-dsa-65")],
+    "key_name",
+    ["targets-ed25519", "targets-ml-dsa-65"],
     ids=["only-ed25519", "only-ml-dsa-65"],
 )
 def test_release_signed_by_one_hybrid_key_is_refused(
-    updated: tuple[World, Device, CompromisedServer], key_file: str, algorithm: str
+    updated: tuple[World, Device, CompromisedServer], key_name: str
 ) -> None:
-    """A thief of either half of the hybrid targets key (plus the online keys) gets nowhere."""
+    """A compromised server (online key) plus either half of the targets key gets nowhere.
+
+    Snapshot and timestamp are validly signed by the server's own online key, so the
+    device refuses for one reason only: the targets threshold (2) is not met.
+    """
     world, dev, attacker = updated
     attacker.inject_targets(
-        signers=[steal_key(world.repo.dir, key_file, algorithm, PASSPHRASE)],
-        snapshot_signer=steal_key(world.repo.dir, "snapshot-ed25519.pem", "ed25519", PASSPHRASE),
-        timestamp_signer=steal_key(world.repo.dir, "timestamp-ed25519.pem", "ed25519", PASSPHRASE),
+        signers=[steal_key(world.repo, key_name, PASSPHRASE)],
         target_path="evil-9.9.9.img",
         payload=b"evil" * 1000,
         custom={
@@ -149,7 +153,20 @@ def test_release_signed_by_one_hybrid_key_is_refused(
             "release_type": "security",
         },
     )
-    with pytest.raises(VerificationError, match=r"signed by 1/2 keys"):
+    with pytest.raises(VerificationError, match=r"targets was signed by 1/2 keys") as refused:
+        dev.update()
+    assert "snapshot" not in str(refused.value) and "timestamp" not in str(refused.value)
+    _assert_untouched(dev)
+
+
+def test_online_key_only_mixes_offline_signed_targets(
+    updated: tuple[World, Device, CompromisedServer],
+) -> None:
+    """The most a stolen online key does with targets: offer an older offline-signed one."""
+    world, dev, attacker = updated
+    older = world.repo.latest_version("targets") - 1  # before 1.1.0 was added
+    attacker.serve_targets_version(older)
+    with pytest.raises(VerificationError, match=r"BadVersionNumberError: .*targets\.json"):
         dev.update()
     _assert_untouched(dev)
 
@@ -165,13 +182,16 @@ def test_server_publish_api_refuses_under_signed_metadata(world: World) -> None:
     # Re-sign targets with one of the two keys only.
     from tuf.api.metadata import Metadata, Targets
 
-    newest = max(int(p.name.split(".")[0]) for p in (forged / "metadata").glob("*.targets.json"))
+    newest = world.repo.latest_version("targets")
     md = Metadata[Targets].from_file(str(forged / "metadata" / f"{newest}.targets.json"))
+    md.signed.version += 1  # a new targets version the server would sign a snapshot for
     md.signatures.clear()
-    md.sign(steal_key(forged, "targets-ed25519.pem", "ed25519", PASSPHRASE))
-    (forged / "metadata" / f"{newest}.targets.json").write_bytes(md.to_bytes())
+    md.sign(steal_key(world.repo, "targets-ed25519", PASSPHRASE))
+    (forged / "metadata" / f"{newest + 1}.targets.json").write_bytes(md.to_bytes())
     assert world.server.ca_cert is not None
-    with pytest.raises(VerificationError):
+    with pytest.raises(
+        VerificationError, match=r"UnsignedMetadataError: targets was signed by 1/2 keys"
+    ):
         publish_repository(
             forged,
             server_url=world.server.base_url,
@@ -195,14 +215,14 @@ def test_image_for_other_hardware_is_never_offered(world: World) -> None:
 
 
 def test_expired_timestamp_is_refused(world: World) -> None:
-    """Freeze attack: the server keeps serving a timestamp that has expired."""
+    """Freeze attack: a compromised server stops re-signing and serves an expired timestamp."""
     dev = world.device()
-    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
-    world.repo.refresh(roles=("timestamp",), now=past)  # expires 1 day after `past`
-    # The honest server refuses to serve it; a compromised one does.
+    world.server.app.state.resign.stop()  # a compromised server does not re-sign honestly
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     attacker = CompromisedServer(world.server.data_dir)
     try:
-        attacker.plant_timestamp((world.repo.metadata_dir / "timestamp.json").read_bytes())
+        # Validly signed with the server's own online key, but expired.
+        attacker.plant_timestamp(attacker.sign_timestamp(expires=past))
     finally:
         attacker.close()
     with pytest.raises(VerificationError, match=r"[Ee]xpired"):

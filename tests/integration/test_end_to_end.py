@@ -7,8 +7,9 @@ import shlex
 import subprocess
 import sys
 
-from conftest import HW, PASSPHRASE, World
+from conftest import HW, World
 from otaguard.agent import Device
+from otaguard.cli import passphrase_env_var
 from otaguard.sim import SIM_HEALTH_COMMAND
 
 
@@ -32,92 +33,98 @@ def test_device_updates_to_new_release_over_https(world: World) -> None:
     assert dev.update().outcome == "up-to-date"
 
 
-def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The README's by-hand flow: a separate `otaguard server` process, CLI everywhere."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tmp_path / "srv2"
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "OTAGUARD_KEY_PASSPHRASE": PASSPHRASE.decode(),
-        "HOME": str(tmp_path),
+        return int(s.getsockname()[1])
+
+
+def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The README's by-hand flow: server and offline machine apart, CLI everywhere.
+
+    The server process never sees a passphrase; the offline steps get one per key.
+    """
+    import time
+
+    port = _free_port()
+    data, repo, keys = tmp_path / "srv2", tmp_path / "repo2", tmp_path / "offline-keys"
+    server_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    key_names = ("root-ed25519", "root-ml-dsa-65", "targets-ed25519", "targets-ml-dsa-65")
+    offline_env = {
+        **server_env,
+        **{passphrase_env_var(name): f"passphrase of {name}" for name in key_names},
     }
+    cli = [sys.executable, "-m", "otaguard"]
+
+    def run(*args: str, env: dict[str, str] = offline_env) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    # On the server: prepare the data directory; its online public key goes offline.
+    init_srv = run("server", "init", "--data", str(data), env=server_env)
+    assert init_srv.returncode == 0, init_srv.stderr
+    assert str(data / "online-key.pub.json") in init_srv.stdout
+    # On the offline signing machine: keys outside the repository, one passphrase each.
+    init_repo = run(
+        "repo", "init", str(repo), "--keys-dir", str(keys),
+        "--online-key", str(data / "online-key.pub.json"),
+    )  # fmt: skip
+    assert init_repo.returncode == 0, init_repo.stderr
+    targets_only = {
+        k: v for k, v in offline_env.items() if "ROOT" not in k
+    }  # releases need the targets keys only
+    add = run(
+        "release", "add", str(repo), str(world.image("1.0.0")),
+        "--version", "1.0.0", "--hardware-id", HW, env=targets_only,
+    )  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    # On the server again: serve and follow the carried-over repository.
     server = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "otaguard",
-            "server",
-            "--data",
-            str(data),
-            "--repo",
-            str(world.repo.dir),
-            "--port",
-            str(port),
+            *cli, "server", "--data", str(data), "--repo", str(repo), "--port", str(port),
+            "--timestamp-expiry", "60s", "--snapshot-expiry", "1h",
         ],
-        env=env,
+        env=server_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
     try:
         url = f"https://127.0.0.1:{port}"
         ca = data / "ca" / "ca.pem"
-        import time
-
         deadline = time.monotonic() + 30
-        while not ca.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        cli = [sys.executable, "-m", "otaguard"]
-
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [*cli, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-            )
-
-        init = None
+        check = None
         while time.monotonic() < deadline:
-            init = run(
-                "device",
-                "init",
-                str(tmp_path / "d1"),
-                "--server",
-                url,
-                "--root",
-                str(world.repo.metadata_dir / "root.json"),
-                "--ca",
-                str(ca),
-                "--hardware-id",
-                HW,
-                "--factory-image",
-                str(world.image("1.0.0")),
-                "--factory-version",
-                "1.0.0",
-                "--health-command",
-                shlex.join(SIM_HEALTH_COMMAND),
-            )
-            if init.returncode == 0:
+            if not (tmp_path / "d1").exists():
+                init = run(
+                    "device", "init", str(tmp_path / "d1"), "--server", url,
+                    "--root", str(repo / "metadata" / "root.json"), "--ca", str(ca),
+                    "--hardware-id", HW, "--factory-image", str(world.image("1.0.0")),
+                    "--factory-version", "1.0.0",
+                    "--health-command", shlex.join(SIM_HEALTH_COMMAND),
+                )  # fmt: skip
+                assert init.returncode == 0, init.stderr
+            check = run("agent", str(tmp_path / "d1"), "check")
+            if check.returncode == 0:
                 break
             time.sleep(0.2)
-        assert init is not None and init.returncode == 0, init.stderr
-        check = run("agent", str(tmp_path / "d1"), "check")
-        assert check.returncode == 0, check.stderr
+        assert check is not None and check.returncode == 0, check.stderr
         assert "no update" in check.stdout
 
         add = run(
-            "release",
-            "add",
-            str(world.repo.dir),
-            str(world.image("1.1.0")),
-            "--version",
-            "1.1.0",
-            "--hardware-id",
-            HW,
-        )
+            "release", "add", str(repo), str(world.image("1.1.0")),
+            "--version", "1.1.0", "--hardware-id", HW, env=targets_only,
+        )  # fmt: skip
         assert add.returncode == 0, add.stderr
-        # Served without restarting the server process.
+        # Served without restarting the server process; it signed snapshot and timestamp.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             check = run("agent", str(tmp_path / "d1"), "check")
@@ -134,6 +141,7 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         booted = json.loads((tmp_path / "d1" / "run" / "booted.json").read_text())
         assert booted["version"] == "1.1.0"
         assert Device(tmp_path / "d1").status().bootenv.primary == "B"
+        assert not (repo / "metadata" / "timestamp.json").exists()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -16,6 +16,7 @@ from test_server_support import RepoWriter
 from tuf.api.metadata import Metadata, MetaFile, Root, Targets
 from tuf.ngclient import Updater
 
+from otaguard.model import Unsafe
 from otaguard.model.errors import ConflictError, VerificationError
 from otaguard.repo import ImageRepository
 from otaguard.server._repo_dir import read_current_set
@@ -318,7 +319,9 @@ def test_snapshot_rolling_back_targets_is_refused(
 @pytest.fixture
 def hybrid(tmp_path: Path) -> ImageRepository:
     """The production layout: hybrid ed25519 + ML-DSA-65 root and targets, threshold 2."""
-    repo = ImageRepository.init(tmp_path / "hybrid", passphrase=None)
+    repo = ImageRepository.init(
+        tmp_path / "hybrid", keys_dir=tmp_path / "hybrid-keys", passphrases=Unsafe.PLAINTEXT_KEYS
+    )
     image = tmp_path / "fw.img"
     image.write_bytes(b"firmware" * 64)
     repo.add_release(

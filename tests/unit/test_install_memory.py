@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HW, PASSPHRASE
+from conftest import HW, same_passphrase
 from otaguard.agent import BootEnv, Device, Phase
 from otaguard.agent.install import Action
 from otaguard.crypto import CertificateAuthority
@@ -73,7 +73,10 @@ class Mem:
 
 @pytest.fixture
 def mem(tmp_path: Path) -> Mem:
-    repo = ImageRepository.init(tmp_path / "repo", passphrase=PASSPHRASE)
+    # Server-less repository: complete and static, as any mirror would serve it.
+    repo = ImageRepository.init(
+        tmp_path / "repo", keys_dir=tmp_path / "keys", passphrases=same_passphrase
+    )
     ca = CertificateAuthority.load_or_create(tmp_path / "ca").cert_path
     m = Mem(tmp_path, repo, ca, {})
     m.release("1.0.0")

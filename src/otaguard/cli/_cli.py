@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -21,8 +23,13 @@ from otaguard import __version__
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
 from otaguard.model.unsafe import Unsafe
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from otaguard.crypto.signers import KeySecrets
 
+__all__ = ["main", "passphrase_env_var"]
+
+# Per key OTAGUARD_KEY_PASSPHRASE_<KEY NAME> (e.g. ..._TARGETS_ED25519), then this one for
+# scripts that use one passphrase everywhere, then an interactive prompt naming the key.
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"  # noqa: S105 - a variable name
 EXIT_ROLLED_BACK = 6
@@ -37,28 +44,54 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 # -- helpers -------------------------------------------------------------------------
-def _passphrase(*, confirm: bool = False) -> bytes:
-    env = os.environ.get(PASSPHRASE_ENV)
-    if env:
-        return env.encode()
-    if not sys.stdin.isatty():
-        raise KeyAccessError(f"no passphrase: set {PASSPHRASE_ENV} or run interactively")
-    first = getpass.getpass("Key passphrase: ")
-    if confirm and getpass.getpass("Repeat passphrase: ") != first:
-        raise KeyAccessError("passphrases do not match")
-    if not first:
-        raise KeyAccessError("empty passphrase")
-    return first.encode()
+def passphrase_env_var(key_name: str) -> str:
+    """The environment variable holding one key's passphrase (``targets-ed25519`` ->
+    ``OTAGUARD_KEY_PASSPHRASE_TARGETS_ED25519``)."""
+    return f"{PASSPHRASE_ENV}_{re.sub(r'[^A-Za-z0-9]', '_', key_name).upper()}"
 
 
-def _repo_passphrase(repo_dir: Path) -> bytes | None:
-    import json
+def _passphrases(*, new: bool) -> Callable[[str], bytes]:
+    """A secrets source asking per key: its variable, the shared one, then a prompt."""
 
+    def passphrase(name: str) -> bytes:
+        own = passphrase_env_var(name)
+        for var in (own, PASSPHRASE_ENV):
+            value = os.environ.get(var)
+            if value:
+                return value.encode()
+        if not sys.stdin.isatty():
+            raise KeyAccessError(
+                f"no passphrase for key {name}: set {own} (or {PASSPHRASE_ENV}) "
+                "or run interactively"
+            )
+        first = getpass.getpass(f"{'New passphrase' if new else 'Passphrase'} for key {name}: ")
+        if not first:
+            raise KeyAccessError(f"empty passphrase for key {name}")
+        if new and getpass.getpass(f"Repeat the passphrase for key {name}: ") != first:
+            raise KeyAccessError(f"the passphrases for key {name} do not match")
+        return first.encode()
+
+    return passphrase
+
+
+def _secrets(a: argparse.Namespace) -> KeySecrets:
+    if a.insecure_plaintext_keys:
+        return Unsafe.PLAINTEXT_KEYS
+    return _passphrases(new=False)
+
+
+def _duration(text: str) -> dt.timedelta:
+    """argparse type: ``30s``, ``15m``, ``12h``, ``1d`` or a bare number of seconds."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use e.g. 30s, 12h or 7d (a bare number is seconds)"
+        )
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     try:
-        cfg = json.loads((repo_dir / "otaguard-repo.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
-    return None if cfg.get("plaintext_keys") else _passphrase()
+        return dt.timedelta(seconds=float(m.group(1)) * unit)
+    except OverflowError as e:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is too long") from e
 
 
 def _progress() -> Progress:
@@ -74,6 +107,7 @@ def _progress() -> Progress:
 
 # -- repository and releases -------------------------------------------------------------
 def _repo_init(a: argparse.Namespace) -> int:
+    from otaguard.crypto.signers import read_public_key
     from otaguard.repo import ImageRepository
 
     expiries = {
@@ -81,9 +115,25 @@ def _repo_init(a: argparse.Namespace) -> int:
         for role in ("root", "targets", "snapshot", "timestamp")
         if (days := getattr(a, f"{role}_expiry_days")) is not None
     }
-    passphrase = None if a.insecure_plaintext_keys else _passphrase(confirm=True)
-    repo = ImageRepository.init(a.repo_dir, passphrase=passphrase, expiry_days=expiries)
+    online_key = read_public_key(a.online_key) if a.online_key is not None else None
+    secrets: KeySecrets = (
+        Unsafe.PLAINTEXT_KEYS if a.insecure_plaintext_keys else _passphrases(new=True)
+    )
+    repo = ImageRepository.init(
+        a.repo_dir,
+        keys_dir=a.keys_dir,
+        passphrases=secrets,
+        online_key=online_key,
+        expiry_days=expiries,
+    )
     out.print(f"initialised image repository in {repo.dir}")
+    out.print(f"private keys (keep them offline): {repo.keys_dir}")
+    if online_key is not None:
+        out.print(
+            f"snapshot and timestamp: signed by the update server (key {online_key.keyid[:16]}…)"
+        )
+    else:
+        out.print("snapshot and timestamp: signed here; run 'otaguard repo refresh' daily")
     out.print(f"trusted root for devices: {repo.metadata_dir / 'root.json'}")
     return 0
 
@@ -93,7 +143,7 @@ def _repo_verify(a: argparse.Namespace) -> int:
     from otaguard.model.errors import VerificationError
     from otaguard.repo import ImageRepository
 
-    repo = ImageRepository(a.repo_dir, passphrase=None)
+    repo = ImageRepository(a.repo_dir)
     report, checks = repo.verify()
     render_verification(out, report, checks)
     problems = report.all_problems() + [f"target {c.path}: {c.problem}" for c in checks if not c.ok]
@@ -107,16 +157,17 @@ def _repo_verify(a: argparse.Namespace) -> int:
 def _repo_refresh(a: argparse.Namespace) -> int:
     from otaguard.repo import ImageRepository
 
-    repo = ImageRepository(a.repo_dir, passphrase=_repo_passphrase(a.repo_dir))
-    repo.refresh(roles=a.role or ("snapshot", "timestamp"))
-    out.print("re-signed " + ", ".join(a.role or ("snapshot", "timestamp")))
+    repo = ImageRepository(a.repo_dir, passphrases=_secrets(a), keys_dir=a.keys_dir)
+    roles = a.role or ("snapshot", "timestamp")
+    repo.refresh(roles=roles)
+    out.print("re-signed " + ", ".join(roles))
     return 0
 
 
 def _release_add(a: argparse.Namespace) -> int:
     from otaguard.repo import ImageRepository
 
-    repo = ImageRepository(a.repo_dir, passphrase=_repo_passphrase(a.repo_dir))
+    repo = ImageRepository(a.repo_dir, passphrases=_secrets(a), keys_dir=a.keys_dir)
     size = a.image.stat().st_size if a.image.is_file() else 0
     with _progress() as prog:
         task = prog.add_task("hashing image", total=size)
@@ -132,13 +183,16 @@ def _release_add(a: argparse.Namespace) -> int:
         f"added [bold]{rel.path}[/bold] version {rel.info.version} ({rel.info.release_type}, "
         f"security counter {rel.info.security_counter}) sha256 {rel.sha256}"
     )
+    if repo.server_signed:
+        out.print("the update server signs snapshot and timestamp when it takes this release")
     return 0
 
 
 def _release_withdraw(a: argparse.Namespace) -> int:
     from otaguard.repo import ImageRepository
 
-    ImageRepository(a.repo_dir, passphrase=_repo_passphrase(a.repo_dir)).withdraw_release(a.target)
+    repo = ImageRepository(a.repo_dir, passphrases=_secrets(a), keys_dir=a.keys_dir)
+    repo.withdraw_release(a.target)
     out.print(f"withdrew {a.target}")
     return 0
 
@@ -147,7 +201,7 @@ def _release_list(a: argparse.Namespace) -> int:
     from otaguard.cli._render import render_releases
     from otaguard.repo import ImageRepository
 
-    render_releases(out, ImageRepository(a.repo_dir, passphrase=None).releases())
+    render_releases(out, ImageRepository(a.repo_dir).releases())
     return 0
 
 
@@ -155,10 +209,34 @@ def _release_list(a: argparse.Namespace) -> int:
 def _server(a: argparse.Namespace) -> int:
     from otaguard.server import ServerSettings, run_server
 
-    settings = ServerSettings(
-        data_dir=a.data, repo_dir=a.repo, host=a.host, port=a.port, insecure_http=a.insecure_http
-    )
+    if a.data is None:
+        raise OperatorError("the server needs its data directory: --data DIR")
+    try:
+        settings = ServerSettings(
+            data_dir=a.data,
+            repo_dir=a.repo,
+            host=a.host,
+            port=a.port,
+            insecure_http=a.insecure_http,
+            timestamp_expiry=a.timestamp_expiry,
+            snapshot_expiry=a.snapshot_expiry,
+        )
+    except ValueError as e:
+        raise OperatorError(str(e)) from e
     run_server(settings)
+    return 0
+
+
+def _server_init(a: argparse.Namespace) -> int:
+    from otaguard.server import init_data_dir
+
+    paths = init_data_dir(a.data)
+    out.print(f"prepared server data directory {paths.data_dir}")
+    out.print(
+        f"online public key (for 'otaguard repo init --online-key'): {paths.online_public_key}"
+    )
+    out.print(f"CA certificate (for devices and 'otaguard publish --ca'): {paths.ca_cert}")
+    out.print(f"operator token file: {paths.operator_token}")
     return 0
 
 
@@ -305,6 +383,22 @@ class _RefuseSecret(argparse.Action):
         )
 
 
+def _plaintext_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--insecure-plaintext-keys", action="store_true", help=f"development only: {what}"
+    )
+
+
+def _key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keys-dir",
+        type=Path,
+        metavar="KEYS_DIR",
+        help="where the private keys are, if not where 'repo init' put them",
+    )
+    _plaintext_option(p, "the repository's keys are unencrypted")
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -314,27 +408,41 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     repo = sub.add_parser("repo", help="image repository").add_subparsers(
         dest="repo_cmd", required=True
     )
-    init = repo.add_parser("init", help="create keys and initial signed metadata")
+    init = repo.add_parser("init", help="create offline keys and initial signed metadata")
     init.add_argument("repo_dir", type=Path)
     init.add_argument(
-        "--insecure-plaintext-keys",
-        action="store_true",
-        help="development only: store private keys unencrypted",
+        "--keys-dir",
+        type=Path,
+        required=True,
+        metavar="KEYS_DIR",
+        help="new directory for the private keys, outside REPO_DIR (keep it offline)",
     )
+    init.add_argument(
+        "--online-key",
+        type=Path,
+        metavar="PUB_JSON",
+        help="the update server's online public key (DATA/online-key.pub.json): the server "
+        "signs snapshot and timestamp; without it they are signed here (server-less mode)",
+    )
+    _plaintext_option(init, "store private keys unencrypted")
     for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
         init.add_argument(
             f"--{role}-expiry-days",
             type=int,
             metavar="DAYS",
-            help=f"{role} metadata lifetime (default {days})",
+            help=f"{role} metadata lifetime (default {days})"
+            + (", server-less mode only" if role in ("snapshot", "timestamp") else ""),
         )
     init.set_defaults(func=_repo_init)
     ver = repo.add_parser("verify", help="check signatures, thresholds, expiry and target hashes")
     ver.add_argument("repo_dir", type=Path)
     ver.set_defaults(func=_repo_verify)
-    ref = repo.add_parser("refresh", help="re-sign online roles before they expire")
+    ref = repo.add_parser(
+        "refresh", help="server-less mode: re-sign snapshot and timestamp before they expire"
+    )
     ref.add_argument("repo_dir", type=Path)
     ref.add_argument("--role", action="append", choices=("targets", "snapshot", "timestamp"))
+    _key_options(ref)
     ref.set_defaults(func=_repo_refresh)
 
     rel = sub.add_parser("release", help="releases").add_subparsers(
@@ -352,22 +460,49 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         metavar="N",
         help="default: highest published, +1 for --security",
     )
+    _key_options(add)
     add.set_defaults(func=_release_add)
     wd = rel.add_parser("withdraw", help="remove a release from the repository and re-sign")
     wd.add_argument("repo_dir", type=Path)
     wd.add_argument("target", help="target name, as shown by 'release list'")
+    _key_options(wd)
     wd.set_defaults(func=_release_withdraw)
     lst = rel.add_parser("list", help="list published releases")
     lst.add_argument("repo_dir", type=Path)
     lst.set_defaults(func=_release_list)
 
-    srv = sub.add_parser("server", help="run the update server (HTTPS)")
-    srv.add_argument("--data", type=Path, required=True, help="server data directory")
-    srv.add_argument("--repo", type=Path, help="image repository to serve and follow")
+    srv = sub.add_parser(
+        "server", help="run the update server (HTTPS); 'server init' prepares its data directory"
+    )
+    srv.add_argument("--data", type=Path, help="server data directory (required)")
+    srv.add_argument(
+        "--repo", type=Path, help="image repository to serve and follow (no private keys in it)"
+    )
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8443)
     srv.add_argument("--insecure-http", action="store_true", help="development only: plain HTTP")
+    srv.add_argument(
+        "--timestamp-expiry",
+        type=_duration,
+        default=dt.timedelta(days=1),
+        metavar="DURATION",
+        help="lifetime of the timestamps the server signs, e.g. 1d, 12h, 300 (seconds); "
+        "re-signed at half-life (default 1d)",
+    )
+    srv.add_argument(
+        "--snapshot-expiry",
+        type=_duration,
+        default=dt.timedelta(days=7),
+        metavar="DURATION",
+        help="lifetime of the snapshots the server signs (default 7d)",
+    )
     srv.set_defaults(func=_server)
+    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
+    sinit = srv_cmds.add_parser(
+        "init", help="prepare the data directory (online key, CA, operator token), print paths"
+    )
+    sinit.add_argument("--data", type=Path, required=True, help="server data directory")
+    sinit.set_defaults(func=_server_init)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
     pub = sub.add_parser(

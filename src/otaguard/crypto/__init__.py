@@ -1,20 +1,38 @@
-"""Keys, signers and the certificate authority."""
+"""Keys, signers addressed by URI, and the certificate authority."""
 
 from otaguard.crypto.ca import CertificateAuthority, ServerCredentials
 from otaguard.crypto.keys import (
     ALGORITHMS,
     generate_signer,
-    load_signer,
     warn_insecure,
     write_private_key,
+)
+from otaguard.crypto.signers import (
+    ENCRYPTED_FILE_SCHEME,
+    PLAINTEXT_FILE_SCHEME,
+    EncryptedFileSigner,
+    KeySecrets,
+    Passphrases,
+    load_signer,
+    read_public_key,
+    resolve_key_uri,
+    write_public_key,
 )
 
 __all__ = [
     "ALGORITHMS",
+    "ENCRYPTED_FILE_SCHEME",
+    "PLAINTEXT_FILE_SCHEME",
     "CertificateAuthority",
+    "EncryptedFileSigner",
+    "KeySecrets",
+    "Passphrases",
     "ServerCredentials",
     "generate_signer",
     "load_signer",
+    "read_public_key",
+    "resolve_key_uri",
     "warn_insecure",
     "write_private_key",
+    "write_public_key",
 ]

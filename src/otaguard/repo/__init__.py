@@ -2,8 +2,11 @@
 
 from otaguard.repo.repository import (
     DEFAULT_EXPIRY_DAYS,
+    OFFLINE_ROLES,
+    ONLINE_ROLES,
     ROLE_ALGORITHMS,
     ImageRepository,
+    KeyRef,
     Release,
     TargetCheck,
 )
@@ -20,9 +23,12 @@ from otaguard.repo.verify import (
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
+    "OFFLINE_ROLES",
+    "ONLINE_ROLES",
     "ROLE_ALGORITHMS",
     "FileSource",
     "ImageRepository",
+    "KeyRef",
     "OfflineRoles",
     "Release",
     "RoleCheck",

@@ -1,15 +1,30 @@
 """The image repository: offline-signed metadata saying which firmware exists.
 
-On disk (``REPO_DIR``)::
+Two directories, kept apart (a keys directory inside the repository is refused)::
 
-    otaguard-repo.json     settings: expiries, key files, whether keys are plaintext
-    keys/                  private keys, mode 0600, passphrase-encrypted by default
-    metadata/              exact signed bytes: N.root.json, root.json, N.targets.json,
-                           N.snapshot.json, timestamp.json (consistent snapshots)
-    targets/               blobs named <sha256>.<target path>, as served
+    REPO_DIR/                  what is published; holds no private key
+      otaguard-repo.json       expiries, each role's key ids and signer URIs
+      metadata/                exact signed bytes (consistent snapshots)
+      targets/                 blobs named <sha256>.<target path>, as served
+    KEYS_DIR/  (mode 0700)     on the offline signing machine only
+      otaguard-keys.json       which keys these are (key ids, no secrets)
+      <role>-<algorithm>.pem   one file per key, mode 0600, each with its own passphrase
 
-Every file is written atomically and ``timestamp.json`` last, so a reader (the server's
-sync) never sees a timestamp that names a snapshot not yet written.
+Who signs snapshot and timestamp decides the mode:
+
+*server mode* (``init(..., online_key=KEY)``)
+    The update server holds the online key and signs snapshot and timestamp itself,
+    re-signing them before they expire. ``metadata/`` holds ``N.root.json``,
+    ``root.json`` and ``N.targets.json`` only; release commands sign targets only.
+*local mode* (no online key)
+    Snapshot and timestamp keys are in KEYS_DIR too: the repository is complete and
+    static (any web server can serve it) and :meth:`ImageRepository.refresh` re-signs
+    it before it expires. ``timestamp.json`` is written last, so a reader (the server's
+    sync) never sees a timestamp naming a snapshot not yet written.
+
+Keys are named by signer URIs relative to KEYS_DIR (``encfile:targets-ed25519.pem``) and
+unlocked through :func:`otaguard.crypto.signers.load_signer` with passphrases asked by
+key name. Every key an operation needs is unlocked before anything is written.
 """
 
 from __future__ import annotations
@@ -20,16 +35,15 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeVar
 
-from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import LengthOrHashMismatchError
 from tuf.api.metadata import (
-    Key,
     Metadata,
     MetaFile,
     Role,
@@ -39,22 +53,52 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
+from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes, atomic_write_json, fsync_dir
-from otaguard.crypto.keys import generate_signer, load_signer, warn_insecure, write_private_key
-from otaguard.model.errors import ConfigError, OperatorError
+from otaguard.crypto.keys import generate_signer, warn_insecure, write_private_key
+from otaguard.crypto.signers import (
+    ENCRYPTED_FILE_SCHEME,
+    PLAINTEXT_FILE_SCHEME,
+    KeySecrets,
+    load_signer,
+    resolve_key_uri,
+)
+from otaguard.model.errors import ConfigError, KeyAccessError, OperatorError, VerificationError
 from otaguard.model.names import check_target_name
 from otaguard.model.release import ReleaseInfo
+from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 from otaguard.repo.verify import VerificationReport, check_repository
 
-__all__ = ["DEFAULT_EXPIRY_DAYS", "ROLE_ALGORITHMS", "ImageRepository", "Release", "TargetCheck"]
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_EXPIRY_DAYS",
+    "KEYS_CONFIG_NAME",
+    "OFFLINE_ROLES",
+    "ONLINE_ROLES",
+    "ROLE_ALGORITHMS",
+    "ImageRepository",
+    "KeyRef",
+    "Release",
+    "TargetCheck",
+]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME: Final = "otaguard-repo.json"
-CONFIG_FORMAT: Final = 1
+# Format 1 kept every private key in REPO_DIR/keys; format 2 keeps them outside.
+CONFIG_FORMAT: Final = 2
+#: written into the keys directory; the update server refuses a directory holding one
+KEYS_CONFIG_NAME: Final = "otaguard-keys.json"
+KEYS_CONFIG_FORMAT: Final = 1
 DEFAULT_EXPIRY_DAYS: Final = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+# Longer than ten years is not an expiry; the TUF freshness guarantee would be void.
+MAX_EXPIRY_DAYS: Final = 3650
+#: roles whose keys never leave the offline signing machine
+OFFLINE_ROLES: Final = ("root", "targets")
+#: roles signed by the update server in server mode, by local keys in local mode
+ONLINE_ROLES: Final = ("snapshot", "timestamp")
 # Offline roles are hybrid: a classical and a post-quantum key, threshold = both.
 ROLE_ALGORITHMS: Final = {
     "root": ("ed25519", "ml-dsa-65"),
@@ -62,8 +106,14 @@ ROLE_ALGORITHMS: Final = {
     "snapshot": ("ed25519",),
     "timestamp": ("ed25519",),
 }
+#: key name recorded for the update server's online key (it has no URI here)
+SERVER_KEY_NAME: Final = "server-online"
+# More root versions than this in one repository is not a rotation history but an attack.
+MAX_ROOT_VERSIONS: Final = 1024
 # Images are hashed and copied in chunks this size, never held in memory.
 CHUNK: Final = 1024 * 1024
+
+_S = TypeVar("_S", Root, Timestamp, Snapshot, Targets)
 
 
 @dataclass(frozen=True)
@@ -85,25 +135,223 @@ class TargetCheck:
     problem: str | None
 
 
-class ImageRepository:
-    """An image repository in a directory; signing needs the passphrase for its keys."""
+@dataclass(frozen=True)
+class KeyRef:
+    """One role key as the repository config records it (public information only).
 
-    def __init__(self, repo_dir: Path, *, passphrase: bytes | None):
+    Attributes:
+        name: key name, also the passphrase prompt's and environment variable's
+            (``targets-ed25519``).
+        role: the TUF role it signs.
+        algorithm: ``ed25519`` or ``ml-dsa-65``.
+        keyid: its TUF key id in root.
+        uri: signer URI, relative paths against the keys directory; ``None`` for the
+            update server's online key, which this repository never holds.
+    """
+
+    name: str
+    role: str
+    algorithm: str
+    keyid: str
+    uri: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The config entry."""
+        return {
+            "name": self.name,
+            "algorithm": self.algorithm,
+            "keyid": self.keyid,
+            "uri": self.uri,
+        }
+
+
+def _check_secrets(passphrases: object) -> None:
+    if passphrases is not Unsafe.PLAINTEXT_KEYS and not callable(passphrases):
+        raise OperatorError(
+            "give passphrases by key name, or Unsafe.PLAINTEXT_KEYS for development keys"
+        )
+
+
+def _inside(path: Path, other: Path) -> bool:
+    """True when ``path`` is ``other`` or below it (after resolving symlinks)."""
+    p, o = path.resolve(), other.resolve()
+    return p == o or p.is_relative_to(o)
+
+
+def _expires(now: datetime, days: int) -> datetime:
+    return (now + timedelta(days=days)).replace(microsecond=0)
+
+
+def _check_init_dirs(repo_dir: Path, keys_dir: Path) -> None:
+    if _inside(keys_dir, repo_dir) or _inside(repo_dir, keys_dir):
+        raise OperatorError(
+            f"the keys directory {keys_dir} must be outside the repository directory "
+            f"{repo_dir} (and not contain it): the repository is published, keys never are"
+        )
+    for d, what in ((repo_dir, "repository"), (keys_dir, "keys")):
+        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise OperatorError(f"{what} directory {d} is not empty; refusing to overwrite")
+
+
+def _init_expiries(
+    local_roles: Sequence[str], expiry_days: Mapping[str, int], *, server_mode: bool
+) -> dict[str, int]:
+    expiries = {role: DEFAULT_EXPIRY_DAYS[role] for role in local_roles}
+    for role, days in expiry_days.items():
+        if role in ONLINE_ROLES and server_mode:
+            raise OperatorError(
+                f"the update server signs {role} in server mode: its lifetime is the "
+                f"server's --{role}-expiry option"
+            )
+        if role not in expiries or not 0 < days <= MAX_EXPIRY_DAYS:
+            raise OperatorError(f"invalid expiry for {role}: {days} days")
+        expiries[role] = days
+    return expiries
+
+
+_Secret = bytes | Literal[Unsafe.PLAINTEXT_KEYS]
+
+
+def _new_secrets(names: Sequence[str], passphrases: KeySecrets) -> dict[str, _Secret]:
+    secrets: dict[str, _Secret] = {}
+    for name in names:
+        if passphrases is Unsafe.PLAINTEXT_KEYS:
+            secrets[name] = Unsafe.PLAINTEXT_KEYS
+            continue
+        secret = passphrases(name)
+        if not isinstance(secret, bytes) or not secret:
+            raise KeyAccessError(f"empty passphrase for key {name}")
+        secrets[name] = secret
+    return secrets
+
+
+def _create_keys(
+    keys_dir: Path, roles: Sequence[str], secrets: Mapping[str, _Secret]
+) -> tuple[dict[str, list[Signer]], dict[str, list[KeyRef]]]:
+    """Generate each role's keys into ``keys_dir`` (0700), one 0600 file per key."""
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(keys_dir, 0o700)
+    signers: dict[str, list[Signer]] = {}
+    refs: dict[str, list[KeyRef]] = {}
+    for role in roles:
+        for alg in ROLE_ALGORITHMS[role]:
+            name = f"{role}-{alg}"
+            signer = generate_signer(alg)
+            secret = secrets[name]
+            write_private_key(keys_dir / f"{name}.pem", signer, passphrase=secret)
+            scheme = (
+                PLAINTEXT_FILE_SCHEME if secret is Unsafe.PLAINTEXT_KEYS else ENCRYPTED_FILE_SCHEME
+            )
+            signers.setdefault(role, []).append(signer)
+            refs.setdefault(role, []).append(
+                KeyRef(name, role, alg, signer.public_key.keyid, f"{scheme}:{name}.pem")
+            )
+    return signers, refs
+
+
+def _write_configs(
+    repo_dir: Path,
+    keys_dir: Path,
+    refs: Mapping[str, list[KeyRef]],
+    expiries: Mapping[str, int],
+    *,
+    server_mode: bool,
+) -> None:
+    """The keys directory's marker and the repository config (public information only)."""
+    atomic_write_json(
+        keys_dir / KEYS_CONFIG_NAME,
+        {
+            "format": KEYS_CONFIG_FORMAT,
+            "keys": {r.name: r.keyid for rs in refs.values() for r in rs if r.uri},
+        },
+        mode=0o600,
+    )
+    try:
+        recorded_keys_dir = os.path.relpath(keys_dir.resolve(), repo_dir.resolve())
+    except ValueError:  # another drive (Windows): record it as is
+        recorded_keys_dir = str(keys_dir.resolve())
+    atomic_write_json(
+        repo_dir / CONFIG_NAME,
+        {
+            "format": CONFIG_FORMAT,
+            "online_roles": "server" if server_mode else "local",
+            "expiry_days": dict(expiries),
+            "keys_dir": recorded_keys_dir,
+            "keys": {role: [r.to_json() for r in rs] for role, rs in refs.items()},
+        },
+    )
+
+
+def _load(data: bytes, cls: type[_S], name: str) -> Metadata[_S]:
+    try:
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except DeserializationError as e:
+        raise VerificationError(f"{name} is not valid TUF metadata: {e}") from e
+    if not isinstance(md.signed, cls):
+        raise VerificationError(f"{name} is not {cls.type} metadata")
+    return md
+
+
+class ImageRepository:
+    """An image repository in a directory, with its keys in a separate keys directory."""
+
+    def __init__(
+        self,
+        repo_dir: Path,
+        *,
+        passphrases: KeySecrets | None = None,
+        keys_dir: Path | None = None,
+    ):
+        """Open an existing repository.
+
+        Args:
+            repo_dir: the repository directory.
+            passphrases: how to unlock keys: a function from key name to passphrase, or
+                :attr:`Unsafe.PLAINTEXT_KEYS` for unencrypted development keys.
+                ``None`` opens the repository for reading only; signing then fails with
+                :class:`KeyAccessError`.
+            keys_dir: where the keys are, overriding the directory recorded at init
+                (e.g. a removable disk mounted elsewhere).
+
+        Raises:
+            ConfigError: not an otaguard repository, or one made by an older version.
+        """
         self.dir = Path(repo_dir)
-        self._passphrase = passphrase
+        if passphrases is not None:
+            _check_secrets(passphrases)
+        self._passphrases = passphrases
+        self._keys_dir_override = Path(keys_dir) if keys_dir is not None else None
+        path = self.dir / CONFIG_NAME
         try:
-            self.config: dict[str, Any] = json.loads((self.dir / CONFIG_NAME).read_text())
+            self.config: dict[str, Any] = json.loads(path.read_text())
         except FileNotFoundError as e:
             raise ConfigError(f"{self.dir} is not an otaguard repository (no {CONFIG_NAME})") from e
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {self.dir / CONFIG_NAME}: {e}") from e
+            raise ConfigError(f"cannot read {path}: {e}") from e
+        if not isinstance(self.config, dict):
+            raise ConfigError(f"{path} is not a repository config")
+        if self.config.get("format") == 1:
+            raise ConfigError(
+                f"{self.dir} keeps its private keys inside the repository (format 1); "
+                "create a new repository with 'otaguard repo init REPO_DIR --keys-dir KEYS_DIR'"
+            )
         if self.config.get("format") != CONFIG_FORMAT:
-            raise ConfigError(f"{self.dir / CONFIG_NAME} has an unknown format")
-        if self.config.get("plaintext_keys"):
-            warn_insecure(f"repository {self.dir} keeps plaintext private keys")
-        self._signers: dict[str, list[CryptoSigner]] = {}
+            raise ConfigError(f"{path} has an unknown format")
+        try:
+            self._refs = {
+                role: [
+                    KeyRef(e["name"], role, e["algorithm"], e["keyid"], e.get("uri"))
+                    for e in self.config["keys"][role]
+                ]
+                for role in ROLE_ALGORITHMS
+            }
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{path} does not list the keys of every role") from e
+        if self.plaintext_keys:
+            warn_insecure(f"repository {self.dir} uses plaintext private keys")
+        self._signers: dict[str, list[Signer]] = {}
 
-    # -- paths -----------------------------------------------------------------------
+    # -- paths and configuration -------------------------------------------------------
     @property
     def metadata_dir(self) -> Path:
         """Directory of the signed metadata files."""
@@ -114,102 +362,183 @@ class ImageRepository:
         """Directory of the target blobs, named as served."""
         return self.dir / "targets"
 
+    @property
+    def keys_dir(self) -> Path:
+        """The keys directory: the override given, else the one recorded at init."""
+        if self._keys_dir_override is not None:
+            return self._keys_dir_override
+        recorded = self.config.get("keys_dir")
+        if not isinstance(recorded, str):
+            raise ConfigError(f"{self.dir / CONFIG_NAME} records no keys directory")
+        # Recorded relative to the resolved repository directory, so ".." is exact here.
+        return Path(os.path.normpath(self.dir.resolve() / recorded))
+
+    @property
+    def server_signed(self) -> bool:
+        """True in server mode: the update server signs snapshot and timestamp."""
+        return self.config.get("online_roles") == "server"
+
+    @property
+    def plaintext_keys(self) -> bool:
+        """True when the repository's keys are unencrypted development keys."""
+        return any(
+            (ref.uri or "").startswith(f"{PLAINTEXT_FILE_SCHEME}:")
+            for refs in self._refs.values()
+            for ref in refs
+        )
+
+    def key_refs(self, role: str) -> list[KeyRef]:
+        """The keys of ``role`` as the config records them."""
+        return list(self._refs[role])
+
+    def signing_roles(self) -> tuple[str, ...]:
+        """Roles this tool signs when targets change (targets only in server mode)."""
+        return ("targets",) if self.server_signed else ("targets", *ONLINE_ROLES)
+
     # -- creation --------------------------------------------------------------------
     @classmethod
     def init(
         cls,
         repo_dir: Path,
         *,
-        passphrase: bytes | None,
-        expiry_days: dict[str, int] | None = None,
+        keys_dir: Path,
+        passphrases: KeySecrets,
+        online_key: Key | None = None,
+        expiry_days: Mapping[str, int] | None = None,
         now: datetime | None = None,
     ) -> ImageRepository:
-        """Create keys and signed version-1 metadata for all four top-level roles.
+        """Create keys and signed version-1 metadata.
 
         Args:
-            repo_dir: new or empty directory.
-            passphrase: encrypts every private key; ``None`` writes plaintext keys
-                (development only, warns).
-            expiry_days: per-role expiry, defaults to :data:`DEFAULT_EXPIRY_DAYS`.
+            repo_dir: new or empty repository directory.
+            keys_dir: new or empty directory for the private keys, outside ``repo_dir``.
+            passphrases: the new passphrase of each key by key name (asked once per key,
+                before anything is written), or :attr:`Unsafe.PLAINTEXT_KEYS` to write
+                unencrypted development keys (warns).
+            online_key: the update server's public online key (server mode): root lists
+                it as the one snapshot and timestamp key, threshold 1, and no snapshot or
+                timestamp key is created here. ``None`` makes a self-contained local-mode
+                repository with its own snapshot and timestamp keys.
+            expiry_days: per-role expiry, defaults to :data:`DEFAULT_EXPIRY_DAYS`; in
+                server mode snapshot and timestamp lifetimes are server settings.
             now: reference time (tests).
 
         Raises:
-            OperatorError: the directory already holds a repository or files.
+            OperatorError: a directory is not empty, the keys directory is inside the
+                repository (or the other way round), or an expiry is invalid.
+            KeyAccessError: a passphrase is empty or could not be asked.
         """
-        repo_dir = Path(repo_dir)
-        if repo_dir.exists() and any(repo_dir.iterdir()):
-            raise OperatorError(f"{repo_dir} is not empty; refusing to overwrite")
-        expiries = dict(DEFAULT_EXPIRY_DAYS)
-        for role, days in (expiry_days or {}).items():
-            if role not in expiries or not 0 < days <= 3650:
-                raise OperatorError(f"invalid expiry for {role}: {days} days")
-            expiries[role] = days
+        repo_dir, keys_dir = Path(repo_dir), Path(keys_dir)
+        _check_secrets(passphrases)
+        _check_init_dirs(repo_dir, keys_dir)
+        server_mode = online_key is not None
+        local_roles = OFFLINE_ROLES if server_mode else tuple(ROLE_ALGORITHMS)
+        expiries = _init_expiries(local_roles, expiry_days or {}, server_mode=server_mode)
         now = now or datetime.now(UTC)
-        for sub in ("keys", "metadata", "targets"):
-            (repo_dir / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(repo_dir / "keys", 0o700)
-
-        signers: dict[str, list[CryptoSigner]] = {}
-        key_cfg: dict[str, list[dict[str, str]]] = {}
-        for role, algorithms in ROLE_ALGORITHMS.items():
-            for alg in algorithms:
-                signer = generate_signer(alg)
-                fname = f"{role}-{alg}.pem"
-                write_private_key(repo_dir / "keys" / fname, signer, passphrase=passphrase)
-                signers.setdefault(role, []).append(signer)
-                key_cfg.setdefault(role, []).append(
-                    {"algorithm": alg, "file": fname, "keyid": signer.public_key.keyid}
-                )
-        atomic_write_json(
-            repo_dir / CONFIG_NAME,
-            {
-                "format": CONFIG_FORMAT,
-                "expiry_days": expiries,
-                "keys": key_cfg,
-                "plaintext_keys": passphrase is None,
-            },
+        # Every passphrase first: a refused or mistyped one leaves nothing behind.
+        secrets = _new_secrets(
+            [f"{role}-{alg}" for role in local_roles for alg in ROLE_ALGORITHMS[role]],
+            passphrases,
         )
+        for d in (repo_dir / "metadata", repo_dir / "targets"):
+            d.mkdir(parents=True, exist_ok=True)
+        signers, refs = _create_keys(keys_dir, local_roles, secrets)
+        public_keys: dict[str, list[Key]] = {
+            role: [s.public_key for s in role_signers] for role, role_signers in signers.items()
+        }
+        if online_key is not None:
+            for role in ONLINE_ROLES:
+                public_keys[role] = [online_key]
+                refs[role] = [
+                    KeyRef(SERVER_KEY_NAME, role, online_key.keytype, online_key.keyid, None)
+                ]
+        _write_configs(repo_dir, keys_dir, refs, expiries, server_mode=server_mode)
 
-        def expires(role: str) -> datetime:
-            return (now + timedelta(days=expiries[role])).replace(microsecond=0)
-
-        root = Root(expires=expires("root"), consistent_snapshot=True)
-        for role, role_signers in signers.items():
-            keys: list[Key] = [s.public_key for s in role_signers]
+        root = Root(expires=_expires(now, expiries["root"]), consistent_snapshot=True)
+        for role, keys in public_keys.items():
             root.roles[role] = Role([k.keyid for k in keys], threshold=len(keys))
             for k in keys:
                 root.keys[k.keyid] = k
-        repo = cls(repo_dir, passphrase=passphrase)
+        repo = cls(repo_dir, passphrases=passphrases, keys_dir=keys_dir)
         repo._signers = signers
-        root_md = Metadata(root)
-        repo._sign_and_write(root_md, "root")
-        targets_md = Metadata(Targets(expires=expires("targets")))
+        repo._sign_and_write(Metadata(root), "root")
+        targets_md = Metadata(Targets(expires=_expires(now, expiries["targets"])))
         repo._sign_and_write(targets_md, "targets")
-        repo._write_snapshot_and_timestamp(targets_md, now=now, bump=False)
-        logger.info("initialised image repository in %s", repo_dir)
+        if online_key is None:
+            repo._write_snapshot_and_timestamp(targets_md, now=now, bump=False)
+        logger.info(
+            "initialised image repository in %s (%s mode), keys in %s",
+            repo_dir,
+            "server" if online_key is not None else "local",
+            keys_dir,
+        )
         return repo
 
     # -- signing ---------------------------------------------------------------------
-    def _role_signers(self, role: str) -> list[CryptoSigner]:
-        if role not in self._signers:
-            entries = self.config["keys"].get(role, [])
-            if not entries:
-                raise ConfigError(f"no keys configured for role {role}")
-            self._signers[role] = [
+    def _check_keys_dir(self) -> None:
+        keys_dir = self.keys_dir
+        if not keys_dir.is_dir():
+            raise ConfigError(
+                f"keys directory {keys_dir} not found (pass --keys-dir where the keys are)"
+            )
+        marker = keys_dir / KEYS_CONFIG_NAME
+        try:
+            recorded = json.loads(marker.read_text()).get("keys", {})
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"cannot read {marker}: {e}") from e
+        for refs in self._refs.values():
+            for ref in refs:
+                if ref.uri is not None and recorded.get(ref.name, ref.keyid) != ref.keyid:
+                    raise ConfigError(f"{keys_dir} holds the keys of another repository")
+
+    def _role_signers(self, role: str) -> list[Signer]:
+        if role in self._signers:
+            return self._signers[role]
+        refs = self._refs[role]
+        if not refs:
+            raise ConfigError(f"no keys configured for role {role}")
+        if any(ref.uri is None for ref in refs):
+            raise OperatorError(
+                f"the update server holds the {role} key of this repository and signs {role} itself"
+            )
+        if self._passphrases is None:
+            raise KeyAccessError(f"the repository was opened read-only; cannot sign {role}")
+        self._check_keys_dir()
+        root = self._latest("root", Root).signed
+        signers: list[Signer] = []
+        for ref in refs:
+            public = root.keys.get(ref.keyid)
+            if public is None or ref.keyid not in root.roles[role].keyids:
+                raise ConfigError(f"key {ref.name} is not a {role} key of the newest root")
+            assert ref.uri is not None  # noqa: S101 - checked above
+            signers.append(
                 load_signer(
-                    self.dir / "keys" / e["file"],
-                    algorithm=e["algorithm"],
-                    passphrase=self._passphrase,
+                    resolve_key_uri(ref.uri, self.keys_dir),
+                    public,
+                    name=ref.name,
+                    secrets=self._passphrases,
                 )
-                for e in entries
-            ]
-        return self._signers[role]
+            )
+        self._signers[role] = signers
+        return signers
+
+    def unlock(self, roles: Iterable[str]) -> None:
+        """Unlock the keys of ``roles`` now (each passphrase is asked once per instance).
+
+        Raises:
+            KeyAccessError: a passphrase is wrong or missing; names the key.
+            ConfigError: a key file is missing or not the key root lists.
+            OperatorError: a role is signed by the update server.
+        """
+        for role in roles:
+            self._role_signers(role)
 
     def _expires(self, role: str, now: datetime) -> datetime:
-        days = int(self.config["expiry_days"][role])
-        return (now + timedelta(days=days)).replace(microsecond=0)
+        return _expires(now, int(self.config["expiry_days"][role]))
 
-    def _sign_and_write(self, md: Metadata, role: str) -> bytes:  # type: ignore[type-arg]
+    def _sign_and_write(self, md: Metadata[Any], role: str) -> bytes:
         md.signatures.clear()
         for signer in self._role_signers(role):
             md.sign(signer, append=True)
@@ -229,6 +558,9 @@ class ImageRepository:
         now: datetime,
         bump: bool = True,
     ) -> None:
+        """Local mode: sign the next snapshot naming ``targets_md`` and a timestamp."""
+        if self.server_signed:
+            raise OperatorError("the update server signs snapshot and timestamp")
         if bump:
             snapshot_md = self._latest("snapshot", Snapshot)
             snapshot_md.signed.version += 1
@@ -250,6 +582,14 @@ class ImageRepository:
         )
         self._sign_and_write(ts_md, "timestamp")
 
+    def _sign_targets(self, targets_md: Metadata[Targets], now: datetime) -> None:
+        """Write ``targets_md`` as the next version, and in local mode what leads to it."""
+        targets_md.signed.version += 1
+        targets_md.signed.expires = self._expires("targets", now)
+        self._sign_and_write(targets_md, "targets")
+        if not self.server_signed:
+            self._write_snapshot_and_timestamp(targets_md, now=now)
+
     # -- reading ---------------------------------------------------------------------
     def read_files(self) -> dict[str, bytes]:
         """Return every metadata file name with its exact bytes."""
@@ -262,20 +602,32 @@ class ImageRepository:
             raise ConfigError(f"cannot read {self.metadata_dir}: {e.strerror}") from e
         return out
 
-    def _latest(self, role: str, cls: type) -> Metadata:  # type: ignore[type-arg]
+    def latest_version(self, role: str) -> int:
+        """Newest version of ``root`` or ``targets`` (or local-mode ``snapshot``) on disk.
+
+        Raises:
+            ConfigError: the repository has no metadata of that role.
+        """
+        try:
+            names = os.listdir(self.metadata_dir)
+        except OSError as e:
+            raise ConfigError(f"cannot read {self.metadata_dir}: {e.strerror}") from e
+        versions = [
+            int(n.split(".", 1)[0])
+            for n in names
+            if n.endswith(f".{role}.json") and n.split(".", 1)[0].isdigit()
+        ]
+        if not versions:
+            raise ConfigError(f"repository has no {role} metadata")
+        return max(versions)
+
+    def _latest(self, role: str, cls: type[_S]) -> Metadata[_S]:
         if role == "timestamp":
             path = self.metadata_dir / "timestamp.json"
         else:
-            versions = [
-                int(p.name.split(".", 1)[0])
-                for p in self.metadata_dir.glob(f"*.{role}.json")
-                if p.name.split(".", 1)[0].isdigit()
-            ]
-            if not versions:
-                raise ConfigError(f"repository has no {role} metadata")
-            path = self.metadata_dir / f"{max(versions)}.{role}.json"
+            path = self.metadata_dir / f"{self.latest_version(role)}.{role}.json"
         try:
-            md = Metadata.from_file(str(path))
+            md: Metadata[Any] = Metadata.from_file(str(path))
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load {path}: {e}") from e
         if not isinstance(md.signed, cls):
@@ -307,7 +659,10 @@ class ImageRepository:
         now: datetime | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Release:
-        """Add a firmware image as a new target and re-sign targets, snapshot, timestamp.
+        """Add a firmware image as a new target and re-sign targets.
+
+        In local mode snapshot and timestamp are re-signed too; in server mode the update
+        server signs them when it imports the new targets.
 
         The security counter defaults to the highest published one, plus one for a
         security release (so devices can never go back below the fix).
@@ -315,6 +670,7 @@ class ImageRepository:
         Raises:
             OperatorError: bad version, version not above an existing release for one of
                 the hardware ids, counter below the highest published, unreadable image.
+            KeyAccessError: a key cannot be unlocked (nothing was written).
         """
         now = now or datetime.now(UTC)
         try:
@@ -359,17 +715,13 @@ class ImageRepository:
             raise OperatorError(f"target {name} already exists")
 
         # Unlock every key before writing anything, so a wrong passphrase changes nothing.
-        for role in ("targets", "snapshot", "timestamp"):
-            self._role_signers(role)
+        self.unlock(self.signing_roles())
         length, sha256 = self._store_blob(image, name, progress=progress)
         tf = TargetFile(
             length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()}
         )
         targets_md.signed.targets[name] = tf
-        targets_md.signed.version += 1
-        targets_md.signed.expires = self._expires("targets", now)
-        self._sign_and_write(targets_md, "targets")
-        self._write_snapshot_and_timestamp(targets_md, now=now)
+        self._sign_targets(targets_md, now)
         logger.info("added release %s (%s bytes)", name, length)
         return Release(name, length, sha256, info)
 
@@ -395,13 +747,14 @@ class ImageRepository:
                 dst.flush()
                 os.fsync(dst.fileno())
             digest = h.hexdigest()
+            if length == 0:
+                raise OperatorError(f"image {image} is empty")
             os.replace(tmp, self.targets_dir / f"{digest}.{name}")
             fsync_dir(self.targets_dir)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise OperatorError(f"cannot store image {image}: {e.strerror}") from e
-        if length == 0:
-            raise OperatorError(f"image {image} is empty")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return length, digest
 
     def withdraw_release(self, path: str, *, now: datetime | None = None) -> None:
@@ -412,31 +765,45 @@ class ImageRepository:
 
         Raises:
             OperatorError: no such target.
+            KeyAccessError: a key cannot be unlocked (nothing was written).
         """
         now = now or datetime.now(UTC)
         targets_md: Metadata[Targets] = self._latest("targets", Targets)
         if path not in targets_md.signed.targets:
             raise OperatorError(f"no target named {path}")
-        for role in ("targets", "snapshot", "timestamp"):
-            self._role_signers(role)
+        self.unlock(self.signing_roles())
         del targets_md.signed.targets[path]
-        targets_md.signed.version += 1
-        targets_md.signed.expires = self._expires("targets", now)
-        self._sign_and_write(targets_md, "targets")
-        self._write_snapshot_and_timestamp(targets_md, now=now)
+        self._sign_targets(targets_md, now)
 
-    def refresh(
-        self, *, roles: Iterable[str] = ("snapshot", "timestamp"), now: datetime | None = None
-    ) -> None:
-        """Re-sign online roles with new versions and expiries (before they expire)."""
+    def refresh(self, *, roles: Iterable[str] = ONLINE_ROLES, now: datetime | None = None) -> None:
+        """Re-sign roles with new versions and expiries, before they expire.
+
+        Local mode: any of targets, snapshot, timestamp. Server mode: targets only (the
+        server re-signs snapshot and timestamp itself).
+
+        Raises:
+            OperatorError: snapshot or timestamp asked for in server mode, or an unknown
+                role.
+            KeyAccessError: a key cannot be unlocked (nothing was written).
+        """
         now = now or datetime.now(UTC)
         roles = set(roles)
+        unknown = roles - {"targets", *ONLINE_ROLES}
+        if unknown:
+            raise OperatorError(f"cannot refresh {', '.join(sorted(unknown))}")
+        if self.server_signed and roles & set(ONLINE_ROLES):
+            raise OperatorError(
+                "the update server signs snapshot and timestamp of this repository and "
+                "re-signs them before they expire; nothing to refresh here"
+            )
+        needed = set(self.signing_roles()) if "targets" in roles else set()
+        if not self.server_signed:
+            needed |= {"snapshot", "timestamp"} if "snapshot" in roles else {"timestamp"}
+        self.unlock(sorted(needed & set(ROLE_ALGORITHMS)))
         targets_md: Metadata[Targets] = self._latest("targets", Targets)
         if "targets" in roles:
-            targets_md.signed.version += 1
-            targets_md.signed.expires = self._expires("targets", now)
-            self._sign_and_write(targets_md, "targets")
-        if roles & {"targets", "snapshot"}:
+            self._sign_targets(targets_md, now)
+        elif "snapshot" in roles:
             self._write_snapshot_and_timestamp(targets_md, now=now)
         elif "timestamp" in roles:
             ts_md: Metadata[Timestamp] = self._latest("timestamp", Timestamp)

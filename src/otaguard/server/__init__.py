@@ -1,21 +1,31 @@
-"""The update server: ASGI app, storage adapters, repository sync, and the publish client.
+"""The update server: ASGI app, storage adapters, repository sync, online roles, publish client.
 
-Start it with :func:`run_server` (foreground, HTTPS) or :func:`start_server_in_thread`
-(demo and tests). Release tooling publishes with :func:`publish_repository`.
+Prepare its data directory with :func:`init_data_dir` (the online public key for
+``repo init --online-key``), start it with :func:`run_server` (foreground, HTTPS) or
+:func:`start_server_in_thread` (demo and tests). Release tooling publishes with
+:func:`publish_repository`.
 """
 
 from otaguard.server.app import create_app
 from otaguard.server.auth import load_or_create_operator_token
 from otaguard.server.client import PublishResult, publish_repository
 from otaguard.server.publish import publish_files
-from otaguard.server.runner import RunningServer, run_server, start_server_in_thread
+from otaguard.server.runner import (
+    DataDirPaths,
+    RunningServer,
+    init_data_dir,
+    run_server,
+    start_server_in_thread,
+)
 from otaguard.server.settings import ServerSettings
 
 __all__ = [
+    "DataDirPaths",
     "PublishResult",
     "RunningServer",
     "ServerSettings",
     "create_app",
+    "init_data_dir",
     "load_or_create_operator_token",
     "publish_files",
     "publish_repository",

@@ -12,6 +12,10 @@ URL layout::
 Mirrors and CDNs in front of ``/metadata`` and ``/targets`` are untrusted by design; the
 device verifies everything. The operator API needs the bearer token in
 ``DATA/operator-token``.
+
+The server signs snapshot and timestamp with its online key (:mod:`.online`) when the
+repository's root names that key, and re-signs them before they expire; it never holds a
+root or targets key, and refuses to follow a repository directory holding private keys.
 """
 
 import base64
@@ -45,7 +49,9 @@ from otaguard.model.errors import (
     VerificationError,
 )
 from otaguard.server._names import parse_blob_name, parse_metadata_name
+from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server.auth import load_or_create_operator_token, token_matches
+from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
 from otaguard.server.settings import ServerSettings
 from otaguard.server.storage.base import (
@@ -133,6 +139,7 @@ class _Services:
     blobs: BlobStore
     token: str
     clock: Callable[[], dt.datetime]
+    online: OnlineSigner
 
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
@@ -386,11 +393,13 @@ def _operator_router(svc: _Services) -> APIRouter:
         """Verify metadata files and serve them in one transaction.
 
         Every target must already be uploaded; the set must verify against the newest
-        served root; the timestamp pointer moves only when everything is stored.
+        served root; the timestamp pointer moves only when everything is stored. A set
+        without a timestamp (new root or targets of a server-mode repository) gets the
+        snapshot and timestamp this server signs.
         """
         files = _decode_publication(await _read_capped(request, MAX_PUBLISH_REQUEST_BYTES))
         outcome = await run_in_threadpool(
-            publish_files, svc.store, svc.blobs, files, now=svc.clock()
+            publish_files, svc.store, svc.blobs, files, now=svc.clock(), online=svc.online
         )
         return PublishBody(
             added=list(outcome.added),
@@ -432,7 +441,7 @@ def prepare_data_dir(data_dir: Path) -> None:
 
 
 def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow) -> FastAPI:
-    """Build the server application: stores, operator token, repository sync, routes.
+    """Build the server application: stores, online key, token, repository sync, routes.
 
     Nothing happens at import time; the database engine lives in the returned app and
     is disposed of when the app shuts down.
@@ -442,18 +451,29 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         clock: reference time for verification (tests pass a fixed clock).
 
     Returns:
-        The ASGI application. Its lifespan starts and stops the repository sync.
+        The ASGI application. Its lifespan starts and stops the re-signing of online
+        metadata and the repository sync.
 
     Raises:
-        ConfigError: the operator token file is unusable.
+        ConfigError: the repository directory holds a private key, or the operator token
+            or online key file is unusable.
         ServerStorageError: the database or blob directory cannot be opened.
     """
     data_dir = settings.data_dir
     prepare_data_dir(data_dir)
+    if settings.repo_dir is not None:
+        refuse_private_keys(settings.repo_dir)
     token = load_or_create_operator_token(data_dir)
+    online = OnlineSigner(
+        load_online_signer(data_dir, uri=settings.online_key_uri),
+        lifetimes=OnlineLifetimes(
+            timestamp=settings.timestamp_expiry, snapshot=settings.snapshot_expiry
+        ),
+    )
     store = SQLMetadataStore(settings.database_url or sqlite_url(data_dir / "otaguard.db"))
     blobs = FileBlobStore(data_dir / "blobs")
-    svc = _Services(store=store, blobs=blobs, token=token, clock=clock)
+    svc = _Services(store=store, blobs=blobs, token=token, clock=clock, online=online)
+    resign = ResignLoop(online, store=store, blobs=blobs, clock=clock)
     sync = (
         RepoSync(
             settings.repo_dir,
@@ -461,6 +481,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
             blobs=blobs,
             interval=settings.sync_interval,
             clock=clock,
+            online=online,
         )
         if settings.repo_dir is not None
         else None
@@ -468,6 +489,8 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Fresh online metadata first: after downtime the served timestamp may have expired.
+        await run_in_threadpool(resign.start)
         if sync is not None:
             await run_in_threadpool(sync.start)
         try:
@@ -475,6 +498,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         finally:
             if sync is not None:
                 await run_in_threadpool(sync.stop)
+            await run_in_threadpool(resign.stop)
             store.close()
 
     app = FastAPI(
@@ -488,6 +512,8 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
     app.state.store = store
     app.state.blobs = blobs
     app.state.sync = sync
+    app.state.online = online
+    app.state.resign = resign
     _install_error_handlers(app)
 
     @app.get("/healthz", tags=["health"], summary="Liveness check")

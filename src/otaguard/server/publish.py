@@ -37,7 +37,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
@@ -51,6 +51,9 @@ from otaguard.server.storage.base import (
     MetadataStore,
     PublishOutcome,
 )
+
+if TYPE_CHECKING:
+    from otaguard.server.online import OnlineSigner
 
 __all__ = [
     "MAX_METADATA_FILE_BYTES",
@@ -302,6 +305,7 @@ def publish_files(
     metadata_files: Mapping[str, bytes],
     *,
     now: dt.datetime,
+    online: OnlineSigner | None = None,
 ) -> PublishOutcome:
     """Verify a set of signed metadata files as devices would, and serve them atomically.
 
@@ -312,6 +316,8 @@ def publish_files(
             ``5.snapshot.json``, ``timestamp.json``) to the exact signed bytes.
             Files already served with identical bytes are accepted and skipped.
         now: reference time for every expiry check and the publication record.
+        online: the server's online signer; a publication without a timestamp gets the
+            snapshot and timestamp it produces (:mod:`otaguard.server.online`).
 
     Returns:
         What was added, what was already there and where the timestamp pointer moved.
@@ -324,6 +330,11 @@ def publish_files(
             was changed, retrying is safe.
         ServerStorageError: the database failed; nothing was changed.
     """
+    if online is not None and "timestamp.json" not in metadata_files:
+        # The server signs snapshot and timestamp itself; its lock orders this with re-signing.
+        with online.lock:
+            completed = online.complete(store, metadata_files, now=now)
+            return publish_files(store, blobs, completed, now=now)
     parsed = _parse(metadata_files)
     current = store.current_timestamp()
     new = _new_records(store, parsed)

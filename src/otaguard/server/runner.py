@@ -1,4 +1,9 @@
-"""Running the server: uvicorn with TLS from the fleet CA, in the foreground or in a thread."""
+"""Running the server: uvicorn with TLS from the fleet CA, in the foreground or in a thread.
+
+:func:`init_data_dir` prepares a data directory without serving (``otaguard server
+init``): the online key whose public half the offline tool puts in root, the operator
+token and the CA devices trust.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,22 @@ from types import TracebackType
 from typing import Final
 
 import uvicorn
+from fastapi import FastAPI
 
 from otaguard.crypto import CertificateAuthority, warn_insecure
 from otaguard.model.errors import ConfigError
 from otaguard.server.app import create_app, prepare_data_dir
-from otaguard.server.auth import load_or_create_operator_token
+from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
+from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
 from otaguard.server.settings import ServerSettings
 
-__all__ = ["RunningServer", "run_server", "start_server_in_thread"]
+__all__ = [
+    "DataDirPaths",
+    "RunningServer",
+    "init_data_dir",
+    "run_server",
+    "start_server_in_thread",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +66,53 @@ class _Server(uvicorn.Server):
                 transport.abort()
 
 
+@dataclass(frozen=True)
+class DataDirPaths:
+    """What :func:`init_data_dir` prepared.
+
+    Attributes:
+        data_dir: the server's data directory (mode 0700).
+        online_public_key: the online key's public half, for ``otaguard repo init
+            --online-key`` on the offline signing machine.
+        ca_cert: the CA certificate devices and publishers trust.
+        operator_token: the operator API's bearer token file (mode 0600).
+    """
+
+    data_dir: Path
+    online_public_key: Path
+    ca_cert: Path
+    operator_token: Path
+
+
+def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataDirPaths:
+    """Prepare a server data directory: online key, operator token, CA. Idempotent.
+
+    Args:
+        data_dir: the directory (created mode 0700).
+        online_key_uri: as :attr:`ServerSettings.online_key_uri`; ``None`` creates the file
+            key (warns: production keys belong in an HSM).
+
+    Raises:
+        ConfigError: a key, token or CA file is unusable.
+        ServerStorageError: the directory cannot be created.
+    """
+    data_dir = Path(data_dir)
+    prepare_data_dir(data_dir)
+    load_online_signer(data_dir, uri=online_key_uri)
+    load_or_create_operator_token(data_dir)
+    ca = CertificateAuthority.load_or_create(data_dir / "ca")
+    return DataDirPaths(
+        data_dir=data_dir,
+        online_public_key=data_dir / ONLINE_PUBLIC_KEY_FILE,
+        ca_cert=ca.cert_path,
+        operator_token=data_dir / OPERATOR_TOKEN_FILE,
+    )
+
+
 def _config(
     settings: ServerSettings, *, graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS
-) -> tuple[uvicorn.Config, Path | None]:
-    """Build the uvicorn config (TLS unless insecure_http) and return the CA cert path."""
+) -> tuple[uvicorn.Config, Path | None, FastAPI]:
+    """Build the app and its uvicorn config (TLS unless insecure_http); CA cert path."""
     ca_cert: Path | None = None
     certfile: str | None = None
     keyfile: str | None = None
@@ -74,8 +130,9 @@ def _config(
         creds = ca.server_credentials(tls_dir, hosts=[settings.host])
         certfile, keyfile = str(creds.cert_path), str(creds.key_path)
         ca_cert = ca.cert_path
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # the application configures logging, never uvicorn
@@ -90,7 +147,7 @@ def _config(
     config.load()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-    return config, ca_cert
+    return config, ca_cert, app
 
 
 def run_server(settings: ServerSettings) -> None:
@@ -103,7 +160,7 @@ def run_server(settings: ServerSettings) -> None:
         ConfigError: the CA, certificate or token is unusable.
         ServerStorageError: the database or blob directory cannot be opened.
     """
-    config, ca_cert = _config(settings)
+    config, ca_cert, _ = _config(settings)
     scheme = "http" if ca_cert is None else "https"
     logger.info("serving on %s://%s:%d", scheme, settings.host, settings.port)
     _Server(config).run()
@@ -128,12 +185,16 @@ class RunningServer:
         ca_cert: the CA certificate clients must trust (``None`` with insecure HTTP).
         operator_token: the bearer token for ``/api/v1``.
         data_dir: the server's data directory.
+        online_public_key: the server's online public key file (``--online-key``).
+        app: the application (its ``state`` holds the stores and background tasks).
     """
 
     base_url: str
     ca_cert: Path | None
     operator_token: str
     data_dir: Path
+    online_public_key: Path
+    app: FastAPI
     _server: uvicorn.Server
     _thread: threading.Thread
     _socket: socket.socket
@@ -167,7 +228,7 @@ def start_server_in_thread(settings: ServerSettings) -> RunningServer:
     Raises:
         ConfigError: the server did not come up (see the log for the cause).
     """
-    config, ca_cert = _config(settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS)
+    config, ca_cert, app = _config(settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -198,6 +259,8 @@ def start_server_in_thread(settings: ServerSettings) -> RunningServer:
         ca_cert=ca_cert,
         operator_token=load_or_create_operator_token(settings.data_dir),
         data_dir=settings.data_dir,
+        online_public_key=settings.data_dir / ONLINE_PUBLIC_KEY_FILE,
+        app=app,
         _server=server,
         _thread=thread,
         _socket=sock,

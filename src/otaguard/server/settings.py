@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-__all__ = ["ServerSettings"]
+__all__ = [
+    "DEFAULT_SNAPSHOT_EXPIRY",
+    "DEFAULT_TIMESTAMP_EXPIRY",
+    "MIN_ONLINE_EXPIRY",
+    "ServerSettings",
+]
+
+#: TUF's usual lifetimes for the online roles: a day for the timestamp, a week for the snapshot
+DEFAULT_TIMESTAMP_EXPIRY: Final = dt.timedelta(days=1)
+DEFAULT_SNAPSHOT_EXPIRY: Final = dt.timedelta(days=7)
+# Metadata expiry has a resolution of one second and is re-signed at half-life, so a
+# lifetime below this would leave devices no time to fetch what was signed.
+MIN_ONLINE_EXPIRY: Final = dt.timedelta(seconds=2)
+# Ten years is not freshness any more; longer is a typo.
+MAX_ONLINE_EXPIRY: Final = dt.timedelta(days=3650)
 
 
 @dataclass(frozen=True)
@@ -14,15 +30,23 @@ class ServerSettings:
 
     Attributes:
         data_dir: server state: ``otaguard.db``, ``blobs/``, ``ca/``, ``tls/``,
-            ``operator-token``.
+            ``operator-token``, and the online key ``online-key.pem`` with its public
+            half ``online-key.pub.json``.
         repo_dir: repository directory to serve and follow; ``None`` serves only what is
-            published through the operator API.
+            published through the operator API. It must hold no private key.
         host: address to bind, also put in the TLS certificate.
         port: TCP port; 0 picks a free one (tests, demo).
         sync_interval: seconds between checks of ``repo_dir`` for a new publication.
         insecure_http: serve plain HTTP (development only; warns on every start).
         database_url: SQLAlchemy URL overriding the embedded SQLite ``data_dir/otaguard.db``
             (e.g. ``postgresql+psycopg://...``).
+        timestamp_expiry: lifetime of the timestamps the server signs; it re-signs when
+            less than half is left.
+        snapshot_expiry: lifetime of the snapshots the server signs (not shorter than
+            the timestamp's).
+        online_key_uri: signer URI of the online key (e.g. an HSM's; its public key in
+            ``data_dir/online-key.pub.json``); ``None`` uses the file key the server
+            creates in ``data_dir`` (warns: production keys belong in an HSM).
     """
 
     data_dir: Path
@@ -32,6 +56,9 @@ class ServerSettings:
     sync_interval: float = 1.0
     insecure_http: bool = False
     database_url: str | None = None
+    timestamp_expiry: dt.timedelta = DEFAULT_TIMESTAMP_EXPIRY
+    snapshot_expiry: dt.timedelta = DEFAULT_SNAPSHOT_EXPIRY
+    online_key_uri: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -40,3 +67,12 @@ class ServerSettings:
             raise ValueError("sync_interval must be positive")
         if not self.host:
             raise ValueError("host must not be empty")
+        for name in ("timestamp_expiry", "snapshot_expiry"):
+            value = getattr(self, name)
+            if not MIN_ONLINE_EXPIRY <= value <= MAX_ONLINE_EXPIRY:
+                raise ValueError(
+                    f"{name} must be between {MIN_ONLINE_EXPIRY.total_seconds():g} s "
+                    f"and {MAX_ONLINE_EXPIRY.days} days"
+                )
+        if self.snapshot_expiry < self.timestamp_expiry:
+            raise ValueError("snapshot_expiry must not be shorter than timestamp_expiry")

@@ -24,7 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from otaguard.model.errors import (
     OtaguardError,
@@ -40,6 +40,9 @@ from otaguard.server._repo_dir import (
 )
 from otaguard.server.publish import publish_files
 from otaguard.server.storage.base import MAX_BLOB_BYTES, BlobStore, MetadataStore
+
+if TYPE_CHECKING:
+    from otaguard.server.online import OnlineSigner
 
 __all__ = ["RepoSync"]
 
@@ -72,6 +75,7 @@ class RepoSync:
         blobs: BlobStore,
         interval: float,
         clock: Callable[[], dt.datetime] = _utcnow,
+        online: OnlineSigner | None = None,
     ):
         """Prepare (but do not start) syncing ``repo_dir``.
 
@@ -81,6 +85,8 @@ class RepoSync:
             blobs: blob store to copy target blobs into.
             interval: seconds between polls.
             clock: reference time source for verification.
+            online: the server's online signer, passed to
+                :func:`~otaguard.server.publish.publish_files`.
         """
         if interval <= 0:
             raise ValueError("sync interval must be positive")
@@ -89,6 +95,7 @@ class RepoSync:
         self._blobs = blobs
         self._interval = interval
         self._clock = clock
+        self._online = online
         self._last: tuple[int, int, str] | None = None
         self._last_failure: str | None = None
         self._lock = threading.Lock()
@@ -129,7 +136,11 @@ class RepoSync:
                 for blob in current.blobs:
                     self._copy_blob(blob)
                 outcome = publish_files(
-                    self._store, self._blobs, current.metadata, now=self._clock()
+                    self._store,
+                    self._blobs,
+                    current.metadata,
+                    now=self._clock(),
+                    online=self._online,
                 )
             except RetryLaterError as e:
                 logger.debug("repository not ready, retrying later: %s", e.diagnostics())

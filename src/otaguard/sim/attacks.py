@@ -1,9 +1,10 @@
 """Attacks against a running server, for the demo and the attack tests.
 
 Each attack models a threat from DESIGN.md §1 with the access that threat grants: a
-compromised server or mirror can rewrite anything it stores and serves; a thief of one
-offline key can sign with that key only. None of them is given what the design keeps
-out of reach (a threshold of offline keys).
+compromised server can rewrite anything it stores and serves, and sign with the online
+(snapshot and timestamp) key it legitimately holds; a thief of one offline key can sign
+with that key only. None of them is given what the design keeps out of reach (a
+threshold of offline root or targets keys).
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
-from otaguard.crypto.keys import load_signer
+from otaguard.crypto.signers import load_signer, resolve_key_uri
 from otaguard.model.errors import OperatorError
+from otaguard.repo import ImageRepository
+from otaguard.server.online import load_online_signer
 from otaguard.server.storage.base import MetadataRecord
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
 
-__all__ = ["AttackOutcome", "CompromisedServer"]
+__all__ = ["AttackOutcome", "CompromisedServer", "steal_key"]
 
 
 @dataclass
@@ -40,11 +43,18 @@ class AttackOutcome:
 
 
 class CompromisedServer:
-    """An attacker with write access to a server's data directory (DB and blobs)."""
+    """An attacker who took over a server: its data directory (DB, blobs) and online key.
+
+    The online key signs snapshot and timestamp, so the attacker can serve any
+    combination of offline-signed targets it has seen, or freeze on one; it still cannot
+    make a device accept targets that a threshold of offline keys did not sign.
+    """
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
         self.store = SQLMetadataStore(sqlite_url(data_dir / "otaguard.db"))
+        #: the server's own snapshot and timestamp key, as a compromised server holds it
+        self.online_signer = load_online_signer(data_dir)
 
     def close(self) -> None:
         """Release the database."""
@@ -95,21 +105,87 @@ class CompromisedServer:
             expected_timestamp=self.current_timestamp(),
         )
 
+    def sign_timestamp(self, *, expires: dt.datetime) -> bytes:
+        """A validly signed next timestamp for the served snapshot, expiring at ``expires``.
+
+        With ``expires`` in the past this is a freeze attack: serving it keeps devices
+        on what they have, and they notice because it is expired.
+        """
+        ts_rec = self.store.current_timestamp()
+        if ts_rec is None:
+            raise OperatorError("server serves no timestamp")
+        newest = self.store.newest("timestamp")
+        ts = Metadata[Timestamp].from_bytes(ts_rec.data)
+        ts.signed.version = (newest.version if newest else ts.signed.version) + 1
+        ts.signed.expires = expires.replace(microsecond=0)
+        ts.sign(self.online_signer)
+        return ts.to_bytes()
+
+    def serve_targets_version(self, targets_version: int) -> None:
+        """Serve an older, offline-signed targets version under a fresh snapshot.
+
+        The most a stolen online key can do with targets: mix and match versions that
+        the offline keys signed. A device that has seen a newer one refuses the rollback.
+        """
+        if self.store.get(f"{targets_version}.targets.json") is None:
+            raise OperatorError(f"server has no {targets_version}.targets.json")
+        newest_snap = self._newest("snapshot")
+        snapshot = Metadata[Snapshot].from_bytes(newest_snap.data)
+        expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=1)
+        snapshot.signed.version = newest_snap.version + 1
+        snapshot.signed.expires = expires
+        snapshot.signed.meta["targets.json"] = MetaFile(version=targets_version)
+        snapshot.sign(self.online_signer)
+        s_bytes = snapshot.to_bytes()
+        ts_rec = self.store.current_timestamp()
+        assert ts_rec is not None  # noqa: S101 - a snapshot exists, so a timestamp does
+        timestamp = Metadata[Timestamp].from_bytes(self._newest("timestamp").data)
+        timestamp.signed.version += 1
+        timestamp.signed.expires = expires
+        timestamp.signed.snapshot_meta = MetaFile.from_data(
+            snapshot.signed.version, s_bytes, ["sha256"]
+        )
+        timestamp.sign(self.online_signer)
+        ts_bytes = timestamp.to_bytes()
+        records = [
+            _rec(
+                f"{snapshot.signed.version}.snapshot.json",
+                "snapshot",
+                snapshot.signed.version,
+                s_bytes,
+            ),
+            _rec(
+                f"{timestamp.signed.version}.timestamp.json",
+                "timestamp",
+                timestamp.signed.version,
+                ts_bytes,
+            ),
+        ]
+        self.store.publish(
+            records,
+            timestamp=records[-1].filename,
+            now=dt.datetime.now(dt.UTC),
+            expected_timestamp=ts_rec.filename,
+        )
+
     def inject_targets(
         self,
         *,
-        signers: list[CryptoSigner],
-        snapshot_signer: CryptoSigner,
-        timestamp_signer: CryptoSigner,
+        signers: list[Signer],
         target_path: str,
         payload: bytes,
         custom: dict[str, object],
+        snapshot_signer: Signer | None = None,
+        timestamp_signer: Signer | None = None,
     ) -> None:
         """Serve new targets metadata signed by ``signers`` only, listing a malicious image.
 
-        Snapshot and timestamp are re-signed with the (stolen) online keys and the blob
-        is planted, so the only thing missing is a full threshold on targets.
+        Snapshot and timestamp are signed with the server's online key (or the given
+        signers, e.g. stolen local-mode keys) and the blob is planted, so the only thing
+        missing is a full threshold on targets.
         """
+        snapshot_signer = snapshot_signer or self.online_signer
+        timestamp_signer = timestamp_signer or self.online_signer
         targets = Metadata[Targets].from_bytes(self._newest("targets").data)
         snapshot = Metadata[Snapshot].from_bytes(self._newest("snapshot").data)
         ts_rec = self.store.current_timestamp()
@@ -178,8 +254,22 @@ def _rec(filename: str, role: str, version: int, data: bytes) -> MetadataRecord:
     return MetadataRecord(filename, role, version, data, hashlib.sha256(data).hexdigest())
 
 
-def steal_key(
-    repo_dir: Path, filename: str, algorithm: str, passphrase: bytes | None
-) -> CryptoSigner:
-    """Load one private key from a repository, as an insider or thief would."""
-    return load_signer(repo_dir / "keys" / filename, algorithm=algorithm, passphrase=passphrase)
+def steal_key(repo: ImageRepository, name: str, passphrase: bytes) -> Signer:
+    """Load one offline private key (e.g. ``targets-ed25519``), as a thief of that key would.
+
+    Args:
+        repo: the repository whose keys directory holds the key.
+        name: the key's name.
+        passphrase: that key's passphrase (the thief has both the file and the secret).
+    """
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        for ref in repo.key_refs(role):
+            if ref.name == name and ref.uri is not None:
+                root = Metadata[Root].from_file(str(repo.metadata_dir / "root.json")).signed
+                return load_signer(
+                    resolve_key_uri(ref.uri, repo.keys_dir),
+                    root.keys[ref.keyid],
+                    name=name,
+                    secrets=lambda _name: passphrase,
+                )
+    raise OperatorError(f"the repository has no key named {name}")

@@ -13,9 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from otaguard.crypto.signers import read_public_key
 from otaguard.model.errors import DowngradeError, OperatorError, VerificationError
 from otaguard.repo import ImageRepository
-from otaguard.server import ServerSettings, start_server_in_thread
+from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 
@@ -83,20 +84,35 @@ def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
 
 def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a linear script
     step: Callable[[str], None] = lambda s: console.rule(f"[bold]{s}")  # noqa: E731
-    passphrase = secrets.token_urlsafe(24).encode()  # keys are encrypted even in the demo
+    # Keys are encrypted even in the demo, each with its own passphrase.
+    passphrases: dict[str, bytes] = {}
+
+    def passphrase(name: str) -> bytes:
+        return passphrases.setdefault(name, secrets.token_urlsafe(24).encode())
+
     console.print(f"working directory: {work}")
 
-    step("1. Image repository: hybrid Ed25519 + ML-DSA-65 offline keys")
-    repo = ImageRepository.init(work / "repo", passphrase=passphrase)
+    step("1. Update server's data directory: its online snapshot/timestamp key")
+    paths = init_data_dir(work / "server")
+    console.print(f"online public key: {paths.online_public_key}")
+
+    step("2. Offline repository: hybrid Ed25519 + ML-DSA-65 root and targets keys")
+    repo = ImageRepository.init(
+        work / "repo",
+        keys_dir=work / "offline-keys",
+        passphrases=passphrase,
+        online_key=read_public_key(paths.online_public_key),
+    )
+    console.print(f"private keys in {repo.keys_dir}, none in {repo.dir}")
     v100 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.0.0")
     rel100 = repo.add_release(
         v100, version="1.0.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
     )
     console.print(f"released {rel100.path} (feature, counter {rel100.info.security_counter})")
 
-    step("2. Update server (HTTPS, CA made on first run)")
+    step("3. Update server (HTTPS; signs snapshot and timestamp itself)")
     server = start_server_in_thread(
-        ServerSettings(data_dir=work / "server", repo_dir=repo.dir, host="127.0.0.1", port=0)
+        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, host="127.0.0.1", port=0)
     )
     attacker = None
     try:
@@ -104,7 +120,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         wait_served(server, repo)
         console.print(f"serving {server.base_url}")
 
-        step(f"3. Provision {count} devices at 1.0.0")
+        step(f"4. Provision {count} devices at 1.0.0")
         fleet = Fleet.provision(
             work / "devices",
             count=count,
@@ -119,7 +135,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         attacker = CompromisedServer(server.data_dir)
         old_timestamp = attacker.current_timestamp()
 
-        step("4. Release 1.1.0 (security) and roll it out")
+        step("5. Release 1.1.0 (security) and roll it out")
         v110 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.1.0")
         rel110 = repo.add_release(
             v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
@@ -138,7 +154,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         console.print(f"{updated}/{count} devices run 1.1.0")
 
         outcomes: list[AttackOutcome] = []
-        step("5a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
+        step("6a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
         v120 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.2.0")
         rel120 = repo.add_release(
             v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
@@ -147,7 +163,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         attacker.tamper_blob(rel120.path)
         outcomes.append(_attack(console, fleet, "(a) tampered image", VerificationError, "1.1.0"))
 
-        step("5b. Attack: replay of an older signed timestamp, snapshot and targets")
+        step("6b. Attack: replay of an older signed timestamp, snapshot and targets")
         current = attacker.current_timestamp()
         attacker.serve_timestamp(old_timestamp)
         outcomes.append(
@@ -155,17 +171,16 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         )
         attacker.serve_timestamp(current)
 
-        step("5c. Attack: validly signed metadata offering only an older release")
+        step("6c. Attack: validly signed metadata offering only an older release")
         repo.withdraw_release(rel120.path)
         repo.withdraw_release(rel110.path)
         wait_served(server, repo)
         outcomes.append(_attack(console, fleet, "(c) downgrade to 1.0.0", DowngradeError, "1.1.0"))
 
-        step("5d. Attack: release signed by only the Ed25519 half of the hybrid targets key")
+        step("6d. Attack: release signed by only the Ed25519 half of the hybrid targets key")
+        # The compromised server signs snapshot and timestamp with its own online key.
         attacker.inject_targets(
-            signers=[steal_key(repo.dir, "targets-ed25519.pem", "ed25519", passphrase)],
-            snapshot_signer=steal_key(repo.dir, "snapshot-ed25519.pem", "ed25519", passphrase),
-            timestamp_signer=steal_key(repo.dir, "timestamp-ed25519.pem", "ed25519", passphrase),
+            signers=[steal_key(repo, "targets-ed25519", passphrase("targets-ed25519"))],
             target_path="firmware-6.6.6.img",
             payload=b"malicious firmware" * 1000,
             custom={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -53,22 +54,54 @@ def make_image(path: Path, *, size: int, seed: str, unhealthy: bool = False) -> 
     return path
 
 
+def _served_targets_version(http: urllib3.PoolManager, base_url: str) -> int | None:
+    """Targets version the server's timestamp leads to (unverified: only for waiting)."""
+    resp = http.request("GET", f"{base_url}/metadata/timestamp.json")
+    if resp.status != 200:
+        return None
+    try:
+        snap_version = json.loads(resp.data)["signed"]["meta"]["snapshot.json"]["version"]
+        resp = http.request("GET", f"{base_url}/metadata/{int(snap_version)}.snapshot.json")
+        if resp.status != 200:
+            return None
+        return int(json.loads(resp.data)["signed"]["meta"]["targets.json"]["version"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def wait_served(server: RunningServer, repo: ImageRepository) -> None:
-    """Block until ``server`` serves ``repo``'s current timestamp.
+    """Block until ``server`` serves ``repo``'s current state.
+
+    In server mode: the newest root and the newest targets version (the server signs
+    the snapshot and timestamp leading to it). In server-less mode: the repository's own
+    timestamp, byte for byte.
 
     Raises:
         OperatorError: the server did not pick up the change within the timeout.
     """
-    want = (repo.metadata_dir / "timestamp.json").read_bytes()
+    if repo.server_signed:
+        want_targets = repo.latest_version("targets")
+        want_root = (repo.metadata_dir / "root.json").read_bytes()
+    else:
+        want_timestamp = (repo.metadata_dir / "timestamp.json").read_bytes()
     http = urllib3.PoolManager(
         ca_certs=str(server.ca_cert) if server.ca_cert else None, timeout=5.0
     )
     deadline = time.monotonic() + SYNC_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
-            resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
-            if resp.status == 200 and resp.data == want:
-                return
+            if repo.server_signed:
+                root = http.request("GET", f"{server.base_url}/metadata/root.json")
+                if (
+                    root.status == 200
+                    and root.data == want_root
+                    and _served_targets_version(http, server.base_url) == want_targets
+                ):
+                    return
+            else:
+                resp = http.request("GET", f"{server.base_url}/metadata/timestamp.json")
+                if resp.status == 200 and resp.data == want_timestamp:
+                    return
             time.sleep(0.1)
     finally:
         http.clear()
