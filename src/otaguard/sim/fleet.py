@@ -17,7 +17,7 @@ import urllib3
 
 from otaguard.agent import Device, UpdateResult
 from otaguard.healthcheck import UNHEALTHY_MARKER
-from otaguard.model.errors import OperatorError, OtaguardError
+from otaguard.model.errors import NotReadyError, OtaguardError
 from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer
 
@@ -77,7 +77,7 @@ def wait_served(server: RunningServer, repo: ImageRepository) -> None:
     timestamp, byte for byte.
 
     Raises:
-        OperatorError: the server did not pick up the change within the timeout.
+        NotReadyError: the server did not pick up the change within the timeout.
     """
     if repo.server_signed:
         want_targets = repo.latest_version("targets")
@@ -105,7 +105,7 @@ def wait_served(server: RunningServer, repo: ImageRepository) -> None:
             time.sleep(0.1)
     finally:
         http.clear()
-    raise OperatorError("the server did not pick up the repository change in time")
+    raise NotReadyError("the server did not pick up the repository change in time")
 
 
 @dataclass
