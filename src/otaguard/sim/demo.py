@@ -24,6 +24,7 @@ __all__ = ["run_demo"]
 
 HARDWARE_ID: Final = "gateway-v1"
 IMAGE_SIZE: Final = 4 * 1024 * 1024
+ATTACKS: Final = 5
 
 
 def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
@@ -63,6 +64,47 @@ def _attack(
     outcome = AttackOutcome(name, len(refused), len(runs), reason)
     mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
     console.print(f"  {mark} by {outcome.refused}/{outcome.total} devices: {reason}")
+    return outcome
+
+
+def _corrupt_running_slots(console: Console, fleet: Fleet) -> AttackOutcome:
+    """(e) Flip one byte of every device's running 1.1.0 slot, then power the devices on.
+
+    The old 1.0.0 image is still on disk in the other slot, but below the anti-rollback
+    floor: the bootloader must boot recovery instead, and the agent must reinstall a
+    release at or above the floor.
+    """
+    console.rule("[bold]6e. Attack: one byte of every device's running slot flipped")
+    reason = "not refused!"
+    recovery: set[str] = set()
+    for name in fleet.names:
+        dev = fleet.device(name)
+        slot = dev.backend.path(dev.status().bootenv.primary)
+        with open(slot, "r+b") as f:
+            f.seek(IMAGE_SIZE // 2)
+            byte = f.read(1)
+            f.seek(IMAGE_SIZE // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        record = dev.boot()
+        if record.recovery:
+            recovery.add(name)
+            reason = f"booted recovery, not the old 1.0.0 ({record.note.split(';')[0]})"
+    runs = fleet.update_all()
+    versions = fleet.versions()
+    recovered = [
+        r
+        for r in runs
+        if r.name in recovery
+        and r.result is not None
+        and r.result.outcome == "recovered"
+        and versions[r.name] == "1.1.0"
+    ]
+    outcome = AttackOutcome("(e) corrupted running slot", len(recovered), len(runs), reason)
+    mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
+    console.print(
+        f"  {mark} by {outcome.refused}/{outcome.total} devices: {reason}; "
+        "each reinstalled 1.1.0 from recovery"
+    )
     return outcome
 
 
@@ -154,6 +196,8 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         console.print(f"{updated}/{count} devices run 1.1.0")
 
         outcomes: list[AttackOutcome] = []
+        # (e) needs the honest 1.1.0 still served for recovery: performed first, listed last.
+        slot_attack = _corrupt_running_slots(console, fleet)
         step("6a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
         v120 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.2.0")
         rel120 = repo.add_release(
@@ -193,6 +237,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         outcomes.append(
             _attack(console, fleet, "(d) single-key signature", VerificationError, "1.1.0")
         )
+        outcomes.append(slot_attack)
     finally:
         if attacker is not None:
             attacker.close()
@@ -220,9 +265,9 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         )
     console.print(table)
     refused = sum(o.ok for o in outcomes)
-    ok = rollout_ok and refused == len(outcomes) == 4
+    ok = rollout_ok and refused == len(outcomes) == ATTACKS
     console.print(
         f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated, "
-        f"{refused}/4 attacks refused"
+        f"{refused}/{ATTACKS} attacks refused"
     )
     return ok
