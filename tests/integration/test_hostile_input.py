@@ -128,6 +128,16 @@ DEVICE_CASES = {
         ("configuration error", "max_image_bytes"),
     ),
     "config-not-object": (_config_list, 2, ("configuration error", "not a JSON object")),
+    "config-zero-rate": (
+        _edit_config({"download_min_rate_bps": 0}),
+        2,
+        ("configuration error", "download_min_rate_bps must be positive"),
+    ),
+    "config-no-health-check": (
+        _edit_config({"health_command": None}),
+        2,
+        ("configuration error", "health_command", "unsafe_no_health_check"),
+    ),
     "trusted-root-garbage": (
         _garbage("trust/root.json"),
         2,

@@ -132,7 +132,16 @@ class DeviceConfig:
             or not self.health_command
         ):
             raise ConfigError("health_command must be a non-empty list of strings")
-        for name in ("poll_interval_s", "connect_timeout_s", "read_timeout_s", "health_timeout_s"):
+        for name in (
+            "poll_interval_s",
+            "connect_timeout_s",
+            "read_timeout_s",
+            "health_timeout_s",
+            "download_deadline_base_s",
+            "download_min_rate_bps",
+            "max_image_bytes",
+        ):
+            # `not x > 0` also refuses NaN, which a hand-edited JSON config can hold.
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
 
