@@ -46,6 +46,7 @@ from otaguard.crypto.signers import (
 from otaguard.model.errors import ConfigError, OtaguardError, VerificationError
 from otaguard.model.unsafe import Unsafe
 from otaguard.server._names import parse_metadata_name
+from otaguard.server._periodic import PeriodicTask
 from otaguard.server.publish import publish_files
 from otaguard.server.storage.base import BlobStore, MetadataStore
 
@@ -74,8 +75,6 @@ CHECKS_PER_LIFETIME: Final = 8
 MIN_CHECK_SECONDS: Final = 0.2
 # ... and never lazier than this (a clock jump or a failed attempt is retried soon).
 MAX_CHECK_SECONDS: Final = 60.0
-# Joining the thread on shutdown must not hang the server's exit.
-STOP_TIMEOUT_SECONDS: Final = 10.0
 
 _S = TypeVar("_S", Root, Timestamp, Snapshot)
 
@@ -425,7 +424,7 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class ResignLoop:
+class ResignLoop(PeriodicTask):
     """Re-signs the served timestamp and snapshot before they expire, in a thread."""
 
     def __init__(
@@ -448,19 +447,16 @@ class ResignLoop:
                 lifetime, within [:data:`MIN_CHECK_SECONDS`, :data:`MAX_CHECK_SECONDS`].
         """
         shortest = min(online.lifetimes.timestamp, online.lifetimes.snapshot).total_seconds()
-        self.interval = (
-            interval
+        super().__init__(
+            interval=interval
             if interval is not None
-            else min(MAX_CHECK_SECONDS, max(MIN_CHECK_SECONDS, shortest / CHECKS_PER_LIFETIME))
+            else min(MAX_CHECK_SECONDS, max(MIN_CHECK_SECONDS, shortest / CHECKS_PER_LIFETIME)),
+            name="otaguard-resign",
         )
-        if self.interval <= 0:
-            raise ValueError("re-sign interval must be positive")
         self._online = online
         self._store = store
         self._blobs = blobs
         self._clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def resign_once(self) -> tuple[str, ...]:
         """Re-sign and publish what is due now.
@@ -488,23 +484,3 @@ class ResignLoop:
             logger.error("re-signing online metadata failed: %s", e.diagnostics())  # noqa: TRY400 - one line, no traceback
         except Exception:  # thread boundary: keep serving, record the bug
             logger.exception("unexpected error while re-signing online metadata")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._tick()
-
-    def start(self) -> None:
-        """Check once now, then every :attr:`interval` seconds until :meth:`stop`."""
-        if self._thread is not None:
-            raise RuntimeError("re-sign loop already started")
-        self._tick()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="otaguard-resign", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop checking and wait for the thread to finish."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(STOP_TIMEOUT_SECONDS)
-            self._thread = None

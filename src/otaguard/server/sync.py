@@ -32,6 +32,7 @@ from otaguard.model.errors import (
     ServerStorageError,
     VerificationError,
 )
+from otaguard.server._periodic import PeriodicTask
 from otaguard.server._repo_dir import (
     BlobSource,
     RepoNotReadyError,
@@ -50,8 +51,6 @@ logger = logging.getLogger(__name__)
 
 # Copy blobs in chunks so a multi-GiB image never sits in memory.
 COPY_CHUNK_BYTES: Final = 1024 * 1024
-# Joining the thread on shutdown must not hang the server's exit.
-STOP_TIMEOUT_SECONDS: Final = 10.0
 
 
 def _chunks(path: Path) -> Iterator[bytes]:
@@ -64,7 +63,7 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class RepoSync:
+class RepoSync(PeriodicTask):
     """Imports a repository directory into the stores whenever its timestamp changes."""
 
     def __init__(
@@ -88,19 +87,15 @@ class RepoSync:
             online: the server's online signer, passed to
                 :func:`~otaguard.server.publish.publish_files`.
         """
-        if interval <= 0:
-            raise ValueError("sync interval must be positive")
+        super().__init__(interval=interval, name="otaguard-repo-sync")
         self.repo_dir = Path(repo_dir)
         self._store = store
         self._blobs = blobs
-        self._interval = interval
         self._clock = clock
         self._online = online
         self._last: tuple[int, int, str] | None = None
         self._last_failure: str | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def _copy_blob(self, src: BlobSource) -> None:
         have = self._blobs.stat(src.name)
@@ -171,23 +166,3 @@ class RepoSync:
         except Exception:  # thread boundary: keep serving, record the bug
             logger.exception("unexpected error while syncing %s", self.repo_dir)
         self._last_failure = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._tick()
-
-    def start(self) -> None:
-        """Check once now, then poll in a daemon thread until :meth:`stop`."""
-        if self._thread is not None:
-            raise RuntimeError("repository sync already started")
-        self._tick()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="otaguard-repo-sync", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop polling and wait for the thread to finish."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(STOP_TIMEOUT_SECONDS)
-            self._thread = None

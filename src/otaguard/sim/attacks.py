@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
@@ -147,26 +148,7 @@ class CompromisedServer:
         )
         timestamp.sign(self.online_signer)
         ts_bytes = timestamp.to_bytes()
-        records = [
-            _rec(
-                f"{snapshot.signed.version}.snapshot.json",
-                "snapshot",
-                snapshot.signed.version,
-                s_bytes,
-            ),
-            _rec(
-                f"{timestamp.signed.version}.timestamp.json",
-                "timestamp",
-                timestamp.signed.version,
-                ts_bytes,
-            ),
-        ]
-        self.store.publish(
-            records,
-            timestamp=records[-1].filename,
-            now=dt.datetime.now(dt.UTC),
-            expected_timestamp=ts_rec.filename,
-        )
+        self._serve([snapshot, timestamp], [s_bytes, ts_bytes], replacing=ts_rec.filename)
 
     def inject_targets(
         self,
@@ -219,28 +201,21 @@ class CompromisedServer:
         digest = hashlib.sha256(payload).hexdigest()
         blobs = self.data_dir / "blobs"
         (blobs / f"{digest}.{target_path}").write_bytes(payload)
+        self._serve(
+            [targets, snapshot, timestamp], [t_bytes, s_bytes, ts_bytes], replacing=ts_rec.filename
+        )
+
+    def _serve(self, mds: list[Metadata[Any]], data: list[bytes], *, replacing: str) -> None:
+        """Write signed files straight into the store and point the timestamp at the last."""
         records = [
-            _rec(
-                f"{targets.signed.version}.targets.json", "targets", targets.signed.version, t_bytes
-            ),
-            _rec(
-                f"{snapshot.signed.version}.snapshot.json",
-                "snapshot",
-                snapshot.signed.version,
-                s_bytes,
-            ),
-            _rec(
-                f"{timestamp.signed.version}.timestamp.json",
-                "timestamp",
-                timestamp.signed.version,
-                ts_bytes,
-            ),
+            _rec(f"{md.signed.version}.{md.signed.type}.json", md.signed.type, md.signed.version, b)
+            for md, b in zip(mds, data, strict=True)
         ]
         self.store.publish(
             records,
             timestamp=records[-1].filename,
             now=dt.datetime.now(dt.UTC),
-            expected_timestamp=ts_rec.filename,
+            expected_timestamp=replacing,
         )
 
     def _newest(self, role: str) -> MetadataRecord:
