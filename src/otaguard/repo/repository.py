@@ -53,7 +53,6 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
-from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes, atomic_write_json, fsync_dir
 from otaguard.crypto.keys import generate_signer, warn_insecure, write_private_key
@@ -64,7 +63,7 @@ from otaguard.crypto.signers import (
     load_signer,
     resolve_key_uri,
 )
-from otaguard.model.errors import ConfigError, KeyAccessError, OperatorError, VerificationError
+from otaguard.model.errors import ConfigError, KeyAccessError, OperatorError
 from otaguard.model.names import check_target_name
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.unsafe import Unsafe
@@ -280,16 +279,6 @@ def _write_configs(
             "keys": {role: [r.to_json() for r in rs] for role, rs in refs.items()},
         },
     )
-
-
-def _load(data: bytes, cls: type[_S], name: str) -> Metadata[_S]:
-    try:
-        md: Metadata[Any] = Metadata.from_bytes(data)
-    except DeserializationError as e:
-        raise VerificationError(f"{name} is not valid TUF metadata: {e}") from e
-    if not isinstance(md.signed, cls):
-        raise VerificationError(f"{name} is not {cls.type} metadata")
-    return md
 
 
 class ImageRepository:

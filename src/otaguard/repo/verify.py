@@ -57,7 +57,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar, overload
 
 from tuf.api.exceptions import (
     BadVersionNumberError,
@@ -66,7 +66,7 @@ from tuf.api.exceptions import (
     ExpiredMetadataError,
     RepositoryError,
 )
-from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 # Internal API of python-tuf, pinned by tuf<8 (see the module docstring).
@@ -87,6 +87,7 @@ __all__ = [
     "VerificationReport",
     "VerifiedRepository",
     "check_repository",
+    "load_role",
     "verify_offline_roles",
     "verify_update",
 ]
@@ -101,6 +102,30 @@ DEVICE_MAX_LENGTHS: Final = METADATA_MAX_LENGTHS
 SERVER_SIGNED_NOTE: Final = "signed by the server"
 
 ROLES: Final = (Root.type, Timestamp.type, Snapshot.type, Targets.type)
+
+
+_Role = TypeVar("_Role", Root, Timestamp, Snapshot, Targets)
+
+
+@overload
+def load_role(name: str, data: bytes, cls: type[_Role]) -> Metadata[_Role]: ...
+@overload
+def load_role(name: str, data: bytes, cls: type[Signed]) -> Metadata[Any]: ...
+def load_role(name: str, data: bytes, cls: type[Signed]) -> Metadata[Any]:
+    """Parse ``data`` as metadata of role class ``cls`` (no signature is checked here).
+
+    Raises:
+        VerificationError: the bytes are not TUF metadata of that role.
+    """
+    try:
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except DeserializationError as e:
+        raise VerificationError(f"{name} is not valid TUF metadata: {e}") from e
+    if not isinstance(md.signed, cls):
+        raise VerificationError(f"{name} is not {cls.type} metadata")
+    return md
+
+
 TIMESTAMP_FILE: Final = "timestamp.json"
 _TARGETS_NAME: Final = re.compile(r"([1-9][0-9]{0,17})\.targets\.json")
 # What python-tuf raises for data it refuses: RepositoryError subclasses (including

@@ -25,8 +25,9 @@ from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
 from otaguard.model.errors import ConfigError, NotReadyError, OperatorError, VerificationError
 from otaguard.repo.repository import KEYS_CONFIG_NAME
+from otaguard.repo.verify import load_role
 from otaguard.server._names import blob_name, parse_metadata_name
-from otaguard.server.publish import MAX_METADATA_FILE_BYTES, MAX_PUBLISH_FILES, load_role
+from otaguard.server.publish import MAX_METADATA_FILE_BYTES, MAX_PUBLISH_FILES
 
 __all__ = [
     "KEYS_DIR_MARKERS",

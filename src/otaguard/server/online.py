@@ -34,7 +34,6 @@ from typing import Any, Final, TypeVar
 
 from securesystemslib.signer import CryptoSigner, Key, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
-from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes
 from otaguard.crypto.signers import (
@@ -45,6 +44,7 @@ from otaguard.crypto.signers import (
 )
 from otaguard.model.errors import ConfigError, OtaguardError, VerificationError
 from otaguard.model.unsafe import Unsafe
+from otaguard.repo.verify import load_role
 from otaguard.server._names import parse_metadata_name
 from otaguard.server._periodic import PeriodicTask
 from otaguard.server.publish import publish_files
@@ -164,16 +164,6 @@ def load_online_signer(data_dir: Path, *, uri: str | None = None) -> Signer:
 
 
 # -- pure builders ---------------------------------------------------------------------------
-def _load(data: bytes, cls: type[_S], name: str) -> Metadata[_S]:
-    try:
-        md: Metadata[Any] = Metadata.from_bytes(data)
-    except DeserializationError as e:
-        raise VerificationError(f"{name} is not valid TUF metadata: {e}") from e
-    if not isinstance(md.signed, cls):
-        raise VerificationError(f"{name} is not {cls.type} metadata")
-    return md
-
-
 def _expiry(now: dt.datetime, lifetime: dt.timedelta) -> dt.datetime:
     """``now + lifetime``, rounded up to the second TUF metadata can express."""
     at = now + lifetime
@@ -209,7 +199,7 @@ class Served:
         ts_rec = store.current_timestamp()
         snapshot: bytes | None = None
         if ts_rec is not None:
-            ts = _load(ts_rec.data, Timestamp, ts_rec.filename)
+            ts = load_role(ts_rec.filename, ts_rec.data, Timestamp)
             snapshot = store.get(f"{ts.signed.snapshot_meta.version}.snapshot.json")
         newest_ts, newest_snap = store.newest(Timestamp.type), store.newest(Snapshot.type)
         return cls(
@@ -223,7 +213,7 @@ class Served:
         """Version of targets the served snapshot names, ``None`` before the first one."""
         if self.snapshot is None:
             return None
-        meta = _load(self.snapshot, Snapshot, "served snapshot").signed.meta.get("targets.json")
+        meta = load_role("served snapshot", self.snapshot, Snapshot).signed.meta.get("targets.json")
         return meta.version if meta is not None else None
 
 
@@ -260,7 +250,7 @@ def _snapshot_and_timestamp(
 ) -> dict[str, bytes]:
     served_version = 0
     if served.snapshot is not None:
-        served_version = _load(served.snapshot, Snapshot, "served snapshot").signed.version
+        served_version = load_role("served snapshot", served.snapshot, Snapshot).signed.version
     version = max(served.newest_snapshot_version, served_version) + 1
     snap = Snapshot(version=version, expires=_expiry(now, lifetimes.snapshot), meta=meta)
     snap_bytes = _sign(Metadata(snap), signer)
@@ -296,7 +286,7 @@ def snapshot_for_targets(
         )
     meta: dict[str, MetaFile] = {}
     if served.snapshot is not None:
-        meta = dict(_load(served.snapshot, Snapshot, "served snapshot").signed.meta)
+        meta = dict(load_role("served snapshot", served.snapshot, Snapshot).signed.meta)
     meta["targets.json"] = MetaFile(version=targets_version)
     return _snapshot_and_timestamp(served, meta, signer=signer, now=now, lifetimes=lifetimes)
 
@@ -314,12 +304,12 @@ def refreshed(
     """
     if served.timestamp is None or served.snapshot is None:
         return {}
-    snap = _load(served.snapshot, Snapshot, "served snapshot")
+    snap = load_role("served snapshot", served.snapshot, Snapshot)
     if _due(snap.signed.expires, lifetimes.snapshot, now):
         return _snapshot_and_timestamp(
             served, dict(snap.signed.meta), signer=signer, now=now, lifetimes=lifetimes
         )
-    ts = _load(served.timestamp, Timestamp, "served timestamp")
+    ts = load_role("served timestamp", served.timestamp, Timestamp)
     if _due(ts.signed.expires, lifetimes.timestamp, now):
         return {
             "timestamp.json": _timestamp(
@@ -374,8 +364,8 @@ class OnlineSigner:
         versions = _versions(files, Root.type)
         if versions and (stored is None or max(versions) > stored.version):
             name = f"{max(versions)}.root.json"
-            return _load(files[name], Root, name).signed
-        return _load(stored.data, Root, stored.filename).signed if stored is not None else None
+            return load_role(name, files[name], Root).signed
+        return load_role(stored.filename, stored.data, Root).signed if stored is not None else None
 
     def complete(
         self, store: MetadataStore, files: Mapping[str, bytes], *, now: dt.datetime
@@ -413,7 +403,7 @@ class OnlineSigner:
         Call it holding :attr:`lock`.
         """
         root = store.newest(Root.type)
-        if root is None or not self.signs_for(_load(root.data, Root, root.filename).signed):
+        if root is None or not self.signs_for(load_role(root.filename, root.data, Root).signed):
             return {}
         return refreshed(
             Served.from_store(store), signer=self._signer, now=now, lifetimes=self.lifetimes

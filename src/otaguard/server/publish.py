@@ -43,7 +43,7 @@ from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestam
 from tuf.api.serialization import DeserializationError
 
 from otaguard.model.errors import VerificationError
-from otaguard.repo.verify import VerifiedRepository, verify_update
+from otaguard.repo.verify import VerifiedRepository, load_role, verify_update
 from otaguard.server._names import blob_name, parse_metadata_name
 from otaguard.server.storage.base import (
     BlobStore,
@@ -59,7 +59,6 @@ __all__ = [
     "MAX_METADATA_FILE_BYTES",
     "MAX_PUBLISH_FILES",
     "PUBLISHABLE_ROLES",
-    "load_role",
     "publish_files",
 ]
 
@@ -85,21 +84,6 @@ class _Parsed:
     signed: dict[str, Any] = field(default_factory=dict)
     timestamp_record: MetadataRecord | None = None
     root_alias: bytes | None = None
-
-
-def load_role(name: str, data: bytes, cls: type[Signed]) -> Metadata[Any]:
-    """Parse ``data`` as metadata of role class ``cls`` (no signature is checked).
-
-    Raises:
-        VerificationError: the bytes are not TUF metadata of that role.
-    """
-    try:
-        md: Metadata[Any] = Metadata.from_bytes(data)
-    except DeserializationError as e:
-        raise VerificationError(f"{name} is not valid TUF metadata: {e}") from e
-    if not isinstance(md.signed, cls):
-        raise VerificationError(f"{name} is not {cls.type} metadata")
-    return md
 
 
 def _record(filename: str, role: str, version: int, data: bytes) -> MetadataRecord:
