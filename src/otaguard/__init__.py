@@ -1,6 +1,6 @@
 """otaguard: secure over-the-air updates for industrial IoT fleets.
 
-The package is split along trust boundaries (see docs and DESIGN.md):
+The package is split along trust boundaries (see docs/design.md):
 
 - :mod:`otaguard.model`  pure types and errors, imported by every other part
 - :mod:`otaguard.crypto` keys, signers and the self-made certificate authority

@@ -1,6 +1,6 @@
 """Attacks against a running server, for the demo and the attack tests.
 
-Each attack models a threat from DESIGN.md §1 with the access that threat grants: a
+Each attack models a threat from docs/design.md §1 with the access that threat grants: a
 compromised server can rewrite anything it stores and serves, and sign with the online
 (snapshot and timestamp) key it legitimately holds; a thief of one offline key can sign
 with that key only. None of them is given what the design keeps out of reach (a
