@@ -220,6 +220,9 @@ def _server(a: argparse.Namespace) -> int:
             insecure_http=a.insecure_http,
             timestamp_expiry=a.timestamp_expiry,
             snapshot_expiry=a.snapshot_expiry,
+            tls_cert=a.tls_cert,
+            tls_key=a.tls_key,
+            tls_names=tuple(a.tls_name or ()),
         )
     except ValueError as e:
         raise OperatorError(str(e)) from e
@@ -481,6 +484,16 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8443)
     srv.add_argument("--insecure-http", action="store_true", help="development only: plain HTTP")
+    srv.add_argument(
+        "--tls-cert", type=Path, help="your own server certificate (PEM chain); default: fleet CA's"
+    )
+    srv.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
+    srv.add_argument(
+        "--tls-name",
+        action="append",
+        metavar="NAME",
+        help="extra host name or address in the CA-issued certificate (repeatable)",
+    )
     srv.add_argument(
         "--timestamp-expiry",
         type=_duration,

@@ -28,9 +28,11 @@ __all__ = ["CertificateAuthority", "ServerCredentials"]
 logger = logging.getLogger(__name__)
 
 CA_VALIDITY: Final = dt.timedelta(days=3650)
-# Server certificates are short-lived and re-issued at start-up when due.
+# Server certificates are short-lived; the running server re-issues them once less than
+# a third of their lifetime is left (otaguard.server.tls), so a server left running for
+# months never locks its fleet out.
 SERVER_CERT_VALIDITY: Final = dt.timedelta(days=30)
-SERVER_CERT_RENEW_BEFORE: Final = dt.timedelta(days=7)
+RENEW_WHEN_LEFT: Final = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,18 @@ class CertificateAuthority:
         logger.info("created certificate authority in %s", directory)
         return cls(directory, key, cert)
 
-    def server_credentials(self, directory: Path, hosts: Sequence[str]) -> ServerCredentials:
-        """Return a server certificate for ``hosts``, issuing a new one when needed."""
+    def server_credentials(
+        self,
+        directory: Path,
+        hosts: Sequence[str],
+        *,
+        lifetime: dt.timedelta = SERVER_CERT_VALIDITY,
+    ) -> ServerCredentials:
+        """Return a server certificate for ``hosts``, issuing a new one when needed.
+
+        A new one is issued when the stored one is missing, unreadable, not from this CA,
+        lacks one of ``hosts``, or has less than a third of ``lifetime`` left.
+        """
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_path, key_path = directory / "server.pem", directory / "server.key"
         wanted = sorted(set(hosts) | {"localhost", "127.0.0.1"})
@@ -138,7 +150,7 @@ class CertificateAuthority:
                     str(v) for v in sans.get_values_for_type(x509.IPAddress)
                 )
                 fresh = (
-                    cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > SERVER_CERT_RENEW_BEFORE
+                    cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > lifetime * RENEW_WHEN_LEFT
                 )
                 if fresh and set(wanted) <= set(have) and cert.issuer == self.certificate.subject:
                     return ServerCredentials(cert_path, key_path)
@@ -153,7 +165,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + SERVER_CERT_VALIDITY)
+            .not_valid_after(now + lifetime)
             .add_extension(x509.SubjectAlternativeName([_san(h) for h in wanted]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -27,6 +27,7 @@ from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
 from otaguard.server.settings import ServerSettings
+from otaguard.server.tls import CertificateRenewer, ServerCertificate
 
 __all__ = [
     "DataDirPaths",
@@ -111,25 +112,21 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
 
 def _config(
     settings: ServerSettings, *, graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS
-) -> tuple[uvicorn.Config, Path | None, FastAPI]:
-    """Build the app and its uvicorn config (TLS unless insecure_http); CA cert path."""
+) -> tuple[uvicorn.Config, Path | None, FastAPI, CertificateRenewer | None]:
+    """Build the app, its uvicorn config (TLS unless insecure_http), the CA cert path,
+    and the (not yet started) task that keeps the server certificate valid."""
     ca_cert: Path | None = None
     certfile: str | None = None
     keyfile: str | None = None
+    source: ServerCertificate | None = None
     # Before the CA creates DATA/ca (and DATA with it, at the default mode): 0700 first.
     prepare_data_dir(settings.data_dir)
     if settings.insecure_http:
         warn_insecure("the update server is serving plain HTTP without TLS")
     else:
-        ca = CertificateAuthority.load_or_create(settings.data_dir / "ca")
-        tls_dir = settings.data_dir / "tls"
-        try:
-            tls_dir.mkdir(mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create {tls_dir}: {e.strerror}") from e
-        creds = ca.server_credentials(tls_dir, hosts=[settings.host])
-        certfile, keyfile = str(creds.cert_path), str(creds.key_path)
-        ca_cert = ca.cert_path
+        source = ServerCertificate(settings)
+        files = source.current()
+        certfile, keyfile, ca_cert = str(files.cert), str(files.key), files.ca_cert
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -144,10 +141,17 @@ def _config(
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
     )
-    config.load()
-    if config.ssl is not None:
+    try:
+        config.load()
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"cannot load the TLS certificate {certfile} and key {keyfile}: {e}"
+        ) from e
+    renewer: CertificateRenewer | None = None
+    if config.ssl is not None and source is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-    return config, ca_cert, app
+        renewer = CertificateRenewer(source, config.ssl)
+    return config, ca_cert, app, renewer
 
 
 def run_server(settings: ServerSettings) -> None:
@@ -160,10 +164,16 @@ def run_server(settings: ServerSettings) -> None:
         ConfigError: the CA, certificate or token is unusable.
         ServerStorageError: the database or blob directory cannot be opened.
     """
-    config, ca_cert, _ = _config(settings)
-    scheme = "http" if ca_cert is None else "https"
+    config, _, _, renewer = _config(settings)
+    scheme = "http" if settings.insecure_http else "https"
     logger.info("serving on %s://%s:%d", scheme, settings.host, settings.port)
-    _Server(config).run()
+    if renewer is not None:
+        renewer.start()
+    try:
+        _Server(config).run()
+    finally:
+        if renewer is not None:
+            renewer.stop()
 
 
 def _url_host(host: str) -> str:
@@ -198,9 +208,13 @@ class RunningServer:
     _server: uvicorn.Server
     _thread: threading.Thread
     _socket: socket.socket
+    #: keeps the server certificate valid while running (``None`` with insecure HTTP)
+    renewer: CertificateRenewer | None = None
 
     def stop(self) -> None:
         """Shut the server down and wait for its thread (idempotent)."""
+        if self.renewer is not None:
+            self.renewer.stop()
         self._server.should_exit = True
         self._thread.join(SHUTDOWN_TIMEOUT_SECONDS + 5)
         self._socket.close()
@@ -228,7 +242,9 @@ def start_server_in_thread(settings: ServerSettings) -> RunningServer:
     Raises:
         ConfigError: the server did not come up (see the log for the cause).
     """
-    config, ca_cert, app = _config(settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS)
+    config, ca_cert, app, renewer = _config(
+        settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS
+    )
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -251,7 +267,9 @@ def start_server_in_thread(settings: ServerSettings) -> RunningServer:
             sock.close()
             raise ConfigError("the update server failed to start")
         time.sleep(0.02)
-    scheme = "http" if ca_cert is None else "https"
+    if renewer is not None:
+        renewer.start()
+    scheme = "http" if settings.insecure_http else "https"
     base_url = f"{scheme}://{_url_host(settings.host)}:{port}"
     logger.info("server running in-process at %s", base_url)
     return RunningServer(
@@ -264,4 +282,5 @@ def start_server_in_thread(settings: ServerSettings) -> RunningServer:
         _server=server,
         _thread=thread,
         _socket=sock,
+        renewer=renewer,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "DEFAULT_SERVER_CERT_LIFETIME",
     "DEFAULT_SNAPSHOT_EXPIRY",
     "DEFAULT_TIMESTAMP_EXPIRY",
     "MIN_ONLINE_EXPIRY",
@@ -22,6 +23,12 @@ DEFAULT_SNAPSHOT_EXPIRY: Final = dt.timedelta(days=7)
 MIN_ONLINE_EXPIRY: Final = dt.timedelta(seconds=2)
 # Ten years is not freshness any more; longer is a typo.
 MAX_ONLINE_EXPIRY: Final = dt.timedelta(days=3650)
+#: server certificates issued by the fleet CA; renewed while running at two thirds of it
+DEFAULT_SERVER_CERT_LIFETIME: Final = dt.timedelta(days=30)
+# Below this the renewal would race the handshakes it serves (tests use a few seconds);
+# above it browsers' and TLS libraries' lifetime caps (398 days) would refuse it.
+MIN_SERVER_CERT_LIFETIME: Final = dt.timedelta(seconds=6)
+MAX_SERVER_CERT_LIFETIME: Final = dt.timedelta(days=397)
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,11 @@ class ServerSettings:
             less than half is left.
         snapshot_expiry: lifetime of the snapshots the server signs (not shorter than
             the timestamp's).
+        tls_cert: the operator's own server certificate (PEM chain), with ``tls_key``;
+            ``None``: the fleet CA issues one and renews it while the server runs.
+        tls_key: the private key of ``tls_cert``.
+        tls_names: extra host names and addresses in CA-issued certificates.
+        server_cert_lifetime: lifetime of CA-issued server certificates.
         online_key_uri: signer URI of the online key (e.g. an HSM's; its public key in
             ``data_dir/online-key.pub.json``); ``None`` uses the file key the server
             creates in ``data_dir`` (warns: production keys belong in an HSM).
@@ -59,6 +71,10 @@ class ServerSettings:
     timestamp_expiry: dt.timedelta = DEFAULT_TIMESTAMP_EXPIRY
     snapshot_expiry: dt.timedelta = DEFAULT_SNAPSHOT_EXPIRY
     online_key_uri: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_names: tuple[str, ...] = ()
+    server_cert_lifetime: dt.timedelta = DEFAULT_SERVER_CERT_LIFETIME
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -76,3 +92,13 @@ class ServerSettings:
                 )
         if self.snapshot_expiry < self.timestamp_expiry:
             raise ValueError("snapshot_expiry must not be shorter than timestamp_expiry")
+        if (self.tls_cert is None) is not (self.tls_key is None):
+            raise ValueError("give both a TLS certificate and its key, or neither")
+        if self.tls_cert is not None and self.tls_names:
+            raise ValueError("TLS names apply to certificates the fleet CA issues, not to yours")
+        if not MIN_SERVER_CERT_LIFETIME <= self.server_cert_lifetime <= MAX_SERVER_CERT_LIFETIME:
+            raise ValueError(
+                f"server_cert_lifetime must be between "
+                f"{MIN_SERVER_CERT_LIFETIME.total_seconds():g} s and "
+                f"{MAX_SERVER_CERT_LIFETIME.days} days"
+            )
