@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean sysdeps
+.PHONY: demo test lint bench scan clean sysdeps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,24 @@ test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy src
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python bench/verify_throughput.py
 	$(BIN)/python bench/agent_rss.py
 
+# sslyze in a venv of its own: it pins an older `cryptography` than otaguard needs.
+SCAN_VENV := .venv-scan
+$(SCAN_VENV)/.installed:
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SCAN_VENV)/bin/python -m pip install --quiet 'sslyze>=6.1,<7'
+	touch $@
+
+scan: $(STAMP) $(SCAN_VENV)/.installed
+	$(BIN)/python tools/tls_scan.py --sslyze-python $(SCAN_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -182,3 +182,38 @@ def test_ca_refuses_to_renew_into_a_foreign_issuer(tmp_path: Path) -> None:
     creds = ca.server_credentials(tmp_path / "tls", ["127.0.0.1"])
     issued = x509.load_pem_x509_certificate(creds.cert_path.read_bytes())
     assert issued.issuer == ca.certificate.subject
+
+
+def _handshake(port: int, configure: object) -> str:
+    ctx = ssl._create_unverified_context()  # noqa: S323 - the protocol, not the identity, is tested
+    configure(ctx)  # type: ignore[operator]
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return str(tls.version())
+
+
+def test_only_tls13_with_modern_groups(tmp_path: Path) -> None:
+    """Mozilla "modern": TLS 1.3 only; key exchange over X25519, P-256 or P-384 only."""
+    server = start_server_in_thread(
+        ServerSettings(data_dir=tmp_path / "srv", repo_dir=None, port=0)
+    )
+    try:
+        port = port_of(server.base_url)
+        assert _handshake(port, lambda c: None) == "TLSv1.3"
+        for curve in ("prime256v1", "secp384r1"):
+            assert _handshake(port, lambda c, k=curve: c.set_ecdh_curve(k)) == "TLSv1.3"
+
+        def tls12_only(c: ssl.SSLContext) -> None:
+            c.maximum_version = ssl.TLSVersion.TLSv1_2
+
+        # uvicorn drops a refused handshake without an alert: the client sees EOF.
+        refused = "(?i)protocol version|unsupported protocol|handshake failure|EOF occurred"
+        with pytest.raises(ssl.SSLError, match=refused):
+            _handshake(port, tls12_only)
+        for weak in ("secp521r1", "X448"):
+            with pytest.raises(ssl.SSLError, match=refused):
+                _handshake(port, lambda c, k=weak: c.set_ecdh_curve(k))
+    finally:
+        server.stop()

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from otaguard.crypto import CertificateAuthority, warn_insecure
 from otaguard.model.errors import ConfigError
+from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
@@ -149,7 +150,11 @@ def _config(
         ) from e
     renewer: CertificateRenewer | None = None
     if config.ssl is not None and source is not None:
-        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Mozilla "modern": TLS 1.3 only (no CBC suites, no RSA key exchange), and only the
+        # X25519, P-256 and P-384 groups.
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+        if not restrict_groups(config.ssl):
+            logger.warning("cannot restrict TLS groups here; OpenSSL's defaults apply")
         renewer = CertificateRenewer(source, config.ssl)
     return config, ca_cert, app, renewer
 
