@@ -17,7 +17,7 @@ __all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths"]
 MAX_CONFIG_BYTES: Final = 64 * 1024
 # A TCTI string names a driver and its options ("swtpm:host=127.0.0.1,port=2321",
 # "device:/dev/tpmrm0"); printable, no spaces, and short enough to show in one line.
-_TCTI: Final = re.compile(r"^[a-z][a-z0-9-]*(:[!-~]{0,200})?$")
+_TCTI: Final = re.compile(r"[a-z][a-z0-9-]{0,31}(:[!-~]{0,200})?")
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class DeviceConfig:
             raise ConfigError("plain http:// server URL needs the insecure development mode")
         if not self.hardware_id:
             raise ConfigError("hardware id is empty")
-        if self.tpm is not None and not (isinstance(self.tpm, str) and _TCTI.match(self.tpm)):
+        if self.tpm is not None and not (isinstance(self.tpm, str) and _TCTI.fullmatch(self.tpm)):
             raise ConfigError("tpm must be a TCTI string such as 'device:/dev/tpmrm0'")
         if not 1 <= self.max_boot_tries <= 16:
             raise ConfigError("max_boot_tries must be between 1 and 16")
