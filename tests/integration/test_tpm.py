@@ -107,6 +107,40 @@ def test_provisioning_refuses_a_tpm_already_above_the_factory_floor(
         TpmMonotonicStore.provision(swtpm.tcti, tmp_path / "again.json", Floor(V("1.0.0"), 0))
 
 
+def _redefine(tcti: str, index: int, *, counter: bool) -> None:
+    """The owner-authorised attacker: delete the index and define it again."""
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPMA_NV
+    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+    nt = TPM2_NT.COUNTER if counter else TPM2_NT.ORDINARY
+    attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.NO_DA | (nt << TPMA_NV.TPM2_NT_SHIFT)
+    public = TPM2B_NV_PUBLIC(
+        nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=8
+        )
+    )
+    with ESAPI(tcti) as ctx:
+        ctx.nv_undefine_space(ctx.tr_from_tpmpublic(index), auth_handle=ESYS_TR.RH_OWNER)
+        handle = ctx.nv_define_space(None, public, auth_handle=ESYS_TR.RH_OWNER)
+        if counter:
+            ctx.nv_increment(handle, auth_handle=ESYS_TR.RH_OWNER)
+        else:
+            ctx.nv_write(handle, (1).to_bytes(8, "big"), 0, auth_handle=ESYS_TR.RH_OWNER)
+
+
+def test_redefining_an_index_never_lowers_the_floor(swtpm: Swtpm, tmp_path: Path) -> None:
+    store = tpm_store(swtpm, tmp_path)
+    store.raise_to(V("1.3.0"), 5)
+    # Redefined as a counter, it starts above the highest value a deleted counter had.
+    _redefine(swtpm.tcti, store.security_index, counter=True)
+    assert store.read_tpm()[1] >= 5
+    # Redefined as an ordinary index (which can be written low), it is refused.
+    _redefine(swtpm.tcti, store.version_index, counter=False)
+    with pytest.raises(ConfigError, match="not an NV counter"):
+        store.read()
+
+
 # -- the device -------------------------------------------------------------------------
 @dataclasses.dataclass
 class Mem:
