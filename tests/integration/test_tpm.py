@@ -290,3 +290,44 @@ def test_power_cut_between_the_tpm_and_the_file_then_resume(
     dev.boot()
     assert dev.update().outcome == "updated"
     assert dev.status().floor == Floor(V("1.1.0"), 1)
+
+
+def test_cli_device_init_with_tpm(mem: Mem) -> None:
+    from otaguard.cli import main
+
+    rc = main(
+        [
+            "device",
+            "init",
+            str(mem.tmp / "cli-dev"),
+            "--server",
+            "https://repo.invalid",
+            "--root",
+            str(mem.repo.metadata_dir / "root.json"),
+            "--ca",
+            str(mem.ca),
+            "--hardware-id",
+            HW,
+            "--factory-image",
+            str(mem.image("1.0.0")),
+            "--factory-version",
+            "1.0.0",
+            "--factory-security-counter",
+            "2",
+            "--unsafe-no-health-check",
+            "--tpm",
+            mem.tpm.tcti,
+        ]
+    )
+    assert rc == 0
+    dev = mem.open(mem.tmp / "cli-dev")
+    assert dev.config.tpm == mem.tpm.tcti
+    assert tpm_of(dev).read_tpm() == (V("1.0.0-0"), 2)
+
+
+def test_a_refused_tpm_provisioning_leaves_no_device_directory(mem: Mem) -> None:
+    mem.provision("first")
+    tpm_of(mem.open(mem.tmp / "first")).raise_to(V("1.1.0"), 1)
+    with pytest.raises(ConfigError, match="cannot provision"):
+        mem.provision("second")  # same TPM, factory floor 1.0.0 below its counters
+    assert not (mem.tmp / "second").exists()

@@ -63,3 +63,15 @@ def test_config_accepts_a_tcti() -> None:
             ).tpm
             == tcti
         )
+
+
+def test_the_agent_runs_without_tpm2_pytss() -> None:
+    """Only the TPM backend imports tpm2-pytss, and only when it talks to a TPM."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, otaguard.agent, otaguard.agent.tpm, otaguard.cli;"
+        "assert 'tpm2_pytss' not in sys.modules, 'tpm2_pytss imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
