@@ -18,6 +18,7 @@ from otaguard.agent import BootEnv, Device, FileMonotonicStore, Floor, SlotImage
 from otaguard.agent.install import Action
 from otaguard.agent.installer import file_sha256
 from otaguard.agent.tpm import (
+    DEFAULT_SECURITY_INDEX,
     MAX_INCREMENTS_PER_RAISE,
     TpmMonotonicStore,
     decode_version,
@@ -127,6 +128,29 @@ def _redefine(tcti: str, index: int, *, counter: bool) -> None:
             ctx.nv_increment(handle, auth_handle=ESYS_TR.RH_OWNER)
         else:
             ctx.nv_write(handle, (1).to_bytes(8, "big"), 0, auth_handle=ESYS_TR.RH_OWNER)
+
+
+def test_provisioning_resumes_after_a_cut_between_definition_and_first_increment(
+    swtpm: Swtpm, tmp_path: Path
+) -> None:
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPMA_NV
+    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+    attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.NO_DA
+    public = TPM2B_NV_PUBLIC(
+        nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=DEFAULT_SECURITY_INDEX,
+            nameAlg=TPM2_ALG.SHA256,
+            attributes=attrs | (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT),
+            dataSize=8,
+        )
+    )
+    with ESAPI(swtpm.tcti) as ctx:  # defined, never incremented: unreadable
+        ctx.nv_define_space(None, public, auth_handle=ESYS_TR.RH_OWNER)
+    with pytest.raises(ConfigError, match="not provisioned"):
+        TpmMonotonicStore(swtpm.tcti, tmp_path / "m.json").read_tpm()
+    assert tpm_store(swtpm, tmp_path).read() == Floor(V("1.0.0"), 0)
 
 
 def test_redefining_an_index_never_lowers_the_floor(swtpm: Swtpm, tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ class TpmMonotonicStore(MonotonicStore):
 
     def _define(self, index: int, what: str) -> None:
         """Define ``index`` as an owner-authorised counter, if it is not yet defined."""
-        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPMA_NV
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPM2_RC, TPMA_NV
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
         from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
@@ -220,15 +220,16 @@ class TpmMonotonicStore(MonotonicStore):
             try:
                 ctx.nv_define_space(None, public, auth_handle=ESYS_TR.RH_OWNER)
             except TSS2_Exception as e:
-                from tpm2_pytss.constants import TPM2_RC
-
                 if e.error != TPM2_RC.NV_DEFINED:
                     raise
                 # Re-provisioning on the same TPM: the existing counter is kept (its
                 # type is checked on read); it can only have moved up.
-                return
-            # Make it readable: an unwritten counter has no value yet.
-            ctx.nv_increment(ctx.tr_from_tpmpublic(index), auth_handle=ESYS_TR.RH_OWNER)
+            handle = ctx.tr_from_tpmpublic(index)
+            existing, _name = ctx.nv_read_public(handle)
+            # Make it readable: an unwritten counter has no value yet (also after a
+            # provisioning cut short between definition and first increment).
+            if not int(existing.nvPublic.attributes) & TPMA_NV.WRITTEN:
+                ctx.nv_increment(handle, auth_handle=ESYS_TR.RH_OWNER)
 
         self._call(f"definition of the {what}", index, op)
 
