@@ -66,8 +66,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: NV index of the security counter: the TCG owner range (0x01000000-0x013FFFFF) is the
-#: platform owner's; 0x015xxxxx is left to applications by the TCG handle registry.
+#: NV index of the security counter, in the 0x015xxxxx part of the NV handle space, away
+#: from the ranges the TCG handle registry reserves for TPM and platform manufacturers
+#: (EK certificates and the like); both indices are constructor arguments if they collide.
 DEFAULT_SECURITY_INDEX: Final = 0x01500A10
 #: NV index of the version counter.
 DEFAULT_VERSION_INDEX: Final = 0x01500A11
