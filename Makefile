@@ -7,17 +7,30 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench scan clean sysdeps
 
-$(STAMP): pyproject.toml
+# tpm2-pytss builds from source against libtss2 (pkg-config), hence sysdeps first.
+$(STAMP): pyproject.toml | sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,tpm]'
 	touch $(STAMP)
 
-# Debian tools the tests and benchmarks use (openssl is the benchmark reference).
+# Debian tools the tests and benchmarks use: openssl is the benchmark reference; swtpm
+# (swtpm-tools: swtpm_setup) is the software TPM the TPM anti-rollback tests run against;
+# tpm2-tools to inspect it by hand; libtss2-dev and pkg-config to build tpm2-pytss (it has
+# no wheel); gcc and python3-dev for that build. As root they are installed, otherwise listed (exit 1).
+SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
+                pkg-config:pkg-config gcc:gcc
 sysdeps:
-	@if ! command -v openssl >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq openssl; \
-	  else echo "openssl is missing: install it (apt-get install openssl)"; exit 1; fi; fi
+	@missing=""; \
+	for pair in $(SYSDEPS_CMDS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	pkg-config --exists tss2-esys 2>/dev/null || missing="$$missing libtss2-dev"; \
+	[ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+	  || missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; exit 1; fi; fi
 
 demo: $(STAMP)
 	$(BIN)/otaguard demo

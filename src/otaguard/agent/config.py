@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -14,6 +15,9 @@ __all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths"]
 
 # A device config is a few hundred bytes; anything large is corrupt or hostile.
 MAX_CONFIG_BYTES: Final = 64 * 1024
+# A TCTI string names a driver and its options ("swtpm:host=127.0.0.1,port=2321",
+# "device:/dev/tpmrm0"); printable, no spaces, and short enough to show in one line.
+_TCTI: Final = re.compile(r"[a-z][a-z0-9-]{0,31}(:[!-~]{0,200})?")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ class DeviceConfig:
     max_image_bytes: int = 4 * 1024**3
     #: development only: allow http:// server URLs
     insecure_http: bool = False
+    #: TCTI of the TPM holding the anti-rollback floor (NV counters); ``None``: the
+    #: development file store alone
+    tpm: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,6 +126,8 @@ class DeviceConfig:
             raise ConfigError("plain http:// server URL needs the insecure development mode")
         if not self.hardware_id:
             raise ConfigError("hardware id is empty")
+        if self.tpm is not None and not (isinstance(self.tpm, str) and _TCTI.fullmatch(self.tpm)):
+            raise ConfigError("tpm must be a TCTI string such as 'device:/dev/tpmrm0'")
         if not 1 <= self.max_boot_tries <= 16:
             raise ConfigError("max_boot_tries must be between 1 and 16")
         if (self.health_command is None) is not self.unsafe_no_health_check:

@@ -25,7 +25,7 @@ from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
-from otaguard.agent.monotonic import FileMonotonicStore, Floor
+from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
 from otaguard.agent.slots import BootEnv, FileSlots, SlotImage, other_slot
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
@@ -97,6 +97,16 @@ def validate_root(data: bytes, source: Path) -> Metadata[Root]:
     return md
 
 
+def _create_floor(paths: DevicePaths, floor: Floor, tpm_tcti: str | None) -> None:
+    """Create the anti-rollback store at the factory floor: the TPM's counters, or the file."""
+    if tpm_tcti is None:
+        FileMonotonicStore.create(paths.monotonic, floor)
+        return
+    from otaguard.agent.tpm import TpmMonotonicStore  # tpm2-pytss only when used
+
+    TpmMonotonicStore.provision(tpm_tcti, paths.monotonic, floor)
+
+
 class Device:
     """One device directory: configuration, trust anchors, slots and state."""
 
@@ -124,7 +134,13 @@ class Device:
         if self.config.insecure_http:
             warn_insecure(f"device {self.paths.root} talks plain HTTP")
         self.backend = FileSlots(self.paths.slots)
-        self.monotonic = FileMonotonicStore(self.paths.monotonic)
+        self.monotonic: MonotonicStore
+        if self.config.tpm is not None:
+            from otaguard.agent.tpm import TpmMonotonicStore  # tpm2-pytss only when used
+
+            self.monotonic = TpmMonotonicStore(self.config.tpm, self.paths.monotonic)
+        else:
+            self.monotonic = FileMonotonicStore(self.paths.monotonic)
         #: set to make a running ``update``/``run`` stop within seconds (SIGTERM)
         self.stop_requested = threading.Event()
         self._fetchers: list[Fetcher] = []
@@ -144,16 +160,21 @@ class Device:
         health_command: list[str] | Literal[Unsafe.NO_HEALTH_CHECK],
         factory_security_counter: int = 0,
         insecure_http: bool = False,
+        tpm_tcti: str | None = None,
     ) -> Device:
         """Create a device directory as the factory would.
 
         Args:
             health_command: run after a new image boots (exit 0 = healthy, anything else
                 rolls back), or ``Unsafe.NO_HEALTH_CHECK`` (development only, warns).
+            tpm_tcti: the TPM whose NV counters hold the anti-rollback floor (created
+                here); ``None`` keeps it in the development file alone.
 
         Raises:
             OperatorError: directory not empty, bad version, unreadable inputs.
-            ConfigError: root metadata or CA certificate invalid.
+            ConfigError: root metadata or CA certificate invalid, or the TPM's counters
+                already stand above the factory floor.
+            DeviceStorageError: the device directory or the TPM failed.
         """
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()):
@@ -177,6 +198,7 @@ class Device:
             insecure_http=insecure_http,
             health_command=None if isinstance(health_command, Unsafe) else health_command,
             unsafe_no_health_check=no_check,
+            tpm=tpm_tcti,
         )
         root_bytes = _read_trust_file(root_json, "root metadata")
         validate_root(root_bytes, root_json)
@@ -214,12 +236,16 @@ class Device:
             BootEnv(primary="A", try_slot=None, tries_left=0, slots={"A": image, "B": None}).save(
                 paths.bootenv
             )
-            FileMonotonicStore.create(paths.monotonic, Floor(version, factory_security_counter))
+            _create_floor(paths, Floor(version, factory_security_counter), tpm_tcti)
             InstallState().save(paths.install_state)
             config.save(paths.config)
         except OSError as e:
             shutil.rmtree(directory, ignore_errors=True)
             raise DeviceStorageError(f"cannot provision {directory}: {e.strerror}") from e
+        except OtaguardError:
+            # The TPM refused or failed: no half-provisioned device directory remains.
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         device = cls(directory)
         device.boot()
         return device

@@ -286,6 +286,7 @@ def _device_init(a: argparse.Namespace) -> int:
         factory_version=a.factory_version,
         factory_security_counter=a.factory_security_counter,
         insecure_http=a.insecure_http,
+        tpm_tcti=a.tpm,
         health_command=Unsafe.NO_HEALTH_CHECK
         if a.unsafe_no_health_check
         else shlex.split(a.health_command),
@@ -552,6 +553,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="development only: commit a new image as soon as it boots (warns)",
     )
     dinit.add_argument("--insecure-http", action="store_true", help="development only")
+    dinit.add_argument(
+        "--tpm",
+        metavar="TCTI",
+        help="keep the anti-rollback floor in this TPM's NV counters "
+        "(e.g. device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321)",
+    )
     dinit.set_defaults(func=_device_init)
 
     ag = sub.add_parser("agent", help="run the device agent")
