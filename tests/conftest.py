@@ -7,9 +7,11 @@ a keys directory outside the repository, and the server signs snapshot and times
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,11 @@ IMAGE_SIZE = 2 * 1024 * 1024
 def same_passphrase(_key_name: str) -> bytes:
     """The World's secrets source: one passphrase for every key."""
     return PASSPHRASE
+
+
+def serial_of(name: str) -> str:
+    """The serial World gives a device named ``name`` (names may hold ':' and '/')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +102,7 @@ class World:
             root_json=self.repo.metadata_dir / "root.json",
             ca_pem=self.server.ca_cert,
             hardware_id=HW,
+            serial=serial_of(name),
             factory_image=self.image(version),
             factory_version=version,
             **kw,  # type: ignore[arg-type]
@@ -105,7 +113,9 @@ class World:
         return [sys.executable, "-m", "otaguard"]
 
 
-def start_world(tmp_path: Path, **server_settings: Any) -> World:
+def start_world(
+    tmp_path: Path, *, clock: Callable[[], dt.datetime] | None = None, **server_settings: Any
+) -> World:
     """Server data dir first, then the offline repository naming its online key, then serve.
 
     ``server_settings`` go to :class:`ServerSettings` (e.g. ``timestamp_expiry``). The
@@ -121,7 +131,7 @@ def start_world(tmp_path: Path, **server_settings: Any) -> World:
     settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "sync_interval": 0.1}
     settings.update(server_settings)
     server = start_server_in_thread(
-        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, **settings)
+        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, **settings), clock=clock
     )
     return World(tmp_path, repo, server, {}, {})
 

@@ -383,6 +383,7 @@ def test_publish_api_completes_a_server_mode_publication(tmp_path: Path) -> None
             root_json=repo.metadata_dir / "root.json",
             ca_pem=server.ca_cert,
             hardware_id=HW,
+            serial="dev",
             factory_image=image,
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,

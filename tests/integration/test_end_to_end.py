@@ -105,7 +105,7 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         while time.monotonic() < deadline:
             if not (tmp_path / "d1").exists():
                 init = run(
-                    "device", "init", str(tmp_path / "d1"), "--server", url,
+                    "device", "init", str(tmp_path / "d1"), "--serial", "d1", "--server", url,
                     "--root", str(repo / "metadata" / "root.json"), "--ca", str(ca),
                     "--hardware-id", HW, "--factory-image", str(world.image("1.0.0")),
                     "--factory-version", "1.0.0",

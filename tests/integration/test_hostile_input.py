@@ -178,7 +178,7 @@ def test_corrupt_device_file_fails_cleanly(world: World, case: str) -> None:
 def _init_args(world: World, device_dir: Path, **over: Path) -> list[str | Path]:
     assert world.server.ca_cert is not None
     return [
-        "device", "init", device_dir,
+        "device", "init", device_dir, "--serial", "dev",
         "--server", world.server.base_url,
         "--root", over.get("root", world.repo.metadata_dir / "root.json"),
         "--ca", over.get("ca", world.server.ca_cert),

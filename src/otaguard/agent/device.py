@@ -23,6 +23,7 @@ from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
+from otaguard.agent.identity import DeviceKeyStore, enroll
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor
@@ -39,7 +40,7 @@ from otaguard.model.errors import (
     TransportError,
     VerificationError,
 )
-from otaguard.model.names import check_hardware_id
+from otaguard.model.names import check_device_serial, check_hardware_id
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 
@@ -139,6 +140,7 @@ class Device:
         root_json: Path,
         ca_pem: Path,
         hardware_id: str,
+        serial: str,
         factory_image: Path,
         factory_version: str,
         health_command: list[str] | Literal[Unsafe.NO_HEALTH_CHECK],
@@ -148,6 +150,8 @@ class Device:
         """Create a device directory as the factory would.
 
         Args:
+            serial: the device's serial, its identity towards the server (required: the
+                factory sets it; it is never derived from the directory name).
             health_command: run after a new image boots (exit 0 = healthy, anything else
                 rolls back), or ``Unsafe.NO_HEALTH_CHECK`` (development only, warns).
 
@@ -166,6 +170,7 @@ class Device:
             raise OperatorError("security counter must not be negative")
         try:
             check_hardware_id(hardware_id)
+            check_device_serial(serial)
         except ValueError as e:
             raise OperatorError(str(e)) from e
         no_check = health_command is Unsafe.NO_HEALTH_CHECK
@@ -174,6 +179,7 @@ class Device:
         config = DeviceConfig(
             server_url=server_url,
             hardware_id=hardware_id,
+            serial=serial,
             insecure_http=insecure_http,
             health_command=None if isinstance(health_command, Unsafe) else health_command,
             unsafe_no_health_check=no_check,
@@ -223,6 +229,21 @@ class Device:
         device = cls(directory)
         device.boot()
         return device
+
+    def enroll(self, token: str, *, key_store: DeviceKeyStore) -> x509.Certificate:
+        """Get the device certificate with a single-use enrollment token (EST).
+
+        Generates the device key (``key_store``: only ``Unsafe.FILE_DEVICE_KEY`` until a
+        TPM backend exists; warns), sends a CSR naming the configured serial, and stores
+        the certificate chain in ``identity/``. The token is neither logged nor stored.
+
+        Raises:
+            AccessDeniedError: the token or device was refused (the reason is given).
+            VerificationError: the CSR or the answer was refused.
+            TransportError: the server is unreachable or TLS failed.
+        """
+        with self._locked():
+            return enroll(self.paths, self.config, token, key_store=key_store)
 
     # -- helpers ---------------------------------------------------------------------
     @contextmanager

@@ -7,12 +7,14 @@ token and the CA devices trust.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from otaguard.crypto import CertificateAuthority, warn_insecure
+from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
 from otaguard.model.errors import ConfigError
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
@@ -85,7 +88,9 @@ class DataDirPaths:
 
 
 def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataDirPaths:
-    """Prepare a server data directory: online key, operator token, CA. Idempotent.
+    """Prepare a server data directory: online key, operator token, CAs. Idempotent.
+
+    The device CA (``DATA/device-ca``: root and issuing CA) is created here too.
 
     Args:
         data_dir: the directory (created mode 0700).
@@ -101,6 +106,7 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
     load_online_signer(data_dir, uri=online_key_uri)
     load_or_create_operator_token(data_dir)
     ca = CertificateAuthority.load_or_create(data_dir / "ca")
+    DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR)
     return DataDirPaths(
         data_dir=data_dir,
         online_public_key=data_dir / ONLINE_PUBLIC_KEY_FILE,
@@ -110,7 +116,10 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
 
 
 def _config(
-    settings: ServerSettings, *, graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS
+    settings: ServerSettings,
+    *,
+    graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> tuple[uvicorn.Config, Path | None, FastAPI]:
     """Build the app and its uvicorn config (TLS unless insecure_http); CA cert path."""
     ca_cert: Path | None = None
@@ -130,7 +139,7 @@ def _config(
         creds = ca.server_credentials(tls_dir, hosts=[settings.host])
         certfile, keyfile = str(creds.cert_path), str(creds.key_path)
         ca_cert = ca.cert_path
-    app = create_app(settings)
+    app = create_app(settings) if clock is None else create_app(settings, clock=clock)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -219,16 +228,21 @@ class RunningServer:
         self.stop()
 
 
-def start_server_in_thread(settings: ServerSettings) -> RunningServer:
+def start_server_in_thread(
+    settings: ServerSettings, *, clock: Callable[[], dt.datetime] | None = None
+) -> RunningServer:
     """Start the server in a daemon thread and return once it accepts connections.
 
     Port 0 binds a free port; :attr:`RunningServer.base_url` names the actual one.
-    Used by the demo and the tests; production uses :func:`run_server`.
+    Used by the demo and the tests; production uses :func:`run_server`. ``clock``
+    replaces the server's notion of now (tests of expiry).
 
     Raises:
         ConfigError: the server did not come up (see the log for the cause).
     """
-    config, ca_cert, app = _config(settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS)
+    config, ca_cert, app = _config(
+        settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS, clock=clock
+    )
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "DEFAULT_DEVICE_CERT_LIFETIME",
+    "DEFAULT_ENROLLMENT_TOKEN_LIFETIME",
     "DEFAULT_SNAPSHOT_EXPIRY",
     "DEFAULT_TIMESTAMP_EXPIRY",
     "MIN_ONLINE_EXPIRY",
@@ -23,6 +25,18 @@ MIN_ONLINE_EXPIRY: Final = dt.timedelta(seconds=2)
 # Ten years is not freshness any more; longer is a typo.
 MAX_ONLINE_EXPIRY: Final = dt.timedelta(days=3650)
 
+#: device certificates live a day: a stolen one is useful briefly, and devices renew
+#: when a third is left (8 h), so a device offline for less than that keeps its identity
+DEFAULT_DEVICE_CERT_LIFETIME: Final = dt.timedelta(hours=24)
+#: an enrollment token is handed to the installer the day the device is set up
+DEFAULT_ENROLLMENT_TOKEN_LIFETIME: Final = dt.timedelta(hours=24)
+# Below a minute a certificate expires before the device renews it; above 90 days a
+# stolen device key stays useful for too long after revocation is forgotten.
+MIN_DEVICE_CERT_LIFETIME: Final = dt.timedelta(minutes=1)
+MAX_DEVICE_CERT_LIFETIME: Final = dt.timedelta(days=90)
+# A token lying around for more than a month is a standing credential, not a one-off.
+MAX_ENROLLMENT_TOKEN_LIFETIME: Final = dt.timedelta(days=30)
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -31,7 +45,7 @@ class ServerSettings:
     Attributes:
         data_dir: server state: ``otaguard.db``, ``blobs/``, ``ca/``, ``tls/``,
             ``operator-token``, and the online key ``online-key.pem`` with its public
-            half ``online-key.pub.json``.
+            half ``online-key.pub.json``, and the device CA ``device-ca/``.
         repo_dir: repository directory to serve and follow; ``None`` serves only what is
             published through the operator API. It must hold no private key.
         host: address to bind, also put in the TLS certificate.
@@ -47,6 +61,8 @@ class ServerSettings:
         online_key_uri: signer URI of the online key (e.g. an HSM's; its public key in
             ``data_dir/online-key.pub.json``); ``None`` uses the file key the server
             creates in ``data_dir`` (warns: production keys belong in an HSM).
+        device_cert_lifetime: lifetime of the device certificates the server issues.
+        enrollment_token_lifetime: how long a new enrollment token can be used.
     """
 
     data_dir: Path
@@ -59,6 +75,8 @@ class ServerSettings:
     timestamp_expiry: dt.timedelta = DEFAULT_TIMESTAMP_EXPIRY
     snapshot_expiry: dt.timedelta = DEFAULT_SNAPSHOT_EXPIRY
     online_key_uri: str | None = None
+    device_cert_lifetime: dt.timedelta = DEFAULT_DEVICE_CERT_LIFETIME
+    enrollment_token_lifetime: dt.timedelta = DEFAULT_ENROLLMENT_TOKEN_LIFETIME
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -74,5 +92,15 @@ class ServerSettings:
                     f"{name} must be between {MIN_ONLINE_EXPIRY.total_seconds():g} s "
                     f"and {MAX_ONLINE_EXPIRY.days} days"
                 )
+        if not MIN_DEVICE_CERT_LIFETIME <= self.device_cert_lifetime <= MAX_DEVICE_CERT_LIFETIME:
+            raise ValueError(
+                f"device_cert_lifetime must be between {MIN_DEVICE_CERT_LIFETIME} and "
+                f"{MAX_DEVICE_CERT_LIFETIME.days} days"
+            )
+        if not dt.timedelta(0) < self.enrollment_token_lifetime <= MAX_ENROLLMENT_TOKEN_LIFETIME:
+            raise ValueError(
+                "enrollment_token_lifetime must be positive and at most "
+                f"{MAX_ENROLLMENT_TOKEN_LIFETIME.days} days"
+            )
         if self.snapshot_expiry < self.timestamp_expiry:
             raise ValueError("snapshot_expiry must not be shorter than timestamp_expiry")

@@ -159,6 +159,7 @@ class Fleet:
                 root_json=root_json,
                 ca_pem=ca_pem,
                 hardware_id=hardware_id,
+                serial=name,
                 factory_image=factory_image,
                 factory_version=factory_version,
                 health_command=health_command,
