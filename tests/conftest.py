@@ -20,8 +20,10 @@ import pytest
 
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
+from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository, Release
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 
 HW = "test-hw"
@@ -92,11 +94,17 @@ class World:
 
         wait_served(self.server, self.repo)
 
-    def device(self, name: str = "dev", *, version: str = "1.0.0", **kw: object) -> Device:
-        """Provision a device running ``version`` (simulated health check by default)."""
+    def device(
+        self, name: str = "dev", *, version: str = "1.0.0", enroll: bool = True, **kw: object
+    ) -> Device:
+        """Provision a device running ``version`` (simulated health check by default).
+
+        It is registered with the server and enrolled unless ``enroll`` is false (or it
+        talks plain HTTP).
+        """
         assert self.server.ca_cert is not None
         kw.setdefault("health_command", SIM_HEALTH_COMMAND)
-        return Device.provision(
+        dev = Device.provision(
             self.tmp / name,
             server_url=self.server.base_url,
             root_json=self.repo.metadata_dir / "root.json",
@@ -107,6 +115,19 @@ class World:
             factory_version=version,
             **kw,  # type: ignore[arg-type]
         )
+        if enroll and not kw.get("insecure_http"):
+            self.enroll(dev)
+        return dev
+
+    def enroll(self, dev: Device) -> None:
+        """Register ``dev`` with the server and enroll it (as the factory would)."""
+        with FleetClient(
+            server_url=self.server.base_url,
+            ca_cert=self.server.ca_cert,
+            token=self.server.operator_token,
+        ) as fleet:
+            token = fleet.add_device(dev.config.serial, dev.config.hardware_id).token
+        dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
 
     def cli(self) -> list[str]:
         """argv prefix to run the real CLI in a subprocess."""

@@ -37,7 +37,7 @@ def test_fleet_cli_round_trip(
     monkeypatch.setenv("OTAGUARD_SERVER", world.server.base_url)
     monkeypatch.setenv("OTAGUARD_CA", str(world.server.ca_cert))
     monkeypatch.setenv("OTAGUARD_OPERATOR_TOKEN", token_file.read_text().strip())
-    world.device("cli-1")
+    world.device("cli-1", enroll=False)
     monkeypatch.setenv("OTAGUARD_ENROLL_TOKEN", token)
     code, out, err = run(capsys, ["device", "enroll", str(world.tmp / "cli-1")])
     assert code == 0, err

@@ -78,7 +78,7 @@ def test_enrollment_issues_a_certificate_from_the_registry(world: World) -> None
     assert len(new.token) >= 22  # >= 128 bits, URL-safe base64
     assert new.token_expires - dt.datetime.now(dt.UTC) > dt.timedelta(hours=23)
     assert new.token not in repr(new)
-    dev = world.device("dev-1")
+    dev = world.device("dev-1", enroll=False)
     with pytest.warns(InsecureModeWarning, match="identity key in a file"):
         cert = dev.enroll(new.token, key_store=FILE_KEY)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-1"
@@ -116,7 +116,7 @@ def test_device_ca_files(world: World) -> None:
 def test_a_used_token_is_refused(world: World) -> None:
     with fleet(world) as client:
         token = client.add_device("once", HW).token
-    dev = world.device("once")
+    dev = world.device("once", enroll=False)
     dev.enroll(token, key_store=FILE_KEY)
     with pytest.raises(AccessDeniedError, match="enrollment token was already used"):
         dev.enroll(token, key_store=FILE_KEY)
@@ -126,18 +126,18 @@ def test_a_token_for_another_serial_is_refused(world: World) -> None:
     with fleet(world) as client:
         token_a = client.add_device("dev-a", HW).token
         client.add_device("dev-b", HW)
-    dev_b = world.device("dev-b")
+    dev_b = world.device("dev-b", enroll=False)
     with pytest.raises(AccessDeniedError, match="token is not for device 'dev-b'"):
         dev_b.enroll(token_a, key_store=FILE_KEY)
     # Still usable by its own device.
-    world.device("dev-a").enroll(token_a, key_store=FILE_KEY)
+    world.device("dev-a", enroll=False).enroll(token_a, key_store=FILE_KEY)
 
 
 def test_an_unknown_token_is_refused(world: World) -> None:
     with fleet(world) as client:
         client.add_device("dev-u", HW)
     with pytest.raises(AccessDeniedError, match="unknown enrollment token"):
-        world.device("dev-u").enroll("x" * 43, key_store=FILE_KEY)
+        world.device("dev-u", enroll=False).enroll("x" * 43, key_store=FILE_KEY)
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_an_expired_token_is_refused(clocked: tuple[World, list[dt.timedelta]]) 
         token = client.add_device("late", HW).token
     skew[0] = dt.timedelta(hours=24, seconds=1)
     with pytest.raises(AccessDeniedError, match="enrollment token has expired"):
-        world.device("late").enroll(token, key_store=FILE_KEY)
+        world.device("late", enroll=False).enroll(token, key_store=FILE_KEY)
 
 
 def test_a_bad_csr_signature_is_refused_and_the_token_kept(world: World) -> None:
@@ -235,7 +235,7 @@ def test_a_revoked_device_cannot_enroll(world: World) -> None:
         with pytest.raises(OperatorError, match="revoked"):
             client.new_token("gone")
     with pytest.raises(AccessDeniedError, match="enrollment token was already used"):
-        world.device("gone").enroll(token, key_store=FILE_KEY)
+        world.device("gone", enroll=False).enroll(token, key_store=FILE_KEY)
 
 
 def test_a_revoked_device_with_a_fresh_token_row_cannot_enroll(world: World) -> None:
@@ -258,7 +258,7 @@ def test_a_revoked_device_with_a_fresh_token_row_cannot_enroll(world: World) -> 
             )
         )
     with pytest.raises(AccessDeniedError, match="device 'gone2' is revoked"):
-        world.device("gone2").enroll("t" * 43, key_store=FILE_KEY)
+        world.device("gone2", enroll=False).enroll("t" * 43, key_store=FILE_KEY)
 
 
 def test_cacerts(world: World) -> None:

@@ -23,7 +23,7 @@ from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
-from otaguard.agent.identity import DeviceKeyStore, enroll
+from otaguard.agent.identity import DeviceKeyStore, enroll, renew_if_due
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor
@@ -48,6 +48,9 @@ __all__ = ["Device", "DeviceStatus", "UpdateResult"]
 
 logger = logging.getLogger(__name__)
 
+#: the device key store until the TPM backend lands: a file, named and warned about on
+#: every use (Unsafe.FILE_DEVICE_KEY)
+DEVICE_KEY_STORE: Final = Unsafe.FILE_DEVICE_KEY
 # Trust anchors are small; a bigger file is not what the operator meant to provision.
 MAX_TRUST_FILE_BYTES: Final = 1024 * 1024
 
@@ -261,20 +264,6 @@ class Device:
 
     def _session(self) -> TufSession:
         url = self.config.server_url
-        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
-        if self.config.insecure_http and url.startswith("http://"):
-            tls = Unsafe.PLAIN_HTTP
-        else:
-            try:
-                tls = create_ssl_context(ca_file=self.paths.ca)
-            except ssl.SSLError as e:
-                raise ConfigError(
-                    f"CA certificate {self.paths.ca} is not a valid PEM certificate"
-                ) from e
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot read CA certificate {self.paths.ca}: {e.strerror}"
-                ) from e
         # A corrupt trust anchor is the device's own configuration, not bad repository data.
         trusted_root = _read_trust_file(self.paths.trusted_root, "trusted root")
         validate_root(trusted_root, self.paths.trusted_root)
@@ -285,6 +274,11 @@ class Device:
                 server_url=url,
                 fetcher=self._fetcher_factory(),
             )
+        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
+        if self.config.insecure_http and url.startswith("http://"):
+            tls = Unsafe.PLAIN_HTTP
+        else:
+            tls = self._tls_with_identity()
         fetcher = TlsFetcher(
             tls=tls,
             connect_timeout=self.config.connect_timeout_s,
@@ -299,6 +293,29 @@ class Device:
             server_url=url,
             fetcher=fetcher,
         )
+
+    def _tls_with_identity(self) -> ssl.SSLContext:
+        """TLS trusting the provisioned CA and presenting the device certificate.
+
+        Renews the certificate first when less than a third of its lifetime is left.
+
+        Raises:
+            NotEnrolledError: no certificate yet, or it expired (enroll again).
+        """
+        try:
+            ctx = create_ssl_context(ca_file=self.paths.ca)
+        except ssl.SSLError as e:
+            raise ConfigError(
+                f"CA certificate {self.paths.ca} is not a valid PEM certificate"
+            ) from e
+        except OSError as e:
+            raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
+        cert, key = renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
+        try:
+            ctx.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"the device identity in {self.paths.identity} is unusable") from e
+        return ctx
 
     def _check_local_state(self) -> None:
         """Read the boot environment and the anti-rollback floor before any network access,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import http.client
 import json
 import logging
@@ -48,12 +49,18 @@ __all__ = [
     "build_csr",
     "enroll",
     "load_identity",
+    "renew_if_due",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: where an EST server takes enrollment requests (RFC 7030 section 3.2.2)
 EST_ENROLL_PATH: Final = "/.well-known/est/simpleenroll"
+#: where a device renews with its current certificate (RFC 7030 section 3.2.2)
+EST_REENROLL_PATH: Final = "/.well-known/est/simplereenroll"
+#: renew when less than this fraction of the certificate's lifetime is left: a day-long
+#: certificate renews after 16 h, leaving 8 h of polls to get through before it expires
+RENEW_WHEN_LEFT: Final = 1 / 3
 # A certs-only answer holds two P-256 certificates (~1.5 KiB base64); more is hostile.
 MAX_EST_RESPONSE_BYTES: Final = 64 * 1024
 # Enrollment is one small request; a server that needs longer is not answering.
@@ -193,6 +200,25 @@ def _parse_chain(
     return [leaf] + [c for c in certs if c is not leaf]
 
 
+def _store(
+    paths: DevicePaths, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]
+) -> None:
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        paths.identity.mkdir(mode=0o700, exist_ok=True)
+        # Key first: a power cut in between leaves a key without its certificate, which
+        # load_identity reports as "not enrolled" rather than using a mismatched pair.
+        atomic_write_bytes(paths.device_key, key_pem, mode=0o600)
+        atomic_write_bytes(
+            paths.device_cert,
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain),
+        )
+    except OSError as e:
+        raise DeviceStorageError(f"cannot store the device identity: {e.strerror}") from e
+
+
 def _tls(paths: DevicePaths, config: DeviceConfig) -> ssl.SSLContext | None:
     if config.insecure_http and config.server_url.startswith("http://"):
         warn_insecure(f"device {paths.root} enrolls over plain HTTP")
@@ -244,18 +270,7 @@ def enroll(
         },
     )
     chain = _parse_chain(data, key, config.serial)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    try:
-        paths.identity.mkdir(mode=0o700, exist_ok=True)
-        atomic_write_bytes(paths.device_key, key_pem, mode=0o600)
-        atomic_write_bytes(
-            paths.device_cert,
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain),
-        )
-    except OSError as e:
-        raise DeviceStorageError(f"cannot store the device identity: {e.strerror}") from e
+    _store(paths, key, chain)
     logger.info(
         "device %s enrolled; certificate %x valid until %s",
         config.serial,
@@ -263,3 +278,61 @@ def enroll(
         chain[0].not_valid_after_utc.isoformat(),
     )
     return chain[0]
+
+
+def _load_chain(paths: DevicePaths) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_read_small(paths.device_cert, "device certificate"))
+    except ValueError as e:
+        raise ConfigError(f"the device certificate {paths.device_cert} is corrupt") from e
+
+
+def renew_if_due(
+    paths: DevicePaths,
+    config: DeviceConfig,
+    *,
+    key_store: DeviceKeyStore,
+    now: dt.datetime | None = None,
+) -> tuple[Path, Path]:
+    """Renew the device certificate (EST ``simplereenroll``) when a third of its life is left.
+
+    Authenticated by the current certificate; a new key and CSR for the same serial.
+
+    Returns:
+        The certificate chain and key files to present (renewed or not).
+
+    Raises:
+        NotEnrolledError: not enrolled, or the certificate has expired (an expired
+            certificate cannot renew: enroll again with a new token).
+        AccessDeniedError: the server refused (revoked, quarantined, unknown certificate).
+        TransportError: the server is unreachable or TLS failed.
+    """
+    cert_path, key_path = load_identity(paths, config, key_store=key_store)
+    cert = _load_chain(paths)
+    now = now or dt.datetime.now(dt.UTC)
+    if cert.not_valid_after_utc <= now:
+        raise NotEnrolledError(
+            f"the device certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}: "
+            "ask the operator for a new token (otaguard fleet token) and run otaguard device enroll"
+        )
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    if cert.not_valid_after_utc - now > lifetime * RENEW_WHEN_LEFT:
+        return cert_path, key_path
+    tls = _tls(paths, config)
+    if tls is None:
+        raise OperatorError("certificate renewal needs TLS")
+    try:
+        tls.load_cert_chain(str(cert_path), str(key_path))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"the device identity in {paths.identity} is unusable") from e
+    key = ec.generate_private_key(ec.SECP256R1())
+    data = _post(
+        config,
+        tls,
+        EST_REENROLL_PATH,
+        base64.encodebytes(build_csr(key, config.serial)),
+        {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"},
+    )
+    _store(paths, key, _parse_chain(data, key, config.serial))
+    logger.info("device %s renewed its certificate", config.serial)
+    return cert_path, key_path

@@ -222,6 +222,7 @@ def _server(a: argparse.Namespace) -> int:
             host=a.host,
             port=a.port,
             insecure_http=a.insecure_http,
+            insecure_no_client_auth=a.insecure_no_client_auth,
             timestamp_expiry=a.timestamp_expiry,
             snapshot_expiry=a.snapshot_expiry,
         )
@@ -583,6 +584,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8443)
     srv.add_argument("--insecure-http", action="store_true", help="development only: plain HTTP")
+    srv.add_argument(
+        "--insecure-no-client-auth",
+        action="store_true",
+        help="development only: serve metadata and targets to clients without a device "
+        "certificate (warns on every start)",
+    )
     srv.add_argument(
         "--timestamp-expiry",
         type=_duration,

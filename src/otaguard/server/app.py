@@ -58,6 +58,7 @@ from otaguard.server._api import ErrorBody
 from otaguard.server._names import parse_blob_name, parse_metadata_name
 from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server.auth import load_or_create_operator_token, token_matches
+from otaguard.server.device_auth import DeviceGate
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
@@ -95,7 +96,9 @@ TAGS: Final = [
     {
         "name": "repository",
         "description": "The image repository as TUF clients fetch it: exact signed metadata "
-        "and target blobs. Public; every byte is verified by the device.",
+        "and target blobs. Every byte is verified by the device; the server serves only "
+        "enrolled devices (verified client certificate, checked against the registry on "
+        "every request) and the operator (bearer token).",
     },
     {
         "name": "operator",
@@ -106,6 +109,10 @@ TAGS: Final = [
         "name": "fleet",
         "description": "The device registry: register devices (enrollment tokens), "
         "quarantine, release, revoke. Bearer token from DATA/operator-token.",
+    },
+    {
+        "name": "device",
+        "description": "A device asking about itself (verified client certificate).",
     },
     {
         "name": "enrollment",
@@ -235,8 +242,58 @@ def _metadata_response(record: MetadataRecord, *, mutable: bool) -> Response:
     )
 
 
-def _repository_router(svc: _Services) -> APIRouter:
-    router = APIRouter(tags=["repository"])
+class WhoAmIBody(BaseModel):
+    """The device the server sees, from the verified client certificate."""
+
+    serial: str
+    hardware_id: str
+    status: str
+    certificate_serial: str = Field(description="serial number (hex) of the certificate")
+    certificate_expires: dt.datetime
+
+
+_DEVICE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    403: {"model": ErrorBody, "description": "No valid device certificate (reason given)"}
+}
+
+
+def _device_dependency(gate: DeviceGate, token: str) -> Callable[..., None]:
+    """Devices by their verified certificate; the operator (bearer token) may read too."""
+
+    def require_device(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and token_matches(presented.strip(), token):
+            return
+        gate.authenticate(request.scope)
+
+    return require_device
+
+
+def _device_router(gate: DeviceGate) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/device", tags=["device"], responses=_DEVICE_ERRORS)
+
+    @router.get("/whoami", summary="The device identity the server sees")
+    def whoami(request: Request) -> WhoAmIBody:
+        """Serial and status taken from the verified client certificate and the registry."""
+        dev = gate.authenticate(request.scope)
+        if dev is None:
+            raise AccessDeniedError("no client certificate was presented")
+        return WhoAmIBody(
+            serial=dev.record.serial,
+            hardware_id=dev.record.hardware_id,
+            status=dev.record.status.value,
+            certificate_serial=dev.identity.cert_serial,
+            certificate_expires=dev.certificate.not_valid_after_utc,
+        )
+
+    return router
+
+
+def _repository_router(svc: _Services, require_device: Callable[..., None]) -> APIRouter:
+    router = APIRouter(
+        tags=["repository"], dependencies=[Depends(require_device)], responses=_DEVICE_ERRORS
+    )
 
     @router.get(
         "/metadata/{filename}",
@@ -556,9 +613,17 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         """Return ``{"status": "ok"}`` while the server runs."""
         return HealthBody()
 
-    app.include_router(_repository_router(svc))
+    gate = DeviceGate(
+        devices,
+        issuer=fleet.ca.issuing.subject,
+        clock=clock,
+        required=not (settings.insecure_http or settings.insecure_no_client_auth),
+    )
+    app.state.gate = gate
+    app.include_router(_repository_router(svc, _device_dependency(gate, token)))
+    app.include_router(_device_router(gate))
     require_operator = _operator_dependency(token)
     app.include_router(_operator_router(svc, require_operator))
     app.include_router(fleet_router(fleet, require_operator))
-    app.include_router(est_router(fleet))
+    app.include_router(est_router(fleet, gate))
     return app

@@ -40,6 +40,7 @@ from otaguard.crypto.device_ca import DeviceCA, check_device_csr
 from otaguard.model.errors import AccessDeniedError, OperatorError, VerificationError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN, check_device_serial, check_hardware_id
 from otaguard.server._api import ErrorBody
+from otaguard.server.device_auth import DeviceGate
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
 __all__ = [
@@ -279,8 +280,8 @@ _CERTS_CONTENT: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
-def est_router(svc: FleetServices) -> APIRouter:
-    """EST (RFC 7030) enrollment under ``/.well-known/est``."""
+def est_router(svc: FleetServices, gate: DeviceGate) -> APIRouter:
+    """EST (RFC 7030) enrollment and renewal under ``/.well-known/est``."""
     router = APIRouter(prefix="/.well-known/est", tags=["enrollment"])
     basic = HTTPBasic(
         auto_error=False,
@@ -343,6 +344,39 @@ def est_router(svc: FleetServices) -> APIRouter:
         )
         der_pkcs7 = await run_in_threadpool(issue_certificate, svc, rec, der)
         logger.info("device %s enrolled", serial)
+        return _certs_response(der_pkcs7)
+
+    @router.post(
+        "/simplereenroll",
+        summary="Renew a device certificate (client certificate)",
+        response_class=Response,
+        responses={**_CERTS_CONTENT, **_EST_ERRORS},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    EST_CSR_MEDIA_TYPE: {
+                        "schema": {"type": "string", "description": "base64 DER PKCS#10"}
+                    }
+                },
+            }
+        },
+    )
+    async def simplereenroll(request: Request) -> Response:
+        """Issue a new certificate to a device authenticated by its current one.
+
+        The current certificate must be valid (not expired, issued by the registry to
+        this device, device neither quarantined nor revoked); the CSR must name the same
+        serial. An expired certificate cannot renew: the device enrolls again with a
+        new token.
+        """
+        dev = await run_in_threadpool(gate.authenticate, request.scope)
+        if dev is None:
+            raise AccessDeniedError("renewal needs the current client certificate")
+        der = await _read_base64_body(request, "CSR")
+        check_device_csr(der, serial=dev.record.serial)
+        der_pkcs7 = await run_in_threadpool(issue_certificate, svc, dev.record, der)
+        logger.info("device %s renewed its certificate", dev.record.serial)
         return _certs_response(der_pkcs7)
 
     return router

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from otaguard.crypto import CertificateAuthority, warn_insecure
 from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
 from otaguard.model.errors import ConfigError
+from otaguard.server._tls import TlsScopeH11Protocol
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
@@ -123,10 +124,13 @@ def _config(
 ) -> tuple[uvicorn.Config, Path | None, FastAPI]:
     """Build the app and its uvicorn config (TLS unless insecure_http); CA cert path."""
     ca_cert: Path | None = None
+    device_chain: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
     # Before the CA creates DATA/ca (and DATA with it, at the default mode): 0700 first.
     prepare_data_dir(settings.data_dir)
+    if settings.insecure_no_client_auth or settings.insecure_http:
+        warn_insecure("the update server serves metadata and targets without client certificates")
     if settings.insecure_http:
         warn_insecure("the update server is serving plain HTTP without TLS")
     else:
@@ -139,6 +143,7 @@ def _config(
         creds = ca.server_credentials(tls_dir, hosts=[settings.host])
         certfile, keyfile = str(creds.cert_path), str(creds.key_path)
         ca_cert = ca.cert_path
+        device_chain = str(DeviceCA.load_or_create(settings.data_dir / DEVICE_CA_DIR).chain_path)
     app = create_app(settings) if clock is None else create_app(settings, clock=clock)
     config = uvicorn.Config(
         app,
@@ -152,10 +157,17 @@ def _config(
         lifespan="on",
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
+        # Client certificates are asked for, not required: the operator API (bearer
+        # token) and EST enrollment (token) serve clients without one. A certificate that
+        # is presented must verify against the device CA, or the handshake fails.
+        ssl_ca_certs=device_chain,
+        ssl_cert_reqs=ssl.CERT_OPTIONAL if device_chain else ssl.CERT_NONE,
+        # Puts the verified peer certificate into the ASGI scope (uvicorn does not).
+        http=TlsScopeH11Protocol,
     )
     config.load()
     if config.ssl is not None:
-        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
     return config, ca_cert, app
 
 
@@ -196,6 +208,7 @@ class RunningServer:
         data_dir: the server's data directory.
         online_public_key: the server's online public key file (``--online-key``).
         app: the application (its ``state`` holds the stores and background tasks).
+        ssl_context: the server's TLS context (``None`` with insecure HTTP).
     """
 
     base_url: str
@@ -204,6 +217,7 @@ class RunningServer:
     data_dir: Path
     online_public_key: Path
     app: FastAPI
+    ssl_context: ssl.SSLContext | None
     _server: uvicorn.Server
     _thread: threading.Thread
     _socket: socket.socket
@@ -275,6 +289,7 @@ def start_server_in_thread(
         data_dir=settings.data_dir,
         online_public_key=settings.data_dir / ONLINE_PUBLIC_KEY_FILE,
         app=app,
+        ssl_context=config.ssl,
         _server=server,
         _thread=thread,
         _socket=sock,

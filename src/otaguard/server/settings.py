@@ -63,6 +63,9 @@ class ServerSettings:
             creates in ``data_dir`` (warns: production keys belong in an HSM).
         device_cert_lifetime: lifetime of the device certificates the server issues.
         enrollment_token_lifetime: how long a new enrollment token can be used.
+        insecure_no_client_auth: serve metadata and targets to clients without a device
+            certificate (development only; warns on every start). A certificate that is
+            presented is still checked.
     """
 
     data_dir: Path
@@ -77,6 +80,7 @@ class ServerSettings:
     online_key_uri: str | None = None
     device_cert_lifetime: dt.timedelta = DEFAULT_DEVICE_CERT_LIFETIME
     enrollment_token_lifetime: dt.timedelta = DEFAULT_ENROLLMENT_TOKEN_LIFETIME
+    insecure_no_client_auth: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
