@@ -20,12 +20,12 @@ from cryptography.x509.oid import NameOID
 from conftest import World, serial_of, start_world
 from otaguard.agent import Device
 from otaguard.agent.identity import build_csr, renew_if_due
+from otaguard.cli import main
 from otaguard.crypto.device_ca import DeviceCA
 from otaguard.model.errors import (
     AccessDeniedError,
     InsecureModeWarning,
     NotEnrolledError,
-    TransportError,
 )
 from otaguard.model.unsafe import Unsafe
 from otaguard.server import ServerSettings, start_server_in_thread
@@ -236,7 +236,7 @@ def test_quarantine_takes_effect_on_the_next_request_and_release_ends_it(world: 
         status, data = get(conn, TIMESTAMP)
         assert status == 403
         assert reason(data) == "access denied: device odd is quarantined: odd traffic"
-        with pytest.raises(TransportError, match="403 Forbidden"):
+        with pytest.raises(AccessDeniedError, match=r"refused this device \(HTTP 403"):
             dev.check()
         client.release("odd")
     assert get(conn, TIMESTAMP)[0] == 200
@@ -296,10 +296,21 @@ def test_renewal_when_a_third_of_the_lifetime_is_left(world: World) -> None:
     assert json.loads(data)["certificate_serial"] == format(new.serial_number, "x")
 
 
-def test_an_unenrolled_device_gets_a_clear_error(world: World) -> None:
+def test_an_unenrolled_device_gets_a_clear_error(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
     dev = world.device("fresh", enroll=False)
-    with pytest.raises(NotEnrolledError, match="not enrolled: run otaguard device enroll"):
+    with pytest.raises(NotEnrolledError) as info:
         dev.check()
+    assert info.value.diagnostics().startswith("not enrolled: run otaguard device enroll")
+    assert main(["agent", str(dev.paths.root), "check"]) == 2
+    errors = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.strip() and not line.startswith("warning: INSECURE")
+    ]
+    assert len(errors) == 1
+    assert errors[0].startswith("not enrolled: run otaguard device enroll")
 
 
 def test_insecure_no_client_auth_serves_without_certificates(world: World, tmp_path: Path) -> None:
@@ -324,3 +335,38 @@ def test_world_devices_are_enrolled(world: World) -> None:
     dev = world.device("a:b")
     assert dev.config.serial == serial_of("a:b") == "a-b"
     assert dev.update().outcome == "up-to-date"
+
+
+def test_renewal_keeps_the_serial_and_needs_a_certificate(world: World) -> None:
+    import base64
+
+    dev = world.device("keep")
+    other = ec.generate_private_key(ec.SECP256R1())
+    conn = connect(world, dev.paths.device_cert, dev.paths.device_key)
+    try:
+        conn.request(
+            "POST",
+            "/.well-known/est/simplereenroll",
+            body=base64.encodebytes(build_csr(other, "someone-else")),
+            headers={"Content-Type": "application/pkcs10"},
+        )
+        resp = conn.getresponse()
+        status, data = resp.status, resp.read()
+    finally:
+        conn.close()
+    assert status == 422
+    assert "CSR subject CN 'someone-else' is not the device serial 'keep'" in reason(data)
+    anonymous = connect(world)
+    try:
+        anonymous.request(
+            "POST",
+            "/.well-known/est/simplereenroll",
+            body=base64.encodebytes(build_csr(other, "keep")),
+            headers={"Content-Type": "application/pkcs10"},
+        )
+        resp = anonymous.getresponse()
+        status, data = resp.status, resp.read()
+    finally:
+        anonymous.close()
+    assert status == 403
+    assert "client certificate is required" in reason(data)

@@ -93,9 +93,7 @@ def _read_small(path: Path, what: str) -> bytes:
         with path.open("rb") as f:
             data = f.read(MAX_IDENTITY_FILE_BYTES + 1)
     except FileNotFoundError as e:
-        raise NotEnrolledError(
-            f"not enrolled: run otaguard device enroll ({what} {path} is missing)"
-        ) from e
+        raise NotEnrolledError(f"run otaguard device enroll ({what} {path} is missing)") from e
     except OSError as e:
         raise DeviceStorageError(f"cannot read {what} {path}: {e.strerror}") from e
     if len(data) > MAX_IDENTITY_FILE_BYTES:
@@ -124,13 +122,12 @@ def load_identity(
         raise ConfigError(f"the device identity in {paths.identity} is corrupt") from e
     if key.public_key() != cert.public_key():
         raise NotEnrolledError(
-            "not enrolled: run otaguard device enroll (the certificate is not for the device key)"
+            "run otaguard device enroll (the certificate is not for the device key)"
         )
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if [a.value for a in cns] != [config.serial]:
         raise NotEnrolledError(
-            f"not enrolled: run otaguard device enroll (the certificate is not for "
-            f"serial {config.serial})"
+            f"run otaguard device enroll (the certificate is not for serial {config.serial})"
         )
     return paths.device_cert, paths.device_key
 

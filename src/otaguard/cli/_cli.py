@@ -223,6 +223,7 @@ def _server(a: argparse.Namespace) -> int:
             port=a.port,
             insecure_http=a.insecure_http,
             insecure_no_client_auth=a.insecure_no_client_auth,
+            device_cert_lifetime=a.device_cert_lifetime,
             timestamp_expiry=a.timestamp_expiry,
             snapshot_expiry=a.snapshot_expiry,
         )
@@ -604,6 +605,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         default=dt.timedelta(days=7),
         metavar="DURATION",
         help="lifetime of the snapshots the server signs (default 7d)",
+    )
+    srv.add_argument(
+        "--device-cert-lifetime",
+        type=_duration,
+        default=dt.timedelta(hours=24),
+        metavar="DURATION",
+        help="lifetime of the device certificates the server issues (default 24h); "
+        "devices renew when a third is left",
     )
     srv.set_defaults(func=_server)
     srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
