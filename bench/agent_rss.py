@@ -32,8 +32,10 @@ from typing import IO, Final
 from otaguard.agent import Device
 from otaguard.agent.slots import FileSlots
 from otaguard.crypto import read_public_key
+from otaguard.model import Unsafe
 from otaguard.repo import ImageRepository
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image, wait_served
 
 MIB: Final = 1024 * 1024
@@ -252,7 +254,14 @@ def run(work: Path) -> int:
             factory_image=v100,
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,
+            serial="bench-device",
         )
+        # Mutual TLS: register and enroll the device as the factory would.
+        with FleetClient(
+            server_url=server.base_url, ca_cert=server.ca_cert, token=server.operator_token
+        ) as fleet:
+            token = fleet.add_device("bench-device", HW).token
+        Device(device_dir).enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
         staged = device_dir / "staging" / f"{rel.sha256}.{rel.path}"
         agent = run_agent(device_dir, staged, work)
     finally:

@@ -7,9 +7,11 @@ a keys directory outside the repository, and the server signs snapshot and times
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,10 @@ import pytest
 
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
+from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository, Release
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 
 HW = "test-hw"
@@ -31,6 +35,11 @@ IMAGE_SIZE = 2 * 1024 * 1024
 def same_passphrase(_key_name: str) -> bytes:
     """The World's secrets source: one passphrase for every key."""
     return PASSPHRASE
+
+
+def serial_of(name: str) -> str:
+    """The serial World gives a device named ``name`` (names may hold ':' and '/')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
 @pytest.fixture(autouse=True)
@@ -85,27 +94,49 @@ class World:
 
         wait_served(self.server, self.repo)
 
-    def device(self, name: str = "dev", *, version: str = "1.0.0", **kw: object) -> Device:
-        """Provision a device running ``version`` (simulated health check by default)."""
+    def device(
+        self, name: str = "dev", *, version: str = "1.0.0", enroll: bool = True, **kw: object
+    ) -> Device:
+        """Provision a device running ``version`` (simulated health check by default).
+
+        It is registered with the server and enrolled unless ``enroll`` is false (or it
+        talks plain HTTP).
+        """
         assert self.server.ca_cert is not None
         kw.setdefault("health_command", SIM_HEALTH_COMMAND)
-        return Device.provision(
+        dev = Device.provision(
             self.tmp / name,
             server_url=self.server.base_url,
             root_json=self.repo.metadata_dir / "root.json",
             ca_pem=self.server.ca_cert,
             hardware_id=HW,
+            serial=serial_of(name),
             factory_image=self.image(version),
             factory_version=version,
             **kw,  # type: ignore[arg-type]
         )
+        if enroll and not kw.get("insecure_http"):
+            self.enroll(dev)
+        return dev
+
+    def enroll(self, dev: Device) -> None:
+        """Register ``dev`` with the server and enroll it (as the factory would)."""
+        with FleetClient(
+            server_url=self.server.base_url,
+            ca_cert=self.server.ca_cert,
+            token=self.server.operator_token,
+        ) as fleet:
+            token = fleet.add_device(dev.config.serial, dev.config.hardware_id).token
+        dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
 
     def cli(self) -> list[str]:
         """argv prefix to run the real CLI in a subprocess."""
         return [sys.executable, "-m", "otaguard"]
 
 
-def start_world(tmp_path: Path, **server_settings: Any) -> World:
+def start_world(
+    tmp_path: Path, *, clock: Callable[[], dt.datetime] | None = None, **server_settings: Any
+) -> World:
     """Server data dir first, then the offline repository naming its online key, then serve.
 
     ``server_settings`` go to :class:`ServerSettings` (e.g. ``timestamp_expiry``). The
@@ -121,7 +152,7 @@ def start_world(tmp_path: Path, **server_settings: Any) -> World:
     settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "sync_interval": 0.1}
     settings.update(server_settings)
     server = start_server_in_thread(
-        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, **settings)
+        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, **settings), clock=clock
     )
     return World(tmp_path, repo, server, {}, {})
 

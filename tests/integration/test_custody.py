@@ -24,9 +24,11 @@ from conftest import HW, PASSPHRASE, World, same_passphrase, start_world
 from otaguard.cli import passphrase_env_var
 from otaguard.crypto import read_public_key
 from otaguard.model import ConfigError
+from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server._repo_dir import refuse_private_keys
+from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, wait_served
 
 OFFLINE_KEYS = ("root-ed25519", "root-ml-dsa-65", "targets-ed25519", "targets-ml-dsa-65")
@@ -71,7 +73,11 @@ def plaintext_pem() -> bytes:
 
 def served_signed(world: World, name: str) -> dict[str, object]:
     assert world.server.ca_cert is not None
-    with urllib3.PoolManager(ca_certs=str(world.server.ca_cert), timeout=5) as http:
+    with urllib3.PoolManager(
+        ca_certs=str(world.server.ca_cert),
+        timeout=5,
+        headers={"Authorization": f"Bearer {world.server.operator_token}"},
+    ) as http:
         resp = http.request("GET", f"{world.server.base_url}/metadata/{name}")
         assert resp.status == 200, name
         signed = json.loads(resp.data)["signed"]
@@ -383,10 +389,16 @@ def test_publish_api_completes_a_server_mode_publication(tmp_path: Path) -> None
             root_json=repo.metadata_dir / "root.json",
             ca_pem=server.ca_cert,
             hardware_id=HW,
+            serial="dev",
             factory_image=image,
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,
         )
+        with FleetClient(
+            server_url=server.base_url, ca_cert=server.ca_cert, token=server.operator_token
+        ) as fleet:
+            token = fleet.add_device("dev", HW).token
+        dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
         assert dev.update().outcome == "up-to-date"
         again = publish_repository(
             repo.dir, server_url=server.base_url, ca_cert=paths.ca_cert, token=server.operator_token

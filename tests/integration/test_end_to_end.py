@@ -102,16 +102,34 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
         ca = data / "ca" / "ca.pem"
         deadline = time.monotonic() + 30
         check = None
+        token: str | None = None
         while time.monotonic() < deadline:
             if not (tmp_path / "d1").exists():
                 init = run(
-                    "device", "init", str(tmp_path / "d1"), "--server", url,
+                    "device", "init", str(tmp_path / "d1"), "--serial", "d1", "--server", url,
                     "--root", str(repo / "metadata" / "root.json"), "--ca", str(ca),
                     "--hardware-id", HW, "--factory-image", str(world.image("1.0.0")),
                     "--factory-version", "1.0.0",
                     "--health-command", shlex.join(SIM_HEALTH_COMMAND),
                 )  # fmt: skip
                 assert init.returncode == 0, init.stderr
+            if token is None:
+                # The operator registers the device; the token is the last line's first word.
+                added = run(
+                    "fleet", "add-device", "--serial", "d1", "--hardware-id", HW,
+                    "--server", url, "--ca", str(ca), "--token-file", str(data / "operator-token"),
+                    env=server_env,
+                )  # fmt: skip
+                if added.returncode != 0:
+                    time.sleep(0.2)
+                    continue
+                token = added.stdout.strip().splitlines()[-1].split()[0]
+                enrolled = run(
+                    "device", "enroll", str(tmp_path / "d1"),
+                    env={**offline_env, "OTAGUARD_ENROLL_TOKEN": token},
+                )  # fmt: skip
+                assert enrolled.returncode == 0, enrolled.stderr
+                assert token not in enrolled.stdout + enrolled.stderr
             check = run("agent", str(tmp_path / "d1"), "check")
             if check.returncode == 0:
                 break

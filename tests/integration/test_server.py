@@ -70,8 +70,13 @@ def bare_server(tmp_path: Path) -> Iterator[RunningServer]:
 
 def _pool(server: RunningServer) -> urllib3.PoolManager:
     assert server.ca_cert is not None
+    # The operator's bearer token may read the repository (devices use certificates).
     return urllib3.PoolManager(
-        cert_reqs="CERT_REQUIRED", ca_certs=str(server.ca_cert), retries=False, timeout=10
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=str(server.ca_cert),
+        retries=False,
+        timeout=10,
+        headers={"Authorization": f"Bearer {server.operator_token}"},
     )
 
 
@@ -141,14 +146,16 @@ def test_target_range_request(
     full = http.request("GET", url)
     assert full.status == 200
     assert full.data == FIRMWARE
-    part = http.request("GET", url, headers={"Range": "bytes=1000-1099"})
+    part = http.request("GET", url, headers={**http.headers, "Range": "bytes=1000-1099"})
     assert part.status == 206
     assert part.headers["Content-Range"] == f"bytes 1000-1099/{len(FIRMWARE)}"
     assert part.data == FIRMWARE[1000:1100]
-    tail = http.request("GET", url, headers={"Range": f"bytes={len(FIRMWARE) - 10}-"})
+    tail = http.request(
+        "GET", url, headers={**http.headers, "Range": f"bytes={len(FIRMWARE) - 10}-"}
+    )
     assert tail.status == 206
     assert tail.data == FIRMWARE[-10:]
-    beyond = http.request("GET", url, headers={"Range": f"bytes={len(FIRMWARE)}-"})
+    beyond = http.request("GET", url, headers={**http.headers, "Range": f"bytes={len(FIRMWARE)}-"})
     assert beyond.status == 416
 
 
@@ -231,7 +238,10 @@ def test_operator_api_needs_token(bare_server: RunningServer, repo: RepoWriter, 
         assert resp.headers["WWW-Authenticate"] == "Bearer"
         assert resp.json() == {"error": "operator token missing or wrong"}
         put = http.request(
-            "PUT", f"{bare_server.base_url}/api/v1/blobs/{'a' * 64}.x.img", body=b"x"
+            "PUT",
+            f"{bare_server.base_url}/api/v1/blobs/{'a' * 64}.x.img",
+            body=b"x",
+            headers=headers,
         )
         assert put.status == 401
     with pytest.raises(OperatorError, match="operator token"):

@@ -193,6 +193,7 @@ class Mem:
     def provision(self, name: str, *, tpm: bool = True) -> Path:
         Device.provision(
             self.tmp / name,
+            serial=name,
             server_url="https://repo.invalid",
             root_json=self.repo.metadata_dir / "root.json",
             ca_pem=self.ca,
@@ -324,6 +325,8 @@ def test_cli_device_init_with_tpm(mem: Mem) -> None:
             "device",
             "init",
             str(mem.tmp / "cli-dev"),
+            "--serial",
+            "cli-dev",
             "--server",
             "https://repo.invalid",
             "--root",

@@ -60,6 +60,7 @@ class Mem:
             root_json=self.repo.metadata_dir / "root.json",
             ca_pem=self.ca,
             hardware_id=HW,
+            serial=name,
             factory_image=self.image("1.0.0"),
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,

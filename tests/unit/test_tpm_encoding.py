@@ -51,7 +51,11 @@ def test_steps_are_cheap() -> None:
 def test_config_refuses_a_bad_tcti(tcti: object) -> None:
     with pytest.raises(ConfigError, match="TCTI"):
         DeviceConfig(
-            server_url="https://x", hardware_id="hw", unsafe_no_health_check=True, tpm=tcti
+            server_url="https://x",
+            serial="dev-1",
+            hardware_id="hw",
+            unsafe_no_health_check=True,
+            tpm=tcti,
         )  # type: ignore[arg-type]
 
 
@@ -59,7 +63,11 @@ def test_config_accepts_a_tcti() -> None:
     for tcti in ("device:/dev/tpmrm0", "swtpm:host=127.0.0.1,port=2321", "tabrmd"):
         assert (
             DeviceConfig(
-                server_url="https://x", hardware_id="hw", unsafe_no_health_check=True, tpm=tcti
+                server_url="https://x",
+                serial="dev-1",
+                hardware_id="hw",
+                unsafe_no_health_check=True,
+                tpm=tcti,
             ).tpm
             == tcti
         )

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError
+from otaguard.model.names import check_device_serial
 
 __all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths"]
 
@@ -45,6 +46,21 @@ class DevicePaths:
     def ca(self) -> Path:
         """The CA certificate the server's TLS certificate must chain to."""
         return self.trust / "ca.pem"
+
+    @property
+    def identity(self) -> Path:
+        """The device's TLS identity: its key and certificate chain."""
+        return self.root / "identity"
+
+    @property
+    def device_key(self) -> Path:
+        """The device's private key (development file key store, mode 0600)."""
+        return self.identity / "device.key"
+
+    @property
+    def device_cert(self) -> Path:
+        """The device certificate followed by the issuing CA (PEM), from enrollment."""
+        return self.identity / "device.pem"
 
     @property
     def metadata(self) -> Path:
@@ -88,6 +104,9 @@ class DeviceConfig:
 
     server_url: str
     hardware_id: str
+    #: the device's serial number: its identity towards the server (certificate CN).
+    #: Set explicitly at provisioning (``device init --serial``), never derived.
+    serial: str
     #: command run after booting a new slot; exit 0 means healthy
     health_command: list[str] | None = None
     #: development only: commit a new image as soon as it boots (warns on every use)
@@ -128,6 +147,10 @@ class DeviceConfig:
             raise ConfigError("hardware id is empty")
         if self.tpm is not None and not (isinstance(self.tpm, str) and _TCTI.fullmatch(self.tpm)):
             raise ConfigError("tpm must be a TCTI string such as 'device:/dev/tpmrm0'")
+        try:
+            check_device_serial(self.serial)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if not 1 <= self.max_boot_tries <= 16:
             raise ConfigError("max_boot_tries must be between 1 and 16")
         if (self.health_command is None) is not self.unsafe_no_health_check:
@@ -195,6 +218,7 @@ _NUMBER: Final = (int, float)
 _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "server_url": (str,),
     "hardware_id": (str,),
+    "serial": (str,),
     "health_timeout_s": _NUMBER,
     "max_boot_tries": (int,),
     "poll_interval_s": _NUMBER,

@@ -23,6 +23,7 @@ from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
+from otaguard.agent.identity import DeviceKeyStore, enroll, renew_if_due
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
@@ -39,7 +40,7 @@ from otaguard.model.errors import (
     TransportError,
     VerificationError,
 )
-from otaguard.model.names import check_hardware_id
+from otaguard.model.names import check_device_serial, check_hardware_id
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 
@@ -47,6 +48,9 @@ __all__ = ["Device", "DeviceStatus", "UpdateResult"]
 
 logger = logging.getLogger(__name__)
 
+#: the device key store until the TPM backend lands: a file, named and warned about on
+#: every use (Unsafe.FILE_DEVICE_KEY)
+DEVICE_KEY_STORE: Final = Unsafe.FILE_DEVICE_KEY
 # Trust anchors are small; a bigger file is not what the operator meant to provision.
 MAX_TRUST_FILE_BYTES: Final = 1024 * 1024
 
@@ -155,6 +159,7 @@ class Device:
         root_json: Path,
         ca_pem: Path,
         hardware_id: str,
+        serial: str,
         factory_image: Path,
         factory_version: str,
         health_command: list[str] | Literal[Unsafe.NO_HEALTH_CHECK],
@@ -165,6 +170,8 @@ class Device:
         """Create a device directory as the factory would.
 
         Args:
+            serial: the device's serial, its identity towards the server (required: the
+                factory sets it; it is never derived from the directory name).
             health_command: run after a new image boots (exit 0 = healthy, anything else
                 rolls back), or ``Unsafe.NO_HEALTH_CHECK`` (development only, warns).
             tpm_tcti: the TPM whose NV counters hold the anti-rollback floor (created
@@ -187,6 +194,7 @@ class Device:
             raise OperatorError("security counter must not be negative")
         try:
             check_hardware_id(hardware_id)
+            check_device_serial(serial)
         except ValueError as e:
             raise OperatorError(str(e)) from e
         no_check = health_command is Unsafe.NO_HEALTH_CHECK
@@ -195,6 +203,7 @@ class Device:
         config = DeviceConfig(
             server_url=server_url,
             hardware_id=hardware_id,
+            serial=serial,
             insecure_http=insecure_http,
             health_command=None if isinstance(health_command, Unsafe) else health_command,
             unsafe_no_health_check=no_check,
@@ -250,6 +259,21 @@ class Device:
         device.boot()
         return device
 
+    def enroll(self, token: str, *, key_store: DeviceKeyStore) -> x509.Certificate:
+        """Get the device certificate with a single-use enrollment token (EST).
+
+        Generates the device key (``key_store``: only ``Unsafe.FILE_DEVICE_KEY`` until a
+        TPM backend exists; warns), sends a CSR naming the configured serial, and stores
+        the certificate chain in ``identity/``. The token is neither logged nor stored.
+
+        Raises:
+            AccessDeniedError: the token or device was refused (the reason is given).
+            VerificationError: the CSR or the answer was refused.
+            TransportError: the server is unreachable or TLS failed.
+        """
+        with self._locked():
+            return enroll(self.paths, self.config, token, key_store=key_store)
+
     # -- helpers ---------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -266,20 +290,6 @@ class Device:
 
     def _session(self) -> TufSession:
         url = self.config.server_url
-        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
-        if self.config.insecure_http and url.startswith("http://"):
-            tls = Unsafe.PLAIN_HTTP
-        else:
-            try:
-                tls = create_ssl_context(ca_file=self.paths.ca)
-            except ssl.SSLError as e:
-                raise ConfigError(
-                    f"CA certificate {self.paths.ca} is not a valid PEM certificate"
-                ) from e
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot read CA certificate {self.paths.ca}: {e.strerror}"
-                ) from e
         # A corrupt trust anchor is the device's own configuration, not bad repository data.
         trusted_root = _read_trust_file(self.paths.trusted_root, "trusted root")
         validate_root(trusted_root, self.paths.trusted_root)
@@ -290,6 +300,11 @@ class Device:
                 server_url=url,
                 fetcher=self._fetcher_factory(),
             )
+        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
+        if self.config.insecure_http and url.startswith("http://"):
+            tls = Unsafe.PLAIN_HTTP
+        else:
+            tls = self._tls_with_identity()
         fetcher = TlsFetcher(
             tls=tls,
             connect_timeout=self.config.connect_timeout_s,
@@ -304,6 +319,29 @@ class Device:
             server_url=url,
             fetcher=fetcher,
         )
+
+    def _tls_with_identity(self) -> ssl.SSLContext:
+        """TLS trusting the provisioned CA and presenting the device certificate.
+
+        Renews the certificate first when less than a third of its lifetime is left.
+
+        Raises:
+            NotEnrolledError: no certificate yet, or it expired (enroll again).
+        """
+        try:
+            ctx = create_ssl_context(ca_file=self.paths.ca)
+        except ssl.SSLError as e:
+            raise ConfigError(
+                f"CA certificate {self.paths.ca} is not a valid PEM certificate"
+            ) from e
+        except OSError as e:
+            raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
+        cert, key = renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
+        try:
+            ctx.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"the device identity in {self.paths.identity} is unusable") from e
+        return ctx
 
     def _check_local_state(self) -> None:
         """Read the boot environment and the anti-rollback floor before any network access,

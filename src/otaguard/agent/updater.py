@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
@@ -22,6 +23,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from otaguard.agent.fetcher import Fetcher
 from otaguard.agent.monotonic import Floor
 from otaguard.model.errors import (
+    AccessDeniedError,
     DeviceStorageError,
     TransportError,
     VerificationError,
@@ -42,6 +44,15 @@ def tuf_errors(action: str) -> Iterator[None]:
         yield
     except tuf_exc.DownloadLengthMismatchError as e:
         raise VerificationError(f"{action}: {e}") from e
+    except tuf_exc.DownloadHTTPError as e:
+        if e.status_code == HTTPStatus.FORBIDDEN:
+            # The server names the reason in its answer and its log; the device learns
+            # only that it is refused (quarantined, revoked, or an unknown certificate).
+            raise AccessDeniedError(
+                f"{action}: the server refused this device (HTTP 403: quarantined, revoked "
+                "or certificate not issued to it)"
+            ) from e
+        raise TransportError(f"{action}: {e}") from e
     except tuf_exc.DownloadError as e:
         raise TransportError(f"{action}: {e}") from e
     except tuf_exc.RepositoryError as e:

@@ -25,6 +25,7 @@ from otaguard.model.unsafe import Unsafe
 
 if TYPE_CHECKING:
     from otaguard.crypto.signers import KeySecrets
+    from otaguard.server.client import FleetClient
 
 __all__ = ["main", "passphrase_env_var"]
 
@@ -32,6 +33,9 @@ __all__ = ["main", "passphrase_env_var"]
 # scripts that use one passphrase everywhere, then an interactive prompt naming the key.
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"  # noqa: S105 - a variable name
+SERVER_ENV = "OTAGUARD_SERVER"
+CA_ENV = "OTAGUARD_CA"
+ENROLL_TOKEN_ENV = "OTAGUARD_ENROLL_TOKEN"  # noqa: S105 - a variable name
 EXIT_ROLLED_BACK = 6
 EXIT_RECOVERY = 7  # no slot may boot: the device waits for a release at or above its floor
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -218,6 +222,8 @@ def _server(a: argparse.Namespace) -> int:
             host=a.host,
             port=a.port,
             insecure_http=a.insecure_http,
+            insecure_no_client_auth=a.insecure_no_client_auth,
+            device_cert_lifetime=a.device_cert_lifetime,
             timestamp_expiry=a.timestamp_expiry,
             snapshot_expiry=a.snapshot_expiry,
             tls_cert=a.tls_cert,
@@ -243,9 +249,8 @@ def _server_init(a: argparse.Namespace) -> int:
     return 0
 
 
-def _publish(a: argparse.Namespace) -> int:
-    from otaguard.server.client import publish_repository
-
+def _operator_token(a: argparse.Namespace) -> str:
+    """The operator token from ``--token-file`` or the environment, never from argv."""
     # A secret is never taken from the command line (other users see argv in ps).
     token: str | None
     if a.token_file is not None:
@@ -263,11 +268,83 @@ def _publish(a: argparse.Namespace) -> int:
         raise OperatorError(
             "the operator token is malformed (expected one line, as in DATA/operator-token)"
         )
+    return token
+
+
+def _publish(a: argparse.Namespace) -> int:
+    from otaguard.server.client import publish_repository
+
+    token = _operator_token(a)
     result = publish_repository(a.repo_dir, server_url=a.server, ca_cert=a.ca, token=token)
     out.print(
         f"published to {a.server}: {len(result.uploaded)} blob(s) uploaded, "
         f"{len(result.already_present)} already there; {len(result.added)} metadata file(s) added"
         + (f"; now serving {result.timestamp}" if result.timestamp else "; nothing new to serve")
+    )
+    return 0
+
+
+# -- fleet ---------------------------------------------------------------------------
+def _fleet_client(a: argparse.Namespace) -> FleetClient:
+    from otaguard.server.client import FleetClient
+
+    if not a.server:
+        raise OperatorError(f"no server: pass --server URL or set {SERVER_ENV}")
+    if a.ca is None and a.server.startswith("https://"):
+        raise OperatorError(f"no server CA certificate: pass --ca FILE or set {CA_ENV}")
+    return FleetClient(server_url=a.server, ca_cert=a.ca, token=_operator_token(a))
+
+
+def _when(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fleet(a: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    with _fleet_client(a) as client:
+        if a.fleet_cmd == "add-device":
+            new = client.add_device(a.serial, a.hardware_id)
+            out.print(
+                f"registered device {new.device.serial} (hardware id {new.device.hardware_id})",
+                markup=False,
+            )
+            out.print(
+                "enrollment token (single use; give it to the device, store it nowhere):",
+                markup=False,
+            )
+            # The token and its expiry, alone on the last line, for scripts (tail -n1).
+            out.print(f"{new.token} expires {_when(new.token_expires)}", markup=False)
+            return 0
+        if a.fleet_cmd == "token":
+            new = client.new_token(a.serial)
+            out.print(f"new enrollment token for {a.serial} (single use):", markup=False)
+            out.print(f"{new.token} expires {_when(new.token_expires)}", markup=False)
+            return 0
+        if a.fleet_cmd == "list":
+            devices = client.list_devices()
+            table = Table("serial", "hardware id", "status", "certificates", "reason")
+            for d in devices:
+                table.add_row(d.serial, d.hardware_id, d.status, str(len(d.cert_serials)), d.reason)
+            out.print(table)
+            out.print(f"{len(devices)} device(s)", markup=False)
+            return 0
+        if a.fleet_cmd == "show":
+            d = client.show(a.serial)
+        elif a.fleet_cmd == "quarantine":
+            d = client.quarantine(a.serial, a.reason)
+        elif a.fleet_cmd == "release":
+            d = client.release(a.serial)
+        else:
+            d = client.revoke(a.serial, a.reason)
+    out.print(
+        f"device {d.serial}: {d.status}" + (f" ({d.reason})" if d.reason else ""), markup=False
+    )
+    out.print(f"hardware id: {d.hardware_id}", markup=False)
+    out.print(f"registered: {_when(d.created_at)}; changed: {_when(d.updated_at)}", markup=False)
+    out.print(
+        "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
+        markup=False,
     )
     return 0
 
@@ -282,6 +359,7 @@ def _device_init(a: argparse.Namespace) -> int:
         root_json=a.root,
         ca_pem=a.ca,
         hardware_id=a.hardware_id,
+        serial=a.serial,
         factory_image=a.factory_image,
         factory_version=a.factory_version,
         factory_security_counter=a.factory_security_counter,
@@ -292,6 +370,32 @@ def _device_init(a: argparse.Namespace) -> int:
         else shlex.split(a.health_command),
     )
     out.print(f"provisioned device in {dev.paths.root} running {a.factory_version} from slot A")
+    return 0
+
+
+def _device_enroll(a: argparse.Namespace) -> int:
+    from otaguard.agent import Device
+
+    # Single use and short-lived, so argv is accepted; the environment is preferred.
+    token: str | None = a.token
+    if token is not None and a.token_file is not None:
+        raise OperatorError("give the enrollment token once: --token or --token-file")
+    if token is None and a.token_file is not None:
+        try:
+            token = a.token_file.read_text().strip()
+        except OSError as e:
+            raise OperatorError(f"cannot read token file {a.token_file}: {e.strerror}") from e
+    elif token is None:
+        token = os.environ.get(ENROLL_TOKEN_ENV)
+    if not token:
+        raise OperatorError(f"no enrollment token: pass --token or set {ENROLL_TOKEN_ENV}")
+    dev = Device(a.device_dir)
+    cert = dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
+    out.print(
+        f"enrolled device {dev.config.serial}: certificate {cert.serial_number:x} valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+        markup=False,
+    )
     return 0
 
 
@@ -496,6 +600,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="extra host name or address in the CA-issued certificate (repeatable)",
     )
     srv.add_argument(
+        "--insecure-no-client-auth",
+        action="store_true",
+        help="development only: serve metadata and targets to clients without a device "
+        "certificate (warns on every start)",
+    )
+    srv.add_argument(
         "--timestamp-expiry",
         type=_duration,
         default=dt.timedelta(days=1),
@@ -509,6 +619,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         default=dt.timedelta(days=7),
         metavar="DURATION",
         help="lifetime of the snapshots the server signs (default 7d)",
+    )
+    srv.add_argument(
+        "--device-cert-lifetime",
+        type=_duration,
+        default=dt.timedelta(hours=24),
+        metavar="DURATION",
+        help="lifetime of the device certificates the server issues (default 24h); "
+        "devices renew when a third is left",
     )
     srv.set_defaults(func=_server)
     srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
@@ -530,6 +648,46 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     pub.add_argument("--token", nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
     pub.set_defaults(func=_publish)
 
+    fleet = sub.add_parser(
+        "fleet", help="device registry on the server (operator token)"
+    ).add_subparsers(dest="fleet_cmd", required=True)
+
+    def fleet_cmd(name: str, help_text: str, *, serial: bool = True) -> argparse.ArgumentParser:
+        fp = fleet.add_parser(name, help=help_text, allow_abbrev=False)
+        if serial:
+            fp.add_argument("serial", metavar="SERIAL")
+        fp.add_argument(
+            "--server",
+            default=os.environ.get(SERVER_ENV),
+            metavar="URL",
+            help=f"update server (or ${SERVER_ENV})",
+        )
+        env_ca = os.environ.get(CA_ENV)
+        fp.add_argument(
+            "--ca",
+            type=Path,
+            default=Path(env_ca) if env_ca else None,
+            help=f"CA certificate of the server (or ${CA_ENV})",
+        )
+        fp.add_argument("--token-file", type=Path, help=f"operator token file (or ${TOKEN_ENV})")
+        fp.add_argument("--token", nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
+        fp.set_defaults(func=_fleet)
+        return fp
+
+    fadd = fleet_cmd("add-device", "register a device; prints its single-use token", serial=False)
+    fadd.add_argument("--serial", required=True)
+    fadd.add_argument("--hardware-id", required=True, metavar="HW")
+    fleet_cmd("list", "list devices", serial=False)
+    fleet_cmd("show", "show one device")
+    fleet_cmd("quarantine", "refuse a device until released").add_argument(
+        "--reason", required=True
+    )
+    fleet_cmd("release", "end a quarantine")
+    fleet_cmd("revoke", "refuse a device for good").add_argument(
+        "--reason", default="revoked by the operator"
+    )
+    fleet_cmd("token", "a new single-use enrollment token (re-enrollment)")
+
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True
     )
@@ -539,6 +697,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     dinit.add_argument("--root", type=Path, required=True, help="image repository root.json")
     dinit.add_argument("--ca", type=Path, required=True, help="server CA certificate (PEM)")
     dinit.add_argument("--hardware-id", required=True)
+    dinit.add_argument(
+        "--serial",
+        required=True,
+        help="the device's serial: its identity towards the server (as in fleet add-device)",
+    )
     dinit.add_argument("--factory-image", type=Path, required=True)
     dinit.add_argument("--factory-version", required=True)
     dinit.add_argument("--factory-security-counter", type=int, default=0)
@@ -560,6 +723,24 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "(e.g. device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321)",
     )
     dinit.set_defaults(func=_device_init)
+    denr = dev.add_parser(
+        "enroll",
+        help="generate the device key and get its certificate with an enrollment token",
+        allow_abbrev=False,
+    )
+    denr.add_argument("device_dir", type=Path)
+    denr.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the enrollment token (or ${ENROLL_TOKEN_ENV})",
+    )
+    denr.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"the single-use enrollment token (prefer ${ENROLL_TOKEN_ENV}: argv is visible "
+        "to other local users; the token is useless once used or after it expires)",
+    )
+    denr.set_defaults(func=_device_enroll)
 
     ag = sub.add_parser("agent", help="run the device agent")
     ag.add_argument("device_dir", type=Path)

@@ -10,9 +10,15 @@ Hierarchy (exit code of the CLI in brackets)::
     │   ├── ConflictError         or the other side is not ready; retry soon
     │   ├── NotReadyError
     │   └── StopRequestedError    the agent was asked to stop; an install resumes later
+    ├── AccessDeniedError  [77]   who is asking was refused: a wrong, used or expired
+    │                             enrollment token, a revoked or quarantined device, a
+    │                             client certificate the server did not issue
     ├── OperatorError       [2]   misuse: wrong arguments, missing files, wrong passphrase
     │   ├── ConfigError           a config, key or trust file is unreadable or invalid
-    │   └── KeyAccessError        a private key cannot be unlocked (wrong passphrase)
+    │   ├── KeyAccessError        a private key cannot be unlocked (wrong passphrase)
+    │   ├── UnknownDeviceError    the fleet registry has no device with that serial
+    │   ├── DeviceExistsError     the serial is already registered
+    │   └── NotEnrolledError      the device has no certificate yet (run device enroll)
     └── StorageError        [5]   our own storage failed underneath us
         ├── DeviceStorageError    the device's (disk full, unwritable slot)
         └── ServerStorageError    the server's (database, blob directory)
@@ -25,12 +31,15 @@ into these at adapter boundaries with ``raise ... from e``; logic never catches 
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
     "ConfigError",
     "ConflictError",
+    "DeviceExistsError",
     "DeviceStorageError",
     "DowngradeError",
     "InsecureModeWarning",
     "KeyAccessError",
+    "NotEnrolledError",
     "NotReadyError",
     "OperatorError",
     "OtaguardError",
@@ -39,6 +48,7 @@ __all__ = [
     "StopRequestedError",
     "StorageError",
     "TransportError",
+    "UnknownDeviceError",
     "VerificationError",
 ]
 
@@ -142,6 +152,44 @@ class KeyAccessError(OperatorError):
     @property
     def kind(self) -> str:
         return "key error"
+
+
+class UnknownDeviceError(OperatorError):
+    """The fleet registry has no device with the given serial (HTTP 404)."""
+
+    @property
+    def kind(self) -> str:
+        return "unknown device"
+
+
+class DeviceExistsError(OperatorError):
+    """A device with the given serial is already registered (HTTP 409)."""
+
+    @property
+    def kind(self) -> str:
+        return "device exists"
+
+
+class NotEnrolledError(OperatorError):
+    """The device has no (usable) certificate: it must enroll with a token first."""
+
+    @property
+    def kind(self) -> str:
+        return "not enrolled"
+
+
+class AccessDeniedError(OtaguardError):
+    """The caller's identity or credential was refused (HTTP 401/403).
+
+    Enrollment tokens that are wrong, used, expired or bound to another serial; devices
+    that are revoked or quarantined; certificates the registry did not issue.
+    """
+
+    exit_code = 77  # EX_NOPERM
+
+    @property
+    def kind(self) -> str:
+        return "access denied"
 
 
 class StorageError(OtaguardError):

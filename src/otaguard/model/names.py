@@ -12,10 +12,13 @@ import re
 from typing import Final
 
 __all__ = [
+    "DEVICE_SERIAL_PATTERN",
     "HARDWARE_ID_PATTERN",
+    "MAX_DEVICE_SERIAL",
     "MAX_HARDWARE_ID",
     "MAX_TARGET_NAME",
     "TARGET_NAME_PATTERN",
+    "check_device_serial",
     "check_hardware_id",
     "check_target_name",
 ]
@@ -28,6 +31,13 @@ TARGET_NAME_PATTERN: Final = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TARGET_NAME - 
 MAX_HARDWARE_ID: Final = 128
 HARDWARE_ID_PATTERN: Final = rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_HARDWARE_ID - 1}}}"
 
+# Device serials become a certificate CN, a URL path component and an HTTP Basic user
+# name (no ":"), so the same safe alphabet as target names, and 64 characters, the
+# X.509 upper bound for a common name.
+MAX_DEVICE_SERIAL: Final = 64
+DEVICE_SERIAL_PATTERN: Final = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_DEVICE_SERIAL - 1}}}"
+
+_SERIAL_RE: Final = re.compile(DEVICE_SERIAL_PATTERN)
 _TARGET_RE: Final = re.compile(TARGET_NAME_PATTERN)
 _HARDWARE_RE: Final = re.compile(HARDWARE_ID_PATTERN)
 
@@ -58,3 +68,17 @@ def check_hardware_id(hardware_id: str) -> str:
             "'.', '_', ':' or '-', starting with a letter or digit"
         )
     return hardware_id
+
+
+def check_device_serial(serial: str) -> str:
+    """Return ``serial`` if it is a valid device serial.
+
+    Raises:
+        ValueError: the serial breaks the rule; the message states the rule.
+    """
+    if not isinstance(serial, str) or _SERIAL_RE.fullmatch(serial) is None:
+        raise ValueError(
+            f"invalid device serial {serial!r}: use 1-{MAX_DEVICE_SERIAL} letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+    return serial

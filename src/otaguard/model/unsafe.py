@@ -21,3 +21,6 @@ class Unsafe(Enum):
     PLAINTEXT_KEYS = "plaintext-keys"
     #: commit a new image as soon as it boots, without a health check that could fail
     NO_HEALTH_CHECK = "no-health-check"
+    #: the device's TLS identity key is a plain file in the device directory, not held
+    #: in a TPM or secure element (development key store until a hardware backend lands)
+    FILE_DEVICE_KEY = "file-device-key"

@@ -8,6 +8,8 @@ URL layout::
     GET  /targets/{sha256}.{path}     target blob, HTTP Range supported (HEAD too)
     PUT  /api/v1/blobs/{filename}     operator: upload a blob (streamed, hash verified)
     POST /api/v1/publish              operator: publish metadata in one transaction
+    /api/v1/devices...                operator: the device registry (:mod:`.fleet`)
+    /.well-known/est/...              device enrollment, EST (:mod:`.fleet`)
 
 Mirrors and CDNs in front of ``/metadata`` and ``/targets`` are untrusted by design; the
 device verifies everything. The operator API needs the bearer token in
@@ -39,18 +41,25 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otaguard import __version__
+from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
 from otaguard.model.errors import (
+    AccessDeniedError,
     ConflictError,
+    DeviceExistsError,
     NotReadyError,
     OperatorError,
     OtaguardError,
     ServerStorageError,
     TransportError,
+    UnknownDeviceError,
     VerificationError,
 )
+from otaguard.server._api import ErrorBody
 from otaguard.server._names import parse_blob_name, parse_metadata_name
 from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server.auth import load_or_create_operator_token, token_matches
+from otaguard.server.device_auth import DeviceGate
+from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
 from otaguard.server.settings import ServerSettings
@@ -60,6 +69,7 @@ from otaguard.server.storage.base import (
     MetadataRecord,
     MetadataStore,
 )
+from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
 from otaguard.server.sync import RepoSync
@@ -86,20 +96,30 @@ TAGS: Final = [
     {
         "name": "repository",
         "description": "The image repository as TUF clients fetch it: exact signed metadata "
-        "and target blobs. Public; every byte is verified by the device.",
+        "and target blobs. Every byte is verified by the device; the server serves only "
+        "enrolled devices (verified client certificate, checked against the registry on "
+        "every request) and the operator (bearer token).",
     },
     {
         "name": "operator",
         "description": "Release operations (upload blobs, publish metadata). Bearer token "
         "from DATA/operator-token.",
     },
+    {
+        "name": "fleet",
+        "description": "The device registry: register devices (enrollment tokens), "
+        "quarantine, release, revoke. Bearer token from DATA/operator-token.",
+    },
+    {
+        "name": "device",
+        "description": "A device asking about itself (verified client certificate).",
+    },
+    {
+        "name": "enrollment",
+        "description": "EST (RFC 7030): devices get their certificate with a single-use "
+        "enrollment token.",
+    },
 ]
-
-
-class ErrorBody(BaseModel):
-    """Every error response."""
-
-    error: str = Field(description="one line saying what went wrong")
 
 
 class HealthBody(BaseModel):
@@ -157,7 +177,13 @@ _AUTH_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 _TARGET_PARAM: Final = PathParam(description="<sha256 hex>.<target path>", max_length=300)
 
 
-def _status_for(error: OtaguardError) -> int:
+def _status_for(error: OtaguardError) -> int:  # noqa: PLR0911 - one status per fault
+    if isinstance(error, AccessDeniedError):
+        return 403
+    if isinstance(error, UnknownDeviceError):
+        return 404
+    if isinstance(error, DeviceExistsError):
+        return 409
     if isinstance(error, VerificationError):
         return 422
     if isinstance(error, OperatorError):
@@ -216,8 +242,58 @@ def _metadata_response(record: MetadataRecord, *, mutable: bool) -> Response:
     )
 
 
-def _repository_router(svc: _Services) -> APIRouter:
-    router = APIRouter(tags=["repository"])
+class WhoAmIBody(BaseModel):
+    """The device the server sees, from the verified client certificate."""
+
+    serial: str
+    hardware_id: str
+    status: str
+    certificate_serial: str = Field(description="serial number (hex) of the certificate")
+    certificate_expires: dt.datetime
+
+
+_DEVICE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    403: {"model": ErrorBody, "description": "No valid device certificate (reason given)"}
+}
+
+
+def _device_dependency(gate: DeviceGate, token: str) -> Callable[..., None]:
+    """Devices by their verified certificate; the operator (bearer token) may read too."""
+
+    def require_device(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and token_matches(presented.strip(), token):
+            return
+        gate.authenticate(request.scope)
+
+    return require_device
+
+
+def _device_router(gate: DeviceGate) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/device", tags=["device"], responses=_DEVICE_ERRORS)
+
+    @router.get("/whoami", summary="The device identity the server sees")
+    def whoami(request: Request) -> WhoAmIBody:
+        """Serial and status taken from the verified client certificate and the registry."""
+        dev = gate.authenticate(request.scope)
+        if dev is None:
+            raise AccessDeniedError("no client certificate was presented")
+        return WhoAmIBody(
+            serial=dev.record.serial,
+            hardware_id=dev.record.hardware_id,
+            status=dev.record.status.value,
+            certificate_serial=dev.identity.cert_serial,
+            certificate_expires=dev.certificate.not_valid_after_utc,
+        )
+
+    return router
+
+
+def _repository_router(svc: _Services, require_device: Callable[..., None]) -> APIRouter:
+    router = APIRouter(
+        tags=["repository"], dependencies=[Depends(require_device)], responses=_DEVICE_ERRORS
+    )
 
     @router.get(
         "/metadata/{filename}",
@@ -323,7 +399,7 @@ def _decode_publication(body: bytes) -> dict[str, bytes]:
     return files
 
 
-def _operator_router(svc: _Services) -> APIRouter:
+def _operator_dependency(token: str) -> Callable[..., None]:
     bearer = HTTPBearer(
         auto_error=False,
         scheme_name="operatorToken",
@@ -333,11 +409,15 @@ def _operator_router(svc: _Services) -> APIRouter:
     def require_operator(
         creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> None:
-        if not token_matches(creds.credentials if creds else None, svc.token):
+        if not token_matches(creds.credentials if creds else None, token):
             raise HTTPException(
                 401, "operator token missing or wrong", headers={"WWW-Authenticate": "Bearer"}
             )
 
+    return require_operator
+
+
+def _operator_router(svc: _Services, require_operator: Callable[..., None]) -> APIRouter:
     router = APIRouter(
         prefix="/api/v1", tags=["operator"], dependencies=[Depends(require_operator)]
     )
@@ -470,7 +550,16 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
             timestamp=settings.timestamp_expiry, snapshot=settings.snapshot_expiry
         ),
     )
-    store = SQLMetadataStore(settings.database_url or sqlite_url(data_dir / "otaguard.db"))
+    database_url = settings.database_url or sqlite_url(data_dir / "otaguard.db")
+    store = SQLMetadataStore(database_url)
+    devices = SQLDeviceStore(database_url)
+    fleet = FleetServices(
+        devices=devices,
+        ca=DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR),
+        clock=clock,
+        cert_lifetime=settings.device_cert_lifetime,
+        token_lifetime=settings.enrollment_token_lifetime,
+    )
     blobs = FileBlobStore(data_dir / "blobs")
     svc = _Services(store=store, blobs=blobs, token=token, clock=clock, online=online)
     resign = ResignLoop(online, store=store, blobs=blobs, clock=clock)
@@ -500,6 +589,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
                 await run_in_threadpool(sync.stop)
             await run_in_threadpool(resign.stop)
             store.close()
+            devices.close()
 
     app = FastAPI(
         title="otaguard update server",
@@ -514,6 +604,8 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
     app.state.sync = sync
     app.state.online = online
     app.state.resign = resign
+    app.state.devices = devices
+    app.state.device_ca = fleet.ca
     _install_error_handlers(app)
 
     @app.get("/healthz", tags=["health"], summary="Liveness check")
@@ -521,6 +613,17 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         """Return ``{"status": "ok"}`` while the server runs."""
         return HealthBody()
 
-    app.include_router(_repository_router(svc))
-    app.include_router(_operator_router(svc))
+    gate = DeviceGate(
+        devices,
+        issuer=fleet.ca.issuing.subject,
+        clock=clock,
+        required=not (settings.insecure_http or settings.insecure_no_client_auth),
+    )
+    app.state.gate = gate
+    app.include_router(_repository_router(svc, _device_dependency(gate, token)))
+    app.include_router(_device_router(gate))
+    require_operator = _operator_dependency(token)
+    app.include_router(_operator_router(svc, require_operator))
+    app.include_router(fleet_router(fleet, require_operator))
+    app.include_router(est_router(fleet, gate))
     return app

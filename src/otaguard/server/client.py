@@ -8,6 +8,7 @@ serves it atomically, so a failed publish leaves devices seeing the previous rel
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 import time
@@ -20,15 +21,18 @@ import urllib3
 
 from otaguard.crypto import warn_insecure
 from otaguard.model.errors import (
+    AccessDeniedError,
     ConflictError,
+    DeviceExistsError,
     NotReadyError,
     OperatorError,
     TransportError,
+    UnknownDeviceError,
     VerificationError,
 )
 from otaguard.server._repo_dir import BlobSource, read_current_set
 
-__all__ = ["PublishResult", "publish_repository"]
+__all__ = ["DeviceInfo", "FleetClient", "NewDevice", "PublishResult", "publish_repository"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,13 @@ class _Client:
         self._auth = {"Authorization": f"Bearer {token}"}
 
     def request(
-        self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        limit: int = MAX_RESPONSE_BYTES,
     ) -> tuple[int, dict[str, str], bytes]:
         url = f"{self._base}{path}"
         try:
@@ -85,7 +95,7 @@ class _Client:
                 redirect=False,
             )
             try:
-                data = resp.read(MAX_RESPONSE_BYTES)
+                data = resp.read(limit)
             finally:
                 resp.release_conn()
         except urllib3.exceptions.HTTPError as e:
@@ -145,6 +155,21 @@ class _Client:
         self.check(f"upload of {blob.name}", status, data)
 
 
+def _pool(server_url: str, ca_cert: Path | None, *, what: str) -> urllib3.PoolManager:
+    """A connection pool verifying the server against ``ca_cert`` (TLS), or plain HTTP."""
+    timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS)
+    if server_url.startswith("https://"):
+        if ca_cert is None:
+            raise OperatorError("an https server needs the CA certificate to verify it")
+        return urllib3.PoolManager(
+            cert_reqs="CERT_REQUIRED", ca_certs=str(ca_cert), timeout=timeout, retries=False
+        )
+    if server_url.startswith("http://"):
+        warn_insecure(f"{what} to {server_url} without TLS")
+        return urllib3.PoolManager(timeout=timeout, retries=False)
+    raise OperatorError(f"server URL must start with https:// (got {server_url!r})")
+
+
 def _post_publication(client: _Client, body: bytes) -> bytes:
     """POST the publication, retrying a 409 (a concurrent publication won) with backoff.
 
@@ -195,23 +220,7 @@ def publish_repository(
         TransportError: the server is unreachable, TLS verification failed, or it
             answered with a server error.
     """
-    if server_url.startswith("https://"):
-        if ca_cert is None:
-            raise OperatorError("an https server needs the CA certificate to verify it")
-        pool = urllib3.PoolManager(
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=str(ca_cert),
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS),
-            retries=False,
-        )
-    elif server_url.startswith("http://"):
-        warn_insecure(f"publishing to {server_url} without TLS")
-        pool = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS),
-            retries=False,
-        )
-    else:
-        raise OperatorError(f"server URL must start with https:// (got {server_url!r})")
+    pool = _pool(server_url, ca_cert, what="publishing")
     current = read_current_set(repo_dir)
     uploaded: list[str] = []
     present: list[str] = []
@@ -248,3 +257,163 @@ def publish_repository(
         unchanged=unchanged,
         timestamp=str(timestamp) if timestamp is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device as the server's registry holds it (see ``GET /api/v1/devices``)."""
+
+    serial: str
+    hardware_id: str
+    status: str
+    reason: str
+    cert_serials: tuple[str, ...]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @classmethod
+    def parse(cls, obj: Any) -> DeviceInfo:
+        """Read one device of a server answer.
+
+        Raises:
+            TransportError: the answer is malformed.
+        """
+        try:
+            return cls(
+                serial=str(obj["serial"]),
+                hardware_id=str(obj["hardware_id"]),
+                status=str(obj["status"]),
+                reason=str(obj["reason"]),
+                cert_serials=tuple(str(c) for c in obj["cert_serials"]),
+                created_at=dt.datetime.fromisoformat(obj["created_at"]),
+                updated_at=dt.datetime.fromisoformat(obj["updated_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransportError("the server's device answer is malformed") from e
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    """A registered device and its single-use enrollment token."""
+
+    device: DeviceInfo
+    token: str
+    token_expires: dt.datetime
+
+    def __repr__(self) -> str:
+        # The token is a secret: keep it out of logs and tracebacks.
+        return (
+            f"NewDevice(device={self.device!r}, token=<hidden>, token_expires={self.token_expires})"
+        )
+
+
+# Device listings are JSON of a few hundred bytes per device; bounds memory use.
+MAX_FLEET_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+
+
+class FleetClient:
+    """The operator's client of the device registry API (``/api/v1/devices``).
+
+    Shares the publish client's HTTP code: the same TLS verification against the server
+    CA, bearer token, timeouts and error mapping.
+    """
+
+    def __init__(self, *, server_url: str, ca_cert: Path | None, token: str):
+        """Prepare a client; nothing is sent yet.
+
+        Raises:
+            OperatorError: the URL is not https:// (or http:// with a warning), or an
+                https URL has no CA certificate.
+        """
+        self._pool = _pool(server_url, ca_cert, what="managing the fleet")
+        self._client = _Client(self._pool, server_url, token)
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._pool.clear()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, what: str, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        status, _, data = self._client.request(
+            method,
+            f"/api/v1/devices{path}",
+            body=json.dumps(body).encode() if body is not None else None,
+            headers=headers,
+            limit=MAX_FLEET_RESPONSE_BYTES,
+        )
+        reason = self._client.reason(data)
+        if status == 404:
+            raise UnknownDeviceError(f"{what}: {reason}")
+        if status == 409:
+            raise DeviceExistsError(f"{what}: {reason}")
+        if status == 403:
+            raise AccessDeniedError(f"{what}: {reason}")
+        if status == 422:
+            raise OperatorError(f"{what}: server refused the request: {reason}")
+        self._client.check(what, status, data)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise TransportError(f"{what}: the server's answer is not JSON") from e
+
+    def _new_device(self, answer: Any) -> NewDevice:
+        try:
+            return NewDevice(
+                device=DeviceInfo.parse(answer["device"]),
+                token=str(answer["token"]),
+                token_expires=dt.datetime.fromisoformat(answer["token_expires"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransportError("the server's new-device answer is malformed") from e
+
+    def add_device(self, serial: str, hardware_id: str) -> NewDevice:
+        """Register a device; returns its single-use enrollment token.
+
+        Raises:
+            DeviceExistsError: the serial is already registered.
+            OperatorError: invalid serial or hardware id, or a wrong operator token.
+            TransportError: the server is unreachable or answered with a server error.
+        """
+        answer = self._call(
+            f"add device {serial}", "POST", "", {"serial": serial, "hardware_id": hardware_id}
+        )
+        return self._new_device(answer)
+
+    def list_devices(self) -> list[DeviceInfo]:
+        """Every registered device, by serial."""
+        answer = self._call("list devices", "GET", "")
+        if not isinstance(answer, list):
+            raise TransportError("the server's device list is malformed")
+        return [DeviceInfo.parse(d) for d in answer]
+
+    def show(self, serial: str) -> DeviceInfo:
+        """One device. Raises :class:`UnknownDeviceError` if not registered."""
+        return DeviceInfo.parse(self._call(f"show {serial}", "GET", f"/{quote(serial, safe='')}"))
+
+    def quarantine(self, serial: str, reason: str) -> DeviceInfo:
+        """Refuse the device from its next request until released."""
+        path = f"/{quote(serial, safe='')}/quarantine"
+        return DeviceInfo.parse(
+            self._call(f"quarantine {serial}", "POST", path, {"reason": reason})
+        )
+
+    def release(self, serial: str) -> DeviceInfo:
+        """End a device's quarantine."""
+        path = f"/{quote(serial, safe='')}/release"
+        return DeviceInfo.parse(self._call(f"release {serial}", "POST", path))
+
+    def revoke(self, serial: str, reason: str) -> DeviceInfo:
+        """Refuse the device for good."""
+        path = f"/{quote(serial, safe='')}/revoke"
+        return DeviceInfo.parse(self._call(f"revoke {serial}", "POST", path, {"reason": reason}))
+
+    def new_token(self, serial: str) -> NewDevice:
+        """A new single-use enrollment token for a registered device (re-enrollment)."""
+        path = f"/{quote(serial, safe='')}/token"
+        return self._new_device(self._call(f"new token for {serial}", "POST", path))

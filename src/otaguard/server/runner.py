@@ -7,12 +7,14 @@ token and the CA devices trust.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +24,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from otaguard.crypto import CertificateAuthority, warn_insecure
+from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
 from otaguard.model.errors import ConfigError
+from otaguard.server._tls import TlsScopeH11Protocol
 from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
@@ -87,7 +91,9 @@ class DataDirPaths:
 
 
 def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataDirPaths:
-    """Prepare a server data directory: online key, operator token, CA. Idempotent.
+    """Prepare a server data directory: online key, operator token, CAs. Idempotent.
+
+    The device CA (``DATA/device-ca``: root and issuing CA) is created here too.
 
     Args:
         data_dir: the directory (created mode 0700).
@@ -103,6 +109,7 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
     load_online_signer(data_dir, uri=online_key_uri)
     load_or_create_operator_token(data_dir)
     ca = CertificateAuthority.load_or_create(data_dir / "ca")
+    DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR)
     return DataDirPaths(
         data_dir=data_dir,
         online_public_key=data_dir / ONLINE_PUBLIC_KEY_FILE,
@@ -112,23 +119,30 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
 
 
 def _config(
-    settings: ServerSettings, *, graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS
+    settings: ServerSettings,
+    *,
+    graceful_seconds: float = SHUTDOWN_TIMEOUT_SECONDS,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> tuple[uvicorn.Config, Path | None, FastAPI, CertificateRenewer | None]:
     """Build the app, its uvicorn config (TLS unless insecure_http), the CA cert path,
     and the (not yet started) task that keeps the server certificate valid."""
     ca_cert: Path | None = None
+    device_chain: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
     source: ServerCertificate | None = None
     # Before the CA creates DATA/ca (and DATA with it, at the default mode): 0700 first.
     prepare_data_dir(settings.data_dir)
+    if settings.insecure_no_client_auth or settings.insecure_http:
+        warn_insecure("the update server serves metadata and targets without client certificates")
     if settings.insecure_http:
         warn_insecure("the update server is serving plain HTTP without TLS")
     else:
         source = ServerCertificate(settings)
         files = source.current()
         certfile, keyfile, ca_cert = str(files.cert), str(files.key), files.ca_cert
-    app = create_app(settings)
+        device_chain = str(DeviceCA.load_or_create(settings.data_dir / DEVICE_CA_DIR).chain_path)
+    app = create_app(settings) if clock is None else create_app(settings, clock=clock)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -141,6 +155,13 @@ def _config(
         lifespan="on",
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
+        # Client certificates are asked for, not required: the operator API (bearer
+        # token) and EST enrollment (token) serve clients without one. A certificate that
+        # is presented must verify against the device CA, or the handshake fails.
+        ssl_ca_certs=device_chain,
+        ssl_cert_reqs=ssl.CERT_OPTIONAL if device_chain else ssl.CERT_NONE,
+        # Puts the verified peer certificate into the ASGI scope (uvicorn does not).
+        http=TlsScopeH11Protocol,
     )
     try:
         config.load()
@@ -202,6 +223,7 @@ class RunningServer:
         data_dir: the server's data directory.
         online_public_key: the server's online public key file (``--online-key``).
         app: the application (its ``state`` holds the stores and background tasks).
+        ssl_context: the server's TLS context (``None`` with insecure HTTP).
     """
 
     base_url: str
@@ -210,6 +232,7 @@ class RunningServer:
     data_dir: Path
     online_public_key: Path
     app: FastAPI
+    ssl_context: ssl.SSLContext | None
     _server: uvicorn.Server
     _thread: threading.Thread
     _socket: socket.socket
@@ -238,17 +261,20 @@ class RunningServer:
         self.stop()
 
 
-def start_server_in_thread(settings: ServerSettings) -> RunningServer:
+def start_server_in_thread(
+    settings: ServerSettings, *, clock: Callable[[], dt.datetime] | None = None
+) -> RunningServer:
     """Start the server in a daemon thread and return once it accepts connections.
 
     Port 0 binds a free port; :attr:`RunningServer.base_url` names the actual one.
-    Used by the demo and the tests; production uses :func:`run_server`.
+    Used by the demo and the tests; production uses :func:`run_server`. ``clock``
+    replaces the server's notion of now (tests of expiry).
 
     Raises:
         ConfigError: the server did not come up (see the log for the cause).
     """
     config, ca_cert, app, renewer = _config(
-        settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS
+        settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS, clock=clock
     )
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -284,6 +310,7 @@ def start_server_in_thread(settings: ServerSettings) -> RunningServer:
         data_dir=settings.data_dir,
         online_public_key=settings.data_dir / ONLINE_PUBLIC_KEY_FILE,
         app=app,
+        ssl_context=config.ssl,
         _server=server,
         _thread=thread,
         _socket=sock,

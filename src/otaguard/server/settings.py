@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "DEFAULT_DEVICE_CERT_LIFETIME",
+    "DEFAULT_ENROLLMENT_TOKEN_LIFETIME",
     "DEFAULT_SERVER_CERT_LIFETIME",
     "DEFAULT_SNAPSHOT_EXPIRY",
     "DEFAULT_TIMESTAMP_EXPIRY",
@@ -30,6 +32,18 @@ DEFAULT_SERVER_CERT_LIFETIME: Final = dt.timedelta(days=30)
 MIN_SERVER_CERT_LIFETIME: Final = dt.timedelta(seconds=6)
 MAX_SERVER_CERT_LIFETIME: Final = dt.timedelta(days=397)
 
+#: device certificates live a day: a stolen one is useful briefly, and devices renew
+#: when a third is left (8 h), so a device offline for less than that keeps its identity
+DEFAULT_DEVICE_CERT_LIFETIME: Final = dt.timedelta(hours=24)
+#: an enrollment token is handed to the installer the day the device is set up
+DEFAULT_ENROLLMENT_TOKEN_LIFETIME: Final = dt.timedelta(hours=24)
+# Below a minute a certificate expires before the device renews it; above 90 days a
+# stolen device key stays useful for too long after revocation is forgotten.
+MIN_DEVICE_CERT_LIFETIME: Final = dt.timedelta(minutes=1)
+MAX_DEVICE_CERT_LIFETIME: Final = dt.timedelta(days=90)
+# A token lying around for more than a month is a standing credential, not a one-off.
+MAX_ENROLLMENT_TOKEN_LIFETIME: Final = dt.timedelta(days=30)
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -38,7 +52,7 @@ class ServerSettings:
     Attributes:
         data_dir: server state: ``otaguard.db``, ``blobs/``, ``ca/``, ``tls/``,
             ``operator-token``, and the online key ``online-key.pem`` with its public
-            half ``online-key.pub.json``.
+            half ``online-key.pub.json``, and the device CA ``device-ca/``.
         repo_dir: repository directory to serve and follow; ``None`` serves only what is
             published through the operator API. It must hold no private key.
         host: address to bind, also put in the TLS certificate.
@@ -59,6 +73,11 @@ class ServerSettings:
         online_key_uri: signer URI of the online key (e.g. an HSM's; its public key in
             ``data_dir/online-key.pub.json``); ``None`` uses the file key the server
             creates in ``data_dir`` (warns: production keys belong in an HSM).
+        device_cert_lifetime: lifetime of the device certificates the server issues.
+        enrollment_token_lifetime: how long a new enrollment token can be used.
+        insecure_no_client_auth: serve metadata and targets to clients without a device
+            certificate (development only; warns on every start). A certificate that is
+            presented is still checked.
     """
 
     data_dir: Path
@@ -75,6 +94,9 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
     server_cert_lifetime: dt.timedelta = DEFAULT_SERVER_CERT_LIFETIME
+    device_cert_lifetime: dt.timedelta = DEFAULT_DEVICE_CERT_LIFETIME
+    enrollment_token_lifetime: dt.timedelta = DEFAULT_ENROLLMENT_TOKEN_LIFETIME
+    insecure_no_client_auth: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -90,6 +112,16 @@ class ServerSettings:
                     f"{name} must be between {MIN_ONLINE_EXPIRY.total_seconds():g} s "
                     f"and {MAX_ONLINE_EXPIRY.days} days"
                 )
+        if not MIN_DEVICE_CERT_LIFETIME <= self.device_cert_lifetime <= MAX_DEVICE_CERT_LIFETIME:
+            raise ValueError(
+                f"device_cert_lifetime must be between {MIN_DEVICE_CERT_LIFETIME} and "
+                f"{MAX_DEVICE_CERT_LIFETIME.days} days"
+            )
+        if not dt.timedelta(0) < self.enrollment_token_lifetime <= MAX_ENROLLMENT_TOKEN_LIFETIME:
+            raise ValueError(
+                "enrollment_token_lifetime must be positive and at most "
+                f"{MAX_ENROLLMENT_TOKEN_LIFETIME.days} days"
+            )
         if self.snapshot_expiry < self.timestamp_expiry:
             raise ValueError("snapshot_expiry must not be shorter than timestamp_expiry")
         if (self.tls_cert is None) is not (self.tls_key is None):

@@ -1,22 +1,34 @@
-"""``otaguard demo``: a rollout to a fleet, then four attacks that must all be refused."""
+"""``otaguard demo``: a rollout to a fleet, then six attacks that must all be refused."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import secrets
 import shutil
+import ssl
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from otaguard.crypto.signers import read_public_key
-from otaguard.model.errors import DowngradeError, OperatorError, VerificationError
+from otaguard.model.errors import (
+    DowngradeError,
+    InsecureModeWarning,
+    OperatorError,
+    OtaguardError,
+    VerificationError,
+)
 from otaguard.repo import ImageRepository
-from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 
@@ -24,7 +36,7 @@ __all__ = ["run_demo"]
 
 HARDWARE_ID: Final = "gateway-v1"
 IMAGE_SIZE: Final = 4 * 1024 * 1024
-ATTACKS: Final = 5
+ATTACKS: Final = 6
 
 
 def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
@@ -108,6 +120,47 @@ def _corrupt_running_slots(console: Console, fleet: Fleet) -> AttackOutcome:
     return outcome
 
 
+def _unidentified_clients(
+    console: Console, server: RunningServer, fleet: Fleet, operator: FleetClient
+) -> AttackOutcome:
+    """(f) Neither an anonymous client nor a quarantined device gets metadata or images."""
+    assert server.ca_cert is not None  # noqa: S101
+    victim = fleet.device(fleet.names[0])
+    operator.quarantine(victim.config.serial, "demo: behaves oddly")
+    url = urlsplit(server.base_url)
+    answers: list[tuple[int, bytes]] = []
+    try:
+        for identity in (None, (victim.paths.device_cert, victim.paths.device_key)):
+            ctx = ssl.create_default_context(cafile=str(server.ca_cert))
+            if identity is not None:
+                ctx.load_cert_chain(str(identity[0]), str(identity[1]))
+            conn = http.client.HTTPSConnection(
+                url.hostname or "", url.port, context=ctx, timeout=10
+            )
+            try:
+                conn.request("GET", "/metadata/timestamp.json")
+                resp = conn.getresponse()
+                answers.append((resp.status, resp.read()))
+            finally:
+                conn.close()
+        agent_refused = False
+        try:
+            victim.check()
+        except OtaguardError as e:
+            agent_refused = "403" in str(e)
+    finally:
+        operator.release(victim.config.serial)
+    refused = sum(1 for status, body in answers if status == 403 and b"signed" not in body)
+    refused += agent_refused
+    reasons = [json.loads(body).get("error", "?") for status, body in answers if status == 403]
+    outcome = AttackOutcome(
+        "(f) no or quarantined certificate", refused, 3, "; ".join(reasons) or "not refused!"
+    )
+    mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
+    console.print(f"  {mark} {outcome.refused}/{outcome.total} requests: {outcome.reason}")
+    return outcome
+
+
 def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
     """Run the whole demo; True when every device updated and every attack was refused."""
     if devices < 1:
@@ -157,12 +210,23 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, host="127.0.0.1", port=0)
     )
     attacker = None
+    operator: FleetClient | None = None
     try:
         assert server.ca_cert is not None  # noqa: S101
         wait_served(server, repo)
         console.print(f"serving {server.base_url}")
 
-        step(f"4. Provision {count} devices at 1.0.0")
+        step(f"4. Register, provision and enroll {count} devices at 1.0.0")
+        console.print(
+            "[yellow]device keys are files (development key store until the TPM backend); "
+            "their per-use warnings are silenced in the demo[/yellow]"
+        )
+        warnings.filterwarnings(
+            "ignore", message=".*keeps its identity key in a file.*", category=InsecureModeWarning
+        )
+        operator = FleetClient(
+            server_url=server.base_url, ca_cert=server.ca_cert, token=server.operator_token
+        )
         fleet = Fleet.provision(
             work / "devices",
             count=count,
@@ -173,7 +237,9 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             factory_image=v100,
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,
+            enrollment_token=lambda serial, hw: operator.add_device(serial, hw).token,
         )
+        console.print(f"{count} devices enrolled (client certificates from the device CA)")
         attacker = CompromisedServer(server.data_dir)
         old_timestamp = attacker.current_timestamp()
 
@@ -238,9 +304,14 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             _attack(console, fleet, "(d) single-key signature", VerificationError, "1.1.0")
         )
         outcomes.append(slot_attack)
+
+        step("6f. Attack: a client without a certificate, and a quarantined device's")
+        outcomes.append(_unidentified_clients(console, server, fleet, operator))
     finally:
         if attacker is not None:
             attacker.close()
+        if operator is not None:
+            operator.close()
         server.stop()
 
     step("Summary")

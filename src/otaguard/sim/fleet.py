@@ -18,6 +18,7 @@ import urllib3
 from otaguard.agent import Device, UpdateResult
 from otaguard.healthcheck import UNHEALTHY_MARKER
 from otaguard.model.errors import NotReadyError, OtaguardError
+from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer
 
@@ -84,8 +85,11 @@ def wait_served(server: RunningServer, repo: ImageRepository) -> None:
         want_root = (repo.metadata_dir / "root.json").read_bytes()
     else:
         want_timestamp = (repo.metadata_dir / "timestamp.json").read_bytes()
+    # The operator may read what is served (devices need their certificate).
     http = urllib3.PoolManager(
-        ca_certs=str(server.ca_cert) if server.ca_cert else None, timeout=5.0
+        ca_certs=str(server.ca_cert) if server.ca_cert else None,
+        timeout=5.0,
+        headers={"Authorization": f"Bearer {server.operator_token}"},
     )
     deadline = time.monotonic() + SYNC_TIMEOUT_S
     try:
@@ -149,8 +153,14 @@ class Fleet:
         factory_image: Path,
         factory_version: str,
         health_command: list[str],
+        enrollment_token: Callable[[str, str], str],
     ) -> Fleet:
-        """Provision ``count`` devices running the factory image."""
+        """Provision ``count`` devices running the factory image, each enrolled.
+
+        ``enrollment_token(serial, hardware_id)`` registers a device with the server and
+        returns its single-use token (the operator's ``fleet add-device``); each device
+        then makes its key (a file key: development) and enrolls.
+        """
         names = [f"device-{i:02d}" for i in range(1, count + 1)]
         for name in names:
             Device.provision(
@@ -159,10 +169,11 @@ class Fleet:
                 root_json=root_json,
                 ca_pem=ca_pem,
                 hardware_id=hardware_id,
+                serial=name,
                 factory_image=factory_image,
                 factory_version=factory_version,
                 health_command=health_command,
-            )
+            ).enroll(enrollment_token(name, hardware_id), key_store=Unsafe.FILE_DEVICE_KEY)
         return cls(root, names)
 
     def update_all(self, *, progress: ProgressFn | None = None) -> list[DeviceRun]:

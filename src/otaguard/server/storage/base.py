@@ -11,6 +11,7 @@ import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -20,6 +21,9 @@ __all__ = [
     "BlobInfo",
     "BlobStore",
     "BlobWriter",
+    "DeviceRecord",
+    "DeviceState",
+    "DeviceStore",
     "MetadataRecord",
     "MetadataStore",
     "PublishOutcome",
@@ -176,3 +180,117 @@ class BlobStore(ABC):
             for chunk in chunks:
                 w.write(chunk)
             return w.commit()
+
+
+class DeviceState(StrEnum):
+    """Where a device is in its life in the fleet registry."""
+
+    #: added by an operator, holds an unused enrollment token, no certificate yet
+    REGISTERED = "registered"
+    #: holds a certificate the registry issued
+    ENROLLED = "enrolled"
+    #: temporarily refused (the operator may release it)
+    QUARANTINED = "quarantined"
+    #: permanently refused: cannot fetch, renew or enroll again
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One device of the fleet registry.
+
+    Attributes:
+        serial: the device serial (its certificates' subject CN).
+        hardware_id: the hardware id put into its certificates.
+        status: its :class:`DeviceState`.
+        reason: why it was quarantined or revoked (empty otherwise).
+        cert_serials: serial numbers (lowercase hex) of the certificates issued to it,
+            oldest first.
+        created_at: when it was added.
+        updated_at: when its status or certificates last changed.
+    """
+
+    serial: str
+    hardware_id: str
+    status: DeviceState
+    reason: str
+    cert_serials: tuple[str, ...]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class DeviceStore(ABC):
+    """The fleet registry: devices, their enrollment tokens and issued certificates.
+
+    Tokens are stored as a hash only, bound to one serial, single use, with an expiry.
+    """
+
+    @abstractmethod
+    def add(
+        self,
+        serial: str,
+        hardware_id: str,
+        *,
+        token_hash: str,
+        token_expires: dt.datetime,
+        now: dt.datetime,
+    ) -> DeviceRecord:
+        """Register a device with an enrollment token (hash only).
+
+        Raises:
+            DeviceExistsError: the serial is already registered.
+            ServerStorageError: the database failed.
+        """
+
+    @abstractmethod
+    def get(self, serial: str) -> DeviceRecord | None:
+        """Return the device with ``serial``, or ``None``."""
+
+    @abstractmethod
+    def list(self) -> list[DeviceRecord]:
+        """Return every device, by serial."""
+
+    @abstractmethod
+    def set_status(
+        self, serial: str, status: DeviceState, *, reason: str, now: dt.datetime
+    ) -> DeviceRecord:
+        """Change a device's status (quarantine, release, revoke).
+
+        Raises:
+            UnknownDeviceError: no such device.
+            OperatorError: the change is not allowed (a revoked device stays revoked).
+        """
+
+    @abstractmethod
+    def new_token(
+        self, serial: str, *, token_hash: str, token_expires: dt.datetime, now: dt.datetime
+    ) -> DeviceRecord:
+        """Give a device a new enrollment token; its earlier unused tokens stop working.
+
+        Raises:
+            UnknownDeviceError: no such device.
+            OperatorError: the device is revoked.
+        """
+
+    @abstractmethod
+    def redeem_token(self, serial: str, token_hash: str, *, now: dt.datetime) -> DeviceRecord:
+        """Use an enrollment token up, once: it must be ``serial``'s, unused and unexpired.
+
+        Raises:
+            AccessDeniedError: unknown token, bound to another serial, already used,
+                expired, or the device is revoked; the reason is in the message.
+        """
+
+    @abstractmethod
+    def record_certificate(
+        self, serial: str, cert_serial: str, *, not_after: dt.datetime, now: dt.datetime
+    ) -> DeviceRecord:
+        """Record a certificate issued to ``serial``; a registered device becomes enrolled.
+
+        Raises:
+            UnknownDeviceError: no such device.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""

@@ -2,7 +2,8 @@
 
 SQLite is the embedded default (``DATA/otaguard.db``); the same tables work unchanged on
 PostgreSQL (``postgresql+psycopg://...``) because only portable column types are used.
-This is the only module of the server that imports SQLAlchemy.
+With :mod:`.devices` (the fleet registry), the only modules of the server that import
+SQLAlchemy.
 
 Tables::
 
@@ -45,7 +46,7 @@ from otaguard.server.storage.base import (
     PublishOutcome,
 )
 
-__all__ = ["SQLMetadataStore", "sqlite_url"]
+__all__ = ["SQLMetadataStore", "sqlite_pragmas", "sqlite_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{Path(path).resolve()}"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """SQLAlchemy ``connect`` hook: WAL, a busy timeout and foreign keys on SQLite."""
     cur = dbapi_conn.cursor()
     try:
         # WAL lets devices read while a publish writes; foreign keys keep the pointer honest.
@@ -118,7 +120,7 @@ class SQLMetadataStore(MetadataStore):
         try:
             self._engine: Engine = create_engine(url)
             if self._engine.dialect.name == "sqlite":
-                event.listen(self._engine, "connect", _sqlite_pragmas)
+                event.listen(self._engine, "connect", sqlite_pragmas)
             _schema.create_all(self._engine)
         except SQLAlchemyError as e:
             raise ServerStorageError(

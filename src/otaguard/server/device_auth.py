@@ -1,0 +1,123 @@
+"""Who is asking, from the verified client certificate: the device routes' gate.
+
+Checked on every request, so quarantine and revocation take effect on the very next one:
+the TLS layer verified the certificate against the device CA (:mod:`._tls` puts it into
+the ASGI scope); here the serial comes from its subject CN (never from the request),
+the certificate must not be expired, its serial number must be one the registry issued
+to that device, and the device must be neither revoked nor quarantined. A refusal is a
+403 with a one-line reason, logged at WARNING with the presented subject.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from otaguard.crypto.device_ca import DeviceIdentity, device_identity
+from otaguard.model.errors import AccessDeniedError, OtaguardError
+from otaguard.server._tls import client_certificate_der
+from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
+
+__all__ = ["AuthenticatedDevice", "DeviceGate"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AuthenticatedDevice:
+    """A device whose certificate passed every check.
+
+    Attributes:
+        record: its registry entry as read for this request.
+        identity: what its certificate says.
+        certificate: the certificate itself.
+    """
+
+    record: DeviceRecord
+    identity: DeviceIdentity
+    certificate: x509.Certificate
+
+
+class DeviceGate:
+    """Authenticates device requests by their verified client certificate."""
+
+    def __init__(
+        self,
+        devices: DeviceStore,
+        *,
+        issuer: x509.Name,
+        clock: Callable[[], dt.datetime],
+        required: bool,
+    ):
+        """Prepare the gate.
+
+        Args:
+            devices: the registry.
+            issuer: the device CA's issuing CA name (certificates must name it).
+            clock: the server's notion of now.
+            required: refuse requests without a client certificate; ``False`` only in
+                the named insecure development mode.
+        """
+        self._devices = devices
+        self._issuer = issuer
+        self._clock = clock
+        self.required = required
+
+    def _refuse(self, reason: str, subject: str) -> AccessDeniedError:
+        logger.warning("device request refused: %s (presented subject: %s)", reason, subject)
+        return AccessDeniedError(reason)
+
+    def authenticate(self, scope: object) -> AuthenticatedDevice | None:
+        """Return the device a request's certificate names, after every check.
+
+        Returns:
+            The device, or ``None`` for a request without a certificate when client
+            certificates are not required (insecure development mode).
+
+        Raises:
+            AccessDeniedError: no certificate, or the certificate or device is refused;
+                the message is the reason.
+        """
+        der = client_certificate_der(scope)
+        if der is None:
+            if not self.required:
+                return None
+            raise self._refuse("a client certificate is required (enroll the device)", "none")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as e:
+            raise self._refuse("the client certificate is unreadable", "?") from e
+        subject = cert.subject.rfc4514_string()
+        if cert.issuer != self._issuer:
+            raise self._refuse("the client certificate is not from the device CA", subject)
+        try:
+            ident = device_identity(cert)
+        except OtaguardError as e:
+            raise self._refuse("the client certificate names no device", subject) from e
+        now = self._clock()
+        if cert.not_valid_after_utc <= now:
+            raise self._refuse(
+                f"the client certificate of {ident.serial} expired at "
+                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}; re-enroll",
+                subject,
+            )
+        if cert.not_valid_before_utc > now:
+            raise self._refuse("the client certificate is not valid yet", subject)
+        rec = self._devices.get(ident.serial)
+        if rec is None:
+            raise self._refuse(f"device {ident.serial} is not in the registry", subject)
+        if ident.cert_serial not in rec.cert_serials:
+            raise self._refuse(
+                f"certificate {ident.cert_serial} was not issued to device {ident.serial} "
+                "by the registry",
+                subject,
+            )
+        if rec.status in (DeviceState.REVOKED, DeviceState.QUARANTINED):
+            raise self._refuse(
+                f"device {ident.serial} is {rec.status.value}: {rec.reason}", subject
+            )
+        return AuthenticatedDevice(record=rec, identity=ident, certificate=cert)

@@ -1,0 +1,299 @@
+"""The fleet registry in a SQL database through SQLAlchemy 2 Core (next to the metadata).
+
+Tables::
+
+    devices(serial PK, hardware_id, status, reason, created_at, updated_at)
+    device_certs(cert_serial PK, serial -> devices.serial, not_after, issued_at)
+    enrollment_tokens(token_hash PK, serial -> devices.serial, expires_at, used_at)
+
+Enrollment tokens are stored only as their SHA-256; redeeming one is a conditional
+``UPDATE ... WHERE used_at IS NULL`` inside a transaction, so two concurrent enrollments
+with the same token cannot both succeed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import logging
+from typing import Any, Final
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from otaguard.model.errors import (
+    AccessDeniedError,
+    DeviceExistsError,
+    OperatorError,
+    ServerStorageError,
+    UnknownDeviceError,
+)
+from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
+from otaguard.server.storage.sql import sqlite_pragmas
+
+__all__ = ["MAX_REASON_CHARS", "SQLDeviceStore"]
+
+logger = logging.getLogger(__name__)
+
+# A reason is a short operator note shown in listings; longer text is a mistake.
+MAX_REASON_CHARS: Final = 500
+
+_schema = MetaData()
+devices_table = Table(
+    "devices",
+    _schema,
+    Column("serial", String(64), primary_key=True),
+    Column("hardware_id", String(128), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(MAX_REASON_CHARS), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+certs_table = Table(
+    "device_certs",
+    _schema,
+    Column("cert_serial", String(64), primary_key=True),
+    Column("serial", String(64), ForeignKey("devices.serial"), nullable=False),
+    Column("not_after", DateTime(timezone=True), nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Index("ix_device_certs_serial", "serial"),
+)
+tokens_table = Table(
+    "enrollment_tokens",
+    _schema,
+    Column("token_hash", String(64), primary_key=True),
+    Column("serial", String(64), ForeignKey("devices.serial"), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes; every value stored here was UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+class SQLDeviceStore(DeviceStore):
+    """:class:`DeviceStore` on any SQLAlchemy 2 database URL."""
+
+    def __init__(self, url: str):
+        """Connect to ``url`` and create the registry tables if missing.
+
+        Raises:
+            ServerStorageError: the database cannot be opened or initialised.
+        """
+        try:
+            self._engine: Engine = create_engine(url)
+            if self._engine.dialect.name == "sqlite":
+                event.listen(self._engine, "connect", sqlite_pragmas)
+            _schema.create_all(self._engine)
+        except SQLAlchemyError as e:
+            raise ServerStorageError(
+                f"cannot open the device registry: {e.__class__.__name__}"
+            ) from e
+
+    # -- helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _record(conn: Connection, row: Row[Any]) -> DeviceRecord:
+        certs: Any = conn.execute(
+            select(certs_table.c.cert_serial)
+            .where(certs_table.c.serial == row.serial)
+            .order_by(certs_table.c.issued_at, certs_table.c.cert_serial)
+        ).scalars()
+        return DeviceRecord(
+            serial=row.serial,
+            hardware_id=row.hardware_id,
+            status=DeviceState(row.status),
+            reason=row.reason,
+            cert_serials=tuple(certs),
+            created_at=_utc(row.created_at),
+            updated_at=_utc(row.updated_at),
+        )
+
+    @staticmethod
+    def _row(conn: Connection, serial: str) -> Row[Any]:
+        row = conn.execute(select(devices_table).where(devices_table.c.serial == serial)).first()
+        if row is None:
+            raise UnknownDeviceError(f"no device {serial!r} in the registry")
+        return row
+
+    def _read(self, serial: str) -> DeviceRecord:
+        try:
+            with self._engine.connect() as conn:
+                return self._record(conn, self._row(conn, serial))
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+
+    # -- DeviceStore ------------------------------------------------------------------
+    def add(
+        self,
+        serial: str,
+        hardware_id: str,
+        *,
+        token_hash: str,
+        token_expires: dt.datetime,
+        now: dt.datetime,
+    ) -> DeviceRecord:
+        """See :meth:`DeviceStore.add`."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(devices_table).values(
+                        serial=serial,
+                        hardware_id=hardware_id,
+                        status=DeviceState.REGISTERED.value,
+                        reason="",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                conn.execute(
+                    insert(tokens_table).values(
+                        token_hash=token_hash, serial=serial, expires_at=token_expires
+                    )
+                )
+        except IntegrityError as e:
+            raise DeviceExistsError(f"device {serial!r} is already registered") from e
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+        logger.info("registered device %s (hardware id %s)", serial, hardware_id)
+        return self._read(serial)
+
+    def get(self, serial: str) -> DeviceRecord | None:
+        """See :meth:`DeviceStore.get`."""
+        try:
+            return self._read(serial)
+        except UnknownDeviceError:
+            return None
+
+    def list(self) -> builtins.list[DeviceRecord]:
+        """See :meth:`DeviceStore.list`."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(select(devices_table).order_by(devices_table.c.serial)).all()
+                return [self._record(conn, row) for row in rows]
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+
+    def set_status(
+        self, serial: str, status: DeviceState, *, reason: str, now: dt.datetime
+    ) -> DeviceRecord:
+        """See :meth:`DeviceStore.set_status`."""
+        if len(reason) > MAX_REASON_CHARS:
+            raise OperatorError(f"the reason exceeds {MAX_REASON_CHARS} characters")
+        try:
+            with self._engine.begin() as conn:
+                row = self._row(conn, serial)
+                if row.status == DeviceState.REVOKED.value:
+                    raise OperatorError(f"device {serial!r} is revoked; revocation is final")
+                conn.execute(
+                    update(devices_table)
+                    .where(devices_table.c.serial == serial)
+                    .values(status=status.value, reason=reason, updated_at=now)
+                )
+                if status is DeviceState.REVOKED:
+                    # A revoked device can never enroll again: its open tokens die with it.
+                    conn.execute(
+                        update(tokens_table)
+                        .where(tokens_table.c.serial == serial, tokens_table.c.used_at.is_(None))
+                        .values(used_at=now)
+                    )
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+        logger.info("device %s is now %s", serial, status.value)
+        return self._read(serial)
+
+    def new_token(
+        self, serial: str, *, token_hash: str, token_expires: dt.datetime, now: dt.datetime
+    ) -> DeviceRecord:
+        """See :meth:`DeviceStore.new_token`."""
+        try:
+            with self._engine.begin() as conn:
+                row = self._row(conn, serial)
+                if row.status == DeviceState.REVOKED.value:
+                    raise OperatorError(f"device {serial!r} is revoked; it cannot enroll again")
+                conn.execute(
+                    update(tokens_table)
+                    .where(tokens_table.c.serial == serial, tokens_table.c.used_at.is_(None))
+                    .values(used_at=now)
+                )
+                conn.execute(
+                    insert(tokens_table).values(
+                        token_hash=token_hash, serial=serial, expires_at=token_expires
+                    )
+                )
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+        return self._read(serial)
+
+    def redeem_token(self, serial: str, token_hash: str, *, now: dt.datetime) -> DeviceRecord:
+        """See :meth:`DeviceStore.redeem_token`."""
+        try:
+            with self._engine.begin() as conn:
+                token = conn.execute(
+                    select(tokens_table).where(tokens_table.c.token_hash == token_hash)
+                ).first()
+                if token is None:
+                    raise AccessDeniedError("unknown enrollment token")
+                if token.serial != serial:
+                    raise AccessDeniedError(f"the enrollment token is not for device {serial!r}")
+                if token.used_at is not None:
+                    raise AccessDeniedError("the enrollment token was already used")
+                if _utc(token.expires_at) <= now:
+                    raise AccessDeniedError("the enrollment token has expired")
+                row = self._row(conn, serial)
+                if row.status == DeviceState.REVOKED.value:
+                    raise AccessDeniedError(f"device {serial!r} is revoked")
+                used = conn.execute(
+                    update(tokens_table)
+                    .where(
+                        tokens_table.c.token_hash == token_hash, tokens_table.c.used_at.is_(None)
+                    )
+                    .values(used_at=now)
+                )
+                if used.rowcount != 1:
+                    raise AccessDeniedError("the enrollment token was already used")
+                return self._record(conn, row)
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+
+    def record_certificate(
+        self, serial: str, cert_serial: str, *, not_after: dt.datetime, now: dt.datetime
+    ) -> DeviceRecord:
+        """See :meth:`DeviceStore.record_certificate`."""
+        try:
+            with self._engine.begin() as conn:
+                row = self._row(conn, serial)
+                conn.execute(
+                    insert(certs_table).values(
+                        cert_serial=cert_serial, serial=serial, not_after=not_after, issued_at=now
+                    )
+                )
+                values: dict[str, Any] = {"updated_at": now}
+                if row.status == DeviceState.REGISTERED.value:
+                    values["status"] = DeviceState.ENROLLED.value
+                conn.execute(
+                    update(devices_table).where(devices_table.c.serial == serial).values(**values)
+                )
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+        logger.info("issued certificate %s to device %s", cert_serial, serial)
+        return self._read(serial)
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self._engine.dispose()
