@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from otaguard._fs import atomic_write_bytes
 from otaguard.model.errors import ConfigError
 
-__all__ = ["CertificateAuthority", "ServerCredentials"]
+__all__ = ["CertificateAuthority", "ServerCredentials", "write_unattended_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ class ServerCredentials:
     key_path: Path
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    # TLS keys are used unattended by the server; mode 0600 is their protection.
+def write_unattended_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write a key the server uses unattended (TLS, CA): PKCS#8, mode 0600, atomically."""
+    # Used without an operator present, so no passphrase; mode 0600 is their protection.
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -122,7 +123,7 @@ class CertificateAuthority:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_key(key_path, key)
+        write_unattended_key(key_path, key)
         atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         logger.info("created certificate authority in %s", directory)
         return cls(directory, key, cert)
@@ -175,6 +176,6 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        _write_key(key_path, key)
+        write_unattended_key(key_path, key)
         atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return ServerCredentials(cert_path, key_path)

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from otaguard._fs import atomic_write_bytes
+from otaguard.crypto.ca import write_unattended_key
 from otaguard.model.errors import ConfigError, VerificationError
 
 __all__ = [
@@ -156,13 +157,6 @@ def _load_pair(
     return key, cert
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    atomic_write_bytes(path, pem, mode=0o600)
-
-
 class DeviceCA:
     """The root and issuing CA of the fleet's device certificates."""
 
@@ -259,9 +253,9 @@ class DeviceCA:
         )
         pem = serialization.Encoding.PEM
         try:
-            _write_key(directory / "root.key", root_key)
+            write_unattended_key(directory / "root.key", root_key)
             atomic_write_bytes(directory / "root.pem", root.public_bytes(pem))
-            _write_key(directory / "issuing.key", key)
+            write_unattended_key(directory / "issuing.key", key)
             atomic_write_bytes(directory / "issuing.pem", issuing.public_bytes(pem))
             atomic_write_bytes(
                 directory / "chain.pem", issuing.public_bytes(pem) + root.public_bytes(pem)
