@@ -66,6 +66,17 @@ EST_CSR_MEDIA_TYPE: Final = "application/pkcs10"
 _SERIAL_PARAM: Final = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
 
 
+# The EST request body: a CSR, base64 DER PKCS#10 (RFC 7030 §4.2).
+_CSR_BODY: Final[dict[str, Any]] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            EST_CSR_MEDIA_TYPE: {"schema": {"type": "string", "description": "base64 DER PKCS#10"}}
+        },
+    }
+}
+
+
 def hash_token(token: str) -> str:
     """Return the stored form of an enrollment token (SHA-256 hex)."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -306,16 +317,7 @@ def est_router(svc: FleetServices, gate: DeviceGate) -> APIRouter:
         summary="Enroll a device (token)",
         response_class=Response,
         responses={**_CERTS_CONTENT, **_EST_ERRORS},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    EST_CSR_MEDIA_TYPE: {
-                        "schema": {"type": "string", "description": "base64 DER PKCS#10"}
-                    }
-                },
-            }
-        },
+        openapi_extra=_CSR_BODY,
     )
     async def simpleenroll(
         request: Request,
@@ -351,16 +353,7 @@ def est_router(svc: FleetServices, gate: DeviceGate) -> APIRouter:
         summary="Renew a device certificate (client certificate)",
         response_class=Response,
         responses={**_CERTS_CONTENT, **_EST_ERRORS},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    EST_CSR_MEDIA_TYPE: {
-                        "schema": {"type": "string", "description": "base64 DER PKCS#10"}
-                    }
-                },
-            }
-        },
+        openapi_extra=_CSR_BODY,
     )
     async def simplereenroll(request: Request) -> Response:
         """Issue a new certificate to a device authenticated by its current one.

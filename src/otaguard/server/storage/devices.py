@@ -26,8 +26,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    create_engine,
-    event,
     insert,
     select,
     update,
@@ -43,7 +41,7 @@ from otaguard.model.errors import (
     UnknownDeviceError,
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
-from otaguard.server.storage.sql import sqlite_pragmas
+from otaguard.server.storage.sql import open_engine
 
 __all__ = ["MAX_REASON_CHARS", "SQLDeviceStore"]
 
@@ -96,15 +94,7 @@ class SQLDeviceStore(DeviceStore):
         Raises:
             ServerStorageError: the database cannot be opened or initialised.
         """
-        try:
-            self._engine: Engine = create_engine(url)
-            if self._engine.dialect.name == "sqlite":
-                event.listen(self._engine, "connect", sqlite_pragmas)
-            _schema.create_all(self._engine)
-        except SQLAlchemyError as e:
-            raise ServerStorageError(
-                f"cannot open the device registry: {e.__class__.__name__}"
-            ) from e
+        self._engine: Engine = open_engine(url, _schema, what="device registry")
 
     # -- helpers ---------------------------------------------------------------------
     @staticmethod

@@ -46,7 +46,7 @@ from otaguard.server.storage.base import (
     PublishOutcome,
 )
 
-__all__ = ["SQLMetadataStore", "sqlite_pragmas", "sqlite_url"]
+__all__ = ["SQLMetadataStore", "open_engine", "sqlite_pragmas", "sqlite_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,22 @@ def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
+def open_engine(url: str, schema: MetaData, *, what: str) -> Engine:
+    """Connect to ``url`` (SQLite gets its pragmas) and create ``schema``'s tables if missing.
+
+    Raises:
+        ServerStorageError: the database cannot be opened or initialised; ``what`` names it.
+    """
+    try:
+        engine = create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", sqlite_pragmas)
+        schema.create_all(engine)
+    except SQLAlchemyError as e:
+        raise ServerStorageError(f"cannot open the {what}: {e.__class__.__name__}") from e
+    return engine
+
+
 def _record(row: Row[Any]) -> MetadataRecord:
     return MetadataRecord(
         filename=row.filename,
@@ -117,15 +133,7 @@ class SQLMetadataStore(MetadataStore):
         # Serialises publishes within this process; across processes the transaction
         # re-checks the pointer (compare-and-swap) and the database's own locks decide.
         self._publish_lock = threading.Lock()
-        try:
-            self._engine: Engine = create_engine(url)
-            if self._engine.dialect.name == "sqlite":
-                event.listen(self._engine, "connect", sqlite_pragmas)
-            _schema.create_all(self._engine)
-        except SQLAlchemyError as e:
-            raise ServerStorageError(
-                f"cannot open the metadata database: {e.__class__.__name__}"
-            ) from e
+        self._engine: Engine = open_engine(url, _schema, what="metadata database")
 
     def _one(self, stmt: Any) -> Row[Any] | None:
         try:
