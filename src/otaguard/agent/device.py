@@ -23,7 +23,12 @@ from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
-from otaguard.agent.identity import DeviceKeyStore, enroll, renew_if_due
+from otaguard.agent.identity import (
+    DeviceKeyStore,
+    enroll,
+    enroll_with_factory_certificate,
+    renew_if_due,
+)
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
@@ -273,6 +278,29 @@ class Device:
         """
         with self._locked():
             return enroll(self.paths, self.config, token, key_store=key_store)
+
+    def enroll_with_factory_certificate(
+        self, *, factory_cert: Path, factory_key: Path, key_store: DeviceKeyStore
+    ) -> x509.Certificate:
+        """Get the device certificate with the manufacturer's factory certificate (EST).
+
+        As :meth:`enroll`, authenticated by the factory certificate and key (TLS client
+        certificate) instead of a token.
+
+        Raises:
+            AccessDeniedError: the factory certificate or device was refused (reason given).
+            VerificationError: the CSR or the answer was refused.
+            TransportError: the server is unreachable or TLS failed.
+            ConfigError: the factory certificate or key is unusable.
+        """
+        with self._locked():
+            return enroll_with_factory_certificate(
+                self.paths,
+                self.config,
+                factory_cert=factory_cert,
+                factory_key=factory_key,
+                key_store=key_store,
+            )
 
     # -- helpers ---------------------------------------------------------------------
     @contextmanager

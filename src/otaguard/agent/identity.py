@@ -5,7 +5,10 @@ The key is an EC P-256 file in the device directory (``identity/device.key``, mo
 for by name (:attr:`~otaguard.model.unsafe.Unsafe.FILE_DEVICE_KEY`) and warns on every
 use. Enrollment follows EST (RFC 7030) ``simpleenroll``: HTTP Basic ``serial:token`` over
 TLS that verifies the server against the provisioned CA, a base64 DER PKCS#10 request,
-and a base64 DER PKCS#7 certs-only answer. The token is never logged or stored.
+and a base64 DER PKCS#7 certs-only answer. The token is never logged or stored. A device
+holding a factory certificate from its manufacturer may enroll with it instead of a token
+(:func:`enroll_with_factory_certificate`: the same request, authenticated by the factory
+certificate as TLS client certificate, RFC 7030 section 3.3.2).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "DeviceKeyStore",
     "build_csr",
     "enroll",
+    "enroll_with_factory_certificate",
     "load_identity",
     "renew_if_due",
 ]
@@ -270,6 +274,69 @@ def enroll(
     _store(paths, key, chain)
     logger.info(
         "device %s enrolled; certificate %x valid until %s",
+        config.serial,
+        chain[0].serial_number,
+        chain[0].not_valid_after_utc.isoformat(),
+    )
+    return chain[0]
+
+
+def enroll_with_factory_certificate(
+    paths: DevicePaths,
+    config: DeviceConfig,
+    *,
+    factory_cert: Path,
+    factory_key: Path,
+    key_store: DeviceKeyStore,
+) -> x509.Certificate:
+    """Generate the device key and enroll with the factory certificate instead of a token.
+
+    The factory certificate and key (from the manufacturer, for this device's serial)
+    authenticate the TLS connection; the device key is new and only its CSR is sent.
+
+    Args:
+        paths: the device directory.
+        config: the device configuration (server URL, serial).
+        factory_cert: the factory certificate (PEM).
+        factory_key: its private key (PEM; a file here: warns).
+        key_store: where the device key lives; only ``Unsafe.FILE_DEVICE_KEY`` (warns).
+
+    Returns:
+        The device certificate.
+
+    Raises:
+        AccessDeniedError: the server refused the factory certificate or the device.
+        VerificationError: the server refused the request, or answered with something
+            that is not a certificate for this key and serial.
+        TransportError: the server is unreachable or TLS failed.
+        ConfigError: the factory certificate or key is unusable.
+        DeviceStorageError: the key or certificate cannot be written.
+    """
+    if key_store is not Unsafe.FILE_DEVICE_KEY:
+        raise OperatorError("the only device key store is Unsafe.FILE_DEVICE_KEY")
+    _warn_file_key(paths)
+    warn_insecure(f"device {paths.root} reads its factory key from a file ({factory_key})")
+    tls = _tls(paths, config)
+    if tls is None:
+        raise OperatorError("factory enrollment needs TLS")
+    try:
+        tls.load_cert_chain(str(factory_cert), str(factory_key))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(
+            f"the factory certificate {factory_cert} and key {factory_key} are unusable: {e}"
+        ) from e
+    key = ec.generate_private_key(ec.SECP256R1())
+    data = _post(
+        config,
+        tls,
+        EST_ENROLL_PATH,
+        base64.encodebytes(build_csr(key, config.serial)),
+        {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"},
+    )
+    chain = _parse_chain(data, key, config.serial)
+    _store(paths, key, chain)
+    logger.info(
+        "device %s enrolled with its factory certificate; certificate %x valid until %s",
         config.serial,
         chain[0].serial_number,
         chain[0].not_valid_after_utc.isoformat(),

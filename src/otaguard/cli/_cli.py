@@ -36,6 +36,8 @@ TOKEN_ENV = "OTAGUARD_OPERATOR_TOKEN"  # noqa: S105 - a variable name
 SERVER_ENV = "OTAGUARD_SERVER"
 CA_ENV = "OTAGUARD_CA"
 ENROLL_TOKEN_ENV = "OTAGUARD_ENROLL_TOKEN"  # noqa: S105 - a variable name
+TRUSTED_PROXIES_ENV = "OTAGUARD_TRUSTED_PROXIES"
+MANUFACTURER_CA_ENV = "OTAGUARD_MANUFACTURER_CA"
 EXIT_ROLLED_BACK = 6
 EXIT_RECOVERY = 7  # no slot may boot: the device waits for a release at or above its floor
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -229,10 +231,46 @@ def _server(a: argparse.Namespace) -> int:
             tls_cert=a.tls_cert,
             tls_key=a.tls_key,
             tls_names=tuple(a.tls_name or ()),
+            trusted_proxies=tuple(a.trusted_proxy or ()),
+            manufacturer_ca=a.manufacturer_ca,
         )
     except ValueError as e:
         raise OperatorError(str(e)) from e
     run_server(settings)
+    return 0
+
+
+def _env_list(name: str) -> list[str] | None:
+    value = os.environ.get(name, "")
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+# -- manufacturer ----------------------------------------------------------------------
+def _manufacturer(a: argparse.Namespace) -> int:
+    from otaguard.crypto.manufacturer import ManufacturerCA
+
+    if a.manufacturer_cmd == "init":
+        ca = ManufacturerCA.create(a.dir, name=a.name)
+        out.print(
+            f"created manufacturer CA {ca.cert_path} (for 'otaguard server --manufacturer-ca')",
+            markup=False,
+        )
+        return 0
+    ca = ManufacturerCA.load(a.dir)
+    cert_path, key_path = Path(f"{a.out}.pem"), Path(f"{a.out}.key")
+    try:
+        cert = ca.issue_to_files(
+            serial=a.serial, hardware_id=a.hardware_id, cert_path=cert_path, key_path=key_path,
+            lifetime=a.lifetime,
+        )  # fmt: skip
+    except ValueError as e:
+        raise OperatorError(str(e)) from e
+    out.print(
+        f"factory certificate for {a.serial}: {cert_path} (key {key_path}, mode 0600), "
+        f"valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+        markup=False,
+    )
     return 0
 
 
@@ -376,6 +414,22 @@ def _device_init(a: argparse.Namespace) -> int:
 def _device_enroll(a: argparse.Namespace) -> int:
     from otaguard.agent import Device
 
+    if (a.factory_cert is None) is not (a.factory_key is None):
+        raise OperatorError("give both --factory-cert and --factory-key, or neither")
+    if a.factory_cert is not None:
+        if a.token is not None or a.token_file is not None:
+            raise OperatorError("enroll with a token or a factory certificate, not both")
+        dev = Device(a.device_dir)
+        cert = dev.enroll_with_factory_certificate(
+            factory_cert=a.factory_cert, factory_key=a.factory_key,
+            key_store=Unsafe.FILE_DEVICE_KEY,
+        )  # fmt: skip
+        out.print(
+            f"enrolled device {dev.config.serial} with its factory certificate: certificate "
+            f"{cert.serial_number:x} valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+            markup=False,
+        )
+        return 0
     # Single use and short-lived, so argv is accepted; the environment is preferred.
     token: str | None = a.token
     if token is not None and a.token_file is not None:
@@ -628,6 +682,24 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="lifetime of the device certificates the server issues (default 24h); "
         "devices renew when a third is left",
     )
+    srv.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=_env_list(TRUSTED_PROXIES_ENV),
+        metavar="ADDR_OR_CIDR",
+        help="reverse proxy (nginx) that terminates mutual TLS and forwards the verified "
+        "client certificate (X-Client-Cert); repeatable (or $"
+        f"{TRUSTED_PROXIES_ENV}, comma-separated). The header is ignored from anyone else",
+    )
+    env_mca = os.environ.get(MANUFACTURER_CA_ENV)
+    srv.add_argument(
+        "--manufacturer-ca",
+        type=Path,
+        default=Path(env_mca) if env_mca else None,
+        metavar="PEM",
+        help="manufacturer CA(s) whose factory certificates may enroll registered devices "
+        f"in place of a token (or ${MANUFACTURER_CA_ENV})",
+    )
     srv.set_defaults(func=_server)
     srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
     sinit = srv_cmds.add_parser(
@@ -740,7 +812,39 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help=f"the single-use enrollment token (prefer ${ENROLL_TOKEN_ENV}: argv is visible "
         "to other local users; the token is useless once used or after it expires)",
     )
+    denr.add_argument(
+        "--factory-cert",
+        type=Path,
+        metavar="PEM",
+        help="enroll with this factory certificate (from the manufacturer) instead of a token",
+    )
+    denr.add_argument("--factory-key", type=Path, metavar="PEM", help="the factory key")
     denr.set_defaults(func=_device_enroll)
+
+    man = sub.add_parser(
+        "manufacturer", help="manufacturer side of factory enrollment (development)"
+    ).add_subparsers(dest="manufacturer_cmd", required=True)
+    minit = man.add_parser("init", help="create a manufacturer CA (file key: warns)")
+    minit.add_argument("dir", type=Path)
+    minit.add_argument("--name", default="otaguard manufacturer CA", help="the CA's name")
+    minit.set_defaults(func=_manufacturer)
+    miss = man.add_parser(
+        "issue", help="make a factory key and certificate for a device (file key: warns)"
+    )
+    miss.add_argument("dir", type=Path, help="the manufacturer CA directory")
+    miss.add_argument("--serial", required=True)
+    miss.add_argument("--hardware-id", required=True, metavar="HW")
+    miss.add_argument(
+        "--out", required=True, metavar="PREFIX", help="writes PREFIX.pem and PREFIX.key (0600)"
+    )
+    miss.add_argument(
+        "--lifetime",
+        type=_duration,
+        default=dt.timedelta(days=3650),
+        metavar="DURATION",
+        help="validity of the factory certificate (default 3650d)",
+    )
+    miss.set_defaults(func=_manufacturer)
 
     ag = sub.add_parser("agent", help="run the device agent")
     ag.add_argument("device_dir", type=Path)

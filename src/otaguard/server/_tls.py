@@ -10,19 +10,50 @@ verify fails the handshake, so a certificate in the scope is a verified one).
 The server pins uvicorn to this protocol (h11): httptools is not a dependency, and a
 protocol that did not fill the extension would make every device request look anonymous,
 which the device routes refuse.
+
+Behind a reverse proxy that terminates mutual TLS (nginx, see ``deploy/nginx/``),
+:class:`ForwardedClientCert` puts the certificate the proxy verified and forwarded
+(header ``X-Client-Cert``: URL-encoded PEM, nginx's ``$ssl_client_escaped_cert``, with
+``X-Client-Verify: SUCCESS``, nginx's ``$ssl_client_verify``) into the same place, but only
+when the TCP peer is a configured trusted proxy. From any other peer the headers are
+ignored and logged: the request has only the certificate of its own TLS connection. A
+forwarded certificate was verified by the proxy, not by this process, so the device gate
+checks its signature against the device CA again (defence in depth), as it does for all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import ssl
+from collections.abc import Sequence
 from typing import Any, Final
+from urllib.parse import unquote
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["TLS_EXTENSION", "TlsScopeH11Protocol", "client_certificate_der"]
+__all__ = [
+    "CLIENT_CERT_HEADER",
+    "CLIENT_VERIFY_HEADER",
+    "MAX_FORWARDED_CERT_BYTES",
+    "TLS_EXTENSION",
+    "ForwardedClientCert",
+    "TlsScopeH11Protocol",
+    "client_certificate_der",
+    "client_certificate_error",
+]
+
+logger = logging.getLogger(__name__)
 
 TLS_EXTENSION: Final = "tls"
+#: the verified client certificate a trusted proxy forwards (URL-encoded PEM)
+CLIENT_CERT_HEADER: Final = "x-client-cert"
+#: the proxy's verification result; only ``SUCCESS`` makes the certificate count
+CLIENT_VERIFY_HEADER: Final = "x-client-verify"
+# A URL-encoded P-256 certificate is about 1.2 KB; a header this long is not one.
+MAX_FORWARDED_CERT_BYTES: Final = 16 * 1024
+_NetworkType = ipaddress.IPv4Network | ipaddress.IPv6Network
 # ASGI TLS extension: tls_version is the TLS protocol version number, e.g. 0x0304.
 _TLS_VERSIONS: Final = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
@@ -65,9 +96,95 @@ class TlsScopeH11Protocol(H11Protocol):
 
 
 def client_certificate_der(scope: Any) -> bytes | None:
-    """Return the verified client certificate (DER) of a request's scope, or ``None``."""
+    """Return the client certificate (DER) of a request's scope, or ``None``.
+
+    Verified by this process's TLS layer, or by a trusted proxy that forwarded it (the
+    device gate checks its signature again either way).
+
+    Raises:
+        ValueError: the certificate in the scope is not PEM.
+    """
     tls = (scope.get("extensions") or {}).get(TLS_EXTENSION) or {}
     chain = tls.get("client_cert_chain") or []
     if not chain:
         return None
     return ssl.PEM_cert_to_DER_cert(chain[0])
+
+
+def client_certificate_error(scope: Any) -> str | None:
+    """Why a forwarded client certificate could not be taken, or ``None``."""
+    tls = (scope.get("extensions") or {}).get(TLS_EXTENSION) or {}
+    error = tls.get("client_cert_error")
+    return error if isinstance(error, str) else None
+
+
+def _forwarded_pem(values: list[bytes], verify: list[bytes]) -> tuple[str | None, str | None]:
+    """(PEM, None) for a usable forwarded certificate, (None, why) otherwise, (None, None)
+    when none was forwarded."""
+    if not values:
+        return None, None
+    if len(values) != 1 or len(verify) != 1:
+        return None, "the proxy forwarded several client certificate headers"
+    if verify[0] != b"SUCCESS":
+        return None, "the proxy did not verify the forwarded client certificate"
+    if len(values[0]) > MAX_FORWARDED_CERT_BYTES:
+        return None, "the forwarded client certificate is too large"
+    try:
+        pem = unquote(values[0].decode("ascii"), errors="strict")
+        der = ssl.PEM_cert_to_DER_cert(pem.strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, "the forwarded client certificate is unreadable"
+    return ssl.DER_cert_to_PEM_cert(der), None
+
+
+class ForwardedClientCert:
+    """ASGI middleware: the client certificate a trusted proxy forwarded (module docstring).
+
+    The forwarding headers are removed from every request, trusted or not, so nothing
+    further in can read them by mistake.
+    """
+
+    def __init__(self, app: Any, *, trusted_proxies: Sequence[_NetworkType]):
+        """Wrap ``app``; ``trusted_proxies`` are the only peers whose headers count."""
+        self._app = app
+        self._trusted = tuple(trusted_proxies)
+
+    def _is_trusted(self, peer: Any) -> bool:
+        if not self._trusted or not peer:
+            return False
+        try:
+            addr = ipaddress.ip_address(str(peer[0]))
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Handle one ASGI call (only HTTP requests are touched)."""
+        if scope.get("type") != "http":
+            await self._app(scope, receive, send)
+            return
+        names = (CLIENT_CERT_HEADER.encode(), CLIENT_VERIFY_HEADER.encode())
+        headers = list(scope.get("headers") or [])
+        certs = [v for k, v in headers if k.lower() == names[0]]
+        verify = [v for k, v in headers if k.lower() == names[1]]
+        scope = {**scope, "headers": [(k, v) for k, v in headers if k.lower() not in names]}
+        peer = scope.get("client")
+        if self._is_trusted(peer):
+            pem, error = _forwarded_pem(certs, verify)
+            if error is not None:
+                logger.warning("proxy %s: %s", peer[0], error)
+            extensions = dict(scope.get("extensions") or {})
+            # The proxy's own TLS identity (if any) is not the device's: replaced.
+            extensions[TLS_EXTENSION] = {
+                **(extensions.get(TLS_EXTENSION) or {}),
+                "client_cert_chain": [pem] if pem is not None else [],
+                "client_cert_error": error,
+                "client_cert_forwarded_by": str(peer[0]),
+            }
+            scope["extensions"] = extensions
+        elif certs or verify:
+            logger.warning(
+                "ignored a forwarded client certificate header from %s: not a trusted proxy",
+                peer[0] if peer else "an unknown peer",
+            )
+        await self._app(scope, receive, send)

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otaguard import __version__
 from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
+from otaguard.crypto.manufacturer import load_manufacturer_cas
 from otaguard.model.errors import (
     AccessDeniedError,
     ConflictError,
@@ -559,6 +560,9 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         clock=clock,
         cert_lifetime=settings.device_cert_lifetime,
         token_lifetime=settings.enrollment_token_lifetime,
+        manufacturer_cas=tuple(load_manufacturer_cas(settings.manufacturer_ca))
+        if settings.manufacturer_ca is not None
+        else (),
     )
     blobs = FileBlobStore(data_dir / "blobs")
     svc = _Services(store=store, blobs=blobs, token=token, clock=clock, online=online)
@@ -615,7 +619,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
 
     gate = DeviceGate(
         devices,
-        issuer=fleet.ca.issuing.subject,
+        issuing_ca=fleet.ca.issuing,
         clock=clock,
         required=not (settings.insecure_http or settings.insecure_no_client_auth),
     )

@@ -1,8 +1,11 @@
 """Who is asking, from the verified client certificate: the device routes' gate.
 
 Checked on every request, so quarantine and revocation take effect on the very next one:
-the TLS layer verified the certificate against the device CA (:mod:`._tls` puts it into
-the ASGI scope); here the serial comes from its subject CN (never from the request),
+the TLS layer (or a trusted proxy that forwarded it) verified the certificate against the
+device CA (:mod:`._tls` puts it into the ASGI scope); here its signature is verified
+against the device issuing CA once more -- a forwarded certificate was checked by another
+process, and a manufacturer CA the TLS layer also trusts must never mint device
+identities --, the serial comes from its subject CN (never from the request),
 the certificate must not be expired, its serial number must be one the registry issued
 to that device, and the device must be neither revoked nor quarantined. A refusal is a
 403 with a one-line reason, logged at WARNING with the presented subject.
@@ -16,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from otaguard.crypto.device_ca import DeviceIdentity, device_identity
 from otaguard.model.errors import AccessDeniedError, OtaguardError
-from otaguard.server._tls import client_certificate_der
+from otaguard.server._tls import client_certificate_der, client_certificate_error
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
 __all__ = ["AuthenticatedDevice", "DeviceGate"]
@@ -49,7 +53,7 @@ class DeviceGate:
         self,
         devices: DeviceStore,
         *,
-        issuer: x509.Name,
+        issuing_ca: x509.Certificate,
         clock: Callable[[], dt.datetime],
         required: bool,
     ):
@@ -57,13 +61,13 @@ class DeviceGate:
 
         Args:
             devices: the registry.
-            issuer: the device CA's issuing CA name (certificates must name it).
+            issuing_ca: the device CA's issuing CA (certificates must be signed by it).
             clock: the server's notion of now.
             required: refuse requests without a client certificate; ``False`` only in
                 the named insecure development mode.
         """
         self._devices = devices
-        self._issuer = issuer
+        self._issuing_ca = issuing_ca
         self._clock = clock
         self.required = required
 
@@ -82,18 +86,28 @@ class DeviceGate:
             AccessDeniedError: no certificate, or the certificate or device is refused;
                 the message is the reason.
         """
-        der = client_certificate_der(scope)
-        if der is None:
+        forwarded_error = client_certificate_error(scope)
+        if forwarded_error is not None:
+            raise self._refuse(forwarded_error, "?")
+        try:
+            der = client_certificate_der(scope)
+            cert = x509.load_der_x509_certificate(der) if der is not None else None
+        except ValueError as e:
+            raise self._refuse("the client certificate is unreadable", "?") from e
+        if cert is None:
             if not self.required:
                 return None
             raise self._refuse("a client certificate is required (enroll the device)", "none")
-        try:
-            cert = x509.load_der_x509_certificate(der)
-        except ValueError as e:
-            raise self._refuse("the client certificate is unreadable", "?") from e
         subject = cert.subject.rfc4514_string()
-        if cert.issuer != self._issuer:
+        if cert.issuer != self._issuing_ca.subject:
             raise self._refuse("the client certificate is not from the device CA", subject)
+        try:
+            cert.verify_directly_issued_by(self._issuing_ca)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise self._refuse(
+                "the client certificate's signature does not verify against the device CA",
+                subject,
+            ) from e
         try:
             ident = device_identity(cert)
         except OtaguardError as e:

@@ -10,11 +10,20 @@ URL layout::
     POST /api/v1/devices/{serial}/revoke      operator: refuse it for good
     POST /api/v1/devices/{serial}/token       operator: a new enrollment token
     GET  /.well-known/est/cacerts             the device CA (base64 DER PKCS#7 certs-only)
-    POST /.well-known/est/simpleenroll        HTTP Basic serial:token, base64 DER PKCS#10
+    POST /.well-known/est/simpleenroll        HTTP Basic serial:token, or a factory
+                                              certificate as TLS client certificate
+                                              (RFC 7030 3.3.2); base64 DER PKCS#10
+    POST /.well-known/est/simplereenroll      the current device certificate
 
 Enrollment tokens are 256 random bits, shown once, stored only as their SHA-256, bound
 to one serial, single use and short-lived. The certificate's subject and hardware id come
 from the registry; the CSR contributes only its public key (after proving possession).
+
+Factory enrollment (ADR 0005): when the server trusts a manufacturer CA, a device may
+authenticate ``simpleenroll`` with its factory certificate instead of a token. Its serial
+and hardware id must match the registry (the operator registers the device first: unknown
+serials are refused), a revoked or quarantined device is refused, and a device that still
+holds an unexpired device certificate must renew with it instead.
 """
 
 import base64
@@ -27,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from fastapi import APIRouter, Depends, HTTPException, Request, Security
@@ -37,9 +47,11 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 
 from otaguard.crypto.device_ca import DeviceCA, check_device_csr
+from otaguard.crypto.manufacturer import verify_factory_certificate
 from otaguard.model.errors import AccessDeniedError, OperatorError, VerificationError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN, check_device_serial, check_hardware_id
 from otaguard.server._api import ErrorBody
+from otaguard.server._tls import client_certificate_der, client_certificate_error
 from otaguard.server.device_auth import DeviceGate
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
@@ -50,6 +62,7 @@ __all__ = [
     "FleetServices",
     "NewDeviceBody",
     "est_router",
+    "factory_device",
     "fleet_router",
     "hash_token",
 ]
@@ -84,13 +97,18 @@ def hash_token(token: str) -> str:
 
 @dataclass(frozen=True)
 class FleetServices:
-    """What the device-identity routes use."""
+    """What the device-identity routes use.
+
+    ``manufacturer_cas`` are the manufacturer CAs whose factory certificates may enroll
+    a device in place of a token; empty: factory enrollment is off.
+    """
 
     devices: DeviceStore
     ca: DeviceCA
     clock: Callable[[], dt.datetime]
     cert_lifetime: dt.timedelta
     token_lifetime: dt.timedelta
+    manufacturer_cas: tuple[x509.Certificate, ...] = ()
 
 
 class DeviceBody(BaseModel):
@@ -278,6 +296,62 @@ def issue_certificate(svc: FleetServices, rec: DeviceRecord, csr_der: bytes) -> 
     return pkcs7.serialize_certificates([cert, svc.ca.issuing], serialization.Encoding.DER)
 
 
+def _refuse_factory(reason: str, subject: str) -> AccessDeniedError:
+    logger.warning("factory enrollment refused: %s (presented subject: %s)", reason, subject)
+    return AccessDeniedError(f"factory enrollment refused: {reason}")
+
+
+def factory_device(svc: FleetServices, scope: object) -> DeviceRecord | None:
+    """The registry entry a request's factory certificate may enroll, after every check.
+
+    Returns:
+        ``None`` when the request carries no client certificate.
+
+    Raises:
+        AccessDeniedError: the certificate or the device is refused; the reason is given
+            and logged with the presented subject.
+    """
+    forwarded_error = client_certificate_error(scope)
+    if forwarded_error is not None:
+        raise _refuse_factory(forwarded_error, "?")
+    try:
+        der = client_certificate_der(scope)
+        cert = x509.load_der_x509_certificate(der) if der is not None else None
+    except ValueError as e:
+        raise _refuse_factory("the client certificate is unreadable", "?") from e
+    if cert is None:
+        return None
+    subject = cert.subject.rfc4514_string()
+    if not svc.manufacturer_cas:
+        raise _refuse_factory("this server trusts no manufacturer CA", subject)
+    now = svc.clock()
+    try:
+        ident = verify_factory_certificate(cert, trusted=svc.manufacturer_cas, now=now)
+    except VerificationError as e:
+        raise _refuse_factory(str(e), subject) from e
+    rec = svc.devices.get(ident.serial)
+    if rec is None:
+        raise _refuse_factory(
+            f"device {ident.serial} is not in the registry (the operator registers it first)",
+            subject,
+        )
+    if rec.hardware_id != ident.hardware_id:
+        raise _refuse_factory(
+            f"the factory certificate names hardware id {ident.hardware_id}, the registry "
+            f"{rec.hardware_id}",
+            subject,
+        )
+    if rec.status in (DeviceState.REVOKED, DeviceState.QUARANTINED):
+        raise _refuse_factory(f"device {rec.serial} is {rec.status.value}: {rec.reason}", subject)
+    if rec.certs_valid_until is not None and rec.certs_valid_until > now:
+        raise _refuse_factory(
+            f"device {rec.serial} holds a certificate valid until "
+            f"{rec.certs_valid_until:%Y-%m-%dT%H:%M:%SZ}: renew with it (simplereenroll)",
+            subject,
+        )
+    return rec
+
+
 _EST_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorBody, "description": "No HTTP Basic credentials"},
     403: {"model": ErrorBody, "description": "Token or device refused (reason given)"},
@@ -327,13 +401,23 @@ def est_router(svc: FleetServices, gate: DeviceGate) -> APIRouter:
 
         The CSR must be signed by its key (proof of possession), name the serial as its
         CN and hold an EC P-256 key; the token must be the serial's, unused and unexpired.
+        Without a token, a factory certificate from a trusted manufacturer CA presented
+        as the TLS client certificate authenticates the request (RFC 7030 3.3.2) for the
+        serial and hardware id it names, as registered.
         """
         if creds is None:
-            raise HTTPException(
-                401,
-                "enrollment needs HTTP Basic serial:token",
-                headers={"WWW-Authenticate": "Basic"},
-            )
+            factory = await run_in_threadpool(factory_device, svc, request.scope)
+            if factory is None:
+                raise HTTPException(
+                    401,
+                    "enrollment needs HTTP Basic serial:token or a factory certificate",
+                    headers={"WWW-Authenticate": "Basic"},
+                )
+            der = await _read_base64_body(request, "CSR")
+            check_device_csr(der, serial=factory.serial)
+            der_pkcs7 = await run_in_threadpool(issue_certificate, svc, factory, der)
+            logger.info("device %s enrolled with its factory certificate", factory.serial)
+            return _certs_response(der_pkcs7)
         try:
             serial = check_device_serial(creds.username)
         except ValueError as e:

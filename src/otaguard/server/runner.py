@@ -26,12 +26,12 @@ from fastapi import FastAPI
 from otaguard.crypto import CertificateAuthority, warn_insecure
 from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
 from otaguard.model.errors import ConfigError
-from otaguard.server._tls import TlsScopeH11Protocol
+from otaguard.server._tls import ForwardedClientCert, TlsScopeH11Protocol
 from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
-from otaguard.server.settings import ServerSettings
+from otaguard.server.settings import ServerSettings, parse_trusted_proxies
 from otaguard.server.tls import CertificateRenewer, ServerCertificate
 
 __all__ = [
@@ -143,8 +143,15 @@ def _config(
         certfile, keyfile, ca_cert = str(files.cert), str(files.key), files.ca_cert
         device_chain = str(DeviceCA.load_or_create(settings.data_dir / DEVICE_CA_DIR).chain_path)
     app = create_app(settings) if clock is None else create_app(settings, clock=clock)
+    trusted = parse_trusted_proxies(settings.trusted_proxies)
+    if trusted:
+        logger.info(
+            "taking forwarded client certificates from trusted proxies %s",
+            ", ".join(str(t) for t in trusted),
+        )
     config = uvicorn.Config(
-        app,
+        # The certificate a trusted proxy verified and forwarded, into the ASGI scope.
+        ForwardedClientCert(app, trusted_proxies=trusted),
         host=settings.host,
         port=settings.port,
         log_config=None,  # the application configures logging, never uvicorn
@@ -153,6 +160,9 @@ def _config(
         timeout_graceful_shutdown=max(1, int(graceful_seconds)),
         limit_concurrency=MAX_CONCURRENT_CONNECTIONS,
         lifespan="on",
+        # scope["client"] must be the TCP peer: whether a forwarded client certificate is
+        # taken depends on it, so no X-Forwarded-For may rewrite it.
+        proxy_headers=False,
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
         # Client certificates are asked for, not required: the operator API (bearer
@@ -174,6 +184,15 @@ def _config(
         # Mozilla "modern": TLS 1.3 only (no CBC suites, no RSA key exchange), and only the
         # X25519, P-256 and P-384 groups.
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+        if settings.manufacturer_ca is not None:
+            # Factory certificates pass the handshake too; they are good for enrollment
+            # only (the device gate accepts only the device CA's signature).
+            try:
+                config.ssl.load_verify_locations(cafile=str(settings.manufacturer_ca))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    f"cannot load the manufacturer CA {settings.manufacturer_ca}: {e}"
+                ) from e
         if not restrict_groups(config.ssl):
             logger.warning("cannot restrict TLS groups here; OpenSSL's defaults apply")
         renewer = CertificateRenewer(source, config.ssl)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_TIMESTAMP_EXPIRY",
     "MIN_ONLINE_EXPIRY",
     "ServerSettings",
+    "parse_trusted_proxies",
 ]
 
 #: TUF's usual lifetimes for the online roles: a day for the timestamp, a week for the snapshot
@@ -43,6 +45,25 @@ MIN_DEVICE_CERT_LIFETIME: Final = dt.timedelta(minutes=1)
 MAX_DEVICE_CERT_LIFETIME: Final = dt.timedelta(days=90)
 # A token lying around for more than a month is a standing credential, not a one-off.
 MAX_ENROLLMENT_TOKEN_LIFETIME: Final = dt.timedelta(days=30)
+
+
+def parse_trusted_proxies(
+    values: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse trusted proxy addresses or CIDR networks (``127.0.0.1``, ``10.0.0.0/24``).
+
+    Raises:
+        ValueError: a value is neither an address nor a network.
+    """
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=True))
+        except ValueError as e:
+            raise ValueError(
+                f"trusted proxy {value!r} is not an IP address or CIDR network: {e}"
+            ) from e
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,14 @@ class ServerSettings:
         insecure_no_client_auth: serve metadata and targets to clients without a device
             certificate (development only; warns on every start). A certificate that is
             presented is still checked.
+        trusted_proxies: addresses or CIDR networks of reverse proxies (nginx) that
+            terminate mutual TLS and forward the verified client certificate in a header;
+            that header is taken only from these TCP peers and ignored (and logged) from
+            any other. Empty: no proxy is trusted.
+        manufacturer_ca: PEM file of the manufacturer CA(s) whose factory certificates
+            may enroll devices in place of a token (EST with client-certificate
+            authentication); ``None``: factory enrollment is off. Factory certificates
+            never authenticate device requests.
     """
 
     data_dir: Path
@@ -97,8 +126,11 @@ class ServerSettings:
     device_cert_lifetime: dt.timedelta = DEFAULT_DEVICE_CERT_LIFETIME
     enrollment_token_lifetime: dt.timedelta = DEFAULT_ENROLLMENT_TOKEN_LIFETIME
     insecure_no_client_auth: bool = False
+    trusted_proxies: tuple[str, ...] = ()
+    manufacturer_ca: Path | None = None
 
     def __post_init__(self) -> None:
+        parse_trusted_proxies(self.trusted_proxies)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} out of range")
         if not self.sync_interval > 0:

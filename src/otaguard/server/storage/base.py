@@ -208,6 +208,8 @@ class DeviceRecord:
             oldest first.
         created_at: when it was added.
         updated_at: when its status or certificates last changed.
+        certs_valid_until: when the last-expiring certificate issued to it expires
+            (``None``: none issued). Factory enrollment is refused before that.
     """
 
     serial: str
@@ -217,6 +219,7 @@ class DeviceRecord:
     cert_serials: tuple[str, ...]
     created_at: dt.datetime
     updated_at: dt.datetime
+    certs_valid_until: dt.datetime | None = None
 
 
 class DeviceStore(ABC):

@@ -99,19 +99,20 @@ class SQLDeviceStore(DeviceStore):
     # -- helpers ---------------------------------------------------------------------
     @staticmethod
     def _record(conn: Connection, row: Row[Any]) -> DeviceRecord:
-        certs: Any = conn.execute(
-            select(certs_table.c.cert_serial)
+        certs = conn.execute(
+            select(certs_table.c.cert_serial, certs_table.c.not_after)
             .where(certs_table.c.serial == row.serial)
             .order_by(certs_table.c.issued_at, certs_table.c.cert_serial)
-        ).scalars()
+        ).all()
         return DeviceRecord(
             serial=row.serial,
             hardware_id=row.hardware_id,
             status=DeviceState(row.status),
             reason=row.reason,
-            cert_serials=tuple(certs),
+            cert_serials=tuple(c.cert_serial for c in certs),
             created_at=_utc(row.created_at),
             updated_at=_utc(row.updated_at),
+            certs_valid_until=max((_utc(c.not_after) for c in certs), default=None),
         )
 
     @staticmethod
