@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml | sysdeps
 # Debian tools the tests and benchmarks use: openssl is the benchmark reference; swtpm
 # (swtpm-tools: swtpm_setup) is the software TPM the TPM anti-rollback tests run against;
 # tpm2-tools to inspect it by hand; libtss2-dev and pkg-config to build tpm2-pytss (it has
-# no wheel); gcc and python3-dev for that build. As root they are installed, otherwise listed (exit 1).
+# no wheel); gcc and python3-dev for that build; nginx (nginx-light) is the TLS-terminating
+# proxy of the production-topology tests. As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
-                pkg-config:pkg-config gcc:gcc
+                pkg-config:pkg-config gcc:gcc nginx:nginx-light
 sysdeps:
 	@missing=""; \
 	for pair in $(SYSDEPS_CMDS); do \
-	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
+	    || missing="$$missing $${pair#*:}"; done; \
 	pkg-config --exists tss2-esys 2>/dev/null || missing="$$missing libtss2-dev"; \
 	[ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
 	  || missing="$$missing python3-dev"; \
@@ -47,7 +49,8 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python bench/verify_throughput.py
 	$(BIN)/python bench/agent_rss.py
 
-# sslyze in a venv of its own: it pins an older `cryptography` than otaguard needs.
+# sslyze in a venv of its own: it pins an older `cryptography` than otaguard needs. The scan
+# enrolls a device and presents its certificate: it covers the mutual-TLS device API.
 SCAN_VENV := .venv-scan
 $(SCAN_VENV)/.installed:
 	$(PYTHON) -m venv $(SCAN_VENV)
