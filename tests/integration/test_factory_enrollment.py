@@ -347,3 +347,21 @@ def test_the_factory_key_is_not_the_device_key(factory: Factory) -> None:
     device_key = serialization.load_pem_private_key(dev.paths.device_key.read_bytes(), None)
     factory_key = serialization.load_pem_private_key(fkey.read_bytes(), None)
     assert device_key.public_key() != factory_key.public_key()
+
+
+def test_server_options_refuse_bad_values_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = ["server", "--data", str(tmp_path / "srv"), "--port", "0"]
+    assert main([*data, "--trusted-proxy", "nginx.local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: trusted proxy 'nginx.local' is not an IP address or CIDR "
+                   "network: 'nginx.local' does not appear to be an IPv4 or IPv6 network"]  # fmt: skip
+    monkeypatch.setenv("OTAGUARD_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/33")
+    assert main(data) == 2
+    assert "trusted proxy '10.0.0.0/33'" in capsys.readouterr().err
+    monkeypatch.delenv("OTAGUARD_TRUSTED_PROXIES")
+    (tmp_path / "not-a-ca.pem").write_text("hello")
+    assert main([*data, "--manufacturer-ca", str(tmp_path / "not-a-ca.pem")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "INSECURE" not in ln]
+    assert len(err) == 1 and "holds no PEM certificate" in err[0], err

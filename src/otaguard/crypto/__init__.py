@@ -1,4 +1,4 @@
-"""Keys, signers addressed by URI, and the certificate authority."""
+"""Keys, signers addressed by URI, the certificate authorities (fleet, device, manufacturer)."""
 
 from otaguard.crypto.ca import CertificateAuthority, ServerCredentials
 from otaguard.crypto.keys import (
@@ -7,6 +7,7 @@ from otaguard.crypto.keys import (
     warn_insecure,
     write_private_key,
 )
+from otaguard.crypto.manufacturer import ManufacturerCA, verify_factory_certificate
 from otaguard.crypto.signers import (
     ENCRYPTED_FILE_SCHEME,
     PLAINTEXT_FILE_SCHEME,
@@ -26,12 +27,14 @@ __all__ = [
     "CertificateAuthority",
     "EncryptedFileSigner",
     "KeySecrets",
+    "ManufacturerCA",
     "Passphrases",
     "ServerCredentials",
     "generate_signer",
     "load_signer",
     "read_public_key",
     "resolve_key_uri",
+    "verify_factory_certificate",
     "warn_insecure",
     "write_private_key",
     "write_public_key",
