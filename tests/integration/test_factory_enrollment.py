@@ -355,8 +355,10 @@ def test_server_options_refuse_bad_values_in_one_line(
     data = ["server", "--data", str(tmp_path / "srv"), "--port", "0"]
     assert main([*data, "--trusted-proxy", "nginx.local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: trusted proxy 'nginx.local' is not an IP address or CIDR "
-                   "network: 'nginx.local' does not appear to be an IPv4 or IPv6 network"]  # fmt: skip
+    assert err == [
+        "error: trusted proxy 'nginx.local' is not an IP address or CIDR network: "
+        "'nginx.local' does not appear to be an IPv4 or IPv6 network"
+    ]
     monkeypatch.setenv("OTAGUARD_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/33")
     assert main(data) == 2
     assert "trusted proxy '10.0.0.0/33'" in capsys.readouterr().err
