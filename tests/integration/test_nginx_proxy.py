@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from conftest import HW, World, start_world
 from nginx_support import Nginx, start_nginx
 from otaguard.agent import Device
-from otaguard.agent.identity import build_csr
+from otaguard.agent.identity import build_csr, renew_if_due
 from otaguard.crypto import CertificateAuthority
 from otaguard.crypto.device_ca import DeviceCA
 from otaguard.crypto.manufacturer import ManufacturerCA
@@ -226,6 +226,14 @@ def test_a_good_device_enrolls_and_updates_end_to_end_through_nginx(proxied: Pro
     assert status == 200, data
     body = json.loads(data)
     assert body["serial"] == "good" and body["status"] == "enrolled"
+    # Renewal (EST simplereenroll, authenticated by the forwarded certificate) through nginx.
+    old = x509.load_pem_x509_certificate(dev.paths.device_cert.read_bytes())
+    renew_if_due(
+        dev.paths, dev.config, key_store=FILE_KEY,
+        now=dt.datetime.now(dt.UTC) + dt.timedelta(hours=17),
+    )  # fmt: skip
+    new = x509.load_pem_x509_certificate(dev.paths.device_cert.read_bytes())
+    assert new.serial_number != old.serial_number
     proxied.world.release("1.1.0")
     result = dev.update()  # metadata and the image (HTTP Range) through nginx
     assert result.outcome == "updated", result
@@ -317,7 +325,10 @@ def test_a_quarantined_device_is_refused_through_nginx(
             )
         assert status == 403
         assert reason(data) == "access denied: device odd is quarantined: odd traffic"
-        assert any("quarantined" in m and "CN=odd" in m for m in _refusals(caplog))
+        assert any(
+            "quarantined" in m and "CN=odd" in m and f"forwarded by proxy {PROXY}" in m
+            for m in _refusals(caplog)
+        )
         with pytest.raises(AccessDeniedError, match=r"HTTP 403"):
             dev.check()
         fleet.release("odd")

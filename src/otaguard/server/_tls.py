@@ -42,6 +42,7 @@ __all__ = [
     "TlsScopeH11Protocol",
     "client_certificate_der",
     "client_certificate_error",
+    "client_certificate_proxy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,13 @@ def client_certificate_error(scope: Any) -> str | None:
     tls = (scope.get("extensions") or {}).get(TLS_EXTENSION) or {}
     error = tls.get("client_cert_error")
     return error if isinstance(error, str) else None
+
+
+def client_certificate_proxy(scope: Any) -> str | None:
+    """The trusted proxy that forwarded the request's client certificate, or ``None``."""
+    tls = (scope.get("extensions") or {}).get(TLS_EXTENSION) or {}
+    proxy = tls.get("client_cert_forwarded_by")
+    return proxy if isinstance(proxy, str) else None
 
 
 def _forwarded_pem(values: list[bytes], verify: list[bytes]) -> tuple[str | None, str | None]:

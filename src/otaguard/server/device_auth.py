@@ -23,7 +23,11 @@ from cryptography.exceptions import InvalidSignature
 
 from otaguard.crypto.device_ca import DeviceIdentity, device_identity
 from otaguard.model.errors import AccessDeniedError, OtaguardError
-from otaguard.server._tls import client_certificate_der, client_certificate_error
+from otaguard.server._tls import (
+    client_certificate_der,
+    client_certificate_error,
+    client_certificate_proxy,
+)
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
 __all__ = ["AuthenticatedDevice", "DeviceGate"]
@@ -71,8 +75,10 @@ class DeviceGate:
         self._clock = clock
         self.required = required
 
-    def _refuse(self, reason: str, subject: str) -> AccessDeniedError:
-        logger.warning("device request refused: %s (presented subject: %s)", reason, subject)
+    def _refuse(self, reason: str, subject: str, scope: object) -> AccessDeniedError:
+        proxy = client_certificate_proxy(scope)
+        via = f", forwarded by proxy {proxy}" if proxy else ""
+        logger.warning("device request refused: %s (presented subject: %s%s)", reason, subject, via)
         return AccessDeniedError(reason)
 
     def authenticate(self, scope: object) -> AuthenticatedDevice | None:
@@ -88,50 +94,55 @@ class DeviceGate:
         """
         forwarded_error = client_certificate_error(scope)
         if forwarded_error is not None:
-            raise self._refuse(forwarded_error, "?")
+            raise self._refuse(forwarded_error, "?", scope)
         try:
             der = client_certificate_der(scope)
             cert = x509.load_der_x509_certificate(der) if der is not None else None
         except ValueError as e:
-            raise self._refuse("the client certificate is unreadable", "?") from e
+            raise self._refuse("the client certificate is unreadable", "?", scope) from e
         if cert is None:
             if not self.required:
                 return None
-            raise self._refuse("a client certificate is required (enroll the device)", "none")
+            raise self._refuse(
+                "a client certificate is required (enroll the device)", "none", scope
+            )
         subject = cert.subject.rfc4514_string()
         if cert.issuer != self._issuing_ca.subject:
-            raise self._refuse("the client certificate is not from the device CA", subject)
+            raise self._refuse("the client certificate is not from the device CA", subject, scope)
         try:
             cert.verify_directly_issued_by(self._issuing_ca)
         except (ValueError, TypeError, InvalidSignature) as e:
             raise self._refuse(
                 "the client certificate's signature does not verify against the device CA",
                 subject,
+                scope,
             ) from e
         try:
             ident = device_identity(cert)
         except OtaguardError as e:
-            raise self._refuse("the client certificate names no device", subject) from e
+            raise self._refuse("the client certificate names no device", subject, scope) from e
         now = self._clock()
         if cert.not_valid_after_utc <= now:
             raise self._refuse(
                 f"the client certificate of {ident.serial} expired at "
                 f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}; re-enroll",
                 subject,
+                scope,
             )
         if cert.not_valid_before_utc > now:
-            raise self._refuse("the client certificate is not valid yet", subject)
+            raise self._refuse("the client certificate is not valid yet", subject, scope)
         rec = self._devices.get(ident.serial)
         if rec is None:
-            raise self._refuse(f"device {ident.serial} is not in the registry", subject)
+            raise self._refuse(f"device {ident.serial} is not in the registry", subject, scope)
         if ident.cert_serial not in rec.cert_serials:
             raise self._refuse(
                 f"certificate {ident.cert_serial} was not issued to device {ident.serial} "
                 "by the registry",
                 subject,
+                scope,
             )
         if rec.status in (DeviceState.REVOKED, DeviceState.QUARANTINED):
             raise self._refuse(
-                f"device {ident.serial} is {rec.status.value}: {rec.reason}", subject
+                f"device {ident.serial} is {rec.status.value}: {rec.reason}", subject, scope
             )
         return AuthenticatedDevice(record=rec, identity=ident, certificate=cert)
