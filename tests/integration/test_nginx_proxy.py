@@ -326,7 +326,7 @@ def test_a_quarantined_device_is_refused_through_nginx(
         assert status == 403
         assert reason(data) == "access denied: device odd is quarantined: odd traffic"
         assert any(
-            "quarantined" in m and "CN=odd" in m and f"forwarded by proxy {PROXY}" in m
+            "quarantined" in m and "CN=odd" in m and f"via proxy {PROXY}" in m
             for m in _refusals(caplog)
         )
         with pytest.raises(AccessDeniedError, match=r"HTTP 403"):

@@ -77,7 +77,7 @@ class DeviceGate:
 
     def _refuse(self, reason: str, subject: str, scope: object) -> AccessDeniedError:
         proxy = client_certificate_proxy(scope)
-        via = f", forwarded by proxy {proxy}" if proxy else ""
+        via = f", via proxy {proxy}" if proxy else ""
         logger.warning("device request refused: %s (presented subject: %s%s)", reason, subject, via)
         return AccessDeniedError(reason)
 
