@@ -359,6 +359,8 @@ def test_server_options_refuse_bad_values_in_one_line(
         "error: trusted proxy 'nginx.local' is not an IP address or CIDR network: "
         "'nginx.local' does not appear to be an IPv4 or IPv6 network"
     ]
+    assert main([*data, "--trusted-proxy", "127.0.0.1", "--trusted-proxy", "::/0"]) == 2
+    assert "trusted proxy '::/0' would trust every address" in capsys.readouterr().err
     monkeypatch.setenv("OTAGUARD_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/33")
     assert main(data) == 2
     assert "trusted proxy '10.0.0.0/33'" in capsys.readouterr().err

@@ -58,11 +58,15 @@ def parse_trusted_proxies(
     networks = []
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=True))
+            net = ipaddress.ip_network(value.strip(), strict=True)
         except ValueError as e:
             raise ValueError(
                 f"trusted proxy {value!r} is not an IP address or CIDR network: {e}"
             ) from e
+        if net.prefixlen == 0:
+            # Everyone could then forward any certificate: the header would be a credential.
+            raise ValueError(f"trusted proxy {value!r} would trust every address")
+        networks.append(net)
     return tuple(networks)
 
 
