@@ -231,7 +231,8 @@ def _server(a: argparse.Namespace) -> int:
             tls_cert=a.tls_cert,
             tls_key=a.tls_key,
             tls_names=tuple(a.tls_name or ()),
-            trusted_proxies=tuple(a.trusted_proxy or ()),
+            # The flags replace the environment's list, they do not add to it.
+            trusted_proxies=tuple(a.trusted_proxy or _env_list(TRUSTED_PROXIES_ENV) or ()),
             manufacturer_ca=a.manufacturer_ca,
         )
     except ValueError as e:
@@ -685,7 +686,6 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     srv.add_argument(
         "--trusted-proxy",
         action="append",
-        default=_env_list(TRUSTED_PROXIES_ENV),
         metavar="ADDR_OR_CIDR",
         help="reverse proxy (nginx) that terminates mutual TLS and forwards the verified "
         "client certificate (X-Client-Cert); repeatable (or $"
