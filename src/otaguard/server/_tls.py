@@ -164,6 +164,8 @@ class ForwardedClientCert:
             addr = ipaddress.ip_address(str(peer[0]))
         except ValueError:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers this way
         return any(addr in net for net in self._trusted)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
