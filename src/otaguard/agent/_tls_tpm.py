@@ -72,7 +72,7 @@ def load_tpm_provider(tcti: str) -> None:
         ConfigError: the provider is missing (``apt-get install tpm2-openssl``), Python's
             ssl is not OpenSSL 3, or the process already uses another TPM.
     """
-    global _loaded_tcti
+    global _loaded_tcti  # noqa: PLW0603 - one provider per process is OpenSSL's state
     with _lock:
         if _loaded_tcti == tcti:
             return

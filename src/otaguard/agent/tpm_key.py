@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
-from securesystemslib.signer import SecretsHandler, Signature, Signer, SSlibKey
+from securesystemslib.signer import Key, SecretsHandler, Signature, Signer, SSlibKey
 
 from otaguard.model.errors import ConfigError, DeviceStorageError
 
@@ -291,7 +291,7 @@ class TpmSigner(Signer):
     def from_priv_key_uri(
         cls,
         priv_key_uri: str,
-        public_key: SSlibKey,
+        public_key: Key,
         secrets_handler: SecretsHandler | None = None,
     ) -> TpmSigner:
         """Not supported: a TPM key is addressed by its TCTI and blob, not by a URI.
@@ -309,4 +309,3 @@ class TpmSigner(Signer):
         """
         sig = tpm_sign(self._tcti, self._blob, payload)
         return Signature(self._public_key.keyid, sig.hex())
-

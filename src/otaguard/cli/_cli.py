@@ -390,7 +390,7 @@ def _device_enroll(a: argparse.Namespace) -> int:
     if not token:
         raise OperatorError(f"no enrollment token: pass --token or set {ENROLL_TOKEN_ENV}")
     dev = Device(a.device_dir)
-    cert = dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
+    cert = dev.enroll(token, key_store=dev.key_store)
     out.print(
         f"enrolled device {dev.config.serial}: certificate {cert.serial_number:x} valid until "
         f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",

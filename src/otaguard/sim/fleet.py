@@ -18,7 +18,6 @@ import urllib3
 from otaguard.agent import Device, UpdateResult
 from otaguard.healthcheck import UNHEALTHY_MARKER
 from otaguard.model.errors import NotReadyError, OtaguardError
-from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer
 
@@ -163,7 +162,7 @@ class Fleet:
         """
         names = [f"device-{i:02d}" for i in range(1, count + 1)]
         for name in names:
-            Device.provision(
+            dev = Device.provision(
                 root / name,
                 server_url=server_url,
                 root_json=root_json,
@@ -173,7 +172,8 @@ class Fleet:
                 factory_image=factory_image,
                 factory_version=factory_version,
                 health_command=health_command,
-            ).enroll(enrollment_token(name, hardware_id), key_store=Unsafe.FILE_DEVICE_KEY)
+            )
+            dev.enroll(enrollment_token(name, hardware_id), key_store=dev.key_store)
         return cls(root, names)
 
     def update_all(self, *, progress: ProgressFn | None = None) -> list[DeviceRun]:
