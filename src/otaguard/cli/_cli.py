@@ -719,13 +719,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     dinit.add_argument(
         "--tpm",
         metavar="TCTI",
-        help="keep the anti-rollback floor in this TPM's NV counters "
-        "(e.g. device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321)",
+        help="keep the anti-rollback floor in this TPM's NV counters and the device key in "
+        "the TPM (e.g. device:/dev/tpmrm0, tabrmd:bus_name=com.intel.tss2.Tabrmd; a "
+        "TPM-held TLS key needs a resource manager, not a raw swtpm: TCTI)",
     )
     dinit.set_defaults(func=_device_init)
     denr = dev.add_parser(
         "enroll",
-        help="generate the device key and get its certificate with an enrollment token",
+        help="generate the device key (in the TPM when configured) and get its certificate "
+        "with an enrollment token",
         allow_abbrev=False,
     )
     denr.add_argument("device_dir", type=Path)
