@@ -335,6 +335,18 @@ def test_a_tpm_device_refuses_the_file_key_store(world: World, broker: TpmBroker
         dev.enroll("some-token", key_store=TpmKeyStore("device:/dev/tpmrm9"))
 
 
+def test_a_single_client_tcti_is_refused_for_the_tls_key(world: World, tmp_path: Path) -> None:
+    """A raw swtpm TCTI enrolls (tpm2-pytss, one connection per call) but cannot serve TLS:
+    the provider would hold the TPM and the NV counters would wait forever."""
+    with running_swtpm(tmp_path / "raw-tpm") as raw:
+        dev = world.device("raw", tpm_tcti=raw.tcti)
+        assert dev.paths.device_key.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY")
+        done = agent(world, dev, "check")
+    assert done.returncode != 0
+    assert "serves one client at a time" in done.stderr and "resource manager" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_file_key_on_a_tpm_device_is_refused(world: World, broker: TpmBroker) -> None:
     """A device given a TPM after enrolling with a file key must enroll again."""
     dev = world.device("was-file")

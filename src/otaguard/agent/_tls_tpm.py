@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import ssl
 import threading
 from typing import Final
@@ -53,6 +54,10 @@ _PROVIDER: Final = b"tpm2"
 #: from tpm2 (a TPM key cannot sign anywhere else); tpm2's digests, random generator and
 #: ciphers never (a boolean property "=no" also matches where it is undefined)
 _PROPERTY_QUERY: Final = b"?tpm2.signature,tpm2.digest=no,tpm2.rand=no,tpm2.cipher=no"
+
+#: TCTIs that serve one client at a time: the provider would hold the TPM for the life of
+#: the process and the next tpm2-pytss call (an NV counter) would wait forever
+_SINGLE_CLIENT: Final = re.compile(r"(swtpm|mssim)(:.*)?|device(:/dev/tpm[0-9]+)?")
 
 _lock = threading.Lock()
 _loaded_tcti: str | None = None
@@ -81,9 +86,15 @@ def load_tpm_provider(tcti: str) -> None:
     Idempotent for the same TCTI.
 
     Raises:
-        ConfigError: the provider is missing (``apt-get install tpm2-openssl``), Python's
-            ssl is not OpenSSL 3, or the process already uses another TPM.
+        ConfigError: ``tcti`` is not a resource manager, the provider is missing
+            (``apt-get install tpm2-openssl``), Python's ssl is not OpenSSL 3, or the
+            process already uses another TPM.
     """
+    if _SINGLE_CLIENT.fullmatch(tcti):
+        raise ConfigError(
+            f"the TPM at {tcti!r} serves one client at a time, but a TPM-held TLS key needs "
+            "a resource manager: use tpm2-abrmd (tabrmd:...) or device:/dev/tpmrm0"
+        )
     global _loaded_tcti  # noqa: PLW0603 - one provider per process is OpenSSL's state
     with _lock:
         if _loaded_tcti == tcti:
