@@ -26,6 +26,7 @@ from typing import IO, Final
 
 __all__ = [
     "SessionBus",
+    "SoftTpmPool",
     "Swtpm",
     "TpmBroker",
     "softtpm_missing",
@@ -59,12 +60,17 @@ def _free_port_pair() -> int:
 
 def softtpm_missing() -> list[str]:
     """What is missing to run a software TPM behind a broker (Debian packages), if anything."""
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError:
+        return ["tpm2-pytss (pip install 'otaguard[tpm]')"]
     missing = [
         f"{cmd} ({pkg})"
         for cmd, pkg in (
             ("swtpm", "swtpm"),
             ("tpm2-abrmd", "tpm2-abrmd"),
-            ("dbus-daemon", "dbus"),
+            ("dbus-daemon", "dbus-daemon"),
+            ("dbus-send", "dbus-bin"),
         )
         if shutil.which(cmd) is None and not Path("/usr/sbin", cmd).exists()
     ]
@@ -306,3 +312,55 @@ class TpmBroker:
         """Stop abrmd (the swtpm keeps running)."""
         proc, self.proc = self.proc, None
         _stop(proc)
+
+
+class SoftTpmPool:
+    """``count`` software TPMs, each behind its own abrmd, on one private bus (demo).
+
+    Each device gets a TPM of its own: the NV counter indices are the same on every
+    device, so devices sharing a TPM would share their anti-rollback floor.
+    ``DBUS_SESSION_BUS_ADDRESS`` is set in this process (children inherit it) until
+    :meth:`close`.
+    """
+
+    def __init__(self, directory: Path, count: int) -> None:
+        self.directory = directory
+        self.count = count
+        self.bus = SessionBus()
+        self.tpms: list[Swtpm] = []
+        self.brokers: list[TpmBroker] = []
+        self._env_before: str | None = None
+
+    @property
+    def tctis(self) -> list[str]:
+        """One TCTI (through abrmd) per TPM."""
+        return [b.tcti for b in self.brokers]
+
+    def start(self) -> None:
+        """Start the bus, the swtpms and their brokers (all stopped again on failure)."""
+        try:
+            self.bus.start()
+            self._env_before = os.environ.get(BUS_ENV)
+            os.environ[BUS_ENV] = self.bus.address
+            for i in range(self.count):
+                tpm = Swtpm(self.directory / f"tpm-{i}")
+                tpm.start()
+                self.tpms.append(tpm)
+                broker = TpmBroker(tpm, self.bus, self.directory / f"abrmd-{i}.log")
+                broker.start()
+                self.brokers.append(broker)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop brokers, TPMs and the bus; restore the environment."""
+        for broker in self.brokers:
+            broker.stop()
+        for tpm in self.tpms:
+            tpm.stop()
+        self.bus.stop()
+        if self._env_before is None:
+            os.environ.pop(BUS_ENV, None)
+        else:
+            os.environ[BUS_ENV] = self._env_before
