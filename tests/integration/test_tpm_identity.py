@@ -353,3 +353,37 @@ def test_a_file_key_on_a_tpm_device_is_refused(world: World, broker: TpmBroker) 
     config = dataclasses.replace(dev.config, tpm=broker.tcti)
     with pytest.raises(ConfigError, match="not a TPM key: enroll again"):
         load_identity(dev.paths, config, key_store=TpmKeyStore(broker.tcti))
+
+
+def test_enrolling_with_an_unreachable_tpm_is_a_one_line_error(
+    world: World, broker: TpmBroker
+) -> None:
+    dev = world.device("gone", tpm_tcti=broker.tcti, enroll=False)
+    broker.stop()
+    done = subprocess.run(
+        [*world.cli(), "device", "enroll", str(dev.paths.root), "--token", "some-token"],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "cannot reach the TPM" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not dev.paths.device_key.exists() and not dev.paths.device_key_next.exists()
+
+
+@pytest.mark.slow
+def test_the_demo_makes_some_devices_tpm_backed(session_bus: SessionBus, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "otaguard", "demo", "--devices", "4", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3 devices TPM-backed" in done.stdout and "1 with development file keys" in done.stdout
+    assert "PASS: 4/4 devices updated, 6/6 attacks refused" in done.stdout
+    key = tmp_path / "devices" / "device-04" / "identity" / "device.key"
+    assert key.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
