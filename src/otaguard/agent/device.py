@@ -27,8 +27,8 @@ from otaguard.agent.identity import (
     DeviceKeyStore,
     enroll,
     key_store_for,
+    present_identity,
     renew_if_due,
-    tls_with_identity,
 )
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
@@ -345,8 +345,8 @@ class Device:
             ) from e
         except OSError as e:
             raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
-        renew_if_due(self.paths, self.config, key_store=self.key_store)
-        tls_with_identity(ctx, self.paths, self.config, key_store=self.key_store)
+        cert, key = renew_if_due(self.paths, self.config, key_store=self.key_store)
+        present_identity(ctx, cert, key, key_store=self.key_store)
         return ctx
 
     def _check_local_state(self) -> None:

@@ -70,6 +70,7 @@ __all__ = [
     "enroll",
     "key_store_for",
     "load_identity",
+    "present_identity",
     "renew_if_due",
     "tls_with_identity",
 ]
@@ -338,6 +339,17 @@ def tls_with_identity(
         ConfigError: the identity files or the tpm2 provider are unusable.
     """
     cert, key = load_identity(paths, config, key_store=key_store)
+    present_identity(ctx, cert, key, key_store=key_store)
+
+
+def present_identity(
+    ctx: ssl.SSLContext, cert: Path, key: Path, *, key_store: DeviceKeyStore
+) -> None:
+    """Load a checked pair (:func:`load_identity`, :func:`renew_if_due`) into ``ctx``.
+
+    Raises:
+        ConfigError: the files or the tpm2 provider are unusable.
+    """
     if isinstance(key_store, TpmKeyStore):
         from otaguard.agent._tls_tpm import load_tpm_provider
 
@@ -345,7 +357,7 @@ def tls_with_identity(
     try:
         ctx.load_cert_chain(str(cert), str(key))
     except (ssl.SSLError, OSError) as e:
-        raise ConfigError(f"the device identity in {paths.identity} is unusable") from e
+        raise ConfigError(f"the device identity in {cert.parent} is unusable") from e
 
 
 def enroll(
@@ -439,7 +451,7 @@ def renew_if_due(
     tls = _tls(paths, config)
     if tls is None:
         raise OperatorError("certificate renewal needs TLS")
-    tls_with_identity(tls, paths, config, key_store=key_store)
+    present_identity(tls, cert_path, key_path, key_store=key_store)
     key = _new_key(key_store, config.serial)
     data = _post(
         config,

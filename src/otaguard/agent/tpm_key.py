@@ -199,7 +199,7 @@ def tpm_sign(tcti: str, blob: bytes, data: bytes) -> bytes:
     """
     key = _parse(blob)
     digest = hashlib.sha256(data).digest()
-    from tpm2_pytss.constants import TPM2_ALG, TPM2_ST
+    from tpm2_pytss.constants import TPM2_ALG, TPM2_RH, TPM2_ST
     from tpm2_pytss.types import (
         TPM2B_DIGEST,
         TPMS_SCHEME_HASH,
@@ -214,7 +214,7 @@ def tpm_sign(tcti: str, blob: bytes, data: bytes) -> bytes:
     )
     # The digest was not computed by the TPM: a null ticket (allowed for keys that are
     # not restricted, which is what this key is).
-    ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=0x40000007)
+    ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
 
     def op(ctx: ESAPI) -> bytes:
         handle = key.load(ctx)
