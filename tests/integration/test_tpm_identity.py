@@ -387,3 +387,37 @@ def test_the_demo_makes_some_devices_tpm_backed(session_bus: SessionBus, tmp_pat
     assert "PASS: 4/4 devices updated, 6/6 attacks refused" in done.stdout
     key = tmp_path / "devices" / "device-04" / "identity" / "device.key"
     assert key.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
+
+
+def test_the_provider_serves_one_tpm_and_leaves_hashing_in_software(broker: TpmBroker) -> None:
+    """In one process: a second TCTI is refused; SHA-256 does not go through the TPM."""
+    done = child(f"""
+        import hashlib, time
+        from otaguard.agent._tls_tpm import load_tpm_provider
+        from otaguard.model.errors import ConfigError
+        load_tpm_provider({broker.tcti!r})
+        load_tpm_provider({broker.tcti!r})  # the same TPM again: fine
+        try:
+            load_tpm_provider("tabrmd:bus_name=com.example.other,bus_type=session")
+        except ConfigError as e:
+            print("refused:", e)
+        started = time.monotonic()
+        hashlib.sha256(bytes(20 * 1024 * 1024)).digest()
+        print("hash seconds:", time.monotonic() - started)
+    """)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused:") and "one TPM per process" in lines[0]
+    # In software 20 MiB take ~30 ms; through the TPM (1 KiB per command) many seconds.
+    assert float(lines[1].split(":")[1]) < 1.0, lines[1]
+
+
+@pytest.mark.parametrize(
+    "tcti", ["swtpm:host=127.0.0.1,port=2321", "swtpm", "mssim:port=2321", "device:/dev/tpm0"]
+)
+def test_single_client_tctis_are_refused_before_loading_anything(tcti: str) -> None:
+    from otaguard.agent._tls_tpm import load_tpm_provider
+    from otaguard.model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serves one client at a time"):
+        load_tpm_provider(tcti)
