@@ -18,15 +18,22 @@ $(STAMP): pyproject.toml | sysdeps
 # (swtpm-tools: swtpm_setup) is the software TPM the TPM anti-rollback tests run against;
 # tpm2-tools to inspect it by hand; libtss2-dev and pkg-config to build tpm2-pytss (it has
 # no wheel); gcc and python3-dev for that build; nginx (nginx-light) is the TLS-terminating
-# proxy of the production-topology tests. As root they are installed, otherwise listed (exit 1).
+# proxy of the production-topology tests. A TPM-held device key (ADR 0006) needs
+# tpm2-openssl (the OpenSSL provider that presents it in TLS), tpm2-abrmd and its TCTI
+# (libtss2-tcti-tabrmd0: several TPM clients at once) and D-Bus (abrmd's bus; dbus-send
+# tells when abrmd is up). As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
-                pkg-config:pkg-config gcc:gcc nginx:nginx-light
+                pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
+                dbus-daemon:dbus-daemon dbus-send:dbus-bin
+OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \
 	for pair in $(SYSDEPS_CMDS); do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
 	    || missing="$$missing $${pair#*:}"; done; \
 	pkg-config --exists tss2-esys 2>/dev/null || missing="$$missing libtss2-dev"; \
+	[ -n "$(OSSL_MODULES)" ] && [ -f "$(OSSL_MODULES)/tpm2.so" ] || missing="$$missing tpm2-openssl"; \
+	{ ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q libtss2-tcti-tabrmd || missing="$$missing libtss2-tcti-tabrmd0"; \
 	[ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
 	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \

@@ -20,7 +20,6 @@ import pytest
 
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
-from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository, Release
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
@@ -127,7 +126,7 @@ class World:
             token=self.server.operator_token,
         ) as fleet:
             token = fleet.add_device(dev.config.serial, dev.config.hardware_id).token
-        dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
+        dev.enroll(token, key_store=dev.key_store)
 
     def cli(self) -> list[str]:
         """argv prefix to run the real CLI in a subprocess."""

@@ -54,8 +54,13 @@ class DevicePaths:
 
     @property
     def device_key(self) -> Path:
-        """The device's private key (development file key store, mode 0600)."""
+        """The device key: a TPM-wrapped blob, or (development) a plain private key file."""
         return self.identity / "device.key"
+
+    @property
+    def device_key_next(self) -> Path:
+        """A new key waiting for its certificate (enrollment and renewal in progress)."""
+        return self.identity / "device.key.new"
 
     @property
     def device_cert(self) -> Path:

@@ -27,6 +27,8 @@ from otaguard.agent.identity import (
     DeviceKeyStore,
     enroll,
     enroll_with_factory_certificate,
+    key_store_for,
+    present_identity,
     renew_if_due,
 )
 from otaguard.agent.install import Action, InstallState, Phase
@@ -53,9 +55,6 @@ __all__ = ["Device", "DeviceStatus", "UpdateResult"]
 
 logger = logging.getLogger(__name__)
 
-#: the device key store until the TPM backend lands: a file, named and warned about on
-#: every use (Unsafe.FILE_DEVICE_KEY)
-DEVICE_KEY_STORE: Final = Unsafe.FILE_DEVICE_KEY
 # Trust anchors are small; a bigger file is not what the operator meant to provision.
 MAX_TRUST_FILE_BYTES: Final = 1024 * 1024
 
@@ -264,12 +263,18 @@ class Device:
         device.boot()
         return device
 
+    @property
+    def key_store(self) -> DeviceKeyStore:
+        """Where this device's key lives: its TPM, or (no TPM configured) a file, which warns."""
+        return key_store_for(self.config)
+
     def enroll(self, token: str, *, key_store: DeviceKeyStore) -> x509.Certificate:
         """Get the device certificate with a single-use enrollment token (EST).
 
-        Generates the device key (``key_store``: only ``Unsafe.FILE_DEVICE_KEY`` until a
-        TPM backend exists; warns), sends a CSR naming the configured serial, and stores
-        the certificate chain in ``identity/``. The token is neither logged nor stored.
+        Generates the device key (``key_store``: :attr:`key_store`, the configured TPM or
+        ``Unsafe.FILE_DEVICE_KEY``, which warns), sends a CSR naming the configured
+        serial, and stores the certificate chain in ``identity/``. The token is neither
+        logged nor stored.
 
         Raises:
             AccessDeniedError: the token or device was refused (the reason is given).
@@ -364,11 +369,8 @@ class Device:
             ) from e
         except OSError as e:
             raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
-        cert, key = renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
-        try:
-            ctx.load_cert_chain(str(cert), str(key))
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"the device identity in {self.paths.identity} is unusable") from e
+        cert, key = renew_if_due(self.paths, self.config, key_store=self.key_store)
+        present_identity(ctx, cert, key, key_store=self.key_store)
         return ctx
 
     def _check_local_state(self) -> None:

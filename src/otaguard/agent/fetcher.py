@@ -75,12 +75,33 @@ class DownloadCancelledError(exceptions.DownloadError):
 
 
 def create_ssl_context(
-    *, ca_file: Path, client_cert: Path | None = None, client_key: Path | None = None
+    *,
+    ca_file: Path,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    client_key_tcti: str | None = None,
 ) -> ssl.SSLContext:
-    """TLS context that trusts only ``ca_file``, optionally presenting a client cert."""
+    """TLS context that trusts only ``ca_file``, optionally presenting a client cert.
+
+    Args:
+        ca_file: the only CA the server's certificate may chain to.
+        client_cert: the client certificate chain (PEM) to present, if any.
+        client_key: its key file; a TPM-wrapped key (``TSS2 PRIVATE KEY``) needs
+            ``client_key_tcti``.
+        client_key_tcti: the TPM holding ``client_key``: the tpm2 OpenSSL provider is
+            loaded into this process's ``ssl`` for it (one TPM per process).
+
+    Raises:
+        ssl.SSLError, OSError: a file is unusable.
+        ConfigError: the tpm2 provider cannot be loaded.
+    """
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if client_cert is not None:
+        if client_key_tcti is not None:
+            from otaguard.agent._tls_tpm import load_tpm_provider
+
+            load_tpm_provider(client_key_tcti)
         ctx.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
     return ctx
 

@@ -1,9 +1,19 @@
 """The device's TLS identity: its key, its CSR, EST enrollment, its certificate chain.
 
-The key is an EC P-256 file in the device directory (``identity/device.key``, mode
-0600). That is the development key store until the TPM backend lands, so it is asked
-for by name (:attr:`~otaguard.model.unsafe.Unsafe.FILE_DEVICE_KEY`) and warns on every
-use. Enrollment follows EST (RFC 7030) ``simpleenroll``: HTTP Basic ``serial:token`` over
+With a TPM configured (``device init --tpm TCTI``) the key is created inside the TPM and
+``identity/device.key`` holds only its TPM-wrapped blob (:mod:`otaguard.agent.tpm_key`),
+which the tpm2 OpenSSL provider presents in TLS. Without one, the key is an EC P-256
+file in the device directory (mode 0600): the development key store, asked for by name
+(:attr:`~otaguard.model.unsafe.Unsafe.FILE_DEVICE_KEY`), which warns on every use.
+
+Key and certificate are two files, so a new pair is stored in three atomic steps: the new
+key as ``device.key.new``, then the certificate, then the key renamed over the old one.
+:func:`load_identity` uses whichever key matches the certificate (finishing a rename cut
+short), so a power cut anywhere leaves the old pair, the new pair, or (first enrollment)
+no certificate: never a certificate presented with a key it was not issued for. The old
+key is removed only after the new certificate is stored.
+
+Enrollment follows EST (RFC 7030) ``simpleenroll``: HTTP Basic ``serial:token`` over
 TLS that verifies the server against the provisioned CA, a base64 DER PKCS#10 request,
 and a base64 DER PKCS#7 certs-only answer. The token is never logged or stored. A device
 holding a factory certificate from its manufacturer may enroll with it instead of a token
@@ -19,7 +29,9 @@ import datetime as dt
 import http.client
 import json
 import logging
+import os
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import urlsplit
@@ -30,9 +42,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from otaguard._fs import atomic_write_bytes
+from otaguard._fs import atomic_write_bytes, fsync_dir
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import create_ssl_context
+from otaguard.agent.tpm_key import (
+    TpmKeyStore,
+    build_tpm_csr,
+    create_tpm_key,
+    is_tpm_key,
+    tpm_public_key,
+)
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import (
     AccessDeniedError,
@@ -49,11 +68,15 @@ __all__ = [
     "EST_ENROLL_PATH",
     "MAX_EST_RESPONSE_BYTES",
     "DeviceKeyStore",
+    "TpmKeyStore",
     "build_csr",
     "enroll",
     "enroll_with_factory_certificate",
+    "key_store_for",
     "load_identity",
+    "present_identity",
     "renew_if_due",
+    "tls_with_identity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,14 +95,75 @@ EST_TIMEOUT_SECONDS: Final = 30.0
 # Key and certificate files are small; a large one is not ours.
 MAX_IDENTITY_FILE_BYTES: Final = 64 * 1024
 
-#: the only key store until a hardware backend exists; named because it is insecure
-DeviceKeyStore = Literal[Unsafe.FILE_DEVICE_KEY]
+#: where the device key lives: the TPM, or (development, named because it is insecure) a file
+DeviceKeyStore = TpmKeyStore | Literal[Unsafe.FILE_DEVICE_KEY]
 
 
-def _warn_file_key(paths: DevicePaths) -> None:
+def key_store_for(config: DeviceConfig) -> DeviceKeyStore:
+    """The key store a device's configuration calls for: its TPM, or the file key."""
+    return TpmKeyStore(config.tpm) if config.tpm is not None else Unsafe.FILE_DEVICE_KEY
+
+
+def _check_store(paths: DevicePaths, config: DeviceConfig, key_store: DeviceKeyStore) -> None:
+    """Refuse a key store the configuration does not call for; warn about the file key."""
+    if isinstance(key_store, TpmKeyStore):
+        if key_store.tcti != config.tpm:
+            raise OperatorError(
+                f"device {paths.root} is not configured with the TPM {key_store.tcti!r}"
+            )
+        return
+    if key_store is not Unsafe.FILE_DEVICE_KEY:
+        raise OperatorError(f"unknown device key store {key_store!r}")
+    if config.tpm is not None:
+        raise OperatorError(
+            f"device {paths.root} has a TPM ({config.tpm}): its key belongs in it, not in a file"
+        )
     warn_insecure(
         f"device {paths.root} keeps its identity key in a file ({paths.device_key}), not in a TPM"
     )
+
+
+@dataclass(frozen=True)
+class _NewKey:
+    """A freshly made device key: what is stored, its public half, its CSR."""
+
+    blob: bytes
+    public: ec.EllipticCurvePublicKey
+    csr: bytes
+
+
+def _new_key(key_store: DeviceKeyStore, serial: str) -> _NewKey:
+    if isinstance(key_store, TpmKeyStore):
+        blob = create_tpm_key(key_store.tcti)
+        return _NewKey(blob, tpm_public_key(blob), build_tpm_csr(key_store.tcti, blob, serial))
+    key = ec.generate_private_key(ec.SECP256R1())
+    blob = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return _NewKey(blob, key.public_key(), build_csr(key, serial))
+
+
+def _public_of(blob: bytes, key_store: DeviceKeyStore, path: Path) -> ec.EllipticCurvePublicKey:
+    """The public key of a stored key, of the kind ``key_store`` keeps.
+
+    Raises:
+        ConfigError: the file is corrupt or of the other kind.
+    """
+    if isinstance(key_store, TpmKeyStore):
+        if not is_tpm_key(blob):
+            raise ConfigError(
+                f"the device key {path} is not a TPM key: enroll again to create one in the TPM"
+            )
+        return tpm_public_key(blob)
+    if is_tpm_key(blob):
+        raise ConfigError(f"the device key {path} is a TPM key but no TPM is configured")
+    try:
+        key = serialization.load_pem_private_key(blob, None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the device key {path} is corrupt") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"the device key {path} is not an EC key")
+    return key.public_key()
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, serial: str) -> bytes:
@@ -114,26 +198,45 @@ def load_identity(
         NotEnrolledError: no certificate or key yet, or they do not match.
         ConfigError: the files are corrupt.
     """
-    if key_store is not Unsafe.FILE_DEVICE_KEY:
-        raise OperatorError("the only device key store is Unsafe.FILE_DEVICE_KEY")
-    _warn_file_key(paths)
+    _check_store(paths, config, key_store)
     chain = _read_small(paths.device_cert, "device certificate")
-    key_pem = _read_small(paths.device_key, "device key")
     try:
         cert = x509.load_pem_x509_certificate(chain)
-        key = serialization.load_pem_private_key(key_pem, None)
     except ValueError as e:
         raise ConfigError(f"the device identity in {paths.identity} is corrupt") from e
-    if key.public_key() != cert.public_key():
-        raise NotEnrolledError(
-            "run otaguard device enroll (the certificate is not for the device key)"
-        )
+    _settle_key(paths, cert, key_store)
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if [a.value for a in cns] != [config.serial]:
         raise NotEnrolledError(
             f"run otaguard device enroll (the certificate is not for serial {config.serial})"
         )
     return paths.device_cert, paths.device_key
+
+
+def _settle_key(paths: DevicePaths, cert: x509.Certificate, key_store: DeviceKeyStore) -> None:
+    """Make ``device.key`` the key of ``cert``, finishing or discarding a cut-short store.
+
+    Raises:
+        NotEnrolledError: neither the key nor a waiting new key matches the certificate.
+    """
+    if paths.device_key_next.exists():
+        pending = _read_small(paths.device_key_next, "new device key")
+        try:
+            if _public_of(pending, key_store, paths.device_key_next) == cert.public_key():
+                # The certificate was stored, the rename was not: finish it.
+                os.replace(paths.device_key_next, paths.device_key)
+                fsync_dir(paths.identity)
+                logger.info("finished storing the device key of %s", paths.root)
+                return
+        except ConfigError:
+            pass  # a corrupt leftover: removed below, like any other
+        # A new key without its certificate: enrollment or renewal was cut short.
+        paths.device_key_next.unlink(missing_ok=True)
+    key = _read_small(paths.device_key, "device key")
+    if _public_of(key, key_store, paths.device_key) != cert.public_key():
+        raise NotEnrolledError(
+            "run otaguard device enroll (the certificate is not for the device key)"
+        )
 
 
 def _server_reason(data: bytes) -> str:
@@ -184,14 +287,14 @@ def _post(
 
 
 def _parse_chain(
-    data: bytes, key: ec.EllipticCurvePrivateKey, serial: str
+    data: bytes, public: ec.EllipticCurvePublicKey, serial: str
 ) -> list[x509.Certificate]:
     try:
         der = base64.b64decode(b"".join(data.split()), validate=True)
         certs = pkcs7.load_der_pkcs7_certificates(der)
     except (binascii.Error, ValueError) as e:
         raise VerificationError("the enrollment answer is not a base64 PKCS#7 certs-only") from e
-    leaves = [c for c in certs if c.public_key() == key.public_key()]
+    leaves = [c for c in certs if c.public_key() == public]
     if len(leaves) != 1:
         raise VerificationError("the enrollment answer holds no certificate for the device key")
     leaf = leaves[0]
@@ -201,21 +304,21 @@ def _parse_chain(
     return [leaf] + [c for c in certs if c is not leaf]
 
 
-def _store(
-    paths: DevicePaths, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]
-) -> None:
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+def _store(paths: DevicePaths, blob: bytes, chain: list[x509.Certificate]) -> None:
+    """Store a new key and its certificate chain; see the module docstring for the order."""
     try:
         paths.identity.mkdir(mode=0o700, exist_ok=True)
-        # Key first: a power cut in between leaves a key without its certificate, which
-        # load_identity reports as "not enrolled" rather than using a mismatched pair.
-        atomic_write_bytes(paths.device_key, key_pem, mode=0o600)
+        # 1. The new key beside the old one: a cut here leaves the old pair in use.
+        atomic_write_bytes(paths.device_key_next, blob, mode=0o600)
+        # 2. The certificate: a cut here leaves it matching device.key.new, which
+        #    load_identity renames into place (the old key is gone only after this).
         atomic_write_bytes(
             paths.device_cert,
             b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain),
         )
+        # 3. The new key replaces the old one.
+        os.replace(paths.device_key_next, paths.device_key)
+        fsync_dir(paths.identity)
     except OSError as e:
         raise DeviceStorageError(f"cannot store the device identity: {e.strerror}") from e
 
@@ -230,6 +333,37 @@ def _tls(paths: DevicePaths, config: DeviceConfig) -> ssl.SSLContext | None:
         raise ConfigError(f"CA certificate {paths.ca} is unusable") from e
 
 
+def tls_with_identity(
+    ctx: ssl.SSLContext, paths: DevicePaths, config: DeviceConfig, *, key_store: DeviceKeyStore
+) -> None:
+    """Make ``ctx`` present the device certificate and key (a TPM key through tpm2-openssl).
+
+    Raises:
+        NotEnrolledError: not enrolled, or the pair does not match.
+        ConfigError: the identity files or the tpm2 provider are unusable.
+    """
+    cert, key = load_identity(paths, config, key_store=key_store)
+    present_identity(ctx, cert, key, key_store=key_store)
+
+
+def present_identity(
+    ctx: ssl.SSLContext, cert: Path, key: Path, *, key_store: DeviceKeyStore
+) -> None:
+    """Load a checked pair (:func:`load_identity`, :func:`renew_if_due`) into ``ctx``.
+
+    Raises:
+        ConfigError: the files or the tpm2 provider are unusable.
+    """
+    if isinstance(key_store, TpmKeyStore):
+        from otaguard.agent._tls_tpm import load_tpm_provider
+
+        load_tpm_provider(key_store.tcti)
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"the device identity in {cert.parent} is unusable") from e
+
+
 def enroll(
     paths: DevicePaths, config: DeviceConfig, token: str, *, key_store: DeviceKeyStore
 ) -> x509.Certificate:
@@ -239,7 +373,8 @@ def enroll(
         paths: the device directory.
         config: the device configuration (server URL, serial).
         token: the single-use enrollment token from ``otaguard fleet add-device``.
-        key_store: where the key lives; only ``Unsafe.FILE_DEVICE_KEY`` (warns).
+        key_store: where the key lives: the configured TPM (:func:`key_store_for`), or
+            ``Unsafe.FILE_DEVICE_KEY`` on a device without one (warns).
 
     Returns:
         The device certificate.
@@ -249,15 +384,13 @@ def enroll(
         VerificationError: the server refused the request, or answered with something
             that is not a certificate for this key and serial.
         TransportError: the server is unreachable or TLS failed.
-        DeviceStorageError: the key or certificate cannot be written.
+        DeviceStorageError: the key or certificate cannot be written, or the TPM failed.
     """
-    if key_store is not Unsafe.FILE_DEVICE_KEY:
-        raise OperatorError("the only device key store is Unsafe.FILE_DEVICE_KEY")
-    _warn_file_key(paths)
+    _check_store(paths, config, key_store)
     if not token or not token.isascii() or not token.isprintable() or ":" in token:
         raise OperatorError("the enrollment token is malformed")
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = base64.encodebytes(build_csr(key, config.serial))
+    key = _new_key(key_store, config.serial)
+    csr = base64.encodebytes(key.csr)
     auth = base64.b64encode(f"{config.serial}:{token}".encode()).decode("ascii")
     data = _post(
         config,
@@ -270,8 +403,8 @@ def enroll(
             "Authorization": f"Basic {auth}",
         },
     )
-    chain = _parse_chain(data, key, config.serial)
-    _store(paths, key, chain)
+    chain = _parse_chain(data, key.public, config.serial)
+    _store(paths, key.blob, chain)
     logger.info(
         "device %s enrolled; certificate %x valid until %s",
         config.serial,
@@ -299,7 +432,8 @@ def enroll_with_factory_certificate(
         config: the device configuration (server URL, serial).
         factory_cert: the factory certificate (PEM).
         factory_key: its private key (PEM; a file here: warns).
-        key_store: where the device key lives; only ``Unsafe.FILE_DEVICE_KEY`` (warns).
+        key_store: where the device key lives: the configured TPM (:func:`key_store_for`),
+            or ``Unsafe.FILE_DEVICE_KEY`` on a device without one (warns).
 
     Returns:
         The device certificate.
@@ -312,9 +446,7 @@ def enroll_with_factory_certificate(
         ConfigError: the factory certificate or key is unusable.
         DeviceStorageError: the key or certificate cannot be written.
     """
-    if key_store is not Unsafe.FILE_DEVICE_KEY:
-        raise OperatorError("the only device key store is Unsafe.FILE_DEVICE_KEY")
-    _warn_file_key(paths)
+    _check_store(paths, config, key_store)
     warn_insecure(f"device {paths.root} reads its factory key from a file ({factory_key})")
     tls = _tls(paths, config)
     if tls is None:
@@ -325,16 +457,16 @@ def enroll_with_factory_certificate(
         raise ConfigError(
             f"the factory certificate {factory_cert} and key {factory_key} are unusable: {e}"
         ) from e
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = _new_key(key_store, config.serial)
     data = _post(
         config,
         tls,
         EST_ENROLL_PATH,
-        base64.encodebytes(build_csr(key, config.serial)),
+        base64.encodebytes(key.csr),
         {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"},
     )
-    chain = _parse_chain(data, key, config.serial)
-    _store(paths, key, chain)
+    chain = _parse_chain(data, key.public, config.serial)
+    _store(paths, key.blob, chain)
     logger.info(
         "device %s enrolled with its factory certificate; certificate %x valid until %s",
         config.serial,
@@ -385,18 +517,15 @@ def renew_if_due(
     tls = _tls(paths, config)
     if tls is None:
         raise OperatorError("certificate renewal needs TLS")
-    try:
-        tls.load_cert_chain(str(cert_path), str(key_path))
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigError(f"the device identity in {paths.identity} is unusable") from e
-    key = ec.generate_private_key(ec.SECP256R1())
+    present_identity(tls, cert_path, key_path, key_store=key_store)
+    key = _new_key(key_store, config.serial)
     data = _post(
         config,
         tls,
         EST_REENROLL_PATH,
-        base64.encodebytes(build_csr(key, config.serial)),
+        base64.encodebytes(key.csr),
         {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"},
     )
-    _store(paths, key, _parse_chain(data, key, config.serial))
+    _store(paths, key.blob, _parse_chain(data, key.public, config.serial))
     logger.info("device %s renewed its certificate", config.serial)
     return cert_path, key_path

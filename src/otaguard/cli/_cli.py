@@ -423,7 +423,7 @@ def _device_enroll(a: argparse.Namespace) -> int:
         dev = Device(a.device_dir)
         cert = dev.enroll_with_factory_certificate(
             factory_cert=a.factory_cert, factory_key=a.factory_key,
-            key_store=Unsafe.FILE_DEVICE_KEY,
+            key_store=dev.key_store,
         )  # fmt: skip
         out.print(
             f"enrolled device {dev.config.serial} with its factory certificate: certificate "
@@ -445,7 +445,7 @@ def _device_enroll(a: argparse.Namespace) -> int:
     if not token:
         raise OperatorError(f"no enrollment token: pass --token or set {ENROLL_TOKEN_ENV}")
     dev = Device(a.device_dir)
-    cert = dev.enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
+    cert = dev.enroll(token, key_store=dev.key_store)
     out.print(
         f"enrolled device {dev.config.serial}: certificate {cert.serial_number:x} valid until "
         f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
@@ -791,13 +791,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     dinit.add_argument(
         "--tpm",
         metavar="TCTI",
-        help="keep the anti-rollback floor in this TPM's NV counters "
-        "(e.g. device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321)",
+        help="keep the anti-rollback floor in this TPM's NV counters and the device key in "
+        "the TPM (e.g. device:/dev/tpmrm0, tabrmd:bus_name=com.intel.tss2.Tabrmd; a "
+        "TPM-held TLS key needs a resource manager, not a raw swtpm: TCTI)",
     )
     dinit.set_defaults(func=_device_init)
     denr = dev.add_parser(
         "enroll",
-        help="generate the device key and get its certificate with an enrollment token",
+        help="generate the device key (in the TPM when configured) and get its certificate "
+        "with an enrollment token",
         allow_abbrev=False,
     )
     denr.add_argument("device_dir", type=Path)

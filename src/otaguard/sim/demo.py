@@ -31,10 +31,14 @@ from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_
 from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
+from otaguard.sim.softtpm import SoftTpmPool, softtpm_missing
 
 __all__ = ["run_demo"]
 
 HARDWARE_ID: Final = "gateway-v1"
+#: devices whose key lives in a software TPM (swtpm + abrmd each) where swtpm is installed:
+#: enough to show it, few enough to keep the demo fast
+TPM_DEVICES: Final = 3
 IMAGE_SIZE: Final = 4 * 1024 * 1024
 ATTACKS: Final = 6
 
@@ -161,6 +165,24 @@ def _unidentified_clients(
     return outcome
 
 
+def _start_tpms(console: Console, directory: Path, count: int) -> SoftTpmPool | None:
+    """Software TPMs behind abrmd for ``count`` devices, or None where that cannot run."""
+    if count == 0:
+        return None
+    missing = softtpm_missing()
+    if missing:
+        console.print(f"[yellow]no TPM-backed devices: missing {', '.join(missing)}[/yellow]")
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    pool = SoftTpmPool(directory, count)
+    try:
+        pool.start()
+    except (RuntimeError, OSError) as e:
+        console.print(f"[yellow]no TPM-backed devices: software TPM did not start: {e}[/yellow]")
+        return None
+    return pool
+
+
 def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
     """Run the whole demo; True when every device updated and every attack was refused."""
     if devices < 1:
@@ -211,14 +233,21 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     )
     attacker = None
     operator: FleetClient | None = None
+    tpms: SoftTpmPool | None = None
     try:
         assert server.ca_cert is not None  # noqa: S101
         wait_served(server, repo)
         console.print(f"serving {server.base_url}")
 
         step(f"4. Register, provision and enroll {count} devices at 1.0.0")
+        # The first device stays file-keyed: attack (f) presents its key from this process.
+        tpm_names = [
+            f"device-{i:02d}" for i in range(count - min(TPM_DEVICES, count - 1) + 1, count + 1)
+        ]
+        tpms = _start_tpms(console, work / "tpm", len(tpm_names))
+        tctis = dict(zip(tpm_names, tpms.tctis if tpms else [], strict=False))
         console.print(
-            "[yellow]device keys are files (development key store until the TPM backend); "
+            "[yellow]file device keys are the development key store; "
             "their per-use warnings are silenced in the demo[/yellow]"
         )
         warnings.filterwarnings(
@@ -238,8 +267,14 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,
             enrollment_token=lambda serial, hw: operator.add_device(serial, hw).token,
+            tpm_tctis=tctis,
         )
         console.print(f"{count} devices enrolled (client certificates from the device CA)")
+        console.print(
+            f"{len(tctis)} devices TPM-backed (swtpm: key made in the TPM, presented in TLS "
+            f"through tpm2-openssl, floor in NV counters), {count - len(tctis)} with "
+            "development file keys"
+        )
         attacker = CompromisedServer(server.data_dir)
         old_timestamp = attacker.current_timestamp()
 
@@ -313,6 +348,8 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         if operator is not None:
             operator.close()
         server.stop()
+        if tpms is not None:
+            tpms.close()
 
     step("Summary")
     table = Table()

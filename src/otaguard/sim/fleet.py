@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,8 +18,8 @@ import urllib3
 
 from otaguard.agent import Device, UpdateResult
 from otaguard.healthcheck import UNHEALTHY_MARKER
+from otaguard.model import errors
 from otaguard.model.errors import NotReadyError, OtaguardError
-from otaguard.model.unsafe import Unsafe
 from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer
 
@@ -154,16 +155,19 @@ class Fleet:
         factory_version: str,
         health_command: list[str],
         enrollment_token: Callable[[str, str], str],
+        tpm_tctis: dict[str, str] | None = None,
     ) -> Fleet:
         """Provision ``count`` devices running the factory image, each enrolled.
 
         ``enrollment_token(serial, hardware_id)`` registers a device with the server and
         returns its single-use token (the operator's ``fleet add-device``); each device
-        then makes its key (a file key: development) and enrolls.
+        then makes its key and enrolls: in its TPM when ``tpm_tctis`` names one for it
+        (its anti-rollback floor goes there too), otherwise a file key (development).
         """
         names = [f"device-{i:02d}" for i in range(1, count + 1)]
+        tctis = tpm_tctis or {}
         for name in names:
-            Device.provision(
+            dev = Device.provision(
                 root / name,
                 server_url=server_url,
                 root_json=root_json,
@@ -173,7 +177,9 @@ class Fleet:
                 factory_image=factory_image,
                 factory_version=factory_version,
                 health_command=health_command,
-            ).enroll(enrollment_token(name, hardware_id), key_store=Unsafe.FILE_DEVICE_KEY)
+                tpm_tcti=tctis.get(name),
+            )
+            dev.enroll(enrollment_token(name, hardware_id), key_store=dev.key_store)
         return cls(root, names)
 
     def update_all(self, *, progress: ProgressFn | None = None) -> list[DeviceRun]:
@@ -184,13 +190,20 @@ class Fleet:
                 if progress:
                     progress(name, stage, n, total)
 
+            dev = self.device(name)
+            if dev.config.tpm is not None:
+                return _update_in_child(name, dev.paths.root)
             try:
-                return DeviceRun(name, self.device(name).update(progress=on_progress), None)
+                return DeviceRun(name, dev.update(progress=on_progress), None)
             except OtaguardError as e:
                 return DeviceRun(name, None, e)
 
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(self.names))) as pool:
             return list(pool.map(one, self.names))
+
+    def tpm_backed(self) -> list[str]:
+        """The devices whose key (and anti-rollback floor) live in a TPM."""
+        return [n for n in self.names if self.device(n).config.tpm is not None]
 
     def versions(self) -> dict[str, str]:
         """What each device runs now (the booted slot's version)."""
@@ -199,3 +212,32 @@ class Fleet:
             st = self.device(name).status()
             out[name] = st.booted.version if st.booted else "?"
         return out
+
+
+#: a child update downloads, verifies and installs an image: generous, but bounded
+CHILD_UPDATE_TIMEOUT_S: Final = 300.0
+
+
+def _update_in_child(name: str, root: Path) -> DeviceRun:
+    """``update`` in a child process (a TPM-held TLS key cannot share this process's ssl).
+
+    The child's error comes back as the same otaguard error class, so callers branch on
+    it as for an in-process run.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "otaguard.sim._child", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_UPDATE_TIMEOUT_S,
+            check=False,
+        )
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        return DeviceRun(name, None, OtaguardError(f"the device's agent failed: {e}"))
+    if "result" in answer:
+        return DeviceRun(name, UpdateResult(**answer["result"]), None)
+    kind = getattr(errors, str(answer["error"]["kind"]), OtaguardError)
+    if not (isinstance(kind, type) and issubclass(kind, OtaguardError)):
+        kind = OtaguardError
+    return DeviceRun(name, None, kind(str(answer["error"]["message"])))
