@@ -93,6 +93,11 @@ class DevicePaths:
         return self.root / "install-state.json"
 
     @property
+    def event_log(self) -> Path:
+        """The measured-boot event log (what each boot measured, per TPM reset epoch)."""
+        return self.root / "measured-boot.json"
+
+    @property
     def booted(self) -> Path:
         """What the (simulated) bootloader started; stands in for /proc/cmdline."""
         return self.root / "run" / "booted.json"

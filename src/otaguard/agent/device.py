@@ -23,7 +23,14 @@ from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
-from otaguard.agent.identity import DeviceKeyStore, enroll, renew_if_due
+from otaguard.agent.checkin import CheckinResult, check_in, register_attestation_key
+from otaguard.agent.identity import (
+    DeviceKeyStore,
+    device_signer,
+    enroll,
+    load_identity,
+    renew_if_due,
+)
 from otaguard.agent.install import Action, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
@@ -272,7 +279,19 @@ class Device:
             TransportError: the server is unreachable or TLS failed.
         """
         with self._locked():
-            return enroll(self.paths, self.config, token, key_store=key_store)
+            cert = enroll(self.paths, self.config, token, key_store=key_store)
+            if self.config.tpm is not None:
+                from otaguard.agent.measured_boot import TpmAttestor
+
+                # The attestation key joins the identity now, over the new mutual TLS.
+                fetcher = self._fetcher(self._tls_with_identity(renew=False))
+                try:
+                    register_attestation_key(
+                        fetcher, config=self.config, tpm=TpmAttestor(self.config.tpm)
+                    )
+                finally:
+                    fetcher.close()
+            return cert
 
     # -- helpers ---------------------------------------------------------------------
     @contextmanager
@@ -300,19 +319,11 @@ class Device:
                 server_url=url,
                 fetcher=self._fetcher_factory(),
             )
-        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
         if self.config.insecure_http and url.startswith("http://"):
-            tls = Unsafe.PLAIN_HTTP
+            warn_insecure(f"device {self.paths.root} does not check in (plain HTTP, no identity)")
+            fetcher = self._fetcher(Unsafe.PLAIN_HTTP)
         else:
-            tls = self._tls_with_identity()
-        fetcher = TlsFetcher(
-            tls=tls,
-            connect_timeout=self.config.connect_timeout_s,
-            read_timeout=self.config.read_timeout_s,
-            deadline_base=self.config.download_deadline_base_s,
-            min_rate_bps=self.config.download_min_rate_bps,
-            staging_dir=self.paths.staging,
-        )
+            fetcher = self._checked_in_fetcher()
         return TufSession(
             metadata_dir=self.paths.metadata,
             trusted_root=trusted_root,
@@ -320,10 +331,75 @@ class Device:
             fetcher=fetcher,
         )
 
-    def _tls_with_identity(self) -> ssl.SSLContext:
+    def _fetcher(self, tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]) -> TlsFetcher:
+        return TlsFetcher(
+            tls=tls,
+            connect_timeout=self.config.connect_timeout_s,
+            read_timeout=self.config.read_timeout_s,
+            deadline_base=self.config.download_deadline_base_s,
+            min_rate_bps=self.config.download_min_rate_bps,
+            staging_dir=self.paths.staging,
+        )
+
+    def _checked_in_fetcher(self) -> TlsFetcher:
+        """A fetcher presenting the device certificate, after an accepted check-in.
+
+        Zero trust: the server serves metadata and images to a certificate only shortly
+        after it checked in. A device without a TPM renews its certificate first when it
+        is due; a device with one checks in (attested) first, because the server renews
+        its certificate only right after an attested check-in, and then checks in again
+        with the new certificate.
+
+        Raises:
+            NotEnrolledError: no certificate yet, or it expired (enroll again).
+            AccessDeniedError: the server refused the device or its check-in.
+        """
+        attested = self.config.tpm is not None
+        fetcher = self._fetcher(self._tls_with_identity(renew=not attested))
+        try:
+            self._check_in(fetcher)
+            if attested:
+                before = self.paths.device_cert.read_bytes()
+                renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
+                if self.paths.device_cert.read_bytes() != before:
+                    fetcher.close()
+                    fetcher = self._fetcher(self._tls_with_identity(renew=False))
+                    self._check_in(fetcher)
+        except BaseException:
+            fetcher.close()
+            raise
+        return fetcher
+
+    def _check_in(self, fetcher: Fetcher) -> CheckinResult:
+        return check_in(
+            fetcher,
+            paths=self.paths,
+            config=self.config,
+            signer=device_signer(self.paths, self.config),
+        )
+
+    def checkin(self) -> CheckinResult:
+        """Check in with the server now (what every update check starts with).
+
+        Raises:
+            AccessDeniedError: the server refused the device or the check-in (reason given).
+            VerificationError: the server's answer is malformed.
+            TransportError: the server cannot be reached.
+        """
+        with self._locked():
+            self._check_local_state()
+            self._booted()
+            fetcher = self._fetcher(self._tls_with_identity(renew=False))
+            try:
+                return self._check_in(fetcher)
+            finally:
+                fetcher.close()
+
+    def _tls_with_identity(self, *, renew: bool) -> ssl.SSLContext:
         """TLS trusting the provisioned CA and presenting the device certificate.
 
-        Renews the certificate first when less than a third of its lifetime is left.
+        With ``renew``, renews the certificate first when less than a third of its
+        lifetime is left.
 
         Raises:
             NotEnrolledError: no certificate yet, or it expired (enroll again).
@@ -336,7 +412,10 @@ class Device:
             ) from e
         except OSError as e:
             raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
-        cert, key = renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
+        if renew:
+            cert, key = renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
+        else:
+            cert, key = load_identity(self.paths, self.config, key_store=DEVICE_KEY_STORE)
         try:
             ctx.load_cert_chain(str(cert), str(key))
         except (ssl.SSLError, OSError) as e:
@@ -353,7 +432,7 @@ class Device:
         record = read_booted(self.paths)
         if record is not None:
             return record
-        return boot(self.paths, self.backend, floor=self.monotonic.read())
+        return boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
 
     def _tracked_session(self) -> TufSession:
         """A session whose fetcher :meth:`request_stop` can cancel."""
@@ -395,7 +474,7 @@ class Device:
         above the floor.
         """
         with self._locked():
-            return boot(self.paths, self.backend, floor=self.monotonic.read())
+            return boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
 
     def status(self) -> DeviceStatus:
         """Read everything there is to show about the device."""

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
+from securesystemslib.signer import CryptoSigner, Signer
 
 from otaguard._fs import atomic_write_bytes
 from otaguard.agent.config import DeviceConfig, DevicePaths
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_EST_RESPONSE_BYTES",
     "DeviceKeyStore",
     "build_csr",
+    "device_signer",
     "enroll",
     "load_identity",
     "renew_if_due",
@@ -130,6 +132,27 @@ def load_identity(
             f"run otaguard device enroll (the certificate is not for serial {config.serial})"
         )
     return paths.device_cert, paths.device_key
+
+
+def device_signer(paths: DevicePaths, config: DeviceConfig) -> Signer:
+    """The device key as a securesystemslib ``Signer``: what signs check-in manifests.
+
+    The one place that decides where the device key lives. Today it is the file key
+    (:attr:`Unsafe.FILE_DEVICE_KEY`, warns on every use); a TPM-backed signer replaces it
+    here, and nothing else names the key.
+
+    Raises:
+        NotEnrolledError: no key or certificate yet, or they do not match.
+        ConfigError: the identity files are corrupt.
+    """
+    load_identity(paths, config, key_store=Unsafe.FILE_DEVICE_KEY)
+    try:
+        key = serialization.load_pem_private_key(_read_small(paths.device_key, "device key"), None)
+    except ValueError as e:
+        raise ConfigError(f"the device identity in {paths.identity} is corrupt") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"the device key in {paths.identity} is not an EC key")
+    return CryptoSigner(key)
 
 
 def _server_reason(data: bytes) -> str:

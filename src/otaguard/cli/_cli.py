@@ -25,7 +25,7 @@ from otaguard.model.unsafe import Unsafe
 
 if TYPE_CHECKING:
     from otaguard.crypto.signers import KeySecrets
-    from otaguard.server.client import FleetClient
+    from otaguard.server.client import DeviceCheckins, FleetClient
 
 __all__ = ["main", "passphrase_env_var"]
 
@@ -329,8 +329,10 @@ def _fleet(a: argparse.Namespace) -> int:
             out.print(table)
             out.print(f"{len(devices)} device(s)", markup=False)
             return 0
+        checkins = None
         if a.fleet_cmd == "show":
             d = client.show(a.serial)
+            checkins = client.checkins(a.serial)
         elif a.fleet_cmd == "quarantine":
             d = client.quarantine(a.serial, a.reason)
         elif a.fleet_cmd == "release":
@@ -346,7 +348,37 @@ def _fleet(a: argparse.Namespace) -> int:
         "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
         markup=False,
     )
+    if checkins is not None:
+        _show_checkins(checkins)
     return 0
+
+
+def _show_checkins(c: DeviceCheckins) -> None:
+    """The last check-in and the alerts of ``fleet show``."""
+    out.print(
+        "attestation key: "
+        + (
+            "registered (every check-in needs a TPM quote)"
+            if c.attestation_key
+            else "none (measurements unattested)"
+        ),
+        markup=False,
+    )
+    if not c.checkins:
+        out.print("last check-in: never", markup=False)
+    else:
+        last = c.checkins[0]
+        out.print(
+            f"last check-in: {_when(last.time)} {last.outcome}, running {last.running_version}"
+            + (f" ({last.target})" if last.target else "")
+            + f", boot sha256 {last.boot_sha256[:16]}… "
+            + ("attested by TPM quote" if last.attested else "unattested"),
+            markup=False,
+        )
+        if last.detail:
+            out.print(f"  {last.detail}", markup=False)
+    for when, kind, detail in c.alerts:
+        out.print(f"ALERT {_when(when)} {kind}: {detail}", markup=False)
 
 
 # -- device --------------------------------------------------------------------------
