@@ -9,8 +9,11 @@ reset zeroes the PCR, so only the events of the current reset epoch replay to it
 and older epochs are dropped from the log when a new one starts.
 
 The attestation key (AK) is a restricted ECDSA P-256 signing key the TPM derives from its
-owner seed and a fixed template (a *primary* key): the same key every time on the same
-TPM, so nothing is stored and nothing can be copied off the device. Restricted means the
+endorsement seed and a fixed template (a *primary* key): the same key every time on the
+same TPM, so nothing is stored and nothing can be copied off the device. The endorsement
+hierarchy, not the owner's, because a quote signed by a key of another hierarchy carries
+an *obfuscated* ``resetCount`` (TPM 2.0 Part 1, "Obfuscation of clockInfo"), which the
+server needs to tell reset epochs apart; and its seed survives an owner ``TPM2_Clear``. Restricted means the
 TPM signs with it only structures it generated itself (quotes), never a digest an
 attacker chose to look like one. The server learns its public part once, over mutual
 TLS (:func:`register` in :mod:`.checkin`), and from then on accepts a check-in only with
@@ -110,7 +113,7 @@ class TpmAttestor:
         # A signing key has no symmetric algorithm; the parser's default is for storage keys.
         template.publicArea.parameters.eccDetail.symmetric.algorithm = TPM2_ALG.NULL
         template.publicArea.unique.ecc.x = AK_UNIQUE
-        handle, public, *_ = ctx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
+        handle, public, *_ = ctx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT)
         return handle, public.to_pem().decode("ascii")
 
     def ak_public_pem(self) -> str:
