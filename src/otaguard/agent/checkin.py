@@ -98,7 +98,10 @@ def _post(fetcher: Fetcher, url: str, body: Any, what: str) -> Any:
     except exceptions.DownloadError as e:
         raise TransportError(f"{what}: {e}") from e
     if status in (401, 403):
-        raise AccessDeniedError(f"{what} refused (HTTP {status}): {_reason(data)}")
+        # One prefix, not three: "access denied: check-in refused (HTTP 403): check-in
+        # refused: ..." says the same thing thrice.
+        why = _reason(data).removeprefix("access denied: ").removeprefix(f"{what} refused: ")
+        raise AccessDeniedError(f"{what} refused (HTTP {status}): {why}")
     if status in (413, 422):
         raise VerificationError(f"{what} refused as malformed (HTTP {status}): {_reason(data)}")
     if status != 200:
