@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_checkin import error, fleet, nonce_for, request, tamper_running_slot
 
 from conftest import World
 from otaguard.agent import Device
@@ -25,7 +26,6 @@ from otaguard.crypto.envelope import sign_envelope
 from otaguard.model.errors import AccessDeniedError
 from otaguard.model.manifest import Quote, quote_qualifying_data
 from otaguard.model.unsafe import Unsafe
-from test_checkin import error, fleet, nonce_for, request, tamper_running_slot
 from tpm_support import Swtpm, running_swtpm
 
 
@@ -122,7 +122,9 @@ def test_a_quote_for_another_nonce_is_refused(world: World, swtpm: Swtpm) -> Non
 
 def test_a_forged_quote_signature_is_refused(world: World, swtpm: Swtpm) -> None:
     dev = tpm_device(world, swtpm, "t6")
-    m = build_manifest(dev.paths, dev.config, nonce=nonce_for(world, dev), tpm=TpmAttestor(swtpm.tcti))
+    m = build_manifest(
+        dev.paths, dev.config, nonce=nonce_for(world, dev), tpm=TpmAttestor(swtpm.tcti)
+    )
     assert m.quote is not None
     # Flip a byte of the PCR digest at the end of the attest structure.
     forged = m.quote.attest[:-1] + bytes([m.quote.attest[-1] ^ 1])
@@ -146,7 +148,11 @@ def test_another_attestation_key_is_refused(world: World, swtpm: Swtpm, tmp_path
     with running_swtpm(tmp_path / "other-tpm") as other:
         pem = TpmAttestor(other.tcti).ak_public_pem()
     status, data = request(
-        world, dev, "POST", "/api/v1/device/attestation-key", json.dumps({"public_pem": pem}).encode()
+        world,
+        dev,
+        "POST",
+        "/api/v1/device/attestation-key",
+        json.dumps({"public_pem": pem}).encode(),
     )
     assert status == 403 and "already registered another attestation key" in error(data)
     assert status_of(world, "t8")[2] == ["another key was offered"]

@@ -21,9 +21,9 @@ from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
+from otaguard.agent.checkin import CheckinResult, check_in, register_attestation_key
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
-from otaguard.agent.checkin import CheckinResult, check_in, register_attestation_key
 from otaguard.agent.identity import (
     DeviceKeyStore,
     device_signer,

@@ -439,9 +439,10 @@ class TlsFetcher(Fetcher):
                     f"{url}: answer longer than {max_length} bytes"
                 )
             complete = True
-            return resp.status, data
         except (OSError, http.client.HTTPException, UnicodeError) as e:
             raise self._translate(e, url, wd) from e
+        else:
+            return resp.status, data
         finally:
             wd.stop()
             if resp is not None:

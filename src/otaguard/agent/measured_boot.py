@@ -13,11 +13,12 @@ endorsement seed and a fixed template (a *primary* key): the same key every time
 same TPM, so nothing is stored and nothing can be copied off the device. The endorsement
 hierarchy, not the owner's, because a quote signed by a key of another hierarchy carries
 an *obfuscated* ``resetCount`` (TPM 2.0 Part 1, "Obfuscation of clockInfo"), which the
-server needs to tell reset epochs apart; and its seed survives an owner ``TPM2_Clear``. Restricted means the
-TPM signs with it only structures it generated itself (quotes), never a digest an
-attacker chose to look like one. The server learns its public part once, over mutual
-TLS (:func:`register` in :mod:`.checkin`), and from then on accepts a check-in only with
-a quote made by it over the boot PCR, qualified by the check-in's nonce.
+server needs to tell reset epochs apart; and its seed survives an owner ``TPM2_Clear``.
+Restricted means the TPM signs with it only structures it generated itself (quotes),
+never a digest an attacker chose to look like one. The server learns its public part
+once, over mutual TLS (:func:`~otaguard.agent.checkin.register_attestation_key`, at
+enrollment), and from then on accepts a check-in only with a quote made by it over the
+boot PCR, qualified by the check-in's nonce.
 
 Without a TPM the measurement is still reported, as *unattested*: the server compares it
 with the image repository all the same, but has only the device's word for it.
@@ -113,7 +114,9 @@ class TpmAttestor:
         # A signing key has no symmetric algorithm; the parser's default is for storage keys.
         template.publicArea.parameters.eccDetail.symmetric.algorithm = TPM2_ALG.NULL
         template.publicArea.unique.ecc.x = AK_UNIQUE
-        handle, public, *_ = ctx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT)
+        handle, public, *_ = ctx.create_primary(
+            TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+        )
         return handle, public.to_pem().decode("ascii")
 
     def ak_public_pem(self) -> str:
@@ -124,7 +127,7 @@ class TpmAttestor:
         """
         with _esapi(self.tcti) as ctx:
             handle, pem = self._create_ak(ctx)
-            ctx.flush_context(handle)  # type: ignore[arg-type]
+            ctx.flush_context(handle)
         return pem
 
     def quote(self, qualifying_data: bytes) -> tuple[bytes, bytes]:
@@ -140,13 +143,13 @@ class TpmAttestor:
             handle, _ = self._create_ak(ctx)
             try:
                 quoted, sig = ctx.quote(
-                    handle,  # type: ignore[arg-type]
+                    handle,
                     TPML_PCR_SELECTION.parse(f"sha256:{BOOT_PCR}"),
                     TPM2B_DATA(qualifying_data),
                     TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
                 )
             finally:
-                ctx.flush_context(handle)  # type: ignore[arg-type]
+                ctx.flush_context(handle)
         r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
         s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
         return bytes(quoted), encode_dss_signature(r, s)
@@ -165,15 +168,19 @@ def read_event_log(paths: DevicePaths) -> list[MeasurementEvent]:
         return []
     except OSError as e:
         raise ConfigError(f"cannot read the boot event log {paths.event_log}: {e.strerror}") from e
+    corrupt = f"the boot event log {paths.event_log} is corrupt"
+    if len(data) > MAX_EVENT_LOG_BYTES:
+        raise ConfigError(corrupt)
     try:
-        if len(data) > MAX_EVENT_LOG_BYTES:
-            raise ValueError("too large")
         raw = json.loads(data)
-        if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
-            raise ValueError("not an event log")
+    except ValueError as e:
+        raise ConfigError(corrupt) from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
+        raise ConfigError(corrupt)
+    try:
         return [MeasurementEvent.from_dict(e) for e in raw["events"]]
-    except (ValueError, VerificationError) as e:
-        raise ConfigError(f"the boot event log {paths.event_log} is corrupt") from e
+    except VerificationError as e:
+        raise ConfigError(corrupt) from e
 
 
 def measure_boot(

@@ -536,7 +536,9 @@ def prepare_data_dir(data_dir: Path) -> None:
         raise ServerStorageError(f"cannot prepare data directory {data_dir}: {e.strerror}") from e
 
 
-def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow) -> FastAPI:
+def create_app(  # noqa: PLR0915 - the app factory wires every store and router
+    settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow
+) -> FastAPI:
     """Build the server application: stores, online key, token, repository sync, routes.
 
     Nothing happens at import time; the database engine lives in the returned app and

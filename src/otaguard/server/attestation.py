@@ -210,7 +210,9 @@ class ListedImage:
     length: int
 
 
-def assess_boot(manifest: DeviceManifest, *, listed: list[ListedImage]) -> str | None:
+def assess_boot(  # noqa: PLR0911 - one return per verdict
+    manifest: DeviceManifest, *, listed: list[ListedImage]
+) -> str | None:
     """Why the measured boot contradicts the image repository, or ``None`` if it agrees.
 
     ``listed`` are the targets the image repository lists for the device's hardware id

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from otaguard.agent.slots import BootEnv
 from otaguard.crypto.signers import read_public_key
 from otaguard.model.errors import (
     AccessDeniedError,
@@ -32,7 +33,6 @@ from otaguard.model.errors import (
 from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
-from otaguard.agent.slots import BootEnv
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 
