@@ -245,3 +245,19 @@ def test_a_tampered_boot_after_an_update_names_the_target(world: World, tmp_path
     dev.boot()
     with pytest.raises(AccessDeniedError, match=r"but target .*1\.1\.0.* is [0-9a-f]{16}"):
         dev.checkin()
+
+
+def test_a_corrupt_event_log_is_one_line_and_exit_2(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = world.device("corrupt")
+    dev.paths.event_log.write_text('{"events": [{"sha256": "nope"}]}')
+    capsys.readouterr()
+    assert main(["agent", str(dev.paths.root), "check"]) == 2
+    lines = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.strip() and not line.startswith("warning: INSECURE")
+    ]
+    assert lines == [f"configuration error: the boot event log {dev.paths.event_log} is corrupt"]
+    assert main(["agent", str(dev.paths.root), "boot"]) == 2  # the bootloader will not append

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from otaguard import __version__
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
+from otaguard.model.manifest import BOOT_PCR
 from otaguard.model.unsafe import Unsafe
 
 if TYPE_CHECKING:
@@ -449,6 +450,15 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
         out.print(
             f"{kind} slot {rec.slot} (version {rec.version}, digest verified, "
             "not below the anti-rollback floor)"
+        )
+        out.print(
+            f"measured sha256 {rec.sha256[:16]}… "
+            + (
+                f"into TPM PCR {BOOT_PCR} and the event log"
+                if dev.config.tpm
+                else "into the event log (unattested: no TPM)"
+            ),
+            markup=False,
         )
         if rec.note:
             err.print(f"[yellow]{rec.note}[/yellow]")
