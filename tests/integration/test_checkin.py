@@ -261,3 +261,19 @@ def test_a_corrupt_event_log_is_one_line_and_exit_2(
     ]
     assert lines == [f"configuration error: the boot event log {dev.paths.event_log} is corrupt"]
     assert main(["agent", str(dev.paths.root), "boot"]) == 2  # the bootloader will not append
+
+
+def test_the_check_in_routes_are_in_the_openapi_schema(world: World) -> None:
+    spec = world.server.app.openapi()
+    paths = spec["paths"]
+    for p in (
+        "/api/v1/device/nonce",
+        "/api/v1/device/checkin",
+        "/api/v1/device/attestation-key",
+        "/api/v1/devices/{serial}/checkins",
+    ):
+        assert p in paths, p
+    checkin = paths["/api/v1/device/checkin"]["post"]
+    assert "signed device manifest" in json.dumps(checkin["requestBody"])
+    assert "403" in checkin["responses"]
+    assert {"NonceBody", "CheckinBody", "CheckinsBody"} <= set(spec["components"]["schemas"])
