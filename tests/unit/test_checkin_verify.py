@@ -30,11 +30,12 @@ from otaguard.model.manifest import (
 from otaguard.server.attestation import ListedImage, assess_boot, parse_attest
 from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
 from otaguard.server.storage.base import NonceRecord
-from otaguard.server.storage.checkins import SQLCheckinStore
+from otaguard.server.storage.checkins import MAX_OPEN_NONCES_PER_CERT, SQLCheckinStore
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.sql import sqlite_url
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+TTL = dt.timedelta(seconds=60)
 GOOD = hashlib.sha256(b"good image").hexdigest()
 EVIL = hashlib.sha256(b"evil image").hexdigest()
 
@@ -180,6 +181,12 @@ def test_a_nonce_is_spent_once(tmp_path: Path) -> None:
     # Expired nonces are forgotten when the next one is issued.
     store.issue_nonce(record(nonce="n2", issued_at=NOW + dt.timedelta(hours=1)))
     assert store.get_nonce("n1") is None
+    # A device asking for nonces in a loop keeps only its newest few open.
+    for i in range(MAX_OPEN_NONCES_PER_CERT + 3):
+        issued = NOW + dt.timedelta(hours=1, seconds=i)
+        store.issue_nonce(record(nonce=f"m{i}", issued_at=issued, expires_at=issued + TTL))
+    kept = [i for i in range(MAX_OPEN_NONCES_PER_CERT + 3) if store.get_nonce(f"m{i}")]
+    assert kept == list(range(3, MAX_OPEN_NONCES_PER_CERT + 3))
     assert store.register_attestation_key("d1", "PEM-A", now=NOW)
     assert store.register_attestation_key("d1", "PEM-A", now=NOW)
     assert not store.register_attestation_key("d1", "PEM-B", now=NOW)

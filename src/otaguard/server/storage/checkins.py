@@ -43,12 +43,16 @@ from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAler
 from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.sql import open_engine
 
-__all__ = ["SQLCheckinStore"]
+__all__ = ["MAX_OPEN_NONCES_PER_CERT", "SQLCheckinStore"]
 
 logger = logging.getLogger(__name__)
 
 # Free text stored per row; longer is cut (it is display text, the manifest is kept whole).
 _DETAIL_CHARS: Final = 1000
+#: unused nonces kept per certificate: an honest agent has one open at a time (a few when
+#: check-ins fail and retry); an enrolled but hostile device asking in a loop must not
+#: grow the table, so asking for more forgets its oldest ones
+MAX_OPEN_NONCES_PER_CERT: Final = 4
 
 _schema = devices_table.metadata
 nonces_table = Table(
@@ -61,6 +65,7 @@ nonces_table = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True), nullable=True),
     Index("ix_checkin_nonces_expires", "expires_at"),
+    Index("ix_checkin_nonces_cert", "cert_serial"),
 )
 checkins_table = Table(
     "checkins",
@@ -144,6 +149,18 @@ class SQLCheckinStore(CheckinStore):
                 conn.execute(
                     delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
                 )
+                open_nonces = (
+                    select(nonces_table.c.nonce)
+                    .where(
+                        nonces_table.c.cert_serial == record.cert_serial,
+                        nonces_table.c.used_at.is_(None),
+                    )
+                    .order_by(nonces_table.c.issued_at.desc())
+                    .offset(MAX_OPEN_NONCES_PER_CERT - 1)
+                )
+                stale = list(conn.execute(open_nonces).scalars())
+                if stale:
+                    conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
                 conn.execute(
                     insert(nonces_table).values(
                         nonce=record.nonce,
