@@ -171,3 +171,20 @@ def test_renewal_of_a_tpm_device_needs_an_attested_check_in_just_before(
     assert dev.paths.device_cert.read_bytes() != old
     # The new certificate has not checked in yet: the agent checks in again with it.
     assert dev.checkin().attested
+
+
+def test_the_agent_of_a_tpm_device_checks_in_renews_and_checks_in_again(
+    world: World, swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = tpm_device(world, swtpm, "t10")
+    old = dev.paths.device_cert.read_bytes()
+    # Renewal due now (it is due when less than this fraction of the lifetime is left).
+    monkeypatch.setattr("otaguard.agent.identity.RENEW_WHEN_LEFT", 1.01)
+    assert dev.update().outcome == "up-to-date"
+    assert dev.paths.device_cert.read_bytes() != old
+    with fleet(world) as client:
+        history = client.checkins("t10").checkins
+        certs = client.show("t10").cert_serials
+    # Attested check-in with the old certificate, renewal, attested check-in with the new.
+    assert [(c.outcome, c.attested) for c in history] == [("accepted", True)] * 2
+    assert len(certs) == 2

@@ -233,8 +233,19 @@ def test_acceptance_a_tampered_boot_quarantines_the_device_unattested(
     assert history.checkins[0].outcome == "quarantined"
     assert history.alerts[0][1] == "measured-boot"
     # And it stays refused: the next check-in is stopped at the nonce request.
+    capsys.readouterr()
     assert main(["agent", str(dev.paths.root), "check"]) == 77
     assert "quarantined" in capsys.readouterr().err
+    # The operator sees why.
+    assert main(["fleet", "show", "tampered", "--server", world.server.base_url, "--ca",
+                 str(world.server.ca_cert), "--token-file",
+                 str(world.server.data_dir / "operator-token")]) == 0  # fmt: skip
+    shown = capsys.readouterr().out
+    assert "device tampered: quarantined (measured boot: booted an image" in shown
+    assert "last check-in:" in shown and "quarantined, running 1.0.0" in shown
+    assert (
+        "ALERT" in shown and f"measured-boot: booted an image with sha256 {digest[:16]}" in shown
+    )
 
 
 def test_a_tampered_boot_after_an_update_names_the_target(world: World, tmp_path: Path) -> None:
