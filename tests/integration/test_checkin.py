@@ -243,9 +243,7 @@ def test_acceptance_a_tampered_boot_quarantines_the_device_unattested(
     shown = capsys.readouterr().out
     assert "device tampered: quarantined (measured boot: booted an image" in shown
     assert "last check-in:" in shown and "quarantined, running 1.0.0" in shown
-    assert (
-        "ALERT" in shown and f"measured-boot: booted an image with sha256 {digest[:16]}" in shown
-    )
+    assert "ALERT" in shown and f"measured-boot: booted an image with sha256 {digest[:16]}" in shown
 
 
 def test_a_tampered_boot_after_an_update_names_the_target(world: World, tmp_path: Path) -> None:

@@ -355,7 +355,7 @@ class Device:
             AccessDeniedError: the server refused the device or its check-in.
         """
         attested = self.config.tpm is not None
-        fetcher = self._fetcher(self._tls_with_identity(renew=not attested))
+        fetcher = self._cancellable(self._fetcher(self._tls_with_identity(renew=not attested)))
         try:
             self._check_in(fetcher)
             if attested:
@@ -363,11 +363,18 @@ class Device:
                 renew_if_due(self.paths, self.config, key_store=DEVICE_KEY_STORE)
                 if self.paths.device_cert.read_bytes() != before:
                     fetcher.close()
-                    fetcher = self._fetcher(self._tls_with_identity(renew=False))
+                    fetcher = self._cancellable(self._fetcher(self._tls_with_identity(renew=False)))
                     self._check_in(fetcher)
         except BaseException:
             fetcher.close()
             raise
+        return fetcher
+
+    def _cancellable(self, fetcher: TlsFetcher) -> TlsFetcher:
+        """Let :meth:`request_stop` abort ``fetcher``'s requests (the check-in's too)."""
+        self._fetchers.append(fetcher)
+        if self.stop_requested.is_set():
+            fetcher.cancel()
         return fetcher
 
     def _check_in(self, fetcher: Fetcher) -> CheckinResult:

@@ -76,12 +76,10 @@ def replay_pcr(digests: list[str]) -> bytes:
     return pcr
 
 
-def _obj(
-    raw: Any, what: str, keys: set[str], optional: frozenset[str] = frozenset()
-) -> Mapping[str, Any]:
+def _obj(raw: Any, what: str, keys: set[str]) -> Mapping[str, Any]:
     if not isinstance(raw, dict):
         raise VerificationError(f"{what} must be a JSON object")
-    missing = keys - optional - set(raw)
+    missing = keys - set(raw)
     unknown = set(raw) - keys
     if missing:
         raise VerificationError(f"{what} lacks {', '.join(sorted(missing))}")

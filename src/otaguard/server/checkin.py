@@ -31,7 +31,6 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from threading import Lock
 from typing import Annotated, Any, Final
 
@@ -93,16 +92,25 @@ HISTORY_LIMIT: Final = 20
 MAX_AK_PEM_CHARS: Final = 1024
 
 
-@dataclass
 class CheckinServices:
     """What the check-in routes use, and the check-in window the device routes enforce."""
 
-    checkins: CheckinStore
-    devices: DeviceStore
-    metadata: MetadataStore
-    clock: Callable[[], dt.datetime]
-    _index_lock: Lock = field(default_factory=Lock)
-    _index: tuple[int, list[tuple[ListedImage, frozenset[str]]]] = (0, [])
+    def __init__(
+        self,
+        *,
+        checkins: CheckinStore,
+        devices: DeviceStore,
+        metadata: MetadataStore,
+        clock: Callable[[], dt.datetime],
+    ):
+        """Use these stores and this clock (the server's notion of now)."""
+        self.checkins = checkins
+        self.devices = devices
+        self.metadata = metadata
+        self.clock = clock
+        self._index_lock = Lock()
+        # (newest targets version indexed, [(image, its hardware ids)])
+        self._index: tuple[int, list[tuple[ListedImage, frozenset[str]]]] = (0, [])
 
     def require_recent(self, dev: AuthenticatedDevice, *, window: dt.timedelta) -> None:
         """Refuse a device whose certificate has no accepted check-in within ``window``.

@@ -158,7 +158,7 @@ class SQLCheckinStore(CheckinStore):
                     .order_by(nonces_table.c.issued_at.desc())
                     .offset(MAX_OPEN_NONCES_PER_CERT - 1)
                 )
-                stale = list(conn.execute(open_nonces).scalars())
+                stale: list[str] = list(conn.execute(open_nonces).scalars())
                 if stale:
                     conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
                 conn.execute(
