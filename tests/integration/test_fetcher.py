@@ -16,13 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from securesystemslib.signer import CryptoSigner
 from tuf.api import exceptions
 
 from otaguard.agent import TlsFetcher, create_ssl_context
+from otaguard.agent.checkin import check_in
+from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import DownloadCancelledError
 from otaguard.crypto import CertificateAuthority
 from otaguard.crypto.ca import ServerCredentials
-from otaguard.model.errors import InsecureModeWarning
+from otaguard.model.errors import (
+    AccessDeniedError,
+    InsecureModeWarning,
+    TransportError,
+    VerificationError,
+)
 from otaguard.model.unsafe import Unsafe
 
 #: whole-request deadline of the fetchers that must give up; the hostile servers below
@@ -545,3 +554,60 @@ def test_plain_http_needs_the_named_unsafe_mode(site: Site) -> None:
             f.download_bytes(f"{site.url}/ok", 100)
     finally:
         f.close()
+
+
+# -- POST (the check-in) ----------------------------------------------------------------
+def _answer(status: int, body: bytes) -> Behaviour:
+    def behave(conn: socket.socket, _: threading.Event) -> None:
+        _read_request(conn)
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    return behave
+
+
+def _config(url: str) -> DeviceConfig:
+    return DeviceConfig(server_url=url, hardware_id="hw", serial="dev1", health_command=["true"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (200, b"<html>", VerificationError, "the server's answer is not JSON"),
+        (200, b'{"nonce": 7}', VerificationError, "nonce answer is malformed"),
+        (200, b"x" * 20_000, TransportError, "answer longer than 16384 bytes"),
+        (403, b'{"error": "access denied: device dev1 is revoked"}', AccessDeniedError,
+         r"refused \(HTTP 403\): device dev1 is revoked"),
+        (500, b"{}", TransportError, "server answered 500"),
+    ],
+)  # fmt: skip
+def test_a_hostile_check_in_answer_is_a_clean_error(
+    raw_server: Callable[[Behaviour, bool], str],
+    ca: CertificateAuthority,
+    make_fetcher: Callable[..., TlsFetcher],
+    tmp_path: Path,
+    case: tuple[int, bytes, type[Exception], str],
+) -> None:
+    status, body, error, message = case
+    url = raw_server(_answer(status, body), True)
+    signer = CryptoSigner(ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(error, match=message):
+        check_in(
+            make_fetcher(ca.cert_path),
+            paths=DevicePaths(tmp_path),
+            config=_config(url),
+            signer=signer,
+        )
+
+
+def test_a_trickled_post_answer_hits_the_deadline(
+    raw_server: Callable[[Behaviour, bool], str],
+    ca: CertificateAuthority,
+    make_fetcher: Callable[..., TlsFetcher],
+) -> None:
+    url = raw_server(_trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100), True)
+    f = make_fetcher(ca.cert_path, deadline=DEADLINE)
+    start = time.monotonic()
+    with pytest.raises(exceptions.SlowRetrievalError):
+        f.post(f"{url}/api/v1/device/nonce", b"", content_type="application/json", max_length=1000)
+    assert _elapsed_since(start) < GIVE_UP_BOUND

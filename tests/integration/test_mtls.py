@@ -80,6 +80,7 @@ def test_the_app_sees_the_verified_peer_certificate(world: World) -> None:
     cert = x509.load_pem_x509_certificate(dev.paths.device_cert.read_bytes())
     assert body["serial"] == "seen" and body["status"] == "enrolled"
     assert body["certificate_serial"] == format(cert.serial_number, "x")
+    dev.checkin()  # metadata only after a check-in (tests/integration/test_checkin.py)
     assert device_get(world, dev)[0] == 200
 
 
@@ -210,6 +211,7 @@ def test_a_certificate_the_registry_did_not_issue_is_refused(world: World, tmp_p
 
 def test_revocation_takes_effect_on_the_next_request(world: World) -> None:
     dev = world.device("stolen")
+    dev.checkin()
     conn = connect(world, dev.paths.device_cert, dev.paths.device_key)
     assert get(conn, TIMESTAMP)[0] == 200
     with fleet(world) as client:
@@ -229,6 +231,7 @@ def test_revocation_takes_effect_on_the_next_request(world: World) -> None:
 
 def test_quarantine_takes_effect_on_the_next_request_and_release_ends_it(world: World) -> None:
     dev = world.device("odd")
+    dev.checkin()
     conn = connect(world, dev.paths.device_cert, dev.paths.device_key)
     assert get(conn, TIMESTAMP)[0] == 200
     with fleet(world) as client:
@@ -236,7 +239,8 @@ def test_quarantine_takes_effect_on_the_next_request_and_release_ends_it(world: 
         status, data = get(conn, TIMESTAMP)
         assert status == 403
         assert reason(data) == "access denied: device odd is quarantined: odd traffic"
-        with pytest.raises(AccessDeniedError, match=r"refused this device \(HTTP 403"):
+        # The agent's check-in, before any update check, is refused the same way.
+        with pytest.raises(AccessDeniedError, match=r"refused \(HTTP 403\): .*quarantined"):
             dev.check()
         client.release("odd")
     assert get(conn, TIMESTAMP)[0] == 200

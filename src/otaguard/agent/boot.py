@@ -24,6 +24,7 @@ from typing import Final
 
 from otaguard._fs import atomic_write_json
 from otaguard.agent.config import DevicePaths
+from otaguard.agent.measured_boot import measure_boot
 from otaguard.agent.monotonic import Floor
 from otaguard.agent.slots import SLOTS, BootEnv, SlotBackend
 from otaguard.model.errors import ConfigError, DowngradeError
@@ -103,20 +104,23 @@ def _any_other(
     return None
 
 
-def boot(paths: DevicePaths, backend: SlotBackend, *, floor: Floor) -> BootRecord:
-    """Run one simulated boot and record it in ``run/booted.json``.
+def boot(paths: DevicePaths, backend: SlotBackend, *, floor: Floor, tpm: str | None) -> BootRecord:
+    """Run one simulated boot, measure it, and record it in ``run/booted.json``.
 
     Args:
         paths: the device directory.
         backend: where the slot images are.
         floor: the anti-rollback floor read from the monotonic store; no slot whose
             image is below it is ever started.
+        tpm: the device's TPM (TCTI): the boot is measured into its boot PCR; ``None``
+            logs the measurement unattested (:mod:`.measured_boot`).
 
     Returns:
         The record of what was started; ``record.recovery`` when nothing qualified.
 
     Raises:
-        ConfigError: the boot environment is missing or corrupt.
+        ConfigError: the boot environment or the event log is missing or corrupt.
+        DeviceStorageError: the TPM failed or the event log cannot be written.
     """
     env = BootEnv.load(paths.bootenv)
     notes: list[str] = []
@@ -160,6 +164,8 @@ def boot(paths: DevicePaths, backend: SlotBackend, *, floor: Floor) -> BootRecor
         fallback=fallback,
         time=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+    # Measured before the image would start, as a measuring bootloader does.
+    measure_boot(paths, slot=record.slot, sha256=record.sha256, tpm=tpm)
     paths.booted.parent.mkdir(exist_ok=True)
     atomic_write_json(paths.booted, asdict(record))
     if record.note:

@@ -98,6 +98,11 @@ class DevicePaths:
         return self.root / "install-state.json"
 
     @property
+    def event_log(self) -> Path:
+        """The measured-boot event log (what each boot measured, per TPM reset epoch)."""
+        return self.root / "measured-boot.json"
+
+    @property
     def booted(self) -> Path:
         """What the (simulated) bootloader started; stands in for /proc/cmdline."""
         return self.root / "run" / "booted.json"
@@ -134,6 +139,9 @@ class DeviceConfig:
     #: TCTI of the TPM holding the anti-rollback floor (NV counters); ``None``: the
     #: development file store alone
     tpm: str | None = None
+    #: development only: keep the identity key in a file although a TPM is configured (the
+    #: TPM still holds the floor and attests the boot); warns on every use
+    unsafe_file_device_key: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -235,5 +243,6 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "max_image_bytes": (int,),
     "insecure_http": (bool,),
     "unsafe_no_health_check": (bool,),
+    "unsafe_file_device_key": (bool,),
     "extra": (dict,),
 }

@@ -21,13 +21,16 @@ from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes
 from otaguard.agent.boot import BootRecord, boot, read_booted
+from otaguard.agent.checkin import CheckinResult, check_in
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
 from otaguard.agent.identity import (
     DeviceKeyStore,
+    device_signer,
     enroll,
     enroll_with_factory_certificate,
     key_store_for,
+    load_identity,
     present_identity,
     renew_if_due,
 )
@@ -170,6 +173,7 @@ class Device:
         factory_security_counter: int = 0,
         insecure_http: bool = False,
         tpm_tcti: str | None = None,
+        unsafe_file_device_key: bool = False,
     ) -> Device:
         """Create a device directory as the factory would.
 
@@ -179,7 +183,10 @@ class Device:
             health_command: run after a new image boots (exit 0 = healthy, anything else
                 rolls back), or ``Unsafe.NO_HEALTH_CHECK`` (development only, warns).
             tpm_tcti: the TPM whose NV counters hold the anti-rollback floor (created
-                here); ``None`` keeps it in the development file alone.
+                here), which also holds the device key and attests the boot; ``None``
+                keeps the floor in the development file alone.
+            unsafe_file_device_key: development only: the device key in a file even with
+                a TPM (warns on every use).
 
         Raises:
             OperatorError: directory not empty, bad version, unreadable inputs.
@@ -212,6 +219,7 @@ class Device:
             health_command=None if isinstance(health_command, Unsafe) else health_command,
             unsafe_no_health_check=no_check,
             tpm=tpm_tcti,
+            unsafe_file_device_key=unsafe_file_device_key,
         )
         root_bytes = _read_trust_file(root_json, "root metadata")
         validate_root(root_bytes, root_json)
@@ -282,6 +290,9 @@ class Device:
             TransportError: the server is unreachable or TLS failed.
         """
         with self._locked():
+            # A TPM device registers its attestation key at its first check-in, over
+            # mutual TLS with this certificate (agent/checkin.py), not here: enrolling
+            # must not load the TPM's TLS provider into the caller's process (ADR 0006).
             return enroll(self.paths, self.config, token, key_store=key_store)
 
     def enroll_with_factory_certificate(
@@ -333,19 +344,11 @@ class Device:
                 server_url=url,
                 fetcher=self._fetcher_factory(),
             )
-        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]
         if self.config.insecure_http and url.startswith("http://"):
-            tls = Unsafe.PLAIN_HTTP
+            warn_insecure(f"device {self.paths.root} does not check in (plain HTTP, no identity)")
+            fetcher = self._fetcher(Unsafe.PLAIN_HTTP)
         else:
-            tls = self._tls_with_identity()
-        fetcher = TlsFetcher(
-            tls=tls,
-            connect_timeout=self.config.connect_timeout_s,
-            read_timeout=self.config.read_timeout_s,
-            deadline_base=self.config.download_deadline_base_s,
-            min_rate_bps=self.config.download_min_rate_bps,
-            staging_dir=self.paths.staging,
-        )
+            fetcher = self._checked_in_fetcher()
         return TufSession(
             metadata_dir=self.paths.metadata,
             trusted_root=trusted_root,
@@ -353,10 +356,82 @@ class Device:
             fetcher=fetcher,
         )
 
-    def _tls_with_identity(self) -> ssl.SSLContext:
+    def _fetcher(self, tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]) -> TlsFetcher:
+        return TlsFetcher(
+            tls=tls,
+            connect_timeout=self.config.connect_timeout_s,
+            read_timeout=self.config.read_timeout_s,
+            deadline_base=self.config.download_deadline_base_s,
+            min_rate_bps=self.config.download_min_rate_bps,
+            staging_dir=self.paths.staging,
+        )
+
+    def _checked_in_fetcher(self) -> TlsFetcher:
+        """A fetcher presenting the device certificate, after an accepted check-in.
+
+        Zero trust: the server serves metadata and images to a certificate only shortly
+        after it checked in. A device without a TPM renews its certificate first when it
+        is due; a device with one checks in (attested) first, because the server renews
+        its certificate only right after an attested check-in, and then checks in again
+        with the new certificate.
+
+        Raises:
+            NotEnrolledError: no certificate yet, or it expired (enroll again).
+            AccessDeniedError: the server refused the device or its check-in.
+        """
+        attested = self.config.tpm is not None
+        fetcher = self._cancellable(self._fetcher(self._tls_with_identity(renew=not attested)))
+        try:
+            self._check_in(fetcher)
+            if attested:
+                before = self.paths.device_cert.read_bytes()
+                renew_if_due(self.paths, self.config, key_store=self.key_store)
+                if self.paths.device_cert.read_bytes() != before:
+                    fetcher.close()
+                    fetcher = self._cancellable(self._fetcher(self._tls_with_identity(renew=False)))
+                    self._check_in(fetcher)
+        except BaseException:
+            fetcher.close()
+            raise
+        return fetcher
+
+    def _cancellable(self, fetcher: TlsFetcher) -> TlsFetcher:
+        """Let :meth:`request_stop` abort ``fetcher``'s requests (the check-in's too)."""
+        self._fetchers.append(fetcher)
+        if self.stop_requested.is_set():
+            fetcher.cancel()
+        return fetcher
+
+    def _check_in(self, fetcher: Fetcher) -> CheckinResult:
+        return check_in(
+            fetcher,
+            paths=self.paths,
+            config=self.config,
+            signer=device_signer(self.paths, self.config),
+        )
+
+    def checkin(self) -> CheckinResult:
+        """Check in with the server now (what every update check starts with).
+
+        Raises:
+            AccessDeniedError: the server refused the device or the check-in (reason given).
+            VerificationError: the server's answer is malformed.
+            TransportError: the server cannot be reached.
+        """
+        with self._locked():
+            self._check_local_state()
+            self._booted()
+            fetcher = self._fetcher(self._tls_with_identity(renew=False))
+            try:
+                return self._check_in(fetcher)
+            finally:
+                fetcher.close()
+
+    def _tls_with_identity(self, *, renew: bool) -> ssl.SSLContext:
         """TLS trusting the provisioned CA and presenting the device certificate.
 
-        Renews the certificate first when less than a third of its lifetime is left.
+        With ``renew``, renews the certificate first when less than a third of its
+        lifetime is left.
 
         Raises:
             NotEnrolledError: no certificate yet, or it expired (enroll again).
@@ -369,7 +444,10 @@ class Device:
             ) from e
         except OSError as e:
             raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
-        cert, key = renew_if_due(self.paths, self.config, key_store=self.key_store)
+        if renew:
+            cert, key = renew_if_due(self.paths, self.config, key_store=self.key_store)
+        else:
+            cert, key = load_identity(self.paths, self.config, key_store=self.key_store)
         present_identity(ctx, cert, key, key_store=self.key_store)
         return ctx
 
@@ -383,7 +461,7 @@ class Device:
         record = read_booted(self.paths)
         if record is not None:
             return record
-        return boot(self.paths, self.backend, floor=self.monotonic.read())
+        return boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
 
     def _tracked_session(self) -> TufSession:
         """A session whose fetcher :meth:`request_stop` can cancel."""
@@ -425,7 +503,7 @@ class Device:
         above the floor.
         """
         with self._locked():
-            return boot(self.paths, self.backend, floor=self.monotonic.read())
+            return boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
 
     def status(self) -> DeviceStatus:
         """Read everything there is to show about the device."""

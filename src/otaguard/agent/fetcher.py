@@ -116,6 +116,19 @@ class Fetcher(FetcherInterface):
     #: called with the size of every chunk received (progress display)
     on_chunk: Callable[[int], None] | None = None
 
+    def post(
+        self, url: str, body: bytes, *, content_type: str, max_length: int
+    ) -> tuple[int, bytes]:
+        """POST ``body`` to ``url``: the check-in's requests (nonce, signed manifest).
+
+        Returns:
+            The HTTP status and the answer's body (at most ``max_length`` bytes).
+
+        Raises:
+            DownloadError: this fetcher cannot post, or the request failed.
+        """
+        raise exceptions.DownloadError(f"{type(self).__name__} cannot send requests to {url}")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections; the fetcher may be used again afterwards."""
@@ -413,6 +426,54 @@ class TlsFetcher(Fetcher):
                 else:
                     conn.close()
 
+    def post(
+        self, url: str, body: bytes, *, content_type: str, max_length: int
+    ) -> tuple[int, bytes]:
+        """POST ``body`` to ``url``; return the status and the answer (at most ``max_length``).
+
+        The same TLS, deadline (``deadline_base``) and cancellation as every fetch. A POST
+        always opens a fresh connection: it is never re-sent on a kept-alive connection
+        that turns out stale, so the server sees it at most once.
+
+        Raises:
+            DownloadLengthMismatchError: the answer is longer than ``max_length``.
+            SlowRetrievalError: the deadline passed or the server stalled.
+            DownloadCancelledError: :meth:`cancel` was called.
+            DownloadError: any other network, TLS or protocol failure.
+        """
+        key, path = self._target(url)
+        if self._cancelled:
+            raise DownloadCancelledError(f"request to {url} refused: the fetcher was cancelled")
+        wd = _Watchdog(url, self._deadline_base, self._is_cancelled)
+        conn: _Connection | None = None
+        resp: http.client.HTTPResponse | None = None
+        complete = False
+        try:
+            conn = self._connect(key, wd)
+            resp = self._send(
+                conn, path, wd, method="POST", body=body, headers={"Content-Type": content_type}
+            )
+            data = resp.read(max_length + 1)
+            wd.check()
+            if len(data) > max_length:
+                raise exceptions.DownloadLengthMismatchError(
+                    f"{url}: answer longer than {max_length} bytes"
+                )
+            complete = True
+        except (OSError, http.client.HTTPException, UnicodeError) as e:
+            raise self._translate(e, url, wd) from e
+        else:
+            return resp.status, data
+        finally:
+            wd.stop()
+            if resp is not None:
+                resp.close()
+            if conn is not None:
+                if complete and not wd.fired and conn.http.sock is not None:
+                    self._checkin(conn)
+                else:
+                    conn.close()
+
     def _target(self, url: str) -> tuple[_Key, str]:
         """Connection key and request path of ``url``; refuse what this fetcher may not do."""
         try:
@@ -456,11 +517,20 @@ class TlsFetcher(Fetcher):
         conn = self._connect(key, wd)
         return conn, self._send(conn, path, wd)
 
-    def _send(self, conn: _Connection, path: str, wd: _Watchdog) -> http.client.HTTPResponse:
+    def _send(
+        self,
+        conn: _Connection,
+        path: str,
+        wd: _Watchdog,
+        *,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
         ok = False
         try:
             wd.watch(conn.handle)
-            conn.http.request("GET", path, headers=self._headers)
+            conn.http.request(method, path, body=body, headers={**self._headers, **(headers or {})})
             resp = conn.http.getresponse()
             ok = True
             return resp

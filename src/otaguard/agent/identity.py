@@ -41,12 +41,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
+from securesystemslib.signer import CryptoSigner, Signer
 
 from otaguard._fs import atomic_write_bytes, fsync_dir
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import create_ssl_context
 from otaguard.agent.tpm_key import (
     TpmKeyStore,
+    TpmSigner,
     build_tpm_csr,
     create_tpm_key,
     is_tpm_key,
@@ -70,6 +72,7 @@ __all__ = [
     "DeviceKeyStore",
     "TpmKeyStore",
     "build_csr",
+    "device_signer",
     "enroll",
     "enroll_with_factory_certificate",
     "key_store_for",
@@ -100,8 +103,14 @@ DeviceKeyStore = TpmKeyStore | Literal[Unsafe.FILE_DEVICE_KEY]
 
 
 def key_store_for(config: DeviceConfig) -> DeviceKeyStore:
-    """The key store a device's configuration calls for: its TPM, or the file key."""
-    return TpmKeyStore(config.tpm) if config.tpm is not None else Unsafe.FILE_DEVICE_KEY
+    """The key store a device's configuration calls for: its TPM, or the file key.
+
+    The file key on a device with a TPM only when its configuration asks for it by name
+    (``unsafe_file_device_key``, development).
+    """
+    if config.tpm is None or config.unsafe_file_device_key:
+        return Unsafe.FILE_DEVICE_KEY
+    return TpmKeyStore(config.tpm)
 
 
 def _check_store(paths: DevicePaths, config: DeviceConfig, key_store: DeviceKeyStore) -> None:
@@ -114,7 +123,7 @@ def _check_store(paths: DevicePaths, config: DeviceConfig, key_store: DeviceKeyS
         return
     if key_store is not Unsafe.FILE_DEVICE_KEY:
         raise OperatorError(f"unknown device key store {key_store!r}")
-    if config.tpm is not None:
+    if config.tpm is not None and not config.unsafe_file_device_key:
         raise OperatorError(
             f"device {paths.root} has a TPM ({config.tpm}): its key belongs in it, not in a file"
         )
@@ -237,6 +246,30 @@ def _settle_key(paths: DevicePaths, cert: x509.Certificate, key_store: DeviceKey
         raise NotEnrolledError(
             "run otaguard device enroll (the certificate is not for the device key)"
         )
+
+
+def device_signer(paths: DevicePaths, config: DeviceConfig) -> Signer:
+    """The device key as a securesystemslib ``Signer``: what signs check-in manifests.
+
+    The one place that decides which key signs: the TPM-held key when the device has a
+    TPM (:class:`~otaguard.agent.tpm_key.TpmSigner`: the signature is made inside the
+    TPM), otherwise the file key (:attr:`Unsafe.FILE_DEVICE_KEY`, warns on every use).
+
+    Raises:
+        NotEnrolledError: no key or certificate yet, or they do not match.
+        ConfigError: the identity files are corrupt.
+    """
+    key_store = key_store_for(config)
+    _, key_path = load_identity(paths, config, key_store=key_store)
+    if isinstance(key_store, TpmKeyStore):
+        return TpmSigner(tcti=key_store.tcti, key_blob=_read_small(key_path, "device key"))
+    try:
+        key = serialization.load_pem_private_key(_read_small(paths.device_key, "device key"), None)
+    except ValueError as e:
+        raise ConfigError(f"the device identity in {paths.identity} is corrupt") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"the device key in {paths.identity} is not an EC key")
+    return CryptoSigner(key)
 
 
 def _server_reason(data: bytes) -> str:

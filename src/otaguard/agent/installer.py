@@ -193,7 +193,7 @@ class Installer:
         floor = self.monotonic.read()
         booted = read_booted(self.paths)
         if booted is None:
-            booted = boot(self.paths, self.backend, floor=floor)
+            booted = boot(self.paths, self.backend, floor=floor, tpm=self.config.tpm)
         env = BootEnv.load(self.paths.bootenv)
         return DeviceView(
             booted=booted.slot,
@@ -243,7 +243,7 @@ class Installer:
                 return None
             case Reboot():
                 # Simulated: on hardware this is a real reboot and the agent resumes here.
-                boot(self.paths, self.backend, floor=self.monotonic.read())
+                boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
                 return None
             case HealthCheck(slot=slot):
                 return HealthResult(self._health_check(state, slot))

@@ -21,11 +21,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from otaguard import __version__
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
+from otaguard.model.manifest import BOOT_PCR
 from otaguard.model.unsafe import Unsafe
 
 if TYPE_CHECKING:
     from otaguard.crypto.signers import KeySecrets
-    from otaguard.server.client import FleetClient
+    from otaguard.server.client import DeviceCheckins, FleetClient
 
 __all__ = ["main", "passphrase_env_var"]
 
@@ -368,8 +369,10 @@ def _fleet(a: argparse.Namespace) -> int:
             out.print(table)
             out.print(f"{len(devices)} device(s)", markup=False)
             return 0
+        checkins = None
         if a.fleet_cmd == "show":
             d = client.show(a.serial)
+            checkins = client.checkins(a.serial)
         elif a.fleet_cmd == "quarantine":
             d = client.quarantine(a.serial, a.reason)
         elif a.fleet_cmd == "release":
@@ -385,7 +388,37 @@ def _fleet(a: argparse.Namespace) -> int:
         "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
         markup=False,
     )
+    if checkins is not None:
+        _show_checkins(checkins)
     return 0
+
+
+def _show_checkins(c: DeviceCheckins) -> None:
+    """The last check-in and the alerts of ``fleet show``."""
+    out.print(
+        "attestation key: "
+        + (
+            "registered (every check-in needs a TPM quote)"
+            if c.attestation_key
+            else "none (measurements unattested)"
+        ),
+        markup=False,
+    )
+    if not c.checkins:
+        out.print("last check-in: never", markup=False)
+    else:
+        last = c.checkins[0]
+        out.print(
+            f"last check-in: {_when(last.time)} {last.outcome}, running {last.running_version}"
+            + (f" ({last.target})" if last.target else "")
+            + f", boot sha256 {last.boot_sha256[:16]}… "
+            + ("attested by TPM quote" if last.attested else "unattested"),
+            markup=False,
+        )
+        if last.detail:
+            out.print(f"  {last.detail}", markup=False)
+    for when, kind, detail in c.alerts:
+        out.print(f"ALERT {_when(when)} {kind}: {detail}", markup=False)
 
 
 # -- device --------------------------------------------------------------------------
@@ -404,6 +437,7 @@ def _device_init(a: argparse.Namespace) -> int:
         factory_security_counter=a.factory_security_counter,
         insecure_http=a.insecure_http,
         tpm_tcti=a.tpm,
+        unsafe_file_device_key=a.unsafe_file_key,
         health_command=Unsafe.NO_HEALTH_CHECK
         if a.unsafe_no_health_check
         else shlex.split(a.health_command),
@@ -472,6 +506,15 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
         out.print(
             f"{kind} slot {rec.slot} (version {rec.version}, digest verified, "
             "not below the anti-rollback floor)"
+        )
+        out.print(
+            f"measured sha256 {rec.sha256[:16]}… "
+            + (
+                f"into TPM PCR {BOOT_PCR} and the event log"
+                if dev.config.tpm
+                else "into the event log (unattested: no TPM)"
+            ),
+            markup=False,
         )
         if rec.note:
             err.print(f"[yellow]{rec.note}[/yellow]")
@@ -794,6 +837,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="keep the anti-rollback floor in this TPM's NV counters and the device key in "
         "the TPM (e.g. device:/dev/tpmrm0, tabrmd:bus_name=com.intel.tss2.Tabrmd; a "
         "TPM-held TLS key needs a resource manager, not a raw swtpm: TCTI)",
+    )
+    dinit.add_argument(
+        "--unsafe-file-key",
+        action="store_true",
+        help="development only: keep the device key in a file even with --tpm (warns)",
     )
     dinit.set_defaults(func=_device_init)
     denr = dev.add_parser(

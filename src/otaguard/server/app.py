@@ -8,6 +8,7 @@ URL layout::
     GET  /targets/{sha256}.{path}     target blob, HTTP Range supported (HEAD too)
     PUT  /api/v1/blobs/{filename}     operator: upload a blob (streamed, hash verified)
     POST /api/v1/publish              operator: publish metadata in one transaction
+    /api/v1/device/...                device: whoami, check-in (:mod:`.checkin`)
     /api/v1/devices...                operator: the device registry (:mod:`.fleet`)
     /.well-known/est/...              device enrollment, EST (:mod:`.fleet`)
 
@@ -59,6 +60,12 @@ from otaguard.server._api import ErrorBody
 from otaguard.server._names import parse_blob_name, parse_metadata_name
 from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server.auth import load_or_create_operator_token, token_matches
+from otaguard.server.checkin import (
+    CHECKIN_WINDOW,
+    CheckinServices,
+    checkin_router,
+    checkins_router,
+)
 from otaguard.server.device_auth import DeviceGate
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
@@ -70,6 +77,7 @@ from otaguard.server.storage.base import (
     MetadataRecord,
     MetadataStore,
 )
+from otaguard.server.storage.checkins import SQLCheckinStore
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
@@ -113,7 +121,9 @@ TAGS: Final = [
     },
     {
         "name": "device",
-        "description": "A device asking about itself (verified client certificate).",
+        "description": "A device asking about itself and checking in (verified client "
+        "certificate): a fresh nonce, then a manifest signed by the device key; metadata and "
+        "images are served to a certificate only within 15 minutes of its last check-in.",
     },
     {
         "name": "enrollment",
@@ -258,15 +268,21 @@ _DEVICE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
-def _device_dependency(gate: DeviceGate, token: str) -> Callable[..., None]:
-    """Devices by their verified certificate; the operator (bearer token) may read too."""
+def _device_dependency(
+    gate: DeviceGate, token: str, checkins: CheckinServices
+) -> Callable[..., None]:
+    """Devices by their verified certificate, checked in within the window (zero trust:
+    every update check is re-authenticated by a signed check-in); the operator (bearer
+    token) may read too."""
 
     def require_device(request: Request) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() == "bearer" and token_matches(presented.strip(), token):
             return
-        gate.authenticate(request.scope)
+        dev = gate.authenticate(request.scope)
+        if dev is not None:
+            checkins.require_recent(dev, window=CHECKIN_WINDOW)
 
     return require_device
 
@@ -521,7 +537,9 @@ def prepare_data_dir(data_dir: Path) -> None:
         raise ServerStorageError(f"cannot prepare data directory {data_dir}: {e.strerror}") from e
 
 
-def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow) -> FastAPI:
+def create_app(  # noqa: PLR0915 - the app factory wires every store and router
+    settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _utcnow
+) -> FastAPI:
     """Build the server application: stores, online key, token, repository sync, routes.
 
     Nothing happens at import time; the database engine lives in the returned app and
@@ -554,6 +572,8 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
     database_url = settings.database_url or sqlite_url(data_dir / "otaguard.db")
     store = SQLMetadataStore(database_url)
     devices = SQLDeviceStore(database_url)
+    checkin_store = SQLCheckinStore(database_url)
+    checkins = CheckinServices(checkins=checkin_store, devices=devices, metadata=store, clock=clock)
     fleet = FleetServices(
         devices=devices,
         ca=DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR),
@@ -594,6 +614,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
             await run_in_threadpool(resign.stop)
             store.close()
             devices.close()
+            checkin_store.close()
 
     app = FastAPI(
         title="otaguard update server",
@@ -609,6 +630,7 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
     app.state.online = online
     app.state.resign = resign
     app.state.devices = devices
+    app.state.checkins = checkin_store
     app.state.device_ca = fleet.ca
     _install_error_handlers(app)
 
@@ -624,10 +646,12 @@ def create_app(settings: ServerSettings, *, clock: Callable[[], dt.datetime] = _
         required=not (settings.insecure_http or settings.insecure_no_client_auth),
     )
     app.state.gate = gate
-    app.include_router(_repository_router(svc, _device_dependency(gate, token)))
+    app.include_router(_repository_router(svc, _device_dependency(gate, token, checkins)))
     app.include_router(_device_router(gate))
+    app.include_router(checkin_router(checkins, gate))
     require_operator = _operator_dependency(token)
     app.include_router(_operator_router(svc, require_operator))
     app.include_router(fleet_router(fleet, require_operator))
-    app.include_router(est_router(fleet, gate))
+    app.include_router(checkins_router(checkins, require_operator))
+    app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     return app

@@ -32,7 +32,15 @@ from otaguard.model.errors import (
 )
 from otaguard.server._repo_dir import BlobSource, read_current_set
 
-__all__ = ["DeviceInfo", "FleetClient", "NewDevice", "PublishResult", "publish_repository"]
+__all__ = [
+    "CheckinInfo",
+    "DeviceCheckins",
+    "DeviceInfo",
+    "FleetClient",
+    "NewDevice",
+    "PublishResult",
+    "publish_repository",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +315,60 @@ class NewDevice:
         )
 
 
+@dataclass(frozen=True)
+class CheckinInfo:
+    """One recorded check-in (see ``GET /api/v1/devices/{serial}/checkins``)."""
+
+    time: dt.datetime
+    running_version: str
+    target: str
+    boot_sha256: str
+    attested: bool
+    outcome: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class DeviceCheckins:
+    """A device's check-ins (newest first) and alerts (time, kind, detail; newest first)."""
+
+    serial: str
+    attestation_key: bool
+    checkins: tuple[CheckinInfo, ...]
+    alerts: tuple[tuple[dt.datetime, str, str], ...]
+
+    @classmethod
+    def parse(cls, obj: Any) -> DeviceCheckins:
+        """Read the server's answer.
+
+        Raises:
+            TransportError: the answer is malformed.
+        """
+        try:
+            return cls(
+                serial=str(obj["serial"]),
+                attestation_key=bool(obj["attestation_key"]),
+                checkins=tuple(
+                    CheckinInfo(
+                        time=dt.datetime.fromisoformat(c["time"]),
+                        running_version=str(c["running_version"]),
+                        target=str(c["target"]),
+                        boot_sha256=str(c["boot_sha256"]),
+                        attested=bool(c["attested"]),
+                        outcome=str(c["outcome"]),
+                        detail=str(c["detail"]),
+                    )
+                    for c in obj["checkins"]
+                ),
+                alerts=tuple(
+                    (dt.datetime.fromisoformat(a["time"]), str(a["kind"]), str(a["detail"]))
+                    for a in obj["alerts"]
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransportError("the server's check-in answer is malformed") from e
+
+
 # Device listings are JSON of a few hundred bytes per device; bounds memory use.
 MAX_FLEET_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 
@@ -395,6 +457,11 @@ class FleetClient:
     def show(self, serial: str) -> DeviceInfo:
         """One device. Raises :class:`UnknownDeviceError` if not registered."""
         return DeviceInfo.parse(self._call(f"show {serial}", "GET", f"/{quote(serial, safe='')}"))
+
+    def checkins(self, serial: str) -> DeviceCheckins:
+        """A device's latest check-ins and alerts. Raises :class:`UnknownDeviceError`."""
+        path = f"/{quote(serial, safe='')}/checkins"
+        return DeviceCheckins.parse(self._call(f"check-ins of {serial}", "GET", path))
 
     def quarantine(self, serial: str, reason: str) -> DeviceInfo:
         """Refuse the device from its next request until released."""

@@ -52,7 +52,7 @@ from otaguard.model.errors import AccessDeniedError, OperatorError, Verification
 from otaguard.model.names import DEVICE_SERIAL_PATTERN, check_device_serial, check_hardware_id
 from otaguard.server._api import ErrorBody
 from otaguard.server._tls import client_certificate_der, client_certificate_error
-from otaguard.server.device_auth import DeviceGate
+from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
 __all__ = [
@@ -365,8 +365,17 @@ _CERTS_CONTENT: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
-def est_router(svc: FleetServices, gate: DeviceGate) -> APIRouter:
-    """EST (RFC 7030) enrollment and renewal under ``/.well-known/est``."""
+def est_router(
+    svc: FleetServices,
+    gate: DeviceGate,
+    *,
+    before_renewal: Callable[[AuthenticatedDevice], None],
+) -> APIRouter:
+    """EST (RFC 7030) enrollment and renewal under ``/.well-known/est``.
+
+    ``before_renewal`` may refuse a renewal (a device with a TPM attestation key renews
+    only right after an attested check-in).
+    """
     router = APIRouter(prefix="/.well-known/est", tags=["enrollment"])
     basic = HTTPBasic(
         auto_error=False,
@@ -450,6 +459,7 @@ def est_router(svc: FleetServices, gate: DeviceGate) -> APIRouter:
         dev = await run_in_threadpool(gate.authenticate, request.scope)
         if dev is None:
             raise AccessDeniedError("renewal needs the current client certificate")
+        await run_in_threadpool(before_renewal, dev)
         der = await _read_base64_body(request, "CSR")
         check_device_csr(der, serial=dev.record.serial)
         der_pkcs7 = await run_in_threadpool(issue_certificate, svc, dev.record, der)

@@ -1,7 +1,9 @@
-"""``otaguard demo``: a rollout to a fleet, then six attacks that must all be refused."""
+"""``otaguard demo``: a rollout to a fleet, then seven attacks that must all be refused."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import http.client
 import json
 import secrets
@@ -18,8 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from otaguard.agent.slots import BootEnv
 from otaguard.crypto.signers import read_public_key
 from otaguard.model.errors import (
+    AccessDeniedError,
     DowngradeError,
     InsecureModeWarning,
     OperatorError,
@@ -40,7 +44,7 @@ HARDWARE_ID: Final = "gateway-v1"
 #: enough to show it, few enough to keep the demo fast
 TPM_DEVICES: Final = 3
 IMAGE_SIZE: Final = 4 * 1024 * 1024
-ATTACKS: Final = 6
+ATTACKS: Final = 7
 
 
 def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
@@ -181,6 +185,43 @@ def _start_tpms(console: Console, directory: Path, count: int) -> SoftTpmPool | 
         console.print(f"[yellow]no TPM-backed devices: software TPM did not start: {e}[/yellow]")
         return None
     return pool
+
+
+def _tampered_boot(
+    console: Console, work: Path, fleet: Fleet, operator: FleetClient, *, file_keyed: list[str]
+) -> AttackOutcome:
+    """(g) An attacker on a device rewrites its running slot AND the slot's recorded digest,
+    so the bootloader's own check passes; the boot measurement gives it away at check-in.
+
+    The victim is a file-keyed device (its agent runs in this process, see sim/_child.py),
+    not the first one, which attack (f) uses.
+    """
+    victim = fleet.device(file_keyed[-1])
+    evil = make_image(work / "evil.img", size=IMAGE_SIZE, seed="evil")
+    env = BootEnv.load(victim.paths.bootenv)
+    image = env.slots[env.primary]
+    assert image is not None  # noqa: S101 - every device runs 1.1.0 here
+    victim.backend.write(env.primary, evil)
+    digest = hashlib.sha256(evil.read_bytes()).hexdigest()
+    env.slots[env.primary] = dataclasses.replace(image, sha256=digest, length=IMAGE_SIZE)
+    env.save(victim.paths.bootenv)
+    booted = victim.boot()  # the bootloader is fooled: the digest it checks was rewritten
+    reason = "not refused!"
+    refused = 0
+    try:
+        victim.update()
+    except AccessDeniedError as e:
+        reason = e.diagnostics()
+        shown = operator.show(victim.config.serial)
+        alerts = operator.checkins(victim.config.serial).alerts
+        refused = int(shown.status == "quarantined" and bool(alerts) and booted.slot is not None)
+    outcome = AttackOutcome("(g) tampered boot", refused, 1, reason)
+    mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
+    console.print(
+        f"  {mark}: {victim.config.serial} booted sha256 {digest[:16]}… and was quarantined at "
+        f"its next check-in, with an alert: {reason}"
+    )
+    return outcome
 
 
 def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
@@ -342,6 +383,10 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
 
         step("6f. Attack: a client without a certificate, and a quarantined device's")
         outcomes.append(_unidentified_clients(console, server, fleet, operator))
+
+        step("6g. Attack: a device's running slot and its recorded digest rewritten")
+        file_keyed = [n for n in fleet.names if n not in tctis]
+        outcomes.append(_tampered_boot(console, work, fleet, operator, file_keyed=file_keyed))
     finally:
         if attacker is not None:
             attacker.close()

@@ -21,11 +21,15 @@ __all__ = [
     "BlobInfo",
     "BlobStore",
     "BlobWriter",
+    "CheckinRecord",
+    "CheckinStore",
+    "DeviceAlert",
     "DeviceRecord",
     "DeviceState",
     "DeviceStore",
     "MetadataRecord",
     "MetadataStore",
+    "NonceRecord",
     "PublishOutcome",
 ]
 
@@ -293,6 +297,127 @@ class DeviceStore(ABC):
         Raises:
             UnknownDeviceError: no such device.
         """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+@dataclass(frozen=True)
+class NonceRecord:
+    """A check-in nonce the server issued.
+
+    Attributes:
+        nonce: the value (random, single use; not a secret: it is a challenge).
+        serial: the device it was issued to (from its verified certificate).
+        cert_serial: the certificate that asked for it.
+        issued_at: when.
+        expires_at: after this it is refused.
+        used_at: when a check-in spent it, or ``None``.
+    """
+
+    nonce: str
+    serial: str
+    cert_serial: str
+    issued_at: dt.datetime
+    expires_at: dt.datetime
+    used_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class CheckinRecord:
+    """One check-in as the server recorded it (accepted or quarantining).
+
+    Attributes:
+        serial: the device.
+        cert_serial: the certificate it came with.
+        time: server time of the check-in.
+        device_time: the device's clock, as reported (never trusted).
+        running_version: version of the image the device booted (``recovery`` if none).
+        target: name of the installed target ("" in recovery).
+        boot_sha256: the last boot measurement.
+        attested: whether a verified TPM quote backs the measurement.
+        reset_count: the TPM's reset count in the quote, ``None`` without a TPM.
+        outcome: ``accepted`` or ``quarantined``.
+        detail: why it quarantined, or the device's last install result.
+        manifest: the signed manifest envelope, exactly as received.
+    """
+
+    serial: str
+    cert_serial: str
+    time: dt.datetime
+    device_time: str
+    running_version: str
+    target: str
+    boot_sha256: str
+    attested: bool
+    reset_count: int | None
+    outcome: str
+    detail: str
+    manifest: bytes
+
+
+@dataclass(frozen=True)
+class DeviceAlert:
+    """Something the server saw that an operator must look at (stored, never lost)."""
+
+    serial: str
+    time: dt.datetime
+    kind: str
+    detail: str
+
+
+class CheckinStore(ABC):
+    """Check-in nonces, the check-in history, attestation keys and alerts.
+
+    Behind an interface and in the database, so several server processes share them: a
+    nonce issued by one is spent exactly once, by whichever process the check-in reaches.
+    """
+
+    @abstractmethod
+    def issue_nonce(self, record: NonceRecord) -> None:
+        """Store a new nonce (and forget expired ones)."""
+
+    @abstractmethod
+    def get_nonce(self, nonce: str) -> NonceRecord | None:
+        """Return the nonce's record, or ``None`` if it was never issued (or is forgotten)."""
+
+    @abstractmethod
+    def spend_nonce(self, nonce: str, *, now: dt.datetime) -> bool:
+        """Mark the nonce used, once: ``False`` when it was already used (a replay race)."""
+
+    @abstractmethod
+    def record_checkin(self, record: CheckinRecord) -> None:
+        """Append a check-in to the device's history."""
+
+    @abstractmethod
+    def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:
+        """The device's latest check-ins, newest first."""
+
+    @abstractmethod
+    def last_accepted(self, cert_serial: str) -> dt.datetime | None:
+        """When the certificate ``cert_serial`` last checked in successfully, if ever."""
+
+    @abstractmethod
+    def attestation_key(self, serial: str) -> str | None:
+        """The device's registered attestation key (PEM), or ``None``."""
+
+    @abstractmethod
+    def register_attestation_key(self, serial: str, public_pem: str, *, now: dt.datetime) -> bool:
+        """Register the device's attestation key once: ``True`` if stored or the same key
+        was registered before, ``False`` if another key is registered (refused)."""
+
+    @abstractmethod
+    def last_reset_count(self, serial: str) -> int | None:
+        """The highest TPM reset count seen in a verified quote of the device."""
+
+    @abstractmethod
+    def add_alert(self, alert: DeviceAlert) -> None:
+        """Store an alert."""
+
+    @abstractmethod
+    def alerts(self, serial: str, *, limit: int) -> list[DeviceAlert]:
+        """The device's latest alerts, newest first."""
 
     @abstractmethod
     def close(self) -> None:

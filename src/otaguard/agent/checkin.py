@@ -1,0 +1,233 @@
+"""The agent's check-in: a fresh server nonce, a signed device manifest, before every update.
+
+Zero trust: before each update check the device re-proves who it is and reports what it
+runs. It asks the server for a nonce, builds its :class:`~otaguard.model.manifest.DeviceManifest`
+(installed target, last install result, last boot measurement and, with a TPM, a quote
+over the boot PCR qualified by the nonce), signs it with the device key
+(:func:`~otaguard.agent.identity.device_signer`) and posts it. Every request goes through
+the agent's fetcher seam (:meth:`~otaguard.agent.fetcher.Fetcher.post`), over the same
+mutual TLS as the metadata.
+
+A refused check-in stops the update: :class:`AccessDeniedError` (exit 77) when the
+server refused the device or the manifest (quarantined, revoked, replay, wrong key),
+:class:`VerificationError` (exit 3) when the server's answer is malformed,
+:class:`TransportError` (exit 4) when it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+from securesystemslib.signer import Signer
+from tuf.api import exceptions
+
+from otaguard.agent.boot import read_booted
+from otaguard.agent.config import DeviceConfig, DevicePaths
+from otaguard.agent.fetcher import Fetcher
+from otaguard.agent.install import InstallState
+from otaguard.agent.measured_boot import TpmAttestor, read_event_log
+from otaguard.agent.slots import BootEnv
+from otaguard.crypto.envelope import sign_envelope
+from otaguard.model.errors import (
+    AccessDeniedError,
+    ConfigError,
+    TransportError,
+    VerificationError,
+)
+from otaguard.model.manifest import (
+    RECOVERY_MEASUREMENT,
+    BootMeasurement,
+    DeviceManifest,
+    InstalledTarget,
+    Quote,
+    quote_qualifying_data,
+)
+
+__all__ = [
+    "ATTESTATION_KEY_PATH",
+    "CHECKIN_PATH",
+    "NONCE_PATH",
+    "CheckinResult",
+    "build_manifest",
+    "check_in",
+    "register_attestation_key",
+]
+
+logger = logging.getLogger(__name__)
+
+NONCE_PATH: Final = "/api/v1/device/nonce"
+CHECKIN_PATH: Final = "/api/v1/device/checkin"
+ATTESTATION_KEY_PATH: Final = "/api/v1/device/attestation-key"
+#: the server's answers are a few hundred bytes of JSON; more is hostile
+MAX_ANSWER_BYTES: Final = 16 * 1024
+# What of the last install result goes into the manifest (strings only, see the model).
+_RESULT_KEYS: Final = ("outcome", "target", "version", "error", "detail", "time")
+
+
+@dataclass(frozen=True)
+class CheckinResult:
+    """An accepted check-in, as the server answered."""
+
+    serial: str
+    time: str
+    attested: bool
+    boot_sha256: str
+
+
+def _reason(data: bytes) -> str:
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return "no reason given"
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return " ".join(body["error"].split())[:300]
+    return "no reason given"
+
+
+def _post(fetcher: Fetcher, url: str, body: Any, what: str) -> Any:
+    """POST JSON through the fetcher seam; map the answer to otaguard's errors."""
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        status, data = fetcher.post(
+            url, payload, content_type="application/json", max_length=MAX_ANSWER_BYTES
+        )
+    except exceptions.DownloadError as e:
+        raise TransportError(f"{what}: {e}") from e
+    if status in (401, 403):
+        # One prefix, not three: "access denied: check-in refused (HTTP 403): check-in
+        # refused: ..." says the same thing thrice.
+        why = _reason(data).removeprefix("access denied: ").removeprefix(f"{what} refused: ")
+        raise AccessDeniedError(f"{what} refused (HTTP {status}): {why}")
+    if status in (413, 422):
+        raise VerificationError(f"{what} refused as malformed (HTTP {status}): {_reason(data)}")
+    if status != 200:
+        raise TransportError(f"{what} failed: server answered {status}: {_reason(data)}")
+    try:
+        answer = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VerificationError(f"{what}: the server's answer is not JSON") from e
+    if not isinstance(answer, dict):
+        raise VerificationError(f"{what}: the server's answer is not a JSON object")
+    return answer
+
+
+def build_manifest(
+    paths: DevicePaths, config: DeviceConfig, *, nonce: str, tpm: TpmAttestor | None
+) -> DeviceManifest:
+    """The manifest answering ``nonce``: what the device booted and runs, and its quote.
+
+    Raises:
+        ConfigError: the device has not booted, or its boot state or event log is corrupt.
+        DeviceStorageError: the TPM failed.
+    """
+    booted = read_booted(paths)
+    if booted is None:
+        raise ConfigError("the device has not booted yet: run otaguard agent DEVICE_DIR boot")
+    installed = None
+    if booted.slot is not None:
+        image = BootEnv.load(paths.bootenv).slots.get(booted.slot)
+        if image is not None:
+            installed = InstalledTarget(
+                name=image.target,
+                length=image.length,
+                sha256=image.sha256,
+                version=image.version,
+                security_counter=image.security_counter,
+            )
+    events = read_event_log(paths)
+    if events:
+        last = events[-1]
+        measurement = (last.sha256, last.slot)
+    else:  # booted before measured boot existed: the boot record is all there is
+        measurement = (booted.sha256 or RECOVERY_MEASUREMENT, booted.slot)
+    quote = None
+    if tpm is not None:
+        attest, signature = tpm.quote(quote_qualifying_data(nonce, config.serial))
+        # Only the quote's epoch replays; the server checks the quote's reset count.
+        epoch = events[-1].reset_count if events else None
+        quote = Quote(attest, signature, tuple(e for e in events if e.reset_count == epoch))
+    result = InstallState.load(paths.install_state).last_result or {}
+    return DeviceManifest(
+        serial=config.serial,
+        nonce=nonce,
+        time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        installed=installed,
+        last_result={k: str(result[k])[:1024] for k in _RESULT_KEYS if k in result},
+        boot=BootMeasurement(
+            sha256=measurement[0], slot=measurement[1], attested=quote is not None
+        ),
+        quote=quote,
+    )
+
+
+def register_attestation_key(fetcher: Fetcher, *, config: DeviceConfig, tpm: TpmAttestor) -> None:
+    """Register the TPM's attestation key with the server (mutual TLS; once per device).
+
+    Raises:
+        AccessDeniedError: the server holds another key for this device, or refused it.
+        TransportError: the server cannot be reached.
+        DeviceStorageError: the TPM failed.
+    """
+    url = config.server_url.rstrip("/") + ATTESTATION_KEY_PATH
+    _post(fetcher, url, {"public_pem": tpm.ak_public_pem()}, "attestation key registration")
+    logger.info("registered the TPM attestation key of %s", config.serial)
+
+
+def check_in(
+    fetcher: Fetcher, *, paths: DevicePaths, config: DeviceConfig, signer: Signer
+) -> CheckinResult:
+    """Check in with the server: nonce, (attestation key), signed manifest.
+
+    Args:
+        fetcher: the agent's network seam, presenting the device certificate.
+        paths: the device directory.
+        config: the device configuration (server URL, serial, TPM).
+        signer: the device key (:func:`~otaguard.agent.identity.device_signer`).
+
+    Returns:
+        The server's acceptance.
+
+    Raises:
+        AccessDeniedError: the server refused the device or the check-in (reason given).
+        VerificationError: the server's answer is malformed.
+        TransportError: the server cannot be reached.
+        ConfigError: the device's boot state is missing or corrupt.
+        DeviceStorageError: the TPM failed.
+    """
+    base = config.server_url.rstrip("/")
+    answer = _post(fetcher, base + NONCE_PATH, b"", "check-in nonce request")
+    nonce, registered = answer.get("nonce"), answer.get("attestation_key_registered")
+    if (
+        not isinstance(nonce, str)
+        or not nonce
+        or len(nonce) > 128
+        or not isinstance(registered, bool)
+    ):
+        raise VerificationError("check-in: the server's nonce answer is malformed")
+    tpm = TpmAttestor(config.tpm) if config.tpm is not None else None
+    if tpm is not None and not registered:
+        # First check-in after enrollment: the attestation key joins the identity (TOFU
+        # under the fresh device certificate; ADR 0007).
+        register_attestation_key(fetcher, config=config, tpm=tpm)
+    manifest = build_manifest(paths, config, nonce=nonce, tpm=tpm)
+    envelope = sign_envelope(signer, manifest.to_dict())
+    accepted = _post(fetcher, base + CHECKIN_PATH, envelope, "check-in")
+    try:
+        result = CheckinResult(
+            serial=str(accepted["serial"]),
+            time=str(accepted["time"]),
+            attested=bool(accepted["attested"]),
+            boot_sha256=str(accepted["boot_sha256"]),
+        )
+    except KeyError as e:
+        raise VerificationError("check-in: the server's answer is malformed") from e
+    if result.serial != config.serial:
+        raise VerificationError(f"check-in: the server accepted serial {result.serial!r}")
+    logger.info(
+        "checked in as %s (%s)", result.serial, "attested" if result.attested else "unattested"
+    )
+    return result

@@ -1,0 +1,489 @@
+"""Zero-trust check-in: a fresh nonce, a signed device manifest, measured-boot checks.
+
+URL layout::
+
+    POST /api/v1/device/nonce            device: a fresh single-use nonce (mutual TLS)
+    POST /api/v1/device/checkin          device: its signed manifest answering the nonce
+    POST /api/v1/device/attestation-key  device: register its TPM attestation key, once
+    GET  /api/v1/devices/{serial}/checkins  operator: last check-ins and alerts
+
+Every device request is authenticated by its verified client certificate
+(:class:`~otaguard.server.device_auth.DeviceGate`), so a quarantined or revoked device
+is refused at its very next nonce request. The manifest is verified by pure code
+(:mod:`.checkin_verify`, :mod:`.attestation`); this module does the I/O around it.
+
+What a check-in decides, and why (ADR 0007):
+
+* the manifest is refused (403, nothing recorded but the log line) when its signature,
+  serial or nonce is wrong -- replays and cross-device reports never count;
+* a device that registered an attestation key must present a valid quote; a missing or
+  invalid one, or a boot measurement that is not the sha256 the image repository lists
+  for the target the device says it runs, **quarantines** the device with the reason and
+  records an alert (the check-in itself is kept in the history as ``quarantined``);
+* otherwise the check-in is accepted and recorded, and for :data:`CHECKIN_WINDOW` the
+  certificate may read ``/metadata`` and ``/targets`` (:meth:`CheckinServices.require_recent`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from threading import Lock
+from typing import Annotated, Any, Final
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+from tuf.api.metadata import Metadata, Targets
+from tuf.api.serialization import DeserializationError
+
+from otaguard.crypto.envelope import MAX_ENVELOPE_BYTES
+from otaguard.model.errors import AccessDeniedError, OperatorError, VerificationError
+from otaguard.model.manifest import DeviceManifest
+from otaguard.model.names import DEVICE_SERIAL_PATTERN
+from otaguard.server._api import ErrorBody
+from otaguard.server.attestation import ListedImage, assess_boot, verify_quote
+from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
+from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate
+from otaguard.server.storage.base import (
+    CheckinRecord,
+    CheckinStore,
+    DeviceAlert,
+    DeviceState,
+    DeviceStore,
+    MetadataStore,
+    NonceRecord,
+)
+
+__all__ = [
+    "CHECKIN_WINDOW",
+    "NONCE_BYTES",
+    "NONCE_TTL",
+    "RENEWAL_CHECKIN_WINDOW",
+    "CheckinServices",
+    "checkin_router",
+    "checkins_router",
+]
+
+logger = logging.getLogger(__name__)
+
+#: 256 random bits per nonce: far above the 128-bit floor, never guessed, never repeated
+NONCE_BYTES: Final = 32
+#: a nonce is answered within one round trip; a minute covers a slow link and a TPM
+#: quote (~100 ms on a discrete TPM) and keeps a stolen-in-transit nonce short-lived
+NONCE_TTL: Final = dt.timedelta(seconds=60)
+#: after a check-in, the certificate may read metadata and images for this long: a
+#: device checks in before every update check, and ngclient's fetches plus the start of
+#: the image download follow within seconds; a download already started is not cut
+#: off. Short, so a device that stopped checking in stops being served soon.
+CHECKIN_WINDOW: Final = dt.timedelta(minutes=15)
+#: renewing the certificate of a device with an attestation key needs an accepted
+#: (hence attested) check-in by the current certificate this recently: "just before"
+RENEWAL_CHECKIN_WINDOW: Final = dt.timedelta(minutes=2)
+#: check-ins and alerts the operator API returns per device
+HISTORY_LIMIT: Final = 20
+# An attestation key is one PEM public key (~180 bytes).
+MAX_AK_PEM_CHARS: Final = 1024
+
+
+class CheckinServices:
+    """What the check-in routes use, and the check-in window the device routes enforce."""
+
+    def __init__(
+        self,
+        *,
+        checkins: CheckinStore,
+        devices: DeviceStore,
+        metadata: MetadataStore,
+        clock: Callable[[], dt.datetime],
+    ):
+        """Use these stores and this clock (the server's notion of now)."""
+        self.checkins = checkins
+        self.devices = devices
+        self.metadata = metadata
+        self.clock = clock
+        self._index_lock = Lock()
+        # (newest targets version indexed, [(image, its hardware ids)])
+        self._index: tuple[int, list[tuple[ListedImage, frozenset[str]]]] = (0, [])
+
+    def require_recent(self, dev: AuthenticatedDevice, *, window: dt.timedelta) -> None:
+        """Refuse a device whose certificate has no accepted check-in within ``window``.
+
+        Raises:
+            AccessDeniedError: no recent check-in (the reason says what to do).
+        """
+        last = self.checkins.last_accepted(dev.identity.cert_serial)
+        if last is None or self.clock() - last > window:
+            logger.warning(
+                "device request refused: %s has no check-in by certificate %s in the last %d s",
+                dev.record.serial,
+                dev.identity.cert_serial,
+                window.total_seconds(),
+            )
+            raise AccessDeniedError(
+                f"device {dev.record.serial} has not checked in with this certificate in the "
+                f"last {int(window.total_seconds())} s; check in first"
+            )
+
+    def before_renewal(self, dev: AuthenticatedDevice) -> None:
+        """A device with an attestation key renews only right after an attested check-in.
+
+        Raises:
+            AccessDeniedError: it has an attestation key and no such check-in.
+        """
+        if self.checkins.attestation_key(dev.record.serial) is not None:
+            self.require_recent(dev, window=RENEWAL_CHECKIN_WINDOW)
+
+    def listed_images(self, hardware_id: str) -> list[ListedImage]:
+        """Every target any published targets version lists for ``hardware_id``.
+
+        Withdrawn releases count: a device may still run one. Cached per newest
+        targets version (versions are immutable once published).
+        """
+        newest = self.metadata.newest("targets")
+        if newest is None:
+            return []
+        with self._index_lock:
+            if self._index[0] != newest.version:
+                entries: list[tuple[ListedImage, frozenset[str]]] = []
+                for version in range(1, newest.version + 1):
+                    rec = self.metadata.get_record(f"{version}.targets.json")
+                    if rec is None:
+                        continue
+                    try:
+                        md = Metadata[Targets].from_bytes(rec.data)
+                    except (DeserializationError, ValueError) as e:
+                        raise VerificationError(f"stored {rec.filename} is unreadable") from e
+                    for name, t in md.signed.targets.items():
+                        hw = (t.unrecognized_fields.get("custom") or {}).get("hardware_ids", [])
+                        sha = t.hashes.get("sha256")
+                        if isinstance(hw, list) and sha:
+                            image = ListedImage(name=name, sha256=sha, length=t.length)
+                            entries.append((image, frozenset(str(h) for h in hw)))
+                self._index = (newest.version, entries)
+            return [image for image, hws in self._index[1] if hardware_id in hws]
+
+
+class NonceBody(BaseModel):
+    """A fresh check-in nonce."""
+
+    nonce: str = Field(description="single use, bound to the device and its certificate")
+    expires: dt.datetime
+    attestation_key_registered: bool = Field(
+        description="whether the server holds an attestation key for this device (a device "
+        "with a TPM registers one before checking in)"
+    )
+
+
+class CheckinBody(BaseModel):
+    """An accepted check-in."""
+
+    serial: str
+    time: dt.datetime = Field(description="server time of the check-in")
+    attested: bool = Field(description="a verified TPM quote backs the boot measurement")
+    boot_sha256: str
+    valid_for_seconds: int = Field(
+        description="how long this certificate may read /metadata and /targets from now"
+    )
+
+
+class AttestationKeyRequest(BaseModel):
+    """The public part of a device's TPM attestation key."""
+
+    public_pem: str = Field(max_length=MAX_AK_PEM_CHARS, description="PEM SubjectPublicKeyInfo")
+
+
+class AttestationKeyBody(BaseModel):
+    """A registered attestation key."""
+
+    serial: str
+    registered: bool
+
+
+class CheckinInfo(BaseModel):
+    """One recorded check-in."""
+
+    time: dt.datetime
+    device_time: str
+    running_version: str
+    target: str
+    boot_sha256: str
+    attested: bool
+    outcome: str = Field(description="accepted or quarantined")
+    detail: str
+
+
+class AlertInfo(BaseModel):
+    """One stored alert."""
+
+    time: dt.datetime
+    kind: str
+    detail: str
+
+
+class CheckinsBody(BaseModel):
+    """A device's check-in history (newest first) and alerts."""
+
+    serial: str
+    attestation_key: bool
+    checkins: list[CheckinInfo]
+    alerts: list[AlertInfo]
+
+
+_CHECKIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    403: {"model": ErrorBody, "description": "Device or check-in refused (reason given)"},
+    413: {"model": ErrorBody, "description": "Manifest too large"},
+}
+_CHECKIN_BODY: Final[dict[str, Any]] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": 'signed device manifest: {"signed": {...}, "signatures": '
+                    '[{"keyid": ..., "sig": ...}]}, signed by the key of the client '
+                    "certificate over the canonical JSON of signed",
+                    "required": ["signed", "signatures"],
+                }
+            }
+        },
+    }
+}
+
+
+def _authenticated(gate: DeviceGate, request: Request) -> AuthenticatedDevice:
+    dev = gate.authenticate(request.scope)
+    if dev is None:
+        raise AccessDeniedError("a check-in needs the device's client certificate")
+    return dev
+
+
+async def _read_manifest(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_ENVELOPE_BYTES:
+        raise HTTPException(413, f"the manifest exceeds {MAX_ENVELOPE_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_ENVELOPE_BYTES:
+            raise HTTPException(413, f"the manifest exceeds {MAX_ENVELOPE_BYTES} bytes")
+    return bytes(body)
+
+
+def _claimed_nonce(data: bytes) -> str | None:
+    """The nonce a manifest names, to look its record up (verified afterwards)."""
+    try:
+        nonce = json.loads(data)["signed"]["nonce"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    return nonce if isinstance(nonce, str) and len(nonce) <= 128 else None
+
+
+def _refused(serial: str, reason: str) -> CheckinRefusedError:
+    logger.warning("check-in of %s refused: %s", serial, reason)
+    return CheckinRefusedError(reason)
+
+
+def _check_attestation(
+    svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest
+) -> tuple[str | None, int | None]:
+    """(why the device must be quarantined or None, verified TPM reset count or None)."""
+    serial = dev.record.serial
+    ak = svc.checkins.attestation_key(serial)
+    if ak is None:
+        if manifest.quote is not None:
+            raise _refused(serial, "check-in refused: a quote, but no attestation key registered")
+        return None, None
+    if manifest.quote is None:
+        return "no TPM quote from a device that registered an attestation key", None
+    try:
+        attested = verify_quote(
+            manifest.quote,
+            ak_pem=ak,
+            nonce=manifest.nonce,
+            serial=serial,
+            min_reset_count=svc.checkins.last_reset_count(serial),
+        )
+    except VerificationError as e:
+        return f"invalid TPM quote: {e}", None
+    return None, attested.reset_count
+
+
+def _checkin(svc: CheckinServices, dev: AuthenticatedDevice, data: bytes) -> CheckinBody:
+    serial, cert_serial = dev.record.serial, dev.identity.cert_serial
+    now = svc.clock()
+    claimed = _claimed_nonce(data)
+    record = svc.checkins.get_nonce(claimed) if claimed is not None else None
+    try:
+        manifest = verify_checkin(
+            data,
+            certificate=dev.certificate,
+            serial=serial,
+            cert_serial=cert_serial,
+            nonce=record,
+            now=now,
+        )
+    except CheckinRefusedError as e:
+        raise _refused(serial, str(e)) from e
+    if not svc.checkins.spend_nonce(manifest.nonce, now=now):
+        raise _refused(serial, "check-in refused: the nonce was already used (replay)")
+    problem, reset_count = _check_attestation(svc, dev, manifest)
+    if problem is None:
+        problem = assess_boot(manifest, listed=svc.listed_images(dev.record.hardware_id))
+    installed = manifest.installed
+    entry = CheckinRecord(
+        serial=serial,
+        cert_serial=cert_serial,
+        time=now,
+        device_time=manifest.time,
+        running_version=installed.version if installed else "recovery",
+        target=installed.name if installed else "",
+        boot_sha256=manifest.boot.sha256,
+        attested=reset_count is not None,
+        reset_count=reset_count,
+        outcome="accepted" if problem is None else "quarantined",
+        detail=problem or " ".join(f"{k}={v}" for k, v in sorted(manifest.last_result.items())),
+        manifest=data,
+    )
+    svc.checkins.record_checkin(entry)
+    if problem is not None:
+        reason = f"measured boot: {problem}"
+        svc.checkins.add_alert(DeviceAlert(serial, now, "measured-boot", problem))
+        svc.devices.set_status(serial, DeviceState.QUARANTINED, reason=reason[:500], now=now)
+        logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
+        raise AccessDeniedError(f"device {serial} quarantined at check-in: {problem}")
+    logger.info(
+        "device %s checked in (%s, %s)",
+        serial,
+        entry.running_version,
+        "attested" if entry.attested else "unattested measurement",
+    )
+    return CheckinBody(
+        serial=serial,
+        time=now,
+        attested=entry.attested,
+        boot_sha256=entry.boot_sha256,
+        valid_for_seconds=int(CHECKIN_WINDOW.total_seconds()),
+    )
+
+
+def _checked_ak(pem: str) -> str:
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except ValueError as e:
+        raise OperatorError("the attestation key is not a PEM public key") from e
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise OperatorError("the attestation key must be ECDSA P-256")
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
+    """The device's check-in routes under ``/api/v1/device`` (mutual TLS)."""
+    router = APIRouter(prefix="/api/v1/device", tags=["device"], responses=_CHECKIN_ERRORS)
+
+    @router.post("/nonce", summary="A fresh check-in nonce")
+    def nonce(request: Request) -> NonceBody:
+        """A random single-use nonce bound to the device and its certificate, valid briefly."""
+        dev = _authenticated(gate, request)
+        now = svc.clock()
+        value = secrets.token_urlsafe(NONCE_BYTES)
+        svc.checkins.issue_nonce(
+            NonceRecord(
+                nonce=value,
+                serial=dev.record.serial,
+                cert_serial=dev.identity.cert_serial,
+                issued_at=now,
+                expires_at=now + NONCE_TTL,
+                used_at=None,
+            )
+        )
+        return NonceBody(
+            nonce=value,
+            expires=now + NONCE_TTL,
+            attestation_key_registered=svc.checkins.attestation_key(dev.record.serial) is not None,
+        )
+
+    @router.post(
+        "/checkin", summary="Check in: a signed device manifest", openapi_extra=_CHECKIN_BODY
+    )
+    async def checkin(request: Request) -> CheckinBody:
+        """Verify the manifest (signature by the certificate's key, serial, nonce, quote)
+        and compare the measured boot with the image repository.
+
+        Refused (403) with the reason; a measured boot that contradicts the repository, or
+        a missing or invalid quote from a device with an attestation key, quarantines it.
+        """
+        dev = await run_in_threadpool(_authenticated, gate, request)
+        data = await _read_manifest(request)
+        return await run_in_threadpool(_checkin, svc, dev, data)
+
+    @router.post("/attestation-key", summary="Register the device's TPM attestation key")
+    def attestation_key(request: Request, req: AttestationKeyRequest) -> AttestationKeyBody:
+        """Register the public part of the device's attestation key, once.
+
+        The same key again is accepted; another key is refused (a different TPM) and
+        recorded as an alert. From then on every check-in needs a quote made with it.
+        """
+        dev = _authenticated(gate, request)
+        pem = _checked_ak(req.public_pem)
+        serial = dev.record.serial
+        if not svc.checkins.register_attestation_key(serial, pem, now=svc.clock()):
+            svc.checkins.add_alert(
+                DeviceAlert(serial, svc.clock(), "attestation-key", "another key was offered")
+            )
+            raise _refused(serial, f"device {serial} already registered another attestation key")
+        logger.info("device %s registered its attestation key", serial)
+        return AttestationKeyBody(serial=serial, registered=True)
+
+    return router
+
+
+_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
+
+
+def checkins_router(svc: CheckinServices, require_operator: Callable[..., None]) -> APIRouter:
+    """The operator's view of check-ins under ``/api/v1/devices/{serial}/checkins``."""
+    router = APIRouter(
+        prefix="/api/v1/devices",
+        tags=["fleet"],
+        dependencies=[Depends(require_operator)],
+        responses={404: {"model": ErrorBody, "description": "No such device"}},
+    )
+
+    @router.get("/{serial}/checkins", summary="A device's check-ins and alerts")
+    def checkins(serial: Annotated[str, _SERIAL_PARAM]) -> CheckinsBody:
+        """The latest check-ins (newest first) and alerts of one device."""
+        if svc.devices.get(serial) is None:
+            raise HTTPException(404, f"no device {serial!r} in the registry")
+        return CheckinsBody(
+            serial=serial,
+            attestation_key=svc.checkins.attestation_key(serial) is not None,
+            checkins=[
+                CheckinInfo(
+                    time=c.time,
+                    device_time=c.device_time,
+                    running_version=c.running_version,
+                    target=c.target,
+                    boot_sha256=c.boot_sha256,
+                    attested=c.attested,
+                    outcome=c.outcome,
+                    detail=c.detail,
+                )
+                for c in svc.checkins.history(serial, limit=HISTORY_LIMIT)
+            ],
+            alerts=[
+                AlertInfo(time=a.time, kind=a.kind, detail=a.detail)
+                for a in svc.checkins.alerts(serial, limit=HISTORY_LIMIT)
+            ],
+        )
+
+    return router

@@ -1,0 +1,330 @@
+"""Check-ins in a SQL database through SQLAlchemy 2 Core (next to the registry).
+
+Tables::
+
+    checkin_nonces(nonce PK, serial -> devices, cert_serial, issued_at, expires_at, used_at)
+    checkins(id PK, serial -> devices, cert_serial, time, device_time, running_version,
+             target, boot_sha256, attested, reset_count, outcome, detail, manifest)
+    attestation_keys(serial PK -> devices, public_pem, registered_at)
+    device_alerts(id PK, serial -> devices, time, kind, detail)
+
+Spending a nonce is a conditional ``UPDATE ... WHERE used_at IS NULL``: of two
+concurrent check-ins with one nonce (two server processes), exactly one wins.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, Row
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from otaguard.model.errors import ServerStorageError
+from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
+from otaguard.server.storage.devices import devices_table
+from otaguard.server.storage.sql import open_engine
+
+__all__ = ["MAX_OPEN_NONCES_PER_CERT", "SQLCheckinStore"]
+
+logger = logging.getLogger(__name__)
+
+# Free text stored per row; longer is cut (it is display text, the manifest is kept whole).
+_DETAIL_CHARS: Final = 1000
+#: unused nonces kept per certificate: an honest agent has one open at a time (a few when
+#: check-ins fail and retry); an enrolled but hostile device asking in a loop must not
+#: grow the table, so asking for more forgets its oldest ones
+MAX_OPEN_NONCES_PER_CERT: Final = 4
+
+_schema = devices_table.metadata
+nonces_table = Table(
+    "checkin_nonces",
+    _schema,
+    Column("nonce", String(128), primary_key=True),
+    Column("serial", String(64), ForeignKey("devices.serial"), nullable=False),
+    Column("cert_serial", String(64), nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+    Index("ix_checkin_nonces_expires", "expires_at"),
+    Index("ix_checkin_nonces_cert", "cert_serial"),
+)
+checkins_table = Table(
+    "checkins",
+    _schema,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("serial", String(64), ForeignKey("devices.serial"), nullable=False),
+    Column("cert_serial", String(64), nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("device_time", String(64), nullable=False),
+    Column("running_version", String(256), nullable=False),
+    Column("target", String(256), nullable=False),
+    Column("boot_sha256", String(64), nullable=False),
+    Column("attested", Boolean, nullable=False),
+    Column("reset_count", BigInteger, nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("detail", String(_DETAIL_CHARS), nullable=False),
+    Column("manifest", LargeBinary, nullable=False),
+    Index("ix_checkins_serial_time", "serial", "time"),
+    Index("ix_checkins_cert_time", "cert_serial", "time"),
+)
+ak_table = Table(
+    "attestation_keys",
+    _schema,
+    Column("serial", String(64), ForeignKey("devices.serial"), primary_key=True),
+    Column("public_pem", String(1024), nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
+alerts_table = Table(
+    "device_alerts",
+    _schema,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("serial", String(64), ForeignKey("devices.serial"), nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("detail", String(_DETAIL_CHARS), nullable=False),
+    Index("ix_device_alerts_serial_time", "serial", "time"),
+)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes; every value stored here was UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _checkin(row: Row[Any]) -> CheckinRecord:
+    return CheckinRecord(
+        serial=row.serial,
+        cert_serial=row.cert_serial,
+        time=_utc(row.time),
+        device_time=row.device_time,
+        running_version=row.running_version,
+        target=row.target,
+        boot_sha256=row.boot_sha256,
+        attested=bool(row.attested),
+        reset_count=row.reset_count,
+        outcome=row.outcome,
+        detail=row.detail,
+        manifest=bytes(row.manifest),
+    )
+
+
+class SQLCheckinStore(CheckinStore):
+    """:class:`CheckinStore` on any SQLAlchemy 2 database URL."""
+
+    def __init__(self, url: str):
+        """Connect to ``url`` and create the tables if missing (the registry's too).
+
+        Raises:
+            ServerStorageError: the database cannot be opened or initialised.
+        """
+        self._engine: Engine = open_engine(url, _schema, what="check-in store")
+
+    def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
+        return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")
+
+    def issue_nonce(self, record: NonceRecord) -> None:
+        """See :meth:`CheckinStore.issue_nonce`."""
+        try:
+            with self._engine.begin() as conn:
+                # Expired nonces can only be refused; forget them so the table stays small.
+                conn.execute(
+                    delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
+                )
+                open_nonces = (
+                    select(nonces_table.c.nonce)
+                    .where(
+                        nonces_table.c.cert_serial == record.cert_serial,
+                        nonces_table.c.used_at.is_(None),
+                    )
+                    .order_by(nonces_table.c.issued_at.desc())
+                    .offset(MAX_OPEN_NONCES_PER_CERT - 1)
+                )
+                stale: list[str] = list(conn.execute(open_nonces).scalars())
+                if stale:
+                    conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
+                conn.execute(
+                    insert(nonces_table).values(
+                        nonce=record.nonce,
+                        serial=record.serial,
+                        cert_serial=record.cert_serial,
+                        issued_at=record.issued_at,
+                        expires_at=record.expires_at,
+                        used_at=None,
+                    )
+                )
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+
+    def get_nonce(self, nonce: str) -> NonceRecord | None:
+        """See :meth:`CheckinStore.get_nonce`."""
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(nonces_table).where(nonces_table.c.nonce == nonce)
+                ).first()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        if row is None:
+            return None
+        return NonceRecord(
+            nonce=row.nonce,
+            serial=row.serial,
+            cert_serial=row.cert_serial,
+            issued_at=_utc(row.issued_at),
+            expires_at=_utc(row.expires_at),
+            used_at=_utc(row.used_at) if row.used_at is not None else None,
+        )
+
+    def spend_nonce(self, nonce: str, *, now: dt.datetime) -> bool:
+        """See :meth:`CheckinStore.spend_nonce`."""
+        try:
+            with self._engine.begin() as conn:
+                result = conn.execute(
+                    update(nonces_table)
+                    .where(nonces_table.c.nonce == nonce, nonces_table.c.used_at.is_(None))
+                    .values(used_at=now)
+                )
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+        return bool(result.rowcount == 1)
+
+    def record_checkin(self, record: CheckinRecord) -> None:
+        """See :meth:`CheckinStore.record_checkin`."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(checkins_table).values(
+                        serial=record.serial,
+                        cert_serial=record.cert_serial,
+                        time=record.time,
+                        device_time=record.device_time[:64],
+                        running_version=record.running_version[:256],
+                        target=record.target[:256],
+                        boot_sha256=record.boot_sha256,
+                        attested=record.attested,
+                        reset_count=record.reset_count,
+                        outcome=record.outcome,
+                        detail=record.detail[:_DETAIL_CHARS],
+                        manifest=record.manifest,
+                    )
+                )
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+
+    def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:
+        """See :meth:`CheckinStore.history`."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    select(checkins_table)
+                    .where(checkins_table.c.serial == serial)
+                    .order_by(checkins_table.c.time.desc(), checkins_table.c.id.desc())
+                    .limit(limit)
+                ).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return [_checkin(r) for r in rows]
+
+    def last_accepted(self, cert_serial: str) -> dt.datetime | None:
+        """See :meth:`CheckinStore.last_accepted`."""
+        try:
+            with self._engine.connect() as conn:
+                value = conn.execute(
+                    select(func.max(checkins_table.c.time)).where(
+                        checkins_table.c.cert_serial == cert_serial,
+                        checkins_table.c.outcome == "accepted",
+                    )
+                ).scalar()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return _utc(value) if value is not None else None
+
+    def attestation_key(self, serial: str) -> str | None:
+        """See :meth:`CheckinStore.attestation_key`."""
+        try:
+            with self._engine.connect() as conn:
+                value = conn.execute(
+                    select(ak_table.c.public_pem).where(ak_table.c.serial == serial)
+                ).scalar()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return str(value) if value is not None else None
+
+    def register_attestation_key(self, serial: str, public_pem: str, *, now: dt.datetime) -> bool:
+        """See :meth:`CheckinStore.register_attestation_key`."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(ak_table).values(serial=serial, public_pem=public_pem, registered_at=now)
+                )
+        except IntegrityError:
+            # One key per device, first come: the same key again is fine, another is not.
+            return self.attestation_key(serial) == public_pem
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+        return True
+
+    def last_reset_count(self, serial: str) -> int | None:
+        """See :meth:`CheckinStore.last_reset_count`."""
+        try:
+            with self._engine.connect() as conn:
+                value = conn.execute(
+                    select(func.max(checkins_table.c.reset_count)).where(
+                        checkins_table.c.serial == serial, checkins_table.c.attested.is_(True)
+                    )
+                ).scalar()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return int(value) if value is not None else None
+
+    def add_alert(self, alert: DeviceAlert) -> None:
+        """See :meth:`CheckinStore.add_alert`."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(alerts_table).values(
+                        serial=alert.serial,
+                        time=alert.time,
+                        kind=alert.kind[:64],
+                        detail=alert.detail[:_DETAIL_CHARS],
+                    )
+                )
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+
+    def alerts(self, serial: str, *, limit: int) -> list[DeviceAlert]:
+        """See :meth:`CheckinStore.alerts`."""
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(
+                    select(alerts_table)
+                    .where(alerts_table.c.serial == serial)
+                    .order_by(alerts_table.c.time.desc(), alerts_table.c.id.desc())
+                    .limit(limit)
+                ).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return [DeviceAlert(r.serial, _utc(r.time), r.kind, r.detail) for r in rows]
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self._engine.dispose()

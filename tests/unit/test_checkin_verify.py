@@ -1,0 +1,194 @@
+"""The pure check-in verification: bytes + certificate + nonce record in, manifest or refusal.
+
+No server, no socket: a device CA certificate, a manifest signed with its key, and
+nonce records in every state. The same code the route runs (tests/integration/
+test_checkin.py drives it over real mutual TLS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from securesystemslib.signer import CryptoSigner
+
+from otaguard.agent.identity import build_csr
+from otaguard.crypto.device_ca import DeviceCA
+from otaguard.crypto.envelope import sign_envelope
+from otaguard.model.errors import VerificationError
+from otaguard.model.manifest import (
+    RECOVERY_MEASUREMENT,
+    BootMeasurement,
+    DeviceManifest,
+    InstalledTarget,
+)
+from otaguard.server.attestation import ListedImage, assess_boot, parse_attest
+from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
+from otaguard.server.storage.base import NonceRecord
+from otaguard.server.storage.checkins import MAX_OPEN_NONCES_PER_CERT, SQLCheckinStore
+from otaguard.server.storage.devices import SQLDeviceStore
+from otaguard.server.storage.sql import sqlite_url
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+TTL = dt.timedelta(seconds=60)
+GOOD = hashlib.sha256(b"good image").hexdigest()
+EVIL = hashlib.sha256(b"evil image").hexdigest()
+
+
+@pytest.fixture(scope="module")
+def identity(tmp_path_factory: pytest.TempPathFactory) -> tuple[x509.Certificate, CryptoSigner]:
+    ca = DeviceCA.load_or_create(tmp_path_factory.mktemp("ca") / "device-ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue(
+        x509.load_der_x509_csr(build_csr(key, "d1")),
+        serial="d1",
+        hardware_id="hw",
+        now=NOW,
+        lifetime=dt.timedelta(hours=24),
+    )
+    return cert, CryptoSigner(key)
+
+
+def manifest(serial: str = "d1", nonce: str = "n1", boot: str = GOOD) -> DeviceManifest:
+    return DeviceManifest(
+        serial=serial,
+        nonce=nonce,
+        time=NOW.isoformat(),
+        installed=InstalledTarget("fw-1.1.0.img", 10, GOOD, "1.1.0", 1),
+        last_result={"outcome": "updated"},
+        boot=BootMeasurement(sha256=boot, slot="B", attested=False),
+        quote=None,
+    )
+
+
+def record(**changes: object) -> NonceRecord:
+    rec = NonceRecord("n1", "d1", "c1", NOW, NOW + dt.timedelta(seconds=60), None)
+    return dataclasses.replace(rec, **changes)  # type: ignore[arg-type]
+
+
+def verify(identity: tuple[x509.Certificate, CryptoSigner], data: bytes, rec: NonceRecord | None):  # type: ignore[no-untyped-def]
+    cert, _ = identity
+    return verify_checkin(data, certificate=cert, serial="d1", cert_serial="c1", nonce=rec, now=NOW)
+
+
+def signed(identity: tuple[x509.Certificate, CryptoSigner], m: DeviceManifest) -> bytes:
+    return sign_envelope(identity[1], m.to_dict())
+
+
+def test_a_good_check_in_verifies(identity: tuple[x509.Certificate, CryptoSigner]) -> None:
+    assert verify(identity, signed(identity, manifest()), record()) == manifest()
+
+
+@pytest.mark.parametrize(
+    ("rec", "reason"),
+    [
+        (None, "unknown nonce"),
+        (record(nonce="n2"), "unknown nonce"),
+        (record(serial="d2"), "the nonce was issued to another device"),
+        (record(cert_serial="c2"), "the nonce was issued to another certificate"),
+        (record(used_at=NOW), "the nonce was already used (replay)"),
+        (record(expires_at=NOW), "the nonce has expired"),
+    ],
+)
+def test_nonce_refusals(
+    identity: tuple[x509.Certificate, CryptoSigner], rec: NonceRecord | None, reason: str
+) -> None:
+    with pytest.raises(CheckinRefusedError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        verify(identity, signed(identity, manifest()), rec)
+
+
+def test_a_manifest_for_another_serial(identity: tuple[x509.Certificate, CryptoSigner]) -> None:
+    with pytest.raises(CheckinRefusedError, match="the manifest is for device 'd2'"):
+        verify(identity, signed(identity, manifest(serial="d2")), record(serial="d2"))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[]", 'must be {"signed"'),
+        (b'{"signed": {}, "signatures": []}', "exactly one signature"),
+        (b'{"signed": {}, "signatures": [{"keyid": 1}]}', "signature is malformed"),
+        (b"x" * (65 * 1024), "exceeds"),
+    ],
+)
+def test_hostile_envelopes(
+    identity: tuple[x509.Certificate, CryptoSigner], data: bytes, reason: str
+) -> None:
+    with pytest.raises(CheckinRefusedError, match=reason):
+        verify(identity, data, record())
+
+
+def test_strict_manifest_parsing(identity: tuple[x509.Certificate, CryptoSigner]) -> None:
+    raw = manifest().to_dict()
+    for bad, reason in (
+        ({**raw, "extra": 1}, "unknown fields extra"),
+        ({**raw, "_type": "root"}, "not a otaguard-device-manifest"),
+        ({**raw, "installed": {**raw["installed"], "length": True}}, "non-negative integer"),
+        ({**raw, "boot": {**raw["boot"], "sha256": "AB"}}, "lowercase hex SHA-256"),
+    ):
+        with pytest.raises(CheckinRefusedError, match=reason):
+            verify(identity, sign_envelope(identity[1], bad), record())
+
+
+def test_an_attested_claim_needs_a_quote(identity: tuple[x509.Certificate, CryptoSigner]) -> None:
+    m = dataclasses.replace(manifest(), boot=BootMeasurement(GOOD, "B", attested=True))
+    with pytest.raises(CheckinRefusedError, match="attested measurement without a quote"):
+        verify(identity, signed(identity, m), record())
+
+
+def test_parse_attest_refuses_garbage() -> None:
+    for data, reason in (
+        (b"", "truncated"),
+        (b"\x00" * 64, "not generated by a TPM"),
+        (bytes.fromhex("ff544347") + b"\x80\x17" + b"\x00" * 60, "not a quote"),
+    ):
+        with pytest.raises(VerificationError, match=reason):
+            parse_attest(data)
+
+
+def test_assess_boot() -> None:
+    listed = [ListedImage("fw-1.1.0.img", GOOD, 10), ListedImage("fw-1.0.0.img", "0" * 64, 10)]
+    assert assess_boot(manifest(), listed=listed) is None
+    assert "target fw-1.1.0.img is" in (assess_boot(manifest(boot=EVIL), listed=listed) or "")
+    factory = dataclasses.replace(
+        manifest(), installed=InstalledTarget("factory-1.1.0", 10, GOOD, "1.1.0", 1)
+    )
+    assert assess_boot(factory, listed=listed) is None  # a factory image published as a release
+    evil_factory = dataclasses.replace(factory, boot=BootMeasurement(EVIL, "A", attested=False))
+    assert "does not list" in (assess_boot(evil_factory, listed=listed) or "")
+    recovery = dataclasses.replace(
+        manifest(), installed=None, boot=BootMeasurement(RECOVERY_MEASUREMENT, None, False)
+    )
+    assert assess_boot(recovery, listed=listed) is None
+
+
+def test_a_nonce_is_spent_once(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "db.sqlite")
+    devices = SQLDeviceStore(url)
+    devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
+    store = SQLCheckinStore(url)
+    store.issue_nonce(record())
+    assert store.spend_nonce("n1", now=NOW)
+    assert not store.spend_nonce("n1", now=NOW)  # a second process racing loses
+    got = store.get_nonce("n1")
+    assert got is not None and got.used_at is not None
+    # Expired nonces are forgotten when the next one is issued.
+    store.issue_nonce(record(nonce="n2", issued_at=NOW + dt.timedelta(hours=1)))
+    assert store.get_nonce("n1") is None
+    # A device asking for nonces in a loop keeps only its newest few open.
+    for i in range(MAX_OPEN_NONCES_PER_CERT + 3):
+        issued = NOW + dt.timedelta(hours=1, seconds=i)
+        store.issue_nonce(record(nonce=f"m{i}", issued_at=issued, expires_at=issued + TTL))
+    kept = [i for i in range(MAX_OPEN_NONCES_PER_CERT + 3) if store.get_nonce(f"m{i}")]
+    assert kept == list(range(3, MAX_OPEN_NONCES_PER_CERT + 3))
+    assert store.register_attestation_key("d1", "PEM-A", now=NOW)
+    assert store.register_attestation_key("d1", "PEM-A", now=NOW)
+    assert not store.register_attestation_key("d1", "PEM-B", now=NOW)
+    store.close()
+    devices.close()
