@@ -67,7 +67,7 @@ class Proxied:
         )
 
     def device(self, serial: str, *, enroll: bool = True) -> Device:
-        """A device that talks to nginx, enrolled with a token through nginx."""
+        """A device that talks to nginx, enrolled with a token and checked in through nginx."""
         dev = Device.provision(
             self.world.tmp / serial,
             server_url=self.url,
@@ -81,6 +81,8 @@ class Proxied:
         )
         if enroll:
             self.world.enroll(dev)
+            # Metadata is served only within a while of an accepted check-in (ADR 0007).
+            dev.checkin()
         return dev
 
 
