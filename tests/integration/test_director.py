@@ -3,17 +3,29 @@
 Uptane full verification on the device: it installs only what the director instructs at
 its check-in *and* the image repository lists identically; a compromised director (its
 real online key, used by an attacker who took the server) cannot make it install
-anything else, and the device reports the attempt at its next check-in.
+anything else, and the device reports the attempt at its next check-in, which the
+server surfaces as an alert.
 """
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from securesystemslib.signer import CryptoSigner
 
 from conftest import World, start_world
+from otaguard.agent import Device
+from otaguard.model.errors import (
+    DirectorMetadataError,
+    DirectorMismatchError,
+    DowngradeError,
+)
+from otaguard.server.client import FleetClient
+from otaguard.sim.director_attacks import CompromisedDirector
 
 
 @pytest.fixture
@@ -27,9 +39,225 @@ def dworld(tmp_path: Path) -> Iterator[World]:
         w.server.stop()
 
 
+def _fleet(w: World) -> FleetClient:
+    return FleetClient(
+        server_url=w.server.base_url, ca_cert=w.server.ca_cert, token=w.server.operator_token
+    )
+
+
+def _running(dev: Device) -> str:
+    booted = dev.status().booted
+    assert booted is not None
+    return booted.version
+
+
+def _alerts(w: World, serial: str) -> list[tuple[str, str]]:
+    with _fleet(w) as f:
+        return [(kind, detail) for _, kind, detail in f.checkins(serial).alerts]
+
+
+def _attacker(w: World) -> CompromisedDirector:
+    return CompromisedDirector(w.server.app.state.director, w.server.data_dir)
+
+
 def test_update_driven_by_the_director(dworld: World) -> None:
+    """Default policy: the newest release for the hardware id, installed end to end."""
     dev = dworld.device("d1")
+    assert dev.has_director
     dworld.release("1.1.0")
     result = dev.update()
-    assert result.outcome == "updated", result
-    assert result.to_version == "1.1.0"
+    assert (result.outcome, result.to_version) == ("updated", "1.1.0")
+    assert _running(dev) == "1.1.0"
+    # Now the director says "none" (nothing newer): the device stays.
+    assert dev.update().outcome == "up-to-date"
+
+
+def test_the_director_chooses_not_the_device(dworld: World) -> None:
+    """Assigned 1.1.0 while 1.2.0 is published: the device installs 1.1.0, not the newest."""
+    dev = dworld.device("d1")
+    dworld.release("1.1.0")
+    dworld.release("1.2.0")
+    with _fleet(dworld) as f:
+        assert f.assign("d1", version="1.1.0") == ("release", "1.1.0")
+    assert dev.update().to_version == "1.1.0"
+    assert _running(dev) == "1.1.0"
+
+
+def test_device_told_none_stays(dworld: World) -> None:
+    """Hold: the director instructs no image; a newer release is published, nothing installs."""
+    dev = dworld.device("d1")
+    with _fleet(dworld) as f:
+        assert f.assign("d1", version=None, hold=True) == ("hold", "")
+    dworld.release("1.1.0")
+    assert dev.update().outcome == "up-to-date"
+    assert _running(dev) == "1.0.0"
+    with _fleet(dworld) as f:
+        assert f.assign("d1", version=None) == ("default", "")
+    assert dev.update().to_version == "1.1.0"
+
+
+def _refused_and_reported(w: World, devs: list[Device], error: type[Exception], flag: str) -> None:
+    for dev in devs:
+        with pytest.raises(error):
+            dev.update()
+        assert _running(dev) == "1.0.0"
+    for dev in devs:
+        dev.checkin()  # the next check-in carries the flag in the signed manifest
+        alerts = _alerts(w, dev.config.serial)
+        assert ("attack", f"device refused: {flag}") in alerts, alerts
+
+
+def test_compromised_director_names_an_image_absent_from_the_image_repository(
+    dworld: World,
+) -> None:
+    devs = [dworld.device(f"d{i}") for i in range(3)]
+    evil = dworld.tmp / "evil.img"
+    evil.write_bytes(b"malware" * 1000)
+    attacker = _attacker(dworld)
+    attacker.instruct(
+        name="evil-9.9.9.img",
+        length=evil.stat().st_size,
+        sha256=hashlib.sha256(evil.read_bytes()).hexdigest(),
+    )
+    _refused_and_reported(dworld, devs, DirectorMismatchError, "director-image-mismatch")
+
+
+def test_compromised_director_names_a_listed_image_with_another_hash(dworld: World) -> None:
+    devs = [dworld.device(f"d{i}") for i in range(3)]
+    rel = dworld.release("1.1.0")
+    attacker = _attacker(dworld)
+    attacker.instruct(name=rel.path, length=rel.length, sha256="ab" * 32, version="1.1.0")
+    _refused_and_reported(dworld, devs, DirectorMismatchError, "director-image-mismatch")
+
+
+def test_compromised_director_names_a_listed_image_with_another_length(dworld: World) -> None:
+    dev = dworld.device("d1")
+    rel = dworld.release("1.1.0")
+    _attacker(dworld).instruct(
+        name=rel.path, length=rel.length + 1, sha256=rel.sha256, version="1.1.0"
+    )
+    _refused_and_reported(dworld, [dev], DirectorMismatchError, "director-image-mismatch")
+
+
+def test_compromised_director_instructs_a_downgrade(dworld: World) -> None:
+    """A validly listed but older image, instructed by the real key: a refused downgrade."""
+    dworld.release("1.1.0")
+    dev = dworld.device("d1", version="1.1.0")
+    old = dworld.releases["1.0.0"]
+    _attacker(dworld).instruct(
+        name=old.path, length=old.length, sha256=old.sha256, version="1.0.0", security_counter=0
+    )
+    with pytest.raises(DowngradeError):
+        dev.update()
+    assert _running(dev) == "1.1.0"
+    dev.checkin()
+    assert ("attack", "device refused: downgrade") in _alerts(dworld, "d1")
+
+
+def test_replayed_instruction_of_an_earlier_checkin_is_refused(dworld: World) -> None:
+    """An instruction captured at one check-in is worthless at the next (nonce binding)."""
+    dev = dworld.device("d1")
+    dworld.release("1.1.0")
+    attacker = _attacker(dworld)
+    attacker.watch()
+    with _fleet(dworld) as f:
+        f.assign("d1", version=None, hold=True)
+    dev.update()  # honest "none", captured
+    with _fleet(dworld) as f:
+        f.assign("d1", version=None)
+    assert attacker.captured
+    attacker.replay(attacker.captured[-1])
+    with pytest.raises(DirectorMetadataError, match="nonce differs"):
+        dev.update()
+    dev.checkin()
+    assert ("attack", "device refused: director-metadata-invalid") in _alerts(dworld, "d1")
+
+
+def test_instruction_for_another_device_is_refused(dworld: World) -> None:
+    dev1, dev2 = dworld.device("d1"), dworld.device("d2")
+    dworld.release("1.1.0")
+    attacker = _attacker(dworld)
+    attacker.watch()
+    assert dev1.update().to_version == "1.1.0"
+    attacker.replay(attacker.captured[-1])
+    with pytest.raises(DirectorMetadataError, match="not for this device"):
+        dev2.update()
+    assert _running(dev2) == "1.0.0"
+
+
+def test_instruction_signed_by_a_non_director_key_is_refused(dworld: World) -> None:
+    """The server's snapshot/timestamp key, or any other: not the director root's targets key."""
+    dev = dworld.device("d1")
+    rel = dworld.release("1.1.0")
+    from otaguard.server.online import load_online_signer
+
+    for signer in (load_online_signer(dworld.server.data_dir), CryptoSigner.generate_ed25519()):
+        _attacker(dworld).instruct(
+            name=rel.path, length=rel.length, sha256=rel.sha256, version="1.1.0", signer=signer
+        )
+        with pytest.raises(DirectorMetadataError, match="not signed by a threshold"):
+            dev.update()
+        assert _running(dev) == "1.0.0"
+
+
+def test_expired_instruction_is_refused(dworld: World) -> None:
+    dev = dworld.device("d1")
+    rel = dworld.release("1.1.0")
+    _attacker(dworld).instruct(
+        name=rel.path, length=rel.length, sha256=rel.sha256, version="1.1.0", expired=True
+    )
+    with pytest.raises(DirectorMetadataError, match="expired"):
+        dev.update()
+    assert _running(dev) == "1.0.0"
+
+
+def test_fleet_assign_and_show_through_the_cli(dworld: World) -> None:
+    """The operator's CLI: assign, then fleet show prints the ALERT a refusal raised."""
+    dev = dworld.device("d1")
+    env = {
+        "OTAGUARD_SERVER": dworld.server.base_url,
+        "OTAGUARD_CA": str(dworld.server.ca_cert),
+        "OTAGUARD_OPERATOR_TOKEN": dworld.server.operator_token,
+        "PATH": "/usr/bin:/bin",
+    }
+    run = subprocess.run(
+        [*dworld.cli(), "fleet", "assign", "d1", "--hold"],
+        env=env, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "nothing (hold)" in run.stdout
+    rel = dworld.release("1.1.0")
+    _attacker(dworld).instruct(name=rel.path, length=rel.length, sha256="cd" * 32)
+    with pytest.raises(DirectorMismatchError):
+        dev.update()
+    dev.checkin()
+    show = subprocess.run(
+        [*dworld.cli(), "fleet", "show", "d1"],
+        env=env, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert show.returncode == 0, show.stderr
+    assert "ALERT" in show.stdout
+    assert "director-image-mismatch" in show.stdout
+    bad = subprocess.run(
+        [*dworld.cli(), "fleet", "assign", "d1", "--release", "not-a-version"],
+        env=env, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+
+
+def test_server_without_director_is_refused_by_a_director_device(
+    dworld: World, tmp_path: Path
+) -> None:
+    """A device with a director root refuses a check-in answer without an instruction."""
+    plain = start_world(tmp_path / "plain")
+    try:
+        plain.release("1.0.0")
+        plain.release("1.1.0")
+        assert dworld.director_root is not None
+        dev = plain.device("p1", director_root=dworld.director_root)
+        with pytest.raises(DirectorMetadataError, match="no director instruction"):
+            dev.update()
+        assert _running(dev) == "1.0.0"
+    finally:
+        plain.server.stop()
