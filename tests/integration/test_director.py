@@ -147,7 +147,9 @@ def test_compromised_director_instructs_a_downgrade(dworld: World) -> None:
     _attacker(dworld).instruct(
         name=old.path, length=old.length, sha256=old.sha256, version="1.0.0", security_counter=0
     )
-    with pytest.raises(DowngradeError):
+    # Refused at selection, before a byte is downloaded (the install's floor check at
+    # arming is the second line of defence, ADR 0003).
+    with pytest.raises(DowngradeError, match=r"version 1\.0\.0 < running 1\.1\.0"):
         dev.update()
     assert _running(dev) == "1.1.0"
     dev.checkin()
