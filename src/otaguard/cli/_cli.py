@@ -1000,7 +1000,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     ag.add_argument("action", choices=("check", "update", "run", "status", "boot"))
     ag.set_defaults(func=_agent)
 
-    demo = sub.add_parser("demo", help="end-to-end demo: rollout and four refused attacks")
+    demo = sub.add_parser(
+        "demo", help="end-to-end demo: rollout through the director and eight refused attacks"
+    )
     demo.add_argument("--devices", type=int, default=20)
     demo.add_argument("--workdir", type=Path, help="default: a new temporary directory")
     demo.set_defaults(func=_demo)
