@@ -263,3 +263,34 @@ def test_server_without_director_is_refused_by_a_director_device(
         assert _running(dev) == "1.0.0"
     finally:
         plain.server.stop()
+
+
+def test_forged_image_is_reported_and_surfaced_in_the_server_log(
+    dworld: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The director names a listed image whose blob the server altered: hash mismatch at
+    download, flag ``forged-image``, an ALERT line in the server's log and an alert."""
+    from otaguard.model.errors import VerificationError
+    from otaguard.sim.attacks import CompromisedServer
+
+    dev = dworld.device("d1")
+    rel = dworld.release("1.1.0")
+    attacker = CompromisedServer(dworld.server.data_dir)
+    try:
+        attacker.tamper_blob(rel.path)
+    finally:
+        attacker.close()
+    with pytest.raises(VerificationError, match="download"):
+        dev.update()
+    assert _running(dev) == "1.0.0"
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="otaguard.server.checkin"):
+        dev.checkin()
+    assert any(
+        "ALERT device d1 reports refused attacks: forged-image" in r.getMessage()
+        for r in caplog.records
+    )
+    assert ("attack", "device refused: forged-image") in _alerts(dworld, "d1")
+    # Reported once: the acceptance cleared the flag, the next check-in carries none.
+    dev.checkin()
+    assert _alerts(dworld, "d1").count(("attack", "device refused: forged-image")) == 1
