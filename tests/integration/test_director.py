@@ -10,6 +10,7 @@ server surfaces as an alert.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,3 +295,61 @@ def test_forged_image_is_reported_and_surfaced_in_the_server_log(
     # Reported once: the acceptance cleared the flag, the next check-in carries none.
     dev.checkin()
     assert _alerts(dworld, "d1").count(("attack", "device refused: forged-image")) == 1
+
+
+def _offline_root_signers(w: World) -> list[object]:
+    """The director's offline root keys, unlocked as the offline machine would."""
+    from tuf.api.metadata import Metadata, Root
+
+    from conftest import PASSPHRASE
+    from otaguard.crypto.signers import load_signer, resolve_key_uri
+
+    assert w.director_root is not None
+    root = Metadata[Root].from_bytes(w.director_root.read_bytes()).signed
+    config = json.loads((w.tmp / "director" / "otaguard-director.json").read_text())
+    return [
+        load_signer(
+            resolve_key_uri(ref["uri"], w.tmp / "director-keys"),
+            root.keys[ref["keyid"]],
+            name=ref["name"],
+            secrets=lambda _name: PASSPHRASE,
+        )
+        for ref in config["keys"]
+    ]
+
+
+def test_director_root_rotation_is_served_and_followed(
+    dworld: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new director root (new root key), signed offline by the old and the new keys and
+    carried to the server: served without a restart, followed and kept by the device; a
+    rogue next version signed by neither is refused by the server and never served."""
+    from tuf.api.metadata import Metadata, Root
+
+    dev = dworld.device("d1")
+    assert dworld.director_root is not None
+    md = Metadata[Root].from_bytes(dworld.director_root.read_bytes())
+    new_key = CryptoSigner.generate_ed25519()
+    for keyid in list(md.signed.roles["root"].keyids):
+        md.signed.revoke_key(keyid, "root")
+    md.signed.add_key(new_key.public_key, "root")
+    md.signed.roles["root"].threshold = 1
+    md.signed.version = 2
+    md.signatures.clear()
+    for signer in [*_offline_root_signers(dworld), new_key]:
+        md.sign(signer, append=True)  # type: ignore[arg-type]
+    meta = dworld.tmp / "director" / "metadata"
+    (meta / "2.root.json").write_bytes(md.to_bytes())
+    rogue = Metadata[Root].from_bytes(md.to_bytes())
+    rogue.signed.version = 3
+    rogue.signatures.clear()
+    rogue.sign(CryptoSigner.generate_ed25519())
+    (meta / "3.root.json").write_bytes(rogue.to_bytes())
+
+    dworld.release("1.1.0")
+    assert dev.update().to_version == "1.1.0"
+    trusted = Metadata[Root].from_bytes(dev.paths.director_root.read_bytes())
+    assert trusted.signed.version == 2
+    assert "director root rotation refused" in caplog.text
+    # The device trusts version 2 from now on: the next update verifies against it.
+    assert dev.update().outcome == "up-to-date"

@@ -586,6 +586,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         director = Director(
             signer=director_signer,
             roots=roots,
+            director_dir=settings.director_dir,
             assignments=assignments,
             metadata=store,
             clock=clock,

@@ -224,15 +224,32 @@ def load_director_roots(director_dir: Path, *, keyid: str) -> list[bytes]:
             tms.update_root(data)
     except (tuf_exc.RepositoryError, DeserializationError, ValueError) as e:
         raise ConfigError(f"the director root chain in {meta} does not verify: {e}") from e
-    root: Root = tms.root
+    _check_names_key(tms.root, keyid, meta)
+    return roots
+
+
+def _check_names_key(root: Root, keyid: str, where: Path) -> None:
     role = root.roles.get(Targets.type)
     if role is None or role.threshold != 1 or role.keyids != [keyid]:
         raise ConfigError(
-            f"the director root in {meta} does not name this server's director key "
+            f"the director root in {where} does not name this server's director key "
             f"{keyid[:16]}… as its targets key (made for another server's "
             "director-key.pub.json?)"
         )
-    return roots
+
+
+def _verify_next_root(current: bytes, new: bytes, *, keyid: str, where: Path) -> None:
+    """``new`` is the next root after ``current`` (both thresholds) and names ``keyid``.
+
+    Raises:
+        ConfigError: it does not verify or names another key.
+    """
+    try:
+        tms = TrustedMetadataSet(current, EnvelopeType.METADATA)
+        tms.update_root(new)
+    except (tuf_exc.RepositoryError, DeserializationError, ValueError) as e:
+        raise ConfigError(f"the director root in {where} does not verify: {e}") from e
+    _check_names_key(tms.root, keyid, where)
 
 
 class Director:
@@ -243,14 +260,20 @@ class Director:
         *,
         signer: Signer,
         roots: Sequence[bytes],
+        director_dir: Path | None = None,
         assignments: AssignmentStore,
         metadata: MetadataStore,
         policy: Policy = choose_release,
         clock: Callable[[], dt.datetime],
     ):
-        """Answer with ``signer`` for the director whose root versions are ``roots``."""
+        """Answer with ``signer`` for the director whose root versions are ``roots``.
+
+        ``director_dir``: where newer root versions appear (an offline rotation carried
+        over); they are picked up when a device asks for them, chain verified first.
+        """
         self._signer = signer
         self._roots = list(roots)
+        self._dir = director_dir
         self.assignments = assignments
         self.metadata = metadata
         #: replaceable (rollouts); a compromised server replaces it too (sim.attacks)
@@ -260,9 +283,30 @@ class Director:
         self._releases: tuple[int, list[DirectorRelease]] = (0, [])
 
     def root(self, version: int) -> bytes | None:
-        """Exact bytes of director root ``version`` (``None``: no such version)."""
-        if 1 <= version <= len(self._roots):
-            return self._roots[version - 1]
+        """Exact bytes of director root ``version`` (``None``: no such version).
+
+        A version past the newest known is looked for in the director directory: a root
+        rotated offline and carried over is served without a restart, once the whole
+        chain verifies and the new root still names this server's key.
+        """
+        with self._lock:
+            path = Path(self._dir or ".") / "metadata" / f"{version}.root.json"
+            if version == len(self._roots) + 1 and self._dir is not None and path.is_file():
+                try:
+                    if path.stat().st_size > MAX_DIRECTOR_ROOT_BYTES:
+                        raise ConfigError(f"{path} is too large")
+                    data = path.read_bytes()
+                    _verify_next_root(
+                        self._roots[-1], data, keyid=self._signer.public_key.keyid, where=path
+                    )
+                    self._roots.append(data)
+                    logger.info("director root version %d taken", version)
+                except OSError as e:
+                    logger.error("cannot read %s: %s", path, e.strerror)  # noqa: TRY400 - one line
+                except ConfigError as e:
+                    logger.error("director root rotation refused: %s", e.diagnostics())  # noqa: TRY400 - one line
+            if 1 <= version <= len(self._roots):
+                return self._roots[version - 1]
         return None
 
     def releases(self) -> list[DirectorRelease]:
