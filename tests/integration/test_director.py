@@ -353,3 +353,22 @@ def test_director_root_rotation_is_served_and_followed(
     assert "director root rotation refused" in caplog.text
     # The device trusts version 2 from now on: the next update verifies against it.
     assert dev.update().outcome == "up-to-date"
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"{}", b'{"signed": [], "signatures": 5}'])
+def test_hostile_instruction_is_a_one_line_cli_error(
+    dworld: World, answer: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Garbage in place of the instruction: `agent update` exits 3 with one line."""
+    from otaguard.cli import main
+
+    dev = dworld.device("d1")
+    dworld.release("1.1.0")
+    _attacker(dworld).replay(answer)
+    code = main(["agent", str(dev.paths.root), "update"])
+    err = capsys.readouterr().err
+    assert code == 3
+    lines = [x for x in err.splitlines() if x and not x.lower().startswith("warning")]
+    assert len(lines) == 1 and lines[0].startswith("director instruction refused:"), err
+    assert "Traceback" not in err
+    assert _running(dev) == "1.0.0"
