@@ -356,19 +356,16 @@ def test_director_root_rotation_is_served_and_followed(
 
 
 @pytest.mark.parametrize("answer", [b"not json", b"{}", b'{"signed": [], "signatures": 5}'])
-def test_hostile_instruction_is_a_one_line_cli_error(
-    dworld: World, answer: bytes, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Garbage in place of the instruction: `agent update` exits 3 with one line."""
-    from otaguard.cli import main
-
+def test_hostile_instruction_is_a_one_line_cli_error(dworld: World, answer: bytes) -> None:
+    """Garbage in place of the instruction: the real `agent update` exits 3 with one line."""
     dev = dworld.device("d1")
     dworld.release("1.1.0")
     _attacker(dworld).replay(answer)
-    code = main(["agent", str(dev.paths.root), "update"])
-    err = capsys.readouterr().err
-    assert code == 3
-    lines = [x for x in err.splitlines() if x and not x.lower().startswith("warning")]
-    assert len(lines) == 1 and lines[0].startswith("director instruction refused:"), err
-    assert "Traceback" not in err
+    run = subprocess.run(
+        [*dworld.cli(), "agent", str(dev.paths.root), "update"],
+        capture_output=True, text=True, check=False, timeout=120, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr
+    lines = [x for x in run.stderr.splitlines() if x and not x.lower().startswith("warning")]
+    assert len(lines) == 1 and lines[0].startswith("director instruction refused:"), run.stderr
     assert _running(dev) == "1.0.0"
