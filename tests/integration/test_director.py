@@ -369,3 +369,10 @@ def test_hostile_instruction_is_a_one_line_cli_error(dworld: World, answer: byte
     lines = [x for x in run.stderr.splitlines() if x and not x.lower().startswith("warning")]
     assert len(lines) == 1 and lines[0].startswith("director instruction refused:"), run.stderr
     assert _running(dev) == "1.0.0"
+
+
+def test_director_routes_and_answer_are_in_the_openapi_schema(dworld: World) -> None:
+    spec = dworld.server.app.openapi()
+    assert "/api/v1/device/director/{version}.root.json" in spec["paths"]
+    assert {"get", "put", "delete"} <= set(spec["paths"]["/api/v1/devices/{serial}/assignment"])
+    assert "director_targets" in spec["components"]["schemas"]["CheckinBody"]["properties"]
