@@ -376,3 +376,11 @@ def test_director_routes_and_answer_are_in_the_openapi_schema(dworld: World) -> 
     assert "/api/v1/device/director/{version}.root.json" in spec["paths"]
     assert {"get", "put", "delete"} <= set(spec["paths"]["/api/v1/devices/{serial}/assignment"])
     assert "director_targets" in spec["components"]["schemas"]["CheckinBody"]["properties"]
+
+
+def test_assign_on_a_server_without_director_says_so(world: World) -> None:
+    from otaguard.model.errors import OperatorError
+
+    world.device("p1")
+    with _fleet(world) as f, pytest.raises(OperatorError, match="runs no director"):
+        f.assign("p1", version="1.0.0")

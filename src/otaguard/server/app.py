@@ -676,9 +676,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(_operator_router(svc, require_operator))
     app.include_router(fleet_router(fleet, require_operator))
     app.include_router(checkins_router(checkins, require_operator))
-    if director is not None:
-        app.include_router(
-            director_router(director, gate=gate, devices=devices, require_operator=require_operator)
-        )
+    app.include_router(
+        director_router(director, gate=gate, devices=devices, require_operator=require_operator)
+    )
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     return app

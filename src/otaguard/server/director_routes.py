@@ -65,14 +65,20 @@ def _body(serial: str, a: Assignment | None) -> AssignmentBody:
 
 
 def director_router(
-    director: Director,
+    director: Director | None,
     *,
     gate: DeviceGate,
     devices: DeviceStore,
     require_operator: Callable[..., None],
 ) -> APIRouter:
-    """The director's device and operator routes."""
+    """The director's device and operator routes (``director`` ``None``: the server runs
+    none; the operator routes then say so instead of a bare 404)."""
     router = APIRouter(responses=_ERRORS)
+
+    def _director() -> Director:
+        if director is None:
+            raise OperatorError("this server runs no director (start it with --director DIR)")
+        return director
 
     @router.get(
         "/api/v1/device/director/{version}.root.json",
@@ -86,7 +92,7 @@ def director_router(
         """Exact signed bytes of director root ``version``; 404 past the newest."""
         if gate.authenticate(request.scope) is None:
             raise AccessDeniedError("the director root is served to enrolled devices")
-        data = director.root(version)
+        data = director.root(version) if director is not None else None
         if data is None:
             raise HTTPException(404, f"no director root version {version}")
         return Response(data, media_type="application/json")
@@ -104,7 +110,7 @@ def director_router(
     def get_assignment(serial: Annotated[str, _SERIAL_PARAM]) -> AssignmentBody:
         """What the director will instruct this device (by policy)."""
         _known(serial)
-        return _body(serial, director.assignments.get(serial))
+        return _body(serial, _director().assignments.get(serial))
 
     @router.put(
         "/api/v1/devices/{serial}/assignment",
@@ -116,6 +122,7 @@ def director_router(
         serial: Annotated[str, _SERIAL_PARAM], req: AssignmentRequest
     ) -> AssignmentBody:
         """From the next check-in, the director instructs this release (or nothing)."""
+        d = _director()
         _known(serial)
         if req.hold == (req.version is not None):
             raise OperatorError("give either a version or hold, not both or neither")
@@ -124,10 +131,10 @@ def director_router(
                 version = str(Version.parse(req.version))
             except ValueError as e:
                 raise OperatorError(str(e)) from e
-            a = Assignment(serial, "release", version, director.clock())
+            a = Assignment(serial, "release", version, d.clock())
         else:
-            a = Assignment(serial, "hold", None, director.clock())
-        director.assignments.set(a)
+            a = Assignment(serial, "hold", None, d.clock())
+        d.assignments.set(a)
         logger.info("assigned %s to %s", a.version or "hold", serial)
         return _body(serial, a)
 
@@ -139,8 +146,9 @@ def director_router(
     )
     def delete_assignment(serial: Annotated[str, _SERIAL_PARAM]) -> AssignmentBody:
         """Forget the device's assignment."""
+        d = _director()
         _known(serial)
-        director.assignments.clear(serial)
+        d.assignments.clear(serial)
         return _body(serial, None)
 
     return router
