@@ -241,6 +241,7 @@ def test_fleet_assign_and_show_through_the_cli(dworld: World) -> None:
     assert show.returncode == 0, show.stderr
     assert "ALERT" in show.stdout
     assert "director-image-mismatch" in show.stdout
+    assert "director: hold (instructs no update)" in show.stdout
     bad = subprocess.run(
         [*dworld.cli(), "fleet", "assign", "d1", "--release", "not-a-version"],
         env=env, capture_output=True, text=True, check=False, timeout=60,

@@ -410,9 +410,11 @@ def _fleet(a: argparse.Namespace) -> int:
             out.print(f"{len(devices)} device(s)", markup=False)
             return 0
         checkins = None
+        assignment = None
         if a.fleet_cmd == "show":
             d = client.show(a.serial)
             checkins = client.checkins(a.serial)
+            assignment = client.assignment(a.serial)
         elif a.fleet_cmd == "quarantine":
             d = client.quarantine(a.serial, a.reason)
         elif a.fleet_cmd == "release":
@@ -428,6 +430,16 @@ def _fleet(a: argparse.Namespace) -> int:
         "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
         markup=False,
     )
+    if assignment is not None:
+        mode, version = assignment
+        out.print(
+            "director: "
+            + {
+                "release": f"assigned release {version}",
+                "hold": "hold (instructs no update)",
+            }.get(mode, "default (newest release for its hardware id)"),
+            markup=False,
+        )
     if checkins is not None:
         _show_checkins(checkins)
     return 0

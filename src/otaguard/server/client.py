@@ -485,6 +485,23 @@ class FleetClient:
         path = f"/{quote(serial, safe='')}/token"
         return self._new_device(self._call(f"new token for {serial}", "POST", path))
 
+    def assignment(self, serial: str) -> tuple[str, str] | None:
+        """``(mode, version or "")`` the director applies to ``serial``; ``None`` when the
+        server runs no director.
+
+        Raises:
+            UnknownDeviceError: no such device.
+        """
+        path = f"/{quote(serial, safe='')}/assignment"
+        try:
+            answer = self._call(f"assignment of {serial}", "GET", path)
+        except OperatorError:
+            return None
+        try:
+            return str(answer["mode"]), str(answer["version"] or "")
+        except (KeyError, TypeError) as e:
+            raise TransportError("the server's assignment answer is malformed") from e
+
     def assign(self, serial: str, *, version: str | None, hold: bool = False) -> tuple[str, str]:
         """Tell the director what ``serial`` installs: ``version``, nothing (``hold``), or
         (neither) the default policy, the newest release for its hardware id.
