@@ -21,6 +21,7 @@ import pytest
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository, Release
+from otaguard.repo.director import init_director
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
@@ -58,6 +59,8 @@ class World:
     server: RunningServer
     releases: dict[str, Release]
     images: dict[str, Path]
+    #: the director's root.json when the server runs a director (devices get it)
+    director_root: Path | None = None
 
     @property
     def keys_dir(self) -> Path:
@@ -103,6 +106,8 @@ class World:
         """
         assert self.server.ca_cert is not None
         kw.setdefault("health_command", SIM_HEALTH_COMMAND)
+        if self.director_root is not None:
+            kw.setdefault("director_root", self.director_root)
         dev = Device.provision(
             self.tmp / name,
             server_url=self.server.base_url,
@@ -134,11 +139,17 @@ class World:
 
 
 def start_world(
-    tmp_path: Path, *, clock: Callable[[], dt.datetime] | None = None, **server_settings: Any
+    tmp_path: Path,
+    *,
+    clock: Callable[[], dt.datetime] | None = None,
+    director: bool = False,
+    **server_settings: Any,
 ) -> World:
     """Server data dir first, then the offline repository naming its online key, then serve.
 
-    ``server_settings`` go to :class:`ServerSettings` (e.g. ``timestamp_expiry``). The
+    ``server_settings`` go to :class:`ServerSettings` (e.g. ``timestamp_expiry``). With
+    ``director``, an offline-made director root names the server's director key, the
+    server answers check-ins with instructions, and devices are provisioned with it. The
     caller stops ``world.server``.
     """
     paths = init_data_dir(tmp_path / "server")
@@ -149,11 +160,20 @@ def start_world(
         online_key=read_public_key(paths.online_public_key),
     )
     settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "sync_interval": 0.1}
+    director_root = None
+    if director:
+        director_root = init_director(
+            tmp_path / "director",
+            keys_dir=tmp_path / "director-keys",
+            passphrases=same_passphrase,
+            online_key=read_public_key(paths.director_public_key),
+        )
+        settings["director_dir"] = tmp_path / "director"
     settings.update(server_settings)
     server = start_server_in_thread(
         ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, **settings), clock=clock
     )
-    return World(tmp_path, repo, server, {}, {})
+    return World(tmp_path, repo, server, {}, {}, director_root)
 
 
 @pytest.fixture

@@ -575,7 +575,7 @@ def _config(url: str) -> DeviceConfig:
     [
         (200, b"<html>", VerificationError, "the server's answer is not JSON"),
         (200, b'{"nonce": 7}', VerificationError, "nonce answer is malformed"),
-        (200, b"x" * 20_000, TransportError, "answer longer than 16384 bytes"),
+        (200, b"x" * 40_000, TransportError, "answer longer than 32768 bytes"),
         (403, b'{"error": "access denied: device dev1 is revoked"}', AccessDeniedError,
          r"refused \(HTTP 403\): device dev1 is revoked"),
         (500, b"{}", TransportError, "server answered 500"),

@@ -66,7 +66,9 @@ class Proxied:
             token=self.world.server.operator_token,
         )
 
-    def device(self, serial: str, *, enroll: bool = True) -> Device:
+    def device(
+        self, serial: str, *, enroll: bool = True, director_root: Path | None = None
+    ) -> Device:
         """A device that talks to nginx, enrolled with a token and checked in through nginx."""
         dev = Device.provision(
             self.world.tmp / serial,
@@ -78,6 +80,7 @@ class Proxied:
             factory_image=self.world.image("1.0.0"),
             factory_version="1.0.0",
             health_command=SIM_HEALTH_COMMAND,
+            director_root=director_root,
         )
         if enroll:
             self.world.enroll(dev)
@@ -96,6 +99,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
         clock=lambda: dt.datetime.now(dt.UTC) + skew[0],
         trusted_proxies=(PROXY,),
         manufacturer_ca=manufacturer.cert_path,
+        director=True,
     )
     nginx = None
     try:
@@ -456,3 +460,14 @@ def test_a_factory_certificate_from_an_untrusted_ca_is_refused_at_each_layer(
     )
     assert status == 403
     assert "is not from a trusted manufacturer CA" in reason(data)
+
+
+def test_an_update_driven_by_the_director_through_nginx(proxied: Proxied) -> None:
+    """Production topology: the check-in (with the director's instruction in its answer),
+    metadata and image all pass nginx; the device installs what the director instructs."""
+    dev = proxied.device("directed", director_root=proxied.world.director_root)
+    proxied.world.release("1.9.0")
+    result = dev.update()
+    assert (result.outcome, result.to_version) == ("updated", "1.9.0")
+    line = proxied.nginx.access_log_line("/api/v1/device/checkin", "CN=directed")
+    assert 'client_verify="SUCCESS"' in line

@@ -25,6 +25,7 @@ from typing import Any, Final
 from securesystemslib.signer import Signer
 from tuf.api import exceptions
 
+from otaguard.agent.attack_flags import clear_flags, read_flags
 from otaguard.agent.boot import read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher
@@ -62,8 +63,9 @@ logger = logging.getLogger(__name__)
 NONCE_PATH: Final = "/api/v1/device/nonce"
 CHECKIN_PATH: Final = "/api/v1/device/checkin"
 ATTESTATION_KEY_PATH: Final = "/api/v1/device/attestation-key"
-#: the server's answers are a few hundred bytes of JSON; more is hostile
-MAX_ANSWER_BYTES: Final = 16 * 1024
+#: the server's answers are a few hundred bytes of JSON plus the director's instruction
+#: (bounded by MAX_DIRECTOR_TARGETS_BYTES, escaped into a JSON string); more is hostile
+MAX_ANSWER_BYTES: Final = 32 * 1024
 # What of the last install result goes into the manifest (strings only, see the model).
 _RESULT_KEYS: Final = ("outcome", "target", "version", "error", "detail", "time")
 
@@ -76,6 +78,11 @@ class CheckinResult:
     time: str
     attested: bool
     boot_sha256: str
+    #: the nonce the accepted manifest answered (the director's instruction must name it)
+    nonce: str
+    #: the director's signed instruction (exact bytes), ``None`` when the server has no
+    #: director; verified by :mod:`.director`, never trusted as it comes
+    director: bytes | None
 
 
 def _reason(data: bytes) -> str:
@@ -161,6 +168,7 @@ def build_manifest(
             sha256=measurement[0], slot=measurement[1], attested=quote is not None
         ),
         quote=quote,
+        attack_flags=read_flags(paths),
     )
 
 
@@ -216,17 +224,23 @@ def check_in(
     manifest = build_manifest(paths, config, nonce=nonce, tpm=tpm)
     envelope = sign_envelope(signer, manifest.to_dict())
     accepted = _post(fetcher, base + CHECKIN_PATH, envelope, "check-in")
+    director = accepted.get("director_targets")
+    if director is not None and not isinstance(director, str):
+        raise VerificationError("check-in: the server's director instruction is malformed")
     try:
         result = CheckinResult(
             serial=str(accepted["serial"]),
             time=str(accepted["time"]),
             attested=bool(accepted["attested"]),
             boot_sha256=str(accepted["boot_sha256"]),
+            nonce=nonce,
+            director=director.encode() if director is not None else None,
         )
     except KeyError as e:
         raise VerificationError("check-in: the server's answer is malformed") from e
     if result.serial != config.serial:
         raise VerificationError(f"check-in: the server accepted serial {result.serial!r}")
+    clear_flags(paths, manifest.attack_flags)
     logger.info(
         "checked in as %s (%s)", result.serial, "attested" if result.attested else "unattested"
     )

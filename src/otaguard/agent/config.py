@@ -43,6 +43,19 @@ class DevicePaths:
         return self.trust / "root.json"
 
     @property
+    def director_root(self) -> Path:
+        """The director's root metadata (provisioned at manufacture; rotations update it).
+
+        Its absence means the device chooses its own update (no director; development).
+        """
+        return self.trust / "director-root.json"
+
+    @property
+    def attack_flags(self) -> Path:
+        """What the device refused since its last accepted check-in (reported, then cleared)."""
+        return self.root / "attack-flags.json"
+
+    @property
     def ca(self) -> Path:
         """The CA certificate the server's TLS certificate must chain to."""
         return self.trust / "ca.pem"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -16,13 +17,21 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from cryptography import x509
+from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes
+from otaguard.agent.attack_flags import flag_for, record_flag
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.checkin import CheckinResult, check_in
 from otaguard.agent.config import DeviceConfig, DevicePaths
+from otaguard.agent.director import (
+    DirectorInstruction,
+    follow_director_root,
+    match_image_repository,
+    verify_director_targets,
+)
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
 from otaguard.agent.identity import (
     DeviceKeyStore,
@@ -40,9 +49,11 @@ from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
 from otaguard.agent.slots import BootEnv, FileSlots, SlotImage, other_slot
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
+from otaguard.model.director import MAX_DIRECTOR_ROOT_BYTES
 from otaguard.model.errors import (
     ConfigError,
     DeviceStorageError,
+    DirectorMetadataError,
     DowngradeError,
     OperatorError,
     OtaguardError,
@@ -60,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 # Trust anchors are small; a bigger file is not what the operator meant to provision.
 MAX_TRUST_FILE_BYTES: Final = 1024 * 1024
+#: where the server serves the director's root versions (rotations), device API
+DIRECTOR_ROOT_PATH: Final = "/api/v1/device/director/{version}.root.json"
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,24 @@ def validate_root(data: bytes, source: Path) -> Metadata[Root]:
     if not result.verified:
         raise ConfigError(f"{source} is not signed by a threshold of its own root keys")
     return md
+
+
+def _read_director_root(path: Path | None) -> bytes | None:
+    """The director root to provision (validated), ``None`` without a director."""
+    if path is None:
+        return None
+    data = _read_trust_file(path, "director root metadata")
+    validate_root(data, path)
+    return data
+
+
+def _write_trust_anchors(
+    paths: DevicePaths, root: bytes, director_root: bytes | None, ca: bytes
+) -> None:
+    atomic_write_bytes(paths.trusted_root, root)
+    if director_root is not None:
+        atomic_write_bytes(paths.director_root, director_root)
+    atomic_write_bytes(paths.ca, ca)
 
 
 def _create_floor(paths: DevicePaths, floor: Floor, tpm_tcti: str | None) -> None:
@@ -155,6 +186,13 @@ class Device:
         #: set to make a running ``update``/``run`` stop within seconds (SIGTERM)
         self.stop_requested = threading.Event()
         self._fetchers: list[Fetcher] = []
+        #: the last accepted check-in of this process (its nonce and director answer)
+        self._last_checkin: CheckinResult | None = None
+
+    @property
+    def has_director(self) -> bool:
+        """True when the device was provisioned with a director root (Uptane mode)."""
+        return self.paths.director_root.is_file()
 
     # -- provisioning ----------------------------------------------------------------
     @classmethod
@@ -174,6 +212,7 @@ class Device:
         insecure_http: bool = False,
         tpm_tcti: str | None = None,
         unsafe_file_device_key: bool = False,
+        director_root: Path | None = None,
     ) -> Device:
         """Create a device directory as the factory would.
 
@@ -187,6 +226,10 @@ class Device:
                 keeps the floor in the development file alone.
             unsafe_file_device_key: development only: the device key in a file even with
                 a TPM (warns on every use).
+            director_root: the director's root metadata: the device then installs only
+                what the director instructs at each check-in and the image repository
+                backs (Uptane full verification). ``None``: no director, the device
+                picks the newest acceptable release itself (warns on every update).
 
         Raises:
             OperatorError: directory not empty, bad version, unreadable inputs.
@@ -223,6 +266,7 @@ class Device:
         )
         root_bytes = _read_trust_file(root_json, "root metadata")
         validate_root(root_bytes, root_json)
+        director_bytes = _read_director_root(director_root)
         ca_bytes = _read_trust_file(ca_pem, "CA certificate")
         try:
             x509.load_pem_x509_certificate(ca_bytes)
@@ -242,8 +286,7 @@ class Device:
                 paths.booted.parent,
             ):
                 d.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(paths.trusted_root, root_bytes)
-            atomic_write_bytes(paths.ca, ca_bytes)
+            _write_trust_anchors(paths, root_bytes, director_bytes, ca_bytes)
             backend = FileSlots(paths.slots)
             backend.write("A", factory_image)
             length = factory_image.stat().st_size
@@ -403,12 +446,13 @@ class Device:
         return fetcher
 
     def _check_in(self, fetcher: Fetcher) -> CheckinResult:
-        return check_in(
+        self._last_checkin = check_in(
             fetcher,
             paths=self.paths,
             config=self.config,
             signer=device_signer(self.paths, self.config),
         )
+        return self._last_checkin
 
     def checkin(self) -> CheckinResult:
         """Check in with the server now (what every update check starts with).
@@ -516,17 +560,102 @@ class Device:
         )
 
     def _select(self, session: TufSession, booted: BootRecord) -> Selection:
-        session.refresh()
-        offers, bad = session.offers(self.config.hardware_id)
-        sel = select_update(
-            offers,
-            running=None if booted.recovery else Version.parse(booted.version),
-            floor=self.monotonic.read(),
-            max_length=self.config.max_image_bytes,
-            rejected=frozenset(InstallState.load(self.paths.install_state).rejected),
-        )
-        sel.refused.extend(bad)
+        """Verify the image repository and decide what to install.
+
+        With a director root: the director's instruction from this session's check-in,
+        verified and matched against the image repository (Uptane full verification),
+        then checked against what runs and the floor. Without one: the newest
+        acceptable release. A refusal that stands for an attack is recorded as an attack
+        flag for the next check-in.
+        """
+        try:
+            session.refresh()
+            running = None if booted.recovery else Version.parse(booted.version)
+            floor = self.monotonic.read()
+            rejected = frozenset(InstallState.load(self.paths.install_state).rejected)
+            if not self.has_director:
+                warn_insecure(
+                    f"device {self.paths.root} has no director root: it chooses its own update"
+                )
+                offers, bad = session.offers(self.config.hardware_id)
+                sel = select_update(
+                    offers,
+                    running=running,
+                    floor=floor,
+                    max_length=self.config.max_image_bytes,
+                    rejected=rejected,
+                )
+                sel.refused.extend(bad)
+                return sel
+            instruction = self._director_instruction(session)
+            if instruction.target is None:
+                logger.info("the director instructs no update")
+                return Selection(chosen=None)
+            offer = match_image_repository(
+                instruction.target,
+                session.find_target(instruction.target.path),
+                hardware_id=self.config.hardware_id,
+            )
+            # select_update is now the check that the director's choice is acceptable.
+            sel = select_update(
+                [offer],
+                running=running,
+                floor=floor,
+                max_length=self.config.max_image_bytes,
+                rejected=rejected,
+            )
+            if sel.chosen is None and not sel.refused:
+                # Equal to what runs: nothing to do, but the director should not ask.
+                sel.refused.append((offer.path, f"version {offer.info.version} already runs"))
+        except OtaguardError as e:
+            flag = flag_for(e)
+            if flag is not None:
+                record_flag(self.paths, flag)
+            raise
+        if sel.downgrade:
+            record_flag(self.paths, "downgrade")
         return sel
+
+    def _director_instruction(self, session: TufSession) -> DirectorInstruction:
+        """The verified director instruction of this session's check-in.
+
+        Raises:
+            DirectorMetadataError: missing, not signed by the director root's targets
+                keys, expired, or for another nonce or device; or a bad root rotation.
+            TransportError: a director root rotation could not be fetched.
+        """
+        checkin = self._last_checkin
+        if checkin is None or checkin.director is None:
+            raise DirectorMetadataError(
+                "the server gave no director instruction at check-in (a server without "
+                "--director, or one that withheld it)"
+            )
+        now = dt.datetime.now(dt.UTC)
+        trusted = _read_trust_file(self.paths.director_root, "director root")
+        base = self.config.server_url.rstrip("/")
+
+        def fetch_root(version: int) -> bytes | None:
+            url = base + DIRECTOR_ROOT_PATH.format(version=version)
+            try:
+                return session.fetcher.download_bytes(url, MAX_DIRECTOR_ROOT_BYTES)
+            except tuf_exc.DownloadHTTPError as e:
+                if e.status_code == 404:
+                    return None
+                raise TransportError(f"director root {version}: {e}") from e
+            except tuf_exc.DownloadError as e:
+                raise TransportError(f"director root {version}: {e}") from e
+
+        data, root = follow_director_root(trusted, fetch_root, now=now)
+        if data != trusted:
+            atomic_write_bytes(self.paths.director_root, data)
+        return verify_director_targets(
+            checkin.director,
+            root=root,
+            serial=self.config.serial,
+            hardware_id=self.config.hardware_id,
+            nonce=checkin.nonce,
+            now=now,
+        )
 
     def check(self) -> tuple[str, Selection]:
         """Verify fresh metadata and say what would be installed (installs nothing)."""
@@ -578,6 +707,14 @@ class Device:
                     session.fetcher.close()
                 self._fetchers.clear()
             result: dict[str, Any] = installer.finished or {}
+            if result.get("outcome") == "refused" and result.get("error") in (
+                "verification",
+                "downgrade",
+            ):
+                record_flag(
+                    self.paths,
+                    "forged-image" if result.get("error") == "verification" else "downgrade",
+                )
             _raise_for(result)
             outcome = str(result.get("outcome", "failed"))
             if outcome == "updated" and result.get("recovery"):

@@ -145,6 +145,31 @@ def _repo_init(a: argparse.Namespace) -> int:
     return 0
 
 
+def _director_init(a: argparse.Namespace) -> int:
+    from otaguard.crypto.signers import read_public_key
+    from otaguard.repo.director import DIRECTOR_ROOT_EXPIRY_DAYS, init_director
+
+    online_key = read_public_key(a.online_key)
+    secrets: KeySecrets = (
+        Unsafe.PLAINTEXT_KEYS if a.insecure_plaintext_keys else _passphrases(new=True)
+    )
+    root = init_director(
+        a.director_dir,
+        keys_dir=a.keys_dir,
+        passphrases=secrets,
+        online_key=online_key,
+        root_expiry_days=a.root_expiry_days or DIRECTOR_ROOT_EXPIRY_DAYS,
+    )
+    out.print(f"initialised the director root in {a.director_dir}", markup=False)
+    out.print(f"private root keys (keep them offline): {a.keys_dir}", markup=False)
+    out.print(
+        f"per-device targets: signed by the update server (key {online_key.keyid[:16]}…)",
+        markup=False,
+    )
+    out.print(f"director root for devices (device init --director-root): {root}", markup=False)
+    return 0
+
+
 def _repo_verify(a: argparse.Namespace) -> int:
     from otaguard.cli._render import render_verification
     from otaguard.model.errors import VerificationError
@@ -235,6 +260,8 @@ def _server(a: argparse.Namespace) -> int:
             # The flags replace the environment's list, they do not add to it.
             trusted_proxies=tuple(a.trusted_proxy or _env_list(TRUSTED_PROXIES_ENV) or ()),
             manufacturer_ca=a.manufacturer_ca,
+            director_dir=a.director,
+            director_key_uri=a.director_key_uri,
         )
     except ValueError as e:
         raise OperatorError(str(e)) from e
@@ -283,6 +310,10 @@ def _server_init(a: argparse.Namespace) -> int:
     out.print(f"prepared server data directory {paths.data_dir}")
     out.print(
         f"online public key (for 'otaguard repo init --online-key'): {paths.online_public_key}"
+    )
+    out.print(
+        "director public key (for 'otaguard director init --online-key'): "
+        f"{paths.director_public_key}"
     )
     out.print(f"CA certificate (for devices and 'otaguard publish --ca'): {paths.ca_cert}")
     out.print(f"operator token file: {paths.operator_token}")
@@ -361,6 +392,15 @@ def _fleet(a: argparse.Namespace) -> int:
             out.print(f"new enrollment token for {a.serial} (single use):", markup=False)
             out.print(f"{new.token} expires {_when(new.token_expires)}", markup=False)
             return 0
+        if a.fleet_cmd == "assign":
+            mode, version = client.assign(a.serial, version=a.release, hold=a.hold)
+            what = {
+                "release": f"release {version}",
+                "hold": "nothing (hold)",
+                "default": "the newest release for its hardware id (default)",
+            }.get(mode, mode)
+            out.print(f"director: {a.serial} is told to install {what}", markup=False)
+            return 0
         if a.fleet_cmd == "list":
             devices = client.list_devices()
             table = Table("serial", "hardware id", "status", "certificates", "reason")
@@ -370,9 +410,11 @@ def _fleet(a: argparse.Namespace) -> int:
             out.print(f"{len(devices)} device(s)", markup=False)
             return 0
         checkins = None
+        assignment = None
         if a.fleet_cmd == "show":
             d = client.show(a.serial)
             checkins = client.checkins(a.serial)
+            assignment = client.assignment(a.serial)
         elif a.fleet_cmd == "quarantine":
             d = client.quarantine(a.serial, a.reason)
         elif a.fleet_cmd == "release":
@@ -388,6 +430,16 @@ def _fleet(a: argparse.Namespace) -> int:
         "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
         markup=False,
     )
+    if assignment is not None:
+        mode, version = assignment
+        out.print(
+            "director: "
+            + {
+                "release": f"assigned release {version}",
+                "hold": "hold (instructs no update)",
+            }.get(mode, "default (newest release for its hardware id)"),
+            markup=False,
+        )
     if checkins is not None:
         _show_checkins(checkins)
     return 0
@@ -438,6 +490,7 @@ def _device_init(a: argparse.Namespace) -> int:
         insecure_http=a.insecure_http,
         tpm_tcti=a.tpm,
         unsafe_file_device_key=a.unsafe_file_key,
+        director_root=a.director_root,
         health_command=Unsafe.NO_HEALTH_CHECK
         if a.unsafe_no_health_check
         else shlex.split(a.health_command),
@@ -651,6 +704,33 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     _key_options(ref)
     ref.set_defaults(func=_repo_refresh)
 
+    dirp = sub.add_parser("director", help="director repository (Uptane)").add_subparsers(
+        dest="director_cmd", required=True
+    )
+    dinit_ = dirp.add_parser(
+        "init", help="create the director's offline root keys and its signed root"
+    )
+    dinit_.add_argument("director_dir", type=Path)
+    dinit_.add_argument(
+        "--keys-dir",
+        type=Path,
+        required=True,
+        metavar="KEYS_DIR",
+        help="new directory for the root keys, outside DIRECTOR_DIR (keep it offline)",
+    )
+    dinit_.add_argument(
+        "--online-key",
+        type=Path,
+        required=True,
+        metavar="PUB_JSON",
+        help="the update server's director public key (DATA/director-key.pub.json)",
+    )
+    dinit_.add_argument(
+        "--root-expiry-days", type=int, metavar="DAYS", help="root lifetime (default 365)"
+    )
+    _plaintext_option(dinit_, "store private keys unencrypted")
+    dinit_.set_defaults(func=_director_init)
+
     rel = sub.add_parser("release", help="releases").add_subparsers(
         dest="release_cmd", required=True
     )
@@ -743,6 +823,19 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="manufacturer CA(s) whose factory certificates may enroll registered devices "
         f"in place of a token (or ${MANUFACTURER_CA_ENV})",
     )
+    srv.add_argument(
+        "--director",
+        type=Path,
+        metavar="DIRECTOR_DIR",
+        help="director directory (otaguard director init; public, no private key): answer "
+        "each check-in with the device's instruction signed by DATA/director-key.pem",
+    )
+    srv.add_argument(
+        "--director-key-uri",
+        metavar="URI",
+        help="signer URI of the director key (e.g. an HSM's; public key in "
+        "DATA/director-key.pub.json); default: the file key in DATA (warns)",
+    )
     srv.set_defaults(func=_server)
     srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
     sinit = srv_cmds.add_parser(
@@ -802,6 +895,16 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "--reason", default="revoked by the operator"
     )
     fleet_cmd("token", "a new single-use enrollment token (re-enrollment)")
+    fas = fleet_cmd(
+        "assign", "what the director tells a device to install (server with --director)"
+    ).add_mutually_exclusive_group(required=True)
+    fas.add_argument("--release", metavar="VERSION", help="install this release")
+    fas.add_argument("--hold", action="store_true", help="install nothing until changed")
+    fas.add_argument(
+        "--default",
+        action="store_true",
+        help="back to the default: the newest release for the device's hardware id",
+    )
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True
@@ -810,6 +913,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     dinit.add_argument("device_dir", type=Path)
     dinit.add_argument("--server", required=True, metavar="URL")
     dinit.add_argument("--root", type=Path, required=True, help="image repository root.json")
+    dinit.add_argument(
+        "--director-root",
+        type=Path,
+        metavar="ROOT_JSON",
+        help="the director's root.json (otaguard director init): install only what the "
+        "director instructs and the image repository backs (Uptane); without it the "
+        "device picks the newest release itself (warns)",
+    )
     dinit.add_argument("--ca", type=Path, required=True, help="server CA certificate (PEM)")
     dinit.add_argument("--hardware-id", required=True)
     dinit.add_argument(
@@ -901,7 +1012,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     ag.add_argument("action", choices=("check", "update", "run", "status", "boot"))
     ag.set_defaults(func=_agent)
 
-    demo = sub.add_parser("demo", help="end-to-end demo: rollout and four refused attacks")
+    demo = sub.add_parser(
+        "demo", help="end-to-end demo: rollout through the director and eight refused attacks"
+    )
     demo.add_argument("--devices", type=int, default=20)
     demo.add_argument("--workdir", type=Path, help="default: a new temporary directory")
     demo.set_defaults(func=_demo)

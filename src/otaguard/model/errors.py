@@ -4,7 +4,11 @@ Hierarchy (exit code of the CLI in brackets)::
 
     OtaguardError                 base; ``diagnostics()`` is the one line a user sees
     ├── VerificationError   [3]   bad or malicious data: signatures, hashes, lengths, expiry
-    │   └── DowngradeError        validly signed but older than what the device runs
+    │   ├── DowngradeError        validly signed but older than what the device runs
+    │   ├── DirectorMetadataError the director's instruction failed verification
+    │   │                         (signature, expiry, another nonce or device)
+    │   └── DirectorMismatchError the director names an image the image repository
+    │                             does not back (absent, other length/hashes/hardware)
     ├── TransportError      [4]   the network or a server misbehaved; retrying may help
     ├── RetryLaterError    [75]   nothing is wrong, but not now: a concurrent change won,
     │   ├── ConflictError         or the other side is not ready; retry soon
@@ -36,6 +40,8 @@ __all__ = [
     "ConflictError",
     "DeviceExistsError",
     "DeviceStorageError",
+    "DirectorMetadataError",
+    "DirectorMismatchError",
     "DowngradeError",
     "InsecureModeWarning",
     "KeyAccessError",
@@ -86,6 +92,27 @@ class DowngradeError(VerificationError):
     @property
     def kind(self) -> str:
         return "downgrade refused"
+
+
+class DirectorMetadataError(VerificationError):
+    """The director's instruction is not signed by its root's targets keys, expired, or
+    answers another check-in (nonce) or device."""
+
+    @property
+    def kind(self) -> str:
+        return "director instruction refused"
+
+
+class DirectorMismatchError(VerificationError):
+    """The director names an image the image repository does not list identically.
+
+    A stolen director key can choose only among images the offline keys signed; this is
+    that rule refusing something else (Uptane full verification).
+    """
+
+    @property
+    def kind(self) -> str:
+        return "director and image repository disagree"
 
 
 class TransportError(OtaguardError):

@@ -23,6 +23,7 @@ from typing import Any, Final
 from otaguard.model.errors import VerificationError
 
 __all__ = [
+    "ATTACK_FLAGS",
     "BOOT_PCR",
     "MANIFEST_TYPE",
     "MAX_EVENTS",
@@ -50,6 +51,15 @@ BOOT_PCR: Final = 9
 MAX_EVENTS: Final = 256
 #: what the bootloader measures when no slot qualified (recovery): no image runs
 RECOVERY_MEASUREMENT: Final = hashlib.sha256(b"otaguard:recovery").hexdigest()
+#: what a device reports having refused since its last accepted check-in (Uptane's
+#: "attack flags"): an image whose hash or length did not match its metadata, an
+#: instruction or offer older than what it runs or below its floor, a director
+#: instruction the image repository does not back (absent, other length, hashes or
+#: hardware), and director metadata that failed verification (bad signature, expired,
+#: another nonce)
+ATTACK_FLAGS: Final = frozenset(
+    {"forged-image", "downgrade", "director-image-mismatch", "director-metadata-invalid"}
+)
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 # Short strings (serials, names, versions, times) and the free-text install detail.
 _MAX_SHORT: Final = 256
@@ -258,6 +268,7 @@ _MANIFEST_KEYS: Final = {
     "last_result",
     "boot",
     "quote",
+    "attack_flags",
 }
 
 
@@ -273,6 +284,8 @@ class DeviceManifest:
         last_result: outcome and detail of the last install (``{}`` if none yet).
         boot: the last boot measurement.
         quote: the TPM quote over the boot PCR, ``None`` on a device without a TPM.
+        attack_flags: what the device refused since its last accepted check-in (each
+            one of :data:`ATTACK_FLAGS`, sorted, no repeats).
     """
 
     serial: str
@@ -282,6 +295,7 @@ class DeviceManifest:
     last_result: dict[str, str]
     boot: BootMeasurement
     quote: Quote | None
+    attack_flags: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The ``signed`` part of the envelope."""
@@ -294,6 +308,7 @@ class DeviceManifest:
             "last_result": dict(self.last_result),
             "boot": self.boot.to_dict(),
             "quote": self.quote.to_dict() if self.quote else None,
+            "attack_flags": sorted(set(self.attack_flags)),
         }
 
     @classmethod
@@ -309,6 +324,16 @@ class DeviceManifest:
             _str(k, "last_result key", 32): _str(v, f"last_result.{k}", _MAX_DETAIL)
             for k, v in result.items()
         }
+        flags = d["attack_flags"]
+        if (
+            not isinstance(flags, list)
+            or len(flags) > len(ATTACK_FLAGS)
+            or not all(isinstance(f, str) and f in ATTACK_FLAGS for f in flags)
+            or len(set(flags)) != len(flags)
+        ):
+            raise VerificationError(
+                f"attack_flags must be a list of distinct flags among {sorted(ATTACK_FLAGS)}"
+            )
         return cls(
             serial=_str(d["serial"], "serial", 64),
             nonce=_str(d["nonce"], "nonce", 128),
@@ -317,4 +342,5 @@ class DeviceManifest:
             last_result=last,
             boot=BootMeasurement.from_dict(d["boot"]),
             quote=None if d["quote"] is None else Quote.from_dict(d["quote"]),
+            attack_flags=tuple(flags),
         )

@@ -67,10 +67,13 @@ from otaguard.server.checkin import (
     checkins_router,
 )
 from otaguard.server.device_auth import DeviceGate
+from otaguard.server.director import Director, load_director_roots, load_director_signer
+from otaguard.server.director_routes import director_router
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
 from otaguard.server.settings import ServerSettings
+from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
     MAX_BLOB_BYTES,
     BlobStore,
@@ -573,7 +576,24 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     store = SQLMetadataStore(database_url)
     devices = SQLDeviceStore(database_url)
     checkin_store = SQLCheckinStore(database_url)
-    checkins = CheckinServices(checkins=checkin_store, devices=devices, metadata=store, clock=clock)
+    director: Director | None = None
+    assignments: SQLAssignmentStore | None = None
+    if settings.director_dir is not None:
+        refuse_private_keys(settings.director_dir)
+        director_signer = load_director_signer(data_dir, uri=settings.director_key_uri)
+        roots = load_director_roots(settings.director_dir, keyid=director_signer.public_key.keyid)
+        assignments = SQLAssignmentStore(database_url)
+        director = Director(
+            signer=director_signer,
+            roots=roots,
+            director_dir=settings.director_dir,
+            assignments=assignments,
+            metadata=store,
+            clock=clock,
+        )
+    checkins = CheckinServices(
+        checkins=checkin_store, devices=devices, metadata=store, clock=clock, director=director
+    )
     fleet = FleetServices(
         devices=devices,
         ca=DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR),
@@ -615,6 +635,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             store.close()
             devices.close()
             checkin_store.close()
+            if assignments is not None:
+                assignments.close()
 
     app = FastAPI(
         title="otaguard update server",
@@ -631,6 +653,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.state.resign = resign
     app.state.devices = devices
     app.state.checkins = checkin_store
+    app.state.director = director
     app.state.device_ca = fleet.ca
     _install_error_handlers(app)
 
@@ -653,5 +676,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(_operator_router(svc, require_operator))
     app.include_router(fleet_router(fleet, require_operator))
     app.include_router(checkins_router(checkins, require_operator))
+    app.include_router(
+        director_router(director, gate=gate, devices=devices, require_operator=require_operator)
+    )
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     return app

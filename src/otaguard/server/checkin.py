@@ -51,6 +51,7 @@ from otaguard.server._api import ErrorBody
 from otaguard.server.attestation import ListedImage, assess_boot, verify_quote
 from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
 from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate
+from otaguard.server.director import Director
 from otaguard.server.storage.base import (
     CheckinRecord,
     CheckinStore,
@@ -102,8 +103,14 @@ class CheckinServices:
         devices: DeviceStore,
         metadata: MetadataStore,
         clock: Callable[[], dt.datetime],
+        director: Director | None = None,
     ):
-        """Use these stores and this clock (the server's notion of now)."""
+        """Use these stores and this clock (the server's notion of now).
+
+        ``director``: answers each accepted check-in with the device's signed
+        instruction; ``None`` (no ``--director``) answers with acceptance only.
+        """
+        self.director = director
         self.checkins = checkins
         self.devices = devices
         self.metadata = metadata
@@ -190,6 +197,12 @@ class CheckinBody(BaseModel):
     boot_sha256: str
     valid_for_seconds: int = Field(
         description="how long this certificate may read /metadata and /targets from now"
+    )
+    director_targets: str | None = Field(
+        default=None,
+        description="the director's instruction: TUF targets metadata (exact signed JSON "
+        "text) signed by the director root's targets key, naming the one image to install "
+        "or none, bound to this manifest's nonce; null when the server has no director",
     )
 
 
@@ -349,7 +362,11 @@ def _checkin(svc: CheckinServices, dev: AuthenticatedDevice, data: bytes) -> Che
         attested=reset_count is not None,
         reset_count=reset_count,
         outcome="accepted" if problem is None else "quarantined",
-        detail=problem or " ".join(f"{k}={v}" for k, v in sorted(manifest.last_result.items())),
+        detail=problem
+        or " ".join(
+            [f"{k}={v}" for k, v in sorted(manifest.last_result.items())]
+            + ([f"attack_flags={','.join(manifest.attack_flags)}"] if manifest.attack_flags else [])
+        ),
         manifest=data,
     )
     svc.checkins.record_checkin(entry)
@@ -359,18 +376,31 @@ def _checkin(svc: CheckinServices, dev: AuthenticatedDevice, data: bytes) -> Che
         svc.devices.set_status(serial, DeviceState.QUARANTINED, reason=reason[:500], now=now)
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
         raise AccessDeniedError(f"device {serial} quarantined at check-in: {problem}")
+    if manifest.attack_flags:
+        flags = ", ".join(manifest.attack_flags)
+        svc.checkins.add_alert(DeviceAlert(serial, now, "attack", f"device refused: {flags}"))
+        logger.error("ALERT device %s reports refused attacks: %s", serial, flags)
     logger.info(
         "device %s checked in (%s, %s)",
         serial,
         entry.running_version,
         "attested" if entry.attested else "unattested measurement",
     )
+    director = None
+    if svc.director is not None:
+        director = svc.director.answer(
+            serial=serial,
+            hardware_id=dev.record.hardware_id,
+            installed=installed,
+            nonce=manifest.nonce,
+        ).decode()
     return CheckinBody(
         serial=serial,
         time=now,
         attested=entry.attested,
         boot_sha256=entry.boot_sha256,
         valid_for_seconds=int(CHECKIN_WINDOW.total_seconds()),
+        director_targets=director,
     )
 
 

@@ -484,3 +484,43 @@ class FleetClient:
         """A new single-use enrollment token for a registered device (re-enrollment)."""
         path = f"/{quote(serial, safe='')}/token"
         return self._new_device(self._call(f"new token for {serial}", "POST", path))
+
+    def assignment(self, serial: str) -> tuple[str, str] | None:
+        """``(mode, version or "")`` the director applies to ``serial``; ``None`` when the
+        server runs no director.
+
+        Raises:
+            UnknownDeviceError: no such device.
+        """
+        path = f"/{quote(serial, safe='')}/assignment"
+        try:
+            answer = self._call(f"assignment of {serial}", "GET", path)
+        except OperatorError:
+            return None
+        try:
+            return str(answer["mode"]), str(answer["version"] or "")
+        except (KeyError, TypeError) as e:
+            raise TransportError("the server's assignment answer is malformed") from e
+
+    def assign(self, serial: str, *, version: str | None, hold: bool = False) -> tuple[str, str]:
+        """Tell the director what ``serial`` installs: ``version``, nothing (``hold``), or
+        (neither) the default policy, the newest release for its hardware id.
+
+        Returns:
+            ``(mode, version or "")`` as the server recorded it.
+
+        Raises:
+            UnknownDeviceError: no such device, or the server runs no director.
+            OperatorError: an invalid version.
+        """
+        path = f"/{quote(serial, safe='')}/assignment"
+        if version is None and not hold:
+            answer = self._call(f"clear the assignment of {serial}", "DELETE", path)
+        else:
+            answer = self._call(
+                f"assign to {serial}", "PUT", path, {"version": version, "hold": hold}
+            )
+        try:
+            return str(answer["mode"]), str(answer["version"] or "")
+        except (KeyError, TypeError) as e:
+            raise TransportError("the server's assignment answer is malformed") from e

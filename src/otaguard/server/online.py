@@ -107,14 +107,24 @@ class OnlineKeyFiles:
         return f"{PLAINTEXT_FILE_SCHEME}:{self.private_key.absolute()}"
 
 
-def ensure_online_key(data_dir: Path) -> OnlineKeyFiles:
+def ensure_online_key(
+    data_dir: Path,
+    *,
+    private_name: str = ONLINE_KEY_FILE,
+    public_name: str = ONLINE_PUBLIC_KEY_FILE,
+) -> OnlineKeyFiles:
     """Return the server's online key files, creating the key on first use.
+
+    Args:
+        data_dir: the server's data directory.
+        private_name: file name of the private key (the director's key has its own).
+        public_name: file name of its public half.
 
     Raises:
         ConfigError: the key file is readable by other users, or a file is unusable.
     """
     data_dir = Path(data_dir)
-    private, public = data_dir / ONLINE_KEY_FILE, data_dir / ONLINE_PUBLIC_KEY_FILE
+    private, public = data_dir / private_name, data_dir / public_name
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not private.exists():
@@ -134,30 +144,42 @@ def ensure_online_key(data_dir: Path) -> OnlineKeyFiles:
     return OnlineKeyFiles(private, public, read_public_key(public))
 
 
-def load_online_signer(data_dir: Path, *, uri: str | None = None) -> Signer:
-    """Load the server's online signer.
+def load_online_signer(
+    data_dir: Path,
+    *,
+    uri: str | None = None,
+    private_name: str = ONLINE_KEY_FILE,
+    public_name: str = ONLINE_PUBLIC_KEY_FILE,
+    name: str = "online",
+    what: str = "online (snapshot/timestamp)",
+) -> Signer:
+    """Load one of the server's online signers (by default the snapshot/timestamp key).
 
     Args:
         data_dir: the server's data directory.
-        uri: a signer URI (e.g. an HSM's) whose public key is ``DATA/online-key.pub.json``;
+        uri: a signer URI (e.g. an HSM's) whose public key is ``DATA/<public_name>``;
             ``None`` uses (and on first start creates) the file key in the data directory,
             with a warning that production keys belong in an HSM.
+        private_name: file name of the file key (the director key has its own).
+        public_name: file name of its public half.
+        name: the key's name (passphrase prompts, messages).
+        what: what the key signs, for the warning.
 
     Raises:
         ConfigError: the key is unusable or does not match its public key file.
         KeyAccessError: the key needs a secret the server cannot give.
     """
     if uri is not None:
-        public = read_public_key(Path(data_dir) / ONLINE_PUBLIC_KEY_FILE)
-        return load_signer(uri, public, name="online", secrets=None)
-    files = ensure_online_key(data_dir)
+        public = read_public_key(Path(data_dir) / public_name)
+        return load_signer(uri, public, name=name, secrets=None)
+    files = ensure_online_key(data_dir, private_name=private_name, public_name=public_name)
     return load_signer(
         files.uri,
         files.public_key,
-        name="online",
+        name=name,
         secrets=Unsafe.PLAINTEXT_KEYS,
         plaintext_warning=(
-            f"the server's online (snapshot/timestamp) key {files.private_key} is an "
+            f"the server's {what} key {files.private_key} is an "
             "unencrypted file; production should keep it in an HSM"
         ),
     )

@@ -30,6 +30,7 @@ from otaguard.server._tls import ForwardedClientCert, TlsScopeH11Protocol
 from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
+from otaguard.server.director import DIRECTOR_PUBLIC_KEY_FILE, load_director_signer
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
 from otaguard.server.settings import ServerSettings, parse_trusted_proxies
 from otaguard.server.tls import CertificateRenewer, ServerCertificate
@@ -80,6 +81,8 @@ class DataDirPaths:
         data_dir: the server's data directory (mode 0700).
         online_public_key: the online key's public half, for ``otaguard repo init
             --online-key`` on the offline signing machine.
+        director_public_key: the director key's public half, for ``otaguard director
+            init --online-key``.
         ca_cert: the CA certificate devices and publishers trust.
         operator_token: the operator API's bearer token file (mode 0600).
     """
@@ -88,9 +91,12 @@ class DataDirPaths:
     online_public_key: Path
     ca_cert: Path
     operator_token: Path
+    director_public_key: Path
 
 
-def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataDirPaths:
+def init_data_dir(
+    data_dir: Path, *, online_key_uri: str | None = None, director_key_uri: str | None = None
+) -> DataDirPaths:
     """Prepare a server data directory: online key, operator token, CAs. Idempotent.
 
     The device CA (``DATA/device-ca``: root and issuing CA) is created here too.
@@ -107,6 +113,7 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
     data_dir = Path(data_dir)
     prepare_data_dir(data_dir)
     load_online_signer(data_dir, uri=online_key_uri)
+    load_director_signer(data_dir, uri=director_key_uri)
     load_or_create_operator_token(data_dir)
     ca = CertificateAuthority.load_or_create(data_dir / "ca")
     DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR)
@@ -115,6 +122,7 @@ def init_data_dir(data_dir: Path, *, online_key_uri: str | None = None) -> DataD
         online_public_key=data_dir / ONLINE_PUBLIC_KEY_FILE,
         ca_cert=ca.cert_path,
         operator_token=data_dir / OPERATOR_TOKEN_FILE,
+        director_public_key=data_dir / DIRECTOR_PUBLIC_KEY_FILE,
     )
 
 

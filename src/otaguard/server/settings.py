@@ -111,6 +111,12 @@ class ServerSettings:
             may enroll devices in place of a token (EST with client-certificate
             authentication); ``None``: factory enrollment is off. Factory certificates
             never authenticate device requests.
+        director_dir: the director directory (``otaguard director init``) whose root
+            names the server's director key: each accepted check-in is then answered
+            with the device's signed instruction (Uptane). ``None``: no director.
+        director_key_uri: signer URI of the director key (its public key in
+            ``data_dir/director-key.pub.json``); ``None`` uses the file key the server
+            creates in ``data_dir`` (warns).
     """
 
     data_dir: Path
@@ -132,6 +138,8 @@ class ServerSettings:
     insecure_no_client_auth: bool = False
     trusted_proxies: tuple[str, ...] = ()
     manufacturer_ca: Path | None = None
+    director_dir: Path | None = None
+    director_key_uri: str | None = None
 
     def __post_init__(self) -> None:
         parse_trusted_proxies(self.trusted_proxies)

@@ -1,4 +1,4 @@
-"""``otaguard demo``: a rollout to a fleet, then seven attacks that must all be refused."""
+"""``otaguard demo``: a rollout through the director, then eight attacks, all refused."""
 
 from __future__ import annotations
 
@@ -24,16 +24,19 @@ from otaguard.agent.slots import BootEnv
 from otaguard.crypto.signers import read_public_key
 from otaguard.model.errors import (
     AccessDeniedError,
+    DirectorMismatchError,
     DowngradeError,
     InsecureModeWarning,
     OperatorError,
     OtaguardError,
     VerificationError,
 )
-from otaguard.repo import ImageRepository
+from otaguard.repo import ImageRepository, Release
+from otaguard.repo.director import init_director
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
+from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 from otaguard.sim.softtpm import SoftTpmPool, softtpm_missing
 
@@ -44,7 +47,7 @@ HARDWARE_ID: Final = "gateway-v1"
 #: enough to show it, few enough to keep the demo fast
 TPM_DEVICES: Final = 3
 IMAGE_SIZE: Final = 4 * 1024 * 1024
-ATTACKS: Final = 7
+ATTACKS: Final = 8
 
 
 def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
@@ -169,6 +172,51 @@ def _unidentified_clients(
     return outcome
 
 
+def _compromised_director(
+    console: Console,
+    fleet: Fleet,
+    director: CompromisedDirector,
+    operator: FleetClient,
+    *,
+    listed: Release,
+) -> AttackOutcome:
+    """(h) The director's real online key instructs every device to install an image the
+    image repository lacks, then a listed image with another hash: each device refuses
+    both, reports attack flags at its next check-in, and the server records alerts."""
+    evil = hashlib.sha256(b"malicious firmware").hexdigest()
+    refusals: dict[str, int] = dict.fromkeys(fleet.names, 0)
+    reason = "not refused!"
+    for name, sha256, length in (
+        ("firmware-7.7.7.img", evil, IMAGE_SIZE),
+        (listed.path, evil, listed.length),
+    ):
+        director.instruct(name=name, length=length, sha256=sha256)
+        runs = fleet.update_all()
+        versions = fleet.versions()
+        for r in runs:
+            if isinstance(r.error, DirectorMismatchError) and versions[r.name] == "1.1.0":
+                refusals[r.name] += 1
+                reason = r.error.diagnostics()
+    director.restore()
+    fleet.update_all()  # the next check-in carries the attack flags; honest answer: none
+    alerted = [
+        name
+        for name in fleet.names
+        if any(
+            kind == "attack" and "director-image-mismatch" in detail
+            for _, kind, detail in operator.checkins(name).alerts
+        )
+    ]
+    ok = sum(1 for name in fleet.names if refusals[name] == 2 and name in alerted)
+    outcome = AttackOutcome("(h) compromised director", ok, len(fleet.names), reason)
+    mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
+    console.print(
+        f"  {mark} by {outcome.refused}/{outcome.total} devices (absent image and other hash, "
+        f"each reported and alerted): {reason}"
+    )
+    return outcome
+
+
 def _start_tpms(console: Console, directory: Path, count: int) -> SoftTpmPool | None:
     """Software TPMs behind abrmd for ``count`` devices, or None where that cannot run."""
     if count == 0:
@@ -268,9 +316,24 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     )
     console.print(f"released {rel100.path} (feature, counter {rel100.info.security_counter})")
 
-    step("3. Update server (HTTPS; signs snapshot and timestamp itself)")
+    step("2b. Offline director root: hybrid root keys, naming the server's director key")
+    director_root = init_director(
+        work / "director",
+        keys_dir=work / "director-keys",
+        passphrases=passphrase,
+        online_key=read_public_key(paths.director_public_key),
+    )
+    console.print(f"director root for devices: {director_root}")
+
+    step("3. Update server (HTTPS; signs snapshot, timestamp and each device's instruction)")
     server = start_server_in_thread(
-        ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, host="127.0.0.1", port=0)
+        ServerSettings(
+            data_dir=paths.data_dir,
+            repo_dir=repo.dir,
+            host="127.0.0.1",
+            port=0,
+            director_dir=work / "director",
+        )
     )
     attacker = None
     operator: FleetClient | None = None
@@ -309,6 +372,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             health_command=SIM_HEALTH_COMMAND,
             enrollment_token=lambda serial, hw: operator.add_device(serial, hw).token,
             tpm_tctis=tctis,
+            director_root=director_root,
         )
         console.print(f"{count} devices enrolled (client certificates from the device CA)")
         console.print(
@@ -317,9 +381,10 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             "development file keys"
         )
         attacker = CompromisedServer(server.data_dir)
+        director = CompromisedDirector(server.app.state.director, server.data_dir)
         old_timestamp = attacker.current_timestamp()
 
-        step("5. Release 1.1.0 (security) and roll it out")
+        step("5. Release 1.1.0 (security); the director instructs every device to install it")
         v110 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.1.0")
         rel110 = repo.add_release(
             v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
@@ -357,11 +422,22 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         )
         attacker.serve_timestamp(current)
 
-        step("6c. Attack: validly signed metadata offering only an older release")
+        step("6c. Attack: signed metadata offering only an older release, the director naming it")
         repo.withdraw_release(rel120.path)
         repo.withdraw_release(rel110.path)
         wait_served(server, repo)
+        director.instruct(
+            name=rel100.path,
+            length=rel100.length,
+            sha256=rel100.sha256,
+            version="1.0.0",
+            security_counter=rel100.info.security_counter,
+        )
         outcomes.append(_attack(console, fleet, "(c) downgrade to 1.0.0", DowngradeError, "1.1.0"))
+        director.restore()
+
+        step("6h. Attack: the director's online key instructs images the repository lacks")
+        director_attack = _compromised_director(console, fleet, director, operator, listed=rel100)
 
         step("6d. Attack: release signed by only the Ed25519 half of the hybrid targets key")
         # The compromised server signs snapshot and timestamp with its own online key.
@@ -387,6 +463,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         step("6g. Attack: a device's running slot and its recorded digest rewritten")
         file_keyed = [n for n in fleet.names if n not in tctis]
         outcomes.append(_tampered_boot(console, work, fleet, operator, file_keyed=file_keyed))
+        outcomes.append(director_attack)
     finally:
         if attacker is not None:
             attacker.close()
@@ -406,7 +483,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         return text if len(text) <= 90 else text[:89] + "…"
 
     table.add_row(
-        "rollout 1.0.0 → 1.1.0",
+        "rollout 1.0.0 → 1.1.0 (director)",
         "[green]pass[/green]" if rollout_ok else "[red]FAIL[/red]",
         f"{updated}/{count} devices updated",
     )

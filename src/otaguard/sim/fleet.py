@@ -156,6 +156,7 @@ class Fleet:
         health_command: list[str],
         enrollment_token: Callable[[str, str], str],
         tpm_tctis: dict[str, str] | None = None,
+        director_root: Path | None = None,
     ) -> Fleet:
         """Provision ``count`` devices running the factory image, each enrolled.
 
@@ -163,6 +164,7 @@ class Fleet:
         returns its single-use token (the operator's ``fleet add-device``); each device
         then makes its key and enrolls: in its TPM when ``tpm_tctis`` names one for it
         (its anti-rollback floor goes there too), otherwise a file key (development).
+        With ``director_root`` each device installs only what the director instructs.
         """
         names = [f"device-{i:02d}" for i in range(1, count + 1)]
         tctis = tpm_tctis or {}
@@ -178,6 +180,7 @@ class Fleet:
                 factory_version=factory_version,
                 health_command=health_command,
                 tpm_tcti=tctis.get(name),
+                director_root=director_root,
             )
             dev.enroll(enrollment_token(name, hardware_id), key_store=dev.key_store)
         return cls(root, names)

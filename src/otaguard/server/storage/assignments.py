@@ -1,0 +1,143 @@
+"""Operator assignments for the director, in SQL next to the registry.
+
+Table::
+
+    director_assignments(serial PK -> devices, mode, version, assigned_at)
+
+``mode`` is ``release`` (install ``version``) or ``hold`` (install nothing). No row: the
+default policy (the newest release for the device's hardware id). Kept simple on
+purpose: rollouts and channels (issue 7, another part) replace the policy, not this.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import Column, DateTime, ForeignKey, String, Table, delete, insert, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from otaguard.model.errors import ServerStorageError
+from otaguard.server.storage.devices import devices_table
+from otaguard.server.storage.sql import open_engine
+
+__all__ = [
+    "ASSIGNMENT_MODES",
+    "Assignment",
+    "AssignmentStore",
+    "SQLAssignmentStore",
+    "assignments_table",
+]
+
+#: ``release``: install that version; ``hold``: install nothing
+ASSIGNMENT_MODES: Final = ("release", "hold")
+
+_schema = devices_table.metadata
+assignments_table = Table(
+    "director_assignments",
+    _schema,
+    Column("serial", String(64), ForeignKey("devices.serial"), primary_key=True),
+    Column("mode", String(16), nullable=False),
+    Column("version", String(256), nullable=True),
+    Column("assigned_at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What an operator assigned to one device."""
+
+    serial: str
+    mode: str
+    version: str | None
+    assigned_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        if self.mode not in ASSIGNMENT_MODES:
+            raise ValueError(f"assignment mode must be one of {ASSIGNMENT_MODES}")
+        if (self.mode == "release") != (self.version is not None):
+            raise ValueError("a release assignment names a version; a hold names none")
+
+
+class AssignmentStore(ABC):
+    """Per-device operator assignments (one per device at most)."""
+
+    @abstractmethod
+    def get(self, serial: str) -> Assignment | None:
+        """The device's assignment, ``None`` for the default policy."""
+
+    @abstractmethod
+    def set(self, assignment: Assignment) -> None:
+        """Replace the device's assignment."""
+
+    @abstractmethod
+    def clear(self, serial: str) -> None:
+        """Back to the default policy."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+class SQLAssignmentStore(AssignmentStore):
+    """:class:`AssignmentStore` on any SQLAlchemy 2 database URL."""
+
+    def __init__(self, url: str):
+        """Connect and create the table if missing.
+
+        Raises:
+            ServerStorageError: the database cannot be opened.
+        """
+        self._engine: Engine = open_engine(url, _schema, what="assignment store")
+
+    def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
+        return ServerStorageError(f"assignment store {what} failed: {e.__class__.__name__}")
+
+    def get(self, serial: str) -> Assignment | None:
+        """See :meth:`AssignmentStore.get`."""
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(assignments_table).where(assignments_table.c.serial == serial)
+                ).first()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        if row is None:
+            return None
+        return Assignment(row.serial, row.mode, row.version, _utc(row.assigned_at))
+
+    def set(self, assignment: Assignment) -> None:
+        """See :meth:`AssignmentStore.set`."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    delete(assignments_table).where(assignments_table.c.serial == assignment.serial)
+                )
+                conn.execute(
+                    insert(assignments_table).values(
+                        serial=assignment.serial,
+                        mode=assignment.mode,
+                        version=assignment.version,
+                        assigned_at=assignment.assigned_at,
+                    )
+                )
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+
+    def clear(self, serial: str) -> None:
+        """See :meth:`AssignmentStore.clear`."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(delete(assignments_table).where(assignments_table.c.serial == serial))
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+
+    def close(self) -> None:
+        """Dispose of the engine."""
+        self._engine.dispose()
