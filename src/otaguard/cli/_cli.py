@@ -340,7 +340,6 @@ def _when(t: dt.datetime) -> str:
 
 
 def _fleet(a: argparse.Namespace) -> int:
-    from rich.table import Table
 
     with _fleet_client(a) as client:
         if a.fleet_cmd == "add-device":
@@ -361,19 +360,7 @@ def _fleet(a: argparse.Namespace) -> int:
             out.print(f"new enrollment token for {a.serial} (single use):", markup=False)
             out.print(f"{new.token} expires {_when(new.token_expires)}", markup=False)
             return 0
-        if a.fleet_cmd == "list":
-            devices = client.list_devices()
-            table = Table("serial", "hardware id", "status", "certificates", "reason")
-            for d in devices:
-                table.add_row(d.serial, d.hardware_id, d.status, str(len(d.cert_serials)), d.reason)
-            out.print(table)
-            out.print(f"{len(devices)} device(s)", markup=False)
-            return 0
-        checkins = None
-        if a.fleet_cmd == "show":
-            d = client.show(a.serial)
-            checkins = client.checkins(a.serial)
-        elif a.fleet_cmd == "quarantine":
+        if a.fleet_cmd == "quarantine":
             d = client.quarantine(a.serial, a.reason)
         elif a.fleet_cmd == "release":
             d = client.release(a.serial)
@@ -388,8 +375,6 @@ def _fleet(a: argparse.Namespace) -> int:
         "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
         markup=False,
     )
-    if checkins is not None:
-        _show_checkins(checkins)
     return 0
 
 
@@ -606,6 +591,12 @@ def _key_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
+    from otaguard.cli._ops import (
+        add_ops_parsers,
+        add_server_operator_parser,
+        fleet_inventory_parsers,
+    )
+
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
@@ -744,12 +735,13 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         f"in place of a token (or ${MANUFACTURER_CA_ENV})",
     )
     srv.set_defaults(func=_server)
-    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
+    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator}")
     sinit = srv_cmds.add_parser(
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
     )
     sinit.add_argument("--data", type=Path, required=True, help="server data directory")
     sinit.set_defaults(func=_server_init)
+    add_server_operator_parser(srv_cmds)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
     pub = sub.add_parser(
@@ -792,8 +784,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     fadd = fleet_cmd("add-device", "register a device; prints its single-use token", serial=False)
     fadd.add_argument("--serial", required=True)
     fadd.add_argument("--hardware-id", required=True, metavar="HW")
-    fleet_cmd("list", "list devices", serial=False)
-    fleet_cmd("show", "show one device")
+    fleet_inventory_parsers(fleet)
     fleet_cmd("quarantine", "refuse a device until released").add_argument(
         "--reason", required=True
     )
@@ -802,6 +793,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "--reason", default="revoked by the operator"
     )
     fleet_cmd("token", "a new single-use enrollment token (re-enrollment)")
+    add_ops_parsers(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True
