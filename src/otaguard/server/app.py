@@ -687,9 +687,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     devices_routes, groups_routes = inventory_router(inventory, auth, clock)
     app.include_router(devices_routes)
     app.include_router(groups_routes)
-    app.include_router(checkins_router(checkins, auth.require(Role.VIEWER)))
+    app.include_router(annotate_roles(checkins_router(checkins, auth.require(Role.VIEWER))))
     app.include_router(operators_router(auth, operator_store, clock))
     app.include_router(audit_router(auth, audit_store))
-    annotate_roles(app)
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     return app

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
@@ -156,9 +156,10 @@ class AuditMiddleware:
             )
 
 
-def annotate_roles(app: FastAPI) -> None:
+def annotate_roles(router: APIRouter) -> APIRouter:
     """Name the required role (``x-required-role``) in the OpenAPI operation of every
-    route that checks one, including routers built elsewhere with a bare dependency."""
+    route of ``router`` that checks one, for routers built elsewhere with a bare
+    :meth:`OperatorAuth.require` dependency. Returns ``router``."""
 
     def role_of(dep: Dependant) -> str | None:
         role = getattr(dep.call, ROLE_ATTRIBUTE, None)
@@ -166,12 +167,13 @@ def annotate_roles(app: FastAPI) -> None:
             return role.value
         return next((r for d in dep.dependencies if (r := role_of(d)) is not None), None)
 
-    for route in app.routes:
+    for route in router.routes:
         if isinstance(route, APIRoute):
             role = role_of(route.dependant)
             extra = route.openapi_extra or {}
             if role is not None and "x-required-role" not in extra:
                 route.openapi_extra = {**extra, "x-required-role": role}
+    return router
 
 
 def role_route(auth: OperatorAuth, role: Role, action: str | None = None) -> dict[str, Any]:
@@ -248,7 +250,7 @@ class OperatorBody(BaseModel):
 class NewOperatorRequest(BaseModel):
     """A named operator token to make."""
 
-    name: str = Field(pattern=OPERATOR_NAME_PATTERN, max_length=64)
+    name: str = Field(pattern=f"^{OPERATOR_NAME_PATTERN}$", max_length=64)
     role: Role
 
 
@@ -264,7 +266,7 @@ def operators_router(
 ) -> APIRouter:
     """``/api/v1/operators``: admins make, list and revoke operator tokens."""
     router = APIRouter(prefix="/api/v1/operators", tags=["operators"])
-    name_param = PathParam(description="operator name", pattern=OPERATOR_NAME_PATTERN)
+    name_param = PathParam(description="operator name", pattern=f"^{OPERATOR_NAME_PATTERN}$")
 
     @router.get("", summary="List operator tokens", **role_route(auth, Role.ADMIN))
     def list_operators() -> list[OperatorBody]:

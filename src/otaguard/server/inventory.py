@@ -174,7 +174,7 @@ class TagsRequest(BaseModel):
     """Tags to set and tag keys to remove."""
 
     set: dict[str, str] = Field(default_factory=dict, max_length=MAX_TAGS_PER_DEVICE)
-    remove: list[Annotated[str, Field(pattern=TAG_KEY_PATTERN)]] = Field(
+    remove: list[Annotated[str, Field(pattern=f"^{TAG_KEY_PATTERN}$")]] = Field(
         default_factory=list, max_length=MAX_TAGS_PER_DEVICE
     )
 
@@ -189,17 +189,17 @@ class TagsBody(BaseModel):
 class NewGroupRequest(BaseModel):
     """A group to create: static without ``where``, dynamic with it."""
 
-    name: str = Field(pattern=GROUP_NAME_PATTERN)
+    name: str = Field(pattern=f"^{GROUP_NAME_PATTERN}$")
     where: str | None = Field(default=None, max_length=1024, description="site=berlin,line=2")
 
 
 class MembersRequest(BaseModel):
     """Serials to add to and remove from a static group."""
 
-    add: list[Annotated[str, Field(pattern=DEVICE_SERIAL_PATTERN)]] = Field(
+    add: list[Annotated[str, Field(pattern=f"^{DEVICE_SERIAL_PATTERN}$")]] = Field(
         default_factory=list, max_length=MAX_GROUP_CHANGE
     )
-    remove: list[Annotated[str, Field(pattern=DEVICE_SERIAL_PATTERN)]] = Field(
+    remove: list[Annotated[str, Field(pattern=f"^{DEVICE_SERIAL_PATTERN}$")]] = Field(
         default_factory=list, max_length=MAX_GROUP_CHANGE
     )
 
@@ -235,12 +235,12 @@ def inventory_router(
     """The inventory routes: devices (under ``/api/v1/devices``) and groups."""
     devices = APIRouter(prefix="/api/v1/devices", tags=["fleet"])
     groups = APIRouter(prefix="/api/v1/groups", tags=["groups"])
-    serial_param = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
-    group_param = PathParam(description="group name", pattern=GROUP_NAME_PATTERN)
+    serial_param = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
+    group_param = PathParam(description="group name", pattern=f"^{GROUP_NAME_PATTERN}$")
 
     @devices.get("", summary="List devices", **role_route(auth, Role.VIEWER))
     def list_devices(
-        group: Annotated[str | None, Query(pattern=GROUP_NAME_PATTERN)] = None,
+        group: Annotated[str | None, Query(pattern=f"^{GROUP_NAME_PATTERN}$")] = None,
         where: Annotated[str | None, Query(max_length=1024, description="k=v,k=v")] = None,
     ) -> list[InventoryDeviceBody]:
         """Devices by serial, with tags, groups and their last check-in; filtered by
