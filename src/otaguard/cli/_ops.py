@@ -90,27 +90,34 @@ def _ago(d: InventoryDevice) -> str:
     return _when(d.last_checkin) if d.last_checkin is not None else "never"
 
 
-def _fleet_list(a: argparse.Namespace) -> int:
-    from rich.table import Table
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Plain aligned columns: never truncated, one line per row (greppable, scriptable)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
 
+
+def _fleet_list(a: argparse.Namespace) -> int:
     with _client(a) as client:
         devices = client.devices(group=a.group, where=a.where)
-    table = Table(
-        "serial", "hardware id", "status", "tags", "groups", "last check-in", "version",
-        "last result",
-    )  # fmt: skip
+    rows = [["SERIAL", "HARDWARE", "STATUS", "VERSION", "LAST CHECK-IN", "TAGS", "GROUPS",
+             "LAST RESULT"]]  # fmt: skip
     for d in devices:
-        table.add_row(
-            d.serial,
-            d.hardware_id,
-            d.status,
-            ",".join(f"{k}={v}" for k, v in d.tags.items()),
-            ",".join(d.groups),
-            _ago(d),
-            d.running_version or "-",
-            d.last_result or "-",
+        rows.append(
+            [
+                d.serial,
+                d.hardware_id,
+                d.status,
+                d.running_version or "-",
+                _ago(d),
+                ",".join(f"{k}={v}" for k, v in d.tags.items()) or "-",
+                ",".join(d.groups),
+                " ".join((d.last_result or "-").split()),
+            ]
         )
-    out.print(table)
+    for line in _columns(rows):
+        out.print(line, markup=False, highlight=False)
     out.print(f"{len(devices)} device(s)", markup=False)
     return 0
 

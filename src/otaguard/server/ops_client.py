@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 #: entries asked per page of the audit log (the server's own cap)
 AUDIT_PAGE: Final = 1000
+
+
+# The server's error line starts with its error kind; the client's error adds its own.
+_PREFIX: Final = re.compile(r"^(unknown device|not found|name taken|device exists|error): ")
 
 
 def _time(value: Any) -> dt.datetime | None:
@@ -216,7 +221,7 @@ class OpsClient:
             headers=headers,
             limit=MAX_FLEET_RESPONSE_BYTES,
         )
-        reason = self._client.reason(data)
+        reason = _PREFIX.sub("", self._client.reason(data), count=1)
         if status == 404:
             raise not_found(f"{what}: {reason}")
         if status == 409:
