@@ -5,11 +5,13 @@ through the real CLI against a real HTTPS server, with real devices checking in.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
 
 import pytest
+import urllib3
 
 from conftest import HW, World
 from otaguard.cli import main
@@ -170,3 +172,47 @@ def test_inventory_mistakes_are_one_line_errors(world: World, cli: Cli) -> None:
     assert out.strip() == "group stat (static): 0 device(s)"
     out, _ = cli("fleet", "show", "inv-1")
     assert "tags: none" in out
+    # The limit holds across requests: 20 tags, then 20 others would make 40.
+    assert post("/api/v1/devices/inv-1/tags", {"set": {f"a{i}": "v" for i in range(20)}})[0] == 200
+    status, answer = post("/api/v1/devices/inv-1/tags", {"set": {f"b{i}": "v" for i in range(20)}})
+    assert status == 400
+    assert answer == {"error": "error: device inv-1 would have 40 tags; the limit is 32"}
+
+
+def test_the_api_checks_tags_and_filters_itself(world: World, cli: Cli) -> None:
+    """A client that skips the CLI's checks is refused by the server with the rule."""
+    cli("fleet", "add-device", "--serial", "inv-1", "--hardware-id", HW)
+    http = urllib3.PoolManager(ca_certs=str(world.server.ca_cert), retries=False)
+    auth = {"Authorization": f"Bearer {world.server.operator_token}"}
+
+    def post(path: str, body: object) -> tuple[int, object]:
+        resp = http.request(
+            "POST", world.server.base_url + path, body=json.dumps(body).encode(),
+            headers={**auth, "Content-Type": "application/json"},
+        )  # fmt: skip
+        return resp.status, json.loads(resp.data)
+
+    for tags, why in (
+        ({"bad key": "x"}, "invalid tag key 'bad key'"),
+        ({"site": "a,b"}, "invalid value 'a,b' for tag site"),
+        ({"site": "a=b"}, "invalid value 'a=b' for tag site"),
+        ({f"k{i}": "v" for i in range(33)}, "at most 32 items"),
+    ):
+        status, answer = post("/api/v1/devices/inv-1/tags", {"set": tags})
+        assert status in (400, 422), (tags, answer)
+        assert isinstance(answer, dict) and why in str(answer["error"]), (tags, answer)
+    status, answer = post("/api/v1/groups", {"name": "g", "where": "site"})
+    assert status == 400 and answer == {
+        "error": "error: invalid filter term 'site': expected key=value"
+    }
+    resp = http.request(
+        "GET", world.server.base_url + "/api/v1/devices?where=site%3Da%2Cb%3D", headers=auth
+    )
+    assert resp.status == 400 and b"invalid value" in resp.data
+    out, _ = cli("fleet", "show", "inv-1")
+    assert "tags: none" in out
+    # The limit holds across requests: 20 tags, then 20 others would make 40.
+    assert post("/api/v1/devices/inv-1/tags", {"set": {f"a{i}": "v" for i in range(20)}})[0] == 200
+    status, answer = post("/api/v1/devices/inv-1/tags", {"set": {f"b{i}": "v" for i in range(20)}})
+    assert status == 400
+    assert answer == {"error": "error: device inv-1 would have 40 tags; the limit is 32"}
