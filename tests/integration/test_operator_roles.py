@@ -388,3 +388,19 @@ def test_every_operator_route_is_in_the_openapi_schema_with_its_role(ops: Ops) -
     assert roles[("post", "/api/v1/groups/{name}/members")] == "operator"
     assert roles[("get", "/api/v1/audit")] == "viewer"
     assert len(roles) >= 20
+
+
+def test_publish_needs_a_release_manager(ops: Ops, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["publish", str(ops.world.repo.dir), "--server", ops.world.server.base_url,
+            "--ca", str(ops.world.server.ca_cert), "--token-file"]  # fmt: skip
+    code, _, err = run(capsys, [*argv, str(ops.token_files["operator"])])
+    assert code == 77
+    assert err.strip().splitlines()[-1].startswith("access denied: ")
+    assert "operator operator-1 has role operator; release." in err
+    assert "needs release-manager or above" in err
+    code, out, err = run(capsys, [*argv, str(ops.token_files["release-manager"])])
+    assert code == 0, err
+    assert out.startswith(f"published to {ops.world.server.base_url}")
+    actions = [(e["actor"], e["action"], e["result"]) for e in audit_entries(ops)]
+    assert ("release-manager-1", "release.publish", "ok") in actions
+    assert any(a == "operator-1" and r.startswith("refused 403") for a, _, r in actions)

@@ -256,6 +256,9 @@ class OperatorAuth:
             if rec is not None:
                 why = f"the operator token {rec.name!r} was revoked"
                 logger.warning("refused the revoked operator token %s", rec.name)
+            else:
+                # Never the token itself: only that one was presented and matched nothing.
+                logger.warning("refused an unknown operator token")
         raise HTTPException(401, why, headers={"WWW-Authenticate": "Bearer"})
 
     def require(self, role: Role, *, action: str | None = None) -> Callable[..., Operator]:

@@ -126,6 +126,8 @@ class _Client:
         reason = self.reason(data)
         if status == 401:
             raise OperatorError(f"{what}: the server refused the operator token: {reason}")
+        if status == 403:
+            raise AccessDeniedError(f"{what}: {reason}")
         if status == 409:
             raise ConflictError(f"{what}: {reason}")
         if status == 422:
