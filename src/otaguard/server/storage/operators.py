@@ -8,9 +8,11 @@ Tables::
 
 Tokens are stored only as their SHA-256. The audit log is append-only: this adapter has
 no UPDATE or DELETE of it. Appending reads the newest entry and inserts the next one,
-numbered ``seq + 1`` and chained to its hash, in one transaction; ``prev_hash`` is
-unique, so of two server processes appending at once one insert fails and retries on
-the new head instead of forking the chain.
+numbered ``seq + 1`` and chained to its hash, in one transaction. On PostgreSQL the
+transaction first takes an advisory lock, so appends from several server processes
+queue instead of racing; everywhere, ``seq`` is the key and ``prev_hash`` unique, so an
+append that still loses a race fails and retries on the new head instead of forking the
+chain.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import logging
+import random
 import threading
+import time
 from typing import Any, Final
 
-from sqlalchemy import Column, DateTime, Integer, String, Table, insert, select, update
+from sqlalchemy import Column, DateTime, Integer, String, Table, insert, select, text, update
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -47,6 +51,11 @@ MAX_AUDIT_TEXT: Final = 500
 #: concurrent appends from other processes that may win before ours gives up; each
 #: losing attempt costs one short transaction, and a log this contended is a bug
 APPEND_ATTEMPTS: Final = 8
+# Up to this long (seconds, random) between attempts, so racing appenders spread out.
+_RETRY_JITTER: Final = 0.02
+# Key of the PostgreSQL transaction-level advisory lock that queues audit appends (any
+# constant; "otaguard audit" in ASCII, 8 bytes).
+_PG_AUDIT_LOCK: Final = int.from_bytes(b"otgaudit", "big") >> 1
 
 _schema = devices_table.metadata
 operators_table = Table(
@@ -224,6 +233,10 @@ class SQLAuditStore(AuditStore):
         for _attempt in range(APPEND_ATTEMPTS):
             try:
                 with self._lock, self._engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_AUDIT_LOCK}
+                        )
                     head = conn.execute(
                         select(audit_table.c.seq, audit_table.c.hash)
                         .order_by(audit_table.c.seq.desc())
@@ -238,6 +251,7 @@ class SQLAuditStore(AuditStore):
                     )
             except IntegrityError:
                 logger.debug("audit append lost a race; retrying on the new head")
+                time.sleep(random.uniform(0, _RETRY_JITTER))  # noqa: S311 - not a secret
                 continue
             except SQLAlchemyError as e:
                 raise ServerStorageError(f"audit log write failed: {e.__class__.__name__}") from e
