@@ -262,6 +262,18 @@ def test_bootstrap_token_file_and_local_operator_commands(
         ("local", "operator.revoke", "root-admin"),
     ]
 
+    # Another database (a server on PostgreSQL): the commands use the one named.
+    other = f"sqlite+pysqlite:///{ops.world.tmp / 'other.db'}"
+    code, out, err = run(capsys, ["server", "operator", "add", "elsewhere", "--role", "viewer",
+                                  "--data", data, "--database-url", other])  # fmt: skip
+    assert code == 0, err
+    code, out, _ = run(
+        capsys, ["server", "operator", "list", "--data", data, "--database-url", other]
+    )
+    assert code == 0 and "elsewhere viewer active" in out and "root-admin" not in out
+    code, out, _ = run(capsys, ["server", "operator", "list", "--data", data])
+    assert code == 0 and "elsewhere" not in out
+
     # Hostile or mistaken input: one line, exit 2, no traceback.
     for argv, why in (
         (["server", "operator", "add", "bootstrap", "--role", "admin", "--data", data], "reserved"),

@@ -348,7 +348,7 @@ def _server_operator(a: argparse.Namespace) -> int:
     from otaguard.server.auth import Role
     from otaguard.server.operator_admin import LocalOperators
 
-    with LocalOperators(a.data) as local:
+    with LocalOperators(a.data, database_url=a.database_url) as local:
         if a.server_operator_cmd == "add":
             rec, token = local.add(a.name, role=Role(a.role))
             _print_new_operator(rec.name, rec.role, token)
@@ -380,4 +380,10 @@ def add_server_operator_parser(
         if name == "add":
             p.add_argument("--role", required=True, choices=ROLES)
         p.add_argument("--data", type=Path, required=True, help="server data directory")
+        p.add_argument(
+            "--database-url",
+            metavar="URL",
+            help="the server's database when it is not DATA/otaguard.db (e.g. "
+            "postgresql+psycopg://…): the one the running server uses",
+        )
         p.set_defaults(func=_server_operator)
