@@ -212,9 +212,11 @@ class OperatorAuth:
     """Authenticates operator bearer tokens and checks roles."""
 
     def __init__(self, *, bootstrap_token: str, operators: OperatorStore):
-        """Args:
-        bootstrap_token: the token in ``DATA/operator-token`` (an admin).
-        operators: where named tokens are kept.
+        """Check tokens against the bootstrap token and the named ones.
+
+        Args:
+            bootstrap_token: the token in ``DATA/operator-token`` (an admin).
+            operators: where named tokens are kept.
         """
         self._bootstrap = bootstrap_token
         self._operators = operators
