@@ -51,6 +51,18 @@ def _time(value: Any) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value) if value is not None else None
 
 
+def _opt_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError("expected a string or null")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
 @dataclass(frozen=True)
 class InventoryDevice:
     """A device as ``GET /api/v1/devices`` shows it."""
@@ -75,21 +87,21 @@ class InventoryDevice:
         """
         try:
             tags = obj["tags"]
-            if not isinstance(tags, dict):
-                raise TypeError("tags")
+            if not isinstance(tags, dict) or not isinstance(obj["groups"], list):
+                raise TypeError("tags or groups")
             return cls(
-                serial=str(obj["serial"]),
-                hardware_id=str(obj["hardware_id"]),
-                status=str(obj["status"]),
-                reason=str(obj["reason"]),
-                tags={str(k): str(v) for k, v in tags.items()},
-                groups=tuple(str(g) for g in obj["groups"]),
+                serial=_str(obj["serial"]),
+                hardware_id=_str(obj["hardware_id"]),
+                status=_str(obj["status"]),
+                reason=_str(obj["reason"]),
+                tags={_str(k): _str(v) for k, v in tags.items()},
+                groups=tuple(_str(g) for g in obj["groups"]),
                 last_checkin=_time(obj["last_checkin"]),
-                last_outcome=obj["last_outcome"],
-                running_version=obj["running_version"],
-                last_result=obj["last_result"],
+                last_outcome=_opt_str(obj["last_outcome"]),
+                running_version=_opt_str(obj["running_version"]),
+                last_result=_opt_str(obj["last_result"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise TransportError("the server's inventory answer is malformed") from e
 
 
@@ -111,11 +123,13 @@ class GroupInfo:
         """
         try:
             members = obj.get("members")
+            if members is not None and not isinstance(members, list):
+                raise TypeError("members")
             return cls(
-                name=str(obj["name"]),
-                kind=str(obj["kind"]),
-                where=str(obj["where"]) if obj["where"] is not None else None,
-                members=tuple(str(m) for m in members) if members is not None else None,
+                name=_str(obj["name"]),
+                kind=_str(obj["kind"]),
+                where=_opt_str(obj["where"]),
+                members=tuple(_str(m) for m in members) if members is not None else None,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise TransportError("the server's group answer is malformed") from e
@@ -140,13 +154,13 @@ class OperatorInfo:
         """
         try:
             return cls(
-                name=str(obj["name"]),
-                role=str(obj["role"]),
+                name=_str(obj["name"]),
+                role=_str(obj["role"]),
                 created_at=dt.datetime.fromisoformat(obj["created_at"]),
-                created_by=str(obj["created_by"]),
+                created_by=_str(obj["created_by"]),
                 revoked_at=_time(obj["revoked_at"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise TransportError("the server's operator answer is malformed") from e
 
 
@@ -162,22 +176,21 @@ class NewOperator:
         return f"NewOperator(operator={self.operator!r}, token=<hidden>)"
 
 
+_AUDIT_TEXT: Final = (
+    "actor", "role", "action", "target", "result", "request_id", "detail", "prev", "hash"
+)  # fmt: skip
+
+
 def _entry(obj: Any) -> AuditEntry:
     try:
+        if not isinstance(obj["seq"], int):
+            raise TypeError("seq")
         return AuditEntry(
-            seq=int(obj["seq"]),
+            seq=obj["seq"],
             time=dt.datetime.fromisoformat(obj["time"]),
-            actor=str(obj["actor"]),
-            role=str(obj["role"]),
-            action=str(obj["action"]),
-            target=str(obj["target"]),
-            result=str(obj["result"]),
-            request_id=str(obj["request_id"]),
-            detail=str(obj["detail"]),
-            prev=str(obj["prev"]),
-            hash=str(obj["hash"]),
+            **{k: _str(obj[k]) for k in _AUDIT_TEXT},
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise TransportError("the server's audit answer is malformed") from e
 
 
