@@ -24,11 +24,15 @@ _SERVER_LOG = re.compile(r"(DEBUG|INFO|WARNING|ERROR) (otaguard\.server|uvicorn)
 def run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
     """Run the CLI in-process: exit code, stdout, stderr without the server's log."""
     pkg = logging.getLogger("otaguard")
-    before = len(pkg.handlers)
+    # main() adds a stderr handler per call, here and in other test modules; drop them
+    # all, before and after, so the server thread never logs into a captured stream
+    # that is closed by then ("--- Logging error ---" on stderr).
+    for h in list(pkg.handlers):
+        pkg.removeHandler(h)
     try:
         code = main(argv)
     finally:
-        for h in pkg.handlers[before:]:
+        for h in list(pkg.handlers):
             pkg.removeHandler(h)
     captured = capsys.readouterr()
     err = "".join(

@@ -31,13 +31,15 @@ _SERVER_LOG = re.compile(r"(DEBUG|INFO|WARNING|ERROR) (otaguard\.server|uvicorn)
 def run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
     """Run the CLI in-process: exit code, stdout, and stderr without the server's log."""
     pkg = logging.getLogger("otaguard")
-    handlers = list(pkg.handlers)
+    # main() adds a stderr handler per call, here and in other test modules; drop them
+    # all, before and after, so the server thread never logs into a captured stream
+    # that is closed by then ("--- Logging error ---" on stderr).
+    for h in list(pkg.handlers):
+        pkg.removeHandler(h)
     try:
         code = main(argv)
     finally:
-        # main() adds a stderr handler per call; drop it so the server thread does not
-        # log into a captured stream that is closed by then.
-        for h in pkg.handlers[len(handlers) :]:
+        for h in list(pkg.handlers):
             pkg.removeHandler(h)
     captured = capsys.readouterr()
     err = "".join(line for line in captured.err.splitlines(keepends=True)
