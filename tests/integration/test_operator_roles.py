@@ -418,3 +418,32 @@ def test_publish_needs_a_release_manager(ops: Ops, capsys: pytest.CaptureFixture
     actions = [(e["actor"], e["action"], e["result"]) for e in audit_entries(ops)]
     assert ("release-manager-1", "release.publish", "ok") in actions
     assert any(a == "operator-1" and r.startswith("refused 403") for a, _, r in actions)
+
+
+def test_the_request_id_ties_response_log_and_audit_entry(
+    ops: Ops, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = ops.world.server.base_url + "/api/v1/publish"
+    headers = {"Authorization": f"Bearer {ops.token('release-manager')}",
+               "Content-Type": "application/json"}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="otaguard"):
+        resp = ops.http.request(
+            "POST",
+            url,
+            body=b'{"metadata": {}}',
+            headers={**headers, "X-Request-ID": "ci-job-0042"},
+        )
+    assert resp.status == 422
+    assert resp.headers["X-Request-ID"] == "ci-job-0042"
+    assert any("[request ci-job-0042]" in r.getMessage() for r in caplog.records)
+    entry = audit_entries(ops)[-1]
+    assert (entry["request_id"], entry["action"], entry["actor"]) == (
+        "ci-job-0042", "release.publish", "release-manager-1"
+    )  # fmt: skip
+    # An id that is not short and plain is replaced, not stored or logged.
+    resp = ops.http.request(
+        "POST", url, body=b'{"metadata": {}}', headers={**headers, "X-Request-ID": "x\ty" * 40}
+    )
+    fresh = resp.headers["X-Request-ID"]
+    assert len(fresh) == 32 and fresh.isalnum()
+    assert audit_entries(ops)[-1]["request_id"] == fresh

@@ -70,7 +70,13 @@ from otaguard.server.audit import (
     operators_router,
     role_route,
 )
-from otaguard.server.auth import OperatorAuth, Role, load_or_create_operator_token
+from otaguard.server.auth import (
+    AUDIT_SCOPE_KEY,
+    AuditContext,
+    OperatorAuth,
+    Role,
+    load_or_create_operator_token,
+)
 from otaguard.server.checkin import (
     CHECKIN_WINDOW,
     CheckinServices,
@@ -241,11 +247,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def otaguard_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def otaguard_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OtaguardError)  # noqa: S101 - registered for this type only
         status = _status_for(exc)
         log = logger.warning if status < 500 else logger.error
-        log("request refused (%d): %s", status, exc.diagnostics())
+        # The request id (also in X-Request-ID and the audit log) ties the three together.
+        ctx = request.scope.get(AUDIT_SCOPE_KEY)
+        rid = ctx.request_id if isinstance(ctx, AuditContext) else "-"
+        log("request refused (%d): %s [request %s]", status, exc.diagnostics(), rid)
         headers = (
             {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(exc, NotReadyError) else None
         )

@@ -8,7 +8,8 @@ URL layout::
     POST /api/v1/operators/{name}/revoke    admin: refuse that token from now on
 
 Every request gets an id (a well-formed ``X-Request-ID`` it brings, or a fresh one),
-returned in ``X-Request-ID`` and put in the log line of a refusal. A route declared with
+returned in ``X-Request-ID`` and put in the server's log line when the request is refused
+with an otaguard error. A route declared with
 ``OperatorAuth.require(role, action=...)`` fills the request's audit intent (who, what,
 which target); after the response, :class:`AuditMiddleware` appends it to the audit log
 with the result (``ok``, or the status and the error's one line), so refused attempts are
