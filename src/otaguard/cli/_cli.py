@@ -371,7 +371,6 @@ def _when(t: dt.datetime) -> str:
 
 
 def _fleet(a: argparse.Namespace) -> int:
-    from rich.table import Table
 
     with _fleet_client(a) as client:
         if a.fleet_cmd == "add-device":
@@ -401,21 +400,7 @@ def _fleet(a: argparse.Namespace) -> int:
             }.get(mode, mode)
             out.print(f"director: {a.serial} is told to install {what}", markup=False)
             return 0
-        if a.fleet_cmd == "list":
-            devices = client.list_devices()
-            table = Table("serial", "hardware id", "status", "certificates", "reason")
-            for d in devices:
-                table.add_row(d.serial, d.hardware_id, d.status, str(len(d.cert_serials)), d.reason)
-            out.print(table)
-            out.print(f"{len(devices)} device(s)", markup=False)
-            return 0
-        checkins = None
-        assignment = None
-        if a.fleet_cmd == "show":
-            d = client.show(a.serial)
-            checkins = client.checkins(a.serial)
-            assignment = client.assignment(a.serial)
-        elif a.fleet_cmd == "quarantine":
+        if a.fleet_cmd == "quarantine":
             d = client.quarantine(a.serial, a.reason)
         elif a.fleet_cmd == "release":
             d = client.release(a.serial)
@@ -430,18 +415,6 @@ def _fleet(a: argparse.Namespace) -> int:
         "certificates issued: " + (", ".join(d.cert_serials) if d.cert_serials else "none"),
         markup=False,
     )
-    if assignment is not None:
-        mode, version = assignment
-        out.print(
-            "director: "
-            + {
-                "release": f"assigned release {version}",
-                "hold": "hold (instructs no update)",
-            }.get(mode, "default (newest release for its hardware id)"),
-            markup=False,
-        )
-    if checkins is not None:
-        _show_checkins(checkins)
     return 0
 
 
@@ -659,6 +632,12 @@ def _key_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
+    from otaguard.cli._ops import (
+        add_ops_parsers,
+        add_server_operator_parser,
+        fleet_inventory_parsers,
+    )
+
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
@@ -837,12 +816,13 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "DATA/director-key.pub.json); default: the file key in DATA (warns)",
     )
     srv.set_defaults(func=_server)
-    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init}")
+    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator}")
     sinit = srv_cmds.add_parser(
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
     )
     sinit.add_argument("--data", type=Path, required=True, help="server data directory")
     sinit.set_defaults(func=_server_init)
+    add_server_operator_parser(srv_cmds)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
     pub = sub.add_parser(
@@ -885,8 +865,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     fadd = fleet_cmd("add-device", "register a device; prints its single-use token", serial=False)
     fadd.add_argument("--serial", required=True)
     fadd.add_argument("--hardware-id", required=True, metavar="HW")
-    fleet_cmd("list", "list devices", serial=False)
-    fleet_cmd("show", "show one device")
+    fleet_inventory_parsers(fleet)
     fleet_cmd("quarantine", "refuse a device until released").add_argument(
         "--reason", required=True
     )
@@ -905,6 +884,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         action="store_true",
         help="back to the default: the newest release for the device's hardware id",
     )
+    add_ops_parsers(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True

@@ -9,12 +9,17 @@ URL layout::
     PUT  /api/v1/blobs/{filename}     operator: upload a blob (streamed, hash verified)
     POST /api/v1/publish              operator: publish metadata in one transaction
     /api/v1/device/...                device: whoami, check-in (:mod:`.checkin`)
-    /api/v1/devices...                operator: the device registry (:mod:`.fleet`)
+    /api/v1/devices...                operator: the device registry (:mod:`.fleet`) and
+                                      inventory (:mod:`.inventory`)
+    /api/v1/groups...                 operator: device groups (:mod:`.inventory`)
+    /api/v1/operators, /api/v1/audit  admin: operator tokens; viewer: the audit log
+                                      (:mod:`.audit`)
     /.well-known/est/...              device enrollment, EST (:mod:`.fleet`)
 
 Mirrors and CDNs in front of ``/metadata`` and ``/targets`` are untrusted by design; the
-device verifies everything. The operator API needs the bearer token in
-``DATA/operator-token``.
+device verifies everything. The operator API needs an operator token with the role each
+route names (:mod:`.auth`): the bootstrap admin's in ``DATA/operator-token``, or a named
+one; every state-changing operator request is written to the audit log.
 
 The server signs snapshot and timestamp with its online key (:mod:`.online`) when the
 repository's root names that key, and re-signs them before they expire; it never holds a
@@ -32,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,7 +63,20 @@ from otaguard.model.errors import (
 from otaguard.server._api import ErrorBody
 from otaguard.server._names import parse_blob_name, parse_metadata_name
 from otaguard.server._repo_dir import refuse_private_keys
-from otaguard.server.auth import load_or_create_operator_token, token_matches
+from otaguard.server.audit import (
+    AuditMiddleware,
+    annotate_roles,
+    audit_router,
+    operators_router,
+    role_route,
+)
+from otaguard.server.auth import (
+    AUDIT_SCOPE_KEY,
+    AuditContext,
+    OperatorAuth,
+    Role,
+    load_or_create_operator_token,
+)
 from otaguard.server.checkin import (
     CHECKIN_WINDOW,
     CheckinServices,
@@ -70,6 +87,7 @@ from otaguard.server.device_auth import DeviceGate
 from otaguard.server.director import Director, load_director_roots, load_director_signer
 from otaguard.server.director_routes import director_router
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
+from otaguard.server.inventory import Inventory, inventory_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
 from otaguard.server.settings import ServerSettings
@@ -83,6 +101,8 @@ from otaguard.server.storage.base import (
 from otaguard.server.storage.checkins import SQLCheckinStore
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
+from otaguard.server.storage.inventory import SQLInventoryStore
+from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
 from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
 from otaguard.server.sync import RepoSync
 
@@ -114,13 +134,28 @@ TAGS: Final = [
     },
     {
         "name": "operator",
-        "description": "Release operations (upload blobs, publish metadata). Bearer token "
-        "from DATA/operator-token.",
+        "description": "Release operations (upload blobs, publish metadata): role release-manager.",
     },
     {
         "name": "fleet",
-        "description": "The device registry: register devices (enrollment tokens), "
-        "quarantine, release, revoke. Bearer token from DATA/operator-token.",
+        "description": "The device registry and inventory: register devices (enrollment "
+        "tokens), quarantine, release, revoke, tag (role operator); list and show devices "
+        "with tags, groups, last check-in, running version (role viewer).",
+    },
+    {
+        "name": "groups",
+        "description": "Device groups: the built-in 'all', static lists of serials and "
+        "dynamic tag filters (reads: viewer; changes: operator).",
+    },
+    {
+        "name": "operators",
+        "description": "Operator tokens with roles viewer < operator < release-manager < "
+        "admin (role admin). A token is shown once and stored as its SHA-256.",
+    },
+    {
+        "name": "audit",
+        "description": "The append-only, hash-chained audit log of every state-changing "
+        "operator request (role viewer).",
     },
     {
         "name": "device",
@@ -171,7 +206,6 @@ class PublishBody(BaseModel):
 class _Services:
     store: MetadataStore
     blobs: BlobStore
-    token: str
     clock: Callable[[], dt.datetime]
     online: OnlineSigner
 
@@ -216,11 +250,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def otaguard_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def otaguard_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OtaguardError)  # noqa: S101 - registered for this type only
         status = _status_for(exc)
         log = logger.warning if status < 500 else logger.error
-        log("request refused (%d): %s", status, exc.diagnostics())
+        # The request id (also in X-Request-ID and the audit log) ties the three together.
+        ctx = request.scope.get(AUDIT_SCOPE_KEY)
+        rid = ctx.request_id if isinstance(ctx, AuditContext) else "-"
+        log("request refused (%d): %s [request %s]", status, exc.diagnostics(), rid)
         headers = (
             {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(exc, NotReadyError) else None
         )
@@ -272,16 +309,16 @@ _DEVICE_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 
 
 def _device_dependency(
-    gate: DeviceGate, token: str, checkins: CheckinServices
+    gate: DeviceGate, auth: OperatorAuth, checkins: CheckinServices
 ) -> Callable[..., None]:
     """Devices by their verified certificate, checked in within the window (zero trust:
-    every update check is re-authenticated by a signed check-in); the operator (bearer
-    token) may read too."""
+    every update check is re-authenticated by a signed check-in); an operator token of
+    any role may read too."""
 
     def require_device(request: Request) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() == "bearer" and token_matches(presented.strip(), token):
+        if scheme.lower() == "bearer" and auth.identify(presented.strip()) is not None:
             return
         dev = gate.authenticate(request.scope)
         if dev is not None:
@@ -419,43 +456,29 @@ def _decode_publication(body: bytes) -> dict[str, bytes]:
     return files
 
 
-def _operator_dependency(token: str) -> Callable[..., None]:
-    bearer = HTTPBearer(
-        auto_error=False,
-        scheme_name="operatorToken",
-        description="The operator token in DATA/operator-token.",
-    )
+def _operator_router(svc: _Services, auth: OperatorAuth) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["operator"])
 
-    def require_operator(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-    ) -> None:
-        if not token_matches(creds.credentials if creds else None, token):
-            raise HTTPException(
-                401, "operator token missing or wrong", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    return require_operator
-
-
-def _operator_router(svc: _Services, require_operator: Callable[..., None]) -> APIRouter:
-    router = APIRouter(
-        prefix="/api/v1", tags=["operator"], dependencies=[Depends(require_operator)]
-    )
+    _upload_route = role_route(auth, Role.RELEASE_MANAGER, "release.upload-blob")
+    _publish_route = role_route(auth, Role.RELEASE_MANAGER, "release.publish")
 
     @router.put(
         "/blobs/{filename}",
         summary="Upload a target blob",
+        dependencies=_upload_route["dependencies"],
         responses={
             **_AUTH_ERRORS,
+            **_upload_route["responses"],
             413: {"model": ErrorBody, "description": "Blob larger than the size cap"},
         },
         openapi_extra={
+            **_upload_route["openapi_extra"],
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
                 },
-            }
+            },
         },
     )
     async def put_blob(
@@ -481,12 +504,18 @@ def _operator_router(svc: _Services, require_operator: Callable[..., None]) -> A
     @router.post(
         "/publish",
         summary="Publish signed metadata atomically",
-        responses={**_AUTH_ERRORS, 413: {"model": ErrorBody, "description": "Body too large"}},
+        dependencies=_publish_route["dependencies"],
+        responses={
+            **_AUTH_ERRORS,
+            **_publish_route["responses"],
+            413: {"model": ErrorBody, "description": "Body too large"},
+        },
         openapi_extra={
+            **_publish_route["openapi_extra"],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": PublishRequest.model_json_schema()}},
-            }
+            },
         },
     )
     async def publish(request: Request) -> PublishBody:
@@ -557,8 +586,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         metadata and the repository sync.
 
     Raises:
-        ConfigError: the repository directory holds a private key, or the operator token
-            or online key file is unusable.
+        ConfigError: the repository directory holds a private key, or the bootstrap
+            operator token or online key file is unusable.
         ServerStorageError: the database or blob directory cannot be opened.
     """
     data_dir = settings.data_dir
@@ -591,6 +620,12 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             metadata=store,
             clock=clock,
         )
+    operator_store = SQLOperatorStore(database_url)
+    audit_store = SQLAuditStore(database_url)
+    inventory = Inventory(
+        devices=devices, checkins=checkin_store, store=SQLInventoryStore(database_url)
+    )
+    auth = OperatorAuth(bootstrap_token=token, operators=operator_store)
     checkins = CheckinServices(
         checkins=checkin_store, devices=devices, metadata=store, clock=clock, director=director
     )
@@ -605,7 +640,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         else (),
     )
     blobs = FileBlobStore(data_dir / "blobs")
-    svc = _Services(store=store, blobs=blobs, token=token, clock=clock, online=online)
+    svc = _Services(store=store, blobs=blobs, clock=clock, online=online)
     resign = ResignLoop(online, store=store, blobs=blobs, clock=clock)
     sync = (
         RepoSync(
@@ -637,6 +672,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             checkin_store.close()
             if assignments is not None:
                 assignments.close()
+            operator_store.close()
+            audit_store.close()
+            inventory.store.close()
 
     app = FastAPI(
         title="otaguard update server",
@@ -655,7 +693,11 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.state.checkins = checkin_store
     app.state.director = director
     app.state.device_ca = fleet.ca
+    app.state.operators = operator_store
+    app.state.audit = audit_store
+    app.state.inventory = inventory
     _install_error_handlers(app)
+    app.add_middleware(AuditMiddleware, audit=audit_store, clock=clock)
 
     @app.get("/healthz", tags=["health"], summary="Liveness check")
     def healthz() -> HealthBody:
@@ -669,15 +711,17 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         required=not (settings.insecure_http or settings.insecure_no_client_auth),
     )
     app.state.gate = gate
-    app.include_router(_repository_router(svc, _device_dependency(gate, token, checkins)))
+    app.include_router(_repository_router(svc, _device_dependency(gate, auth, checkins)))
     app.include_router(_device_router(gate))
     app.include_router(checkin_router(checkins, gate))
-    require_operator = _operator_dependency(token)
-    app.include_router(_operator_router(svc, require_operator))
-    app.include_router(fleet_router(fleet, require_operator))
-    app.include_router(checkins_router(checkins, require_operator))
-    app.include_router(
-        director_router(director, gate=gate, devices=devices, require_operator=require_operator)
-    )
+    app.include_router(_operator_router(svc, auth))
+    app.include_router(fleet_router(fleet, auth))
+    devices_routes, groups_routes = inventory_router(inventory, auth, clock)
+    app.include_router(devices_routes)
+    app.include_router(groups_routes)
+    app.include_router(annotate_roles(checkins_router(checkins, auth.require(Role.VIEWER))))
+    app.include_router(director_router(director, gate=gate, devices=devices, auth=auth))
+    app.include_router(operators_router(auth, operator_store, clock))
+    app.include_router(audit_router(auth, audit_store))
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     return app

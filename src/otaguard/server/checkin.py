@@ -480,7 +480,7 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
 _SERIAL_PARAM: Final = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
 
 
-def checkins_router(svc: CheckinServices, require_operator: Callable[..., None]) -> APIRouter:
+def checkins_router(svc: CheckinServices, require_operator: Callable[..., object]) -> APIRouter:
     """The operator's view of check-ins under ``/api/v1/devices/{serial}/checkins``."""
     router = APIRouter(
         prefix="/api/v1/devices",

@@ -125,7 +125,9 @@ class _Client:
             return
         reason = self.reason(data)
         if status == 401:
-            raise OperatorError(f"{what}: the server refused the operator token")
+            raise OperatorError(f"{what}: the server refused the operator token: {reason}")
+        if status == 403:
+            raise AccessDeniedError(f"{what}: {reason}")
         if status == 409:
             raise ConflictError(f"{what}: {reason}")
         if status == 422:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
@@ -27,6 +26,8 @@ from otaguard.model.errors import AccessDeniedError, OperatorError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
 from otaguard.model.version import Version
 from otaguard.server._api import ErrorBody
+from otaguard.server.audit import role_route
+from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.device_auth import DeviceGate
 from otaguard.server.director import Director
 from otaguard.server.storage.assignments import Assignment
@@ -69,7 +70,7 @@ def director_router(
     *,
     gate: DeviceGate,
     devices: DeviceStore,
-    require_operator: Callable[..., None],
+    auth: OperatorAuth,
 ) -> APIRouter:
     """The director's device and operator routes (``director`` ``None``: the server runs
     none; the operator routes then say so instead of a bare 404)."""
@@ -105,7 +106,7 @@ def director_router(
         "/api/v1/devices/{serial}/assignment",
         tags=["fleet"],
         summary="A device's director assignment",
-        dependencies=[Depends(require_operator)],
+        **role_route(auth, Role.VIEWER),
     )
     def get_assignment(serial: Annotated[str, _SERIAL_PARAM]) -> AssignmentBody:
         """What the director will instruct this device (by policy)."""
@@ -116,12 +117,15 @@ def director_router(
         "/api/v1/devices/{serial}/assignment",
         tags=["fleet"],
         summary="Assign a release to a device, or hold it",
-        dependencies=[Depends(require_operator)],
+        **role_route(auth, Role.OPERATOR, "device.assign"),
     )
     def put_assignment(
-        serial: Annotated[str, _SERIAL_PARAM], req: AssignmentRequest
+        serial: Annotated[str, _SERIAL_PARAM], req: AssignmentRequest, request: Request
     ) -> AssignmentBody:
         """From the next check-in, the director instructs this release (or nothing)."""
+        note_audit(
+            request, target=serial, detail=f"release {req.version}" if req.version else "hold"
+        )
         d = _director()
         _known(serial)
         if req.hold == (req.version is not None):
@@ -142,10 +146,13 @@ def director_router(
         "/api/v1/devices/{serial}/assignment",
         tags=["fleet"],
         summary="Back to the default policy (newest release for the hardware id)",
-        dependencies=[Depends(require_operator)],
+        **role_route(auth, Role.OPERATOR, "device.unassign"),
     )
-    def delete_assignment(serial: Annotated[str, _SERIAL_PARAM]) -> AssignmentBody:
+    def delete_assignment(
+        serial: Annotated[str, _SERIAL_PARAM], request: Request
+    ) -> AssignmentBody:
         """Forget the device's assignment."""
+        note_audit(request, target=serial)
         d = _director()
         _known(serial)
         d.assignments.clear(serial)

@@ -3,8 +3,6 @@
 URL layout::
 
     POST /api/v1/devices                      operator: register a device, get its token
-    GET  /api/v1/devices                      operator: list devices
-    GET  /api/v1/devices/{serial}             operator: one device
     POST /api/v1/devices/{serial}/quarantine  operator: refuse it until released
     POST /api/v1/devices/{serial}/release     operator: end a quarantine
     POST /api/v1/devices/{serial}/revoke      operator: refuse it for good
@@ -14,6 +12,9 @@ URL layout::
                                               certificate as TLS client certificate
                                               (RFC 7030 3.3.2); base64 DER PKCS#10
     POST /.well-known/est/simplereenroll      the current device certificate
+
+Listing and showing devices are the inventory's (:mod:`.inventory`). "operator" above is
+the role each route needs (:mod:`.auth`); every one of them is audited (:mod:`.audit`).
 
 Enrollment tokens are 256 random bits, shown once, stored only as their SHA-256, bound
 to one serial, single use and short-lived. The certificate's subject and hardware id come
@@ -39,7 +40,7 @@ from typing import Annotated, Any, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
-from fastapi import APIRouter, Depends, HTTPException, Request, Security
+from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -52,6 +53,8 @@ from otaguard.model.errors import AccessDeniedError, OperatorError, Verification
 from otaguard.model.names import DEVICE_SERIAL_PATTERN, check_device_serial, check_hardware_id
 from otaguard.server._api import ErrorBody
 from otaguard.server._tls import client_certificate_der, client_certificate_error
+from otaguard.server.audit import role_route
+from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
@@ -158,7 +161,6 @@ class ReasonRequest(BaseModel):
 
 
 _OP_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    401: {"model": ErrorBody, "description": "Operator token missing or wrong"},
     400: {"model": ErrorBody, "description": "Not allowed as asked"},
     404: {"model": ErrorBody, "description": "No such device"},
     422: {"model": ErrorBody, "description": "Malformed request"},
@@ -170,21 +172,20 @@ def _new_token(svc: FleetServices) -> tuple[str, str, dt.datetime]:
     return token, hash_token(token), svc.clock() + svc.token_lifetime
 
 
-def fleet_router(svc: FleetServices, require_operator: Callable[..., None]) -> APIRouter:
-    """The operator's device registry API under ``/api/v1/devices``."""
-    router = APIRouter(
-        prefix="/api/v1/devices",
-        tags=["fleet"],
-        dependencies=[Depends(require_operator)],
-        responses=_OP_ERRORS,
-    )
+def fleet_router(svc: FleetServices, auth: OperatorAuth) -> APIRouter:
+    """The operator's device registry API under ``/api/v1/devices`` (role ``operator``)."""
+    router = APIRouter(prefix="/api/v1/devices", tags=["fleet"], responses=_OP_ERRORS)
 
-    @router.post("", summary="Register a device", status_code=201)
-    def add_device(req: NewDeviceRequest) -> NewDeviceBody:
+    def audited(action: str) -> dict[str, Any]:
+        return role_route(auth, Role.OPERATOR, action)
+
+    @router.post("", summary="Register a device", status_code=201, **audited("device.add"))
+    def add_device(req: NewDeviceRequest, request: Request) -> NewDeviceBody:
         """Register a device and return its single-use enrollment token and its expiry.
 
         The token is stored only as a hash: this answer is the only place it appears.
         """
+        note_audit(request, target=req.serial, detail=f"hardware id {req.hardware_id}")
         try:
             check_device_serial(req.serial)
             check_hardware_id(req.hardware_id)
@@ -196,32 +197,29 @@ def fleet_router(svc: FleetServices, require_operator: Callable[..., None]) -> A
         )
         return NewDeviceBody(device=DeviceBody.of(rec), token=token, token_expires=expires)
 
-    @router.get("", summary="List devices")
-    def list_devices() -> list[DeviceBody]:
-        """Every registered device, by serial."""
-        return [DeviceBody.of(r) for r in svc.devices.list()]
-
     def _get(serial: str) -> DeviceRecord:
         rec = svc.devices.get(serial)
         if rec is None:
             raise HTTPException(404, f"no device {serial!r} in the registry")
         return rec
 
-    @router.get("/{serial}", summary="Show a device")
-    def show_device(serial: Annotated[str, _SERIAL_PARAM]) -> DeviceBody:
-        """One device: status, reason, certificates issued."""
-        return DeviceBody.of(_get(serial))
-
-    @router.post("/{serial}/quarantine", summary="Quarantine a device")
-    def quarantine(serial: Annotated[str, _SERIAL_PARAM], req: ReasonRequest) -> DeviceBody:
+    @router.post(
+        "/{serial}/quarantine", summary="Quarantine a device", **audited("device.quarantine")
+    )
+    def quarantine(
+        serial: Annotated[str, _SERIAL_PARAM], req: ReasonRequest, request: Request
+    ) -> DeviceBody:
         """Refuse the device on its next request until it is released."""
+        note_audit(request, detail=req.reason)
         rec = svc.devices.set_status(
             serial, DeviceState.QUARANTINED, reason=req.reason, now=svc.clock()
         )
         logger.warning("device %s quarantined: %s", serial, req.reason)
         return DeviceBody.of(rec)
 
-    @router.post("/{serial}/release", summary="Release a quarantined device")
+    @router.post(
+        "/{serial}/release", summary="Release a quarantined device", **audited("device.release")
+    )
     def release(serial: Annotated[str, _SERIAL_PARAM]) -> DeviceBody:
         """End a quarantine: the device is served again (enrolled if it has a certificate)."""
         rec = _get(serial)
@@ -230,17 +228,18 @@ def fleet_router(svc: FleetServices, require_operator: Callable[..., None]) -> A
         status = DeviceState.ENROLLED if rec.cert_serials else DeviceState.REGISTERED
         return DeviceBody.of(svc.devices.set_status(serial, status, reason="", now=svc.clock()))
 
-    @router.post("/{serial}/revoke", summary="Revoke a device for good")
+    @router.post("/{serial}/revoke", summary="Revoke a device for good", **audited("device.revoke"))
     def revoke(
-        serial: Annotated[str, _SERIAL_PARAM], req: ReasonRequest | None = None
+        serial: Annotated[str, _SERIAL_PARAM], request: Request, req: ReasonRequest | None = None
     ) -> DeviceBody:
         """Refuse the device from its next request on; it can never enroll again."""
         reason = req.reason if req is not None else "revoked by the operator"
+        note_audit(request, detail=reason)
         rec = svc.devices.set_status(serial, DeviceState.REVOKED, reason=reason, now=svc.clock())
         logger.warning("device %s revoked: %s", serial, reason)
         return DeviceBody.of(rec)
 
-    @router.post("/{serial}/token", summary="New enrollment token")
+    @router.post("/{serial}/token", summary="New enrollment token", **audited("device.token"))
     def new_token(serial: Annotated[str, _SERIAL_PARAM]) -> NewDeviceBody:
         """Issue a new single-use token (re-enrollment); earlier unused ones stop working."""
         token, digest, expires = _new_token(svc)
