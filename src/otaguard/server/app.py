@@ -80,7 +80,9 @@ from otaguard.server.storage.base import (
 from otaguard.server.storage.checkins import SQLCheckinStore
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
-from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
+from otaguard.server.storage.database import sqlite_url
+from otaguard.server.storage.migrate import open_database
+from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.sync import RepoSync
 
 __all__ = ["DATA_DIR_MODE", "MAX_PUBLISH_REQUEST_BYTES", "create_app", "prepare_data_dir"]
@@ -569,10 +571,15 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             timestamp=settings.timestamp_expiry, snapshot=settings.snapshot_expiry
         ),
     )
-    database_url = settings.database_url or sqlite_url(data_dir / "otaguard.db")
-    store = SQLMetadataStore(database_url)
-    devices = SQLDeviceStore(database_url)
-    checkin_store = SQLCheckinStore(database_url)
+    # The embedded SQLite file is this process's own: it is migrated here. A shared
+    # database (--database-url) is migrated by the operator; a stale one is refused.
+    engine = open_database(
+        settings.database_url or sqlite_url(data_dir / "otaguard.db"),
+        upgrade=settings.database_url is None,
+    )
+    store = SQLMetadataStore(engine)
+    devices = SQLDeviceStore(engine)
+    checkin_store = SQLCheckinStore(engine)
     checkins = CheckinServices(checkins=checkin_store, devices=devices, metadata=store, clock=clock)
     fleet = FleetServices(
         devices=devices,
@@ -612,9 +619,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             if sync is not None:
                 await run_in_threadpool(sync.stop)
             await run_in_threadpool(resign.stop)
-            store.close()
-            devices.close()
-            checkin_store.close()
+            engine.dispose()
 
     app = FastAPI(
         title="otaguard update server",
