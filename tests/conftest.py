@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import Engine
 
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository, Release
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
+from otaguard.server.storage import open_database
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
+from db_support import DEFAULT_ADMIN_URL, ENGINES, fresh_database
 
 HW = "test-hw"
 #: every World key's passphrase (per-key passphrases are tested on their own)
@@ -39,6 +42,40 @@ def same_passphrase(_key_name: str) -> bytes:
 def serial_of(name: str) -> str:
     """The serial World gives a device named ``name`` (names may hold ':' and '/')."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--database-url``: the PostgreSQL server the two-engine tests use."""
+    parser.addoption(
+        "--database-url",
+        default=DEFAULT_ADMIN_URL,
+        help="PostgreSQL server (an admin URL; each test creates and drops its own "
+        "database there) for the tests that run on both engines; 'none': SQLite only",
+    )
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database, once on SQLite and once on PostgreSQL (dropped afterwards)."""
+    with fresh_database(request.config, request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def db_engine(database_url: str) -> Iterator[Engine]:
+    """An engine on a database migrated to the newest revision, on both engines."""
+    engine = open_database(database_url, upgrade=True)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty PostgreSQL database (for what only a shared database shows)."""
+    with fresh_database(request.config, "postgresql", tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "STATEMENT_TIMEOUT_MS",
     "create_db_engine",
+    "describe_error",
     "mask_url",
     "normalise_url",
     "sqlite_url",
@@ -80,6 +81,28 @@ def mask_url(url: str | URL) -> str:
     except (ArgumentError, ValueError, TypeError):
         return _INVALID
     return parsed.render_as_string(hide_password=True)
+
+
+# Enough of a driver's message to name the cause ("database "x" does not exist").
+_MAX_ERROR_CHARS: Final = 200
+
+
+def describe_error(e: BaseException, url: str | URL) -> str:
+    """One line naming a database failure: the error class and the driver's first line.
+
+    The URL's password is cut out of the text, should a driver ever echo it.
+    """
+    orig = getattr(e, "orig", None) or e
+    lines = str(orig).strip().splitlines()
+    first = " ".join(lines[0].split()) if lines else ""
+    try:
+        password = make_url(url).password
+    except (ArgumentError, ValueError, TypeError):
+        password = None
+    if password:
+        first = first.replace(str(password), "***")
+    first = first[:_MAX_ERROR_CHARS]
+    return f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
 
 
 def normalise_url(url: str) -> URL:

@@ -38,7 +38,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from otaguard.model.errors import ConfigError, ServerStorageError
-from otaguard.server.storage.database import create_db_engine, mask_url, sqlite_url
+from otaguard.server.storage.database import (
+    create_db_engine,
+    describe_error,
+    mask_url,
+    sqlite_url,
+)
 
 __all__ = [
     "BASELINE_REVISION",
@@ -142,7 +147,7 @@ def current_revision(url: str) -> str | None:
             return _revision_of(conn)
     except SQLAlchemyError as e:
         raise ServerStorageError(
-            f"cannot read the schema revision of {mask_url(url)}: {e.__class__.__name__}"
+            f"cannot read the schema revision of {mask_url(url)}: {describe_error(e, url)}"
         ) from e
     finally:
         engine.dispose()
@@ -186,7 +191,9 @@ def upgrade_database(url: str, *, revision: str = "head") -> tuple[str | None, s
                 if engine.dialect.name == "postgresql":
                     # Several server processes (or operators) upgrading at once: one
                     # migrates, the others wait and then find nothing to do.
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
+                    )
                 before = _revision_of(conn)
                 if before is not None and not _known(before):
                     raise DatabaseBehindError(
@@ -200,7 +207,7 @@ def upgrade_database(url: str, *, revision: str = "head") -> tuple[str | None, s
                 after = _revision_of(conn)
         except (SQLAlchemyError, CommandError) as e:
             raise ServerStorageError(
-                f"migrating the database {mask_url(url)} failed: {e.__class__.__name__}"
+                f"migrating the database {mask_url(url)} failed: {describe_error(e, url)}"
             ) from e
     if before != after:
         logger.info("database %s migrated from %s to %s", mask_url(url), before, after)
