@@ -77,6 +77,9 @@ _BASELINE_TABLES: Final = frozenset(
         "device_alerts",
     }
 )
+# A migration may rebuild an index on a large table: the server's per-statement timeout
+# does not apply to it. Another migrator waits this long for the lock, then gives up.
+MIGRATION_LOCK_TIMEOUT_MS: Final = 10 * 60 * 1000
 # pg_advisory_xact_lock key: "otagdb" in ASCII; any fixed 64-bit number otaguard owns.
 ADVISORY_LOCK_KEY: Final = 0x6F7461676462
 
@@ -189,6 +192,8 @@ def upgrade_database(url: str, *, revision: str = "head") -> tuple[str | None, s
         try:
             with engine.connect() as conn, conn.begin():
                 if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS}")
                     # Several server processes (or operators) upgrading at once: one
                     # migrates, the others wait and then find nothing to do.
                     conn.execute(
