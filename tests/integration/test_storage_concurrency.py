@@ -130,6 +130,28 @@ def test_an_enrollment_token_raced_by_several_processes_is_used_once(
         assert "already used" in str(e)
 
 
+def test_a_token_redeemed_between_a_check_and_the_write_is_refused(
+    engines: list[Engine],
+) -> None:
+    # Deterministic interleaving of the race above: A checked the token (unused), B
+    # redeems it, then A writes. Only the conditional UPDATE stops A.
+    SQLDeviceStore(engines[0]).add(
+        "d1", "hw", token_hash="t" * 64, token_expires=NOW + dt.timedelta(hours=1), now=NOW
+    )
+    a, b = SQLDeviceStore(engines[1]), SQLDeviceStore(engines[2])
+    won: list[str] = []
+
+    def b_redeems() -> None:
+        won.append(b.redeem_token("d1", "t" * 64, now=NOW).serial)
+
+    with (
+        before_statement(engines[1], "UPDATE ENROLLMENT_TOKENS", b_redeems),
+        pytest.raises(AccessDeniedError, match="already used"),
+    ):
+        a.redeem_token("d1", "t" * 64, now=NOW)
+    assert won == ["d1"]
+
+
 def test_a_nonce_raced_by_several_processes_is_spent_once(engines: list[Engine]) -> None:
     SQLDeviceStore(engines[0]).add(
         "d1", "hw", token_hash="t" * 64, token_expires=NOW, now=NOW
