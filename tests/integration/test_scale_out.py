@@ -8,7 +8,9 @@ as workers of one deployment do, and nothing else but the database.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import http.client
+import logging
 import os
 import ssl
 import subprocess
@@ -16,13 +18,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from conftest import start_world
 from nginx_support import free_port
 from sqlalchemy.engine import make_url
+from tuf.api.metadata import Metadata, Timestamp
 
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
@@ -142,3 +148,43 @@ def test_two_servers_share_the_registry_and_a_raced_token_enrolls_once(
     # B logged which database it uses (debug logging on), never the password.
     assert "database: postgresql+psycopg://postgres:***@127.0.0.1" in output
     assert PASSWORD not in output
+
+
+def test_two_servers_following_one_repository_re_sign_and_publish_without_errors(
+    postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both re-sign the same timestamp at half-life and import the same new release at
+    # the same moment: one wins each time, the other finds it done. Nothing is an error.
+    caplog.set_level(logging.INFO, logger="otaguard")
+    upgrade_database(postgres_url)
+    lifetimes: dict[str, Any] = {
+        "timestamp_expiry": dt.timedelta(seconds=3),
+        "snapshot_expiry": dt.timedelta(seconds=6),
+    }
+    world = start_world(tmp_path, database_url=postgres_url, **lifetimes)
+    b = None
+    try:
+        world.release("1.0.0")
+        b = start_server_in_thread(
+            ServerSettings(
+                data_dir=world.server.data_dir, repo_dir=world.repo.dir, port=0,
+                sync_interval=0.1, database_url=postgres_url, **lifetimes,
+            )
+        )  # fmt: skip
+        time.sleep(4)  # both loops re-sign more than once (half-life 1.5 s)
+        world.release("1.1.0")  # both syncs import it
+        time.sleep(2)
+        # End to end on PostgreSQL: enrollment, check-in (nonce spent), update.
+        dev = world.device("d1")
+        result = dev.update()
+        assert (result.outcome, result.to_version) == ("updated", "1.1.0")
+        current = world.server.app.state.store.current_timestamp()
+        assert current is not None
+        ts = Metadata[Timestamp].from_bytes(current.data).signed
+        assert ts.expires > dt.datetime.now(dt.UTC)
+    finally:
+        if b is not None:
+            b.stop()
+        world.server.stop()
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == []

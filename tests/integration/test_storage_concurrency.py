@@ -18,7 +18,13 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from otaguard.model.errors import AccessDeniedError, ConflictError, OperatorError
+from otaguard.model.errors import (
+    AccessDeniedError,
+    ConflictError,
+    OperatorError,
+    VerificationError,
+)
+from otaguard.server.publish import conflict_if_moved
 from otaguard.server.storage import (
     MetadataRecord,
     SQLMetadataStore,
@@ -256,3 +262,18 @@ def test_a_revocation_racing_a_certificate_issue_stays(postgres_engines: list[En
     assert record is not None
     assert record.status is DeviceState.REVOKED
     assert record.cert_serials == ("abc",)
+
+
+def test_a_refusal_after_a_rival_publication_is_a_conflict(engines: list[Engine]) -> None:
+    # Two processes sign the same next version: the loser finds the winner's file with
+    # other bytes. Against a moved pointer that is a lost race (retry), not a refusal.
+    a, b = SQLMetadataStore(engines[0]), SQLMetadataStore(engines[1])
+    a.publish([_rec("1.timestamp.json", "timestamp", 1), _rec("2.timestamp.json", "timestamp", 2)],
+              timestamp="1.timestamp.json", now=NOW, expected_timestamp=None)  # fmt: skip
+    with pytest.raises(VerificationError, match="refused"), conflict_if_moved(b, "1.timestamp.json"):
+        raise VerificationError("refused")  # nothing moved: a refusal stays a refusal
+    with pytest.raises(ConflictError, match="changed the repository meanwhile"):  # noqa: PT012
+        with conflict_if_moved(b, "1.timestamp.json"):
+            a.publish([], timestamp="2.timestamp.json", now=NOW,
+                      expected_timestamp="1.timestamp.json")  # fmt: skip
+            raise VerificationError("2.timestamp.json is already published with different content")
