@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
+from db_support import DEFAULT_ADMIN_URL, ENGINES, fresh_database
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository, Release
@@ -26,7 +27,6 @@ from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_
 from otaguard.server.client import FleetClient
 from otaguard.server.storage import open_database
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
-from db_support import DEFAULT_ADMIN_URL, ENGINES, fresh_database
 
 HW = "test-hw"
 #: every World key's passphrase (per-key passphrases are tested on their own)

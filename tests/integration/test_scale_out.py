@@ -25,18 +25,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from conftest import start_world
-from nginx_support import free_port
 from sqlalchemy.engine import make_url
 from tuf.api.metadata import Metadata, Timestamp
 
+from conftest import start_world
+from nginx_support import free_port
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.server.storage import upgrade_database
 
 #: a password in B's URL: PostgreSQL's trust authentication never asks for it, so it can
 #: only ever show up in B's output if otaguard leaked it
-PASSWORD = "s3cret-db-password"  # noqa: S105 - a test value, the leak being tested for
+PASSWORD = "s3cret-db-password"
 STARTUP_SECONDS = 30
 
 
@@ -92,9 +92,7 @@ def test_two_servers_share_the_registry_and_a_raced_token_enrolls_once(
     upgrade_database(postgres_url)
     paths = init_data_dir(tmp_path / "srv")
     a = start_server_in_thread(
-        ServerSettings(
-            data_dir=paths.data_dir, repo_dir=None, port=0, database_url=postgres_url
-        )
+        ServerSettings(data_dir=paths.data_dir, repo_dir=None, port=0, database_url=postgres_url)
     )
     port_b = free_port()
     url_b = make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
@@ -110,7 +108,9 @@ def test_two_servers_share_the_registry_and_a_raced_token_enrolls_once(
         ctx = ssl.create_default_context(cafile=str(paths.ca_cert))
         _wait_up(port_b, ctx, proc)
         base_b = f"https://127.0.0.1:{port_b}"
-        with FleetClient(server_url=a.base_url, ca_cert=paths.ca_cert, token=a.operator_token) as fa:
+        with FleetClient(
+            server_url=a.base_url, ca_cert=paths.ca_cert, token=a.operator_token
+        ) as fa:
             token = fa.add_device("racer", "hw-1").token
         # Registered through A, seen through B: one registry.
         with FleetClient(server_url=base_b, ca_cert=paths.ca_cert, token=a.operator_token) as fb:

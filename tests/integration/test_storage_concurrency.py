@@ -159,9 +159,7 @@ def test_a_token_redeemed_between_a_check_and_the_write_is_refused(
 
 
 def test_a_nonce_raced_by_several_processes_is_spent_once(engines: list[Engine]) -> None:
-    SQLDeviceStore(engines[0]).add(
-        "d1", "hw", token_hash="t" * 64, token_expires=NOW, now=NOW
-    )
+    SQLDeviceStore(engines[0]).add("d1", "hw", token_hash="t" * 64, token_expires=NOW, now=NOW)
     SQLCheckinStore(engines[0]).issue_nonce(
         NonceRecord("n1", "d1", "c1", NOW, NOW + dt.timedelta(minutes=1), None)
     )
@@ -173,7 +171,7 @@ def test_a_nonce_raced_by_several_processes_is_spent_once(engines: list[Engine])
 
 def _rec(filename: str, role: str, version: int) -> MetadataRecord:
     data = f"{{{filename}}}".encode()
-    return MetadataRecord(filename, role, version, data, "%064d" % version)
+    return MetadataRecord(filename, role, version, data, f"{version:064d}")
 
 
 def test_publications_raced_by_several_processes_move_the_pointer_once(
@@ -270,10 +268,15 @@ def test_a_refusal_after_a_rival_publication_is_a_conflict(engines: list[Engine]
     a, b = SQLMetadataStore(engines[0]), SQLMetadataStore(engines[1])
     a.publish([_rec("1.timestamp.json", "timestamp", 1), _rec("2.timestamp.json", "timestamp", 2)],
               timestamp="1.timestamp.json", now=NOW, expected_timestamp=None)  # fmt: skip
-    with pytest.raises(VerificationError, match="refused"), conflict_if_moved(b, "1.timestamp.json"):
+    with (
+        pytest.raises(VerificationError, match="refused"),
+        conflict_if_moved(b, "1.timestamp.json"),
+    ):
         raise VerificationError("refused")  # nothing moved: a refusal stays a refusal
-    with pytest.raises(ConflictError, match="changed the repository meanwhile"):  # noqa: PT012
-        with conflict_if_moved(b, "1.timestamp.json"):
-            a.publish([], timestamp="2.timestamp.json", now=NOW,
-                      expected_timestamp="1.timestamp.json")  # fmt: skip
-            raise VerificationError("2.timestamp.json is already published with different content")
+    with (  # noqa: PT012 - the rival's publication happens inside, before the refusal
+        pytest.raises(ConflictError, match="changed the repository meanwhile"),
+        conflict_if_moved(b, "1.timestamp.json"),
+    ):
+        a.publish([], timestamp="2.timestamp.json", now=NOW,
+                  expected_timestamp="1.timestamp.json")  # fmt: skip
+        raise VerificationError("2.timestamp.json is already published with different content")

@@ -161,7 +161,9 @@ def test_a_server_refuses_a_shared_database_behind_and_names_the_command(
     with pytest.raises(DatabaseBehindError, match="otaguard server db upgrade --database-url"):
         create_app(settings)
     upgrade_database(postgres_url, revision=BASELINE_REVISION)
-    with pytest.raises(DatabaseBehindError, match=f"revision 0001, this server needs {head_revision()}"):
+    with pytest.raises(
+        DatabaseBehindError, match=f"revision 0001, this server needs {head_revision()}"
+    ):
         create_app(settings)
     assert current_revision(postgres_url) == BASELINE_REVISION  # the server changed nothing
     upgrade_database(postgres_url)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import Engine
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner
+from sqlalchemy.engine import Engine
 
 from otaguard.agent.identity import build_csr
 from otaguard.crypto.device_ca import DeviceCA

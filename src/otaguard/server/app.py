@@ -78,9 +78,9 @@ from otaguard.server.storage.base import (
     MetadataStore,
 )
 from otaguard.server.storage.checkins import SQLCheckinStore
+from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
-from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.sync import RepoSync

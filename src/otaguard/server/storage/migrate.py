@@ -161,7 +161,7 @@ def _adopt_legacy(conn: Connection) -> None:
     tables = set(inspect(conn).get_table_names())
     if not tables & _BASELINE_TABLES:
         return  # empty (or someone else's tables only): migrate from scratch
-    if not _BASELINE_TABLES <= tables:
+    if not tables >= _BASELINE_TABLES:
         raise ServerStorageError(
             "the database holds some otaguard tables but no schema revision "
             f"(missing: {', '.join(sorted(_BASELINE_TABLES - tables))}); refusing to guess"
@@ -295,4 +295,4 @@ if __name__ == "__main__":  # pragma: no cover - developer tool
 
     if len(sys.argv) != 3 or sys.argv[1] != "revision":
         sys.exit("usage: python -m otaguard.server.storage.migrate revision MESSAGE")
-    print(new_revision(sys.argv[2]))  # noqa: T201 - a developer tool's output
+    print(new_revision(sys.argv[2]))
