@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository, Release
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
-from otaguard.server.storage import open_database
+from otaguard.server.storage import open_database, upgrade_database
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 
 HW = "test-hw"
@@ -194,11 +195,20 @@ def start_world(
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    """Repository with 1.0.0 published, served over HTTPS by a real server."""
-    w = start_world(tmp_path)
-    try:
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """Repository with 1.0.0 published, served over HTTPS by a real server.
+
+    Its database is the embedded SQLite one; a test marked
+    ``@pytest.mark.parametrize("world", ENGINES, indirect=True)`` runs on PostgreSQL too
+    (a fresh database, migrated as an operator would, given as ``--database-url``).
+    """
+    engine = getattr(request, "param", "sqlite")
+    with ExitStack() as stack:
+        url = None
+        if engine != "sqlite":
+            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
+            upgrade_database(url)
+        w = start_world(tmp_path, database_url=url)
+        stack.callback(w.server.stop)
         w.release("1.0.0")
         yield w
-    finally:
-        w.server.stop()
