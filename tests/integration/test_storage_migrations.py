@@ -5,7 +5,11 @@ database that is behind."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -203,3 +207,36 @@ def test_concurrent_upgrades_migrate_once(postgres_url: str) -> None:
     engine = open_database(postgres_url, upgrade=False)
     assert "devices" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_an_installed_wheel_migrates(tmp_path: Path) -> None:
+    # The migrations travel inside the package: build the wheel, unpack it apart from the
+    # source tree, and migrate a database with that copy of otaguard alone.
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "whl"),
+         str(Path(__file__).parents[2])],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "whl").glob("otaguard-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(site)
+    assert "otaguard/server/storage/migrations/env.py" in names
+    assert "otaguard/server/storage/migrations/script.py.mako" in names
+    assert any(n.startswith("otaguard/server/storage/migrations/versions/r0001_") for n in names)
+    script = (
+        "import sys, otaguard\n"
+        "from otaguard.server.storage import upgrade_database, sqlite_url\n"
+        "assert otaguard.__file__.startswith(sys.argv[1]), otaguard.__file__\n"
+        "print(upgrade_database(sqlite_url(sys.argv[2]))[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(site), str(tmp_path / "w.db")],
+        env={**env, "PYTHONPATH": str(site)}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == head_revision()

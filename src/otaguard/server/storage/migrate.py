@@ -286,4 +286,3 @@ def new_revision(message: str) -> Path:
     if script is None or isinstance(script, list):  # pragma: no cover - one head
         raise RuntimeError("alembic wrote no single revision")
     return Path(script.path)
-
