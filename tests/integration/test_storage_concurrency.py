@@ -280,3 +280,31 @@ def test_a_refusal_after_a_rival_publication_is_a_conflict(engines: list[Engine]
         a.publish([], timestamp="2.timestamp.json", now=NOW,
                   expected_timestamp="1.timestamp.json")  # fmt: skip
         raise VerificationError("2.timestamp.json is already published with different content")
+
+
+def test_processes_issuing_nonces_while_forgetting_expired_ones_never_fail(
+    engines: list[Engine],
+) -> None:
+    # Every issue forgets expired nonces; several processes doing it at once over an
+    # overlapping backlog must not fail (PostgreSQL: no deadlock between the deletes).
+    devices = SQLDeviceStore(engines[0])
+    store = SQLCheckinStore(engines[0])
+    for d in range(RACERS):
+        devices.add(f"d{d}", "hw", token_hash=f"{d:064d}", token_expires=NOW, now=NOW)
+    old = NOW - dt.timedelta(hours=1)
+    for i in range(300):
+        store.issue_nonce(NonceRecord(f"old{i}", f"d{i % RACERS}", f"c{i}", old, old, None))
+    stores = [SQLCheckinStore(e) for e in engines]
+
+    def issue(d: int, s: SQLCheckinStore) -> None:
+        for k in range(5):
+            s.issue_nonce(
+                NonceRecord(
+                    f"new{d}-{k}", f"d{d}", f"cert{d}", NOW, NOW + dt.timedelta(minutes=1), None
+                )
+            )
+
+    _, errors = race([lambda d=d, s=s: issue(d, s) for d, s in enumerate(stores)])
+    assert errors == []
+    assert all(store.get_nonce(f"new{d}-4") is not None for d in range(RACERS))
+    assert store.get_nonce("old0") is None  # the backlog is gone
