@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from otaguard.cli import main
-from otaguard.server.storage import head_revision
+from otaguard.server.storage import head_revision, sqlite_url, upgrade_database
 
 PASSWORD = "s3cret-db-password"
 
@@ -58,11 +58,22 @@ def test_db_upgrade_and_status(postgres_url: str, tmp_path: Path) -> None:
         assert ":***@" in result.stdout + result.stderr
 
 
-def test_db_upgrade_of_the_embedded_database(tmp_path: Path) -> None:
-    assert _cli("server", "init", "--data", tmp_path / "srv").returncode == 0
-    missing = _cli("server", "db", "upgrade", "--data", tmp_path / "srv")
-    assert missing.returncode == 2
-    assert "no server database in" in missing.stderr
+def test_db_upgrade_of_the_embedded_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "srv"
+    data.mkdir()
+    assert main(["server", "db", "upgrade", "--data", str(data)]) == 2
+    assert "no server database in" in capsys.readouterr().err
+    # A database an older otaguard left at the previous revision; --data before 'db'
+    # counts as much as after it.
+    upgrade_database(sqlite_url(data / "otaguard.db"), revision="0001")
+    assert main(["server", "--data", str(data), "db", "status"]) == 1
+    assert "schema revision 0001" in capsys.readouterr().out
+    assert main(["server", "--data", str(data), "db", "upgrade"]) == 0
+    assert f"from schema revision 0001 to {head_revision()}" in capsys.readouterr().out
+    assert main(["server", "db", "status", "--data", str(data)]) == 0
+    assert "(current)" in capsys.readouterr().out
 
 
 def test_hostile_database_urls_are_one_line_errors(

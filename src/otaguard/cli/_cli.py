@@ -807,8 +807,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "db", help="the server's database schema: 'upgrade' migrates it, 'status' shows it"
     )
     sdb.add_argument("db_cmd", choices=("upgrade", "status"))
-    sdb.add_argument("--database-url", default=env_db, metavar="URL", help=db_help)
-    sdb.add_argument("--data", type=Path, help="the server data directory (embedded SQLite)")
+    # SUPPRESS: given before 'db' ('server --data D db upgrade') or after it, both count;
+    # the parent's defaults (the environment's URL) apply when neither gives one.
+    sdb.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL", help=db_help)
+    sdb.add_argument(
+        "--data",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the server data directory (embedded SQLite)",
+    )
     sdb.set_defaults(func=_server_db)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
