@@ -3,9 +3,11 @@ errors, exit codes, the password never printed."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,16 @@ from otaguard.cli import main
 from otaguard.server.storage import head_revision, sqlite_url, upgrade_database
 
 PASSWORD = "s3cret-db-password"
+
+
+@pytest.fixture(autouse=True)
+def _keep_log_handlers() -> Iterator[None]:
+    """main() adds a stderr handler per call; drop it with the captured stream it names."""
+    pkg = logging.getLogger("otaguard")
+    handlers, level = list(pkg.handlers), pkg.level
+    yield
+    pkg.handlers[:] = handlers
+    pkg.setLevel(level)
 
 
 def _cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
