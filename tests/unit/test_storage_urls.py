@@ -10,7 +10,9 @@ from otaguard.server.storage.database import describe_error, mask_url, normalise
 SECRET = "pa55-w0rd"
 
 
-@pytest.mark.parametrize("driver", ["postgresql", "postgresql+psycopg2", "postgresql+psycopg"])
+@pytest.mark.parametrize(
+    "driver", ["postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"]
+)
 def test_postgresql_urls_use_psycopg_3(driver: str) -> None:
     parsed = normalise_url(f"{driver}://otaguard:{SECRET}@db:5432/otaguard")
     assert parsed.drivername == "postgresql+psycopg"
@@ -21,7 +23,6 @@ def test_postgresql_urls_use_psycopg_3(driver: str) -> None:
     ("url", "cause"),
     [
         (f"mysql://root:{SECRET}@db/x", "unsupported database 'mysql'"),
-        (f"postgres://root:{SECRET}@db/x", "unsupported database 'postgres'"),
         ("sqlite://", "must name a file"),
         ("sqlite:///:memory:", "must name a file"),
         (f"postgresql://u:{SECRET}@db:5432", "names no database"),

@@ -120,7 +120,7 @@ def normalise_url(url: str) -> URL:
             "postgresql://user@host:5432/otaguard or sqlite:////path/otaguard.db)"
         ) from e
     backend = parsed.get_backend_name()
-    if backend == "postgresql":
+    if backend in ("postgresql", "postgres"):  # postgres://: the libpq spelling
         if parsed.drivername != _POSTGRES_DRIVER:
             # psycopg 3 is the one driver installed and tested.
             parsed = parsed.set(drivername=_POSTGRES_DRIVER)
