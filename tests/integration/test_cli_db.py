@@ -111,3 +111,7 @@ def test_hostile_database_urls_are_one_line_errors(
     assert "not both" in capsys.readouterr().err
     assert main(["server", "db", "status"]) == 2
     assert "which database?" in capsys.readouterr().err
+    missing = tmp_path / "missing.db"
+    assert main(["server", "db", "status", "--database-url", f"sqlite:///{missing}"]) == 2
+    assert "no database file" in capsys.readouterr().err
+    assert not missing.exists()  # status never creates one

@@ -82,6 +82,13 @@ def _insert_rows(url: str) -> None:
             )
             conn.execute(
                 text(
+                    "INSERT INTO checkin_nonces (nonce, serial, cert_serial, issued_at,"
+                    " expires_at, used_at) VALUES ('n1', 'd1', 'c1', :t, :t, NULL)"
+                ),
+                {"t": NOW},
+            )
+            conn.execute(
+                text(
                     "INSERT INTO metadata (filename, role, version, sha256, data, published_at)"
                     " VALUES ('1.root.json', 'root', 1, :s, :d, :t)"
                 ),
@@ -99,6 +106,7 @@ def _rows(url: str) -> tuple[list[tuple[object, ...]], ...]:
                 [tuple(r) for r in conn.execute(text("SELECT serial, status FROM devices"))],
                 [tuple(r) for r in conn.execute(text("SELECT token_hash FROM enrollment_tokens"))],
                 [tuple(r) for r in conn.execute(text("SELECT filename, data FROM metadata"))],
+                [tuple(r) for r in conn.execute(text("SELECT nonce, serial FROM checkin_nonces"))],
             )
     finally:
         engine.dispose()

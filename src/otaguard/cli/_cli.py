@@ -248,11 +248,21 @@ def _server(a: argparse.Namespace) -> int:
 def _database_url(a: argparse.Namespace) -> str:
     """The database ``server db`` works on: ``--database-url``/env, or the embedded one."""
     from otaguard.server.storage import sqlite_url
+    from otaguard.server.storage.database import normalise_url
 
     if a.database_url:
         if a.data is not None:
             raise OperatorError("give --database-url or --data, not both")
-        return str(a.database_url)
+        url = str(a.database_url)
+        parsed = normalise_url(url)
+        if (
+            a.db_cmd == "status"
+            and parsed.get_backend_name() == "sqlite"
+            and not Path(str(parsed.database)).is_file()
+        ):
+            # Connecting would create an empty file and report it "behind".
+            raise OperatorError(f"no database file {parsed.database}")
+        return url
     if a.data is None:
         raise OperatorError(
             f"which database? pass --database-url URL (or set {DATABASE_URL_ENV}), or --data "
