@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import http.client
+import json
 import logging
 import os
 import ssl
@@ -30,6 +31,9 @@ from tuf.api.metadata import Metadata, Timestamp
 
 from conftest import start_world
 from nginx_support import free_port
+from otaguard.agent.checkin import CHECKIN_PATH, NONCE_PATH, build_manifest
+from otaguard.agent.identity import device_signer
+from otaguard.crypto.envelope import sign_envelope
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.server.storage import upgrade_database
@@ -188,3 +192,63 @@ def test_two_servers_following_one_repository_re_sign_and_publish_without_errors
         world.server.stop()
     problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert problems == []
+
+
+def _post(port: int, ctx: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def test_one_signed_check_in_sent_to_two_servers_is_accepted_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # A replay raced to another server process: the nonce A issued is spent by one of them.
+    upgrade_database(postgres_url)
+    world = start_world(tmp_path, database_url=postgres_url)
+    b = None
+    try:
+        world.release("1.0.0")
+        b = start_server_in_thread(
+            ServerSettings(
+                data_dir=world.server.data_dir, repo_dir=None, port=0, database_url=postgres_url
+            )
+        )
+        dev = world.device("twice")
+        assert world.server.ca_cert is not None
+        ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+        ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+        port_a = int(world.server.base_url.rsplit(":", 1)[1])
+        port_b = int(b.base_url.rsplit(":", 1)[1])
+        status, data = _post(port_a, ctx, NONCE_PATH, b"")
+        assert status == 200, data
+        nonce = json.loads(data)["nonce"]
+        signed = sign_envelope(
+            device_signer(dev.paths, dev.config),
+            build_manifest(dev.paths, dev.config, nonce=nonce, tpm=None).to_dict(),
+        )
+        results: list[tuple[int, bytes]] = []
+        barrier = threading.Barrier(2)
+
+        def check_in(port: int) -> None:
+            barrier.wait()
+            results.append(_post(port, ctx, CHECKIN_PATH, signed))
+
+        threads = [threading.Thread(target=check_in, args=(p,)) for p in (port_a, port_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(s for s, _ in results) == [200, 403], results
+        refused = next(d for s, d in results if s == 403)
+        assert "the nonce was already used (replay)" in json.loads(refused)["error"]
+        history = world.server.app.state.checkins.history("twice", limit=10)
+        assert [c.outcome for c in history] == ["accepted"]  # one check-in recorded
+    finally:
+        if b is not None:
+            b.stop()
+        world.server.stop()
