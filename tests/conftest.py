@@ -12,18 +12,22 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import Engine
 
+from db_support import DEFAULT_ADMIN_URL, ENGINES, fresh_database
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
 from otaguard.repo import ImageRepository, Release
 from otaguard.repo.director import init_director
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
+from otaguard.server.storage import open_database, upgrade_database
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 
 HW = "test-hw"
@@ -40,6 +44,40 @@ def same_passphrase(_key_name: str) -> bytes:
 def serial_of(name: str) -> str:
     """The serial World gives a device named ``name`` (names may hold ':' and '/')."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--database-url``: the PostgreSQL server the two-engine tests use."""
+    parser.addoption(
+        "--database-url",
+        default=DEFAULT_ADMIN_URL,
+        help="PostgreSQL server (an admin URL; each test creates and drops its own "
+        "database there) for the tests that run on both engines; 'none': SQLite only",
+    )
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database, once on SQLite and once on PostgreSQL (dropped afterwards)."""
+    with fresh_database(request.config, request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def db_engine(database_url: str) -> Iterator[Engine]:
+    """An engine on a database migrated to the newest revision, on both engines."""
+    engine = open_database(database_url, upgrade=True)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty PostgreSQL database (for what only a shared database shows)."""
+    with fresh_database(request.config, "postgresql", tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -177,11 +215,20 @@ def start_world(
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    """Repository with 1.0.0 published, served over HTTPS by a real server."""
-    w = start_world(tmp_path)
-    try:
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """Repository with 1.0.0 published, served over HTTPS by a real server.
+
+    Its database is the embedded SQLite one; a test marked
+    ``@pytest.mark.parametrize("world", ENGINES, indirect=True)`` runs on PostgreSQL too
+    (a fresh database, migrated as an operator would, given as ``--database-url``).
+    """
+    engine = getattr(request, "param", "sqlite")
+    with ExitStack() as stack:
+        url = None
+        if engine != "sqlite":
+            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
+            upgrade_database(url)
+        w = start_world(tmp_path, database_url=url)
+        stack.callback(w.server.stop)
         w.release("1.0.0")
         yield w
-    finally:
-        w.server.stop()

@@ -1,21 +1,24 @@
 """The audit log's SQL adapter: appends from two engines at once (two server processes)
-keep one unbroken chain; entries are read back exactly as hashed."""
+keep one unbroken chain, on SQLite and on PostgreSQL (where an advisory lock queues them);
+entries are read back exactly as hashed."""
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
-from pathlib import Path
 
 from otaguard.server.audit_chain import verify_chain
+from otaguard.server.storage.database import create_db_engine
 from otaguard.server.storage.fleet_base import NewAuditEntry
+from otaguard.server.storage.migrate import upgrade_database
 from otaguard.server.storage.operators import SQLAuditStore
-from otaguard.server.storage.sql import sqlite_url
 
 
-def test_concurrent_appends_from_two_engines_keep_one_chain(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "otaguard.db")
-    stores = [SQLAuditStore(url), SQLAuditStore(url)]
+def test_concurrent_appends_from_two_engines_keep_one_chain(database_url: str) -> None:
+    upgrade_database(database_url)
+    # Two engines: two connection pools, as two server processes have.
+    engines = [create_db_engine(database_url), create_db_engine(database_url)]
+    stores = [SQLAuditStore(e) for e in engines]
     failures: list[BaseException] = []
 
     def append(worker: int) -> None:

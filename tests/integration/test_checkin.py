@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner
 
 from conftest import World, start_world
+from db_support import ENGINES
 from otaguard.agent import Device
 from otaguard.agent.checkin import CHECKIN_PATH, NONCE_PATH, build_manifest
 from otaguard.agent.identity import device_signer
@@ -74,6 +75,7 @@ def error(data: bytes) -> str:
     return str(json.loads(data)["error"])
 
 
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
 def test_a_check_in_is_accepted_recorded_and_shown(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -136,6 +138,7 @@ def test_the_check_in_window_closes_and_nonces_expire(
     )
 
 
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
 def test_a_replayed_check_in_is_refused(world: World, caplog: pytest.LogCaptureFixture) -> None:
     dev = world.device("c4")
     signed = manifest(dev, nonce_for(world, dev))
@@ -185,6 +188,7 @@ def test_a_manifest_signed_by_another_key_is_refused(world: World) -> None:
     assert status == 403 and "exactly one signature" in error(data)
 
 
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
 def test_quarantine_takes_effect_on_the_next_check_in(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:

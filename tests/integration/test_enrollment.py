@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import HW, World, start_world
+from db_support import ENGINES
 from otaguard.agent.identity import build_csr
 from otaguard.model.errors import (
     AccessDeniedError,
@@ -113,6 +114,7 @@ def test_device_ca_files(world: World) -> None:
     assert root.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
 def test_a_used_token_is_refused(world: World) -> None:
     with fleet(world) as client:
         token = client.add_device("once", HW).token
@@ -228,6 +230,7 @@ def test_the_hardware_id_comes_from_the_registry_not_the_csr(world: World) -> No
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:otaguard:hw:{HW}"]
 
 
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
 def test_a_revoked_device_cannot_enroll(world: World) -> None:
     with fleet(world) as client:
         token = client.add_device("gone", HW).token
@@ -279,6 +282,7 @@ def test_cacerts(world: World) -> None:
     assert names == {"CN=otaguard device issuing CA", "CN=otaguard device root CA"}
 
 
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
 def test_registry_operations(world: World) -> None:
     with fleet(world) as client:
         client.add_device("r1", HW)

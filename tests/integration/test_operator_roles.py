@@ -265,9 +265,15 @@ def test_bootstrap_token_file_and_local_operator_commands(
     ]
 
     # Another database (a server on PostgreSQL): the commands use the one named.
+    # A shared database is the operator's to migrate first (ADR 0009), and is refused before.
     other = f"sqlite+pysqlite:///{ops.world.tmp / 'other.db'}"
-    code, out, err = run(capsys, ["server", "operator", "add", "elsewhere", "--role", "viewer",
-                                  "--data", data, "--database-url", other])  # fmt: skip
+    add_elsewhere = ["server", "operator", "add", "elsewhere", "--role", "viewer",
+                     "--data", data, "--database-url", other]  # fmt: skip
+    code, out, err = run(capsys, add_elsewhere)
+    assert code == 2 and "otaguard server db upgrade" in err
+    code, out, err = run(capsys, ["server", "db", "upgrade", "--database-url", other])
+    assert code == 0, err
+    code, out, err = run(capsys, add_elsewhere)
     assert code == 0, err
     code, out, _ = run(
         capsys, ["server", "operator", "list", "--data", data, "--database-url", other]

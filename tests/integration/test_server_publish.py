@@ -1,4 +1,4 @@
-"""publish_files against a real SQLite database and blob directory (no HTTP)."""
+"""publish_files against a real database (SQLite and PostgreSQL) and blob directory (no HTTP)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from securesystemslib.signer import CryptoSigner
+from sqlalchemy.engine import Engine
 from test_server_support import RepoWriter
 from tuf.api.metadata import Metadata, MetaFile, Root, Targets
 from tuf.ngclient import Updater
@@ -26,7 +27,6 @@ from otaguard.server.storage import (
     MetadataRecord,
     PublishOutcome,
     SQLMetadataStore,
-    sqlite_url,
 )
 from otaguard.server.sync import RepoSync
 
@@ -34,8 +34,9 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture
-def stores(tmp_path: Path) -> Iterator[tuple[SQLMetadataStore, FileBlobStore]]:
-    store = SQLMetadataStore(sqlite_url(tmp_path / "otaguard.db"))
+def stores(db_engine: Engine, tmp_path: Path) -> Iterator[tuple[SQLMetadataStore, FileBlobStore]]:
+    # db_engine: every test here runs on SQLite and on PostgreSQL.
+    store = SQLMetadataStore(db_engine)
     try:
         yield store, FileBlobStore(tmp_path / "blobs")
     finally:

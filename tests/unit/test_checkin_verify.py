@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner
+from sqlalchemy.engine import Engine
 
 from otaguard.agent.identity import build_csr
 from otaguard.crypto.device_ca import DeviceCA
@@ -32,7 +32,6 @@ from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
 from otaguard.server.storage.base import NonceRecord
 from otaguard.server.storage.checkins import MAX_OPEN_NONCES_PER_CERT, SQLCheckinStore
 from otaguard.server.storage.devices import SQLDeviceStore
-from otaguard.server.storage.sql import sqlite_url
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 TTL = dt.timedelta(seconds=60)
@@ -168,11 +167,11 @@ def test_assess_boot() -> None:
     assert assess_boot(recovery, listed=listed) is None
 
 
-def test_a_nonce_is_spent_once(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "db.sqlite")
-    devices = SQLDeviceStore(url)
+def test_a_nonce_is_spent_once(db_engine: Engine) -> None:
+    # On SQLite and on PostgreSQL (the db_engine fixture runs it on both).
+    devices = SQLDeviceStore(db_engine)
     devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
-    store = SQLCheckinStore(url)
+    store = SQLCheckinStore(db_engine)
     store.issue_nonce(record())
     assert store.spend_nonce("n1", now=NOW)
     assert not store.spend_nonce("n1", now=NOW)  # a second process racing loses

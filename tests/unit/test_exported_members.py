@@ -13,6 +13,7 @@ PACKAGES = [
     "otaguard.repo",
     "otaguard.agent",
     "otaguard.server",
+    "otaguard.server.storage",
     "otaguard.sim",
     "otaguard.cli",
 ]

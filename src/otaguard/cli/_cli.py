@@ -39,6 +39,8 @@ CA_ENV = "OTAGUARD_CA"
 ENROLL_TOKEN_ENV = "OTAGUARD_ENROLL_TOKEN"  # noqa: S105 - a variable name
 TRUSTED_PROXIES_ENV = "OTAGUARD_TRUSTED_PROXIES"
 MANUFACTURER_CA_ENV = "OTAGUARD_MANUFACTURER_CA"
+# May carry a password: the environment keeps it out of argv (other users see ps).
+DATABASE_URL_ENV = "OTAGUARD_DATABASE_URL"
 EXIT_ROLLED_BACK = 6
 EXIT_RECOVERY = 7  # no slot may boot: the device waits for a release at or above its floor
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -262,11 +264,65 @@ def _server(a: argparse.Namespace) -> int:
             manufacturer_ca=a.manufacturer_ca,
             director_dir=a.director,
             director_key_uri=a.director_key_uri,
+            database_url=a.database_url or None,
         )
     except ValueError as e:
         raise OperatorError(str(e)) from e
     run_server(settings)
     return 0
+
+
+def _database_url(a: argparse.Namespace) -> str:
+    """The database ``server db`` works on: ``--database-url``/env, or the embedded one."""
+    from otaguard.server.storage import sqlite_url
+    from otaguard.server.storage.database import normalise_url
+
+    if a.database_url:
+        if a.data is not None:
+            raise OperatorError("give --database-url or --data, not both")
+        url = str(a.database_url)
+        parsed = normalise_url(url)
+        if (
+            a.db_cmd == "status"
+            and parsed.get_backend_name() == "sqlite"
+            and not Path(str(parsed.database)).is_file()
+        ):
+            # Connecting would create an empty file and report it "behind".
+            raise OperatorError(f"no database file {parsed.database}")
+        return url
+    if a.data is None:
+        raise OperatorError(
+            f"which database? pass --database-url URL (or set {DATABASE_URL_ENV}), or --data "
+            "DIR for the embedded SQLite database"
+        )
+    if not (a.data / "otaguard.db").is_file():
+        raise OperatorError(f"no server database in {a.data} (expected {a.data}/otaguard.db)")
+    return sqlite_url(a.data / "otaguard.db")
+
+
+def _server_db(a: argparse.Namespace) -> int:
+    from otaguard.server.storage import head_revision, mask_url, upgrade_database
+    from otaguard.server.storage.migrate import current_revision
+
+    url = _database_url(a)
+    if a.db_cmd == "upgrade":
+        before, after = upgrade_database(url)
+        if before == after:
+            out.print(f"{mask_url(url)}: already at schema revision {after}", markup=False)
+        else:
+            out.print(
+                f"{mask_url(url)}: upgraded from schema revision {before or 'none'} to {after}",
+                markup=False,
+            )
+        return 0
+    current, head = current_revision(url), head_revision()
+    state = "current" if current == head else "behind: run 'otaguard server db upgrade'"
+    out.print(
+        f"{mask_url(url)}: schema revision {current or 'none'}, this otaguard needs {head} "
+        f"({state})",
+        markup=False,
+    )
+    return 0 if current == head else 1
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -815,14 +871,35 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="signer URI of the director key (e.g. an HSM's; public key in "
         "DATA/director-key.pub.json); default: the file key in DATA (warns)",
     )
+    env_db = os.environ.get(DATABASE_URL_ENV)
+    db_help = (
+        "database shared by several server processes, e.g. postgresql://otaguard@db:5432/"
+        f"otaguard (or ${DATABASE_URL_ENV}: preferred, a password on the command line is "
+        "visible to other local users); default: the embedded SQLite DATA/otaguard.db"
+    )
+    srv.add_argument("--database-url", default=env_db, metavar="URL", help=db_help)
     srv.set_defaults(func=_server)
-    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator}")
+    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator,db}")
     sinit = srv_cmds.add_parser(
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
     )
     sinit.add_argument("--data", type=Path, required=True, help="server data directory")
     sinit.set_defaults(func=_server_init)
     add_server_operator_parser(srv_cmds)
+    sdb = srv_cmds.add_parser(
+        "db", help="the server's database schema: 'upgrade' migrates it, 'status' shows it"
+    )
+    sdb.add_argument("db_cmd", choices=("upgrade", "status"))
+    # SUPPRESS: given before 'db' ('server --data D db upgrade') or after it, both count;
+    # the parent's defaults (the environment's URL) apply when neither gives one.
+    sdb.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL", help=db_help)
+    sdb.add_argument(
+        "--data",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the server data directory (embedded SQLite)",
+    )
+    sdb.set_defaults(func=_server_db)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
     pub = sub.add_parser(

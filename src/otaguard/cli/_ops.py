@@ -358,7 +358,7 @@ def _server_operator(a: argparse.Namespace) -> int:
     from otaguard.server.auth import Role
     from otaguard.server.operator_admin import LocalOperators
 
-    with LocalOperators(a.data, database_url=a.database_url) as local:
+    with LocalOperators(a.data, database_url=a.database_url or None) as local:
         if a.server_operator_cmd == "add":
             rec, token = local.add(a.name, role=Role(a.role))
             _print_new_operator(rec.name, rec.role, token)
@@ -390,10 +390,13 @@ def add_server_operator_parser(
         if name == "add":
             p.add_argument("--role", required=True, choices=ROLES)
         p.add_argument("--data", type=Path, required=True, help="server data directory")
+        # SUPPRESS: given before 'operator' or after it, both count; otherwise the
+        # parent's default (OTAGUARD_DATABASE_URL) applies, as for 'server db'.
         p.add_argument(
             "--database-url",
+            default=argparse.SUPPRESS,
             metavar="URL",
             help="the server's database when it is not DATA/otaguard.db (e.g. "
-            "postgresql+psycopg://…): the one the running server uses",
+            "postgresql://…): the one the running server uses",
         )
         p.set_defaults(func=_server_operator)

@@ -99,11 +99,13 @@ from otaguard.server.storage.base import (
     MetadataStore,
 )
 from otaguard.server.storage.checkins import SQLCheckinStore
+from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.inventory import SQLInventoryStore
+from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
-from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
+from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.sync import RepoSync
 
 __all__ = ["DATA_DIR_MODE", "MAX_PUBLISH_REQUEST_BYTES", "create_app", "prepare_data_dir"]
@@ -601,30 +603,31 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             timestamp=settings.timestamp_expiry, snapshot=settings.snapshot_expiry
         ),
     )
-    database_url = settings.database_url or sqlite_url(data_dir / "otaguard.db")
-    store = SQLMetadataStore(database_url)
-    devices = SQLDeviceStore(database_url)
-    checkin_store = SQLCheckinStore(database_url)
+    # The embedded SQLite file is this process's own: it is migrated here. A shared
+    # database (--database-url) is migrated by the operator; a stale one is refused.
+    engine = open_database(
+        settings.database_url or sqlite_url(data_dir / "otaguard.db"),
+        upgrade=settings.database_url is None,
+    )
+    store = SQLMetadataStore(engine)
+    devices = SQLDeviceStore(engine)
+    checkin_store = SQLCheckinStore(engine)
     director: Director | None = None
-    assignments: SQLAssignmentStore | None = None
     if settings.director_dir is not None:
         refuse_private_keys(settings.director_dir)
         director_signer = load_director_signer(data_dir, uri=settings.director_key_uri)
         roots = load_director_roots(settings.director_dir, keyid=director_signer.public_key.keyid)
-        assignments = SQLAssignmentStore(database_url)
         director = Director(
             signer=director_signer,
             roots=roots,
             director_dir=settings.director_dir,
-            assignments=assignments,
+            assignments=SQLAssignmentStore(engine),
             metadata=store,
             clock=clock,
         )
-    operator_store = SQLOperatorStore(database_url)
-    audit_store = SQLAuditStore(database_url)
-    inventory = Inventory(
-        devices=devices, checkins=checkin_store, store=SQLInventoryStore(database_url)
-    )
+    operator_store = SQLOperatorStore(engine)
+    audit_store = SQLAuditStore(engine)
+    inventory = Inventory(devices=devices, checkins=checkin_store, store=SQLInventoryStore(engine))
     auth = OperatorAuth(bootstrap_token=token, operators=operator_store)
     checkins = CheckinServices(
         checkins=checkin_store, devices=devices, metadata=store, clock=clock, director=director
@@ -667,14 +670,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             if sync is not None:
                 await run_in_threadpool(sync.stop)
             await run_in_threadpool(resign.stop)
-            store.close()
-            devices.close()
-            checkin_store.close()
-            if assignments is not None:
-                assignments.close()
-            operator_store.close()
-            audit_store.close()
-            inventory.store.close()
+            engine.dispose()
 
     app = FastAPI(
         title="otaguard update server",

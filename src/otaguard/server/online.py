@@ -42,12 +42,12 @@ from otaguard.crypto.signers import (
     read_public_key,
     write_public_key,
 )
-from otaguard.model.errors import ConfigError, OtaguardError, VerificationError
+from otaguard.model.errors import ConfigError, ConflictError, OtaguardError, VerificationError
 from otaguard.model.unsafe import Unsafe
 from otaguard.repo.verify import load_role
 from otaguard.server._names import parse_metadata_name
 from otaguard.server._periodic import PeriodicTask
-from otaguard.server.publish import publish_files
+from otaguard.server.publish import conflict_if_moved, publish_files
 from otaguard.server.storage.base import BlobStore, MetadataStore
 
 __all__ = [
@@ -482,10 +482,18 @@ class ResignLoop(PeriodicTask):
         """
         with self._online.lock:
             now = self._clock()
+            current = self._store.current_timestamp()
             files = self._online.refresh(self._store, now=now)
             if not files:
                 return ()
-            outcome = publish_files(self._store, self._blobs, files, now=now)
+            try:
+                with conflict_if_moved(self._store, current.filename if current else None):
+                    outcome = publish_files(self._store, self._blobs, files, now=now)
+            except ConflictError:
+                # Another server process on the same database re-signed first; what it
+                # serves is fresh, and the next tick re-checks.
+                logger.info("another server process re-signed first")
+                return ()
         logger.info("re-signed %s", ", ".join(outcome.added))
         return outcome.added
 

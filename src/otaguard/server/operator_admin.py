@@ -12,9 +12,10 @@ from pathlib import Path
 
 from otaguard.model.errors import OperatorError
 from otaguard.server.auth import Role, check_operator_name, hash_operator_token, new_operator_token
+from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.fleet_base import NewAuditEntry, OperatorRecord
+from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
-from otaguard.server.storage.sql import sqlite_url
 
 __all__ = ["LOCAL_ACTOR", "LocalOperators"]
 
@@ -36,19 +37,24 @@ class LocalOperators:
         Raises:
             OperatorError: ``data_dir`` is not a server data directory.
             ServerStorageError: the database cannot be opened.
+            DatabaseBehindError: a shared database is not at this code's revision.
         """
         if not (Path(data_dir) / "operator-token").is_file():
             raise OperatorError(
                 f"{data_dir} is not a server data directory (run 'otaguard server init' first)"
             )
-        url = database_url or sqlite_url(Path(data_dir) / _DATABASE_FILE)
-        self._operators = SQLOperatorStore(url)
-        self._audit = SQLAuditStore(url)
+        # As the server does: the embedded file is migrated here, a shared database is
+        # the operator's to migrate (otaguard server db upgrade).
+        self._engine = open_database(
+            database_url or sqlite_url(Path(data_dir) / _DATABASE_FILE),
+            upgrade=database_url is None,
+        )
+        self._operators = SQLOperatorStore(self._engine)
+        self._audit = SQLAuditStore(self._engine)
 
     def close(self) -> None:
         """Release the database."""
-        self._operators.close()
-        self._audit.close()
+        self._engine.dispose()
 
     def __enter__(self) -> "LocalOperators":
         return self

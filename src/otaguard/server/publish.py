@@ -35,14 +35,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
-from otaguard.model.errors import VerificationError
+from otaguard.model.errors import ConflictError, VerificationError
 from otaguard.repo.verify import VerifiedRepository, load_role, verify_update
 from otaguard.server._names import blob_name, parse_metadata_name
 from otaguard.server.storage.base import (
@@ -59,6 +60,7 @@ __all__ = [
     "MAX_METADATA_FILE_BYTES",
     "MAX_PUBLISH_FILES",
     "PUBLISHABLE_ROLES",
+    "conflict_if_moved",
     "publish_files",
 ]
 
@@ -283,6 +285,35 @@ def _check_reachable(new: list[MetadataRecord], fresh: VerifiedRepository) -> No
             )
 
 
+def _pointer(store: MetadataStore) -> str | None:
+    current = store.current_timestamp()
+    return current.filename if current is not None else None
+
+
+@contextmanager
+def conflict_if_moved(store: MetadataStore, based_on: str | None) -> Iterator[None]:
+    """Turn a refusal into a :class:`ConflictError` when the served timestamp moved.
+
+    Several server processes on one database sign and publish the same next versions at
+    the same moment (re-signing at half-life, following one repository). The one that
+    loses finds the winner's ``N.snapshot.json`` stored with other bytes: that is a race
+    lost, not a publication to refuse. A refusal computed against a served state that has
+    changed since (``based_on``: the timestamp filename read before signing) is therefore
+    a conflict: retrying re-verifies against what is served now.
+
+    Raises:
+        ConflictError: the body refused and the served timestamp is no longer ``based_on``.
+    """
+    try:
+        yield
+    except VerificationError as e:
+        if _pointer(store) != based_on:
+            raise ConflictError(
+                "another publication changed the repository meanwhile; retry"
+            ) from e
+        raise
+
+
 def publish_files(
     store: MetadataStore,
     blobs: BlobStore,
@@ -317,8 +348,10 @@ def publish_files(
     if online is not None and "timestamp.json" not in metadata_files:
         # The server signs snapshot and timestamp itself; its lock orders this with re-signing.
         with online.lock:
+            based_on = _pointer(store)
             completed = online.complete(store, metadata_files, now=now)
-            return publish_files(store, blobs, completed, now=now)
+            with conflict_if_moved(store, based_on):
+                return publish_files(store, blobs, completed, now=now)
     parsed = _parse(metadata_files)
     current = store.current_timestamp()
     new = _new_records(store, parsed)

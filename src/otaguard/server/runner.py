@@ -33,6 +33,7 @@ from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_to
 from otaguard.server.director import DIRECTOR_PUBLIC_KEY_FILE, load_director_signer
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
 from otaguard.server.settings import ServerSettings, parse_trusted_proxies
+from otaguard.server.storage.database import mask_url
 from otaguard.server.tls import CertificateRenewer, ServerCertificate
 
 __all__ = [
@@ -214,12 +215,19 @@ def run_server(settings: ServerSettings) -> None:
     (``DATA/tls``) and the operator token on first run.
 
     Raises:
-        ConfigError: the CA, certificate or token is unusable.
+        ConfigError: the CA, certificate or token is unusable, or the database URL is.
+        DatabaseBehindError: the shared database is not at this code's schema revision.
         ServerStorageError: the database or blob directory cannot be opened.
     """
     config, _, _, renewer = _config(settings)
     scheme = "http" if settings.insecure_http else "https"
     logger.info("serving on %s://%s:%d", scheme, settings.host, settings.port)
+    logger.info(
+        "database: %s",
+        mask_url(settings.database_url)
+        if settings.database_url
+        else f"embedded SQLite {settings.data_dir / 'otaguard.db'}",
+    )
     if renewer is not None:
         renewer.start()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -84,8 +84,12 @@ class ServerSettings:
         port: TCP port; 0 picks a free one (tests, demo).
         sync_interval: seconds between checks of ``repo_dir`` for a new publication.
         insecure_http: serve plain HTTP (development only; warns on every start).
-        database_url: SQLAlchemy URL overriding the embedded SQLite ``data_dir/otaguard.db``
-            (e.g. ``postgresql+psycopg://...``).
+        database_url: SQLAlchemy URL of a database shared by several server processes
+            (``postgresql://user:password@host:5432/db``, psycopg 3) in place of the
+            embedded SQLite ``data_dir/otaguard.db``. The embedded database is migrated
+            at start; a shared one must be at this code's schema revision already
+            (``otaguard server db upgrade``), or the server refuses to start. It may
+            carry a password: it is left out of ``repr`` and masked in logs.
         timestamp_expiry: lifetime of the timestamps the server signs; it re-signs when
             less than half is left.
         snapshot_expiry: lifetime of the snapshots the server signs (not shorter than
@@ -125,7 +129,7 @@ class ServerSettings:
     port: int = 8443
     sync_interval: float = 1.0
     insecure_http: bool = False
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)
     timestamp_expiry: dt.timedelta = DEFAULT_TIMESTAMP_EXPIRY
     snapshot_expiry: dt.timedelta = DEFAULT_SNAPSHOT_EXPIRY
     online_key_uri: str | None = None

@@ -23,7 +23,9 @@ from otaguard.model.errors import OperatorError
 from otaguard.repo import ImageRepository
 from otaguard.server.online import load_online_signer
 from otaguard.server.storage.base import MetadataRecord
-from otaguard.server.storage.sql import SQLMetadataStore, sqlite_url
+from otaguard.server.storage.database import sqlite_url
+from otaguard.server.storage.migrate import open_database
+from otaguard.server.storage.sql import SQLMetadataStore
 
 __all__ = ["AttackOutcome", "CompromisedServer", "steal_key"]
 
@@ -53,7 +55,10 @@ class CompromisedServer:
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
-        self.store = SQLMetadataStore(sqlite_url(data_dir / "otaguard.db"))
+        # The running server migrated it; the attacker uses it as it is.
+        self.store = SQLMetadataStore(
+            open_database(sqlite_url(data_dir / "otaguard.db"), upgrade=False)
+        )
         #: the server's own snapshot and timestamp key, as a compromised server holds it
         self.online_signer = load_online_signer(data_dir)
 

@@ -21,8 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
-from otaguard.server.storage.devices import devices_table
-from otaguard.server.storage.sql import open_engine
+from otaguard.server.storage.schema import SCHEMA
 
 __all__ = [
     "ASSIGNMENT_MODES",
@@ -35,7 +34,7 @@ __all__ = [
 #: ``release``: install that version; ``hold``: install nothing
 ASSIGNMENT_MODES: Final = ("release", "hold")
 
-_schema = devices_table.metadata
+_schema = SCHEMA
 assignments_table = Table(
     "director_assignments",
     _schema,
@@ -88,13 +87,13 @@ def _utc(value: dt.datetime) -> dt.datetime:
 class SQLAssignmentStore(AssignmentStore):
     """:class:`AssignmentStore` on any SQLAlchemy 2 database URL."""
 
-    def __init__(self, url: str):
-        """Connect and create the table if missing.
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
-        Raises:
-            ServerStorageError: the database cannot be opened.
+        Args:
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
-        self._engine: Engine = open_engine(url, _schema, what="assignment store")
+        self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"assignment store {what} failed: {e.__class__.__name__}")

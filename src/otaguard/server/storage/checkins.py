@@ -41,7 +41,6 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
 from otaguard.server.storage.devices import devices_table
-from otaguard.server.storage.sql import open_engine
 
 __all__ = ["MAX_OPEN_NONCES_PER_CERT", "SQLCheckinStore"]
 
@@ -66,6 +65,7 @@ nonces_table = Table(
     Column("used_at", DateTime(timezone=True), nullable=True),
     Index("ix_checkin_nonces_expires", "expires_at"),
     Index("ix_checkin_nonces_cert", "cert_serial"),
+    Index("ix_checkin_nonces_serial", "serial"),
 )
 checkins_table = Table(
     "checkins",
@@ -130,13 +130,13 @@ def _checkin(row: Row[Any]) -> CheckinRecord:
 class SQLCheckinStore(CheckinStore):
     """:class:`CheckinStore` on any SQLAlchemy 2 database URL."""
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the tables if missing (the registry's too).
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
-        Raises:
-            ServerStorageError: the database cannot be opened or initialised.
+        Args:
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
-        self._engine: Engine = open_engine(url, _schema, what="check-in store")
+        self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")

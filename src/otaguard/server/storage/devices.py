@@ -8,7 +8,9 @@ Tables::
 
 Enrollment tokens are stored only as their SHA-256; redeeming one is a conditional
 ``UPDATE ... WHERE used_at IS NULL`` inside a transaction, so two concurrent enrollments
-with the same token cannot both succeed.
+with the same token cannot both succeed, whichever server processes they reach. Status
+changes are conditional too (``... WHERE status <> 'revoked'``): a revocation racing a
+release or a certificate issue is never overwritten.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
-    MetaData,
     String,
     Table,
+    case,
     insert,
     select,
     update,
@@ -41,7 +43,7 @@ from otaguard.model.errors import (
     UnknownDeviceError,
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
-from otaguard.server.storage.sql import open_engine
+from otaguard.server.storage.schema import SCHEMA
 
 __all__ = ["MAX_REASON_CHARS", "SQLDeviceStore"]
 
@@ -50,7 +52,7 @@ logger = logging.getLogger(__name__)
 # A reason is a short operator note shown in listings; longer text is a mistake.
 MAX_REASON_CHARS: Final = 500
 
-_schema = MetaData()
+_schema = SCHEMA
 devices_table = Table(
     "devices",
     _schema,
@@ -77,6 +79,7 @@ tokens_table = Table(
     Column("serial", String(64), ForeignKey("devices.serial"), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True), nullable=True),
+    Index("ix_enrollment_tokens_serial", "serial"),
 )
 
 
@@ -88,13 +91,13 @@ def _utc(value: dt.datetime) -> dt.datetime:
 class SQLDeviceStore(DeviceStore):
     """:class:`DeviceStore` on any SQLAlchemy 2 database URL."""
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the registry tables if missing.
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
-        Raises:
-            ServerStorageError: the database cannot be opened or initialised.
+        Args:
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
-        self._engine: Engine = open_engine(url, _schema, what="device registry")
+        self._engine = engine
 
     # -- helpers ---------------------------------------------------------------------
     @staticmethod
@@ -188,14 +191,19 @@ class SQLDeviceStore(DeviceStore):
             raise OperatorError(f"the reason exceeds {MAX_REASON_CHARS} characters")
         try:
             with self._engine.begin() as conn:
-                row = self._row(conn, serial)
-                if row.status == DeviceState.REVOKED.value:
-                    raise OperatorError(f"device {serial!r} is revoked; revocation is final")
-                conn.execute(
+                self._row(conn, serial)
+                # Conditional: a revocation committed by another request (or process)
+                # between a read and this write must win, never be overwritten.
+                changed = conn.execute(
                     update(devices_table)
-                    .where(devices_table.c.serial == serial)
+                    .where(
+                        devices_table.c.serial == serial,
+                        devices_table.c.status != DeviceState.REVOKED.value,
+                    )
                     .values(status=status.value, reason=reason, updated_at=now)
-                )
+                ).rowcount
+                if changed != 1:
+                    raise OperatorError(f"device {serial!r} is revoked; revocation is final")
                 if status is DeviceState.REVOKED:
                     # A revoked device can never enroll again: its open tokens die with it.
                     conn.execute(
@@ -268,17 +276,27 @@ class SQLDeviceStore(DeviceStore):
         """See :meth:`DeviceStore.record_certificate`."""
         try:
             with self._engine.begin() as conn:
-                row = self._row(conn, serial)
+                self._row(conn, serial)
                 conn.execute(
                     insert(certs_table).values(
                         cert_serial=cert_serial, serial=serial, not_after=not_after, issued_at=now
                     )
                 )
-                values: dict[str, Any] = {"updated_at": now}
-                if row.status == DeviceState.REGISTERED.value:
-                    values["status"] = DeviceState.ENROLLED.value
+                # Only a device still registered becomes enrolled, decided by the row as it
+                # is when written: a concurrent quarantine or revocation stays.
                 conn.execute(
-                    update(devices_table).where(devices_table.c.serial == serial).values(**values)
+                    update(devices_table)
+                    .where(devices_table.c.serial == serial)
+                    .values(
+                        updated_at=now,
+                        status=case(
+                            (
+                                devices_table.c.status == DeviceState.REGISTERED.value,
+                                DeviceState.ENROLLED.value,
+                            ),
+                            else_=devices_table.c.status,
+                        ),
+                    )
                 )
         except SQLAlchemyError as e:
             raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e

@@ -42,7 +42,7 @@ from otaguard.server.storage.fleet_base import (
     NameExistsError,
     UnknownNameError,
 )
-from otaguard.server.storage.sql import open_engine
+from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.tags import (
     BUILTIN_GROUP,
     MAX_TAGS_PER_DEVICE,
@@ -55,7 +55,7 @@ __all__ = ["SQLInventoryStore"]
 
 logger = logging.getLogger(__name__)
 
-_schema = devices_table.metadata
+_schema = SCHEMA
 tags_table = Table(
     "device_tags",
     _schema,
@@ -95,13 +95,13 @@ _ALL: GroupRecord = GroupRecord(name=BUILTIN_GROUP, where=None, created_at=None)
 class SQLInventoryStore(InventoryStore):
     """:class:`InventoryStore` on any SQLAlchemy 2 database URL."""
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the tables if missing (the registry's too).
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
-        Raises:
-            ServerStorageError: the database cannot be opened or initialised.
+        Args:
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
-        self._engine: Engine = open_engine(url, _schema, what="inventory")
+        self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"inventory {what} failed: {e.__class__.__name__}")

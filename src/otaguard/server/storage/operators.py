@@ -31,7 +31,6 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from otaguard.model.errors import OperatorError, ServerStorageError
 from otaguard.server.audit_chain import GENESIS, AuditEntry, entry_hash
-from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.fleet_base import (
     AuditStore,
     NameExistsError,
@@ -40,7 +39,7 @@ from otaguard.server.storage.fleet_base import (
     OperatorStore,
     UnknownNameError,
 )
-from otaguard.server.storage.sql import open_engine
+from otaguard.server.storage.schema import SCHEMA
 
 __all__ = ["APPEND_ATTEMPTS", "MAX_AUDIT_TEXT", "SQLAuditStore", "SQLOperatorStore"]
 
@@ -57,7 +56,7 @@ _RETRY_JITTER: Final = 0.02
 # constant; "otaguard audit" in ASCII, 8 bytes).
 _PG_AUDIT_LOCK: Final = int.from_bytes(b"otgaudit", "big") >> 1
 
-_schema = devices_table.metadata
+_schema = SCHEMA
 operators_table = Table(
     "operators",
     _schema,
@@ -103,13 +102,13 @@ def _operator(row: Row[Any]) -> OperatorRecord:
 class SQLOperatorStore(OperatorStore):
     """:class:`OperatorStore` on any SQLAlchemy 2 database URL."""
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the tables if missing.
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
-        Raises:
-            ServerStorageError: the database cannot be opened or initialised.
+        Args:
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
-        self._engine: Engine = open_engine(url, _schema, what="operator store")
+        self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"operator store {what} failed: {e.__class__.__name__}")
@@ -202,16 +201,16 @@ def _entry(row: Row[Any]) -> AuditEntry:
 class SQLAuditStore(AuditStore):
     """:class:`AuditStore` on any SQLAlchemy 2 database URL (append-only)."""
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the tables if missing.
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
-        Raises:
-            ServerStorageError: the database cannot be opened or initialised.
+        Args:
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
         # Serialises appends within this process; across processes the unique
         # prev_hash decides and the loser retries.
         self._lock = threading.Lock()
-        self._engine: Engine = open_engine(url, _schema, what="audit log")
+        self._engine = engine
 
     def append(self, entry: NewAuditEntry, *, now: dt.datetime) -> AuditEntry:
         """See :meth:`AuditStore.append`.

@@ -2,8 +2,9 @@
 
 SQLite is the embedded default (``DATA/otaguard.db``); the same tables work unchanged on
 PostgreSQL (``postgresql+psycopg://...``) because only portable column types are used.
-With :mod:`.devices` (the fleet registry), the only modules of the server that import
-SQLAlchemy.
+With :mod:`.devices` (the fleet registry), :mod:`.checkins`, :mod:`.database` and
+:mod:`.migrate`, the only modules of the server that import SQLAlchemy. The tables are
+created by the migrations (:mod:`.migrate`), never here.
 
 Tables::
 
@@ -17,7 +18,6 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -27,11 +27,8 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     LargeBinary,
-    MetaData,
     String,
     Table,
-    create_engine,
-    event,
     insert,
     select,
     update,
@@ -45,16 +42,16 @@ from otaguard.server.storage.base import (
     MetadataStore,
     PublishOutcome,
 )
+from otaguard.server.storage.database import sqlite_url
+from otaguard.server.storage.schema import SCHEMA
 
-__all__ = ["SQLMetadataStore", "open_engine", "sqlite_pragmas", "sqlite_url"]
+__all__ = ["SQLMetadataStore", "sqlite_url"]
 
 logger = logging.getLogger(__name__)
 
-# Writers wait this long for a SQLite lock before failing with a ServerStorageError.
-SQLITE_BUSY_TIMEOUT_MS: Final = 5000
 TIMESTAMP_POINTER: Final = "timestamp"
 
-_schema = MetaData()
+_schema = SCHEMA
 metadata_table = Table(
     "metadata",
     _schema,
@@ -75,39 +72,6 @@ current_table = Table(
 )
 
 
-def sqlite_url(path: Path) -> str:
-    """Return the SQLAlchemy URL of a SQLite database file."""
-    return f"sqlite+pysqlite:///{Path(path).resolve()}"
-
-
-def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """SQLAlchemy ``connect`` hook: WAL, a busy timeout and foreign keys on SQLite."""
-    cur = dbapi_conn.cursor()
-    try:
-        # WAL lets devices read while a publish writes; foreign keys keep the pointer honest.
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-    finally:
-        cur.close()
-
-
-def open_engine(url: str, schema: MetaData, *, what: str) -> Engine:
-    """Connect to ``url`` (SQLite gets its pragmas) and create ``schema``'s tables if missing.
-
-    Raises:
-        ServerStorageError: the database cannot be opened or initialised; ``what`` names it.
-    """
-    try:
-        engine = create_engine(url)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", sqlite_pragmas)
-        schema.create_all(engine)
-    except SQLAlchemyError as e:
-        raise ServerStorageError(f"cannot open the {what}: {e.__class__.__name__}") from e
-    return engine
-
-
 def _record(row: Row[Any]) -> MetadataRecord:
     return MetadataRecord(
         filename=row.filename,
@@ -121,19 +85,16 @@ def _record(row: Row[Any]) -> MetadataRecord:
 class SQLMetadataStore(MetadataStore):
     """:class:`MetadataStore` on any SQLAlchemy 2 database URL."""
 
-    def __init__(self, url: str):
-        """Connect to ``url`` and create the tables if missing.
+    def __init__(self, engine: Engine):
+        """Use ``engine``, whose schema the migrations made current.
 
         Args:
-            url: SQLAlchemy URL, e.g. :func:`sqlite_url` of ``DATA/otaguard.db``.
-
-        Raises:
-            ServerStorageError: the database cannot be opened or initialised.
+            engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
         # Serialises publishes within this process; across processes the transaction
         # re-checks the pointer (compare-and-swap) and the database's own locks decide.
         self._publish_lock = threading.Lock()
-        self._engine: Engine = open_engine(url, _schema, what="metadata database")
+        self._engine = engine
 
     def _one(self, stmt: Any) -> Row[Any] | None:
         try:
@@ -207,13 +168,22 @@ class SQLMetadataStore(MetadataStore):
                 if moved:
                     values = {"filename": timestamp, "updated_at": now}
                     if expected_timestamp is None:
+                        # A concurrent first publish inserts the same key: IntegrityError.
                         conn.execute(insert(current_table).values(name=TIMESTAMP_POINTER, **values))
                     else:
-                        conn.execute(
+                        # Compare-and-swap in the statement itself: whatever the isolation
+                        # level or engine (SQLite takes no row lock for FOR UPDATE), only a
+                        # pointer still at the expected value moves.
+                        moved_rows = conn.execute(
                             update(current_table)
-                            .where(current_table.c.name == TIMESTAMP_POINTER)
+                            .where(
+                                current_table.c.name == TIMESTAMP_POINTER,
+                                current_table.c.filename == expected_timestamp,
+                            )
                             .values(**values)
-                        )
+                        ).rowcount
+                        if moved_rows != 1:
+                            raise ConflictError("a concurrent publish moved the timestamp; retry")
         except IntegrityError as e:
             # A concurrent writer (another process on the same database) inserted the
             # same filename or the first pointer between our check and our insert.
