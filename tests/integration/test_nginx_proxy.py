@@ -272,7 +272,7 @@ def test_another_cas_certificate_is_refused_by_nginx(proxied: Proxied, tmp_path:
     assert b"The SSL certificate error" in data
     assert "client SSL certificate verify error" in proxied.nginx.error_log
     # nginx's request log holds the reason and the presented subject.
-    line = proxied.nginx.access_log_line('subject="CN=victim"')
+    line = proxied.nginx.access_log_line('subject="CN=victim"', " 400 ")
     assert 'client_verify="FAILED:unable to verify the first certificate"' in line
     assert " 400 " in line
 
