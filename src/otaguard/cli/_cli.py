@@ -693,6 +693,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         add_server_operator_parser,
         fleet_inventory_parsers,
     )
+    from otaguard.cli._rollouts import add_rollout_parsers, release_check_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -791,6 +792,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     lst = rel.add_parser("list", help="list published releases")
     lst.add_argument("repo_dir", type=Path)
     lst.set_defaults(func=_release_list)
+    release_check_parser(rel)
 
     srv = sub.add_parser(
         "server", help="run the update server (HTTPS); 'server init' prepares its data directory"
@@ -959,9 +961,10 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     fas.add_argument(
         "--default",
         action="store_true",
-        help="back to the default: the newest release for the device's hardware id",
+        help="back to the default: security releases and rollouts (channels)",
     )
     add_ops_parsers(sub)
+    add_rollout_parsers(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True

@@ -13,7 +13,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from otaguard.cli._cli import (
     CA_ENV,
@@ -25,24 +25,29 @@ from otaguard.cli._cli import (
     _when,
     out,
 )
+from otaguard.cli._rollouts import fleet_set_parser, group_set_parser
 from otaguard.model.errors import OperatorError
 
 if TYPE_CHECKING:
     from otaguard.server.ops_client import InventoryDevice, OpsClient
+
+C = TypeVar("C", bound="OpsClient")
 
 __all__ = ["add_ops_parsers", "add_server_operator_parser", "fleet_inventory_parsers"]
 
 ROLES = ("viewer", "operator", "release-manager", "admin")
 
 
-def _client(a: argparse.Namespace) -> OpsClient:
+def _client(a: argparse.Namespace, kind: type[C] | None = None) -> C:
+    """A client of the operator API (``kind``: a subclass of ``OpsClient``)."""
     from otaguard.server.ops_client import OpsClient
 
     if not a.server:
         raise OperatorError(f"no server: pass --server URL or set {SERVER_ENV}")
     if a.ca is None and a.server.startswith("https://"):
         raise OperatorError(f"no server CA certificate: pass --ca FILE or set {CA_ENV}")
-    return OpsClient(server_url=a.server, ca_cert=a.ca, token=_operator_token(a))
+    cls = kind or OpsClient
+    return cls(server_url=a.server, ca_cert=a.ca, token=_operator_token(a))  # type: ignore[return-value]
 
 
 def remote_options(p: argparse.ArgumentParser) -> None:
@@ -202,6 +207,7 @@ def fleet_inventory_parsers(fleet: argparse._SubParsersAction[argparse.ArgumentP
     untag.add_argument("keys", nargs="+", metavar="KEY")
     remote_options(untag)
     untag.set_defaults(func=_fleet_tag)
+    fleet_set_parser(fleet)
 
 
 # -- group -------------------------------------------------------------------------------
@@ -316,6 +322,7 @@ def add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     group_cmd("show", "a group and its members")
     group_cmd("list", "list groups")
     group_cmd("delete", "delete a group (its devices stay registered)")
+    group_set_parser(grp)
 
     ops = sub.add_parser("operator", help="operator tokens and roles (admin)").add_subparsers(
         dest="operator_cmd", required=True
