@@ -14,8 +14,6 @@ Reading a rollout's status evaluates it, as the periodic task would: a halt or a
 change is the server's own decision from the devices' reports, not the reader's.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import datetime as dt
 from typing import Annotated, Final, Literal
@@ -89,7 +87,7 @@ class RolloutBody(BaseModel):
     failed: list[FailureBody] | None = None
 
     @classmethod
-    def of(cls, r: Rollout, status: RolloutStatus | None = None) -> RolloutBody:
+    def of(cls, r: Rollout, status: RolloutStatus | None = None) -> "RolloutBody":
         """Build the body of a rollout (with its evaluation, when given)."""
         extra = {}
         if status is not None:
