@@ -452,7 +452,7 @@ def _fleet(a: argparse.Namespace) -> int:
             what = {
                 "release": f"release {version}",
                 "hold": "nothing (hold)",
-                "default": "the newest release for its hardware id (default)",
+                "default": "security releases and rollouts (channels, the default)",
             }.get(mode, mode)
             out.print(f"director: {a.serial} is told to install {what}", markup=False)
             return 0

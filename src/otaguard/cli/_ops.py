@@ -155,7 +155,7 @@ def _fleet_show(a: argparse.Namespace) -> int:
             + {
                 "release": f"assigned release {version}",
                 "hold": "hold (instructs no update)",
-            }.get(mode, "default (newest release for its hardware id)")
+            }.get(mode, "default (security releases and rollouts)")
         )
     _show_checkins(checkins)
     return 0

@@ -186,6 +186,8 @@ class Rollouts:
     def orphans(self) -> list[tuple[DirectorRelease, tuple[str, ...]]]:
         """Served releases naming a hardware id no registered device has."""
         hardware = {d.hardware_id for d in self.inventory.devices.list()}
+        if not hardware:  # no fleet yet: nothing can vanish from it
+            return []
         return orphan_releases(self.releases(), hardware)
 
 
