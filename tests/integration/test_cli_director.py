@@ -43,8 +43,17 @@ def test_by_hand_flow_with_the_director(
     for image, version in (("firmware.img", "1.0.0"), ("firmware-new.img", "1.1.0")):
         code, _, err = run(
             capsys,
-            ["release", "add", "repo", image, "--version", version, "--hardware-id", "gw-v1",
-             *(["--security"] if version == "1.1.0" else [])],  # fmt: skip
+            [
+                "release",
+                "add",
+                "repo",
+                image,
+                "--version",
+                version,
+                "--hardware-id",
+                "gw-v1",
+                *(["--security"] if version == "1.1.0" else []),
+            ],
         )
         assert code == 0, err
 

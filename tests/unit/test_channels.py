@@ -67,6 +67,7 @@ def choose(
     device: DeviceFacts,
     releases: list[DirectorRelease],
     rollouts: tuple[RolloutView, ...] = (),
+    *,
     groups: dict[str, GroupPolicy] | None = None,
     first_seen: dict[str, dt.datetime] | None = None,
     now: dt.datetime = NOW,
@@ -76,8 +77,9 @@ def choose(
         releases=releases,
         rollouts=rollouts,
         groups=groups or {},
-        first_seen=first_seen if first_seen is not None else {r.name: NOW - dt.timedelta(days=30)
-                                                             for r in releases},  # fmt: skip
+        first_seen=first_seen
+        if first_seen is not None
+        else {r.name: NOW - dt.timedelta(days=30) for r in releases},
         now=now,
     )
 
@@ -108,7 +110,9 @@ def test_security_fix_only_on_a_newer_line_is_not_withheld() -> None:
 
 
 def test_security_release_not_newer_than_what_runs_is_not_sent() -> None:
-    assert choose(dev("2.3.1"), [rel("2.3.1", "security"), rel("2.3.0", "security")]).release is None
+    assert (
+        choose(dev("2.3.1"), [rel("2.3.1", "security"), rel("2.3.0", "security")]).release is None
+    )
 
 
 def test_security_prerelease_is_not_on_the_security_channel() -> None:
@@ -117,7 +121,9 @@ def test_security_prerelease_is_not_on_the_security_channel() -> None:
 
 def test_security_release_reaches_feature_opted_out_devices() -> None:
     groups = {"lab": GroupPolicy("lab", no_features=True)}
-    d = choose(dev(groups=("all", "lab"), no_features=True), [rel("2.3.1", "security")], groups=groups)
+    d = choose(
+        dev(groups=("all", "lab"), no_features=True), [rel("2.3.1", "security")], groups=groups
+    )
     assert version_of(d) == "2.3.1"
 
 
@@ -133,7 +139,9 @@ def test_security_delay_postpones_from_first_seen_then_releases() -> None:
 
 def test_a_release_never_seen_before_counts_as_seen_now() -> None:
     groups = {"plant": GroupPolicy("plant", security_delay=dt.timedelta(hours=1))}
-    d = choose(dev(groups=("all", "plant")), [rel("2.3.1", "security")], groups=groups, first_seen={})
+    d = choose(
+        dev(groups=("all", "plant")), [rel("2.3.1", "security")], groups=groups, first_seen={}
+    )
     assert d.release is None
 
 
@@ -143,7 +151,9 @@ def test_the_longest_delay_of_the_devices_groups_applies() -> None:
         "b": GroupPolicy("b", security_delay=dt.timedelta(days=3)),
     }
     seen = {"fw-2.3.1.img": NOW - dt.timedelta(days=1)}
-    d = choose(dev(groups=("all", "a", "b")), [rel("2.3.1", "security")], groups=groups, first_seen=seen)
+    d = choose(
+        dev(groups=("all", "a", "b")), [rel("2.3.1", "security")], groups=groups, first_seen=seen
+    )
     assert d.release is None
 
 
@@ -212,7 +222,9 @@ def test_stopped_rollout_admits_nobody(state: str) -> None:
 
 def test_stopped_rollout_still_lets_security_through() -> None:
     r = ro("2.4.0", state="halted", phase=3)
-    assert version_of(choose(dev(), [rel("2.4.0"), rel("2.3.1", "security")], (view(r),))) == "2.3.1"
+    assert (
+        version_of(choose(dev(), [rel("2.4.0"), rel("2.3.1", "security")], (view(r),))) == "2.3.1"
+    )
 
 
 def test_completed_rollout_admits_every_member() -> None:
@@ -260,7 +272,9 @@ def test_the_newest_candidate_wins() -> None:
     both = [rel("2.4.0"), rel("2.3.1", "security")]
     assert version_of(choose(dev(), both, (view(r),))) == "2.4.0"
     r = ro("2.3.1", state="completed", phase=3)
-    assert version_of(choose(dev(), [rel("2.3.1"), rel("2.3.2", "security")], (view(r),))) == "2.3.2"
+    assert (
+        version_of(choose(dev(), [rel("2.3.1"), rel("2.3.2", "security")], (view(r),))) == "2.3.2"
+    )
 
 
 def test_rollout_window_and_group_windows() -> None:
@@ -298,7 +312,7 @@ def test_recovery_gets_the_newest_final_release() -> None:
     ("changes", "match"),
     [
         ({"phases": ()}, "1 to 10 phases"),
-        ({"phases": tuple(range(1, 12)) + (100,)}, "1 to 10 phases"),
+        ({"phases": (*tuple(range(1, 12)), 100)}, "1 to 10 phases"),
         ({"phases": (10, 1, 100)}, "increasing"),
         ({"phases": (10, 10, 100)}, "increasing"),
         ({"phases": (0, 100)}, "increasing"),
@@ -343,11 +357,21 @@ def test_window_compares_in_utc() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "Mon", "Mon 2:00-3:00", "Xyz 02:00-03:00", "Mon 25:00-03:00", "Mon 02:00-02:00",
-             "Mon 02:60-03:00", "Mon 02:00-24:01", "Mon " + "x" * 80]  # fmt: skip
+    "text",
+    [
+        "",
+        "Mon",
+        "Mon 2:00-3:00",
+        "Xyz 02:00-03:00",
+        "Mon 25:00-03:00",
+        "Mon 02:00-02:00",
+        "Mon 02:60-03:00",
+        "Mon 02:00-24:01",
+        "Mon " + "x" * 80,
+    ],
 )
 def test_invalid_windows_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="window|day|time"):
+    with pytest.raises(ValueError, match=r"window|day|time"):
         Window.parse(text)
 
 
@@ -358,7 +382,10 @@ V = Version.parse("2.4.0")
 def test_install_outcome() -> None:
     assert install_outcome(V, running="2.4.0", last_result={}) == ("success", "")
     failed = {"outcome": "rolled-back", "version": "2.4.0", "error": "health"}
-    assert install_outcome(V, running="2.3.0", last_result=failed) == ("failure", "rolled-back: health")
+    assert install_outcome(V, running="2.3.0", last_result=failed) == (
+        "failure",
+        "rolled-back: health",
+    )
     other = {"outcome": "rolled-back", "version": "2.3.5", "error": "health"}
     assert install_outcome(V, running="2.3.0", last_result=other) == ("pending", "")
     ok = {"outcome": "installed", "version": "2.4.0"}
@@ -398,7 +425,7 @@ def test_failures_above_the_threshold_halt_with_the_devices_and_errors() -> None
     ev = evaluate(r, MEMBERS, _outcomes(ok=9, bad=1, r=r))  # 10% > 5%
     assert ev.rollout.state == "halted" and ev.changed
     assert "1 of 10 admitted failed (10% > 5%)" in ev.rollout.reason
-    assert "rolled-back: health" in ev.rollout.reason and list(ev.failed)[0] in ev.rollout.reason
+    assert "rolled-back: health" in ev.rollout.reason and next(iter(ev.failed)) in ev.rollout.reason
 
 
 def test_failures_at_the_threshold_do_not_halt() -> None:

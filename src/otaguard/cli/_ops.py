@@ -13,7 +13,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from otaguard.cli._cli import (
     CA_ENV,
@@ -31,23 +31,26 @@ from otaguard.model.errors import OperatorError
 if TYPE_CHECKING:
     from otaguard.server.ops_client import InventoryDevice, OpsClient
 
-C = TypeVar("C", bound="OpsClient")
-
 __all__ = ["add_ops_parsers", "add_server_operator_parser", "fleet_inventory_parsers"]
 
 ROLES = ("viewer", "operator", "release-manager", "admin")
 
 
-def _client(a: argparse.Namespace, kind: type[C] | None = None) -> C:
-    """A client of the operator API (``kind``: a subclass of ``OpsClient``)."""
-    from otaguard.server.ops_client import OpsClient
-
+def remote_args(a: argparse.Namespace) -> tuple[str, Path | None, str]:
+    """The server URL, its CA and the operator token of ``--server``, ``--ca`` and
+    ``--token-file`` (or the environment), checked."""
     if not a.server:
         raise OperatorError(f"no server: pass --server URL or set {SERVER_ENV}")
     if a.ca is None and a.server.startswith("https://"):
         raise OperatorError(f"no server CA certificate: pass --ca FILE or set {CA_ENV}")
-    cls = kind or OpsClient
-    return cls(server_url=a.server, ca_cert=a.ca, token=_operator_token(a))  # type: ignore[return-value]
+    return a.server, a.ca, _operator_token(a)
+
+
+def _client(a: argparse.Namespace) -> OpsClient:
+    from otaguard.server.ops_client import OpsClient
+
+    server, ca, token = remote_args(a)
+    return OpsClient(server_url=server, ca_cert=ca, token=token)
 
 
 def remote_options(p: argparse.ArgumentParser) -> None:

@@ -17,10 +17,11 @@ __all__ = ["add_rollout_parsers", "fleet_set_parser", "group_set_parser", "relea
 
 
 def _client(a: argparse.Namespace) -> RolloutClient:
-    from otaguard.cli._ops import _client as ops_client
+    from otaguard.cli._ops import remote_args
     from otaguard.server.rollout_client import RolloutClient
 
-    return ops_client(a, RolloutClient)  # the same checks of --server, --ca and the token
+    server, ca, token = remote_args(a)  # the same checks as every operator command
+    return RolloutClient(server_url=server, ca_cert=ca, token=token)
 
 
 def _phases(text: str) -> list[int]:
@@ -51,7 +52,9 @@ def _duration(text: str) -> int:
 
 
 def _print(r: RolloutInfo) -> None:
-    say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731
+    def say(text: str) -> None:
+        out.print(text, markup=False, highlight=False)
+
     say(
         f"rollout {r.name}: {r.release} to group {r.group}, {r.state}, phase {r.phase}/"
         f"{len(r.phases)} ({r.percent}%; phases {','.join(map(str, r.phases))})"
@@ -120,10 +123,20 @@ def add_rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     create.add_argument(
         "--phases", type=_phases, default=[1, 10, 50, 100], help="percentages (default 1,10,50,100)"
     )
-    create.add_argument("--success-threshold", type=_percent, default=95, metavar="PCT",
-                        help="advance when this %% of admitted devices runs it (default 95)")  # fmt: skip
-    create.add_argument("--failure-threshold", type=_percent, default=5, metavar="PCT",
-                        help="halt when more than this %% of admitted devices failed (default 5)")  # fmt: skip
+    create.add_argument(
+        "--success-threshold",
+        type=_percent,
+        default=95,
+        metavar="PCT",
+        help="advance when this %% of admitted devices runs it (default 95)",
+    )
+    create.add_argument(
+        "--failure-threshold",
+        type=_percent,
+        default=5,
+        metavar="PCT",
+        help="halt when more than this %% of admitted devices failed (default 5)",
+    )
     create.add_argument("--window", metavar="'Mon-Fri 02:00-05:00'", help="UTC install window")
     create.add_argument("--name", metavar="N", help="default: GROUP-VERSION")
     _remote(create)
@@ -173,8 +186,12 @@ def group_set_parser(grp: argparse._SubParsersAction[argparse.ArgumentParser]) -
                       help="opt out of feature releases (never of security releases)")  # fmt: skip
     feat.add_argument("--features", dest="features", action="store_true",
                       help="opt back in to feature releases")  # fmt: skip
-    p.add_argument("--security-delay", type=_duration, metavar="D",
-                   help="postpone security releases by D (e.g. 2d; at most 7d; 0 removes)")  # fmt: skip
+    p.add_argument(
+        "--security-delay",
+        type=_duration,
+        metavar="D",
+        help="postpone security releases by D (e.g. 2d; at most 7d; 0 removes)",
+    )
     win = p.add_mutually_exclusive_group()
     win.add_argument("--window", metavar="'Mon-Fri 02:00-05:00'",
                      help="maintenance window (UTC) for rollouts")  # fmt: skip

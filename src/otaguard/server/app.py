@@ -88,10 +88,10 @@ from otaguard.server.director import Director, load_director_roots, load_directo
 from otaguard.server.director_routes import director_router
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.inventory import Inventory, inventory_router
-from otaguard.server.rollout_routes import rollout_router
-from otaguard.server.rollouts import ChannelPolicy, RolloutEvaluator, Rollouts
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
+from otaguard.server.rollout_routes import rollout_router
+from otaguard.server.rollouts import ChannelPolicy, RolloutEvaluator, Rollouts
 from otaguard.server.settings import ServerSettings
 from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
@@ -105,9 +105,9 @@ from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.inventory import SQLInventoryStore
-from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
+from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.sync import RepoSync
 

@@ -218,15 +218,13 @@ class Decision:
 
 @lru_cache(maxsize=64)
 def _order(name: str, members: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(
-        sorted(members, key=lambda s: hashlib.sha256(f"{name}\0{s}".encode()).digest())
-    )
+    return tuple(sorted(members, key=lambda s: hashlib.sha256(f"{name}\0{s}".encode()).digest()))
 
 
 def admitted(rollout: Rollout, members: Sequence[str]) -> frozenset[str]:
     """The members the rollout's current phase admits.
 
-    The first ``ceil(percent × members / 100)`` in the order of SHA-256(name, serial):
+    The first ``ceil(percent x members / 100)`` in the order of SHA-256(name, serial):
     deterministic (every server process agrees, a later phase keeps the earlier ones)
     and spread (not the lowest serials, which are often one batch or one site).
     A paused, halted or cancelled rollout still reports whom it had admitted.
@@ -241,13 +239,13 @@ def _is_feature(r: DirectorRelease) -> bool:
 
 def _security(
     device: DeviceFacts,
+    running: Version,
     mine: Sequence[DirectorRelease],
+    *,
     groups: Mapping[str, GroupPolicy],
     first_seen: Mapping[str, dt.datetime],
     now: dt.datetime,
 ) -> tuple[DirectorRelease | None, str | None]:
-    running = device.running
-    assert running is not None
     fixes = [r for r in mine if not _is_feature(r) and r.info.version > running]
     own = [r for r in fixes if (r.info.version.major, r.info.version.minor)
            == (running.major, running.minor)]  # fmt: skip
@@ -273,13 +271,13 @@ def _windows_open(
 
 def _from_rollouts(
     device: DeviceFacts,
+    running: Version,
     mine: Sequence[DirectorRelease],
+    *,
     rollouts: Iterable[RolloutView],
     groups: Mapping[str, GroupPolicy],
     now: dt.datetime,
 ) -> tuple[list[tuple[DirectorRelease, str]], list[str]]:
-    running = device.running
-    assert running is not None
     opted_out = device.no_features or any(
         groups[g].no_features for g in device.groups if g in groups
     )
@@ -293,7 +291,9 @@ def _from_rollouts(
         if r.state not in ("active", "completed"):
             notes.append(f"rollout {r.name} is {r.state}")
         elif device.serial not in admitted(r, view.members):
-            notes.append(f"not yet admitted to rollout {r.name} (phase {r.phase + 1}: {r.percent}%)")
+            notes.append(
+                f"not yet admitted to rollout {r.name} (phase {r.phase + 1}: {r.percent}%)"
+            )
         elif opted_out and _is_feature(rel):
             notes.append(f"opted out of feature releases (rollout {r.name})")
         elif (closed := _windows_open(r, device, groups, now)) is not None:
@@ -301,6 +301,17 @@ def _from_rollouts(
         else:
             found.append((rel, f"rollout {r.name} phase {r.phase + 1}/{len(r.phases)}"))
     return found, notes
+
+
+def _assigned(a: Assignment, running: Version | None, mine: Sequence[DirectorRelease]) -> Decision:
+    if a.mode == "hold":
+        return Decision(None, "held by an operator assignment")
+    chosen = next((r for r in mine if str(r.info.version) == a.version), None)
+    if chosen is None:
+        return Decision(None, f"assigned {a.version}, which is not served for this hardware")
+    if running is not None and chosen.info.version <= running:
+        return Decision(None, f"assigned {a.version}, not newer than what runs")
+    return Decision(chosen, f"assigned {a.version} by an operator")
 
 
 def decide(
@@ -324,25 +335,18 @@ def decide(
         now: the reference time.
     """
     mine = [r for r in releases if device.hardware_id in r.info.hardware_ids]
-    a, running = device.assignment, device.running
-    if a is not None and a.mode == "hold":
-        return Decision(None, "held by an operator assignment")
-    if a is not None:
-        chosen = next((r for r in mine if str(r.info.version) == a.version), None)
-        if chosen is None:
-            return Decision(None, f"assigned {a.version}, which is not served for this hardware")
-        if running is not None and chosen.info.version <= running:
-            return Decision(None, f"assigned {a.version}, not newer than what runs")
-        return Decision(chosen, f"assigned {a.version} by an operator")
+    running = device.running
+    if device.assignment is not None:
+        return _assigned(device.assignment, running, mine)
     if running is None:
         final = [r for r in mine if not r.info.version.prerelease]
         best = max(final, key=lambda r: r.info.version, default=None)
         return Decision(best, "recovery: the newest release" if best else "recovery: no release")
     candidates: list[tuple[DirectorRelease, str]] = []
-    security, held = _security(device, mine, groups, first_seen, now)
+    security, held = _security(device, running, mine, groups=groups, first_seen=first_seen, now=now)
     if security is not None:
         candidates.append((security, f"security release {security.info.version}"))
-    found, notes = _from_rollouts(device, mine, rollouts, groups, now)
+    found, notes = _from_rollouts(device, running, mine, rollouts=rollouts, groups=groups, now=now)
     candidates.extend(found)
     if held is not None:
         notes.insert(0, held)

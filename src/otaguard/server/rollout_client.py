@@ -20,7 +20,7 @@ __all__ = ["GroupChannels", "OrphanRelease", "RolloutClient", "RolloutInfo"]
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("expected an integer")
-    return value
+    return int(value)
 
 
 def _opt_int(value: Any) -> int | None:

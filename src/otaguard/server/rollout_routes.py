@@ -89,16 +89,7 @@ class RolloutBody(BaseModel):
     @classmethod
     def of(cls, r: Rollout, status: RolloutStatus | None = None) -> "RolloutBody":
         """Build the body of a rollout (with its evaluation, when given)."""
-        extra = {}
-        if status is not None:
-            ev = status.evaluation
-            extra = {
-                "members": status.members,
-                "admitted": ev.admitted,
-                "succeeded": ev.succeeded,
-                "failed": [FailureBody(serial=s, error=e) for s, e in ev.failed.items()],
-            }
-        return cls(
+        body = cls(
             name=r.name,
             release=str(r.version),
             group=r.group,
@@ -110,8 +101,14 @@ class RolloutBody(BaseModel):
             success_threshold=r.success_threshold,
             failure_threshold=r.failure_threshold,
             window=r.window.text if r.window else None,
-            **extra,
         )
+        if status is not None:
+            ev = status.evaluation
+            body.members = status.members
+            body.admitted = ev.admitted
+            body.succeeded = ev.succeeded
+            body.failed = [FailureBody(serial=s, error=e) for s, e in ev.failed.items()]
+        return body
 
 
 class GroupChannelsRequest(BaseModel):
@@ -163,7 +160,7 @@ def _window(text: str | None) -> Window | None:
         raise OperatorError(str(e)) from e
 
 
-def rollout_router(rollouts: Rollouts | None, auth: OperatorAuth) -> APIRouter:  # noqa: C901, PLR0915 - one router
+def rollout_router(rollouts: Rollouts | None, auth: OperatorAuth) -> APIRouter:
     """The rollout and channel routes (``rollouts`` ``None``: no director; they say so)."""
     router = APIRouter(tags=["rollouts"])
 
@@ -171,6 +168,7 @@ def rollout_router(rollouts: Rollouts | None, auth: OperatorAuth) -> APIRouter: 
         if rollouts is None:
             raise OperatorError("this server runs no director (start it with --director DIR)")
         return rollouts
+
     name_param = PathParam(description="rollout name", pattern=_NAME)
     group_param = PathParam(description="group name", pattern=_NAME)
     serial_param = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
@@ -240,7 +238,7 @@ def rollout_router(rollouts: Rollouts | None, auth: OperatorAuth) -> APIRouter: 
         }[action]
 
     for action in ("pause", "resume", "cancel"):
-        _action(action)  # type: ignore[arg-type]
+        _action(action)
 
     @router.put(
         "/api/v1/groups/{name}/channels",

@@ -16,6 +16,7 @@ server processes evaluating one rollout never undo each other's halt.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -224,7 +225,7 @@ class SQLRolloutStore(RolloutStore):
             raise self._fail(e, "write") from e
         return bool(res.rowcount)
 
-    def _settings(self, scope: str) -> list[Row[Any]]:
+    def _settings(self, scope: str) -> builtins.list[Row[Any]]:
         t = channel_settings_table
         try:
             with self._engine.connect() as conn:
@@ -280,9 +281,7 @@ class SQLRolloutStore(RolloutStore):
 
     def set_device_no_features(self, serial: str, no_features: bool) -> None:
         """See :meth:`RolloutStore.set_device_no_features`."""
-        self._put(
-            "device", serial, no_features=no_features, security_delay_seconds=0, window=None
-        )
+        self._put("device", serial, no_features=no_features, security_delay_seconds=0, window=None)
 
     def first_seen(self, targets: Iterable[str], *, now: dt.datetime) -> dict[str, dt.datetime]:
         """See :meth:`RolloutStore.first_seen`."""
