@@ -264,6 +264,7 @@ def _server(a: argparse.Namespace) -> int:
             manufacturer_ca=a.manufacturer_ca,
             director_dir=a.director,
             director_key_uri=a.director_key_uri,
+            rollout_interval=a.rollout_interval,
             database_url=a.database_url or None,
         )
     except ValueError as e:
@@ -872,6 +873,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         metavar="URI",
         help="signer URI of the director key (e.g. an HSM's; public key in "
         "DATA/director-key.pub.json); default: the file key in DATA (warns)",
+    )
+    srv.add_argument(
+        "--rollout-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between evaluations of active rollouts (phase advance, automatic "
+        "halt) besides those at check-ins; default 5",
     )
     env_db = os.environ.get(DATABASE_URL_ENV)
     db_help = (
