@@ -137,6 +137,14 @@ def test_security_delay_postpones_from_first_seen_then_releases() -> None:
     assert version_of(choose(device, [rel("2.3.1", "security")], groups=groups, first_seen=seen))
 
 
+def test_an_older_due_fix_is_not_held_back_by_a_newer_postponed_one() -> None:
+    groups = {"plant": GroupPolicy("plant", security_delay=dt.timedelta(days=2))}
+    seen = {"fw-2.3.1.img": NOW - dt.timedelta(days=3), "fw-2.3.2.img": NOW}
+    releases = [rel("2.3.1", "security"), rel("2.3.2", "security")]
+    d = choose(dev(groups=("all", "plant")), releases, groups=groups, first_seen=seen)
+    assert version_of(d) == "2.3.1"
+
+
 def test_a_release_never_seen_before_counts_as_seen_now() -> None:
     groups = {"plant": GroupPolicy("plant", security_delay=dt.timedelta(hours=1))}
     d = choose(

@@ -249,16 +249,19 @@ def _security(
     fixes = [r for r in mine if not _is_feature(r) and r.info.version > running]
     own = [r for r in fixes if (r.info.version.major, r.info.version.minor)
            == (running.major, running.minor)]  # fmt: skip
-    best = max(own or fixes, key=lambda r: r.info.version, default=None)
-    if best is None:
-        return None, None
     delay = max(
         (groups[g].security_delay for g in device.groups if g in groups), default=dt.timedelta()
     )
-    due = first_seen.get(best.name, now) + delay
-    if now < due:
-        return None, f"security {best.info.version} postponed until {due.isoformat()}"
-    return best, None
+    # the newest fix whose postponement is over (an older due fix is not held back by a
+    # newer one that is still postponed)
+    ready = [r for r in own or fixes if first_seen.get(r.name, now) + delay <= now]
+    best = max(ready, key=lambda r: r.info.version, default=None)
+    waiting = max(own or fixes, key=lambda r: r.info.version, default=None)
+    note = None
+    if waiting is not None and waiting is not best:
+        until = first_seen.get(waiting.name, now) + delay
+        note = f"security {waiting.info.version} postponed until {until.isoformat()}"
+    return best, note
 
 
 def _windows_open(
