@@ -341,3 +341,50 @@ def test_rollout_info_parses_strictly() -> None:
 
     with pytest.raises(TransportError, match="rollout answer is malformed"):
         RolloutInfo.parse({"name": 1})
+
+
+def test_a_failure_report_halts_the_rollout_at_that_check_in(tmp_path: Path) -> None:
+    """No periodic evaluation in time (an hour apart), no status read (it evaluates):
+    the failing device's own next check-in halts the rollout before the director answers."""
+    w = start_world(tmp_path, director=True, rollout_interval=3600)
+    try:
+        w.release("1.0.0")
+        devs = _fleet(w, 2)
+        _unhealthy(w, "1.1.0")
+        w.release("1.1.0")
+        with _client(w) as c:
+            c.create_rollout(release="1.1.0", group="all", phases=[50, 100],
+                             success_threshold=95, failure_threshold=5, name="r")  # fmt: skip
+        _round(devs)  # the admitted device installs, fails its health check, rolls back
+        with _client(w) as c:
+            assert [r.state for r in c.rollouts()] == ["active"]  # not reported yet
+        _round(devs)  # its check-in reports the rolled-back install
+        with _client(w) as c:
+            (listed,) = c.rollouts()
+        assert listed.state == "halted" and "rolled-back" in listed.reason
+    finally:
+        w.server.stop()
+
+
+def test_the_periodic_task_advances_a_phase_nobody_reports_on(rworld: World) -> None:
+    """Success reported while paused; after resume no device checks in and nobody reads
+    the status: the server's periodic evaluation advances the phase by itself."""
+    import time
+
+    devs = _fleet(rworld, 2)
+    rworld.release("1.1.0")
+    with _client(rworld) as c:
+        c.create_rollout(release="1.1.0", group="all", phases=[50, 100],
+                         success_threshold=95, failure_threshold=5, name="r")  # fmt: skip
+    _round(devs)  # the admitted device installs
+    with _client(rworld) as c:
+        c.rollout_action("r", "pause")
+    _round(devs)  # it reports success; paused: nothing changes
+    with _client(rworld) as c:
+        assert c.rollout_action("r", "resume").phase == 1
+        for _ in range(50):
+            (listed,) = c.rollouts()
+            if listed.phase == 2:
+                break
+            time.sleep(0.1)
+    assert (listed.state, listed.phase) == ("active", 2)
