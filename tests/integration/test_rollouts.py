@@ -12,29 +12,40 @@ import datetime as dt
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from conftest import HW, World, start_world
+from db_support import ENGINES, fresh_database
 from otaguard.agent import Device
 from otaguard.model.errors import AccessDeniedError, OperatorError
 from otaguard.model.version import Version
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollout_client import RolloutClient, RolloutInfo
+from otaguard.server.storage import upgrade_database
 from otaguard.server.storage.fleet_base import UnknownNameError
 from otaguard.sim import make_image
 
 
 @pytest.fixture
-def rworld(tmp_path: Path) -> Iterator[World]:
-    """A world whose server runs a director, evaluating rollouts every 0.2 s; 1.0.0 out."""
-    w = start_world(tmp_path, director=True, rollout_interval=0.2)
-    try:
+def rworld(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """A world whose server runs a director, evaluating rollouts every 0.2 s; 1.0.0 out.
+
+    On the embedded SQLite database; a test marked
+    ``@pytest.mark.parametrize("rworld", ENGINES, indirect=True)`` runs on PostgreSQL too.
+    """
+    engine = getattr(request, "param", "sqlite")
+    with ExitStack() as stack:
+        url = None
+        if engine != "sqlite":
+            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
+            upgrade_database(url)
+        w = start_world(tmp_path, director=True, rollout_interval=0.2, database_url=url)
+        stack.callback(w.server.stop)
         w.release("1.0.0")
         yield w
-    finally:
-        w.server.stop()
 
 
 def _client(w: World, token: str | None = None) -> RolloutClient:
@@ -105,6 +116,7 @@ def test_a_four_phase_rollout_advances_to_completion(rworld: World) -> None:
     assert final.succeeded == final.admitted == 10
 
 
+@pytest.mark.parametrize("rworld", ENGINES, indirect=True)
 def test_a_failing_rollout_halts_by_itself_and_the_rest_stays(rworld: World) -> None:
     """An image failing its health check: the first admitted device rolls back, reports it,
     and the rollout halts in phase 1, naming the device and its error; the untouched
@@ -186,6 +198,7 @@ def test_security_delay_postpones_a_group_and_windows_make_rollouts_wait(rworld:
     assert _round(devs)["d01"] == "1.1.0"
 
 
+@pytest.mark.parametrize("rworld", ENGINES, indirect=True)
 def test_pause_resume_cancel(rworld: World) -> None:
     devs = _fleet(rworld, 2)
     rworld.release("1.1.0")
