@@ -43,7 +43,17 @@ def test_by_hand_flow_with_the_director(
     for image, version in (("firmware.img", "1.0.0"), ("firmware-new.img", "1.1.0")):
         code, _, err = run(
             capsys,
-            ["release", "add", "repo", image, "--version", version, "--hardware-id", "gw-v1"],
+            [
+                "release",
+                "add",
+                "repo",
+                image,
+                "--version",
+                version,
+                "--hardware-id",
+                "gw-v1",
+                *(["--security"] if version == "1.1.0" else []),
+            ],
         )
         assert code == 0, err
 
@@ -87,7 +97,7 @@ def test_by_hand_flow_with_the_director(
         code, out, err = run(capsys, ["agent", "dev1", "status"])
         assert "1.0.0" in out and "1.1.0" not in out
         code, out, err = run(capsys, ["fleet", "assign", "dev1", "--default", *fleet_opts])
-        assert code == 0 and "newest release" in out
+        assert code == 0 and "security releases and rollouts" in out
         code, out, err = run(capsys, ["agent", "dev1", "update"])
         assert code == 0, err
         assert "1.1.0" in out

@@ -62,10 +62,10 @@ def _attacker(w: World) -> CompromisedDirector:
 
 
 def test_update_driven_by_the_director(dworld: World) -> None:
-    """Default policy: the newest release for the hardware id, installed end to end."""
+    """A security release goes out without a rollout (ADR 0011), installed end to end."""
     dev = dworld.device("d1")
     assert dev.has_director
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     result = dev.update()
     assert (result.outcome, result.to_version) == ("updated", "1.1.0")
     assert _running(dev) == "1.1.0"
@@ -89,7 +89,7 @@ def test_device_told_none_stays(dworld: World) -> None:
     dev = dworld.device("d1")
     with _fleet(dworld) as f:
         assert f.assign("d1", version=None, hold=True) == ("hold", "")
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     assert dev.update().outcome == "up-to-date"
     assert _running(dev) == "1.0.0"
     with _fleet(dworld) as f:
@@ -190,7 +190,7 @@ def test_replayed_instruction_of_an_earlier_checkin_is_refused(dworld: World) ->
 
 def test_instruction_for_another_device_is_refused(dworld: World) -> None:
     dev1, dev2 = dworld.device("d1"), dworld.device("d2")
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     attacker = _attacker(dworld)
     attacker.watch()
     assert dev1.update().to_version == "1.1.0"
@@ -288,7 +288,7 @@ def test_forged_image_is_reported_and_surfaced_in_the_server_log(
     from otaguard.sim.attacks import CompromisedServer
 
     dev = dworld.device("d1")
-    rel = dworld.release("1.1.0")
+    rel = dworld.release("1.1.0", security=True)
     attacker = CompromisedServer(dworld.server.data_dir)
     try:
         attacker.tamper_blob(rel.path)
@@ -359,7 +359,7 @@ def test_director_root_rotation_is_served_and_followed(
     rogue.sign(CryptoSigner.generate_ed25519())
     (meta / "3.root.json").write_bytes(rogue.to_bytes())
 
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     assert dev.update().to_version == "1.1.0"
     trusted = Metadata[Root].from_bytes(dev.paths.director_root.read_bytes())
     assert trusted.signed.version == 2

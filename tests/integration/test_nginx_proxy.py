@@ -466,7 +466,7 @@ def test_an_update_driven_by_the_director_through_nginx(proxied: Proxied) -> Non
     """Production topology: the check-in (with the director's instruction in its answer),
     metadata and image all pass nginx; the device installs what the director instructs."""
     dev = proxied.device("directed", director_root=proxied.world.director_root)
-    proxied.world.release("1.9.0")
+    proxied.world.release("1.9.0", security=True)
     result = dev.update()
     assert (result.outcome, result.to_version) == ("updated", "1.9.0")
     line = proxied.nginx.access_log_line("/api/v1/device/checkin", "CN=directed")

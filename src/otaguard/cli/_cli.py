@@ -264,6 +264,7 @@ def _server(a: argparse.Namespace) -> int:
             manufacturer_ca=a.manufacturer_ca,
             director_dir=a.director,
             director_key_uri=a.director_key_uri,
+            rollout_interval=a.rollout_interval,
             database_url=a.database_url or None,
         )
     except ValueError as e:
@@ -452,7 +453,7 @@ def _fleet(a: argparse.Namespace) -> int:
             what = {
                 "release": f"release {version}",
                 "hold": "nothing (hold)",
-                "default": "the newest release for its hardware id (default)",
+                "default": "security releases and rollouts (channels, the default)",
             }.get(mode, mode)
             out.print(f"director: {a.serial} is told to install {what}", markup=False)
             return 0
@@ -693,6 +694,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         add_server_operator_parser,
         fleet_inventory_parsers,
     )
+    from otaguard.cli._rollouts import add_rollout_parsers, release_check_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -791,6 +793,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     lst = rel.add_parser("list", help="list published releases")
     lst.add_argument("repo_dir", type=Path)
     lst.set_defaults(func=_release_list)
+    release_check_parser(rel)
 
     srv = sub.add_parser(
         "server", help="run the update server (HTTPS); 'server init' prepares its data directory"
@@ -870,6 +873,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         metavar="URI",
         help="signer URI of the director key (e.g. an HSM's; public key in "
         "DATA/director-key.pub.json); default: the file key in DATA (warns)",
+    )
+    srv.add_argument(
+        "--rollout-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between evaluations of active rollouts (phase advance, automatic "
+        "halt) besides those at check-ins; default 5",
     )
     env_db = os.environ.get(DATABASE_URL_ENV)
     db_help = (
@@ -959,9 +970,10 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     fas.add_argument(
         "--default",
         action="store_true",
-        help="back to the default: the newest release for the device's hardware id",
+        help="back to the default: security releases and rollouts (channels)",
     )
     add_ops_parsers(sub)
+    add_rollout_parsers(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True

@@ -25,6 +25,7 @@ from otaguard.cli._cli import (
     _when,
     out,
 )
+from otaguard.cli._rollouts import fleet_set_parser, group_set_parser
 from otaguard.model.errors import OperatorError
 
 if TYPE_CHECKING:
@@ -35,14 +36,21 @@ __all__ = ["add_ops_parsers", "add_server_operator_parser", "fleet_inventory_par
 ROLES = ("viewer", "operator", "release-manager", "admin")
 
 
-def _client(a: argparse.Namespace) -> OpsClient:
-    from otaguard.server.ops_client import OpsClient
-
+def remote_args(a: argparse.Namespace) -> tuple[str, Path | None, str]:
+    """The server URL, its CA and the operator token of ``--server``, ``--ca`` and
+    ``--token-file`` (or the environment), checked."""
     if not a.server:
         raise OperatorError(f"no server: pass --server URL or set {SERVER_ENV}")
     if a.ca is None and a.server.startswith("https://"):
         raise OperatorError(f"no server CA certificate: pass --ca FILE or set {CA_ENV}")
-    return OpsClient(server_url=a.server, ca_cert=a.ca, token=_operator_token(a))
+    return a.server, a.ca, _operator_token(a)
+
+
+def _client(a: argparse.Namespace) -> OpsClient:
+    from otaguard.server.ops_client import OpsClient
+
+    server, ca, token = remote_args(a)
+    return OpsClient(server_url=server, ca_cert=ca, token=token)
 
 
 def remote_options(p: argparse.ArgumentParser) -> None:
@@ -150,7 +158,7 @@ def _fleet_show(a: argparse.Namespace) -> int:
             + {
                 "release": f"assigned release {version}",
                 "hold": "hold (instructs no update)",
-            }.get(mode, "default (newest release for its hardware id)")
+            }.get(mode, "default (security releases and rollouts)")
         )
     _show_checkins(checkins)
     return 0
@@ -202,6 +210,7 @@ def fleet_inventory_parsers(fleet: argparse._SubParsersAction[argparse.ArgumentP
     untag.add_argument("keys", nargs="+", metavar="KEY")
     remote_options(untag)
     untag.set_defaults(func=_fleet_tag)
+    fleet_set_parser(fleet)
 
 
 # -- group -------------------------------------------------------------------------------
@@ -316,6 +325,7 @@ def add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     group_cmd("show", "a group and its members")
     group_cmd("list", "list groups")
     group_cmd("delete", "delete a group (its devices stay registered)")
+    group_set_parser(grp)
 
     ops = sub.add_parser("operator", help="operator tokens and roles (admin)").add_subparsers(
         dest="operator_cmd", required=True

@@ -90,6 +90,8 @@ from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.inventory import Inventory, inventory_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
+from otaguard.server.rollout_routes import rollout_router
+from otaguard.server.rollouts import ChannelPolicy, RolloutEvaluator, Rollouts
 from otaguard.server.settings import ServerSettings
 from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
@@ -105,6 +107,7 @@ from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.inventory import SQLInventoryStore
 from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
+from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.sync import RepoSync
 
@@ -148,6 +151,11 @@ TAGS: Final = [
         "name": "groups",
         "description": "Device groups: the built-in 'all', static lists of serials and "
         "dynamic tag filters (reads: viewer; changes: operator).",
+    },
+    {
+        "name": "rollouts",
+        "description": "Staged rollouts (phases, thresholds, automatic halt), channel "
+        "settings of groups and devices, releases for unknown hardware (ADR 0011).",
     },
     {
         "name": "operators",
@@ -628,6 +636,17 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     operator_store = SQLOperatorStore(engine)
     audit_store = SQLAuditStore(engine)
     inventory = Inventory(devices=devices, checkins=checkin_store, store=SQLInventoryStore(engine))
+    rollouts: Rollouts | None = None
+    evaluator: RolloutEvaluator | None = None
+    if director is not None:
+        rollouts = Rollouts(
+            store=SQLRolloutStore(engine),
+            inventory=inventory,
+            releases=director.releases,
+            clock=clock,
+        )
+        director.policy = ChannelPolicy(rollouts=rollouts)
+        evaluator = RolloutEvaluator(rollouts, interval=settings.rollout_interval)
     auth = OperatorAuth(bootstrap_token=token, operators=operator_store)
     checkins = CheckinServices(
         checkins=checkin_store, devices=devices, metadata=store, clock=clock, director=director
@@ -664,9 +683,13 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         await run_in_threadpool(resign.start)
         if sync is not None:
             await run_in_threadpool(sync.start)
+        if evaluator is not None:
+            await run_in_threadpool(evaluator.start)
         try:
             yield
         finally:
+            if evaluator is not None:
+                await run_in_threadpool(evaluator.stop)
             if sync is not None:
                 await run_in_threadpool(sync.stop)
             await run_in_threadpool(resign.stop)
@@ -692,6 +715,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.state.operators = operator_store
     app.state.audit = audit_store
     app.state.inventory = inventory
+    app.state.rollouts = rollouts
     _install_error_handlers(app)
     app.add_middleware(AuditMiddleware, audit=audit_store, clock=clock)
 
@@ -717,6 +741,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(groups_routes)
     app.include_router(annotate_roles(checkins_router(checkins, auth.require(Role.VIEWER))))
     app.include_router(director_router(director, gate=gate, devices=devices, auth=auth))
+    app.include_router(rollout_router(rollouts, auth))
     app.include_router(operators_router(auth, operator_store, clock))
     app.include_router(audit_router(auth, audit_store))
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))

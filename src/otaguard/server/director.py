@@ -9,10 +9,10 @@ naming the one image this device should install, or none, bound to the manifest'
 nonce (:mod:`otaguard.model.director`). The device verifies it and that the image
 repository lists the same image identically (:mod:`otaguard.agent.director`).
 
-What to install is decided by :func:`choose_release`, a small pure policy: an operator
-assignment (``otaguard fleet assign``: a version, or hold), else the newest release for
-the device's hardware id; never something not newer than what runs. Rollouts and
-channels replace this function, not the signing around it.
+What to install is decided by a :class:`Policy`: the server runs the channel and rollout
+policy (:mod:`.channels`, :mod:`.rollouts`, ADR 0011); :func:`choose_release` is the
+simpler one without channels (an operator assignment, else the newest release for the
+device's hardware id). Either replaces only the choice, not the signing around it.
 
 Each answer carries its own nonce, so each is signed (Ed25519: tens of microseconds);
 the parsed release list is shared and rebuilt only when a new targets version is
@@ -84,6 +84,7 @@ class Policy(Protocol):
     def __call__(
         self,
         *,
+        serial: str,
         hardware_id: str,
         running: Version | None,
         assignment: Assignment | None,
@@ -94,12 +95,15 @@ class Policy(Protocol):
 
 def choose_release(
     *,
+    serial: str = "",
     hardware_id: str,
     running: Version | None,
     assignment: Assignment | None,
     releases: Sequence[DirectorRelease],
 ) -> DirectorRelease | None:
-    """The default policy. Pure: every input is passed in.
+    """The policy without channels (the server runs :mod:`.channels`). Pure.
+
+    ``serial`` is unused (the channel policy needs it).
 
     A ``hold`` assignment: nothing. A ``release`` assignment: that version, if the image
     repository serves it for this hardware. No assignment: the newest release for this
@@ -350,6 +354,7 @@ class Director:
             except ValueError:
                 running = None
         release = self.policy(
+            serial=serial,
             hardware_id=hardware_id,
             running=running,
             assignment=self.assignments.get(serial),

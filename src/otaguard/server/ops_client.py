@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import quote, urlencode
 
 from otaguard.model.errors import (
@@ -211,7 +211,7 @@ class OpsClient:
         """Close the connections."""
         self._pool.clear()
 
-    def __enter__(self) -> OpsClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -121,6 +121,8 @@ class ServerSettings:
         director_key_uri: signer URI of the director key (its public key in
             ``data_dir/director-key.pub.json``); ``None`` uses the file key the server
             creates in ``data_dir`` (warns).
+        rollout_interval: seconds between evaluations of the active rollouts (phase
+            advance, automatic halt) besides those at check-ins (ADR 0011).
     """
 
     data_dir: Path
@@ -144,6 +146,7 @@ class ServerSettings:
     manufacturer_ca: Path | None = None
     director_dir: Path | None = None
     director_key_uri: str | None = None
+    rollout_interval: float = 5.0
 
     def __post_init__(self) -> None:
         parse_trusted_proxies(self.trusted_proxies)
@@ -151,6 +154,8 @@ class ServerSettings:
             raise ValueError(f"port {self.port} out of range")
         if not self.sync_interval > 0:
             raise ValueError("sync_interval must be positive")
+        if not self.rollout_interval > 0:
+            raise ValueError("rollout_interval must be positive")
         if not self.host:
             raise ValueError("host must not be empty")
         for name in ("timestamp_expiry", "snapshot_expiry"):

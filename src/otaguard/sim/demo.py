@@ -1,4 +1,5 @@
-"""``otaguard demo``: a rollout through the director, then eight attacks, all refused."""
+"""``otaguard demo``: an update through the director, staged rollouts (completion and an
+automatic halt), then eight attacks, all refused."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
 from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
+from otaguard.sim.rollout_demo import staged_rollouts
 from otaguard.sim.softtpm import SoftTpmPool, softtpm_missing
 
 __all__ = ["run_demo"]
@@ -402,13 +404,19 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
                 console.print(f"[red]{r.name}: {r.error.diagnostics()}")
         console.print(f"{updated}/{count} devices run 1.1.0")
 
+        step("5b. Staged rollouts: 4 phases to completion, then an automatic halt")
+        staged = staged_rollouts(
+            console, work / "sensors", server=server, repo=repo, director_root=director_root
+        )
+
         outcomes: list[AttackOutcome] = []
         # (e) needs the honest 1.1.0 still served for recovery: performed first, listed last.
         slot_attack = _corrupt_running_slots(console, fleet)
         step("6a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
         v120 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.2.0")
+        # security: the director instructs it at once (a feature would wait for a rollout)
         rel120 = repo.add_release(
-            v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
+            v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
         )
         wait_served(server, repo)
         attacker.tamper_blob(rel120.path)
@@ -487,6 +495,16 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         "[green]pass[/green]" if rollout_ok else "[red]FAIL[/red]",
         f"{updated}/{count} devices updated",
     )
+    table.add_row(
+        "staged rollout (4 phases, sensors)",
+        "[green]pass[/green]" if staged.completed else "[red]FAIL[/red]",
+        staged.completed_detail,
+    )
+    table.add_row(
+        "rollout of an unhealthy image",
+        "[green]halted[/green]" if staged.halted else "[red]FAIL[/red]",
+        staged.halted_detail,
+    )
     for o in outcomes:
         table.add_row(
             o.name,
@@ -495,9 +513,10 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         )
     console.print(table)
     refused = sum(o.ok for o in outcomes)
-    ok = rollout_ok and refused == len(outcomes) == ATTACKS
+    ok = rollout_ok and staged.completed and staged.halted and refused == len(outcomes) == ATTACKS
     console.print(
         f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated, "
-        f"{refused}/{ATTACKS} attacks refused"
+        f"staged rollout {'completed' if staged.completed else 'FAILED'}, unhealthy rollout "
+        f"{'halted' if staged.halted else 'NOT HALTED'}, {refused}/{ATTACKS} attacks refused"
     )
     return ok

@@ -29,6 +29,7 @@ TABLE_MODULES: Final = (
     "otaguard.server.storage.assignments",
     "otaguard.server.storage.operators",
     "otaguard.server.storage.inventory",
+    "otaguard.server.storage.rollouts",
 )
 
 

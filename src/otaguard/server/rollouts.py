@@ -1,0 +1,290 @@
+"""The channel and rollout policy at work: stores in, :func:`~.channels.decide` out.
+
+:class:`ChannelPolicy` is the director's :class:`~.director.Policy` on the server: at each
+check-in it gathers the device's groups, opt-out and assignment, the rollouts with their
+members and the groups' settings, and asks the pure :func:`~.channels.decide`.
+:class:`Rollouts` creates, pauses, resumes and cancels rollouts, and evaluates them
+(:func:`~.channels.evaluate`) from what the devices' last signed manifests say: at the
+check-in of a device that reports an outcome for a rollout's release, and in
+:class:`RolloutEvaluator`, a periodic task (a device that never checks in again must not
+keep a rollout from halting or advancing, and a phase also advances while nobody
+reports). The periodic task also flags releases whose hardware id no registered device
+has (log WARNING; ``otaguard release check`` lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from threading import Lock
+from typing import Final
+
+from otaguard.model.errors import OperatorError, VerificationError
+from otaguard.model.manifest import DeviceManifest
+from otaguard.model.version import Version
+from otaguard.server._periodic import PeriodicTask
+from otaguard.server.channels import (
+    Decision,
+    DeviceFacts,
+    Evaluation,
+    Rollout,
+    RolloutView,
+    decide,
+    evaluate,
+    install_outcome,
+    orphan_releases,
+)
+from otaguard.server.director import DirectorRelease
+from otaguard.server.inventory import Inventory
+from otaguard.server.storage.assignments import Assignment
+from otaguard.server.storage.rollouts import RolloutStore
+
+__all__ = [
+    "ROLLOUT_EVALUATION_INTERVAL",
+    "ChannelPolicy",
+    "RolloutEvaluator",
+    "RolloutStatus",
+    "Rollouts",
+]
+
+logger = logging.getLogger(__name__)
+
+#: seconds between evaluations of every active rollout by the periodic task: a phase
+#: advances (or halts) at most this long after the last report that decides it
+ROLLOUT_EVALUATION_INTERVAL: Final = 5.0
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    """A rollout with the counts of its latest evaluation."""
+
+    evaluation: Evaluation
+    members: int
+
+
+def _last_result(manifest: bytes) -> dict[str, str]:
+    """The last install result of a stored manifest (verified when it was received)."""
+    try:
+        return DeviceManifest.from_dict(json.loads(manifest)["signed"]).last_result
+    except (ValueError, KeyError, TypeError, VerificationError):
+        return {}
+
+
+class Rollouts:
+    """Rollouts: the operator's actions and their evaluation."""
+
+    def __init__(
+        self,
+        *,
+        store: RolloutStore,
+        inventory: Inventory,
+        releases: Callable[[], list[DirectorRelease]],
+        clock: Callable[[], dt.datetime],
+    ):
+        """Work on ``store``; members come from ``inventory``; ``releases`` lists what is
+        served (the director's parsed targets)."""
+        self.store = store
+        self.inventory = inventory
+        self.releases = releases
+        self.clock = clock
+        self._lock = Lock()
+
+    # -- operator actions ------------------------------------------------------------------
+    def create(self, rollout: Rollout) -> Rollout:
+        """Start a rollout.
+
+        Raises:
+            OperatorError: the release is not served, or the group does not exist.
+            NameExistsError: a rollout of this name exists.
+        """
+        self.inventory.store.group(rollout.group)  # UnknownNameError if absent
+        if not any(r.info.version == rollout.version for r in self.releases()):
+            raise OperatorError(f"release {rollout.version} is not served by this server")
+        self.store.create(rollout, now=self.clock())
+        logger.info(
+            "rollout %s of %s to group %s created (phases %s)",
+            rollout.name,
+            rollout.version,
+            rollout.group,
+            ",".join(map(str, rollout.phases)),
+        )
+        return rollout
+
+    def transition(self, name: str, action: str) -> Rollout:
+        """``pause`` (an active rollout), ``resume`` (a paused or halted one: an operator
+        who looked at the failures may go on) or ``cancel`` (any but completed).
+
+        Raises:
+            OperatorError: the action does not apply to the rollout's state.
+            UnknownNameError: no such rollout.
+        """
+        allowed = {
+            "pause": ("active",),
+            "resume": ("paused", "halted"),
+            "cancel": ("active", "paused", "halted"),
+        }[action]
+        target = {"pause": "paused", "resume": "active", "cancel": "cancelled"}[action]
+        current = self.store.get(name)
+        if current.state not in allowed:
+            raise OperatorError(f"cannot {action} rollout {name}: it is {current.state}")
+        reason = current.reason if action == "cancel" else f"{target} by an operator"
+        new = dataclasses.replace(current, state=target, reason=reason)
+        if not self.store.change(new, expect_state=current.state, now=self.clock()):
+            raise OperatorError(f"rollout {name} changed meanwhile; try again")
+        logger.info("rollout %s %s", name, target)
+        return new
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _outcomes(self, rollout: Rollout, members: Sequence[str]) -> dict[str, tuple[str, str]]:
+        out: dict[str, tuple[str, str]] = {}
+        for serial in members:
+            history = self.inventory.checkins.history(serial, limit=1)
+            if not history:
+                continue
+            last = history[0]
+            out[serial] = install_outcome(
+                rollout.version,
+                running=last.running_version,
+                last_result=_last_result(last.manifest),
+            )
+        return out
+
+    def status(self, rollout: Rollout) -> RolloutStatus:
+        """Evaluate ``rollout`` now and store a change (halt, next phase, completion).
+
+        Raises:
+            ServerStorageError: a store failed.
+        """
+        members = self.inventory.members(rollout.group)
+        result = evaluate(rollout, members, self._outcomes(rollout, members))
+        if result.changed:
+            with self._lock:
+                if self.store.change(result.rollout, expect_state=rollout.state, now=self.clock()):
+                    new = result.rollout
+                    if new.state == "halted":
+                        logger.error("ALERT rollout %s %s", new.name, new.reason)
+                    else:
+                        logger.info(
+                            "rollout %s: %s, phase %d (%d%%)",
+                            new.name,
+                            new.state,
+                            new.phase + 1,
+                            new.percent,
+                        )
+        return RolloutStatus(result, len(members))
+
+    def evaluate_all(self) -> None:
+        """Evaluate every active rollout (the periodic task)."""
+        for r in self.store.list():
+            if r.state == "active":
+                self.status(r)
+
+    def orphans(self) -> list[tuple[DirectorRelease, tuple[str, ...]]]:
+        """Served releases naming a hardware id no registered device has."""
+        hardware = {d.hardware_id for d in self.inventory.devices.list()}
+        if not hardware:  # no fleet yet: nothing can vanish from it
+            return []
+        return orphan_releases(self.releases(), hardware)
+
+
+class ChannelPolicy:
+    """The director's policy on the server (see :mod:`.channels`)."""
+
+    def __init__(self, *, rollouts: Rollouts):
+        """Decide from ``rollouts``' stores."""
+        self.rollouts = rollouts
+
+    def decision(
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        running: Version | None,
+        assignment: Assignment | None,
+        releases: Sequence[DirectorRelease],
+    ) -> Decision:
+        """What the director tells ``serial`` now, and why (also for ``fleet show``).
+
+        Evaluates first the active rollouts whose release the device just reported an
+        outcome for, so a failure halts the rollout before anyone else is admitted.
+        """
+        ro = self.rollouts
+        entry = ro.inventory.entry(serial)
+        groups = entry.groups if entry is not None else ()
+        last = entry.last_checkin if entry is not None else None
+        result = _last_result(last.manifest) if last is not None else {}
+        views: list[RolloutView] = []
+        for r in ro.store.list():
+            if r.group not in groups:
+                continue
+            if r.state == "active" and last is not None:
+                standing = install_outcome(
+                    r.version, running=last.running_version, last_result=result
+                )
+                if standing[0] != "pending":
+                    r = ro.status(r).evaluation.rollout  # noqa: PLW2901 - the fresher one
+            views.append(RolloutView(r, tuple(ro.inventory.members(r.group))))
+        now = ro.clock()
+        return decide(
+            device=DeviceFacts(
+                serial=serial,
+                hardware_id=hardware_id,
+                running=running,
+                groups=groups,
+                no_features=ro.store.device_no_features(serial),
+                assignment=assignment,
+            ),
+            releases=releases,
+            rollouts=views,
+            groups=ro.store.group_policies(),
+            first_seen=ro.store.first_seen((r.name for r in releases), now=now),
+            now=now,
+        )
+
+    def __call__(
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        running: Version | None,
+        assignment: Assignment | None,
+        releases: Sequence[DirectorRelease],
+    ) -> DirectorRelease | None:
+        """The :class:`~.director.Policy` call."""
+        d = self.decision(
+            serial=serial,
+            hardware_id=hardware_id,
+            running=running,
+            assignment=assignment,
+            releases=releases,
+        )
+        logger.info("director policy for %s: %s", serial, d.reason)
+        return d.release
+
+
+class RolloutEvaluator(PeriodicTask):
+    """Evaluates active rollouts and flags releases for unknown hardware, periodically."""
+
+    def __init__(self, rollouts: Rollouts, *, interval: float = ROLLOUT_EVALUATION_INTERVAL):
+        """Run :meth:`Rollouts.evaluate_all` every ``interval`` seconds."""
+        super().__init__(interval=interval, name="rollout-evaluator")
+        self.rollouts = rollouts
+        self._flagged: set[str] = set()
+
+    def _tick(self) -> None:
+        try:
+            self.rollouts.evaluate_all()
+            for rel, unknown in self.rollouts.orphans():
+                if rel.name not in self._flagged:
+                    self._flagged.add(rel.name)
+                    logger.warning(
+                        "release %s names hardware id %s, which no registered device has",
+                        rel.name,
+                        ", ".join(unknown),
+                    )
+        except Exception:  # a thread boundary: log and keep the server up
+            logger.exception("rollout evaluation failed")
