@@ -116,6 +116,7 @@ def _progress() -> Progress:
 
 # -- repository and releases -------------------------------------------------------------
 def _repo_init(a: argparse.Namespace) -> int:
+    from otaguard.cli._keys import key_specs
     from otaguard.crypto.signers import read_public_key
     from otaguard.repo import ImageRepository
 
@@ -134,6 +135,7 @@ def _repo_init(a: argparse.Namespace) -> int:
         passphrases=secrets,
         online_key=online_key,
         expiry_days=expiries,
+        key_specs=key_specs(a),
     )
     out.print(f"initialised image repository in {repo.dir}")
     out.print(f"private keys (keep them offline): {repo.keys_dir}")
@@ -688,6 +690,11 @@ def _key_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
+    from otaguard.cli._keys import (
+        add_ceremony_parsers,
+        add_key_parsers,
+        add_kofn_options,
+    )
     from otaguard.cli._ops import (
         add_ops_parsers,
         add_server_operator_parser,
@@ -727,6 +734,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
             help=f"{role} metadata lifetime (default {days})"
             + (", server-less mode only" if role in ("snapshot", "timestamp") else ""),
         )
+    add_kofn_options(init)
     init.set_defaults(func=_repo_init)
     ver = repo.add_parser("verify", help="check signatures, thresholds, expiry and target hashes")
     ver.add_argument("repo_dir", type=Path)
@@ -791,6 +799,8 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     lst = rel.add_parser("list", help="list published releases")
     lst.add_argument("repo_dir", type=Path)
     lst.set_defaults(func=_release_list)
+    add_ceremony_parsers(rel)
+    add_key_parsers(sub)
 
     srv = sub.add_parser(
         "server", help="run the update server (HTTPS); 'server init' prepares its data directory"
