@@ -47,7 +47,11 @@ def softhsm_module() -> str | None:
 def start_softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftToken:
     """Initialise a fresh token in ``tmp_path`` and point this process (and children) at it."""
     module = softhsm_module()
-    missing = [n for n, ok in (("softhsm2", module), ("softhsm2-util", shutil.which("softhsm2-util"))) if not ok]
+    missing = [
+        n
+        for n, ok in (("softhsm2", module), ("softhsm2-util", shutil.which("softhsm2-util")))
+        if not ok
+    ]
     if missing:
         reason = f"SoftHSM2 missing ({', '.join(missing)}): apt-get install softhsm2 opensc"
         if os.environ.get("CI", "").lower() == "true":
@@ -67,4 +71,9 @@ def start_softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftToken:
          "--pin", USER_PIN, "--so-pin", SO_PIN],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+    # python-pkcs11 loads a module once per process and SoftHSM2 reads its configuration
+    # and tokens when initialised: re-initialise, so this process sees this test's token.
+    import pkcs11
+
+    pkcs11.lib(module).reinitialize()
     return SoftToken(TOKEN_LABEL, USER_PIN, module, conf)

@@ -284,17 +284,21 @@ def list_hsm_keys(token_label: str) -> list[HsmKey]:
     token = _token(token_label)
     out = []
     with token.open() as session:
-        for obj in session.get_objects(
-            {
-                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
-                pkcs11.Attribute.KEY_TYPE: pkcs11.KeyType.EC,
-            }
-        ):
-            key_id = int.from_bytes(obj[pkcs11.Attribute.ID], "big")
+        # one search at a time: collect, then look each key up
+        found = [
+            (int.from_bytes(obj[pkcs11.Attribute.ID], "big"), str(obj[pkcs11.Attribute.LABEL]))
+            for obj in session.get_objects(
+                {
+                    pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY,
+                    pkcs11.Attribute.KEY_TYPE: pkcs11.KeyType.EC,
+                }
+            )
+        ]
+        for key_id, label in found:
             uri = hsm_uri(key_id, token_label)
             try:
                 public = _public_from_session(session, key_id, uri)
             except ConfigError:
                 continue
-            out.append(HsmKey(uri, public, str(obj[pkcs11.Attribute.LABEL])))
+            out.append(HsmKey(uri, public, label))
     return sorted(out, key=lambda k: k.uri)
