@@ -59,7 +59,7 @@ def test_private_key_never_leaves_the_token(token: SoftToken) -> None:
         assert priv[pkcs11.Attribute.SENSITIVE] is True
         assert priv[pkcs11.Attribute.EXTRACTABLE] is False
         with pytest.raises(pkcs11.exceptions.AttributeSensitive):
-            priv[pkcs11.Attribute.VALUE]  # noqa: B018
+            priv[pkcs11.Attribute.VALUE]
 
 
 def test_wrong_pin_fails_when_loading_not_when_signing(token: SoftToken) -> None:
