@@ -127,8 +127,10 @@ def test_two_of_three_with_hsm_publishes_and_device_installs(
         )  # fmt: skip
 
     req2 = world.tmp / "1.1.0.request.json"
-    staged = run("release", "stage", str(world.repo.dir), str(world.image("1.1.0")),
-                 "--version", "1.1.0", "--hardware-id", HW, "--security", "--out", str(req2))  # fmt: skip
+    staged = run(
+        "release", "stage", str(world.repo.dir), str(world.image("1.1.0")),
+        "--version", "1.1.0", "--hardware-id", HW, "--security", "--out", str(req2),
+    )  # fmt: skip
     assert staged.returncode == 0, staged.stderr
     assert "SECURITY" in staged.stdout and "signatures: 0 of 2 needed" in staged.stdout
     hsm_uri = next(r.uri for r in world.repo.key_refs("targets") if r.name == HSM_KEY)
