@@ -224,3 +224,58 @@ def test_hostile_request_file_is_one_line_error(world: World, tmp_path: Path) ->
     assert r.stderr.strip().splitlines() == [
         "verification failed: signing request: the bytes to sign is not base64 text"
     ]
+
+
+def test_cli_kofn_init_key_list_and_serverless_ceremony(token: SoftToken, tmp_path: Path) -> None:
+    """By hand, server-less: a token key, 2-of-3 targets, the ceremony, repo verify."""
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+        "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"], "PYKCS11LIB": token.module,
+        "OTAGUARD_KEY_PASSPHRASE": PASSPHRASE.decode(),
+        passphrase_env_var("targets-hsm"): token.pin,
+        passphrase_env_var(HSM_KEY): token.pin,
+    }  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "otaguard", *args], env=env, capture_output=True,
+            text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    uri = f"hsm:1?label={token.label}"
+    made = run("key", "generate", "--uri", f"hsm:?label={token.label}", "--name", "targets-hsm")
+    assert made.returncode == 0, made.stderr
+    repo, keys = tmp_path / "repo", tmp_path / "keys"
+    too_many = run("repo", "init", str(repo), "--keys-dir", str(keys), "--targets-keys", "3",
+                   "--targets-threshold", "4", "--targets-key", uri)  # fmt: skip
+    assert too_many.returncode == 2
+    assert too_many.stderr.strip() == "error: threshold 4 is not between 1 and the 3 keys"
+    init = run("repo", "init", str(repo), "--keys-dir", str(keys), "--targets-keys", "3",
+               "--targets-threshold", "2", "--targets-key", uri)  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    listed = run("key", "list", str(repo))
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()}
+    assert "targets (2 of 3)  ecdsa-p256" in rows[HSM_KEY]
+    assert f"PKCS#11 token {token.label}, key id 1" in rows[HSM_KEY]
+    assert f"encrypted file {keys / 'targets-ml-dsa-65.pem'}" in rows["targets-ml-dsa-65"]
+    assert "root (2 of 2)" in rows["root-ed25519"]
+
+    image = tmp_path / "fw.img"
+    image.write_bytes(b"firmware 1.0.0" * 1000)
+    req = tmp_path / "r.json"
+    staged = run("release", "stage", str(repo), str(image), "--version", "1.0.0",
+                 "--hardware-id", HW, "--out", str(req))  # fmt: skip
+    assert staged.returncode == 0, staged.stderr
+    one = run("sign", str(req), "--key", uri, "--yes")
+    assert one.returncode == 0, one.stderr
+    refused = run("release", "publish", str(repo), str(req))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("missing signers: targets-ed25519, targets-ml-dsa-65")
+    two = run("sign", str(req), "--key", f"encfile:{keys / 'targets-ed25519.pem'}", "--yes")
+    assert two.returncode == 0, two.stderr
+    published = run("release", "publish", str(repo), str(req))
+    assert published.returncode == 0, published.stderr
+    verified = run("repo", "verify", str(repo))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "fw-1.0.0.img" in run("release", "list", str(repo)).stdout

@@ -167,6 +167,7 @@ def _where(uri: str | None) -> str:
 
 
 def _key_list(a: argparse.Namespace) -> int:
+    from otaguard.crypto.signers import resolve_key_uri
     from otaguard.repo.repository import CONFIG_NAME, KEYS_CONFIG_NAME, ImageRepository
 
     out = _console()
@@ -185,7 +186,8 @@ def _key_list(a: argparse.Namespace) -> int:
             for ref in repo.key_refs(role):
                 rows.append(
                     (ref.name, f"{role} ({threshold} of {len(root.roles[role].keyids)})",
-                     ref.algorithm, ref.keyid, _where(ref.uri))
+                     ref.algorithm, ref.keyid,
+                     _where(resolve_key_uri(ref.uri, repo.keys_dir) if ref.uri else None))
                 )  # fmt: skip
     elif a.path is not None and (a.path / KEYS_CONFIG_NAME).is_file():
         try:
