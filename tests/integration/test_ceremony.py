@@ -279,3 +279,24 @@ def test_cli_kofn_init_key_list_and_serverless_ceremony(token: SoftToken, tmp_pa
     verified = run("repo", "verify", str(repo))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "fw-1.0.0.img" in run("release", "list", str(repo)).stdout
+
+
+def test_signatures_count_by_the_repository_root_not_the_request_key_list(
+    world: World, token: SoftToken
+) -> None:
+    """A request whose key list pairs the root's key ids with an attacker's keys (and
+    signatures by them) is internally consistent, but publish counts by root's keys."""
+    from securesystemslib.signer import CryptoSigner
+
+    req = _stage(world, "1.0.0")
+    doc = json.loads(req.read_text())
+    signed = base64.b64decode(doc["signed"])
+    for entry in doc["keys"][:2]:
+        forged = CryptoSigner.generate_ed25519()
+        entry["public"] = forged.public_key.to_dict()
+        sig = forged.sign(signed)
+        doc["signatures"].append({"keyid": entry["keyid"], "sig": sig.signature})
+    request = SigningRequest(doc)  # consistent in itself
+    with pytest.raises(OperatorError, match="has 0 .none.; missing signers: targets-ed25519"):
+        publish_request(world.repo, request)
+    assert world.repo.latest_version("targets") == 1
