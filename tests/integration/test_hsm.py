@@ -144,3 +144,26 @@ def test_cli_key_generate_and_list_in_token(token: SoftToken, tmp_path: Path) ->
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"key error: wrong PIN for token {token.label}"
+
+
+def test_server_online_key_in_token_needs_its_pin(token: SoftToken, tmp_path: Path) -> None:
+    made = generate_hsm_key(
+        token_label=token.label, pin=token.pin, algorithm="ecdsa-p256", key_label="online"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+    argv = [sys.executable, "-m", "otaguard", "server", "init", "--data", str(tmp_path / "srv"),
+            "--online-key-uri", made.uri]  # fmt: skip
+    no_pin = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert no_pin.returncode == 2
+    assert (
+        no_pin.stderr.strip()
+        == f"key error: key online is in a PKCS#11 token ({made.uri}): its PIN is needed"
+    )
+    env["OTAGUARD_HSM_PIN"] = token.pin
+    ok = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    from otaguard.crypto import read_public_key
+
+    assert read_public_key(tmp_path / "srv" / "online-key.pub.json").keyid == made.public_key.keyid
+    assert not (tmp_path / "srv" / "online-key.pem").exists()
+    assert token.pin not in ok.stdout + ok.stderr

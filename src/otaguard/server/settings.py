@@ -121,6 +121,8 @@ class ServerSettings:
         director_key_uri: signer URI of the director key (its public key in
             ``data_dir/director-key.pub.json``); ``None`` uses the file key the server
             creates in ``data_dir`` (warns).
+        hsm_pin: the user PIN of the PKCS#11 token holding an ``hsm:`` online or director
+            key (the CLI reads it from ``OTAGUARD_HSM_PIN``, never from argv); never logged.
     """
 
     data_dir: Path
@@ -144,6 +146,7 @@ class ServerSettings:
     manufacturer_ca: Path | None = None
     director_dir: Path | None = None
     director_key_uri: str | None = None
+    hsm_pin: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         parse_trusted_proxies(self.trusted_proxies)
