@@ -385,6 +385,10 @@ def test_the_demo_makes_some_devices_tpm_backed(session_bus: SessionBus, tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 devices TPM-backed" in done.stdout and "1 with development file keys" in done.stdout
     assert "PASS: 4/4 devices updated, 8/8 attacks refused" in done.stdout
+    # 1.1.0 went through the k-of-n ceremony, one signer in SoftHSM2 (make sysdeps)
+    assert "1.1.0 staged, signed by targets-ml-dsa-65 and targets-ecdsa-p256 (in SoftHSM2)" in (
+        done.stdout
+    )
     key = tmp_path / "devices" / "device-04" / "identity" / "device.key"
     assert key.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
 
