@@ -306,3 +306,37 @@ def test_signatures_count_by_the_repository_root_not_the_request_key_list(
     with pytest.raises(OperatorError, match=r"has 0 \(none\); missing signers: targets-ed25519"):
         publish_request(world.repo, request)
     assert world.repo.latest_version("targets") == 1
+
+
+@pytest.mark.parametrize(
+    "signed",
+    [
+        b'{"_type":"targets","expires":"2030-01-01T00:00:00Z","spec_version":"1.0.31",'
+        b'"targets":{},"version":2,"x":1.5}',  # a float: no canonical form
+        b'{"_type":"targets","version":2}',  # fields missing
+        b"\xff\xfe not json",
+        b'{"_type": "targets", "expires": "2030-01-01T00:00:00Z", "spec_version": "1.0.31", '
+        b'"targets": {}, "version": 2}',  # not canonical (spaces)
+    ],
+)
+def test_request_bytes_that_are_not_canonical_targets_are_refused(signed: bytes) -> None:
+    doc = {
+        "otaguard_signing_request": 1,
+        "role": "targets",
+        "signed": base64.b64encode(signed).decode(),
+        "base": base64.b64encode(signed).decode(),
+    }
+    with pytest.raises(VerificationError, match=r"the bytes to sign (is not|are not canonical)"):
+        SigningRequest(doc)
+
+
+def test_request_that_expired_before_publishing_is_refused(world: World, token: SoftToken) -> None:
+    import datetime as dt
+
+    req = _stage(world, "1.0.0")
+    _sign(world, req, "targets-ed25519", token)
+    _sign(world, req, "targets-ml-dsa-65", token)
+    late = dt.datetime.now(dt.UTC) + dt.timedelta(days=91)  # targets live 90 days
+    with pytest.raises(OperatorError, match="staged targets metadata has expired"):
+        publish_request(world.repo, SigningRequest.load(req), now=late)
+    assert world.repo.latest_version("targets") == 1

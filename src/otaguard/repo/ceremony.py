@@ -39,6 +39,7 @@ from securesystemslib.exceptions import UnverifiedSignatureError, VerificationEr
 from securesystemslib.signer import Key, Signature
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.serialization import SerializationError
 from tuf.api.serialization.json import CanonicalJSONSerializer
 
 from otaguard._fs import atomic_write_json
@@ -86,9 +87,10 @@ def _parse_targets(data: bytes, what: str) -> Targets:
     """Parse canonical targets bytes; refuse anything that does not re-serialize exactly."""
     try:
         targets = Targets.from_dict(json.loads(data))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        canonical = _canonical(targets)
+    except (ValueError, KeyError, TypeError, AttributeError, SerializationError) as e:
         raise OtaVerifyError(f"signing request: {what} is not targets metadata: {e}") from e
-    if _canonical(targets) != data:
+    if canonical != data:
         raise OtaVerifyError(f"signing request: {what} are not canonical targets bytes")
     return targets
 
