@@ -714,6 +714,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         add_ceremony_parsers,
         add_key_parsers,
         add_kofn_options,
+        add_root_ceremony_parser,
     )
     from otaguard.cli._ops import (
         add_ops_parsers,
@@ -766,6 +767,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     ref.add_argument("--role", action="append", choices=("targets", "snapshot", "timestamp"))
     _key_options(ref)
     ref.set_defaults(func=_repo_refresh)
+    add_root_ceremony_parser(repo)
 
     dirp = sub.add_parser("director", help="director repository (Uptane)").add_subparsers(
         dest="director_cmd", required=True

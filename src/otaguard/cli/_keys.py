@@ -15,7 +15,13 @@ if TYPE_CHECKING:
 
     from otaguard.repo.keyspec import ExternalKey, RoleKeySpec
 
-__all__ = ["add_ceremony_parsers", "add_key_parsers", "add_kofn_options", "key_specs"]
+__all__ = [
+    "add_ceremony_parsers",
+    "add_key_parsers",
+    "add_kofn_options",
+    "add_root_ceremony_parser",
+    "key_specs",
+]
 
 _OFFLINE = ("root", "targets")
 
@@ -298,13 +304,39 @@ def _publish(a: argparse.Namespace) -> int:
     repo = ImageRepository(a.repo_dir, passphrases=_secrets(a), keys_dir=a.keys_dir)
     md = publish_request(repo, request)
     out.print(
-        f"published targets version {md.signed.version} "
+        f"published {request.role} version {md.signed.version} "
         f"({len(md.signatures)} of {request.threshold} signatures)",
         markup=False,
     )
-    if repo.server_signed:
+    if repo.server_signed and request.role == "targets":
         out.print("the update server signs snapshot and timestamp when it takes it")
     return 0
+
+
+def _stage_root(a: argparse.Namespace) -> int:
+    from otaguard.repo import ImageRepository
+    from otaguard.repo.ceremony import stage_root
+
+    out = _console()
+    repo = ImageRepository(a.repo_dir)
+    target = a.out or Path(f"root-{repo.latest_version('root') + 1}.request.json")
+    request = stage_root(repo, out=target, expiry_days=a.expiry_days)
+    for line in request.render():
+        out.print(line, markup=False, highlight=False)
+    out.print(f"signing request: {target}", markup=False)
+    return 0
+
+
+def add_root_ceremony_parser(repo: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``repo stage-root``."""
+    sr = repo.add_parser(
+        "stage-root",
+        help="write a signing request for the next root version (new expiry; no key)",
+    )
+    sr.add_argument("repo_dir", type=Path)
+    sr.add_argument("--expiry-days", type=int, metavar="DAYS", help="default: the root lifetime")
+    sr.add_argument("--out", type=Path, metavar="REQUEST", help="default root-N.request.json")
+    sr.set_defaults(func=_stage_root)
 
 
 def add_ceremony_parsers(rel: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -323,7 +355,8 @@ def add_ceremony_parsers(rel: argparse._SubParsersAction[argparse.ArgumentParser
     )
     st.set_defaults(func=_stage)
     pub = rel.add_parser(
-        "publish", help="write a request's targets if a threshold signed it (names who is missing)"
+        "publish",
+        help="write a request's targets (or root) if a threshold signed it (names who is missing)",
     )
     pub.add_argument("repo_dir", type=Path)
     pub.add_argument("request", type=Path)

@@ -58,6 +58,7 @@ __all__ = [
     "publish_request",
     "sign_request",
     "stage_release",
+    "stage_root",
     "summarize",
 ]
 
@@ -68,6 +69,8 @@ REQUEST_FORMAT: Final = 1
 # this. Anything larger is not a request and is not parsed.
 MAX_REQUEST_BYTES: Final = 32 * 1024 * 1024
 _ROLE: Final = "targets"
+#: the roles a ceremony signs, and their metadata classes
+_SIGNED_CLASS: Final[dict[str, type[Root] | type[Targets]]] = {"targets": Targets, "root": Root}
 
 
 def _b64(data: bytes) -> str:
@@ -83,20 +86,26 @@ def _unb64(text: object, what: str) -> bytes:
         raise OtaVerifyError(f"signing request: {what} is not base64") from e
 
 
-def _parse_targets(data: bytes, what: str) -> Targets:
-    """Parse canonical targets bytes; refuse anything that does not re-serialize exactly."""
+def _parse(data: bytes, role: str, what: str) -> Root | Targets:
+    """Parse canonical ``role`` bytes; refuse anything that does not re-serialize exactly."""
     try:
-        targets = Targets.from_dict(json.loads(data))
-        canonical = _canonical(targets)
+        signed = _SIGNED_CLASS[role].from_dict(json.loads(data))
+        canonical = _canonical(signed)
     except (ValueError, KeyError, TypeError, AttributeError, SerializationError) as e:
-        raise OtaVerifyError(f"signing request: {what} is not targets metadata: {e}") from e
+        raise OtaVerifyError(f"signing request: {what} is not {role} metadata: {e}") from e
     if canonical != data:
-        raise OtaVerifyError(f"signing request: {what} are not canonical targets bytes")
-    return targets
+        raise OtaVerifyError(f"signing request: {what} are not canonical {role} bytes")
+    return signed
 
 
-def _canonical(targets: Targets) -> bytes:
-    return CanonicalJSONSerializer().serialize(targets)
+def _parse_targets(data: bytes, what: str) -> Targets:
+    signed = _parse(data, "targets", what)
+    assert isinstance(signed, Targets)  # noqa: S101 - _parse returns the role's class
+    return signed
+
+
+def _canonical(signed: Root | Targets) -> bytes:
+    return CanonicalJSONSerializer().serialize(signed)
 
 
 def _image(path: str, tf: Any) -> dict[str, Any]:
@@ -112,8 +121,28 @@ def _image(path: str, tf: Any) -> dict[str, Any]:
     }
 
 
-def summarize(new: Targets, base: Targets) -> dict[str, Any]:
+def _summarize_root(new: Root, base: Root) -> dict[str, Any]:
+    return {
+        "role": "root",
+        "version": new.version,
+        "expires": new.expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "replaces_version": base.version,
+        "roles": {
+            name: {"threshold": role.threshold, "keyids": sorted(role.keyids)}
+            for name, role in sorted(new.roles.items())
+        },
+        "added_keys": sorted(set(new.keys) - set(base.keys)),
+        "removed_keys": sorted(set(base.keys) - set(new.keys)),
+        "consistent_snapshot": bool(new.consistent_snapshot),
+    }
+
+
+def summarize(new: Root | Targets, base: Root | Targets) -> dict[str, Any]:
     """What a signer must read: derived from the bytes alone, so it cannot disagree."""
+    if isinstance(new, Root) and isinstance(base, Root):
+        return _summarize_root(new, base)
+    if not isinstance(new, Targets) or not isinstance(base, Targets):
+        raise OtaVerifyError("signing request: the replaced metadata is of another role")
     try:
         images = [_image(p, tf) for p, tf in sorted(new.targets.items())]
     except ValueError as e:
@@ -153,19 +182,21 @@ class SigningRequest:
     def __init__(self, doc: Any):
         if not isinstance(doc, dict) or doc.get("otaguard_signing_request") != REQUEST_FORMAT:
             raise OtaVerifyError("not an otaguard signing request (or an unknown format)")
-        if doc.get("role") != _ROLE:
-            raise OtaVerifyError(f"signing request for {doc.get('role')!r}: only targets")
+        role = doc.get("role")
+        if role not in _SIGNED_CLASS:
+            raise OtaVerifyError(f"signing request for {role!r}: only targets or root")
+        self.role: str = role
         self.signed_bytes = _unb64(doc.get("signed"), "the bytes to sign")
-        self.base_bytes = _unb64(doc.get("base"), "the replaced targets")
-        self.targets = _parse_targets(self.signed_bytes, "the bytes to sign")
-        self.base = _parse_targets(self.base_bytes, "the replaced targets")
-        self.summary = summarize(self.targets, self.base)
+        self.base_bytes = _unb64(doc.get("base"), f"the replaced {role}")
+        self.signed = _parse(self.signed_bytes, role, "the bytes to sign")
+        self.base = _parse(self.base_bytes, role, f"the replaced {role}")
+        self.summary = summarize(self.signed, self.base)
         if doc.get("summary") != self.summary:
             raise OtaVerifyError(
                 "signing request: its summary does not match the bytes it asks to sign "
                 "(altered after staging); refusing it"
             )
-        if self.targets.version != self.base.version + 1:
+        if self.signed.version != self.base.version + 1:
             raise OtaVerifyError("signing request: its version does not follow the replaced one")
         try:
             self.root_version = int(doc["root_version"])
@@ -212,7 +243,7 @@ class SigningRequest:
         """The request file's content."""
         return {
             "otaguard_signing_request": REQUEST_FORMAT,
-            "role": _ROLE,
+            "role": self.role,
             "root_version": self.root_version,
             "summary": self.summary,
             "signed": _b64(self.signed_bytes),
@@ -237,11 +268,19 @@ class SigningRequest:
         """The summary as lines for a person to read before signing."""
         s = self.summary
         lines = [
-            f"targets version {s['version']} (replaces {s['replaces_version']}), "
+            f"{self.role} version {s['version']} (replaces {s['replaces_version']}), "
             f"expires {s['expires']}",
             f"signatures: {len(self.signatures)} of {self.threshold} needed "
             f"({', '.join(self.signer_names(set(self.signatures))) or 'none yet'})",
         ]
+        if self.role == "root":
+            names = {k.keyid: k.name for k in self.keys}
+            for role, r in s["roles"].items():
+                keys = ", ".join(names.get(k, k[:16]) for k in r["keyids"])
+                lines.append(f"  {role}: {r['threshold']} of {len(r['keyids'])} ({keys})")
+            lines.extend(f"+ key {k}" for k in s["added_keys"])
+            lines.extend(f"- key {k}" for k in s["removed_keys"])
+            return lines
         for img in s["images"]:
             mark = (
                 "+" if img["path"] in s["added"] else ("~" if img["path"] in s["changed"] else " ")
@@ -358,45 +397,121 @@ def sign_request(
     return key
 
 
-def publish_request(
-    repo: ImageRepository, request: SigningRequest, *, now: datetime | None = None
-) -> Metadata[Targets]:
-    """Write the request's targets as the repository's next version, if a threshold signed.
-
-    Raises:
-        OperatorError: the repository changed since staging (stage again), the request
-            expired, or fewer valid signatures than the threshold (names who is missing).
-    """
-    now = now or datetime.now(UTC)
-    root: Root = repo.latest_root()
-    current = repo.latest_targets()
-    if root.version != request.root_version or _canonical(current) != request.base_bytes:
-        raise OperatorError(
-            "the repository changed since this request was staged (targets version "
-            f"{current.version}, root {root.version}); stage the release again"
-        )
-    if request.targets.is_expired(now):
-        raise OperatorError("the staged targets metadata has expired; stage the release again")
-    role = root.roles[_ROLE]
-    names = {ref.keyid: ref.name for ref in repo.key_refs(_ROLE)}
+def _counted(
+    delegator: Root,
+    request: SigningRequest,
+    names: dict[str, str],
+    *,
+    what: str,
+) -> set[str]:
+    """Key ids of ``delegator``'s root-or-targets keys with a valid signature; refuse below
+    its threshold, naming who signed and who is missing."""
+    role = delegator.roles[request.role]
     valid = {
         keyid
         for keyid, sig in request.signatures.items()
-        if keyid in role.keyids and _valid(root.keys[keyid], sig, request.signed_bytes)
+        if keyid in role.keyids and _valid(delegator.keys[keyid], sig, request.signed_bytes)
     }
     if len(valid) < role.threshold:
         missing = [names.get(k, k[:16]) for k in role.keyids if k not in valid]
         have = [names.get(k, k[:16]) for k in role.keyids if k in valid]
         raise OperatorError(
-            f"targets needs {role.threshold} of {len(role.keyids)} signatures, has "
+            f"{what} needs {role.threshold} of {len(role.keyids)} signatures, has "
             f"{len(valid)} ({', '.join(have) or 'none'}); missing signers: {', '.join(missing)}"
         )
-    md = Metadata(request.targets, {k: request.signatures[k] for k in sorted(valid)})
+    return valid
+
+
+def publish_request(
+    repo: ImageRepository, request: SigningRequest, *, now: datetime | None = None
+) -> Metadata[Any]:
+    """Write the request's metadata as the repository's next version, if thresholds signed.
+
+    Targets needs a threshold of the newest root's targets keys. A new root needs a
+    threshold of the current root's root keys *and* of its own (TUF §5.3.4), each named
+    when missing.
+
+    Raises:
+        OperatorError: the repository changed since staging (stage again), the request
+            expired, or fewer valid signatures than a threshold (names who is missing).
+    """
+    now = now or datetime.now(UTC)
+    root: Root = repo.latest_root()
+    current: Root | Targets = root if request.role == "root" else repo.latest_targets()
+    if root.version != request.root_version or _canonical(current) != request.base_bytes:
+        raise OperatorError(
+            f"the repository changed since this request was staged ({request.role} version "
+            f"{current.version}, root {root.version}); stage it again"
+        )
+    if request.signed.is_expired(now):
+        raise OperatorError(f"the staged {request.role} metadata has expired; stage it again")
+    names = {ref.keyid: ref.name for ref in repo.key_refs(request.role)}
+    if request.role == "root":
+        assert isinstance(request.signed, Root)  # noqa: S101 - parsed by role
+        names |= {k.keyid: k.name for k in request.keys if k.keyid not in names}
+        valid = _counted(root, request, names, what=f"root {root.version} (current)")
+        valid |= _counted(request.signed, request, names, what=f"root {request.signed.version}")
+        delegators = [root, request.signed]
+    else:
+        valid = _counted(root, request, names, what="targets")
+        delegators = [root]
+    md: Metadata[Any] = Metadata(request.signed, {k: request.signatures[k] for k in sorted(valid)})
     # python-tuf's own check, over the bytes it will serialise: what devices will do.
     try:
-        root.verify_delegate(_ROLE, md.signed_bytes, md.signatures)
+        for delegator in delegators:
+            delegator.verify_delegate(request.role, md.signed_bytes, md.signatures)
     except UnsignedMetadataError as e:
-        raise OtaVerifyError(f"python-tuf refuses the signed targets: {e}") from e
-    repo.write_signed_targets(md, now=now)
-    logger.info("published targets version %s", request.targets.version)
+        raise OtaVerifyError(f"python-tuf refuses the signed {request.role}: {e}") from e
+    if request.role == "root":
+        repo.write_signed_root(md)
+    else:
+        repo.write_signed_targets(md, now=now)
+    logger.info("published %s version %s", request.role, request.signed.version)
     return md
+
+
+def stage_root(
+    repo: ImageRepository,
+    *,
+    out: Path,
+    expiry_days: int | None = None,
+    now: datetime | None = None,
+) -> SigningRequest:
+    """Write a signing request for the next root version with a new expiry.
+
+    The keys and thresholds stay as they are (changing them is rotation, ``repo rotate``,
+    not built yet). Signed by a threshold of the root keys, it extends the root's life.
+
+    Raises:
+        OperatorError: ``out`` exists, or an invalid expiry.
+    """
+    now = now or datetime.now(UTC)
+    if Path(out).exists():
+        raise OperatorError(f"{out} exists; refusing to overwrite a signing request")
+    current = repo.latest_root()
+    base_bytes = _canonical(current)
+    new = Root.from_dict(json.loads(base_bytes))
+    new.version += 1
+    new.expires = repo.root_expiry(now, days=expiry_days)
+    role = new.roles["root"]
+    names = {ref.keyid: ref.name for ref in repo.key_refs("root")}
+    keyids = list(dict.fromkeys([*current.roles["root"].keyids, *role.keyids]))
+    all_keys = {**current.keys, **new.keys}
+    doc: dict[str, Any] = {
+        "otaguard_signing_request": REQUEST_FORMAT,
+        "role": "root",
+        "root_version": current.version,
+        "signed": _b64(_canonical(new)),
+        "base": _b64(base_bytes),
+        "threshold": role.threshold,
+        "keys": [
+            {"name": names.get(k, k[:16]), "keyid": k, "public": all_keys[k].to_dict()}
+            for k in keyids
+        ],
+        "signatures": [],
+        "summary": _summarize_root(new, current),
+    }
+    request = SigningRequest(doc)
+    request.save(out)
+    logger.info("staged root version %s in %s", new.version, out)
+    return request

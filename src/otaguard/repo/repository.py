@@ -668,6 +668,33 @@ class ImageRepository:
         """When targets signed at ``now`` expire (the repository's targets lifetime)."""
         return self._expires("targets", now)
 
+    def root_expiry(self, now: datetime, *, days: int | None = None) -> datetime:
+        """When a root signed at ``now`` expires: ``days``, else the repository's root lifetime.
+
+        Raises:
+            OperatorError: ``days`` out of range.
+        """
+        if days is not None and not 0 < days <= MAX_EXPIRY_DAYS:
+            raise OperatorError(f"invalid expiry for root: {days} days")
+        return _expires(now, days) if days is not None else self._expires("root", now)
+
+    def write_signed_root(self, root_md: Metadata[Root]) -> None:
+        """Write a root signed elsewhere (the ceremony) as the next version and ``root.json``.
+
+        The caller checked it is signed by a threshold of the current root's root keys and
+        of its own.
+
+        Raises:
+            OperatorError: not the next version.
+        """
+        if root_md.signed.version != self.latest_version("root") + 1:
+            raise OperatorError("the signed root is not the next version")
+        if root_md.signed.version > MAX_ROOT_VERSIONS:
+            raise OperatorError(f"more than {MAX_ROOT_VERSIONS} root versions")
+        data = root_md.to_bytes()
+        atomic_write_bytes(self.metadata_dir / f"{root_md.signed.version}.root.json", data)
+        atomic_write_bytes(self.metadata_dir / "root.json", data)
+
     def write_signed_targets(self, targets_md: Metadata[Targets], *, now: datetime) -> None:
         """Write targets signed elsewhere (the signing ceremony) as the next version.
 
