@@ -340,3 +340,56 @@ def test_request_that_expired_before_publishing_is_refused(world: World, token: 
     with pytest.raises(OperatorError, match="staged targets metadata has expired"):
         publish_request(world.repo, SigningRequest.load(req), now=late)
     assert world.repo.latest_version("targets") == 1
+
+
+def test_root_ceremony_needs_both_root_keys_and_devices_follow(
+    world: World, token: SoftToken
+) -> None:
+    """A new root by the ceremony: one root key is refused naming the other; both publish,
+    and a device provisioned with root 1 follows to root 2 and installs a release signed
+    after it (the targets request is staged against root 2)."""
+    from otaguard.repo.ceremony import stage_root
+
+    first = _stage(world, "1.0.0")
+    _sign(world, first, "targets-ed25519", token)
+    _sign(world, first, HSM_KEY, token)
+    publish_request(world.repo, SigningRequest.load(first))
+    world.wait_served()
+    dev = world.device()
+
+    req = world.tmp / "root-2.request.json"
+    staged = stage_root(world.repo, out=req, expiry_days=400)
+    assert staged.summary["version"] == 2 and "root: 2 of 2 (root-ed25519, root-ml-dsa-65)" in (
+        "\n".join(staged.render())
+    )
+    signing = SigningRequest.load(req)
+    sign_request(signing, uri=f"encfile:{world.keys_dir / 'root-ed25519.pem'}",
+                 secrets=_secrets(token))  # fmt: skip
+    signing.save(req)
+    with pytest.raises(OperatorError) as e:
+        publish_request(world.repo, SigningRequest.load(req))
+    assert str(e.value) == (
+        "root 1 (current) needs 2 of 2 signatures, has 1 (root-ed25519); "
+        "missing signers: root-ml-dsa-65"
+    )
+    signing = SigningRequest.load(req)
+    sign_request(signing, uri=f"encfile:{world.keys_dir / 'root-ml-dsa-65.pem'}",
+                 secrets=_secrets(token))  # fmt: skip
+    signing.save(req)
+    publish_request(world.repo, SigningRequest.load(req))
+    assert world.repo.latest_version("root") == 2
+    report, _ = world.repo.verify()
+    assert not report.all_problems()
+
+    second = _stage(world, "1.1.0")
+    assert SigningRequest.load(second).root_version == 2
+    _sign(world, second, "targets-ml-dsa-65", token)
+    _sign(world, second, HSM_KEY, token)
+    publish_request(world.repo, SigningRequest.load(second))
+    world.wait_served()
+    result = dev.update()
+    assert result.outcome == "updated" and result.to_version == "1.1.0"
+    assert (
+        json.loads((dev.paths.root / "metadata" / "root.json").read_bytes())["signed"]["version"]
+        == 2
+    )

@@ -87,9 +87,13 @@ def _unb64(text: object, what: str) -> bytes:
 
 
 def _parse(data: bytes, role: str, what: str) -> Root | Targets:
-    """Parse canonical ``role`` bytes; refuse anything that does not re-serialize exactly."""
+    """Parse canonical ``role`` bytes; refuse anything that does not re-serialize exactly.
+
+    Canonical JSON (OLPC) escapes only ``\\`` and ``"``: a PEM public key keeps its raw
+    newlines, which strict JSON forbids in strings, hence ``strict=False``.
+    """
     try:
-        signed = _SIGNED_CLASS[role].from_dict(json.loads(data))
+        signed = _SIGNED_CLASS[role].from_dict(json.loads(data, strict=False))
         canonical = _canonical(signed)
     except (ValueError, KeyError, TypeError, AttributeError, SerializationError) as e:
         raise OtaVerifyError(f"signing request: {what} is not {role} metadata: {e}") from e
@@ -276,7 +280,7 @@ class SigningRequest:
         if self.role == "root":
             names = {k.keyid: k.name for k in self.keys}
             for role, r in s["roles"].items():
-                keys = ", ".join(names.get(k, k[:16]) for k in r["keyids"])
+                keys = ", ".join(sorted(names.get(k, k[:16]) for k in r["keyids"]))
                 lines.append(f"  {role}: {r['threshold']} of {len(r['keyids'])} ({keys})")
             lines.extend(f"+ key {k}" for k in s["added_keys"])
             lines.extend(f"- key {k}" for k in s["removed_keys"])
@@ -490,7 +494,7 @@ def stage_root(
         raise OperatorError(f"{out} exists; refusing to overwrite a signing request")
     current = repo.latest_root()
     base_bytes = _canonical(current)
-    new = Root.from_dict(json.loads(base_bytes))
+    new = Root.from_dict(json.loads(base_bytes, strict=False))
     new.version += 1
     new.expires = repo.root_expiry(now, days=expiry_days)
     role = new.roles["root"]
