@@ -285,6 +285,19 @@ def test_cli_kofn_init_key_list_and_serverless_ceremony(token: SoftToken, tmp_pa
     verified = run("repo", "verify", str(repo))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "fw-1.0.0.img" in run("release", "list", str(repo)).stdout
+    # root by the same ceremony, both root keys (server-less: no token involved)
+    root_req = tmp_path / "root.json"
+    staged_root = run("repo", "stage-root", str(repo), "--out", str(root_req))
+    assert staged_root.returncode == 0, staged_root.stderr
+    assert "root version 2 (replaces 1)" in staged_root.stdout
+    for name in ("root-ed25519", "root-ml-dsa-65"):
+        signed = run("sign", str(root_req), "--key", f"encfile:{keys / name}.pem", "--yes")
+        assert signed.returncode == 0, signed.stderr
+    published_root = run("release", "publish", str(repo), str(root_req))
+    assert published_root.returncode == 0, published_root.stderr
+    assert "published root version 2 (2 of 2 signatures)" in published_root.stdout
+    verified = run("repo", "verify", str(repo))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_signatures_count_by_the_repository_root_not_the_request_key_list(
