@@ -406,3 +406,9 @@ def test_root_ceremony_needs_both_root_keys_and_devices_follow(
         json.loads((dev.paths.root / "metadata" / "root.json").read_bytes())["signed"]["version"]
         == 2
     )
+
+
+@pytest.mark.parametrize("role", [["targets"], {"r": 1}, 5, "snapshot"])
+def test_request_for_an_unknown_role_is_refused(role: object) -> None:
+    with pytest.raises(VerificationError, match="only targets or root"):
+        SigningRequest({"otaguard_signing_request": 1, "role": role})

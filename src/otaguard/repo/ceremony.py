@@ -187,7 +187,7 @@ class SigningRequest:
         if not isinstance(doc, dict) or doc.get("otaguard_signing_request") != REQUEST_FORMAT:
             raise OtaVerifyError("not an otaguard signing request (or an unknown format)")
         role = doc.get("role")
-        if role not in _SIGNED_CLASS:
+        if not isinstance(role, str) or role not in _SIGNED_CLASS:
             raise OtaVerifyError(f"signing request for {role!r}: only targets or root")
         self.role: str = role
         self.signed_bytes = _unb64(doc.get("signed"), "the bytes to sign")
