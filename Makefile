@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml | sysdeps
 # proxy of the production-topology tests. A TPM-held device key (ADR 0006) needs
 # tpm2-openssl (the OpenSSL provider that presents it in TLS), tpm2-abrmd and its TCTI
 # (libtss2-tcti-tabrmd0: several TPM clients at once) and D-Bus (abrmd's bus; dbus-send
-# tells when abrmd is up). As root they are installed, otherwise listed (exit 1).
+# tells when abrmd is up). Keys in a PKCS#11 token (ADR 0013) are tested against SoftHSM2
+# (softhsm2: softhsm2-util and its module libsofthsm2.so); opensc's pkcs11-tool inspects a
+# token by hand. As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
-                dbus-daemon:dbus-daemon dbus-send:dbus-bin
+                dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
+                pkcs11-tool:opensc
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \

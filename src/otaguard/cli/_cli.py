@@ -41,6 +41,8 @@ TRUSTED_PROXIES_ENV = "OTAGUARD_TRUSTED_PROXIES"
 MANUFACTURER_CA_ENV = "OTAGUARD_MANUFACTURER_CA"
 # May carry a password: the environment keeps it out of argv (other users see ps).
 DATABASE_URL_ENV = "OTAGUARD_DATABASE_URL"
+# The user PIN of the token holding the server's hsm: online/director keys (never argv).
+HSM_PIN_ENV = "OTAGUARD_HSM_PIN"
 EXIT_ROLLED_BACK = 6
 EXIT_RECOVERY = 7  # no slot may boot: the device waits for a release at or above its floor
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -116,6 +118,7 @@ def _progress() -> Progress:
 
 # -- repository and releases -------------------------------------------------------------
 def _repo_init(a: argparse.Namespace) -> int:
+    from otaguard.cli._keys import key_specs
     from otaguard.crypto.signers import read_public_key
     from otaguard.repo import ImageRepository
 
@@ -134,6 +137,7 @@ def _repo_init(a: argparse.Namespace) -> int:
         passphrases=secrets,
         online_key=online_key,
         expiry_days=expiries,
+        key_specs=key_specs(a),
     )
     out.print(f"initialised image repository in {repo.dir}")
     out.print(f"private keys (keep them offline): {repo.keys_dir}")
@@ -265,6 +269,8 @@ def _server(a: argparse.Namespace) -> int:
             director_dir=a.director,
             director_key_uri=a.director_key_uri,
             rollout_interval=a.rollout_interval,
+            online_key_uri=a.online_key_uri,
+            hsm_pin=os.environ.get(HSM_PIN_ENV) or None,
             database_url=a.database_url or None,
         )
     except ValueError as e:
@@ -363,7 +369,12 @@ def _manufacturer(a: argparse.Namespace) -> int:
 def _server_init(a: argparse.Namespace) -> int:
     from otaguard.server import init_data_dir
 
-    paths = init_data_dir(a.data)
+    paths = init_data_dir(
+        a.data,
+        online_key_uri=a.online_key_uri,
+        director_key_uri=a.director_key_uri,
+        hsm_pin=os.environ.get(HSM_PIN_ENV) or None,
+    )
     out.print(f"prepared server data directory {paths.data_dir}")
     out.print(
         f"online public key (for 'otaguard repo init --online-key'): {paths.online_public_key}"
@@ -688,7 +699,24 @@ def _key_options(p: argparse.ArgumentParser) -> None:
     _plaintext_option(p, "the repository's keys are unencrypted")
 
 
+def _server_key_uris(p: argparse.ArgumentParser) -> None:
+    for role, what in (("online", "snapshot/timestamp"), ("director", "director")):
+        p.add_argument(
+            f"--{role}-key-uri",
+            metavar="URI",
+            help=f"signer URI of the {what} key, e.g. hsm:ID?label=TOKEN (PIN in "
+            f"${HSM_PIN_ENV}; public key in DATA/{role}-key.pub.json, written from the "
+            "token the first time); default: the file key in DATA (warns)",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
+    from otaguard.cli._keys import (
+        add_ceremony_parsers,
+        add_key_parsers,
+        add_kofn_options,
+        add_root_ceremony_parser,
+    )
     from otaguard.cli._ops import (
         add_ops_parsers,
         add_server_operator_parser,
@@ -729,6 +757,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
             help=f"{role} metadata lifetime (default {days})"
             + (", server-less mode only" if role in ("snapshot", "timestamp") else ""),
         )
+    add_kofn_options(init)
     init.set_defaults(func=_repo_init)
     ver = repo.add_parser("verify", help="check signatures, thresholds, expiry and target hashes")
     ver.add_argument("repo_dir", type=Path)
@@ -740,6 +769,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     ref.add_argument("--role", action="append", choices=("targets", "snapshot", "timestamp"))
     _key_options(ref)
     ref.set_defaults(func=_repo_refresh)
+    add_root_ceremony_parser(repo)
 
     dirp = sub.add_parser("director", help="director repository (Uptane)").add_subparsers(
         dest="director_cmd", required=True
@@ -794,6 +824,8 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     lst.add_argument("repo_dir", type=Path)
     lst.set_defaults(func=_release_list)
     release_check_parser(rel)
+    add_ceremony_parsers(rel)
+    add_key_parsers(sub)
 
     srv = sub.add_parser(
         "server", help="run the update server (HTTPS); 'server init' prepares its data directory"
@@ -868,12 +900,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="director directory (otaguard director init; public, no private key): answer "
         "each check-in with the device's instruction signed by DATA/director-key.pem",
     )
-    srv.add_argument(
-        "--director-key-uri",
-        metavar="URI",
-        help="signer URI of the director key (e.g. an HSM's; public key in "
-        "DATA/director-key.pub.json); default: the file key in DATA (warns)",
-    )
+    _server_key_uris(srv)
     srv.add_argument(
         "--rollout-interval",
         type=float,
@@ -895,6 +922,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
     )
     sinit.add_argument("--data", type=Path, required=True, help="server data directory")
+    _server_key_uris(sinit)
     sinit.set_defaults(func=_server_init)
     add_server_operator_parser(srv_cmds)
     sdb = srv_cmds.add_parser(

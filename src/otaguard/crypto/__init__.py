@@ -1,6 +1,7 @@
 """Keys, signers addressed by URI, the certificate authorities (fleet, device, manufacturer)."""
 
 from otaguard.crypto.ca import CertificateAuthority, ServerCredentials
+from otaguard.crypto.hsm import HSM_SCHEME, generate_hsm_key, hsm_public_key
 from otaguard.crypto.keys import (
     ALGORITHMS,
     generate_signer,
@@ -23,6 +24,7 @@ from otaguard.crypto.signers import (
 __all__ = [
     "ALGORITHMS",
     "ENCRYPTED_FILE_SCHEME",
+    "HSM_SCHEME",
     "PLAINTEXT_FILE_SCHEME",
     "CertificateAuthority",
     "EncryptedFileSigner",
@@ -30,7 +32,9 @@ __all__ = [
     "ManufacturerCA",
     "Passphrases",
     "ServerCredentials",
+    "generate_hsm_key",
     "generate_signer",
+    "hsm_public_key",
     "load_signer",
     "read_public_key",
     "resolve_key_uri",

@@ -11,8 +11,13 @@ Every private key otaguard uses is named by a securesystemslib signer URI and lo
     securesystemslib's unencrypted PKCS#8 file: development keys, and the server's online
     key until it moves into an HSM. Loaded only when the caller names
     :attr:`~otaguard.model.unsafe.Unsafe.PLAINTEXT_KEYS`; warns on every use.
-anything else (``hsm:``, ``gcpkms:`` ...)
-    passed to securesystemslib as is.
+``hsm:<id>?label=<token>``
+    a key in a PKCS#11 token, signed with securesystemslib's ``HSMSigner``
+    (:mod:`otaguard.crypto.hsm`). The secrets source's answer for the key's name is the
+    token's user PIN; it is asked once, and the PIN and the key are checked before
+    anything is signed.
+anything else (``gcpkms:``, ``awskms:``, ``azurekms:`` ...)
+    passed to securesystemslib untouched (its extras and credentials decide).
 
 The public key always comes from trusted metadata (the root), never from the private key
 file, so a key file swapped for another key is refused (``KeyMismatchError``).
@@ -41,6 +46,7 @@ from securesystemslib.signer import (
 )
 
 from otaguard._fs import atomic_write_json
+from otaguard.crypto.hsm import HSM_SCHEME, check_hsm_key
 from otaguard.crypto.keys import MAX_KEY_FILE_BYTES, warn_insecure
 from otaguard.model.errors import ConfigError, KeyAccessError, OtaguardError
 from otaguard.model.unsafe import Unsafe
@@ -192,6 +198,8 @@ def load_signer(
     path = file_uri_path(uri)
     where = f"{name} ({path})" if path is not None else name
     handler: SecretsHandler | None = None
+    if scheme == HSM_SCHEME:
+        return _load_hsm_signer(uri, public_key, name=name, secrets=secrets)
     if scheme == PLAINTEXT_FILE_SCHEME:
         if secrets is not Unsafe.PLAINTEXT_KEYS:
             raise KeyAccessError(
@@ -220,6 +228,23 @@ def load_signer(
     except (ValueError, TypeError, UnsupportedAlgorithm, SSlibError) as e:
         # KeyMismatchError is an SSlibError: the file holds another key than the root lists.
         raise ConfigError(f"key {where} is unusable: {type(e).__name__}: {e}") from e
+
+
+def _load_hsm_signer(uri: str, public_key: Key, *, name: str, secrets: KeySecrets | None) -> Signer:
+    """An ``HSMSigner`` whose PIN was asked once and checked against the token."""
+    if not callable(secrets):
+        raise KeyAccessError(f"key {name} is in a PKCS#11 token ({uri}): its PIN is needed")
+    if not isinstance(public_key, SSlibKey):
+        raise ConfigError(f"key {name} ({uri}) is not an ECDSA key")
+    pin_bytes = secrets(name)
+    if not isinstance(pin_bytes, bytes) or not pin_bytes:
+        raise KeyAccessError(f"empty PIN for key {name}")
+    pin = pin_bytes.decode("utf-8", "surrogateescape")
+    check_hsm_key(uri, public_key, pin=pin)
+    try:
+        return Signer.from_priv_key_uri(uri, public_key, lambda _secret: pin)
+    except (ValueError, TypeError, SSlibError) as e:
+        raise ConfigError(f"key {name} ({uri}) is unusable: {type(e).__name__}: {e}") from e
 
 
 def _default_keyid(key_dict: dict[str, Any]) -> str:

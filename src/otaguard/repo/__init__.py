@@ -1,5 +1,12 @@
 """Image repository tooling: build, sign and verify metadata (no HTTP)."""
 
+from otaguard.repo.ceremony import (
+    SigningRequest,
+    publish_request,
+    sign_request,
+    stage_release,
+)
+from otaguard.repo.keyspec import ExternalKey, RoleKeySpec
 from otaguard.repo.repository import (
     DEFAULT_EXPIRY_DAYS,
     OFFLINE_ROLES,
@@ -26,16 +33,22 @@ __all__ = [
     "OFFLINE_ROLES",
     "ONLINE_ROLES",
     "ROLE_ALGORITHMS",
+    "ExternalKey",
     "FileSource",
     "ImageRepository",
     "KeyRef",
     "OfflineRoles",
     "Release",
     "RoleCheck",
+    "RoleKeySpec",
+    "SigningRequest",
     "TargetCheck",
     "VerificationReport",
     "VerifiedRepository",
     "check_repository",
+    "publish_request",
+    "sign_request",
+    "stage_release",
     "verify_offline_roles",
     "verify_update",
 ]

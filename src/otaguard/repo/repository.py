@@ -68,6 +68,7 @@ from otaguard.model.names import check_target_name
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
+from otaguard.repo.keyspec import ROLE_ALGORITHMS, RoleKeySpec, algorithm_of, key_names
 from otaguard.repo.verify import VerificationReport, check_repository
 
 __all__ = [
@@ -98,13 +99,6 @@ MAX_EXPIRY_DAYS: Final = 3650
 OFFLINE_ROLES: Final = ("root", "targets")
 #: roles signed by the update server in server mode, by local keys in local mode
 ONLINE_ROLES: Final = ("snapshot", "timestamp")
-# Offline roles are hybrid: a classical and a post-quantum key, threshold = both.
-ROLE_ALGORITHMS: Final = {
-    "root": ("ed25519", "ml-dsa-65"),
-    "targets": ("ed25519", "ml-dsa-65"),
-    "snapshot": ("ed25519",),
-    "timestamp": ("ed25519",),
-}
 #: key name recorded for the update server's online key (it has no URI here)
 SERVER_KEY_NAME: Final = "server-online"
 # More root versions than this in one repository is not a rotation history but an attack.
@@ -225,16 +219,24 @@ def _new_secrets(names: Sequence[str], passphrases: KeySecrets) -> dict[str, _Se
 
 
 def _create_keys(
-    keys_dir: Path, roles: Sequence[str], secrets: Mapping[str, _Secret]
+    keys_dir: Path,
+    roles: Sequence[str],
+    secrets: Mapping[str, _Secret],
+    specs: Mapping[str, RoleKeySpec],
 ) -> tuple[dict[str, list[Signer]], dict[str, list[KeyRef]]]:
-    """Generate each role's keys into ``keys_dir`` (0700), one 0600 file per key."""
+    """Generate each role's keys into ``keys_dir`` (0700), one 0600 file per key.
+
+    Keys given by URI (``specs[role].external``) are recorded after the generated ones;
+    only the generated ones are returned as signers.
+    """
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(keys_dir, 0o700)
     signers: dict[str, list[Signer]] = {}
     refs: dict[str, list[KeyRef]] = {}
     for role in roles:
-        for alg in ROLE_ALGORITHMS[role]:
-            name = f"{role}-{alg}"
+        spec = specs[role]
+        generated, external = key_names(role, spec)
+        for name, alg in generated:
             signer = generate_signer(alg)
             secret = secrets[name]
             write_private_key(keys_dir / f"{name}.pem", signer, passphrase=secret)
@@ -244,6 +246,10 @@ def _create_keys(
             signers.setdefault(role, []).append(signer)
             refs.setdefault(role, []).append(
                 KeyRef(name, role, alg, signer.public_key.keyid, f"{scheme}:{name}.pem")
+            )
+        for name, ext in zip(external, spec.external, strict=True):
+            refs.setdefault(role, []).append(
+                KeyRef(name, role, algorithm_of(ext.public_key), ext.public_key.keyid, ext.uri)
             )
     return signers, refs
 
@@ -394,6 +400,7 @@ class ImageRepository:
         passphrases: KeySecrets,
         online_key: Key | None = None,
         expiry_days: Mapping[str, int] | None = None,
+        key_specs: Mapping[str, RoleKeySpec] | None = None,
         now: datetime | None = None,
     ) -> ImageRepository:
         """Create keys and signed version-1 metadata.
@@ -410,6 +417,11 @@ class ImageRepository:
                 repository with its own snapshot and timestamp keys.
             expiry_days: per-role expiry, defaults to :data:`DEFAULT_EXPIRY_DAYS`; in
                 server mode snapshot and timestamp lifetimes are server settings.
+            key_specs: k-of-n per offline role (root, targets): how many keys, the
+                threshold, and keys given by URI; default :meth:`RoleKeySpec.default`
+                (the hybrid pair, threshold 2). When the generated keys do not reach a
+                role's threshold, its keys given by URI sign the first version too
+                (unlocked through ``passphrases`` by key name: an HSM's PIN).
             now: reference time (tests).
 
         Raises:
@@ -423,17 +435,24 @@ class ImageRepository:
         server_mode = online_key is not None
         local_roles = OFFLINE_ROLES if server_mode else tuple(ROLE_ALGORITHMS)
         expiries = _init_expiries(local_roles, expiry_days or {}, server_mode=server_mode)
+        specs = {role: RoleKeySpec.default(role) for role in ROLE_ALGORITHMS}
+        for role, spec in (key_specs or {}).items():
+            if role not in OFFLINE_ROLES:
+                raise OperatorError(f"k-of-n applies to the offline roles, not {role}")
+            specs[role] = spec
         now = now or datetime.now(UTC)
         # Every passphrase first: a refused or mistyped one leaves nothing behind.
         secrets = _new_secrets(
-            [f"{role}-{alg}" for role in local_roles for alg in ROLE_ALGORITHMS[role]],
+            [name for role in local_roles for name, _ in key_names(role, specs[role])[0]],
             passphrases,
         )
         for d in (repo_dir / "metadata", repo_dir / "targets"):
             d.mkdir(parents=True, exist_ok=True)
-        signers, refs = _create_keys(keys_dir, local_roles, secrets)
+        signers, refs = _create_keys(keys_dir, local_roles, secrets, specs)
         public_keys: dict[str, list[Key]] = {
-            role: [s.public_key for s in role_signers] for role, role_signers in signers.items()
+            role: [s.public_key for s in signers.get(role, [])]
+            + [e.public_key for e in specs[role].external]
+            for role in local_roles
         }
         if online_key is not None:
             for role in ONLINE_ROLES:
@@ -445,11 +464,25 @@ class ImageRepository:
 
         root = Root(expires=_expires(now, expiries["root"]), consistent_snapshot=True)
         for role, keys in public_keys.items():
-            root.roles[role] = Role([k.keyid for k in keys], threshold=len(keys))
+            threshold = specs[role].threshold if role in OFFLINE_ROLES else len(keys)
+            root.roles[role] = Role([k.keyid for k in keys], threshold=threshold)
             for k in keys:
                 root.keys[k.keyid] = k
         repo = cls(repo_dir, passphrases=passphrases, keys_dir=keys_dir)
         repo._signers = signers
+        for role in OFFLINE_ROLES:
+            if len(signers.get(role, [])) < specs[role].threshold:
+                # the generated keys alone cannot sign version 1: the URI keys sign too
+                repo._signers[role] = signers.get(role, []) + [
+                    load_signer(
+                        resolve_key_uri(ref.uri, keys_dir),
+                        root.keys[ref.keyid],
+                        name=ref.name,
+                        secrets=passphrases,
+                    )
+                    for ref in refs[role][len(signers.get(role, [])) :]
+                    if ref.uri is not None
+                ]
         repo._sign_and_write(Metadata(root), "root")
         targets_md = Metadata(Targets(expires=_expires(now, expiries["targets"])))
         repo._sign_and_write(targets_md, "targets")
@@ -623,6 +656,65 @@ class ImageRepository:
             raise ConfigError(f"{path} is not {role} metadata")
         return md
 
+    def latest_root(self) -> Root:
+        """The newest root on disk (read as is: :meth:`verify` checks the chain)."""
+        return self._latest("root", Root).signed
+
+    def latest_targets(self) -> Targets:
+        """The newest targets on disk."""
+        return self._latest("targets", Targets).signed
+
+    def targets_expiry(self, now: datetime) -> datetime:
+        """When targets signed at ``now`` expire (the repository's targets lifetime)."""
+        return self._expires("targets", now)
+
+    def root_expiry(self, now: datetime, *, days: int | None = None) -> datetime:
+        """When a root signed at ``now`` expires: ``days``, else the repository's root lifetime.
+
+        Raises:
+            OperatorError: ``days`` out of range.
+        """
+        if days is not None and not 0 < days <= MAX_EXPIRY_DAYS:
+            raise OperatorError(f"invalid expiry for root: {days} days")
+        return _expires(now, days) if days is not None else self._expires("root", now)
+
+    def write_signed_root(self, root_md: Metadata[Root]) -> None:
+        """Write a root signed elsewhere (the ceremony) as the next version and ``root.json``.
+
+        The caller checked it is signed by a threshold of the current root's root keys and
+        of its own.
+
+        Raises:
+            OperatorError: not the next version.
+        """
+        if root_md.signed.version != self.latest_version("root") + 1:
+            raise OperatorError("the signed root is not the next version")
+        if root_md.signed.version > MAX_ROOT_VERSIONS:
+            raise OperatorError(f"more than {MAX_ROOT_VERSIONS} root versions")
+        data = root_md.to_bytes()
+        atomic_write_bytes(self.metadata_dir / f"{root_md.signed.version}.root.json", data)
+        atomic_write_bytes(self.metadata_dir / "root.json", data)
+
+    def write_signed_targets(self, targets_md: Metadata[Targets], *, now: datetime) -> None:
+        """Write targets signed elsewhere (the signing ceremony) as the next version.
+
+        The caller checked its signatures against the newest root. Server-less, the
+        snapshot and timestamp keys are unlocked first and sign what leads to it.
+
+        Raises:
+            OperatorError: not the next version.
+            KeyAccessError: a snapshot or timestamp key cannot be unlocked (nothing written).
+        """
+        if targets_md.signed.version != self.latest_version("targets") + 1:
+            raise OperatorError("the signed targets are not the next version")
+        if not self.server_signed:
+            self.unlock(ONLINE_ROLES)
+        atomic_write_bytes(
+            self.metadata_dir / f"{targets_md.signed.version}.targets.json", targets_md.to_bytes()
+        )
+        if not self.server_signed:
+            self._write_snapshot_and_timestamp(targets_md, now=now)
+
     def releases(self) -> list[Release]:
         """Every published target with its parsed otaguard fields, oldest version first."""
         targets: Targets = self._latest("targets", Targets).signed
@@ -662,6 +754,38 @@ class ImageRepository:
             KeyAccessError: a key cannot be unlocked (nothing was written).
         """
         now = now or datetime.now(UTC)
+        targets_md, info, name = self.check_new_release(
+            image,
+            version=version,
+            hardware_ids=hardware_ids,
+            security=security,
+            security_counter=security_counter,
+        )
+        # Unlock every key before writing anything, so a wrong passphrase changes nothing.
+        self.unlock(self.signing_roles())
+        release = self.store_release(targets_md, Path(image), name, info, progress=progress)
+        self._sign_targets(targets_md, now)
+        logger.info("added release %s (%s bytes)", name, release.length)
+        return release
+
+    def check_new_release(
+        self,
+        image: Path,
+        *,
+        version: str,
+        hardware_ids: Sequence[str],
+        security: bool,
+        security_counter: int | None,
+    ) -> tuple[Metadata[Targets], ReleaseInfo, str]:
+        """Check a new release against the published ones; nothing is written.
+
+        Returns:
+            The newest targets metadata (to extend), the release's fields and its
+            target name.
+
+        Raises:
+            OperatorError: as :meth:`add_release`.
+        """
         try:
             new_version = Version.parse(version)
         except ValueError as e:
@@ -702,16 +826,26 @@ class ImageRepository:
         targets_md: Metadata[Targets] = self._latest("targets", Targets)
         if name in targets_md.signed.targets:
             raise OperatorError(f"target {name} already exists")
+        return targets_md, info, name
 
-        # Unlock every key before writing anything, so a wrong passphrase changes nothing.
-        self.unlock(self.signing_roles())
+    def store_release(
+        self,
+        targets_md: Metadata[Targets],
+        image: Path,
+        name: str,
+        info: ReleaseInfo,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> Release:
+        """Store ``image``'s blob under its hash name and list it in ``targets_md``.
+
+        Nothing is signed: an unlisted blob in ``targets/`` is served to nobody.
+        """
         length, sha256 = self._store_blob(image, name, progress=progress)
         tf = TargetFile(
             length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()}
         )
         targets_md.signed.targets[name] = tf
-        self._sign_targets(targets_md, now)
-        logger.info("added release %s (%s bytes)", name, length)
         return Release(name, length, sha256, info)
 
     def _store_blob(

@@ -606,7 +606,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         refuse_private_keys(settings.repo_dir)
     token = load_or_create_operator_token(data_dir)
     online = OnlineSigner(
-        load_online_signer(data_dir, uri=settings.online_key_uri),
+        load_online_signer(data_dir, uri=settings.online_key_uri, pin=settings.hsm_pin),
         lifetimes=OnlineLifetimes(
             timestamp=settings.timestamp_expiry, snapshot=settings.snapshot_expiry
         ),
@@ -623,7 +623,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     director: Director | None = None
     if settings.director_dir is not None:
         refuse_private_keys(settings.director_dir)
-        director_signer = load_director_signer(data_dir, uri=settings.director_key_uri)
+        director_signer = load_director_signer(
+            data_dir, uri=settings.director_key_uri, pin=settings.hsm_pin
+        )
         roots = load_director_roots(settings.director_dir, keyid=director_signer.public_key.keyid)
         director = Director(
             signer=director_signer,

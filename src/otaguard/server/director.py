@@ -179,7 +179,9 @@ def sign_instruction(
     return md.to_bytes()
 
 
-def load_director_signer(data_dir: Path, *, uri: str | None = None) -> Signer:
+def load_director_signer(
+    data_dir: Path, *, uri: str | None = None, pin: str | None = None
+) -> Signer:
     """The server's director key (created in the data directory on first use, unless ``uri``).
 
     Raises:
@@ -192,6 +194,7 @@ def load_director_signer(data_dir: Path, *, uri: str | None = None) -> Signer:
         private_name=DIRECTOR_KEY_FILE,
         public_name=DIRECTOR_PUBLIC_KEY_FILE,
         name="director",
+        pin=pin,
         what="director (per-device targets)",
     )
 

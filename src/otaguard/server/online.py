@@ -36,6 +36,7 @@ from securesystemslib.signer import CryptoSigner, Key, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
 
 from otaguard._fs import atomic_write_bytes
+from otaguard.crypto.hsm import hsm_public_key, is_hsm_uri
 from otaguard.crypto.signers import (
     PLAINTEXT_FILE_SCHEME,
     load_signer,
@@ -152,6 +153,7 @@ def load_online_signer(
     public_name: str = ONLINE_PUBLIC_KEY_FILE,
     name: str = "online",
     what: str = "online (snapshot/timestamp)",
+    pin: str | None = None,
 ) -> Signer:
     """Load one of the server's online signers (by default the snapshot/timestamp key).
 
@@ -164,14 +166,20 @@ def load_online_signer(
         public_name: file name of its public half.
         name: the key's name (passphrase prompts, messages).
         what: what the key signs, for the warning.
+        pin: the token's user PIN when ``uri`` is an ``hsm:`` key.
 
     Raises:
         ConfigError: the key is unusable or does not match its public key file.
         KeyAccessError: the key needs a secret the server cannot give.
     """
     if uri is not None:
-        public = read_public_key(Path(data_dir) / public_name)
-        return load_signer(uri, public, name=name, secrets=None)
+        public_path = Path(data_dir) / public_name
+        if is_hsm_uri(uri) and not public_path.exists():
+            # first start with a token key: its public half comes from the token, once
+            write_public_key(public_path, hsm_public_key(uri))
+        public = read_public_key(public_path)
+        secrets = None if pin is None else (lambda _name: pin.encode())
+        return load_signer(uri, public, name=name, secrets=secrets)
     files = ensure_online_key(data_dir, private_name=private_name, public_name=public_name)
     return load_signer(
         files.uri,

@@ -96,7 +96,11 @@ class DataDirPaths:
 
 
 def init_data_dir(
-    data_dir: Path, *, online_key_uri: str | None = None, director_key_uri: str | None = None
+    data_dir: Path,
+    *,
+    online_key_uri: str | None = None,
+    director_key_uri: str | None = None,
+    hsm_pin: str | None = None,
 ) -> DataDirPaths:
     """Prepare a server data directory: online key, operator token, CAs. Idempotent.
 
@@ -105,7 +109,10 @@ def init_data_dir(
     Args:
         data_dir: the directory (created mode 0700).
         online_key_uri: as :attr:`ServerSettings.online_key_uri`; ``None`` creates the file
-            key (warns: production keys belong in an HSM).
+            key (warns: production keys belong in an HSM). An ``hsm:`` key's public half
+            is written from the token into ``DATA/online-key.pub.json`` the first time.
+        director_key_uri: the same for the director key.
+        hsm_pin: the token's user PIN for ``hsm:`` keys.
 
     Raises:
         ConfigError: a key, token or CA file is unusable.
@@ -113,8 +120,8 @@ def init_data_dir(
     """
     data_dir = Path(data_dir)
     prepare_data_dir(data_dir)
-    load_online_signer(data_dir, uri=online_key_uri)
-    load_director_signer(data_dir, uri=director_key_uri)
+    load_online_signer(data_dir, uri=online_key_uri, pin=hsm_pin)
+    load_director_signer(data_dir, uri=director_key_uri, pin=hsm_pin)
     load_or_create_operator_token(data_dir)
     ca = CertificateAuthority.load_or_create(data_dir / "ca")
     DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR)

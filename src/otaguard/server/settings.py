@@ -123,6 +123,8 @@ class ServerSettings:
             creates in ``data_dir`` (warns).
         rollout_interval: seconds between evaluations of the active rollouts (phase
             advance, automatic halt) besides those at check-ins (ADR 0011).
+        hsm_pin: the user PIN of the PKCS#11 token holding an ``hsm:`` online or director
+            key (the CLI reads it from ``OTAGUARD_HSM_PIN``, never from argv); never logged.
     """
 
     data_dir: Path
@@ -147,6 +149,7 @@ class ServerSettings:
     director_dir: Path | None = None
     director_key_uri: str | None = None
     rollout_interval: float = 5.0
+    hsm_pin: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         parse_trusted_proxies(self.trusted_proxies)

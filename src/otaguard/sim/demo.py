@@ -37,6 +37,7 @@ from otaguard.repo.director import init_director
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
+from otaguard.sim.ceremony import HSM_KEY_NAME, ceremony_release, start_demo_token
 from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 from otaguard.sim.rollout_demo import staged_rollouts
@@ -305,13 +306,21 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     console.print(f"online public key: {paths.online_public_key}")
 
     step("2. Offline repository: hybrid Ed25519 + ML-DSA-65 root and targets keys")
+    token = start_demo_token(work / "softhsm")
+    if token is not None:
+        passphrases[HSM_KEY_NAME] = token.pin.encode()
     repo = ImageRepository.init(
         work / "repo",
         keys_dir=work / "offline-keys",
         passphrases=passphrase,
         online_key=read_public_key(paths.online_public_key),
+        key_specs={"targets": token.key_spec} if token is not None else None,
     )
     console.print(f"private keys in {repo.keys_dir}, none in {repo.dir}")
+    if token is not None:
+        console.print(f"targets 2 of 3: a third key, {HSM_KEY_NAME}, made inside a SoftHSM2 token")
+    else:
+        console.print("[yellow]softhsm2 not installed: targets keys are the hybrid pair[/yellow]")
     v100 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.0.0")
     rel100 = repo.add_release(
         v100, version="1.0.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
@@ -388,8 +397,15 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
 
         step("5. Release 1.1.0 (security); the director instructs every device to install it")
         v110 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.1.0")
-        rel110 = repo.add_release(
-            v110, version="1.1.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
+        # Through the offline ceremony: staged without a key, signed by two people, published.
+        rel110, signed_by = ceremony_release(
+            repo, v110, version="1.1.0", hardware_id=HARDWARE_ID, security=True,
+            passphrase=passphrase, request=work / "1.1.0.request.json",
+        )  # fmt: skip
+        console.print(
+            f"1.1.0 staged, signed by {' and '.join(signed_by)}"
+            + (" (in SoftHSM2)" if HSM_KEY_NAME in signed_by else "")
+            + ", published"
         )
         wait_served(server, repo)
         runs = _update_fleet(console, fleet, "rollout 1.1.0")
