@@ -14,6 +14,7 @@ import pytest
 
 from conftest import HW, World, start_world
 from otaguard.server.client import FleetClient
+from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleetsim import FleetSim, SimSettings
 
 
@@ -71,3 +72,57 @@ def test_simulated_fleet_updates_through_the_director(dworld: World) -> None:
         latest = f.checkins(sim.devices[0].serial).checkins[0]
     assert latest.running_version == "1.1.0"
     assert "outcome=updated" in latest.detail
+
+
+def test_fail_rate_reaches_the_check_in_history(dworld: World) -> None:
+    """A fraction of devices fail 1.1.0's health check: they stay on 1.0.0, report
+    ``rolled-back`` in the next signed manifest (the server records it), and do not retry
+    the rejected image; the others run 1.1.0."""
+    sim = _enrolled(dworld, 100, fail_rate=0.3, fail_release="1.1.0")
+    failing = {d.serial for d in sim.devices if d.fails}
+    assert 15 <= len(failing) <= 45  # drawn from the serial: about 30 of 100
+    dworld.release("1.1.0")
+    stats = asyncio.run(sim.run(cycles=3))
+    assert not stats.errors, stats.error_examples
+    assert stats.failed_installs == {"1.1.0": len(failing)}  # once each: never retried
+    assert stats.installs == {"1.1.0": 100 - len(failing)}
+    assert stats.running == {"1.0.0": len(failing), "1.1.0": 100 - len(failing)}
+    bad, good = sorted(failing)[0], next(d.serial for d in sim.devices if not d.fails)
+    with _fleet(dworld) as f:
+        bad_latest = f.checkins(bad).checkins[0]
+        good_latest = f.checkins(good).checkins[0]
+    assert bad_latest.running_version == "1.0.0"
+    assert "outcome=rolled-back" in bad_latest.detail
+    assert "version=1.1.0" in bad_latest.detail
+    assert good_latest.running_version == "1.1.0"
+    assert "outcome=updated" in good_latest.detail
+
+
+def test_identity_cache_makes_a_rerun_skip_enrollment(dworld: World) -> None:
+    """A second simulator on the same identity cache enrolls nobody and checks in."""
+    first = _enrolled(dworld, 5)
+    asyncio.run(first.run(cycles=1))
+    again = FleetSim(_settings(dworld, 5))
+    asyncio.run(again.enroll(operator_token=dworld.server.operator_token))
+    assert [d.identity for d in again.devices] == [d.identity for d in first.devices]
+    stats = asyncio.run(again.run(cycles=1))
+    assert (stats.checkins, dict(stats.errors)) == (5, {})
+
+
+def test_compromised_director_is_refused_counted_and_reported(dworld: World) -> None:
+    """The director's real key names an image the image repository lacks: every
+    simulated device refuses (counted, nothing installed) and flags it at its next
+    check-in, which the server surfaces as an alert."""
+    sim = _enrolled(dworld, 20)
+    attacker = CompromisedDirector(dworld.server.app.state.director, dworld.server.data_dir)
+    attacker.instruct(name="evil-9.9.9.img", length=1000, sha256="ab" * 32)
+    stats = asyncio.run(sim.run(cycles=1))
+    assert stats.errors == {"DirectorMismatchError": 20}
+    assert "the image repository lacks" in stats.error_examples["DirectorMismatchError"]
+    assert stats.running == {"1.0.0": 20} and not stats.installs
+    attacker.restore()
+    stats = asyncio.run(sim.run(cycles=1))
+    assert stats.checkins == 40
+    with _fleet(dworld) as f:
+        alerts = f.checkins(sim.devices[0].serial).alerts
+    assert ("attack", "device refused: director-image-mismatch") in [(k, d) for _, k, d in alerts]
