@@ -53,47 +53,46 @@ class RepositoryView:
         self._director: Root | None = None
         self._targets: dict[str, TargetFile] = {}
         self._refreshed = float("-inf")
+        self._director_checked = float("-inf")
         self._lock = asyncio.Lock()
-
-    @property
-    def director_root(self) -> Root | None:
-        """The newest verified director root (``None`` before the first refresh)."""
-        return self._director
 
     def targets(self) -> dict[str, TargetFile]:
         """The verified image repository targets (empty before the first refresh)."""
         return dict(self._targets)
 
-    def fresh(self, *, needs: str | None = None, director: bool = True) -> bool:
-        """Whether the view is recent, lists ``needs`` (a target path) if given, and
-        (with ``director``) has followed the director root."""
-        if director and self._director is None:
-            return False
+    def fresh(self, *, needs: str | None = None) -> bool:
+        """Whether the image repository view is recent and lists ``needs``, if given."""
         if time.monotonic() - self._refreshed > REFRESH_INTERVAL_S:
             return False
         return needs is None or needs in self._targets
 
-    async def ensure(
-        self, conn: AsyncConnection, *, needs: str | None = None, director: bool = True
-    ) -> None:
-        """Refresh through ``conn`` unless another device just did.
+    async def ensure_director(self, conn: AsyncConnection) -> Root:
+        """The director root, followed through ``conn`` (a device's) unless recently done.
 
-        The director root is served to devices only: ``director=False`` refreshes the
-        image repository alone (an operator's connection may read it).
+        Raises:
+            DirectorMetadataError: a rotation failed verification, or the root expired.
+            TransportError: a root could not be fetched.
+        """
+        async with self._lock:
+            stale = time.monotonic() - self._director_checked > REFRESH_INTERVAL_S
+            if self._director is None or stale:
+                await self._refresh_director(conn)
+                self._director_checked = time.monotonic()
+            assert self._director is not None  # noqa: S101 - set by the refresh or raised
+            return self._director
+
+    async def ensure_images(self, conn: AsyncConnection, *, needs: str | None = None) -> None:
+        """Refresh the image repository view through ``conn`` unless another device just did.
 
         Raises:
             VerificationError: the image repository's metadata failed verification.
-            DirectorMetadataError: the director root rotation failed verification.
             TransportError: a file could not be fetched.
         """
-        if self.fresh(needs=needs, director=director):
+        if self.fresh(needs=needs):
             return
         async with self._lock:
-            if self.fresh(needs=needs, director=director):
-                return
-            if director:
-                await self._refresh_director(conn)
-            await self._refresh(conn)
+            if not self.fresh(needs=needs):
+                await self._refresh(conn)
 
     async def _get(self, conn: AsyncConnection, path: str, *, max_body: int) -> bytes | None:
         status, data = await conn.request("GET", path, max_body=max_body)

@@ -327,7 +327,7 @@ class FleetSim:
         async with AsyncConnection(
             s.server_url, tls=plain, timeout=s.timeout, headers=bearer
         ) as conn:
-            await self.view.ensure(conn, director=False)
+            await self.view.ensure_images(conn)
         offers = []
         for target in self.view.targets().values():
             try:
@@ -390,9 +390,8 @@ class FleetSim:
             if len(self.stats.latencies) < MAX_SAMPLES:
                 self.stats.latencies.append(elapsed)
             try:
-                await self.view.ensure(conn)
-                root = self.view.director_root
-                if result.director is None or root is None:
+                root = await self.view.ensure_director(conn)
+                if result.director is None:
                     raise DirectorMetadataError(
                         "the server gave no director instruction at check-in"
                     )
@@ -406,7 +405,7 @@ class FleetSim:
                 )
                 if instruction.target is None:
                     return
-                await self.view.ensure(conn, needs=instruction.target.path)
+                await self.view.ensure_images(conn, needs=instruction.target.path)
                 offer = match_image_repository(
                     instruction.target,
                     self.view.targets().get(instruction.target.path),
