@@ -7,6 +7,9 @@ selection code in one asyncio process; these tests drive it through its library 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +129,59 @@ def test_compromised_director_is_refused_counted_and_reported(dworld: World) -> 
     with _fleet(dworld) as f:
         alerts = f.checkins(sim.devices[0].serial).alerts
     assert ("attack", "device refused: director-image-mismatch") in [(k, d) for _, k, d in alerts]
+
+
+def _cli(w: World, *args: str, root: Path | None = None) -> subprocess.CompletedProcess[str]:
+    assert w.server.ca_cert is not None and w.director_root is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+    env["OTAGUARD_OPERATOR_TOKEN"] = w.server.operator_token
+    base = [
+        *w.cli(), "sim", "--server", w.server.base_url, "--ca", str(w.server.ca_cert),
+        "--root", str(root or w.repo.metadata_dir / "root.json"),
+        "--director-root", str(w.director_root), "--hardware-id", HW,
+    ]  # fmt: skip
+    return subprocess.run(
+        [*base, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_sim_prints_the_summary(dworld: World) -> None:
+    dworld.release("1.1.0")
+    done = _cli(
+        dworld, "--devices", "12", "--cycles", "2", "--initial-version", "1.0.0",
+        "--fail-rate", "0.5", "--fail-release", "1.1.0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "24 in" in done.stdout  # check-ins
+    assert "p99" in done.stdout
+    assert re.search(r"version 1\.1\.0\s+│ \d+ running, \d+ installed, \d+ failed", done.stdout)
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--devices", "0"], "at least one device"),
+        (["--devices", "2", "--fail-rate", "0.5"], "--fail-rate needs --fail-release"),
+        (["--devices", "2", "--fail-rate", "7"], "a fraction between 0 and 1"),
+        (["--devices", "2", "--initial-version", "9.9.9"], "no release 9.9.9"),
+    ],
+)
+def test_cli_sim_refuses_bad_input_in_one_line(
+    dworld: World, args: list[str], message: str
+) -> None:
+    done = _cli(dworld, *args)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]  # argparse prints usage first
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_sim_refuses_a_hostile_root_file(dworld: World) -> None:
+    """A root file of 2 MB is not read whole: one line, exit 2, no traceback."""
+    bad = dworld.tmp / "bad-root.json"
+    bad.write_bytes(b"{" * 2_000_000)
+    done = _cli(dworld, "--devices", "1", root=bad)
+    assert done.returncode == 2, done.stderr
+    assert "larger than" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

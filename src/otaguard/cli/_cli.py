@@ -693,6 +693,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         add_server_operator_parser,
         fleet_inventory_parsers,
     )
+    from otaguard.cli._sim import add_sim_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -962,6 +963,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="back to the default: the newest release for the device's hardware id",
     )
     add_ops_parsers(sub)
+    add_sim_parser(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True

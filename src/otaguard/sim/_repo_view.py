@@ -54,11 +54,18 @@ class RepositoryView:
         self._targets: dict[str, TargetFile] = {}
         self._refreshed = float("-inf")
         self._director_checked = float("-inf")
-        self._lock = asyncio.Lock()
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     def targets(self) -> dict[str, TargetFile]:
         """The verified image repository targets (empty before the first refresh)."""
         return dict(self._targets)
+
+    def _lock(self) -> asyncio.Lock:
+        """One refresh at a time, per event loop (a library user may run several)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._locks:
+            self._locks = {loop: asyncio.Lock()}
+        return self._locks[loop]
 
     def fresh(self, *, needs: str | None = None) -> bool:
         """Whether the image repository view is recent and lists ``needs``, if given."""
@@ -73,7 +80,7 @@ class RepositoryView:
             DirectorMetadataError: a rotation failed verification, or the root expired.
             TransportError: a root could not be fetched.
         """
-        async with self._lock:
+        async with self._lock():
             stale = time.monotonic() - self._director_checked > REFRESH_INTERVAL_S
             if self._director is None or stale:
                 await self._refresh_director(conn)
@@ -90,7 +97,7 @@ class RepositoryView:
         """
         if self.fresh(needs=needs):
             return
-        async with self._lock:
+        async with self._lock():
             if not self.fresh(needs=needs):
                 await self._refresh(conn)
 

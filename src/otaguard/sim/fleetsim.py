@@ -316,7 +316,6 @@ class FleetSim:
         installed = await self._initial(operator_token)
         self.devices = [self._load(x, p, installed) for x, p in enrolled]
         self.stats.enrolled = len(self.devices)
-        self._busy = {d.serial: asyncio.Lock() for d in self.devices}
         self._count_running()
 
     async def _initial(self, operator_token: str) -> InstalledTarget:
@@ -466,6 +465,7 @@ class FleetSim:
         if not self.devices:
             raise OperatorError("no enrolled device: enroll first")
         s = self.settings
+        self._busy = {d.serial: asyncio.Lock() for d in self.devices}  # this loop's
         deadline = None if duration is None else time.monotonic() + duration
         queue: asyncio.Queue[SimDevice] = asyncio.Queue(maxsize=s.concurrency * 2)
 
