@@ -88,6 +88,8 @@ DEFAULT_TIMEOUT_S: Final = 30.0
 MAX_ENROLL_BYTES: Final = 64 * 1024
 #: what a simulated device accepts as an image length (the agent's default cap)
 MAX_IMAGE_BYTES: Final = 4 * 1024 * 1024 * 1024
+#: a static file the bench fetches (a root or timestamp: a few KiB)
+MAX_STATIC_BYTES: Final = 1024 * 1024
 #: the fleet's latency samples kept for percentiles (a 10,000-device run stays small)
 MAX_SAMPLES: Final = 1_000_000
 _JSON: Final = {"Content-Type": "application/json"}
@@ -154,6 +156,8 @@ class FleetStats:
     devices: int = 0
     enrolled: int = 0
     checkins: int = 0
+    #: GETs of a static file (:meth:`FleetSim.fetch_static`), the bench's reference
+    static_fetches: int = 0
     installs: Counter[str] = field(default_factory=Counter)
     failed_installs: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -171,8 +175,9 @@ class FleetStats:
 
     @property
     def rate(self) -> float:
-        """Accepted check-ins per second over the run."""
-        return self.checkins / self.elapsed if self.elapsed > 0 else 0.0
+        """Accepted check-ins (or static fetches) per second over the run."""
+        done = self.checkins + self.static_fetches
+        return done / self.elapsed if self.elapsed > 0 else 0.0
 
     def percentile(self, p: float) -> float:
         """The ``p``-th percentile (0-100) of check-in latency in seconds, 0 when none."""
@@ -447,18 +452,45 @@ class FleetSim:
         dev.last_result = {**report, "outcome": "updated", "detail": "simulated install"}
         self.stats.installs[version] += 1
 
-    async def _one(self, dev: SimDevice) -> None:
+    async def fetch_static(self, dev: SimDevice, path: str) -> None:
+        """GET ``path`` over a fresh mutual-TLS connection of ``dev`` (the static-file
+        reference a check-in's cost is compared with).
+
+        Raises:
+            TransportError: the request failed or was not answered 200.
+        """
+        s = self.settings
+        start = time.perf_counter()
+        async with AsyncConnection(s.server_url, tls=dev.tls(s.ca_cert), timeout=s.timeout) as conn:
+            status, _ = await conn.request("GET", path, max_body=MAX_STATIC_BYTES)
+        if status != 200:
+            raise TransportError(f"GET {path}: server answered {status}")
+        self.stats.static_fetches += 1
+        if len(self.stats.latencies) < MAX_SAMPLES:
+            self.stats.latencies.append(time.perf_counter() - start)
+
+    async def _one(self, dev: SimDevice, static_path: str | None) -> None:
         async with self._busy[dev.serial]:
             try:
+                if static_path is not None:
+                    await self.fetch_static(dev, static_path)
+                    return
                 await self.check_in(dev)
             except OtaguardError as e:
                 self.stats.error(e)
 
-    async def run(self, *, cycles: int | None = None, duration: float | None = None) -> FleetStats:
+    async def run(
+        self,
+        *,
+        cycles: int | None = None,
+        duration: float | None = None,
+        static_path: str | None = None,
+    ) -> FleetStats:
         """Check every device in ``cycles`` times, or round after round for ``duration`` s.
 
         Rounds go device by device with at most ``concurrency`` check-ins at a time; the
-        progress callback sees the stats twice a second.
+        progress callback sees the stats twice a second. With ``static_path`` each step
+        is a GET of that path instead (:meth:`fetch_static`).
         """
         if (cycles is None) == (duration is None):
             raise OperatorError("give either cycles or a duration")
@@ -482,7 +514,7 @@ class FleetSim:
             while True:
                 dev = await queue.get()
                 try:
-                    await self._one(dev)
+                    await self._one(dev, static_path)
                 finally:
                     queue.task_done()
 
