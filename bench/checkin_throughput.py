@@ -296,9 +296,9 @@ def measure(  # noqa: PLR0917 - a script's helper
     enroll_s = time.perf_counter() - t0
     on_start()
     checkin = asyncio.run(sim.run(cycles=1))
-    static_sim = FleetSim(settings)
-    static_sim.devices = sim.devices  # the same devices, checked in just now
-    static = asyncio.run(static_sim.run(cycles=1, static_path=STATIC_PATH))
+    # The same devices (checked in just now), the same TLS contexts, fresh counters.
+    sim.stats = FleetStats(devices=devices, enrolled=checkin.enrolled)
+    static = asyncio.run(sim.run(cycles=1, static_path=STATIC_PATH))
     for stats in (checkin, static):
         for kind, n in stats.errors.items():
             print(f"    {topology} errors {kind}: {n} ({stats.error_examples[kind]})")
@@ -351,61 +351,58 @@ def summarize_profile(raw: Path, top: int = 14) -> list[str]:
 
 
 def run(work: Path, sizes: list[int], workers: int) -> int:
+    """Each topology in turn; in each, the fleet sizes in increasing order (a larger
+    fleet enrolls only its new devices: the identity cache keeps the earlier ones)."""
     s = prepare(work)
     results: list[Figures] = []
     profiles: list[str] = []
     logs = work / "logs"
     logs.mkdir()
-    for n in sizes:
-        # (a) embedded: one process, its own TLS and its SQLite database.
-        port = free_port()
-        (s.data / "otaguard.db").unlink(missing_ok=True)
-        procs = [start_server(s, port, database_url=None, proxy=False, log=logs / "a.log")]
-        try:
-            url = f"https://127.0.0.1:{port}"
-            wait_served(url, s, procs)
-            results.append(measure(s, url, n, "embedded", work / f"ids-a-{n}", lambda: None))
+    # (a) embedded: one process, its own TLS and its SQLite database.
+    port = free_port()
+    procs = [start_server(s, port, database_url=None, proxy=False, log=logs / "a.log")]
+    try:
+        url = f"https://127.0.0.1:{port}"
+        wait_served(url, s, procs)
+        for n in sizes:
+            results.append(measure(s, url, n, "embedded", work / "ids-a", lambda: None))
             print(results[-1].line(), flush=True)
-        finally:
-            stop(procs)
-        # (b) production: nginx in front of the workers, one PostgreSQL database.
-        name, db_url = fresh_database()
-        ports = [free_port() for _ in range(workers)]
-        procs = [
-            start_server(s, p, database_url=db_url, proxy=True, log=logs / f"b{i}.log")
-            for i, p in enumerate(ports)
-        ]
-        nginx = None
-        try:
-            for p in ports:
-                wait_served(f"https://127.0.0.1:{p}", s, procs)
-            nginx, nport, _ = start_nginx(s, ports)
-            url = f"https://127.0.0.1:{nport}"
-            wait_served(url, s, procs)
+    finally:
+        stop(procs)
+    # (b) production: nginx in front of the workers, one PostgreSQL database.
+    name, db_url = fresh_database()
+    ports = [free_port() for _ in range(workers)]
+    procs = [
+        start_server(s, p, database_url=db_url, proxy=True, log=logs / f"b{i}.log")
+        for i, p in enumerate(ports)
+    ]
+    nginx = None
+    try:
+        for p in ports:
+            wait_served(f"https://127.0.0.1:{p}", s, procs)
+        nginx, nport, _ = start_nginx(s, ports)
+        url = f"https://127.0.0.1:{nport}"
+        wait_served(url, s, procs)
+        for n in sizes:
             raw = work / f"profile-{n}.txt"
             spy: list[subprocess.Popen[bytes] | None] = []
-            pid = procs[0].pid
-            loop_start = time.monotonic()
             # Profile a worker while the check-ins run (enrollment is not profiled).
-            fig = measure(
-                s,
-                url,
-                n,
-                "production",
-                work / f"ids-b-{n}",
-                functools.partial(lambda out, p, r: out.append(profile(p, r)), spy, pid, raw),
+            start = functools.partial(
+                lambda out, p, r: out.append(profile(p, r)), spy, procs[0].pid, raw
             )
-            results.append(fig)
+            results.append(measure(s, url, n, "production", work / "ids-b", start))
             print(results[-1].line(), flush=True)
             for p in spy:
                 if p is not None:
                     p.wait(PROFILE_SECONDS + 30)
-            profiles.append(f" profile of worker 1 of {workers}, {n} devices "
-                            f"({time.monotonic() - loop_start:.0f} s run):")  # fmt: skip
+            profiles.append(
+                f" py-spy, worker 1 of {workers}, first {PROFILE_SECONDS} s of the {n}-device "
+                "check-ins:"
+            )
             profiles += summarize_profile(raw)
-        finally:
-            stop([*([nginx] if nginx else []), *procs])
-            drop_database(name)
+    finally:
+        stop([*([nginx] if nginx else []), *procs])
+        drop_database(name)
     return report(results, profiles, workers)
 
 
