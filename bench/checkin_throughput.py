@@ -193,7 +193,11 @@ def start_nginx(s: Setup, upstreams: list[int]) -> tuple[subprocess.Popen[bytes]
         site = site.replace("{{" + k + "}}", v)
     site = site.replace("access_log off otaguard_mtls;", "access_log off;")
     servers = "".join(f"  server 127.0.0.1:{p};\n" for p in upstreams)
-    upstream = f"upstream otaguard_workers {{\n{servers}  keepalive 64;\n}}\n"
+    # Idle upstream connections closed by nginx before uvicorn's 5 s keep-alive does, or
+    # nginx may send a request on a connection otaguard is closing (a 502).
+    upstream = (
+        f"upstream otaguard_workers {{\n{servers}  keepalive 64;\n  keepalive_timeout 4s;\n}}\n"
+    )
     (d / "otaguard.conf").write_text(upstream + site)
     user = "user root;\n" if os.geteuid() == 0 else ""
     tmp = d / "tmp"
