@@ -103,10 +103,13 @@ def prepare(work: Path) -> Setup:
         passphrases=lambda _: PASSPHRASE,
         online_key=read_public_key(paths.online_public_key),
     )
-    for version in ("1.0.0", "1.1.0"):
+    # 1.1.0 is a security release: the director instructs it to every device at once
+    # (a feature release goes only through a rollout), so each check-in's answer names an
+    # image the device verifies and matches against the image repository.
+    for version, security in (("1.0.0", False), ("1.1.0", True)):
         image = make_image(work / f"fw-{version}.img", size=64 * 1024, seed=version)
         repo.add_release(
-            image, version=version, hardware_ids=[HW], security=False, security_counter=None
+            image, version=version, hardware_ids=[HW], security=security, security_counter=None
         )
     director_root = init_director(
         work / "director",

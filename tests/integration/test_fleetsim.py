@@ -63,7 +63,7 @@ def _enrolled(w: World, devices: int, **kw: object) -> FleetSim:
 def test_simulated_fleet_updates_through_the_director(dworld: World) -> None:
     """60 devices enroll, check in, verify the director's instruction and install 1.1.0."""
     sim = _enrolled(dworld, 60)
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     stats = asyncio.run(sim.run(cycles=2))
     assert not stats.errors, stats.error_examples
     assert stats.checkins == 120
@@ -84,7 +84,7 @@ def test_fail_rate_reaches_the_check_in_history(dworld: World) -> None:
     sim = _enrolled(dworld, 100, fail_rate=0.3, fail_release="1.1.0")
     failing = {d.serial for d in sim.devices if d.fails}
     assert 15 <= len(failing) <= 45  # drawn from the serial: about 30 of 100
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     stats = asyncio.run(sim.run(cycles=3))
     assert not stats.errors, stats.error_examples
     assert stats.failed_installs == {"1.1.0": len(failing)}  # once each: never retried
@@ -146,7 +146,7 @@ def _cli(w: World, *args: str, root: Path | None = None) -> subprocess.Completed
 
 
 def test_cli_sim_prints_the_summary(dworld: World) -> None:
-    dworld.release("1.1.0")
+    dworld.release("1.1.0", security=True)
     done = _cli(
         dworld, "--devices", "12", "--cycles", "2", "--initial-version", "1.0.0",
         "--fail-rate", "0.5", "--fail-release", "1.1.0",
