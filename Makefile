@@ -75,9 +75,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy src
 
-bench: $(STAMP) sysdeps
+# checkin_throughput needs nginx and the PostgreSQL at 127.0.0.1:5432 (see README).
+bench: $(STAMP) sysdeps postgres
 	$(BIN)/python bench/verify_throughput.py
 	$(BIN)/python bench/agent_rss.py
+	$(BIN)/python bench/checkin_throughput.py
 
 # sslyze in a venv of its own: it pins an older `cryptography` than otaguard needs. The scan
 # enrolls a device and presents its certificate: it covers the mutual-TLS device API.

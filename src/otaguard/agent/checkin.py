@@ -51,10 +51,15 @@ from otaguard.model.manifest import (
 __all__ = [
     "ATTESTATION_KEY_PATH",
     "CHECKIN_PATH",
+    "MAX_ANSWER_BYTES",
+    "MAX_NONCE_CHARS",
     "NONCE_PATH",
     "CheckinResult",
     "build_manifest",
     "check_in",
+    "parse_answer",
+    "parse_checkin_answer",
+    "parse_nonce_answer",
     "register_attestation_key",
 ]
 
@@ -66,6 +71,9 @@ ATTESTATION_KEY_PATH: Final = "/api/v1/device/attestation-key"
 #: the server's answers are a few hundred bytes of JSON plus the director's instruction
 #: (bounded by MAX_DIRECTOR_TARGETS_BYTES, escaped into a JSON string); more is hostile
 MAX_ANSWER_BYTES: Final = 32 * 1024
+#: the server's nonces are 32 random bytes in URL-safe base64 (43 characters); far longer
+#: is hostile
+MAX_NONCE_CHARS: Final = 128
 # What of the last install result goes into the manifest (strings only, see the model).
 _RESULT_KEYS: Final = ("outcome", "target", "version", "error", "detail", "time")
 
@@ -95,15 +103,17 @@ def _reason(data: bytes) -> str:
     return "no reason given"
 
 
-def _post(fetcher: Fetcher, url: str, body: Any, what: str) -> Any:
-    """POST JSON through the fetcher seam; map the answer to otaguard's errors."""
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    try:
-        status, data = fetcher.post(
-            url, payload, content_type="application/json", max_length=MAX_ANSWER_BYTES
-        )
-    except exceptions.DownloadError as e:
-        raise TransportError(f"{what}: {e}") from e
+def parse_answer(status: int, data: bytes, what: str) -> dict[str, Any]:
+    """Map one HTTP answer of the check-in protocol to a JSON object or otaguard's errors.
+
+    Pure (status and bytes in): the agent's fetcher path and the fleet simulator's asyncio
+    path (:mod:`otaguard.sim.fleetsim`) share it.
+
+    Raises:
+        AccessDeniedError: 401 or 403 (reason given).
+        VerificationError: 413 or 422, or an answer that is not a JSON object.
+        TransportError: any other status than 200.
+    """
     if status in (401, 403):
         # One prefix, not three: "access denied: check-in refused (HTTP 403): check-in
         # refused: ..." says the same thing thrice.
@@ -120,6 +130,60 @@ def _post(fetcher: Fetcher, url: str, body: Any, what: str) -> Any:
     if not isinstance(answer, dict):
         raise VerificationError(f"{what}: the server's answer is not a JSON object")
     return answer
+
+
+def _post(fetcher: Fetcher, url: str, body: Any, what: str) -> dict[str, Any]:
+    """POST JSON through the fetcher seam; map the answer to otaguard's errors."""
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        status, data = fetcher.post(
+            url, payload, content_type="application/json", max_length=MAX_ANSWER_BYTES
+        )
+    except exceptions.DownloadError as e:
+        raise TransportError(f"{what}: {e}") from e
+    return parse_answer(status, data, what)
+
+
+def parse_nonce_answer(answer: dict[str, Any]) -> tuple[str, bool]:
+    """The nonce, and whether an attestation key is registered, from the nonce answer.
+
+    Raises:
+        VerificationError: malformed (no nonce string of at most :data:`MAX_NONCE_CHARS`).
+    """
+    nonce, registered = answer.get("nonce"), answer.get("attestation_key_registered")
+    if (
+        not isinstance(nonce, str)
+        or not nonce
+        or len(nonce) > MAX_NONCE_CHARS
+        or not isinstance(registered, bool)
+    ):
+        raise VerificationError("check-in: the server's nonce answer is malformed")
+    return nonce, registered
+
+
+def parse_checkin_answer(accepted: dict[str, Any], *, nonce: str, serial: str) -> CheckinResult:
+    """The server's acceptance of the manifest that answered ``nonce``, for ``serial``.
+
+    Raises:
+        VerificationError: malformed, or it accepted another serial.
+    """
+    director = accepted.get("director_targets")
+    if director is not None and not isinstance(director, str):
+        raise VerificationError("check-in: the server's director instruction is malformed")
+    try:
+        result = CheckinResult(
+            serial=str(accepted["serial"]),
+            time=str(accepted["time"]),
+            attested=bool(accepted["attested"]),
+            boot_sha256=str(accepted["boot_sha256"]),
+            nonce=nonce,
+            director=director.encode() if director is not None else None,
+        )
+    except KeyError as e:
+        raise VerificationError("check-in: the server's answer is malformed") from e
+    if result.serial != serial:
+        raise VerificationError(f"check-in: the server accepted serial {result.serial!r}")
+    return result
 
 
 def build_manifest(
@@ -208,14 +272,7 @@ def check_in(
     """
     base = config.server_url.rstrip("/")
     answer = _post(fetcher, base + NONCE_PATH, b"", "check-in nonce request")
-    nonce, registered = answer.get("nonce"), answer.get("attestation_key_registered")
-    if (
-        not isinstance(nonce, str)
-        or not nonce
-        or len(nonce) > 128
-        or not isinstance(registered, bool)
-    ):
-        raise VerificationError("check-in: the server's nonce answer is malformed")
+    nonce, registered = parse_nonce_answer(answer)
     tpm = TpmAttestor(config.tpm) if config.tpm is not None else None
     if tpm is not None and not registered:
         # First check-in after enrollment: the attestation key joins the identity (TOFU
@@ -224,22 +281,7 @@ def check_in(
     manifest = build_manifest(paths, config, nonce=nonce, tpm=tpm)
     envelope = sign_envelope(signer, manifest.to_dict())
     accepted = _post(fetcher, base + CHECKIN_PATH, envelope, "check-in")
-    director = accepted.get("director_targets")
-    if director is not None and not isinstance(director, str):
-        raise VerificationError("check-in: the server's director instruction is malformed")
-    try:
-        result = CheckinResult(
-            serial=str(accepted["serial"]),
-            time=str(accepted["time"]),
-            attested=bool(accepted["attested"]),
-            boot_sha256=str(accepted["boot_sha256"]),
-            nonce=nonce,
-            director=director.encode() if director is not None else None,
-        )
-    except KeyError as e:
-        raise VerificationError("check-in: the server's answer is malformed") from e
-    if result.serial != config.serial:
-        raise VerificationError(f"check-in: the server accepted serial {result.serial!r}")
+    result = parse_checkin_answer(accepted, nonce=nonce, serial=config.serial)
     clear_flags(paths, manifest.attack_flags)
     logger.info(
         "checked in as %s (%s)", result.serial, "attested" if result.attested else "unattested"

@@ -77,6 +77,7 @@ __all__ = [
     "enroll_with_factory_certificate",
     "key_store_for",
     "load_identity",
+    "parse_enrollment_answer",
     "present_identity",
     "renew_if_due",
     "tls_with_identity",
@@ -319,9 +320,17 @@ def _post(
     return data
 
 
-def _parse_chain(
+def parse_enrollment_answer(
     data: bytes, public: ec.EllipticCurvePublicKey, serial: str
 ) -> list[x509.Certificate]:
+    """The issued chain (leaf first) from an EST answer, checked against the key and serial.
+
+    Pure: the agent and the fleet simulator (:mod:`otaguard.sim.fleetsim`) share it.
+
+    Raises:
+        VerificationError: not a base64 PKCS#7 certs-only, or no certificate for this key
+            and serial.
+    """
     try:
         der = base64.b64decode(b"".join(data.split()), validate=True)
         certs = pkcs7.load_der_pkcs7_certificates(der)
@@ -436,7 +445,7 @@ def enroll(
             "Authorization": f"Basic {auth}",
         },
     )
-    chain = _parse_chain(data, key.public, config.serial)
+    chain = parse_enrollment_answer(data, key.public, config.serial)
     _store(paths, key.blob, chain)
     logger.info(
         "device %s enrolled; certificate %x valid until %s",
@@ -498,7 +507,7 @@ def enroll_with_factory_certificate(
         base64.encodebytes(key.csr),
         {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"},
     )
-    chain = _parse_chain(data, key.public, config.serial)
+    chain = parse_enrollment_answer(data, key.public, config.serial)
     _store(paths, key.blob, chain)
     logger.info(
         "device %s enrolled with its factory certificate; certificate %x valid until %s",
@@ -559,6 +568,6 @@ def renew_if_due(
         base64.encodebytes(key.csr),
         {"Content-Type": "application/pkcs10", "Content-Transfer-Encoding": "base64"},
     )
-    _store(paths, key.blob, _parse_chain(data, key.public, config.serial))
+    _store(paths, key.blob, parse_enrollment_answer(data, key.public, config.serial))
     logger.info("device %s renewed its certificate", config.serial)
     return cert_path, key_path

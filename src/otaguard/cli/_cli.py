@@ -723,6 +723,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         fleet_inventory_parsers,
     )
     from otaguard.cli._rollouts import add_rollout_parsers, release_check_parser
+    from otaguard.cli._sim import add_sim_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -1002,6 +1003,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     add_ops_parsers(sub)
     add_rollout_parsers(sub)
+    add_sim_parser(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(
         dest="device_cmd", required=True

@@ -1,0 +1,460 @@
+"""Full check-ins per second and p99 latency, with 1,000 and 10,000 simulated devices.
+
+A *full* check-in, as a device makes it (:mod:`otaguard.sim.fleetsim`): a fresh
+mutual-TLS handshake with the device certificate, a nonce, a device manifest signed
+with the device key and verified by the server (signature, serial, nonce spent, measured
+boot against the image repository, history written), and the director's answer, signed
+online for this nonce; the device then verifies the answer and matches it against the
+python-tuf-verified image repository (1.0.0 runs, 1.1.0 is instructed).
+
+Two topologies, each against real ``otaguard server`` processes:
+
+* **embedded**: one server process terminating TLS itself, its embedded SQLite database;
+* **production**: nginx terminating the devices' mutual TLS (``deploy/nginx/otaguard.conf``,
+  rendered with an upstream of several workers) in front of ``WORKERS`` otaguard
+  processes on one PostgreSQL database (127.0.0.1:5432, migrated with ``server db
+  upgrade``).
+
+Beside each figure, in the same run and through the same front, the same devices fetch
+a static metadata file (``/metadata/1.root.json``) with a fresh mutual-TLS handshake
+each: the ratio says what a check-in costs over serving a file. One worker's profile
+(py-spy, when installed) says where the time goes.
+
+The load generator is one Python process on the same two cores as the servers and
+nginx: its own TLS handshakes, signatures and verification take CPU from them, so the
+figures are a lower bound for a server on its own machine. Enrollment (EST) is not
+timed. Floor (issue 7): 350 full check-ins/s and p99 < 100 ms in the production
+topology. Prints its figures; exit 0 when the production floor is met at every fleet
+size, 1 otherwise.
+
+Usage: python bench/checkin_throughput.py [--devices 1000,10000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import functools
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from otaguard.crypto import read_public_key
+from otaguard.crypto.ca import CertificateAuthority
+from otaguard.repo import ImageRepository
+from otaguard.repo.director import init_director
+from otaguard.server import init_data_dir
+from otaguard.sim import make_image
+from otaguard.sim.fleetsim import FleetSim, FleetStats, SimSettings
+
+HW: Final = "bench-hw"
+PASSPHRASE: Final = b"bench passphrase"
+ADMIN_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+FLOOR_RATE: Final = 350.0
+FLOOR_P99_MS: Final = 100.0
+#: check-ins in flight at once: devices waking up together; p99 follows from it
+#: (latency is about concurrency / throughput in a closed loop)
+CONCURRENCY: Final = 16
+STARTUP_TIMEOUT_S: Final = 60.0
+PROFILE_SECONDS: Final = 8
+STATIC_PATH: Final = "/metadata/1.root.json"
+NGINX: Final = "/usr/sbin/nginx"
+TEMPLATE: Final = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "otaguard.conf"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Setup:
+    work: Path
+    data: Path
+    repo: Path
+    director: Path
+    trusted_root: bytes
+    director_root: bytes
+    ca: Path
+    token: str
+
+
+def prepare(work: Path) -> Setup:
+    """Server data directory, image repository (1.0.0 and 1.1.0), director root."""
+    paths = init_data_dir(work / "server")
+    repo = ImageRepository.init(
+        work / "repo",
+        keys_dir=work / "keys",
+        passphrases=lambda _: PASSPHRASE,
+        online_key=read_public_key(paths.online_public_key),
+    )
+    # 1.1.0 is a security release: the director instructs it to every device at once
+    # (a feature release goes only through a rollout), so each check-in's answer names an
+    # image the device verifies and matches against the image repository.
+    for version, security in (("1.0.0", False), ("1.1.0", True)):
+        image = make_image(work / f"fw-{version}.img", size=64 * 1024, seed=version)
+        repo.add_release(
+            image, version=version, hardware_ids=[HW], security=security, security_counter=None
+        )
+    director_root = init_director(
+        work / "director",
+        keys_dir=work / "director-keys",
+        passphrases=lambda _: PASSPHRASE,
+        online_key=read_public_key(paths.director_public_key),
+    )
+    return Setup(
+        work=work,
+        data=paths.data_dir,
+        repo=repo.dir,
+        director=work / "director",
+        trusted_root=(repo.metadata_dir / "root.json").read_bytes(),
+        director_root=director_root.read_bytes(),
+        ca=paths.ca_cert,
+        token=paths.operator_token.read_text().strip(),
+    )
+
+
+def _env(database_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+    if database_url is not None:
+        env["OTAGUARD_DATABASE_URL"] = database_url
+    return env
+
+
+def start_server(
+    s: Setup, port: int, *, database_url: str | None, proxy: bool, log: Path
+) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "otaguard", "server", "--data", str(s.data)]
+    args += ["--repo", str(s.repo), "--director", str(s.director), "--port", str(port)]
+    if proxy:
+        args += ["--trusted-proxy", "127.0.0.1"]
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args, env=_env(database_url), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+
+
+def wait_served(url: str, s: Setup, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Until the front answers and serves both releases (the servers import the repo)."""
+    ctx = ssl.create_default_context(cafile=str(s.ca))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"a server process exited with {p.returncode}")
+        try:
+            req = urllib.request.Request(  # noqa: S310 - https to the bench's own server
+                url + "/metadata/timestamp.json", headers={"Authorization": f"Bearer {s.token}"}
+            )
+            with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not come up in {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def start_nginx(s: Setup, upstreams: list[int]) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """nginx with the shipped site, its upstream the workers (keepalive to them)."""
+    d = s.work / "nginx"
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    creds = CertificateAuthority.load_or_create(s.data / "ca").server_credentials(
+        d / "tls", ["127.0.0.1"]
+    )
+    port = free_port()
+    values = {
+        "LISTEN": f"127.0.0.1:{port}",
+        "SERVER_NAME": "localhost",
+        "SERVER_CERT": str(creds.cert_path),
+        "SERVER_KEY": str(creds.key_path),
+        "CLIENT_CA": str(s.data / "device-ca" / "chain.pem"),
+        "UPSTREAM": "otaguard_workers",
+        "UPSTREAM_CA": str(s.ca),
+        "UPSTREAM_NAME": "localhost",
+        "PROXY_ADDRESS": "127.0.0.1",
+        "ACCESS_LOG": "off",
+    }
+    site = TEMPLATE.read_text()
+    for k, v in values.items():
+        site = site.replace("{{" + k + "}}", v)
+    site = site.replace("access_log off otaguard_mtls;", "access_log off;")
+    servers = "".join(f"  server 127.0.0.1:{p};\n" for p in upstreams)
+    # Idle upstream connections closed by nginx before uvicorn's 5 s keep-alive does, or
+    # nginx may send a request on a connection otaguard is closing (a 502).
+    upstream = (
+        f"upstream otaguard_workers {{\n{servers}  keepalive 64;\n  keepalive_timeout 4s;\n}}\n"
+    )
+    (d / "otaguard.conf").write_text(upstream + site)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    tmp = d / "tmp"
+    (d / "nginx.conf").write_text(
+        f"{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+        "events { worker_connections 1024; }\nhttp {\n"
+        f"  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
+        f"  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n"
+        f"  scgi_temp_path {tmp}/scgi;\n  include {d}/otaguard.conf;\n}}\n"
+    )
+    binary = NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
+    if binary is None:
+        raise SystemExit("nginx is missing (make sysdeps)")
+    args = [binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
+    check = subprocess.run([*args, "-t"], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise SystemExit(f"nginx -t: {check.stderr}")
+    proc = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL)
+    return proc, port, d
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def fresh_database() -> tuple[str, str]:
+    """A new PostgreSQL database migrated with ``otaguard server db upgrade``."""
+    from sqlalchemy import create_engine, text
+
+    name = f"otaguard_bench_{secrets.token_hex(4)}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    subprocess.run(
+        [sys.executable, "-m", "otaguard", "server", "db", "upgrade"],
+        env=_env(url),
+        check=True,
+        capture_output=True,
+    )
+    return name, url
+
+
+def drop_database(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@dataclass
+class Figures:
+    topology: str
+    devices: int
+    checkin: FleetStats
+    static: FleetStats
+    enroll_s: float
+
+    def line(self) -> str:
+        c, st = self.checkin, self.static
+        return (
+            f"  {self.topology:<11} {self.devices:>6} devices: "
+            f"{c.rate:7.1f} check-ins/s  p50 {c.percentile(50) * 1000:6.1f} ms  "
+            f"p99 {c.percentile(99) * 1000:6.1f} ms | static file {st.rate:7.1f}/s  "
+            f"p99 {st.percentile(99) * 1000:6.1f} ms | ratio {c.rate / max(st.rate, 1e-9):.2f}"
+            f" | errors {sum(c.errors.values()) + sum(st.errors.values())}"
+            f" (enrollment, untimed: {self.enroll_s:.0f} s)"
+        )
+
+
+def measure(  # noqa: PLR0917 - a script's helper
+    s: Setup, url: str, devices: int, topology: str, ids: Path, on_start: Callable[[], None]
+) -> Figures:
+    """Enroll (untimed), then one check-in per device, then one static fetch per device."""
+    settings = SimSettings(
+        server_url=url,
+        ca_cert=s.ca,
+        trusted_root=s.trusted_root,
+        director_root=s.director_root,
+        hardware_id=HW,
+        devices=devices,
+        identity_dir=ids,
+        initial_version="1.0.0",
+        concurrency=CONCURRENCY,
+    )
+    sim = FleetSim(settings)
+    t0 = time.perf_counter()
+    asyncio.run(sim.enroll(operator_token=s.token))
+    enroll_s = time.perf_counter() - t0
+    on_start()
+    checkin = asyncio.run(sim.run(cycles=1))
+    # The same devices (checked in just now), the same TLS contexts, fresh counters.
+    sim.stats = FleetStats(devices=devices, enrolled=checkin.enrolled)
+    static = asyncio.run(sim.run(cycles=1, static_path=STATIC_PATH))
+    for stats in (checkin, static):
+        for kind, n in stats.errors.items():
+            print(f"    {topology} errors {kind}: {n} ({stats.error_examples[kind]})")
+    return Figures(topology, devices, checkin, static, enroll_s)
+
+
+def profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.access(spy, os.X_OK):
+        return None
+    return subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", str(PROFILE_SECONDS), "-r", "200",
+         "-f", "raw", "-o", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def summarize_profile(raw: Path, top: int = 14) -> list[str]:
+    """Self and inclusive sample shares per function of a py-spy raw (collapsed) file."""
+    if not raw.exists():
+        return ["  (no profile: py-spy unavailable or not permitted)"]
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f.split(" (")[0] + " " + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                  for f in stack.split(";") if f]  # fmt: skip
+        if not frames:
+            continue
+        total += n
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return ["  (empty profile)"]
+    lines = [f"  {total} samples; self time:"]
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    marks = ("verify_checkin", "_checkin ", "answer ", "sign_instruction", "open_envelope",
+             "record_checkin", "spend_nonce", "issue_nonce", "get_nonce", "assess_boot",
+             "authenticate", "listed_images", "do_handshake", "_authenticated", "execute ",
+             "commit ", "nonce ")  # fmt: skip
+    lines.append("  inclusive, selected steps:")
+    chosen = [(f, n) for f, n in incl.most_common() if any(m in f + " " for m in marks)]
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in chosen[:top]]
+    return lines
+
+
+def run(work: Path, sizes: list[int], workers: int) -> int:
+    """Each topology in turn; in each, the fleet sizes in increasing order (a larger
+    fleet enrolls only its new devices: the identity cache keeps the earlier ones)."""
+    s = prepare(work)
+    results: list[Figures] = []
+    profiles: list[str] = []
+    logs = work / "logs"
+    logs.mkdir()
+    # (a) embedded: one process, its own TLS and its SQLite database.
+    port = free_port()
+    procs = [start_server(s, port, database_url=None, proxy=False, log=logs / "a.log")]
+    try:
+        url = f"https://127.0.0.1:{port}"
+        wait_served(url, s, procs)
+        for n in sizes:
+            results.append(measure(s, url, n, "embedded", work / "ids-a", lambda: None))
+            print(results[-1].line(), flush=True)
+    finally:
+        stop(procs)
+    # (b) production: nginx in front of the workers, one PostgreSQL database.
+    name, db_url = fresh_database()
+    ports = [free_port() for _ in range(workers)]
+    procs = [
+        start_server(s, p, database_url=db_url, proxy=True, log=logs / f"b{i}.log")
+        for i, p in enumerate(ports)
+    ]
+    nginx = None
+    try:
+        for p in ports:
+            wait_served(f"https://127.0.0.1:{p}", s, procs)
+        nginx, nport, _ = start_nginx(s, ports)
+        url = f"https://127.0.0.1:{nport}"
+        wait_served(url, s, procs)
+        for n in sizes:
+            raw = work / f"profile-{n}.txt"
+            spy: list[subprocess.Popen[bytes] | None] = []
+            # Profile a worker while the check-ins run (enrollment is not profiled).
+            start = functools.partial(
+                lambda out, p, r: out.append(profile(p, r)), spy, procs[0].pid, raw
+            )
+            results.append(measure(s, url, n, "production", work / "ids-b", start))
+            print(results[-1].line(), flush=True)
+            for p in spy:
+                if p is not None:
+                    p.wait(PROFILE_SECONDS + 30)
+            profiles.append(
+                f" py-spy, worker 1 of {workers}, first {PROFILE_SECONDS} s of the {n}-device "
+                "check-ins:"
+            )
+            profiles += summarize_profile(raw)
+    finally:
+        stop([*([nginx] if nginx else []), *procs])
+        drop_database(name)
+    return report(results, profiles, workers)
+
+
+def report(results: list[Figures], profiles: list[str], workers: int) -> int:
+    print()
+    print(
+        f"check-in throughput ({os.cpu_count()} cores shared by the load generator, nginx and "
+        f"the servers; {CONCURRENCY} check-ins in flight; production = nginx + {workers} "
+        "workers on PostgreSQL):"
+    )
+    for r in results:
+        print(r.line())
+    print("where the time goes:")
+    for line in profiles:
+        print(line)
+    prod = [r for r in results if r.topology == "production"]
+    ok = all(
+        r.checkin.rate >= FLOOR_RATE
+        and r.checkin.percentile(99) * 1000 < FLOOR_P99_MS
+        and not r.checkin.errors
+        for r in prod
+    )
+    figures = " ".join(
+        f"{r.devices}:{r.checkin.rate:.0f}/s,p99={r.checkin.percentile(99) * 1000:.0f}ms"
+        for r in prod
+    )
+    print(
+        f"SUMMARY checkin_throughput: {'PASS' if ok else 'FAIL'} production {figures} "
+        f"(floor {FLOOR_RATE:.0f}/s, p99 < {FLOOR_P99_MS:.0f} ms)"
+    )
+    return 0 if ok else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="1000,10000", help="fleet sizes, comma-separated")
+    p.add_argument("--workers", type=int, default=2, help="otaguard workers behind nginx")
+    a = p.parse_args()
+    sizes = [int(x) for x in a.devices.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="otaguard-bench-checkin-"))
+    try:
+        return run(work, sizes, a.workers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
