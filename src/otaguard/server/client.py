@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import quote
 
 import urllib3
@@ -38,6 +38,7 @@ __all__ = [
     "DeviceInfo",
     "FleetClient",
     "NewDevice",
+    "OperatorApiClient",
     "PublishResult",
     "publish_repository",
 ]
@@ -375,11 +376,10 @@ class DeviceCheckins:
 MAX_FLEET_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 
 
-class FleetClient:
-    """The operator's client of the device registry API (``/api/v1/devices``).
-
-    Shares the publish client's HTTP code: the same TLS verification against the server
-    CA, bearer token, timeouts and error mapping.
+class OperatorApiClient:
+    """A connection to the operator API: TLS verified against the server CA, the bearer
+    token, timeouts and error mapping shared with the publish client. The API clients
+    (:class:`FleetClient`, ``OpsClient``, ``RolloutClient``) add the routes.
     """
 
     def __init__(self, *, server_url: str, ca_cert: Path | None, token: str):
@@ -396,11 +396,19 @@ class FleetClient:
         """Close the connections."""
         self._pool.clear()
 
-    def __enter__(self) -> FleetClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class FleetClient(OperatorApiClient):
+    """The operator's client of the device registry API (``/api/v1/devices``).
+
+    Shares the publish client's HTTP code: the same TLS verification against the server
+    CA, bearer token, timeouts and error mapping.
+    """
 
     def _call(self, what: str, method: str, path: str, body: Any = None) -> Any:
         headers = {"Content-Type": "application/json"} if body is not None else None

@@ -15,8 +15,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 from otaguard.model.errors import (
@@ -26,7 +25,7 @@ from otaguard.model.errors import (
     UnknownDeviceError,
 )
 from otaguard.server.audit_chain import AuditEntry
-from otaguard.server.client import MAX_FLEET_RESPONSE_BYTES, _Client, _pool
+from otaguard.server.client import MAX_FLEET_RESPONSE_BYTES, OperatorApiClient
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
 
 __all__ = [
@@ -194,28 +193,8 @@ def _entry(obj: Any) -> AuditEntry:
         raise TransportError("the server's audit answer is malformed") from e
 
 
-class OpsClient:
+class OpsClient(OperatorApiClient):
     """Inventory, groups, operator tokens and the audit log, over the operator API."""
-
-    def __init__(self, *, server_url: str, ca_cert: Path | None, token: str):
-        """Prepare a client; nothing is sent yet.
-
-        Raises:
-            OperatorError: the URL is not https:// (or http:// with a warning), or an
-                https URL has no CA certificate.
-        """
-        self._pool = _pool(server_url, ca_cert, what="managing the fleet")
-        self._client = _Client(self._pool, server_url, token)
-
-    def close(self) -> None:
-        """Close the connections."""
-        self._pool.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     def _call(
         self,
