@@ -39,6 +39,7 @@ __all__ = [
     "DeviceIdentity",
     "check_device_csr",
     "device_identity",
+    "device_leaf_builder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,36 @@ def device_identity(cert: x509.Certificate) -> DeviceIdentity:
     except x509.ExtensionNotFound:
         pass
     return DeviceIdentity(serial, hardware_id, format(cert.serial_number, "x"))
+
+
+def device_leaf_builder(
+    *,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    serial: str,
+    hardware_id: str,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+) -> x509.CertificateBuilder:
+    """What every certificate naming a device shares (device CA and manufacturer CA): CN =
+    serial, the hardware id as a SAN URI, not a CA, backdated by :data:`BACKDATE`. The
+    issuer adds its key usages and signs."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + lifetime)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(HARDWARE_ID_URI_PREFIX + hardware_id)]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
 
 
 def check_device_csr(der: bytes, *, serial: str) -> x509.CertificateSigningRequest:
@@ -283,20 +314,14 @@ class DeviceCA:
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise VerificationError("the CSR key must be EC P-256")
         return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial)]))
-            .issuer_name(self.issuing.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + lifetime)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(HARDWARE_ID_URI_PREFIX + hardware_id)]
-                ),
-                critical=False,
+            device_leaf_builder(
+                issuer=self.issuing.subject,
+                public_key=public_key,
+                serial=serial,
+                hardware_id=hardware_id,
+                now=now,
+                lifetime=lifetime,
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,

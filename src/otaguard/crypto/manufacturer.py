@@ -34,7 +34,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from otaguard._fs import atomic_write_bytes
 from otaguard.crypto.ca import write_unattended_key
-from otaguard.crypto.device_ca import BACKDATE, HARDWARE_ID_URI_PREFIX, device_identity
+from otaguard.crypto.device_ca import (
+    BACKDATE,
+    device_identity,
+    device_leaf_builder,
+)
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import ConfigError, OtaguardError, VerificationError
 from otaguard.model.names import check_device_serial, check_hardware_id
@@ -276,20 +280,14 @@ class ManufacturerCA:
         check_device_serial(serial)
         check_hardware_id(hardware_id)
         return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial)]))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + lifetime)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(HARDWARE_ID_URI_PREFIX + hardware_id)]
-                ),
-                critical=False,
+            device_leaf_builder(
+                issuer=self.cert.subject,
+                public_key=public_key,
+                serial=serial,
+                hardware_id=hardware_id,
+                now=now,
+                lifetime=lifetime,
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
