@@ -20,6 +20,7 @@ from otaguard.server import RunningServer
 from otaguard.server.client import FleetClient
 from otaguard.server.rollout_client import RolloutClient, RolloutInfo
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, make_image, wait_served
+from otaguard.sim.sbom import make_sbom
 
 __all__ = ["SENSOR_HARDWARE_ID", "RolloutDemo", "staged_rollouts"]
 
@@ -39,6 +40,10 @@ class RolloutDemo:
     completed_detail: str
     halted: bool
     halted_detail: str
+
+
+def _sbom(work: Path, version: str) -> Path:
+    return make_sbom(work / f"sensor-{version}.cdx.json", name="sensor", version=version)
 
 
 def _provision(
@@ -121,6 +126,7 @@ def staged_rollouts(
         hardware_ids=[SENSOR_HARDWARE_ID],
         security=False,
         security_counter=None,
+        sbom=_sbom(work, "1.0.0"),
     )
     wait_served(server, repo)
     devs = _provision(work, server, repo, director_root, images["1.0.0"])
@@ -138,6 +144,7 @@ def staged_rollouts(
             hardware_ids=[SENSOR_HARDWARE_ID],
             security=False,
             security_counter=None,
+            sbom=_sbom(work, "2.0.0"),
         )
         wait_served(server, repo)
         console.print(
@@ -162,6 +169,7 @@ def staged_rollouts(
             hardware_ids=[SENSOR_HARDWARE_ID],
             security=False,
             security_counter=None,
+            sbom=_sbom(work, "2.1.0"),
         )
         wait_served(server, repo)
         console.print(
