@@ -116,6 +116,7 @@ class SbomIndex:
                 added += self._store.add_release(
                     target=path,
                     version=str(info.version),
+                    image_sha256=tf.hashes.get("sha256", ""),
                     sbom_sha256=sbom.sha256,
                     components=sbom.components,
                     now=self._clock(),

@@ -2,15 +2,17 @@
 
 Tables::
 
-    sbom_releases(target PK, version, sbom_sha256, indexed_at)
+    sbom_releases(target PK, version, image_sha256, sbom_sha256, indexed_at)
     sbom_components(id PK, target -> sbom_releases, name, version, purl, type)
 
 A release is indexed once, from the SBOM its signed target binds (the exact bytes, hash
 checked), when the server first sees it published; a withdrawn release stays indexed
 because devices may still run it. "Which devices run a vulnerable X" is
 :meth:`SbomStore.releases_with_component` joined with each device's newest check-in
-(:meth:`SbomStore.devices_running`). Indexing one release is one transaction and the
-release row is its primary key, so two server processes indexing at once insert it once.
+(:meth:`SbomStore.devices_running`) by the image digest the device booted (its boot
+measurement, TPM-attested where it has a TPM), not by a name the device reports.
+Indexing one release is one transaction and the release row is its primary key, so two
+server processes indexing at once insert it once.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ sbom_releases_table = Table(
     SCHEMA,
     Column("target", String(256), primary_key=True),
     Column("version", String(64), nullable=False),
+    Column("image_sha256", String(64), nullable=False, index=True),
     Column("sbom_sha256", String(64), nullable=False),
     Column("indexed_at", DateTime(timezone=True), nullable=False),
 )
@@ -95,7 +98,7 @@ class ComponentHit:
 
 @dataclass(frozen=True)
 class RunningDevice:
-    """A device whose newest check-in reports running ``target``."""
+    """A device whose newest check-in reports booting the image of ``target``."""
 
     serial: str
     target: str
@@ -116,6 +119,7 @@ class SbomStore(ABC):
         *,
         target: str,
         version: str,
+        image_sha256: str,
         sbom_sha256: str,
         components: Sequence[Component],
         now: dt.datetime,
@@ -130,7 +134,7 @@ class SbomStore(ABC):
 
     @abstractmethod
     def devices_running(self, targets: Sequence[str]) -> list[RunningDevice]:
-        """Devices whose newest check-in reports running one of ``targets``."""
+        """Devices whose newest check-in reports booting the image of one of ``targets``."""
 
 
 def _cut(value: str | None) -> str | None:
@@ -160,6 +164,7 @@ class SQLSbomStore(SbomStore):
         *,
         target: str,
         version: str,
+        image_sha256: str,
         sbom_sha256: str,
         components: Sequence[Component],
         now: dt.datetime,
@@ -169,7 +174,11 @@ class SQLSbomStore(SbomStore):
             with self._engine.begin() as conn:
                 conn.execute(
                     insert(sbom_releases_table).values(
-                        target=target, version=version, sbom_sha256=sbom_sha256, indexed_at=now
+                        target=target,
+                        version=version,
+                        image_sha256=image_sha256,
+                        sbom_sha256=sbom_sha256,
+                        indexed_at=now,
                     )
                 )
                 if components:
@@ -220,12 +229,13 @@ class SQLSbomStore(SbomStore):
         """See :meth:`SbomStore.devices_running`."""
         if not targets:
             return []
-        ch = checkins_table.c
+        ch, r = checkins_table.c, sbom_releases_table.c
         newest = select(func.max(ch.id).label("id")).group_by(ch.serial).subquery("newest_checkin")
         stmt = (
-            select(ch.serial, ch.target, ch.running_version, ch.time)
+            select(ch.serial, r.target, ch.running_version, ch.time)
             .join(newest, newest.c.id == ch.id)
-            .where(ch.target.in_(list(targets)))
+            .join(sbom_releases_table, r.image_sha256 == ch.boot_sha256)
+            .where(r.target.in_(list(targets)))
             .order_by(ch.serial)
             .limit(MAX_FIND_RESULTS)
         )

@@ -2,7 +2,7 @@
 
 Revision ID: 0005
 Revises: 0004
-Create Date: 2026-11-22 09:19:36.432199
+Create Date: 2026-11-22 09:23:28.656804
 """
 
 from __future__ import annotations
@@ -22,10 +22,16 @@ def upgrade() -> None:
         "sbom_releases",
         sa.Column("target", sa.String(length=256), nullable=False),
         sa.Column("version", sa.String(length=64), nullable=False),
+        sa.Column("image_sha256", sa.String(length=64), nullable=False),
         sa.Column("sbom_sha256", sa.String(length=64), nullable=False),
         sa.Column("indexed_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("target"),
     )
+    with op.batch_alter_table("sbom_releases", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_sbom_releases_image_sha256"), ["image_sha256"], unique=False
+        )
+
     op.create_table(
         "sbom_components",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -54,5 +60,8 @@ def downgrade() -> None:
         batch_op.drop_index("ix_sbom_components_name")
 
     op.drop_table("sbom_components")
+    with op.batch_alter_table("sbom_releases", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_sbom_releases_image_sha256"))
+
     op.drop_table("sbom_releases")
     # ### end Alembic commands ###
