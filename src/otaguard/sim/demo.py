@@ -454,7 +454,12 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
 
         step("5b. Staged rollouts: 4 phases to completion, then an automatic halt")
         staged = staged_rollouts(
-            console, work / "sensors", server=server, repo=repo, director_root=director_root
+            console,
+            work / "sensors",
+            server=server,
+            repo=repo,
+            director_root=director_root,
+            passphrase=passphrase,
         )
 
         outcomes: list[AttackOutcome] = []
