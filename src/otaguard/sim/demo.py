@@ -286,17 +286,26 @@ def _sbom_digest(release: Release) -> str:
 
 def _sbom_reports(console: Console, fleet: Fleet, release: Release) -> int:
     """How many devices report running ``release`` with the SBOM digest its signed target
-    binds (from the booted slot's record, which their signed manifests carry)."""
+    binds (from the booted slot's record, which their signed manifests carry); printed
+    grouped by the digest each device reports."""
+    reported: dict[str | None, list[str]] = {}
     ok = 0
     for name in fleet.names:
         status = fleet.device(name).status()
         image = status.bootenv.slots.get(status.bootenv.primary)
-        reported = image.sbom_sha256 if image is not None else None
-        match = image is not None and image.target == release.path
-        match = match and reported == _sbom_digest(release)
-        ok += match
-        mark = "[green]matches[/green]" if match else "[red]DIFFERS[/red]"
-        console.print(f"  {name}: SBOM sha256 {reported} {mark}", highlight=False)
+        digest = image.sbom_sha256 if image is not None else None
+        on_release = image is not None and image.target == release.path
+        ok += on_release and digest == _sbom_digest(release)
+        reported.setdefault(digest if on_release else None, []).append(name)
+    for digest, names in reported.items():
+        match = digest == _sbom_digest(release)
+        mark = (
+            f"[green]= the signed {release.info.version} target's[/green]"
+            if match
+            else "[red]DIFFERS[/red]"
+        )
+        console.print(f"  {len(names)} device(s) report SBOM sha256 {digest} {mark}: "
+                      f"{', '.join(names)}")  # fmt: skip
     return ok
 
 
