@@ -113,24 +113,35 @@ def test_image_without_sbom_binding_is_refused(
     _assert_untouched(dev, world.releases["1.1.0"])
 
 
-def test_sbom_binding_to_an_unlisted_target_is_refused(
-    updated: tuple[World, Device, CompromisedServer],
+@pytest.mark.parametrize(
+    ("listed", "cause"),
+    [
+        (False, r"SBOM fw-1\.3\.0\.img\.cdx\.json of fw-1\.3\.0\.img is missing"),
+        (True, r"SBOM fw-1\.1\.0-1\.1\.0\.img\.cdx\.json is not the one fw-1\.3\.0\.img binds"),
+    ],
+)
+def test_sbom_binding_to_other_bytes_is_refused(
+    updated: tuple[World, Device, CompromisedServer], listed: bool, cause: str
 ) -> None:
     world, dev, attacker = updated
-    # Insiders with the targets threshold bind the valid SBOM bytes of 1.1.0 under a target
-    # name the metadata does not list; the update server would refuse to publish that
-    # (tests/unit/test_sbom.py), so a compromised server serves it directly.
+    # Insiders with the targets threshold bind an SBOM the metadata does not list (a name
+    # it lacks, or 1.1.0's listed SBOM with other bytes); the update server would refuse to
+    # publish that (tests/unit/test_sbom.py), so a compromised server serves it directly.
     ref = world.releases["1.1.0"].info.sbom
     assert ref is not None
-    unlisted = {"path": "fw-1.3.0.img.cdx.json", "hashes": {"sha256": ref.sha256},
-                "length": ref.length}  # fmt: skip
+    binding = (
+        {"path": ref.path, "hashes": {"sha256": "ab" * 32}, "length": ref.length}
+        if listed
+        else {"path": "fw-1.3.0.img.cdx.json", "hashes": {"sha256": ref.sha256},
+              "length": ref.length}
+    )  # fmt: skip
     attacker.inject_targets(
         signers=[steal_key(world.repo, n, PASSPHRASE) for n in TARGETS_KEYS],
         target_path="fw-1.3.0.img",
         payload=world.image("1.3.0").read_bytes(),
         custom={"version": "1.3.0", "security_counter": 1, "hardware_ids": [HW],
-                "release_type": "security", "sbom": unlisted},
+                "release_type": "security", "sbom": binding},
     )  # fmt: skip
-    with pytest.raises(VerificationError, match=r"SBOM fw-1\.3\.0\.img\.cdx\.json .* is missing"):
+    with pytest.raises(VerificationError, match=cause):
         dev.update()
     _assert_untouched(dev, world.releases["1.1.0"])
