@@ -911,11 +911,12 @@ class ImageRepository:
         ref = info.sbom
         if ref is None or ref.sha256 != sbom.sha256:
             raise RuntimeError("store_release needs the release's own checked SBOM")
+        # The image first: an unreadable image leaves no SBOM blob behind.
+        length, sha256 = self._store_blob(image, name, progress=progress)
         try:
             atomic_write_bytes(self.targets_dir / f"{ref.sha256}.{ref.path}", sbom.data)
         except OSError as e:
             raise OperatorError(f"cannot store the SBOM: {e.strerror}") from e
-        length, sha256 = self._store_blob(image, name, progress=progress)
         targets_md.signed.targets[ref.path] = TargetFile(
             ref.length,
             {"sha256": ref.sha256},
