@@ -104,7 +104,7 @@ def render_status(console: Console, st: DeviceStatus) -> None:
                 image.target,
                 image.sha256[:16] + "…",
                 # the installed SBOM, verified with the image (none: installed before SBOMs)
-                image.sbom_sha256 or "-",
+                image.sbom_sha256[:16] + "…" if image.sbom_sha256 else "-",
             )
     console.print(table)
     if st.booted is not None and st.booted.recovery:
