@@ -589,9 +589,10 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         and staged.halted
         and refused == len(outcomes) == ATTACKS
     )
+    # The PASS line is what scripts and tests read: unchanged; the SBOM check counts in it.
+    console.print(f"{sbom_ok}/{count} devices report the signed SBOM digest of 1.1.0")
     console.print(
-        f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated "
-        f"({sbom_ok} reporting the SBOM digest), "
+        f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated, "
         f"staged rollout {'completed' if staged.completed else 'FAILED'}, unhealthy rollout "
         f"{'halted' if staged.halted else 'NOT HALTED'}, {refused}/{ATTACKS} attacks refused"
     )
