@@ -131,3 +131,34 @@ def test_published_release_is_indexed_and_found_with_its_devices(
         pytest.raises(OperatorError, match="operator token missing or wrong"),
     ):
         anonymous.find("openssl")
+
+
+def test_index_skips_an_sbom_blob_that_is_not_the_bound_bytes(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blob store is trusted no more than a mirror: a stored SBOM that is not the bytes
+    the signed image target binds is never indexed (a fresh index, over the served state)."""
+    from otaguard.server.sbom_index import SbomIndex
+    from otaguard.server.storage import open_database, sqlite_url
+    from otaguard.sim.attacks import CompromisedServer
+
+    rel = world.release("1.1.0", security=True)
+    assert rel.info.sbom is not None
+    attacker = CompromisedServer(world.server.data_dir)
+    try:
+        attacker.tamper_blob(rel.info.sbom.path)
+    finally:
+        attacker.close()
+    engine = open_database(sqlite_url(tmp_path / "fresh-index.db"), upgrade=True)
+    try:
+        state = world.server.app.state
+        index = SbomIndex(
+            store=SQLSbomStore(engine), metadata=state.store, blobs=state.blobs,
+            clock=lambda: NOW,
+        )  # fmt: skip
+        with caplog.at_level("WARNING", logger="otaguard.server.sbom_index"):
+            assert index.refresh() == 1  # 1.0.0 only
+        assert f"stored SBOM of {rel.path} is not the bytes it binds" in caplog.text
+        assert SQLSbomStore(engine).indexed() == {world.releases["1.0.0"].path}
+    finally:
+        engine.dispose()
