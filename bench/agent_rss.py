@@ -37,6 +37,7 @@ from otaguard.repo import ImageRepository
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image, wait_served
+from otaguard.sim.sbom import make_sbom
 
 MIB: Final = 1024 * 1024
 IMAGE_BYTES: Final = 256 * MIB
@@ -59,6 +60,11 @@ class Timeline:
     def mark(self, name: str) -> None:
         """Record the first time ``name`` happened."""
         self.events.setdefault(name, time.monotonic() - self.start)
+
+
+def _sbom(image: Path) -> Path:
+    """Every release needs a CycloneDX SBOM: a small valid one beside the image."""
+    return make_sbom(Path(f"{image}.cdx.json"), name="firmware", version=image.stem)
 
 
 def _read_stderr(stream: IO[str], tl: Timeline) -> None:
@@ -122,6 +128,7 @@ def _sample(pid: int, device: Path, staged: Path, tl: Timeline, done: threading.
 # repository, tuf). This wrapper is a bare interpreter (~10 MiB), well below the agent.
 WRAPPER: Final = """
 import json, os, sys
+from otaguard.sim.sbom import make_sbom
 result, pidfile, *argv = sys.argv[1:]
 pid = os.posix_spawn(argv[0], argv, os.environ)
 with open(pidfile + ".tmp", "w") as f:
@@ -221,10 +228,20 @@ def run(work: Path) -> int:
         online_key=read_public_key(paths.online_public_key),
     )
     repo.add_release(
-        v100, version="1.0.0", hardware_ids=[HW], security=False, security_counter=None
+        v100,
+        sbom=_sbom(v100),
+        version="1.0.0",
+        hardware_ids=[HW],
+        security=False,
+        security_counter=None,
     )
     rel = repo.add_release(
-        v110, version="1.1.0", hardware_ids=[HW], security=False, security_counter=None
+        v110,
+        sbom=_sbom(v110),
+        version="1.1.0",
+        hardware_ids=[HW],
+        security=False,
+        security_counter=None,
     )
     print(
         f"setup: repository with 1.0.0 and 1.1.0 ({IMAGE_BYTES // MIB} MiB) "

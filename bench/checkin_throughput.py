@@ -58,6 +58,7 @@ from otaguard.repo.director import init_director
 from otaguard.server import init_data_dir
 from otaguard.sim import make_image
 from otaguard.sim.fleetsim import FleetSim, FleetStats, SimSettings
+from otaguard.sim.sbom import make_sbom
 
 HW: Final = "bench-hw"
 PASSPHRASE: Final = b"bench passphrase"
@@ -72,6 +73,11 @@ PROFILE_SECONDS: Final = 8
 STATIC_PATH: Final = "/metadata/1.root.json"
 NGINX: Final = "/usr/sbin/nginx"
 TEMPLATE: Final = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "otaguard.conf"
+
+
+def _sbom(image: Path) -> Path:
+    """Every release needs a CycloneDX SBOM: a small valid one beside the image."""
+    return make_sbom(Path(f"{image}.cdx.json"), name="firmware", version=image.stem)
 
 
 def free_port() -> int:
@@ -109,7 +115,12 @@ def prepare(work: Path) -> Setup:
     for version, security in (("1.0.0", False), ("1.1.0", True)):
         image = make_image(work / f"fw-{version}.img", size=64 * 1024, seed=version)
         repo.add_release(
-            image, version=version, hardware_ids=[HW], security=security, security_counter=None
+            image,
+            sbom=_sbom(image),
+            version=version,
+            hardware_ids=[HW],
+            security=security,
+            security_counter=None,
         )
     director_root = init_director(
         work / "director",

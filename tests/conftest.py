@@ -29,6 +29,7 @@ from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_
 from otaguard.server.client import FleetClient
 from otaguard.server.storage import open_database, upgrade_database
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
+from sbom_support import sbom_beside
 
 HW = "test-hw"
 #: every World key's passphrase (per-key passphrases are tested on their own)
@@ -119,6 +120,7 @@ class World:
         """Publish ``version`` and wait until the server serves it."""
         rel = self.repo.add_release(
             self.image(version),
+            sbom=sbom_beside(self.image(version)),
             version=version,
             hardware_ids=[HW],
             security=security,

@@ -17,6 +17,7 @@ from conftest import HW, PASSPHRASE, World
 from otaguard.agent import Device, Phase
 from otaguard.model.errors import DowngradeError, VerificationError
 from otaguard.sim.attacks import CompromisedServer, steal_key
+from sbom_support import sbom_beside
 
 
 def _assert_untouched(dev: Device, version: str = "1.1.0") -> None:
@@ -95,6 +96,7 @@ def test_newer_version_with_lower_security_counter_is_refused(
     with pytest.raises(OperatorError, match="below the highest"):
         world.repo.add_release(
             world.image("1.3.0"),
+            sbom=sbom_beside(world.image("1.3.0")),
             version="1.3.0",
             hardware_ids=[HW],
             security=False,
@@ -204,6 +206,7 @@ def test_image_for_other_hardware_is_never_offered(world: World) -> None:
     dev = world.device()
     world.repo.add_release(
         world.image("2.0.0"),
+        sbom=sbom_beside(world.image("2.0.0")),
         version="2.0.0",
         hardware_ids=["other-hw"],
         security=False,

@@ -28,6 +28,7 @@ from otaguard.repo import ImageRepository
 from otaguard.repo.ceremony import SigningRequest, publish_request, sign_request, stage_release
 from otaguard.repo.keyspec import ExternalKey, RoleKeySpec
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
+from sbom_support import sbom_beside
 
 HSM_KEY = "targets-ecdsa-p256"
 FILE_KEYS = ("targets-ed25519", "targets-ml-dsa-65")
@@ -80,6 +81,7 @@ def _stage(w: World, version: str, **kw: object) -> Path:
     out = w.tmp / f"{version}.request.json"
     stage_release(
         w.repo, w.image(version), version=version, hardware_ids=[HW],
+        sbom=sbom_beside(w.image(version)),
         security=bool(kw.get("security", False)), security_counter=None, out=out,
     )  # fmt: skip
     return out
@@ -136,6 +138,7 @@ def test_two_of_three_with_hsm_publishes_and_device_installs(
     staged = run(
         "release", "stage", str(world.repo.dir), str(world.image("1.1.0")),
         "--version", "1.1.0", "--hardware-id", HW, "--security", "--out", str(req2),
+        "--sbom", str(sbom_beside(world.image("1.1.0"))),
     )  # fmt: skip
     assert staged.returncode == 0, staged.stderr
     assert "SECURITY" in staged.stdout and "signatures: 0 of 2 needed" in staged.stdout
@@ -271,7 +274,8 @@ def test_cli_kofn_init_key_list_and_serverless_ceremony(token: SoftToken, tmp_pa
     image.write_bytes(b"firmware 1.0.0" * 1000)
     req = tmp_path / "r.json"
     staged = run("release", "stage", str(repo), str(image), "--version", "1.0.0",
-                 "--hardware-id", HW, "--out", str(req))  # fmt: skip
+                 "--hardware-id", HW, "--out", str(req),
+                 "--sbom", str(sbom_beside(image)))  # fmt: skip
     assert staged.returncode == 0, staged.stderr
     one = run("sign", str(req), "--key", uri, "--yes")
     assert one.returncode == 0, one.stderr

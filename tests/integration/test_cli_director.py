@@ -10,6 +10,7 @@ from otaguard.cli import main
 from otaguard.repo import ImageRepository
 from otaguard.server import ServerSettings, start_server_in_thread
 from otaguard.sim import make_image, wait_served
+from sbom_support import sbom_beside
 
 
 def run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
@@ -52,6 +53,8 @@ def test_by_hand_flow_with_the_director(
                 version,
                 "--hardware-id",
                 "gw-v1",
+                "--sbom",
+                str(sbom_beside(tmp_path / image)),
                 *(["--security"] if version == "1.1.0" else []),
             ],
         )

@@ -30,6 +30,7 @@ from otaguard.server import ServerSettings, init_data_dir, start_server_in_threa
 from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server.client import FleetClient
 from otaguard.sim import SIM_HEALTH_COMMAND, wait_served
+from sbom_support import sbom_beside
 
 OFFLINE_KEYS = ("root-ed25519", "root-ml-dsa-65", "targets-ed25519", "targets-ml-dsa-65")
 
@@ -174,6 +175,7 @@ def test_sync_refuses_a_key_planted_later(world: World) -> None:
     stray.write_bytes(plaintext_pem())
     world.repo.add_release(
         world.image("1.1.0"), version="1.1.0", hardware_ids=[HW], security=False,
+        sbom=sbom_beside(world.image("1.1.0")),
         security_counter=None,
     )  # fmt: skip
     time.sleep(1.0)  # ten sync intervals
@@ -269,7 +271,7 @@ def test_cli_per_key_passphrases(world: World) -> None:
     before = tree(world.repo.dir, world.keys_dir)
     args = (
         "release", "add", world.repo.dir, world.image("1.1.0"),
-        "--version", "1.1.0", "--hardware-id", HW,
+        "--version", "1.1.0", "--hardware-id", HW, "--sbom", sbom_beside(world.image("1.1.0")),
     )  # fmt: skip
     wrong_one = cli(
         *args,
@@ -371,7 +373,12 @@ def test_publish_api_completes_a_server_mode_publication(tmp_path: Path) -> None
     )
     image = make_image(tmp_path / "fw.img", size=64 * 1024, seed="1.0.0")
     repo.add_release(
-        image, version="1.0.0", hardware_ids=[HW], security=False, security_counter=None
+        image,
+        sbom=sbom_beside(image),
+        version="1.0.0",
+        hardware_ids=[HW],
+        security=False,
+        security_counter=None,
     )
     with start_server_in_thread(
         ServerSettings(data_dir=paths.data_dir, repo_dir=None, port=0)

@@ -11,6 +11,7 @@ from conftest import HW, World
 from otaguard.agent import Device
 from otaguard.cli import passphrase_env_var
 from otaguard.sim import SIM_HEALTH_COMMAND
+from sbom_support import sbom_beside
 
 
 def test_device_updates_to_new_release_over_https(world: World) -> None:
@@ -84,7 +85,8 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
     }  # releases need the targets keys only
     add = run(
         "release", "add", str(repo), str(world.image("1.0.0")),
-        "--version", "1.0.0", "--hardware-id", HW, env=targets_only,
+        "--version", "1.0.0", "--hardware-id", HW,
+        "--sbom", str(sbom_beside(world.image("1.0.0"))), env=targets_only,
     )  # fmt: skip
     assert add.returncode == 0, add.stderr
     # On the server again: serve and follow the carried-over repository.
@@ -139,7 +141,8 @@ def test_cli_flow_with_real_server_process(world: World, tmp_path) -> None:  # t
 
         add = run(
             "release", "add", str(repo), str(world.image("1.1.0")),
-            "--version", "1.1.0", "--hardware-id", HW, env=targets_only,
+            "--version", "1.1.0", "--hardware-id", HW,
+            "--sbom", str(sbom_beside(world.image("1.1.0"))), env=targets_only,
         )  # fmt: skip
         assert add.returncode == 0, add.stderr
         # Served without restarting the server process; it signed snapshot and timestamp.

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import HW, PASSPHRASE, World
 from otaguard.agent import BootEnv, Device, Phase
+from sbom_support import sbom_beside
 
 GARBAGE = b'\x89PNG\r\n\x1a\n\x00\xff\xfe garbage {"not": json \xc3\x28'
 PASSPHRASE_ENV = "OTAGUARD_KEY_PASSPHRASE"
@@ -243,7 +244,7 @@ def test_release_add_with_wrong_passphrase(world: World) -> None:
 
     proc = cli(
         "release", "add", world.repo.dir, world.image("1.1.0"),
-        "--version", "1.1.0", "--hardware-id", HW,
+        "--version", "1.1.0", "--hardware-id", HW, "--sbom", sbom_beside(world.image("1.1.0")),
         env={PASSPHRASE_ENV: "not the passphrase"},
     )  # fmt: skip
 
@@ -257,7 +258,7 @@ def test_release_add_of_missing_image(world: World, tmp_path: Path) -> None:
 
     proc = cli(
         "release", "add", world.repo.dir, tmp_path / "missing.img",
-        "--version", "1.1.0", "--hardware-id", HW,
+        "--version", "1.1.0", "--hardware-id", HW, "--sbom", sbom_beside(world.image("1.1.0")),
         env={PASSPHRASE_ENV: PASSPHRASE.decode()},
     )  # fmt: skip
 

@@ -27,6 +27,7 @@ from otaguard.server.rollout_client import RolloutClient, RolloutInfo
 from otaguard.server.storage import upgrade_database
 from otaguard.server.storage.fleet_base import UnknownNameError
 from otaguard.sim import make_image
+from sbom_support import sbom_beside
 
 
 @pytest.fixture
@@ -291,8 +292,10 @@ def test_release_check_flags_an_unknown_hardware_id(
     ok = _cli(rworld, "release", "check")
     assert ok.returncode == 0 and "every release names" in ok.stdout, ok.stderr
     with caplog.at_level("WARNING", logger="otaguard.server.rollouts"):
-        rworld.repo.add_release(rworld.image("1.2.0"), version="1.2.0", hardware_ids=[HW + "-typo"],
-                                security=False, security_counter=None)  # fmt: skip
+        image = rworld.image("1.2.0")
+        rworld.repo.add_release(image, version="1.2.0", hardware_ids=[HW + "-typo"],
+                                security=False, security_counter=None,
+                                sbom=sbom_beside(image))  # fmt: skip
         rworld.wait_served()
         bad = _cli(rworld, "release", "check")
         for _ in range(50):

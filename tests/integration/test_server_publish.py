@@ -29,6 +29,7 @@ from otaguard.server.storage import (
     SQLMetadataStore,
 )
 from otaguard.server.sync import RepoSync
+from sbom_support import sbom_beside
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -326,7 +327,12 @@ def hybrid(tmp_path: Path) -> ImageRepository:
     image = tmp_path / "fw.img"
     image.write_bytes(b"firmware" * 64)
     repo.add_release(
-        image, version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image,
+        sbom=sbom_beside(image),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     return repo
 

@@ -29,6 +29,7 @@ from otaguard.model import ConfigError, DeviceStorageError, DowngradeError, Vers
 from otaguard.repo import ImageRepository
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
+from sbom_support import sbom_beside
 from tpm_support import Swtpm, running_swtpm
 
 SIZE = 256 * 1024
@@ -184,6 +185,7 @@ class Mem:
     def release(self, version: str, *, security: bool = False) -> None:
         self.repo.add_release(
             self.image(version),
+            sbom=sbom_beside(self.image(version)),
             version=version,
             hardware_ids=[HW],
             security=security,

@@ -176,9 +176,14 @@ def test_two_targets_or_garbage_are_refused(keys: tuple[CryptoSigner, CryptoSign
 
 
 # -- matching the image repository ------------------------------------------------------
-def _image(length: int = 100, hashes: dict[str, str] | None = None, hw: str = HW) -> TargetFile:
-    custom = {"version": "1.1.0", "security_counter": 1, "hardware_ids": [hw],
-              "release_type": "feature"}  # fmt: skip
+def _image(
+    length: int = 100, hashes: dict[str, str] | None = None, hw: str = HW, sbom: bool = True
+) -> TargetFile:
+    custom: dict[str, object] = {"version": "1.1.0", "security_counter": 1, "hardware_ids": [hw],
+                                 "release_type": "feature"}  # fmt: skip
+    if sbom:
+        custom["sbom"] = {"path": "fw-1.1.0.img.cdx.json", "hashes": {"sha256": "ab" * 32},
+                          "length": 10}  # fmt: skip
     return TargetFile(length, hashes or {"sha256": SHA}, "fw-1.1.0.img", {"custom": custom})
 
 
@@ -192,6 +197,8 @@ def test_match_image_repository() -> None:
         (_image(hashes={"sha256": "cd" * 32}), "hashes"),
         (_image(hashes={"sha256": SHA, "sha512": "ef" * 64}), "hashes"),
         (_image(hw="gw2"), "not for hardware"),
+        # the director path accepts only images whose signed custom binds their SBOM
+        (_image(sbom=False), "carries no SBOM binding"),
     ):
         with pytest.raises(DirectorMismatchError, match=match):
             match_image_repository(instr, image, hardware_id=HW)

@@ -22,6 +22,7 @@ from otaguard.model import DowngradeError, Version
 from otaguard.repo import ImageRepository
 from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
+from sbom_support import sbom_beside
 
 SIZE = 256 * 1024
 
@@ -47,6 +48,7 @@ class Mem:
     def release(self, version: str, *, security: bool = False, unhealthy: bool = False) -> None:
         self.repo.add_release(
             self.image(version, unhealthy=unhealthy),
+            sbom=sbom_beside(self.image(version, unhealthy=unhealthy)),
             version=version,
             hardware_ids=[HW],
             security=security,

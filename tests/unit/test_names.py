@@ -11,6 +11,7 @@ from otaguard.model import OperatorError, ReleaseInfo, Version, check_hardware_i
 from otaguard.model.names import check_target_name
 from otaguard.repo import ImageRepository
 from otaguard.server._names import parse_blob_name
+from sbom_support import sbom_beside
 
 SHA = "ab" * 32
 NAMES = [
@@ -48,7 +49,12 @@ def test_release_tool_refuses_a_name_the_server_would_refuse(tmp_path: Path) -> 
     before = repo.read_files()
     with pytest.raises(OperatorError, match=r"invalid target name 'fw\+beta-1\.0\.0\.img'"):
         repo.add_release(
-            image, version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+            image,
+            sbom=sbom_beside(image),
+            version="1.0.0",
+            hardware_ids=["hw"],
+            security=False,
+            security_counter=None,
         )
     assert repo.read_files() == before, "a refused release changes nothing"
 

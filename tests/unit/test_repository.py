@@ -13,6 +13,7 @@ from securesystemslib.signer import CryptoSigner
 
 from otaguard.model import ConfigError, KeyAccessError, OperatorError, Unsafe
 from otaguard.repo import ImageRepository, check_repository
+from sbom_support import sbom_beside
 
 PW = b"pw"
 
@@ -160,7 +161,12 @@ def test_release_needs_targets_keys_only_in_server_mode(
     asked: list[str] = []
     reopened = ImageRepository(repo.dir, passphrases=lambda name: asked.append(name) or PW)
     reopened.add_release(
-        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image(tmp_path),
+        sbom=sbom_beside(image(tmp_path)),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     assert sorted(asked) == ["targets-ed25519", "targets-ml-dsa-65"]
     assert sorted(p.name for p in repo.metadata_dir.iterdir()) == [
@@ -173,12 +179,18 @@ def test_release_needs_targets_keys_only_in_server_mode(
 
 def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
     rel = repo.add_release(
-        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image(tmp_path),
+        sbom=sbom_beside(image(tmp_path)),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     assert rel.info.release_type == "feature" and rel.info.security_counter == 0
     with pytest.raises(OperatorError, match="not greater"):
         repo.add_release(
             image(tmp_path),
+            sbom=sbom_beside(image(tmp_path)),
             version="1.0.0",
             hardware_ids=["hw"],
             security=False,
@@ -187,6 +199,7 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
     with pytest.raises(OperatorError, match="not greater"):
         repo.add_release(
             image(tmp_path),
+            sbom=sbom_beside(image(tmp_path)),
             version="0.9.0",
             hardware_ids=["other", "hw"],
             security=False,
@@ -194,6 +207,7 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
         )
     sec = repo.add_release(
         image(tmp_path, "s.img"),
+        sbom=sbom_beside(image(tmp_path, "s.img")),
         version="1.1.0",
         hardware_ids=["hw"],
         security=True,
@@ -203,6 +217,7 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
     with pytest.raises(OperatorError, match="below the highest"):
         repo.add_release(
             image(tmp_path),
+            sbom=sbom_beside(image(tmp_path)),
             version="1.2.0",
             hardware_ids=["hw"],
             security=False,
@@ -211,6 +226,7 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
     # Another hardware id may use a lower version, not a lower counter.
     other = repo.add_release(
         image(tmp_path, "o.img"),
+        sbom=sbom_beside(image(tmp_path, "o.img")),
         version="0.1.0",
         hardware_ids=["other"],
         security=False,
@@ -218,7 +234,7 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
     )
     assert other.info.security_counter == 1
     report, checks = repo.verify()
-    assert report.ok and all(c.ok for c in checks) and len(checks) == 3
+    assert report.ok and all(c.ok for c in checks) and len(checks) == 6  # 3 images, 3 SBOMs
 
 
 def _tree(*dirs: Path) -> dict[str, bytes]:
@@ -248,6 +264,7 @@ def test_per_key_passphrases_and_a_wrong_one_changes_nothing(
             passphrases=lambda n: own("targets-ed25519" if n == "targets-ml-dsa-65" else n),
         ).add_release(
             image(tmp_path),
+            sbom=sbom_beside(image(tmp_path)),
             version="1.0.0",
             hardware_ids=["hw"],
             security=False,
@@ -262,7 +279,12 @@ def test_per_key_passphrases_and_a_wrong_one_changes_nothing(
             wrong_timestamp.refresh()
         assert _tree(repo.dir, repo.keys_dir) == before
     ImageRepository(repo.dir, passphrases=own).add_release(
-        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image(tmp_path),
+        sbom=sbom_beside(image(tmp_path)),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     report, _ = repo.verify()
     assert report.ok, report.all_problems()
@@ -272,6 +294,7 @@ def test_read_only_repository_cannot_sign(repo: ImageRepository, tmp_path: Path)
     with pytest.raises(KeyAccessError, match="read-only"):
         ImageRepository(repo.dir).add_release(
             image(tmp_path),
+            sbom=sbom_beside(image(tmp_path)),
             version="1.0.0",
             hardware_ids=["hw"],
             security=False,
@@ -302,7 +325,12 @@ def test_swapped_key_file_is_refused(repo: ImageRepository, tmp_path: Path) -> N
 
 def test_verify_finds_tampered_blob_and_metadata(repo: ImageRepository, tmp_path: Path) -> None:
     rel = repo.add_release(
-        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image(tmp_path),
+        sbom=sbom_beside(image(tmp_path)),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     blob = repo.blob_path(rel)
     data = bytearray(blob.read_bytes())
@@ -375,7 +403,12 @@ def test_repo_verify_cli(
     from otaguard.cli import main
 
     repo.add_release(
-        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image(tmp_path),
+        sbom=sbom_beside(image(tmp_path)),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     assert main(["repo", "verify", str(repo.dir)]) == 0
     out = capsys.readouterr().out
@@ -394,7 +427,12 @@ def test_repo_verify_cli(
 
 def test_verify_without_online_roles(repo: ImageRepository, tmp_path: Path) -> None:
     rel = repo.add_release(
-        image(tmp_path), version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+        image(tmp_path),
+        sbom=sbom_beside(image(tmp_path)),
+        version="1.0.0",
+        hardware_ids=["hw"],
+        security=False,
+        security_counter=None,
     )
     _offline_layout(repo)
     report, checks = repo.verify()
@@ -405,7 +443,8 @@ def test_verify_without_online_roles(repo: ImageRepository, tmp_path: Path) -> N
         "2.targets.json",
         2,
     )
-    assert [c.path for c in checks] == [rel.path] and checks[0].ok
+    assert [c.path for c in checks] == [rel.path, f"{rel.path}.cdx.json"]
+    assert all(c.ok for c in checks)
 
     name = _sign_newest_targets_with_one_key(repo)
     report, checks = repo.verify()

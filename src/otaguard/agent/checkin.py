@@ -208,6 +208,7 @@ def build_manifest(
                 sha256=image.sha256,
                 version=image.version,
                 security_counter=image.security_counter,
+                sbom_sha256=image.sbom_sha256,
             )
     events = read_event_log(paths)
     if events:

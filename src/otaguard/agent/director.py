@@ -207,4 +207,8 @@ def match_image_repository(
         raise DirectorMismatchError(
             f"{name} is not for hardware {hardware_id} in the image repository"
         )
+    if info.sbom is None:
+        raise DirectorMismatchError(
+            f"image repository entry {name} carries no SBOM binding; every release needs one"
+        )
     return Offer(image_target, info)

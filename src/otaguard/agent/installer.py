@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from tuf.api.metadata import TargetFile
+
 from otaguard.agent.boot import boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.install import (
@@ -62,6 +64,7 @@ from otaguard.model.errors import (
     TransportError,
     VerificationError,
 )
+from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
 
 __all__ = ["FAULT_ENV", "Installer", "ProgressFn", "error_kind", "file_sha256"]
@@ -144,6 +147,7 @@ class Installer:
             security_counter=offer.info.security_counter,
             sha256=offer.sha256,
             length=offer.target.length,
+            sbom_sha256=offer.info.sbom.sha256 if offer.info.sbom is not None else None,
         )
         state.from_slot, state.to_slot = from_slot, to_slot
         state.reason, state.write_attempts, state.history = None, 0, ["selected"]
@@ -284,6 +288,7 @@ class Installer:
         if info is None or info.hashes.get("sha256") != target.sha256:
             return Withdrawn()
         self.paths.staging.mkdir(exist_ok=True)
+        self._download_sbom(info)
         fetcher = self._session.fetcher
         if self._progress is not None:
             progress, total = self._progress, target.length
@@ -293,6 +298,33 @@ class Installer:
         finally:
             fetcher.on_chunk = None
         return Downloaded()
+
+    def _download_sbom(self, image: TargetFile) -> None:
+        """Download and verify the SBOM ``image``'s custom binds, before the image.
+
+        Through the same python-tuf path as the image: the SBOM target of the verified
+        targets metadata, its length and hash checked while it streams. It must be the
+        target the binding names with the binding's length and hash.
+
+        Raises:
+            VerificationError: no binding, the SBOM target is absent or differs from the
+                binding, or the downloaded bytes do not match (tampered).
+        """
+        assert self._session is not None  # noqa: S101 - _download opened it
+        ref = ReleaseInfo.from_custom(image.custom).sbom
+        if ref is None:
+            raise VerificationError(f"{image.path} carries no SBOM binding; refusing it")
+        sbom = self._session.find_target(ref.path)
+        if sbom is None:
+            raise VerificationError(f"the SBOM {ref.path} of {image.path} is missing")
+        if sbom.length != ref.length or sbom.hashes.get("sha256") != ref.sha256:
+            raise VerificationError(f"the SBOM {ref.path} is not the one {image.path} binds")
+        staged = self.paths.staging / f"{ref.sha256}.{ref.path}"
+        try:
+            self._session.download(sbom, staged)
+        finally:
+            staged.unlink(missing_ok=True)
+        logger.info("SBOM %s of %s verified (sha256 %s)", ref.path, image.path, ref.sha256)
 
     def _write(self, state: InstallState, slot: str) -> Event:
         target = _target(state)

@@ -40,6 +40,9 @@ class SlotImage:
     security_counter: int
     sha256: str
     length: int
+    #: SHA-256 of the release's SBOM, verified with the image (``None`` for an image
+    #: written before SBOMs: boot environments written then still load)
+    sbom_sha256: str | None = None
 
 
 @dataclass

@@ -215,12 +215,15 @@ def _release_add(a: argparse.Namespace) -> int:
             hardware_ids=a.hardware_id,
             security=a.security,
             security_counter=a.security_counter,
+            sbom=a.sbom,
             progress=lambda n: prog.advance(task, n),
         )
     out.print(
         f"added [bold]{rel.path}[/bold] version {rel.info.version} ({rel.info.release_type}, "
         f"security counter {rel.info.security_counter}) sha256 {rel.sha256}"
     )
+    if rel.info.sbom is not None:
+        out.print(f"SBOM {rel.info.sbom.path} sha256 {rel.info.sbom.sha256}")
     if repo.server_signed:
         out.print("the update server signs snapshot and timestamp when it takes this release")
     return 0
@@ -723,6 +726,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         fleet_inventory_parsers,
     )
     from otaguard.cli._rollouts import add_rollout_parsers, release_check_parser
+    from otaguard.cli._sbom import add_sbom_parsers
     from otaguard.cli._sim import add_sim_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
@@ -814,6 +818,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         metavar="N",
         help="default: highest published, +1 for --security",
     )
+    add.add_argument(
+        "--sbom", type=Path, required=True, metavar="FILE", help="CycloneDX 1.5/1.6 JSON SBOM"
+    )
     _key_options(add)
     add.set_defaults(func=_release_add)
     wd = rel.add_parser("withdraw", help="remove a release from the repository and re-sign")
@@ -827,6 +834,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     release_check_parser(rel)
     add_ceremony_parsers(rel)
     add_key_parsers(sub)
+    add_sbom_parsers(sub)
 
     srv = sub.add_parser(
         "server", help="run the update server (HTTPS); 'server init' prepares its data directory"

@@ -264,6 +264,7 @@ def _stage(a: argparse.Namespace) -> int:
         hardware_ids=a.hardware_id,
         security=a.security,
         security_counter=a.security_counter,
+        sbom=a.sbom,
         out=target,
     )
     for line in request.render():
@@ -350,6 +351,9 @@ def add_ceremony_parsers(rel: argparse._SubParsersAction[argparse.ArgumentParser
     st.add_argument("--hardware-id", action="append", required=True, metavar="HW")
     st.add_argument("--security", action="store_true", help="security release (else feature)")
     st.add_argument("--security-counter", type=int, metavar="N")
+    st.add_argument(
+        "--sbom", type=Path, required=True, metavar="FILE", help="CycloneDX 1.5/1.6 JSON SBOM"
+    )
     st.add_argument(
         "--out", type=Path, metavar="REQUEST", help="default targets-VERSION.request.json"
     )

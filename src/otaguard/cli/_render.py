@@ -83,7 +83,7 @@ def render_selection(console: Console, running: str, sel: Selection) -> None:
 def render_status(console: Console, st: DeviceStatus) -> None:
     """Slots, versions, counters and the last result of a device."""
     table = Table(title=f"Device ({st.hardware_id})")
-    for col in ("slot", "role", "version", "security counter", "target", "sha256"):
+    for col in ("slot", "role", "version", "security counter", "target", "sha256", "SBOM sha256"):
         table.add_column(col)
     for slot, image in st.bootenv.slots.items():
         roles = []
@@ -94,7 +94,7 @@ def render_status(console: Console, st: DeviceStatus) -> None:
         if st.booted and st.booted.slot == slot:
             roles.append("booted")
         if image is None:
-            table.add_row(slot, ", ".join(roles), "-", "-", "(empty or invalid)", "-")
+            table.add_row(slot, ", ".join(roles), "-", "-", "(empty or invalid)", "-", "-")
         else:
             table.add_row(
                 slot,
@@ -103,6 +103,8 @@ def render_status(console: Console, st: DeviceStatus) -> None:
                 str(image.security_counter),
                 image.target,
                 image.sha256[:16] + "…",
+                # the installed SBOM, verified with the image (none: installed before SBOMs)
+                image.sbom_sha256[:16] + "…" if image.sbom_sha256 else "-",
             )
     console.print(table)
     if st.booted is not None and st.booted.recovery:

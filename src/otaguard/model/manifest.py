@@ -126,27 +126,37 @@ class InstalledTarget:
     sha256: str
     version: str
     security_counter: int
+    #: SHA-256 of the release's SBOM the device verified with the image. An optional
+    #: key: a manifest from an agent before SBOMs (or for an image installed before
+    #: them) has none and still parses; when present it must be a SHA-256.
+    sbom_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {
+        """JSON form (``sbom_sha256`` only when known)."""
+        out: dict[str, Any] = {
             "name": self.name,
             "length": self.length,
             "sha256": self.sha256,
             "version": self.version,
             "security_counter": self.security_counter,
         }
+        if self.sbom_sha256 is not None:
+            out["sbom_sha256"] = self.sbom_sha256
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any) -> InstalledTarget:
         """Parse and check. Raises :class:`VerificationError`."""
-        d = _obj(raw, "installed", {"name", "length", "sha256", "version", "security_counter"})
+        keys = {"name", "length", "sha256", "version", "security_counter"}
+        has_sbom = isinstance(raw, dict) and "sbom_sha256" in raw
+        d = _obj(raw, "installed", keys | {"sbom_sha256"} if has_sbom else keys)
         return cls(
             name=_str(d["name"], "installed.name"),
             length=_int(d["length"], "installed.length"),
             sha256=_sha(d["sha256"], "installed.sha256"),
             version=_str(d["version"], "installed.version"),
             security_counter=_int(d["security_counter"], "installed.security_counter"),
+            sbom_sha256=_sha(d["sbom_sha256"], "installed.sbom_sha256") if has_sbom else None,
         )
 
 

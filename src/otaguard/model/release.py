@@ -8,6 +8,7 @@ from typing import Any, Final
 
 from otaguard.model.errors import VerificationError
 from otaguard.model.names import check_hardware_id
+from otaguard.model.sbom import SBOM_CUSTOM_KEY, SbomRef
 from otaguard.model.version import Version
 
 __all__ = ["MAX_HARDWARE_IDS", "MAX_SECURITY_COUNTER", "RELEASE_TYPES", "ReleaseInfo"]
@@ -28,6 +29,10 @@ class ReleaseInfo:
     security_counter: int
     hardware_ids: tuple[str, ...]
     release_type: str
+    #: the SBOM target this image's custom binds (``None`` only in targets published
+    #: before SBOMs existed: release tooling requires one, devices refuse to install
+    #: an image without one)
+    sbom: SbomRef | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.security_counter <= MAX_SECURITY_COUNTER:
@@ -55,20 +60,25 @@ class ReleaseInfo:
                 raise TypeError("security_counter must be an integer")
             if not isinstance(hw, list) or not all(isinstance(h, str) for h in hw):
                 raise TypeError("hardware_ids must be a list of strings")
+            sbom = custom.get(SBOM_CUSTOM_KEY)
             return cls(
                 version=Version.parse(custom["version"]),
                 security_counter=counter,
                 hardware_ids=tuple(hw),
                 release_type=custom["release_type"],
+                sbom=None if sbom is None else SbomRef.from_custom(sbom),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise VerificationError(f"invalid target custom fields: {e}") from e
 
     def to_custom(self) -> dict[str, Any]:
         """Serialise for a TUF target's ``custom`` field."""
-        return {
+        custom: dict[str, Any] = {
             "version": str(self.version),
             "security_counter": self.security_counter,
             "hardware_ids": list(self.hardware_ids),
             "release_type": self.release_type,
         }
+        if self.sbom is not None:
+            custom[SBOM_CUSTOM_KEY] = self.sbom.to_custom()
+        return custom

@@ -48,6 +48,7 @@ from otaguard.crypto.signers import KeySecrets, file_uri_path, load_signer
 from otaguard.model.errors import ConfigError, OperatorError
 from otaguard.model.errors import VerificationError as OtaVerifyError
 from otaguard.model.release import ReleaseInfo
+from otaguard.model.sbom import is_sbom_target
 from otaguard.repo.repository import ImageRepository, Release
 
 __all__ = [
@@ -122,6 +123,11 @@ def _image(path: str, tf: Any) -> dict[str, Any]:
         "hardware_ids": list(info.hardware_ids),
         "security": info.release_type == "security",
         "security_counter": info.security_counter,
+        # what the targets signature binds of the release's SBOM (None: published before
+        # SBOMs were required; release tooling never stages one without)
+        "sbom": None
+        if info.sbom is None
+        else {"path": info.sbom.path, "sha256": info.sbom.sha256, "length": info.sbom.length},
     }
 
 
@@ -148,7 +154,9 @@ def summarize(new: Root | Targets, base: Root | Targets) -> dict[str, Any]:
     if not isinstance(new, Targets) or not isinstance(base, Targets):
         raise OtaVerifyError("signing request: the replaced metadata is of another role")
     try:
-        images = [_image(p, tf) for p, tf in sorted(new.targets.items())]
+        images = [
+            _image(p, tf) for p, tf in sorted(new.targets.items()) if not is_sbom_target(tf.custom)
+        ]
     except ValueError as e:
         raise OtaVerifyError(f"signing request: a target has invalid otaguard fields: {e}") from e
     changed = sorted(
@@ -295,6 +303,12 @@ class SigningRequest:
                 f"  {img['length']} bytes  sha256 {img['sha256']}"
                 f"  hardware {','.join(img['hardware_ids'])}"
             )
+            sbom = img.get("sbom")
+            lines.append(
+                f"    SBOM {sbom['path']}  {sbom['length']} bytes  sha256 {sbom['sha256']}"
+                if sbom
+                else "    no SBOM"
+            )
         lines.extend(f"- {p} (removed)" for p in s["removed"])
         return lines
 
@@ -315,10 +329,12 @@ def stage_release(
     hardware_ids: list[str],
     security: bool,
     security_counter: int | None,
+    sbom: Path,
     out: Path,
     now: datetime | None = None,
 ) -> tuple[SigningRequest, Release]:
-    """Check a release, store its blob and write the signing request ``out``; no key used.
+    """Check a release and its SBOM (required), store their blobs and write the signing
+    request ``out``; no key used. The summary shows the SBOM's digest.
 
     Raises:
         OperatorError: as :meth:`ImageRepository.add_release`, or ``out`` exists.
@@ -326,15 +342,16 @@ def stage_release(
     now = now or datetime.now(UTC)
     if Path(out).exists():
         raise OperatorError(f"{out} exists; refusing to overwrite a signing request")
-    targets_md, info, name = repo.check_new_release(
+    targets_md, info, name, checked = repo.check_new_release(
         image,
         version=version,
         hardware_ids=hardware_ids,
         security=security,
         security_counter=security_counter,
+        sbom=sbom,
     )
     base_bytes = _canonical(targets_md.signed)
-    release = repo.store_release(targets_md, Path(image), name, info)
+    release = repo.store_release(targets_md, Path(image), name, info, sbom=checked)
     new = targets_md.signed
     new.version += 1
     new.expires = repo.targets_expiry(now)

@@ -63,9 +63,18 @@ from otaguard.crypto.signers import (
     load_signer,
     resolve_key_uri,
 )
-from otaguard.model.errors import ConfigError, KeyAccessError, OperatorError
+from otaguard.model.errors import ConfigError, KeyAccessError, OperatorError, VerificationError
 from otaguard.model.names import check_target_name
 from otaguard.model.release import ReleaseInfo
+from otaguard.model.sbom import (
+    MAX_SBOM_BYTES,
+    SBOM_OF_KEY,
+    Sbom,
+    SbomRef,
+    is_sbom_target,
+    parse_sbom,
+    sbom_target_name,
+)
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 from otaguard.repo.keyspec import ROLE_ALGORITHMS, RoleKeySpec, algorithm_of, key_names
@@ -285,6 +294,19 @@ def _write_configs(
             "keys": {role: [r.to_json() for r in rs] for role, rs in refs.items()},
         },
     )
+
+
+def _read_sbom(path: Path) -> Sbom:
+    """Read and check a release's SBOM file (bounded read: never more than the limit)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SBOM_BYTES + 1)
+    except OSError as e:
+        raise OperatorError(f"cannot read SBOM {path}: {e.strerror}") from e
+    try:
+        return parse_sbom(data)
+    except VerificationError as e:
+        raise OperatorError(f"{path}: {e}") from e
 
 
 class ImageRepository:
@@ -720,6 +742,8 @@ class ImageRepository:
         targets: Targets = self._latest("targets", Targets).signed
         out = []
         for path, tf in targets.targets.items():
+            if is_sbom_target(tf.custom):
+                continue  # an image's SBOM, listed through the image's binding
             info = ReleaseInfo.from_custom(tf.custom)
             out.append(Release(path, tf.length, tf.hashes["sha256"], info))
         return sorted(out, key=lambda r: r.info.version)
@@ -727,6 +751,34 @@ class ImageRepository:
     def blob_path(self, release: Release) -> Path:
         """Where the blob of ``release`` is stored in this repository."""
         return self.targets_dir / f"{release.sha256}.{release.path}"
+
+    def release_sbom(self, version: str) -> tuple[Release, Sbom]:
+        """The release ``version`` and its SBOM, checked against the binding and parsed.
+
+        Raises:
+            OperatorError: no such release, or it has no SBOM.
+            VerificationError: the stored SBOM is not the bound bytes, or not CycloneDX.
+        """
+        try:
+            wanted = Version.parse(version)
+        except ValueError as e:
+            raise OperatorError(str(e)) from e
+        found = [r for r in self.releases() if r.info.version == wanted]
+        if not found:
+            raise OperatorError(f"no release {version} in {self.dir}")
+        release = found[0]
+        ref = release.info.sbom
+        if ref is None:
+            raise OperatorError(f"release {version} ({release.path}) has no SBOM")
+        path = self.targets_dir / f"{ref.sha256}.{ref.path}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SBOM_BYTES + 1)
+        except OSError as e:
+            raise OperatorError(f"cannot read the SBOM of {release.path}: {e.strerror}") from e
+        if len(data) != ref.length or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise VerificationError(f"the stored SBOM of {release.path} is not the signed one")
+        return release, parse_sbom(data)
 
     # -- releases --------------------------------------------------------------------
     def add_release(
@@ -737,10 +789,14 @@ class ImageRepository:
         hardware_ids: Sequence[str],
         security: bool,
         security_counter: int | None,
+        sbom: Path,
         now: datetime | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Release:
-        """Add a firmware image as a new target and re-sign targets.
+        """Add a firmware image and its SBOM as new targets and re-sign targets.
+
+        ``sbom`` (required: every release has one) must be a CycloneDX 1.5 or 1.6 JSON
+        SBOM; it becomes a target of its own, bound into the image's ``custom``.
 
         In local mode snapshot and timestamp are re-signed too; in server mode the update
         server signs them when it imports the new targets.
@@ -750,20 +806,24 @@ class ImageRepository:
 
         Raises:
             OperatorError: bad version, version not above an existing release for one of
-                the hardware ids, counter below the highest published, unreadable image.
+                the hardware ids, counter below the highest published, unreadable image,
+                missing or invalid SBOM (the message names the problem).
             KeyAccessError: a key cannot be unlocked (nothing was written).
         """
         now = now or datetime.now(UTC)
-        targets_md, info, name = self.check_new_release(
+        targets_md, info, name, checked = self.check_new_release(
             image,
             version=version,
             hardware_ids=hardware_ids,
             security=security,
             security_counter=security_counter,
+            sbom=sbom,
         )
         # Unlock every key before writing anything, so a wrong passphrase changes nothing.
         self.unlock(self.signing_roles())
-        release = self.store_release(targets_md, Path(image), name, info, progress=progress)
+        release = self.store_release(
+            targets_md, Path(image), name, info, sbom=checked, progress=progress
+        )
         self._sign_targets(targets_md, now)
         logger.info("added release %s (%s bytes)", name, release.length)
         return release
@@ -776,12 +836,13 @@ class ImageRepository:
         hardware_ids: Sequence[str],
         security: bool,
         security_counter: int | None,
-    ) -> tuple[Metadata[Targets], ReleaseInfo, str]:
+        sbom: Path,
+    ) -> tuple[Metadata[Targets], ReleaseInfo, str, Sbom]:
         """Check a new release against the published ones; nothing is written.
 
         Returns:
-            The newest targets metadata (to extend), the release's fields and its
-            target name.
+            The newest targets metadata (to extend), the release's fields (with the SBOM
+            binding), its target name and its checked SBOM.
 
         Raises:
             OperatorError: as :meth:`add_release`.
@@ -807,26 +868,30 @@ class ImageRepository:
                 f"security counter {security_counter} is below the highest published "
                 f"({highest_counter})"
             )
+        image = Path(image)
+        suffix = image.suffix or ".img"
+        name = f"{image.stem}-{new_version}{suffix}"
+        try:
+            check_target_name(name)
+            sbom_name = sbom_target_name(name)
+        except ValueError as e:
+            raise OperatorError(f"image {image.name!r} gives the target name {name!r}: {e}") from e
+        checked = _read_sbom(Path(sbom))
         try:
             info = ReleaseInfo(
                 version=new_version,
                 security_counter=security_counter,
                 hardware_ids=tuple(hardware_ids),
                 release_type="security" if security else "feature",
+                sbom=SbomRef(sbom_name, checked.sha256, len(checked.data)),
             )
         except ValueError as e:
             raise OperatorError(str(e)) from e
-        image = Path(image)
-        suffix = image.suffix or ".img"
-        name = f"{image.stem}-{new_version}{suffix}"
-        try:
-            check_target_name(name)
-        except ValueError as e:
-            raise OperatorError(f"image {image.name!r} gives the target name {name!r}: {e}") from e
         targets_md: Metadata[Targets] = self._latest("targets", Targets)
-        if name in targets_md.signed.targets:
-            raise OperatorError(f"target {name} already exists")
-        return targets_md, info, name
+        for taken in (name, sbom_name):
+            if taken in targets_md.signed.targets:
+                raise OperatorError(f"target {taken} already exists")
+        return targets_md, info, name, checked
 
     def store_release(
         self,
@@ -835,13 +900,29 @@ class ImageRepository:
         name: str,
         info: ReleaseInfo,
         *,
+        sbom: Sbom,
         progress: Callable[[int], None] | None = None,
     ) -> Release:
-        """Store ``image``'s blob under its hash name and list it in ``targets_md``.
+        """Store ``image``'s and ``sbom``'s blobs under their hash names and list both in
+        ``targets_md`` (the image's ``custom`` binding the SBOM: ``info.sbom``).
 
         Nothing is signed: an unlisted blob in ``targets/`` is served to nobody.
         """
+        ref = info.sbom
+        if ref is None or ref.sha256 != sbom.sha256:
+            raise RuntimeError("store_release needs the release's own checked SBOM")
+        # The image first: an unreadable image leaves no SBOM blob behind.
         length, sha256 = self._store_blob(image, name, progress=progress)
+        try:
+            atomic_write_bytes(self.targets_dir / f"{ref.sha256}.{ref.path}", sbom.data)
+        except OSError as e:
+            raise OperatorError(f"cannot store the SBOM: {e.strerror}") from e
+        targets_md.signed.targets[ref.path] = TargetFile(
+            ref.length,
+            {"sha256": ref.sha256},
+            ref.path,
+            unrecognized_fields={"custom": {SBOM_OF_KEY: name, "spec_version": sbom.spec_version}},
+        )
         tf = TargetFile(
             length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()}
         )
@@ -894,8 +975,14 @@ class ImageRepository:
         targets_md: Metadata[Targets] = self._latest("targets", Targets)
         if path not in targets_md.signed.targets:
             raise OperatorError(f"no target named {path}")
+        if is_sbom_target(targets_md.signed.targets[path].custom):
+            raise OperatorError(f"{path} is an SBOM: withdraw the release it describes")
         self.unlock(self.signing_roles())
-        del targets_md.signed.targets[path]
+        removed = targets_md.signed.targets.pop(path)
+        custom = removed.custom
+        if isinstance(custom, dict) and isinstance(custom.get("sbom"), dict):
+            # its SBOM goes with it (withdrawing an SBOM alone is refused below)
+            targets_md.signed.targets.pop(str(custom["sbom"].get("path")), None)
         self._sign_targets(targets_md, now)
 
     def refresh(self, *, roles: Iterable[str] = ONLINE_ROLES, now: datetime | None = None) -> None:

@@ -76,6 +76,7 @@ from tuf.ngclient.config import EnvelopeType
 from otaguard.model.errors import VerificationError
 from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
+from otaguard.model.sbom import is_sbom_target
 
 __all__ = [
     "DEVICE_MAX_LENGTHS",
@@ -406,13 +407,27 @@ class _Walk:
         return md.signed
 
     def releases(self, targets: Targets) -> dict[str, ReleaseInfo]:
-        """Checklist 8: every target carries valid otaguard fields."""
+        """Checklist 8: every image target carries valid otaguard fields, and the SBOM it
+        binds is listed beside it with that length and hash (SBOM targets are not images)."""
         name, data = self.loaded[Targets.type]
         out: dict[str, ReleaseInfo] = {}
         for path, target in targets.targets.items():
+            if is_sbom_target(target.custom):
+                continue
             with self._step(Targets.type, name, data):
                 try:
-                    out[path] = ReleaseInfo.from_custom(target.custom)
+                    info = ReleaseInfo.from_custom(target.custom)
+                    sbom = targets.targets.get(info.sbom.path) if info.sbom else None
+                    if info.sbom is not None and (
+                        sbom is None
+                        or sbom.length != info.sbom.length
+                        or sbom.hashes.get("sha256") != info.sbom.sha256
+                    ):
+                        raise VerificationError(
+                            f"its SBOM binding names {info.sbom.path}, which targets does not "
+                            "list with that length and hash"
+                        )
+                    out[path] = info
                 except VerificationError as e:
                     raise VerificationError(f"targets {name}: target {path}: {e}") from e
         return out

@@ -92,6 +92,8 @@ from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, lo
 from otaguard.server.publish import publish_files
 from otaguard.server.rollout_routes import rollout_router
 from otaguard.server.rollouts import ChannelPolicy, RolloutEvaluator, Rollouts
+from otaguard.server.sbom_index import SbomIndex
+from otaguard.server.sbom_routes import sbom_router
 from otaguard.server.settings import ServerSettings
 from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
@@ -108,6 +110,7 @@ from otaguard.server.storage.inventory import SQLInventoryStore
 from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
+from otaguard.server.storage.sboms import SQLSbomStore
 from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.sync import RepoSync
 
@@ -156,6 +159,11 @@ TAGS: Final = [
         "name": "rollouts",
         "description": "Staged rollouts (phases, thresholds, automatic halt), channel "
         "settings of groups and devices, releases for unknown hardware (ADR 0011).",
+    },
+    {
+        "name": "sboms",
+        "description": "The SBOM index: releases containing a component (purl or name) and "
+        "the devices running them (role viewer; ADR 0015).",
     },
     {
         "name": "operators",
@@ -218,6 +226,8 @@ class _Services:
     blobs: BlobStore
     clock: Callable[[], dt.datetime]
     online: OnlineSigner
+    #: indexed after each publication through the API (ADR 0015)
+    sboms: SbomIndex
 
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
@@ -540,6 +550,8 @@ def _operator_router(svc: _Services, auth: OperatorAuth) -> APIRouter:
         outcome = await run_in_threadpool(
             publish_files, svc.store, svc.blobs, files, now=svc.clock(), online=svc.online
         )
+        if outcome.added:
+            await run_in_threadpool(svc.sboms.refresh_quietly)
         return PublishBody(
             added=list(outcome.added),
             unchanged=list(outcome.unchanged),
@@ -664,7 +676,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         else (),
     )
     blobs = FileBlobStore(data_dir / "blobs")
-    svc = _Services(store=store, blobs=blobs, clock=clock, online=online)
+    sboms = SbomIndex(store=SQLSbomStore(engine), metadata=store, blobs=blobs, clock=clock)
+    svc = _Services(store=store, blobs=blobs, clock=clock, online=online, sboms=sboms)
     resign = ResignLoop(online, store=store, blobs=blobs, clock=clock)
     sync = (
         RepoSync(
@@ -674,6 +687,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             interval=settings.sync_interval,
             clock=clock,
             online=online,
+            on_published=sboms.refresh_quietly,
         )
         if settings.repo_dir is not None
         else None
@@ -718,6 +732,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.state.audit = audit_store
     app.state.inventory = inventory
     app.state.rollouts = rollouts
+    app.state.sboms = sboms
     _install_error_handlers(app)
     app.add_middleware(AuditMiddleware, audit=audit_store, clock=clock)
 
@@ -744,6 +759,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(annotate_roles(checkins_router(checkins, auth.require(Role.VIEWER))))
     app.include_router(director_router(director, gate=gate, devices=devices, auth=auth))
     app.include_router(rollout_router(rollouts, auth))
+    app.include_router(sbom_router(sboms, auth))
     app.include_router(operators_router(auth, operator_store, clock))
     app.include_router(audit_router(auth, audit_store))
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))

@@ -75,6 +75,7 @@ class RepoSync(PeriodicTask):
         interval: float,
         clock: Callable[[], dt.datetime] = _utcnow,
         online: OnlineSigner | None = None,
+        on_published: Callable[[], None] | None = None,
     ):
         """Prepare (but do not start) syncing ``repo_dir``.
 
@@ -86,6 +87,8 @@ class RepoSync(PeriodicTask):
             clock: reference time source for verification.
             online: the server's online signer, passed to
                 :func:`~otaguard.server.publish.publish_files`.
+            on_published: called after each imported publication (the SBOM index);
+                it must not raise.
         """
         super().__init__(interval=interval, name="otaguard-repo-sync")
         self.repo_dir = Path(repo_dir)
@@ -93,6 +96,7 @@ class RepoSync(PeriodicTask):
         self._blobs = blobs
         self._clock = clock
         self._online = online
+        self._on_published = on_published
         self._last: tuple[int, int, str] | None = None
         self._last_failure: str | None = None
         self._lock = threading.Lock()
@@ -147,6 +151,8 @@ class RepoSync(PeriodicTask):
             self._last = fingerprint
             if outcome.added:
                 logger.info("imported %s from %s", ", ".join(outcome.added), self.repo_dir)
+                if self._on_published is not None:
+                    self._on_published()
             return bool(outcome.added)
 
     def _tick(self) -> None:

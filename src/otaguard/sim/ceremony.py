@@ -78,6 +78,7 @@ def ceremony_release(
     security: bool,
     passphrase: Callable[[str], bytes],
     request: Path,
+    sbom: Path,
 ) -> tuple[Release, list[str]]:
     """Stage, sign by two signers (the token key among them if the targets role has one), publish.
 
@@ -86,7 +87,7 @@ def ceremony_release(
     """
     _, release = stage_release(
         repo, image, version=version, hardware_ids=[hardware_id], security=security,
-        security_counter=None, out=request,
+        security_counter=None, sbom=sbom, out=request,
     )  # fmt: skip
     refs = {r.name: r for r in repo.key_refs("targets")}
     names = (

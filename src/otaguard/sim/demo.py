@@ -41,6 +41,7 @@ from otaguard.sim.ceremony import HSM_KEY_NAME, ceremony_release, start_demo_tok
 from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 from otaguard.sim.rollout_demo import staged_rollouts
+from otaguard.sim.sbom import make_sbom
 from otaguard.sim.softtpm import SoftTpmPool, softtpm_missing
 
 __all__ = ["run_demo"]
@@ -275,6 +276,39 @@ def _tampered_boot(
     return outcome
 
 
+def _sbom(work: Path, version: str) -> Path:
+    return make_sbom(work / f"firmware-{version}.cdx.json", name="firmware", version=version)
+
+
+def _sbom_digest(release: Release) -> str:
+    return release.info.sbom.sha256 if release.info.sbom is not None else "none"
+
+
+def _sbom_reports(console: Console, fleet: Fleet, release: Release) -> int:
+    """How many devices report running ``release`` with the SBOM digest its signed target
+    binds (from the booted slot's record, which their signed manifests carry); printed
+    grouped by the digest each device reports."""
+    reported: dict[str | None, list[str]] = {}
+    ok = 0
+    for name in fleet.names:
+        status = fleet.device(name).status()
+        image = status.bootenv.slots.get(status.bootenv.primary)
+        digest = image.sbom_sha256 if image is not None else None
+        on_release = image is not None and image.target == release.path
+        ok += on_release and digest == _sbom_digest(release)
+        reported.setdefault(digest if on_release else None, []).append(name)
+    for digest, names in reported.items():
+        match = digest == _sbom_digest(release)
+        mark = (
+            f"[green]= the signed {release.info.version} target's[/green]"
+            if match
+            else "[red]DIFFERS[/red]"
+        )
+        console.print(f"  {len(names)} device(s) report SBOM sha256 {digest} {mark}: "
+                      f"{', '.join(names)}")  # fmt: skip
+    return ok
+
+
 def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
     """Run the whole demo; True when every device updated and every attack was refused."""
     if devices < 1:
@@ -322,10 +356,15 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
     else:
         console.print("[yellow]softhsm2 not installed: targets keys are the hybrid pair[/yellow]")
     v100 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.0.0")
-    rel100 = repo.add_release(
-        v100, version="1.0.0", hardware_ids=[HARDWARE_ID], security=False, security_counter=None
+    # Every release goes through the offline ceremony, each with its CycloneDX SBOM.
+    rel100, signed_by = ceremony_release(
+        repo, v100, version="1.0.0", hardware_id=HARDWARE_ID, security=False,
+        passphrase=passphrase, request=work / "1.0.0.request.json", sbom=_sbom(work, "1.0.0"),
+    )  # fmt: skip
+    console.print(
+        f"released {rel100.path} (feature, counter {rel100.info.security_counter}), signed by "
+        f"{' and '.join(signed_by)}; SBOM sha256 {_sbom_digest(rel100)}"
     )
-    console.print(f"released {rel100.path} (feature, counter {rel100.info.security_counter})")
 
     step("2b. Offline director root: hybrid root keys, naming the server's director key")
     director_root = init_director(
@@ -401,11 +440,12 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         rel110, signed_by = ceremony_release(
             repo, v110, version="1.1.0", hardware_id=HARDWARE_ID, security=True,
             passphrase=passphrase, request=work / "1.1.0.request.json",
+            sbom=_sbom(work, "1.1.0"),
         )  # fmt: skip
         console.print(
             f"1.1.0 staged, signed by {' and '.join(signed_by)}"
             + (" (in SoftHSM2)" if HSM_KEY_NAME in signed_by else "")
-            + ", published"
+            + f", published; SBOM sha256 {_sbom_digest(rel110)}"
         )
         wait_served(server, repo)
         runs = _update_fleet(console, fleet, "rollout 1.1.0")
@@ -419,10 +459,16 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             if r.error is not None:
                 console.print(f"[red]{r.name}: {r.error.diagnostics()}")
         console.print(f"{updated}/{count} devices run 1.1.0")
+        sbom_ok = _sbom_reports(console, fleet, rel110)
 
         step("5b. Staged rollouts: 4 phases to completion, then an automatic halt")
         staged = staged_rollouts(
-            console, work / "sensors", server=server, repo=repo, director_root=director_root
+            console,
+            work / "sensors",
+            server=server,
+            repo=repo,
+            director_root=director_root,
+            passphrase=passphrase,
         )
 
         outcomes: list[AttackOutcome] = []
@@ -431,9 +477,11 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         step("6a. Attack: tampered image blob on the server (1.2.0, one bit flipped)")
         v120 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.2.0")
         # security: the director instructs it at once (a feature would wait for a rollout)
-        rel120 = repo.add_release(
-            v120, version="1.2.0", hardware_ids=[HARDWARE_ID], security=True, security_counter=None
-        )
+        rel120, _ = ceremony_release(
+            repo, v120, version="1.2.0", hardware_id=HARDWARE_ID, security=True,
+            passphrase=passphrase, request=work / "1.2.0.request.json",
+            sbom=_sbom(work, "1.2.0"),
+        )  # fmt: skip
         wait_served(server, repo)
         attacker.tamper_blob(rel120.path)
         outcomes.append(_attack(console, fleet, "(a) tampered image", VerificationError, "1.1.0"))
@@ -512,6 +560,11 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         f"{updated}/{count} devices updated",
     )
     table.add_row(
+        "SBOM digest reported (1.1.0)",
+        "[green]pass[/green]" if sbom_ok == count else "[red]FAIL[/red]",
+        f"{sbom_ok}/{count} devices report the signed SBOM's sha256",
+    )
+    table.add_row(
         "staged rollout (4 phases, sensors)",
         "[green]pass[/green]" if staged.completed else "[red]FAIL[/red]",
         staged.completed_detail,
@@ -529,7 +582,15 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         )
     console.print(table)
     refused = sum(o.ok for o in outcomes)
-    ok = rollout_ok and staged.completed and staged.halted and refused == len(outcomes) == ATTACKS
+    ok = (
+        rollout_ok
+        and sbom_ok == count
+        and staged.completed
+        and staged.halted
+        and refused == len(outcomes) == ATTACKS
+    )
+    # The PASS line is what scripts and tests read: unchanged; the SBOM check counts in it.
+    console.print(f"{sbom_ok}/{count} devices report the signed SBOM digest of 1.1.0")
     console.print(
         f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated, "
         f"staged rollout {'completed' if staged.completed else 'FAILED'}, unhealthy rollout "

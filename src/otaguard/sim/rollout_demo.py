@@ -7,6 +7,7 @@ halts on failures by itself (ADR 0011); the operator only creates the rollouts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -19,7 +20,9 @@ from otaguard.repo import ImageRepository
 from otaguard.server import RunningServer
 from otaguard.server.client import FleetClient
 from otaguard.server.rollout_client import RolloutClient, RolloutInfo
+from otaguard.sim.ceremony import ceremony_release
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, make_image, wait_served
+from otaguard.sim.sbom import make_sbom
 
 __all__ = ["SENSOR_HARDWARE_ID", "RolloutDemo", "staged_rollouts"]
 
@@ -39,6 +42,10 @@ class RolloutDemo:
     completed_detail: str
     halted: bool
     halted_detail: str
+
+
+def _sbom(work: Path, version: str) -> Path:
+    return make_sbom(work / f"sensor-{version}.cdx.json", name="sensor", version=version)
 
 
 def _provision(
@@ -101,10 +108,20 @@ def staged_rollouts(
     server: RunningServer,
     repo: ImageRepository,
     director_root: Path,
+    passphrase: Callable[[str], bytes],
 ) -> RolloutDemo:
     """Provision the sensors, roll 2.0.0 out in 4 phases, then roll out a 2.1.0 that
-    fails its health check and watch the rollout halt itself."""
+    fails its health check and watch the rollout halt itself. Every sensor release goes
+    through the signing ceremony with its SBOM, like the gateways'."""
     work.mkdir(parents=True, exist_ok=True)
+
+    def release(version: str) -> None:
+        ceremony_release(
+            repo, images[version], version=version, hardware_id=SENSOR_HARDWARE_ID,
+            security=False, passphrase=passphrase, request=work / f"{version}.request.json",
+            sbom=_sbom(work, version),
+        )  # fmt: skip
+
     images = {
         v: make_image(
             work / f"sensor-{v}.img",
@@ -115,13 +132,7 @@ def staged_rollouts(
         for v in ("1.0.0", "2.0.0", "2.1.0")
     }
     # the factory image is a release too: a device booting an unlisted image is quarantined
-    repo.add_release(
-        images["1.0.0"],
-        version="1.0.0",
-        hardware_ids=[SENSOR_HARDWARE_ID],
-        security=False,
-        security_counter=None,
-    )
+    release("1.0.0")
     wait_served(server, repo)
     devs = _provision(work, server, repo, director_root, images["1.0.0"])
     serials = [d.config.serial for d in devs]
@@ -132,13 +143,7 @@ def staged_rollouts(
     ) as client:
         client.create_group("sensors", where=None)
         client.change_members("sensors", add=serials)
-        repo.add_release(
-            images["2.0.0"],
-            version="2.0.0",
-            hardware_ids=[SENSOR_HARDWARE_ID],
-            security=False,
-            security_counter=None,
-        )
+        release("2.0.0")
         wait_served(server, repo)
         console.print(
             "feature release 2.0.0: rollout create --phases 10,25,50,100 "
@@ -156,13 +161,7 @@ def staged_rollouts(
         on_200 = sum(_running(d) == "2.0.0" for d in devs)
         completed = first.state == "completed" and on_200 == len(devs)
 
-        repo.add_release(
-            images["2.1.0"],
-            version="2.1.0",
-            hardware_ids=[SENSOR_HARDWARE_ID],
-            security=False,
-            security_counter=None,
-        )
+        release("2.1.0")
         wait_served(server, repo)
         console.print(
             "feature release 2.1.0 (fails its health check): rollout create "

@@ -30,6 +30,7 @@ TABLE_MODULES: Final = (
     "otaguard.server.storage.operators",
     "otaguard.server.storage.inventory",
     "otaguard.server.storage.rollouts",
+    "otaguard.server.storage.sboms",
 )
 
 
