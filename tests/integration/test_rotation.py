@@ -151,7 +151,7 @@ def test_device_offline_across_three_rotations_follows_the_chain(world: Repo) ->
     root5.signatures.clear()
     root5.sign(old_root_key)
     w.files["metadata/5.root.json"] = root5.to_bytes()
-    with pytest.raises(VerificationError, match="5.root.json: root v4 marks root hybrid; no valid"):
+    with pytest.raises(VerificationError, match=r"5\.root\.json: root v4 marks root hybrid; no"):
         w.device("dev").refresh()
     assert not (w.tmp / "dev" / "root_history" / "5.root.json").exists()
 
@@ -310,3 +310,59 @@ def test_director_root_and_director_key_rotation(tmp_path: Path) -> None:
     with pytest.raises(DirectorMetadataError, match="marks root hybrid; no valid ML-DSA"):
         follow_director_root(first, lambda v: v4.to_bytes() if v == 4 else fetch(v),
                              now=datetime.now(UTC))  # fmt: skip
+
+
+def test_server_picks_up_its_rotated_online_key_on_restart(tmp_path: Path) -> None:
+    """Server mode: the online (snapshot/timestamp) key rotated in root 2; the server,
+    restarted with the new key, signs snapshot and timestamp for the new root by itself
+    (targets unchanged) and a device provisioned with root 1 updates through it."""
+    from urllib.parse import urlsplit
+
+    from conftest import World
+    from otaguard.crypto import read_public_key
+    from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
+
+    paths = init_data_dir(tmp_path / "server")
+    repo = ImageRepository.init(
+        tmp_path / "repo", keys_dir=tmp_path / "keys", passphrases=PLAIN,
+        online_key=read_public_key(paths.online_public_key),
+    )  # fmt: skip
+
+    def start(port: int = 0):  # type: ignore[no-untyped-def]
+        return start_server_in_thread(
+            ServerSettings(data_dir=paths.data_dir, repo_dir=repo.dir, host="127.0.0.1",
+                           port=port, sync_interval=0.1)
+        )  # fmt: skip
+
+    server = start()
+    w = World(tmp_path, repo, server, {}, {})
+    try:
+        w.release("1.0.0")
+        dev = w.device()
+        assert dev.update().outcome == "up-to-date"
+        # the new online key, made where the server runs; its public half goes to root
+        new = generate_signer("ed25519")
+        new_pub = tmp_path / "new-online.pub.json"
+        write_public_key(new_pub, new.public_key)
+        assert main(["repo", "rotate", str(repo.dir), "--role", "timestamp",
+                     "--add-key", str(new_pub), "--remove-key", "server-online",
+                     "--insecure-plaintext-keys"]) == 0  # fmt: skip
+        root2 = repo.latest_root()
+        for role in ("snapshot", "timestamp"):  # one server key signs both
+            assert root2.roles[role].keyids == [new.public_key.keyid]
+        port = urlsplit(server.base_url).port
+        assert port is not None
+        server.stop()
+        # the operator swaps the server's key (a token key: --online-key-uri) and restarts
+        private = paths.data_dir / "online-key.pem"
+        private.write_bytes(new.private_bytes)
+        write_public_key(paths.online_public_key, new.public_key)
+        server = start(port)
+        w.server = server
+        w.wait_served()  # root 2, and a timestamp the new key signed
+        w.release("1.1.0")
+        result = dev.update()
+        assert result.outcome == "updated" and result.to_version == "1.1.0"
+        assert json.loads((dev.paths.metadata / "root.json").read_bytes())["signed"]["version"] == 2
+    finally:
+        server.stop()
