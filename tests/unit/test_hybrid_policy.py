@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Role, Root, Targets
+from tuf.api.metadata import Metadata, MetaFile, Role, Root, Snapshot, Targets, Timestamp
 
 from otaguard.agent.updater import TufSession
 from otaguard.crypto.hybrid import (
@@ -141,7 +141,7 @@ class World:
             tmp / "repo",
             keys_dir=tmp / "keys",
             passphrases=Unsafe.PLAINTEXT_KEYS,
-            key_specs={"targets": RoleKeySpec(3, 2)},
+            key_specs={"targets": RoleKeySpec(3, 2), "root": RoleKeySpec(3, 2)},
         )
         img = tmp / "fw.img"
         img.write_bytes(os.urandom(2048))
@@ -151,7 +151,8 @@ class World:
         self.files = {k: v for k, v in read_repository_files(self.repo.dir).items()}
 
     def signer(self, name: str) -> Signer:
-        ref = next(r for r in self.repo.key_refs("targets") if r.name == name)
+        role = name.split("-", 1)[0]
+        ref = next(r for r in self.repo.key_refs(role) if r.name == name)
         assert ref.uri is not None
         return load_signer(
             resolve_key_uri(ref.uri, self.repo.keys_dir),
@@ -170,6 +171,16 @@ class World:
     def device(self) -> TufSession:
         d = self.tmp / f"device-{len(list(self.tmp.glob('device-*')))}"
         d.mkdir()
+        return TufSession(
+            metadata_dir=d,
+            trusted_root=self.files["metadata/1.root.json"],
+            server_url="https://repo.invalid",
+            fetcher=MemoryFetcher(self.files),
+        )
+
+    def device_again(self) -> TufSession:
+        """The newest device again, with its cache."""
+        d = sorted(self.tmp.glob("device-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
         return TufSession(
             metadata_dir=d,
             trusted_root=self.files["metadata/1.root.json"],
@@ -230,6 +241,90 @@ def test_stripping_the_ml_dsa_signature_from_hybrid_targets_is_refused(world: Wo
         with pytest.raises(HybridPolicyError, match="no valid ML-DSA signature"):
             world.device().refresh()
         assert "no valid ML-DSA signature" in (world.publication_problem() or "")
+    finally:
+        world.files.clear()
+        world.files.update(saved)
+
+
+def _next_root(world: World, version: int, change: Callable[[Root], None], *signers: str) -> bytes:
+    prev = Metadata[Root].from_bytes(world.files[f"metadata/{version - 1}.root.json"])
+    md = Metadata[Root].from_bytes(prev.to_bytes())
+    md.signed.version = version
+    change(md.signed)
+    md.signatures.clear()
+    for name in signers:
+        md.sign(world.signer(name), append=True)
+    data = md.to_bytes()
+    world.files[f"metadata/{version}.root.json"] = data
+    return data
+
+
+def _drop(role: str) -> Callable[[Root], None]:
+    return lambda root: root.roles[role].unrecognized_fields.pop(HYBRID_FIELD)
+
+
+def test_a_device_refuses_a_root_dropping_the_policy_signed_classical_only(
+    world: World, tmp_path: Path
+) -> None:
+    saved = dict(world.files)
+    try:
+        # root 2-of-3 (2 Ed25519, 1 ML-DSA): both thresholds met by the classical pair
+        _next_root(world, 2, _drop("root"), "root-ed25519", "root-ed25519-2")
+        dev = world.device()
+        with pytest.raises(HybridPolicyError, match=r"2\.root\.json: root v1 marks root hybrid"):
+            dev.refresh()
+        devices = sorted(world.tmp.glob("device-*"), key=lambda p: int(p.name.split("-")[1]))
+        # refused before ngclient could make it the device's trust anchor
+        assert not (devices[-1] / "root_history" / "2.root.json").exists()
+        assert "marks root hybrid" in (world.publication_problem() or "")
+        # the same root signed hybrid by the old root keys: the policy may go
+        _next_root(world, 2, _drop("root"), "root-ed25519", "root-ml-dsa-65")
+        world.device().refresh()
+    finally:
+        world.files.clear()
+        world.files.update(saved)
+
+
+def _publish_targets(world: World, md: Metadata[Targets], *signers: str) -> None:
+    """Serve ``md`` signed by ``signers``, with a snapshot and timestamp naming it."""
+    md.signatures.clear()
+    for name in signers:
+        md.sign(world.signer(name), append=True)
+    world.files[f"metadata/{md.signed.version}.targets.json"] = md.to_bytes()
+    ts = Metadata[Timestamp].from_bytes(world.files["metadata/timestamp.json"])
+    snap_name = f"metadata/{ts.signed.snapshot_meta.version}.snapshot.json"
+    snap = Metadata[Snapshot].from_bytes(world.files[snap_name])
+    snap.signed.version += 1
+    snap.signed.meta["targets.json"] = MetaFile(version=md.signed.version)
+    snap.signatures.clear()
+    snap.sign(world.signer("snapshot-ed25519"))
+    data = snap.to_bytes()
+    world.files[f"metadata/{snap.signed.version}.snapshot.json"] = data
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = MetaFile.from_data(snap.signed.version, data, ["sha256"])
+    ts.signatures.clear()
+    ts.sign(world.signer("timestamp-ed25519"))
+    world.files["metadata/timestamp.json"] = ts.to_bytes()
+
+
+def test_a_cached_targets_is_checked_when_a_new_root_marks_targets_hybrid(
+    world: World,
+) -> None:
+    saved = dict(world.files)
+    try:
+        hybrid = ("root-ed25519", "root-ml-dsa-65")
+        _next_root(world, 2, _drop("targets"), *hybrid)  # targets not hybrid any more
+        name = f"metadata/{world.repo.latest_version('targets')}.targets.json"
+        md = Metadata[Targets].from_bytes(world.files[name])
+        md.signed.version += 1
+        _publish_targets(world, md, "targets-ed25519", "targets-ed25519-2")
+        dev = world.device()
+        dev.refresh()  # classical targets accepted while the policy is off; ngclient caches it
+        # root 3 marks targets hybrid again; nothing else changes: ngclient takes the
+        # cached targets as final without fetching it (it never passes the gate)
+        _next_root(world, 3, lambda r: mark_hybrid(r, "targets"), *hybrid)
+        with pytest.raises(HybridPolicyError, match=r"trusted targets\.json: root v3 marks"):
+            world.device_again().refresh()
     finally:
         world.files.clear()
         world.files.update(saved)
