@@ -25,7 +25,8 @@ order a device makes them:
    exists (at most :data:`MAX_ROOT_ROTATIONS`, as ngclient): a cached copy first, then
    the remote one; each must be signed by a threshold of the old and of the new root
    keys (§5.3.4) and carry version N exactly (§5.3.5); otaguard: meet the hybrid
-   policy of the old root and of its own (ADR 0014, checked first).
+   policy of the old root and of its own (ADR 0014; before python-tuf for a cached root,
+   after it for a fetched one, so python-tuf's refusal is named when it has one).
 4. §5.3.10 The final root is not expired. (§5.3.11 fast-forward recovery: a cached
    timestamp or snapshot signed by rotated-out keys no longer verifies and is ignored.)
 5. §5.4 Timestamp: the cached one is loaded first, even expired, to guard against
@@ -296,17 +297,31 @@ class _Walk:
             )
         return data
 
-    def _hybrid_root(self, data: bytes) -> None:
-        """otaguard's hybrid rule, then python-tuf's root update (ADR 0014)."""
+    def _cached_root(self, data: bytes) -> None:
+        """otaguard's hybrid rule (ADR 0014), then python-tuf's root update: a cached root
+        failing the rule must not become the trusted one before the remote is fetched."""
         _hybrid(lambda: check_root_update(self.trusted.root, data))
         self.trusted.update_root(data)
 
+    def _remote_root(self, data: bytes) -> None:
+        """python-tuf's root update (its refusal named first), then the hybrid rule; the
+        walk stops at either refusal."""
+        previous = self.trusted.root
+        self.trusted.update_root(data)
+        _hybrid(lambda: check_root_update(previous, data))
+
     def _hybrid(self, role: str, update: Callable[[bytes], object]) -> Callable[[bytes], object]:
-        """``update`` preceded by the hybrid policy of the trusted root for ``role``."""
+        """``update``, then the hybrid policy of the trusted root for ``role``.
+
+        python-tuf first, so a file below its threshold is named for that; the walk
+        stops at a refusal (the trusted set is not used again), and a cached file that
+        fails the policy is fetched again, which python-tuf allows for these roles.
+        """
 
         def gated(data: bytes) -> object:
+            result = update(data)
             _hybrid(lambda: check_hybrid_bytes(self.trusted.root, role, data))
-            return update(data)
+            return result
 
         return gated
 
@@ -333,14 +348,14 @@ class _Walk:
         for version in range(lower, lower + MAX_ROOT_ROTATIONS):
             name = f"{version}.root.json"
             local = cached.get(name)
-            if local is not None and _accepts(self._hybrid_root, local):
+            if local is not None and _accepts(self._cached_root, local):
                 self.loaded[Root.type] = (name, local)
                 continue
             data = remote.get(name)
             if data is None:
                 break  # §5.3.3: a 404 means the trusted root is the newest
             with self._step(Root.type, name, data):
-                self._hybrid_root(
+                self._remote_root(
                     self._download(Root.type, name, data, DEVICE_MAX_LENGTHS[Root.type])
                 )
             self._fetched(Root.type, name, data)
