@@ -350,6 +350,7 @@ def test_server_picks_up_its_rotated_online_key_on_restart(tmp_path: Path) -> No
         root2 = repo.latest_root()
         for role in ("snapshot", "timestamp"):  # one server key signs both
             assert root2.roles[role].keyids == [new.public_key.keyid]
+            assert [r.name for r in ImageRepository(repo.dir).key_refs(role)] == ["server-online-2"]
         port = urlsplit(server.base_url).port
         assert port is not None
         server.stop()

@@ -12,7 +12,8 @@ the hybrid policy of the root it will be verified against:
    checked *before* ngclient can persist it as the device's new trust anchor;
 2. ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``: the policy of the
    device's current root (``root.json``, which ngclient has already moved to the newest
-   verified root when these are fetched).
+   verified root when these are fetched). A file below that root's threshold is left to
+   ngclient, which refuses it against the same root naming the threshold.
 
 ngclient also loads files from its cache without fetching them; a root that newly marks
 a role hybrid must not let a cached, non-hybrid targets through, so
@@ -143,7 +144,23 @@ class HybridGate(FetcherInterface):
     def _check(self, name: str, data: bytes) -> None:
         if m := _ROOT_NAME.fullmatch(name):
             version = int(m.group(1))
-            new = check_root_update(self._previous_root(version - 1), data, what=name)
+            previous = self._previous_root(version - 1)
+            new = check_root_update(previous, data, what=name)
             self._roots[version] = new
         elif m := _ROLE_NAME.fullmatch(name):
-            check_hybrid_bytes(self._current_root(), m.group(1), data, what=name)
+            root, role = self._current_root(), m.group(1)
+            if _below_threshold(root, role, data):
+                return  # python-tuf refuses it against this same root, naming its threshold
+            check_hybrid_bytes(root, role, data, what=name)
+
+
+def _below_threshold(root: Root, role: str, data: bytes) -> bool:
+    """True when python-tuf's own threshold check of ``root`` fails ``data`` (or it does not
+    parse): ngclient will refuse it with that reason, the clearer one."""
+    try:
+        md = Metadata.from_bytes(data)
+    except (DeserializationError, ValueError, TypeError, KeyError):
+        return True
+    if role not in root.roles:
+        return True
+    return not root.get_verification_result(role, md.signed_bytes, md.signatures).verified

@@ -482,7 +482,14 @@ def publish_request(
             raise OperatorError(f"{e}; a classical and an ML-DSA key must both sign") from e
     if request.role == "root":
         repo.write_signed_root(md)
-        repo.follow_root(root, now=now)
+        for role in repo.follow_root(root, now=now):
+            logger.warning(
+                "%s no longer verifies under root %s: sign it with the new keys "
+                "(otaguard repo refresh --role %s, or the next release)",
+                role,
+                md.signed.version,
+                role,
+            )
     else:
         repo.write_signed_targets(md, now=now)
     logger.info("published %s version %s", request.role, request.signed.version)

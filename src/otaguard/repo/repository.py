@@ -747,8 +747,9 @@ class ImageRepository:
         name stay here until :meth:`write_signed_root` makes them the role's keys.
         """
         pending = dict(self.config.get("pending_keys", {}))
-        for ref in refs:
-            pending[ref.keyid] = {"role": ref.role, **ref.to_json()}
+        for ref in refs:  # one key may serve several roles (the server's online key)
+            roles = pending.get(ref.keyid, {}).get("roles", [])
+            pending[ref.keyid] = {"roles": sorted({*roles, ref.role}), **ref.to_json()}
         self.config["pending_keys"] = pending
         atomic_write_json(self.dir / CONFIG_NAME, self.config)
 
@@ -767,7 +768,7 @@ class ImageRepository:
             refs[role] = []
             for keyid in root.roles[role].keyids:
                 p = pending.get(keyid)
-                if isinstance(p, dict) and p.get("role") == role:
+                if isinstance(p, dict) and role in p.get("roles", []):
                     ref = KeyRef(p["name"], role, p["algorithm"], keyid, p.get("uri"))
                 elif keyid in known:
                     old = known[keyid]

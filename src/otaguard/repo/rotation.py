@@ -41,7 +41,7 @@ from otaguard.repo.ceremony import (
     stage_root_change,
 )
 from otaguard.repo.keyspec import MAX_ROLE_KEYS, algorithm_of
-from otaguard.repo.repository import ONLINE_ROLES, ImageRepository, KeyRef
+from otaguard.repo.repository import ONLINE_ROLES, SERVER_KEY_NAME, ImageRepository, KeyRef
 
 __all__ = ["MIN_KEYID_PREFIX", "NewKey", "rotate", "rotated_root", "stage_rotation"]
 
@@ -159,7 +159,8 @@ def _new_ref(repo: ImageRepository, role: str, key: NewKey, taken: set[str]) -> 
         if name in taken:
             raise OperatorError(f"a key named {name} exists already; name the file otherwise")
     else:
-        base, n = f"{role}-{alg}", 1
+        # the update server's key keeps its name's prefix; others are role and algorithm
+        base, n = (SERVER_KEY_NAME if key.uri is None else f"{role}-{alg}"), 1
         name = base
         while name in taken:
             n += 1
@@ -215,10 +216,14 @@ def stage_rotation(
         new = changed
     new.expires = repo.root_expiry(now, days=expiry_days)
     taken = repo.key_names_in_use()
-    refs = [_new_ref(repo, r, k, taken) for r in _roles_for(repo, role) for k in add]
+    roles = _roles_for(repo, role)
     # one name per key, even when it serves two roles
-    by_key = {ref.keyid: ref.name for ref in refs}
-    refs = [KeyRef(by_key[r.keyid], r.role, r.algorithm, r.keyid, r.uri) for r in refs]
+    by_key = {k.public_key.keyid: _new_ref(repo, roles[0], k, taken).name for k in add}
+    refs = [
+        KeyRef(by_key[k.public_key.keyid], r, algorithm_of(k.public_key), k.public_key.keyid, k.uri)
+        for r in roles
+        for k in add
+    ]
     request = stage_root_change(repo, new, out=out, names={**names, **by_key})
     repo.stage_key_refs(refs)
     logger.info("staged root %s rotating %s keys in %s", new.version, role, out)
