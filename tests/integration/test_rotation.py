@@ -278,8 +278,11 @@ def test_director_root_and_director_key_rotation(tmp_path: Path) -> None:
     assert is_hybrid(Metadata[Root].from_bytes(first).signed, "root")
     (tmp_path / "new").mkdir()
     new_root_key = new_key(tmp_path / "new", "director-root-ml-dsa-65-b", "ml-dsa-65")
-    rotate_director(directory, role="root", add=[new_root_key], remove=["director-root-ml-dsa-65"],
-                    threshold=None, keys_dir=keys, passphrases=PLAIN)  # fmt: skip
+    second_ed = new_key(tmp_path / "new", "director-root-ed25519-b", "ed25519")
+    # root 2-of-3 from now on: two Ed25519 keys and a new ML-DSA key (the old one leaves)
+    rotate_director(directory, role="root", add=[new_root_key, second_ed],
+                    remove=["director-root-ml-dsa-65"], threshold=2, keys_dir=keys,
+                    passphrases=PLAIN)  # fmt: skip
     new_online = generate_signer("ed25519")
     pub = tmp_path / "director-key.pub.json"
     write_public_key(pub, new_online.public_key)
@@ -297,16 +300,20 @@ def test_director_root_and_director_key_rotation(tmp_path: Path) -> None:
     assert root.version == 3 and root.roles["targets"].keyids == [new_online.public_key.keyid]
     assert data == (meta / "root.json").read_bytes()
 
-    # A director root 4 dropping the policy, signed by one classical key: refused.
+    # A director root 4 dropping the policy, signed by the two Ed25519 root keys: both TUF
+    # thresholds are met; the hybrid rule of root 3 refuses it.
     v4 = Metadata[Root].from_bytes(data)
     v4.signed.version = 4
     v4.signed.expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=9)
     v4.signed.roles["root"].unrecognized_fields.clear()
-    v4.signed.roles["root"].threshold = 1
     v4.signatures.clear()
-    ed_ref = next(r for r in config["keys"] if r["algorithm"] == "ed25519")
-    v4.sign(load_signer(resolve_key_uri(ed_ref["uri"], keys), root.keys[ed_ref["keyid"]],
-                        name="x", secrets=PLAIN))  # fmt: skip
+    config = json.loads((directory / "otaguard-director.json").read_text())
+    for ref in config["keys"]:
+        if ref["algorithm"] == "ed25519":
+            v4.sign(load_signer(resolve_key_uri(ref["uri"], keys), root.keys[ref["keyid"]],
+                                name="x", secrets=PLAIN), append=True)  # fmt: skip
+    for delegator in (root, v4.signed):
+        delegator.verify_delegate("root", v4.signed_bytes, v4.signatures)
     with pytest.raises(DirectorMetadataError, match="marks root hybrid; no valid ML-DSA"):
         follow_director_root(first, lambda v: v4.to_bytes() if v == 4 else fetch(v),
                              now=datetime.now(UTC))  # fmt: skip
