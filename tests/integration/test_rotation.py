@@ -28,7 +28,7 @@ from otaguard.model import Unsafe
 from otaguard.model.errors import DirectorMetadataError, OperatorError, VerificationError
 from otaguard.repo import ImageRepository, SigningRequest, publish_request, sign_request
 from otaguard.repo.director import init_director, rotate_director
-from otaguard.repo.rotation import NewKey, rotate, stage_rotation
+from otaguard.repo.rotation import NewKey, rotate, stage_rotation, stage_targets
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
 
 PLAIN = Unsafe.PLAINTEXT_KEYS
@@ -245,6 +245,41 @@ def test_root_rotation_by_ceremony_needs_old_and_new_signers(world: Repo) -> Non
     dev = w.device("dev")
     dev.refresh()
     assert w.newest(dev) == "1.1.0"
+
+
+def test_targets_rotation_by_ceremony_then_targets_signed_by_the_new_keys(
+    world: Repo, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = world
+    w.device("dev").refresh()
+    new = new_key(w.new_keys, "targets-ml-dsa-65-b", "ml-dsa-65")
+    req = w.tmp / "root-2.request.json"
+    stage_rotation(w.repo, role="targets", add=[new], remove=["targets-ml-dsa-65"],
+                   threshold=None, out=req)  # fmt: skip
+    keys = w.repo.keys_dir
+    for name in ("root-ed25519", "root-ml-dsa-65"):
+        request = SigningRequest.load(req)
+        sign_request(request, uri=f"file2:{keys / (name + '.pem')}", secrets=PLAIN, key_name=name)
+        request.save(req)
+    publish_request(w.repo, SigningRequest.load(req))
+    assert "targets no longer verifies under root 2" in caplog.text
+    w.serve()
+    with pytest.raises(VerificationError, match="targets was signed by 1/2 keys"):
+        w.device("dev").refresh()  # the old ML-DSA signature does not count any more
+    treq = w.tmp / "targets-3.request.json"
+    staged = stage_targets(w.repo, out=treq)
+    assert staged.summary["version"] == 3 and staged.summary["changed"] == []
+    for name, uri in (("targets-ed25519", f"file2:{keys / 'targets-ed25519.pem'}"),
+                      ("targets-ml-dsa-65-b", new.uri)):  # fmt: skip
+        assert uri is not None
+        request = SigningRequest.load(treq)
+        sign_request(request, uri=uri, secrets=PLAIN, key_name=name)
+        request.save(treq)
+    publish_request(w.repo, SigningRequest.load(treq))
+    w.serve()
+    dev = w.device("dev")
+    dev.refresh()
+    assert w.newest(dev) == "1.0.0"
 
 
 def test_cli_rotate_snapshot_key_and_list_it(

@@ -1,4 +1,5 @@
-"""``repo rotate`` and ``director rotate``: change a role's keys in a new root (ADR 0014)."""
+"""``repo rotate``, ``repo stage-targets`` and ``director rotate``: change a role's keys in a
+new root, and have targets signed by its new keys (ADR 0014)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,17 @@ def _repo_rotate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_targets(a: argparse.Namespace) -> int:
+    from otaguard.repo import ImageRepository
+    from otaguard.repo.rotation import stage_targets
+
+    repo = ImageRepository(a.repo_dir)
+    out = a.out or Path(f"targets-{repo.latest_version('targets') + 1}.request.json")
+    request = stage_targets(repo, out=out)
+    _console_print([*request.render(), f"signing request: {out}"])
+    return 0
+
+
 def _director_rotate(a: argparse.Namespace) -> int:
     from otaguard.cli._cli import _secrets
     from otaguard.repo.director import rotate_director
@@ -123,7 +135,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_repo_rotate_parser(repo: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``repo rotate``."""
+    """``repo rotate`` and ``repo stage-targets``."""
     from otaguard.cli._cli import _key_options
 
     rot = repo.add_parser(
@@ -143,6 +155,13 @@ def add_repo_rotate_parser(repo: argparse._SubParsersAction[argparse.ArgumentPar
     rot.add_argument("--expiry-days", type=int, metavar="DAYS", help="new root's lifetime")
     _key_options(rot)
     rot.set_defaults(func=_repo_rotate)
+    st = repo.add_parser(
+        "stage-targets",
+        help="write a signing request for the current targets again (new keys, new expiry)",
+    )
+    st.add_argument("repo_dir", type=Path)
+    st.add_argument("--out", type=Path, metavar="REQUEST", help="default targets-N.request.json")
+    st.set_defaults(func=_stage_targets)
 
 
 def add_director_rotate_parser(

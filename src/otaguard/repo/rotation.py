@@ -19,6 +19,8 @@ recovery); in server mode the update server is restarted with its new online key
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -28,22 +30,32 @@ from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Key
-from tuf.api.metadata import Metadata, Root
+from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.serialization.json import CanonicalJSONSerializer
 
 from otaguard.crypto.hybrid import is_hybrid, mark_hybrid, satisfiable
 from otaguard.crypto.signers import KeySecrets, file_uri_path, resolve_key_uri
 from otaguard.model.errors import OperatorError
 from otaguard.repo.ceremony import (
+    REQUEST_FORMAT,
     SigningRequest,
     next_root,
     publish_request,
     sign_request,
     stage_root_change,
+    summarize,
 )
 from otaguard.repo.keyspec import MAX_ROLE_KEYS, algorithm_of
 from otaguard.repo.repository import ONLINE_ROLES, SERVER_KEY_NAME, ImageRepository, KeyRef
 
-__all__ = ["MIN_KEYID_PREFIX", "NewKey", "rotate", "rotated_root", "stage_rotation"]
+__all__ = [
+    "MIN_KEYID_PREFIX",
+    "NewKey",
+    "rotate",
+    "rotated_root",
+    "stage_rotation",
+    "stage_targets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +292,45 @@ def rotate(
             logger.warning("targets not re-signed by its new keys: %s", e)
             stale.append("targets")
     return md, stale
+
+
+def stage_targets(
+    repo: ImageRepository, *, out: Path, now: datetime | None = None
+) -> SigningRequest:
+    """A signing request for the current targets again: next version, new expiry, same
+    images (no key used). After a targets rotation by ceremony, the new keys sign it (old
+    signatures may no longer meet the new root's threshold or hybrid policy); also the way
+    to extend targets' life by ceremony.
+
+    Raises:
+        OperatorError: ``out`` exists.
+    """
+    now = now or datetime.now(UTC)
+    if Path(out).exists():
+        raise OperatorError(f"{out} exists; refusing to overwrite a signing request")
+    serializer = CanonicalJSONSerializer()
+    current = repo.latest_targets()
+    base_bytes = serializer.serialize(current)
+    new = Targets.from_dict(json.loads(base_bytes, strict=False))
+    new.version += 1
+    new.expires = repo.targets_expiry(now)
+    root = repo.latest_root()
+    names = {ref.keyid: ref.name for ref in repo.key_refs("targets")}
+    doc = {
+        "otaguard_signing_request": REQUEST_FORMAT,
+        "role": "targets",
+        "root_version": root.version,
+        "signed": base64.b64encode(serializer.serialize(new)).decode("ascii"),
+        "base": base64.b64encode(base_bytes).decode("ascii"),
+        "threshold": root.roles["targets"].threshold,
+        "keys": [
+            {"name": names.get(k, k[:16]), "keyid": k, "public": root.keys[k].to_dict()}
+            for k in root.roles["targets"].keyids
+        ],
+        "signatures": [],
+        "summary": summarize(new, current),
+    }
+    request = SigningRequest(doc)
+    request.save(out)
+    logger.info("staged targets version %s (re-signing) in %s", new.version, out)
+    return request
