@@ -25,7 +25,12 @@ from otaguard.crypto.hybrid import is_hybrid
 from otaguard.crypto.keys import generate_signer, write_private_key
 from otaguard.crypto.signers import load_signer, resolve_key_uri, write_public_key
 from otaguard.model import Unsafe
-from otaguard.model.errors import DirectorMetadataError, OperatorError, VerificationError
+from otaguard.model.errors import (
+    ConfigError,
+    DirectorMetadataError,
+    OperatorError,
+    VerificationError,
+)
 from otaguard.repo import ImageRepository, SigningRequest, publish_request, sign_request
 from otaguard.repo.director import init_director, rotate_director
 from otaguard.repo.rotation import NewKey, rotate, stage_rotation, stage_targets
@@ -352,6 +357,12 @@ def test_director_root_and_director_key_rotation(tmp_path: Path) -> None:
     with pytest.raises(DirectorMetadataError, match="marks root hybrid; no valid ML-DSA"):
         follow_director_root(first, lambda v: v4.to_bytes() if v == 4 else fetch(v),
                              now=datetime.now(UTC))  # fmt: skip
+    # carried into the director directory, the server refuses it as devices would
+    from otaguard.server.director import load_director_roots
+
+    (meta / "4.root.json").write_bytes(v4.to_bytes())
+    with pytest.raises(ConfigError, match="marks root hybrid; no valid ML-DSA"):
+        load_director_roots(directory, keyid=new_online.public_key.keyid)
 
 
 def test_server_picks_up_its_rotated_online_key_on_restart(tmp_path: Path) -> None:
