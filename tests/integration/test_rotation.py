@@ -287,6 +287,24 @@ def test_targets_rotation_by_ceremony_then_targets_signed_by_the_new_keys(
     assert w.newest(dev) == "1.0.0"
 
 
+def test_policy_switched_off_and_on_by_rotation(world: Repo) -> None:
+    """A repository made before the policy (or by choice) switches it by a signed root."""
+    w = world
+    for step, hybrid in ((2, False), (3, True)):
+        rotate(w.repo, role="targets", add=[], remove=[], threshold=None, secrets=PLAIN,
+               hybrid=hybrid)  # fmt: skip
+        assert w.repo.latest_version("root") == step
+        assert is_hybrid(w.repo.latest_root(), "targets") is hybrid
+    w.serve()
+    w.device("dev").refresh()
+    with pytest.raises(OperatorError, match="nothing to rotate"):
+        rotate(w.repo, role="targets", add=[], remove=[], threshold=None, secrets=PLAIN,
+               hybrid=True)  # fmt: skip
+    with pytest.raises(OperatorError, match="snapshot is hybrid: it would be left without"):
+        rotate(w.repo, role="snapshot", add=[], remove=[], threshold=None, secrets=PLAIN,
+               hybrid=True)  # fmt: skip
+
+
 def test_cli_rotate_snapshot_key_and_list_it(
     world: Repo, capsys: pytest.CaptureFixture[str]
 ) -> None:

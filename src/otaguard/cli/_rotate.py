@@ -39,6 +39,10 @@ def _new_key(uri: str) -> NewKey:
     )
 
 
+def _hybrid(a: argparse.Namespace) -> bool | None:
+    return None if a.hybrid is None else a.hybrid == "on"
+
+
 def _console_print(lines: list[str]) -> None:
     from otaguard.cli._cli import out
 
@@ -56,7 +60,7 @@ def _repo_rotate(a: argparse.Namespace) -> int:
         repo = ImageRepository(a.repo_dir, keys_dir=a.keys_dir)
         request = stage_rotation(
             repo, role=a.role, add=add, remove=a.remove_key, threshold=a.threshold,
-            out=a.request, expiry_days=a.expiry_days,
+            out=a.request, expiry_days=a.expiry_days, hybrid=_hybrid(a),
         )  # fmt: skip
         _console_print(request.render())
         _console_print(
@@ -71,7 +75,7 @@ def _repo_rotate(a: argparse.Namespace) -> int:
     repo = ImageRepository(a.repo_dir, passphrases=secrets, keys_dir=a.keys_dir)
     md, stale = rotate(
         repo, role=a.role, add=add, remove=a.remove_key, threshold=a.threshold,
-        secrets=secrets, expiry_days=a.expiry_days,
+        secrets=secrets, expiry_days=a.expiry_days, hybrid=_hybrid(a),
     )  # fmt: skip
     lines = [f"published root version {md.signed.version}: {a.role} keys rotated"]
     if a.role in ("snapshot", "timestamp") and repo.server_signed:
@@ -153,6 +157,12 @@ def add_repo_rotate_parser(repo: argparse._SubParsersAction[argparse.ArgumentPar
         "(otaguard sign, release publish) instead of signing here",
     )
     rot.add_argument("--expiry-days", type=int, metavar="DAYS", help="new root's lifetime")
+    rot.add_argument(
+        "--hybrid",
+        choices=("on", "off"),
+        help="set or clear the role's hybrid policy (a classical and an ML-DSA signature); "
+        "default: unchanged. Devices accept 'off' only signed hybrid by the current root keys",
+    )
     _key_options(rot)
     rot.set_defaults(func=_repo_rotate)
     st = repo.add_parser(

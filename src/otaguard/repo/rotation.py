@@ -101,11 +101,12 @@ def rotated_root(
     remove: Sequence[str],
     threshold: int | None,
     names: dict[str, str] | None = None,
+    hybrid: bool | None = None,
 ) -> Root:
     """The next root with ``role``'s keys changed (pure; expiry left to the caller).
 
-    A role marked hybrid stays hybrid, so the change must leave it a classical and an
-    ML-DSA key.
+    A role marked hybrid stays hybrid unless ``hybrid`` is false, so the change must leave
+    it a classical and an ML-DSA key.
 
     Args:
         current: the newest root.
@@ -114,6 +115,9 @@ def rotated_root(
         remove: keys to remove: key names (via ``names``), key ids or id prefixes.
         threshold: the role's new threshold; default: unchanged.
         names: key id to key name, to name keys in ``remove`` and in messages.
+        hybrid: set (``True``) or clear (``False``) the role's hybrid policy; ``None``
+            keeps it. Clearing it is a root devices accept only when signed hybrid by
+            the current root's keys (ADR 0014).
 
     Raises:
         OperatorError: unknown role or key, nothing changes, a key added twice, a
@@ -130,8 +134,17 @@ def rotated_root(
             raise OperatorError(
                 f"key {names.get(key.keyid, key.keyid[:16])} is already a {role} key"
             )
-    if not add and not drop and threshold in (None, new.roles[role].threshold):
-        raise OperatorError("nothing to rotate: add a key, remove a key or change the threshold")
+    was_hybrid = is_hybrid(current, role)
+    want_hybrid = was_hybrid if hybrid is None else hybrid
+    if (
+        not add
+        and not drop
+        and threshold in (None, new.roles[role].threshold)
+        and want_hybrid == was_hybrid
+    ):
+        raise OperatorError(
+            "nothing to rotate: add a key, remove a key, change the threshold or the policy"
+        )
     for keyid in sorted(drop):
         new.revoke_key(keyid, role)  # the key leaves root if no other role uses it
     for key in add:
@@ -145,13 +158,12 @@ def rotated_root(
             f"{role} would need {k} of {count} keys; give --threshold between 1 and {count}"
         )
     new.roles[role].threshold = k
-    if is_hybrid(current, role) and not satisfiable(new, role):
+    if want_hybrid and not satisfiable(new, role):
         raise OperatorError(
             f"{role} is hybrid: it would be left without an Ed25519/ECDSA or without an "
             "ML-DSA key; add one in the same rotation"
         )
-    if is_hybrid(current, role):
-        mark_hybrid(new, role)
+    mark_hybrid(new, role, hybrid=want_hybrid)
     return new
 
 
@@ -197,6 +209,7 @@ def stage_rotation(
     threshold: int | None,
     out: Path,
     expiry_days: int | None = None,
+    hybrid: bool | None = None,
     now: datetime | None = None,
 ) -> SigningRequest:
     """Write the signing request for a root that rotates ``role``'s keys (the ceremony).
@@ -222,7 +235,7 @@ def stage_rotation(
     for r in _roles_for(repo, role):
         changed = rotated_root(
             new, role=r, add=[k.public_key for k in add], remove=remove,
-            threshold=threshold, names=names,
+            threshold=threshold, names=names, hybrid=hybrid,
         )  # fmt: skip
         changed.version = current.version + 1
         new = changed
@@ -251,6 +264,7 @@ def rotate(
     threshold: int | None,
     secrets: KeySecrets,
     expiry_days: int | None = None,
+    hybrid: bool | None = None,
     now: datetime | None = None,
 ) -> tuple[Metadata[Any], list[str]]:
     """Rotate ``role``'s keys on one machine: stage, sign by every root key here, publish.
@@ -270,7 +284,8 @@ def rotate(
     with tempfile.TemporaryDirectory(prefix="otaguard-rotate-") as tmp:
         request = stage_rotation(
             repo, role=role, add=add, remove=remove, threshold=threshold,
-            out=Path(tmp) / "root.request.json", expiry_days=expiry_days, now=now,
+            out=Path(tmp) / "root.request.json", expiry_days=expiry_days, hybrid=hybrid,
+            now=now,
         )  # fmt: skip
     uris = {r.keyid: r for r in repo.key_refs("root")}
     pending = repo.config.get("pending_keys", {})
