@@ -9,7 +9,8 @@ the hybrid policy of the root it will be verified against:
 
 1. ``N.root.json``: the policy of root ``N-1`` (by N-1's keys) and its own (by N's keys),
    so a root that drops the policy needs a hybrid signature by the keys that set it;
-   checked *before* ngclient can persist it as the device's new trust anchor;
+   checked *before* ngclient can persist it as the device's new trust anchor (a root
+   below the old or its own threshold is left to ngclient, which refuses it naming that);
 2. ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``: the policy of the
    device's current root (``root.json``, which ngclient has already moved to the newest
    verified root when these are fetched). A file below that root's threshold is left to
@@ -145,13 +146,23 @@ class HybridGate(FetcherInterface):
         if m := _ROOT_NAME.fullmatch(name):
             version = int(m.group(1))
             previous = self._previous_root(version - 1)
-            new = check_root_update(previous, data, what=name)
-            self._roots[version] = new
+            if _below_threshold(previous, Root.type, data) or _below_own_threshold(data):
+                return  # python-tuf refuses it (old or new threshold), naming that
+            self._roots[version] = check_root_update(previous, data, what=name)
         elif m := _ROLE_NAME.fullmatch(name):
             root, role = self._current_root(), m.group(1)
             if _below_threshold(root, role, data):
                 return  # python-tuf refuses it against this same root, naming its threshold
             check_hybrid_bytes(root, role, data, what=name)
+
+
+def _below_own_threshold(data: bytes) -> bool:
+    """True when a new root is not signed by a threshold of its own root keys."""
+    try:
+        md = Metadata.from_bytes(data)
+    except (DeserializationError, ValueError, TypeError, KeyError):
+        return True
+    return not isinstance(md.signed, Root) or _below_threshold(md.signed, Root.type, data)
 
 
 def _below_threshold(root: Root, role: str, data: bytes) -> bool:
