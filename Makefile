@@ -78,6 +78,7 @@ lint: $(STAMP)
 # checkin_throughput needs nginx and the PostgreSQL at 127.0.0.1:5432 (see README).
 bench: $(STAMP) sysdeps postgres
 	$(BIN)/python bench/verify_throughput.py
+	$(BIN)/python bench/hybrid_metadata.py
 	$(BIN)/python bench/agent_rss.py
 	$(BIN)/python bench/checkin_throughput.py
 

@@ -23,7 +23,7 @@ from hsm_support import SoftToken, start_softhsm
 from otaguard.cli import passphrase_env_var
 from otaguard.crypto import read_public_key
 from otaguard.crypto.hsm import generate_hsm_key
-from otaguard.model.errors import OperatorError, VerificationError
+from otaguard.model.errors import HybridPolicyError, OperatorError, VerificationError
 from otaguard.repo import ImageRepository
 from otaguard.repo.ceremony import SigningRequest, publish_request, sign_request, stage_release
 from otaguard.repo.keyspec import ExternalKey, RoleKeySpec
@@ -114,6 +114,11 @@ def test_two_of_three_with_hsm_publishes_and_device_installs(
     req = _stage(world, "1.0.0")
     _sign(world, req, "targets-ed25519", token)
     _sign(world, req, HSM_KEY, token)
+    # Two classical signatures meet the threshold, not root's hybrid policy (ADR 0014).
+    with pytest.raises(OperatorError, match="no valid ML-DSA signature") as refused:
+        publish_request(world.repo, SigningRequest.load(req))
+    assert isinstance(refused.value.__cause__, HybridPolicyError)
+    _sign(world, req, "targets-ml-dsa-65", token)
     publish_request(world.repo, SigningRequest.load(req))
     world.wait_served()
     dev = world.device()
@@ -187,11 +192,11 @@ def _tamper_bytes(req: Path) -> None:
 def test_tampered_request_is_refused_by_sign_and_by_publish(world: World, token: SoftToken) -> None:
     req = _stage(world, "1.0.0")
     _sign(world, req, "targets-ed25519", token)
-    _sign(world, req, HSM_KEY, token)
+    _sign(world, req, "targets-ml-dsa-65", token)
     good = req.read_text()
     _tamper_bytes(req)
     with pytest.raises(VerificationError, match="summary does not match the bytes"):
-        _sign(world, req, "targets-ml-dsa-65", token)
+        _sign(world, req, HSM_KEY, token)
     with pytest.raises(VerificationError, match="summary does not match the bytes"):
         publish_request(world.repo, SigningRequest.load(req))
     # Bytes and summary changed together: the signatures made over the staged bytes do
@@ -282,7 +287,8 @@ def test_cli_kofn_init_key_list_and_serverless_ceremony(token: SoftToken, tmp_pa
     refused = run("release", "publish", str(repo), str(req))
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("missing signers: targets-ed25519, targets-ml-dsa-65")
-    two = run("sign", str(req), "--key", f"encfile:{keys / 'targets-ed25519.pem'}", "--yes")
+    # the token's ECDSA key and the ML-DSA key: targets is hybrid (ADR 0014)
+    two = run("sign", str(req), "--key", f"encfile:{keys / 'targets-ml-dsa-65.pem'}", "--yes")
     assert two.returncode == 0, two.stderr
     published = run("release", "publish", str(repo), str(req))
     assert published.returncode == 0, published.stderr
@@ -369,7 +375,7 @@ def test_root_ceremony_needs_both_root_keys_and_devices_follow(
 
     first = _stage(world, "1.0.0")
     _sign(world, first, "targets-ed25519", token)
-    _sign(world, first, HSM_KEY, token)
+    _sign(world, first, "targets-ml-dsa-65", token)
     publish_request(world.repo, SigningRequest.load(first))
     world.wait_served()
     dev = world.device()

@@ -10,8 +10,8 @@ Checks, in order (Uptane standard 5.4.4.2 "full verification", director part, wi
 check-in nonce in place of the director's timestamp and snapshot):
 
 1. the director root chain: each new root version signed by a threshold of the previous
-   root's keys and of its own (python-tuf's ``TrustedMetadataSet.update_root``), the
-   newest unexpired;
+   root's keys and of its own (python-tuf's ``TrustedMetadataSet.update_root``), meeting
+   both roots' hybrid policy (ADR 0014), the newest unexpired;
 2. the instruction parses as TUF ``targets`` metadata of bounded size;
 3. it is signed by a threshold of the director root's ``targets`` keys
    (``Root.verify_delegate``);
@@ -41,13 +41,18 @@ from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
 from otaguard.agent.updater import Offer
+from otaguard.crypto.hybrid import check_root_update
 from otaguard.model.director import (
     DIRECTOR_BINDING_KEY,
     MAX_DIRECTOR_ROOT_BYTES,
     MAX_DIRECTOR_TARGETS,
     MAX_DIRECTOR_TARGETS_BYTES,
 )
-from otaguard.model.errors import DirectorMetadataError, DirectorMismatchError, VerificationError
+from otaguard.model.errors import (
+    DirectorMetadataError,
+    DirectorMismatchError,
+    VerificationError,
+)
 from otaguard.model.limits import MAX_ROOT_ROTATIONS
 from otaguard.model.release import ReleaseInfo
 
@@ -101,11 +106,17 @@ def follow_director_root(
                 raise DirectorMetadataError(
                     f"director root version {tms.root.version + 1} too large"
                 )
+            # the hybrid policy of the old root and of the new one, then TUF's thresholds
+            check_root_update(tms.root, nxt, what=f"director root v{tms.root.version + 1}")
             tms.update_root(nxt)
             data = nxt
             logger.info("director root rotated to version %d", tms.root.version)
     except tuf_exc.RepositoryError as e:
         raise DirectorMetadataError(f"director root: {type(e).__name__}: {e}") from e
+    except DirectorMetadataError:
+        raise
+    except VerificationError as e:  # the hybrid policy (HybridPolicyError) or not a root
+        raise DirectorMetadataError(f"director root: {e}") from e
     except (DeserializationError, ValueError) as e:
         raise DirectorMetadataError(f"director root: not valid root metadata: {e}") from e
     root = tms.root

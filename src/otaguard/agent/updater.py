@@ -21,6 +21,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from otaguard.agent.fetcher import Fetcher
+from otaguard.agent.hybrid_gate import HybridGate, check_trusted_files
 from otaguard.agent.monotonic import Floor
 from otaguard.model.errors import (
     AccessDeniedError,
@@ -169,11 +170,18 @@ class TufSession:
         base = server_url.rstrip("/")
         config = updater_config()
         with tuf_errors("loading trusted metadata"):
+            # ngclient sees metadata only through the hybrid policy check (ADR 0014).
+            gate = HybridGate(
+                fetcher,
+                metadata_base_url=f"{base}/metadata/",
+                metadata_dir=metadata_dir,
+                trusted_root=trusted_root,
+            )
             self._updater = Updater(
                 metadata_dir=str(metadata_dir),
                 metadata_base_url=f"{base}/metadata/",
                 target_base_url=f"{base}/targets/",
-                fetcher=fetcher,
+                fetcher=gate,
                 config=config,
                 bootstrap=trusted_root,
             )
@@ -182,11 +190,15 @@ class TufSession:
         """Run the TUF client workflow: root, timestamp, snapshot, targets.
 
         Raises:
-            VerificationError: metadata is forged, rolled back, expired or mismatched.
+            VerificationError: metadata is forged, rolled back, expired or mismatched;
+                :class:`HybridPolicyError` when a role root marks hybrid lacks a valid
+                classical or ML-DSA signature.
             TransportError: the server could not be reached.
         """
         with tuf_errors("metadata refresh"):
             self._updater.refresh()
+        # What ngclient took from its cache never passed the gate.
+        check_trusted_files(self._metadata_dir)
 
     def offers(self, hardware_id: str) -> tuple[list[Offer], list[tuple[str, str]]]:
         """Targets for ``hardware_id`` from the freshly verified top-level targets.

@@ -727,6 +727,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     from otaguard.cli._rollouts import add_rollout_parsers, release_check_parser
     from otaguard.cli._sbom import add_sbom_parsers
+    from otaguard.cli._rotate import add_director_rotate_parser, add_repo_rotate_parser
     from otaguard.cli._sim import add_sim_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
@@ -775,6 +776,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     _key_options(ref)
     ref.set_defaults(func=_repo_refresh)
     add_root_ceremony_parser(repo)
+    add_repo_rotate_parser(repo)
 
     dirp = sub.add_parser("director", help="director repository (Uptane)").add_subparsers(
         dest="director_cmd", required=True
@@ -802,6 +804,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     _plaintext_option(dinit_, "store private keys unencrypted")
     dinit_.set_defaults(func=_director_init)
+    add_director_rotate_parser(dirp)
 
     rel = sub.add_parser("release", help="releases").add_subparsers(
         dest="release_cmd", required=True

@@ -5,6 +5,8 @@ Hierarchy (exit code of the CLI in brackets)::
     OtaguardError                 base; ``diagnostics()`` is the one line a user sees
     ├── VerificationError   [3]   bad or malicious data: signatures, hashes, lengths, expiry
     │   ├── DowngradeError        validly signed but older than what the device runs
+    │   ├── HybridPolicyError     a role root marks hybrid lacks a valid classical or a
+    │   │                         valid ML-DSA signature (on top of its threshold)
     │   ├── DirectorMetadataError the director's instruction failed verification
     │   │                         (signature, expiry, another nonce or device)
     │   └── DirectorMismatchError the director names an image the image repository
@@ -43,6 +45,7 @@ __all__ = [
     "DirectorMetadataError",
     "DirectorMismatchError",
     "DowngradeError",
+    "HybridPolicyError",
     "InsecureModeWarning",
     "KeyAccessError",
     "NotEnrolledError",
@@ -92,6 +95,15 @@ class DowngradeError(VerificationError):
     @property
     def kind(self) -> str:
         return "downgrade refused"
+
+
+class HybridPolicyError(VerificationError):
+    """Metadata of a role its root marks hybrid lacks a valid classical (Ed25519/ECDSA) or a
+    valid ML-DSA signature by that role's keys, though it may meet the threshold."""
+
+    @property
+    def kind(self) -> str:
+        return "hybrid signature policy not met"
 
 
 class DirectorMetadataError(VerificationError):

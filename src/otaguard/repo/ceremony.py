@@ -44,8 +44,9 @@ from tuf.api.serialization.json import CanonicalJSONSerializer
 
 from otaguard._fs import atomic_write_json
 from otaguard.crypto.hsm import hsm_public_key, is_hsm_uri
+from otaguard.crypto.hybrid import check_hybrid, is_hybrid
 from otaguard.crypto.signers import KeySecrets, file_uri_path, load_signer
-from otaguard.model.errors import ConfigError, OperatorError
+from otaguard.model.errors import ConfigError, HybridPolicyError, OperatorError
 from otaguard.model.errors import VerificationError as OtaVerifyError
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.sbom import is_sbom_target
@@ -56,10 +57,12 @@ __all__ = [
     "REQUEST_FORMAT",
     "RequestKey",
     "SigningRequest",
+    "next_root",
     "publish_request",
     "sign_request",
     "stage_release",
     "stage_root",
+    "stage_root_change",
     "summarize",
 ]
 
@@ -138,7 +141,11 @@ def _summarize_root(new: Root, base: Root) -> dict[str, Any]:
         "expires": new.expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "replaces_version": base.version,
         "roles": {
-            name: {"threshold": role.threshold, "keyids": sorted(role.keyids)}
+            name: {
+                "threshold": role.threshold,
+                "keyids": sorted(role.keyids),
+                "hybrid": is_hybrid(new, name),
+            }
             for name, role in sorted(new.roles.items())
         },
         "added_keys": sorted(set(new.keys) - set(base.keys)),
@@ -289,9 +296,10 @@ class SigningRequest:
             names = {k.keyid: k.name for k in self.keys}
             for role, r in s["roles"].items():
                 keys = ", ".join(sorted(names.get(k, k[:16]) for k in r["keyids"]))
-                lines.append(f"  {role}: {r['threshold']} of {len(r['keyids'])} ({keys})")
-            lines.extend(f"+ key {k}" for k in s["added_keys"])
-            lines.extend(f"- key {k}" for k in s["removed_keys"])
+                hybrid = "  HYBRID (classical + ML-DSA)" if r["hybrid"] else ""
+                lines.append(f"  {role}: {r['threshold']} of {len(r['keyids'])} ({keys}){hybrid}")
+            lines.extend(f"+ key {names.get(k, '')} {k}" for k in s["added_keys"])
+            lines.extend(f"- key {names.get(k, '')} {k}" for k in s["removed_keys"])
             return lines
         for img in s["images"]:
             mark = (
@@ -483,8 +491,22 @@ def publish_request(
             delegator.verify_delegate(request.role, md.signed_bytes, md.signatures)
     except UnsignedMetadataError as e:
         raise OtaVerifyError(f"python-tuf refuses the signed {request.role}: {e}") from e
+    # and the hybrid policy devices add on top (ADR 0014): old and new root's for a root
+    for delegator in delegators:
+        try:
+            check_hybrid(delegator, request.role, md.signed_bytes, md.signatures)
+        except HybridPolicyError as e:
+            raise OperatorError(f"{e}; a classical and an ML-DSA key must both sign") from e
     if request.role == "root":
         repo.write_signed_root(md)
+        for role in repo.follow_root(root, now=now):
+            logger.warning(
+                "%s no longer verifies under root %s: sign it with the new keys "
+                "(otaguard repo refresh --role %s, or the next release)",
+                role,
+                md.signed.version,
+                role,
+            )
     else:
         repo.write_signed_targets(md, now=now)
     logger.info("published %s version %s", request.role, request.signed.version)
@@ -500,8 +522,9 @@ def stage_root(
 ) -> SigningRequest:
     """Write a signing request for the next root version with a new expiry.
 
-    The keys and thresholds stay as they are (changing them is rotation, ``repo rotate``,
-    not built yet). Signed by a threshold of the root keys, it extends the root's life.
+    The keys and thresholds stay as they are (changing them is rotation,
+    :mod:`otaguard.repo.rotation`). Signed by a threshold of the root keys, it extends the
+    root's life.
 
     Raises:
         OperatorError: ``out`` exists, or an invalid expiry.
@@ -509,13 +532,41 @@ def stage_root(
     now = now or datetime.now(UTC)
     if Path(out).exists():
         raise OperatorError(f"{out} exists; refusing to overwrite a signing request")
-    current = repo.latest_root()
-    base_bytes = _canonical(current)
-    new = Root.from_dict(json.loads(base_bytes, strict=False))
-    new.version += 1
+    new = next_root(repo.latest_root())
     new.expires = repo.root_expiry(now, days=expiry_days)
+    return stage_root_change(repo, new, out=out)
+
+
+def next_root(current: Root) -> Root:
+    """A copy of ``current`` with the next version (expiry and keys still to set)."""
+    new = Root.from_dict(json.loads(_canonical(current), strict=False))
+    new.version += 1
+    return new
+
+
+def stage_root_change(
+    repo: ImageRepository, new: Root, *, out: Path, names: dict[str, str] | None = None
+) -> SigningRequest:
+    """Write the signing request for ``new``, the next root (``repo stage-root``, ``repo
+    rotate``): every current and new root key may sign, each named.
+
+    Args:
+        repo: the repository whose newest root ``new`` replaces.
+        new: the next root, keys and expiry set.
+        out: the request file (must not exist).
+        names: names of keys the repository config does not know yet (added keys).
+
+    Raises:
+        OperatorError: ``out`` exists, or ``new`` is not the next version.
+    """
+    if Path(out).exists():
+        raise OperatorError(f"{out} exists; refusing to overwrite a signing request")
+    current = repo.latest_root()
+    if new.version != current.version + 1:
+        raise OperatorError("the staged root is not the next version")
+    base_bytes = _canonical(current)
     role = new.roles["root"]
-    names = {ref.keyid: ref.name for ref in repo.key_refs("root")}
+    names = {**(names or {}), **{ref.keyid: ref.name for ref in repo.key_refs("root")}}
     keyids = list(dict.fromkeys([*current.roles["root"].keyids, *role.keyids]))
     all_keys = {**current.keys, **new.keys}
     doc: dict[str, Any] = {

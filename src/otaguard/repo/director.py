@@ -20,19 +20,30 @@ the freshness a timestamp would (ADR 0008).
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 from securesystemslib.signer import Key, Signer
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Role, Root
 
 from otaguard._fs import atomic_write_bytes, atomic_write_json
+from otaguard.crypto.hybrid import check_root_update, mark_hybrid
 from otaguard.crypto.keys import generate_signer, write_private_key
-from otaguard.crypto.signers import ENCRYPTED_FILE_SCHEME, PLAINTEXT_FILE_SCHEME, KeySecrets
-from otaguard.model.errors import OperatorError
+from otaguard.crypto.signers import (
+    ENCRYPTED_FILE_SCHEME,
+    PLAINTEXT_FILE_SCHEME,
+    KeySecrets,
+    load_signer,
+    resolve_key_uri,
+)
+from otaguard.model.errors import ConfigError, OperatorError, VerificationError
 from otaguard.model.unsafe import Unsafe
+from otaguard.repo.keyspec import algorithm_of
 from otaguard.repo.repository import (
     KEYS_CONFIG_NAME,
     MAX_EXPIRY_DAYS,
@@ -41,12 +52,14 @@ from otaguard.repo.repository import (
     _check_secrets,
     _new_secrets,
 )
+from otaguard.repo.rotation import NewKey, rotated_root
 
 __all__ = [
     "DIRECTOR_CONFIG_NAME",
     "DIRECTOR_KEY_PREFIX",
     "DIRECTOR_ROOT_EXPIRY_DAYS",
     "init_director",
+    "rotate_director",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +142,7 @@ def init_director(
     root.roles[Root.type] = Role([s.public_key.keyid for s in signers], threshold=len(signers))
     for s in signers:
         root.add_key(s.public_key, Root.type)
+    mark_hybrid(root, Root.type)  # an Ed25519 and an ML-DSA signature, always (ADR 0014)
     for role in ("targets", "snapshot", "timestamp"):
         root.roles[role] = Role([], threshold=1)
         root.add_key(online_key, role)
@@ -151,3 +165,118 @@ def init_director(
     )
     logger.info("initialised the director root in %s, keys in %s", director_dir, keys_dir)
     return meta / "root.json"
+
+
+#: the director's online key signs targets and (unused) snapshot and timestamp alike
+_ONLINE: Final = ("targets", "snapshot", "timestamp")
+
+
+def _newest_root(meta: Path) -> Metadata[Root]:
+    version = 1
+    while (meta / f"{version + 1}.root.json").exists():
+        version += 1
+    try:
+        md = Metadata[Root].from_file(str(meta / f"{version}.root.json"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the director root in {meta}: {e}") from e
+    return md
+
+
+def rotate_director(
+    director_dir: Path,
+    *,
+    role: str,
+    add: Sequence[NewKey],
+    remove: Sequence[str],
+    threshold: int | None,
+    keys_dir: Path,
+    passphrases: KeySecrets,
+    now: datetime | None = None,
+) -> Metadata[Root]:
+    """Rotate the director root's keys (``root``) or the server's director key (``targets``).
+
+    The next director root is signed by every root key of the current root and of the
+    new one found in ``keys_dir`` (both thresholds, both hybrid policies, checked before
+    it is written). The server serves it to devices as they check in; after a
+    ``targets`` rotation restart the server with the new director key
+    (``--director-key-uri``).
+
+    Raises:
+        OperatorError: as :func:`otaguard.repo.rotation.rotated_root`, a root key without
+            a URI, or the new root is not signed as devices require.
+        KeyAccessError: a key cannot be unlocked.
+    """
+    director_dir = Path(director_dir)
+    now = now or datetime.now(UTC)
+    _check_secrets(passphrases)
+    path = director_dir / DIRECTOR_CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+        refs = list(config["keys"])
+        names = {r["keyid"]: r["name"] for r in refs}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    names[str(config.get("online_key"))] = "director-online"
+    if role not in ("root", "targets"):
+        raise OperatorError("the director's roles to rotate are root and targets")
+    if any((k.uri is None) != (role == "targets") for k in add):
+        raise OperatorError(
+            "a director root key needs a signer URI; the director targets key is the "
+            "server's, given by its public key (DATA/director-key.pub.json)"
+        )
+    meta = director_dir / "metadata"
+    current_md = _newest_root(meta)
+    current = current_md.signed
+    new = current
+    for r in _ONLINE if role == "targets" else ("root",):
+        new = rotated_root(
+            new, role=r, add=[k.public_key for k in add], remove=remove,
+            threshold=threshold, names=names,
+        )  # fmt: skip
+        new.version = current.version + 1
+    new.expires = (now + timedelta(days=int(config["root_expiry_days"]))).replace(microsecond=0)
+    added = {k.public_key.keyid: k for k in add}
+    signing = [*current.roles["root"].keyids]
+    signing += [k for k in new.roles["root"].keyids if k not in signing]
+    md = Metadata(new)
+    by_id = {r["keyid"]: r for r in refs}
+    for keyid in signing:
+        ref = by_id.get(keyid)
+        uri = ref["uri"] if ref is not None else added[keyid].uri
+        name = ref["name"] if ref is not None else f"{DIRECTOR_KEY_PREFIX}-{keyid[:8]}"
+        if uri is None:
+            continue
+        md.sign(
+            load_signer(
+                resolve_key_uri(uri, keys_dir),
+                {**current.keys, **new.keys}[keyid],
+                name=name,
+                secrets=passphrases,
+            ),
+            append=True,
+        )
+    data = md.to_bytes()
+    try:  # what every device checks (agent/director.follow_director_root)
+        current.verify_delegate("root", md.signed_bytes, md.signatures)
+        new.verify_delegate("root", md.signed_bytes, md.signatures)
+        check_root_update(current, data)
+    except (UnsignedMetadataError, VerificationError) as e:
+        raise OperatorError(f"the rotated director root would be refused by devices: {e}") from e
+    atomic_write_bytes(meta / f"{new.version}.root.json", data)
+    atomic_write_bytes(meta / "root.json", data)
+    if role == "targets":
+        config["online_key"] = new.roles["targets"].keyids[0]
+    else:
+        config["keys"] = [
+            by_id.get(k)
+            or {
+                "name": f"{DIRECTOR_KEY_PREFIX}-{k[:8]}",
+                "algorithm": algorithm_of(new.keys[k]),
+                "keyid": k,
+                "uri": added[k].uri,
+            }
+            for k in new.roles["root"].keyids
+        ]
+    atomic_write_json(path, config)
+    logger.info("director root %s rotates %s keys", new.version, role)
+    return md

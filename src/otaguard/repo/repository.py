@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from securesystemslib.signer import Key, Signer
-from tuf.api.exceptions import LengthOrHashMismatchError
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -55,6 +55,7 @@ from tuf.api.metadata import (
 )
 
 from otaguard._fs import atomic_write_bytes, atomic_write_json, fsync_dir
+from otaguard.crypto.hybrid import check_hybrid, mark_hybrid, satisfiable
 from otaguard.crypto.keys import generate_signer, warn_insecure, write_private_key
 from otaguard.crypto.signers import (
     ENCRYPTED_FILE_SCHEME,
@@ -209,6 +210,15 @@ def _init_expiries(
             raise OperatorError(f"invalid expiry for {role}: {days} days")
         expiries[role] = days
     return expiries
+
+
+def _mark_hybrid_default(root: Root) -> None:
+    """Hybrid by default (ADR 0014): the policy is signed into root with the keys."""
+    for role in OFFLINE_ROLES:
+        if satisfiable(root, role):
+            mark_hybrid(root, role)
+        else:
+            logger.warning("%s has no pair of an Ed25519/ECDSA and an ML-DSA key: not hybrid", role)
 
 
 _Secret = bytes | Literal[Unsafe.PLAINTEXT_KEYS]
@@ -490,6 +500,7 @@ class ImageRepository:
             root.roles[role] = Role([k.keyid for k in keys], threshold=threshold)
             for k in keys:
                 root.keys[k.keyid] = k
+        _mark_hybrid_default(root)
         repo = cls(repo_dir, passphrases=passphrases, keys_dir=keys_dir)
         repo._signers = signers
         for role in OFFLINE_ROLES:
@@ -716,6 +727,82 @@ class ImageRepository:
         data = root_md.to_bytes()
         atomic_write_bytes(self.metadata_dir / f"{root_md.signed.version}.root.json", data)
         atomic_write_bytes(self.metadata_dir / "root.json", data)
+        self._adopt_root_keys(root_md.signed)
+
+    def follow_root(self, previous: Root, *, now: datetime) -> list[str]:
+        """After a new root: re-sign what its key changes invalidated, where keys are here.
+
+        Local mode: when the snapshot or timestamp keys changed, both are re-signed by
+        the new keys (devices then drop a timestamp or snapshot signed by a removed key:
+        fast-forward recovery, TUF §5.3.11). Server mode: the update server signs them
+        with its new online key once restarted with it.
+
+        Returns:
+            Roles whose newest metadata no longer verifies under the new root and must be
+            signed again by their new keys (``targets``: ``repo refresh --roles targets``
+            or the next release).
+
+        Raises:
+            KeyAccessError: a new snapshot or timestamp key cannot be unlocked.
+        """
+        root = self.latest_root()
+        online_changed = any(
+            root.roles[r].keyids != previous.roles[r].keyids
+            or root.roles[r].threshold != previous.roles[r].threshold
+            for r in ONLINE_ROLES
+        )
+        if online_changed and not self.server_signed:
+            self.refresh(roles=["snapshot"], now=now)
+        stale = []
+        md: Metadata[Targets] = self._latest("targets", Targets)
+        try:
+            root.verify_delegate("targets", md.signed_bytes, md.signatures)
+            check_hybrid(root, "targets", md.signed_bytes, md.signatures)
+        except (UnsignedMetadataError, VerificationError):
+            stale.append("targets")
+        return stale
+
+    def stage_key_refs(self, refs: Iterable[KeyRef]) -> None:
+        """Record keys a staged root adds (name, URI), adopted when that root is written.
+
+        The request carries public keys only; where a new key lives (its URI) and its
+        name stay here until :meth:`write_signed_root` makes them the role's keys.
+        """
+        pending = dict(self.config.get("pending_keys", {}))
+        for ref in refs:  # one key may serve several roles (the server's online key)
+            roles = pending.get(ref.keyid, {}).get("roles", [])
+            pending[ref.keyid] = {"roles": sorted({*roles, ref.role}), **ref.to_json()}
+        self.config["pending_keys"] = pending
+        atomic_write_json(self.dir / CONFIG_NAME, self.config)
+
+    def key_names_in_use(self) -> set[str]:
+        """Every key name the config records, current or staged (never reused)."""
+        names = {r.name for refs in self._refs.values() for r in refs}
+        pending = self.config.get("pending_keys", {})
+        return names | {e["name"] for e in pending.values() if isinstance(e, dict)}
+
+    def _adopt_root_keys(self, root: Root) -> None:
+        """Make the config's key lists those of ``root`` (after a rotation)."""
+        known = {r.keyid: r for refs in self._refs.values() for r in refs}
+        pending = self.config.get("pending_keys", {})
+        refs: dict[str, list[KeyRef]] = {}
+        for role in ROLE_ALGORITHMS:
+            refs[role] = []
+            for keyid in root.roles[role].keyids:
+                p = pending.get(keyid)
+                if isinstance(p, dict) and role in p.get("roles", []):
+                    ref = KeyRef(p["name"], role, p["algorithm"], keyid, p.get("uri"))
+                elif keyid in known:
+                    old = known[keyid]
+                    ref = KeyRef(old.name, role, old.algorithm, keyid, old.uri)
+                else:
+                    ref = KeyRef(keyid[:16], role, root.keys[keyid].scheme, keyid, None)
+                refs[role].append(ref)
+        self._refs = refs
+        self._signers.clear()
+        self.config["keys"] = {role: [r.to_json() for r in rs] for role, rs in refs.items()}
+        self.config["pending_keys"] = {k: v for k, v in pending.items() if k not in root.keys}
+        atomic_write_json(self.dir / CONFIG_NAME, self.config)
 
     def write_signed_targets(self, targets_md: Metadata[Targets], *, now: datetime) -> None:
         """Write targets signed elsewhere (the signing ceremony) as the next version.

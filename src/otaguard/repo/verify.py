@@ -24,7 +24,9 @@ order a device makes them:
 3. §5.3.3-5.3.9 Root rotation: for N = trusted version + 1 ... while ``N.root.json``
    exists (at most :data:`MAX_ROOT_ROTATIONS`, as ngclient): a cached copy first, then
    the remote one; each must be signed by a threshold of the old and of the new root
-   keys (§5.3.4) and carry version N exactly (§5.3.5).
+   keys (§5.3.4) and carry version N exactly (§5.3.5); otaguard: meet the hybrid
+   policy of the old root and of its own (ADR 0014; before python-tuf for a cached root,
+   after it for a fetched one, so python-tuf's refusal is named when it has one).
 4. §5.3.10 The final root is not expired. (§5.3.11 fast-forward recovery: a cached
    timestamp or snapshot signed by rotated-out keys no longer verifies and is ignored.)
 5. §5.4 Timestamp: the cached one is loaded first, even expired, to guard against
@@ -39,7 +41,8 @@ order a device makes them:
    role the trusted snapshot lists (§5.5.5), and not be expired (§5.5.6).
 7. §5.6 Targets: the cached one if still valid; otherwise ``N.targets.json`` for the
    version the snapshot names must match the snapshot's length and hashes (§5.6.2), be
-   signed by a threshold of targets keys - both halves of a hybrid pair (§5.6.3) - carry
+   signed by a threshold of targets keys (§5.6.3) - and, for every role root marks
+   hybrid, a valid classical and a valid ML-DSA signature among them (ADR 0014) - carry
    that version (§5.6.4), and not be expired (§5.6.5).
 8. otaguard: every target's ``custom`` field parses as :class:`ReleaseInfo`.
 
@@ -65,6 +68,7 @@ from tuf.api.exceptions import (
     EqualVersionNumberError,
     ExpiredMetadataError,
     RepositoryError,
+    UnsignedMetadataError,
 )
 from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
@@ -73,7 +77,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
-from otaguard.model.errors import VerificationError
+from otaguard.crypto.hybrid import check_hybrid, check_hybrid_bytes, check_root_update
+from otaguard.model.errors import HybridPolicyError, VerificationError
 from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
 from otaguard.model.sbom import is_sbom_target
@@ -243,6 +248,17 @@ def _accepts(load: Callable[[bytes], object], data: bytes) -> bool:
     return True
 
 
+def _hybrid(check: Callable[[], object]) -> None:
+    """Run a hybrid policy check as a python-tuf refusal (so a cached file that fails it
+    is only "fetch it again", and a fetched one is refused like an unsigned one)."""
+    try:
+        check()
+    except HybridPolicyError as e:
+        raise UnsignedMetadataError(str(e)) from e
+    except VerificationError as e:  # not metadata at all: python-tuf's own wording
+        raise DeserializationError(str(e)) from e
+
+
 class _Walk:
     """One simulated ``Updater.refresh()``: the only walker of the chain."""
 
@@ -282,6 +298,34 @@ class _Walk:
             )
         return data
 
+    def _cached_root(self, data: bytes) -> None:
+        """otaguard's hybrid rule (ADR 0014), then python-tuf's root update: a cached root
+        failing the rule must not become the trusted one before the remote is fetched."""
+        _hybrid(lambda: check_root_update(self.trusted.root, data))
+        self.trusted.update_root(data)
+
+    def _remote_root(self, data: bytes) -> None:
+        """python-tuf's root update (its refusal named first), then the hybrid rule; the
+        walk stops at either refusal."""
+        previous = self.trusted.root
+        self.trusted.update_root(data)
+        _hybrid(lambda: check_root_update(previous, data))
+
+    def _hybrid(self, role: str, update: Callable[[bytes], object]) -> Callable[[bytes], object]:
+        """``update``, then the hybrid policy of the trusted root for ``role``.
+
+        python-tuf first, so a file below its threshold is named for that; the walk
+        stops at a refusal (the trusted set is not used again), and a cached file that
+        fails the policy is fetched again, which python-tuf allows for these roles.
+        """
+
+        def gated(data: bytes) -> object:
+            result = update(data)
+            _hybrid(lambda: check_hybrid_bytes(self.trusted.root, role, data))
+            return result
+
+        return gated
+
     def _fetched(self, role: str, name: str, data: bytes) -> None:
         self.loaded[role] = (name, data)
         self.fetched.add(name)
@@ -305,14 +349,14 @@ class _Walk:
         for version in range(lower, lower + MAX_ROOT_ROTATIONS):
             name = f"{version}.root.json"
             local = cached.get(name)
-            if local is not None and _accepts(self.trusted.update_root, local):
+            if local is not None and _accepts(self._cached_root, local):
                 self.loaded[Root.type] = (name, local)
                 continue
             data = remote.get(name)
             if data is None:
                 break  # §5.3.3: a 404 means the trusted root is the newest
             with self._step(Root.type, name, data):
-                self.trusted.update_root(
+                self._remote_root(
                     self._download(Root.type, name, data, DEVICE_MAX_LENGTHS[Root.type])
                 )
             self._fetched(Root.type, name, data)
@@ -328,12 +372,14 @@ class _Walk:
         local = cached.get(TIMESTAMP_FILE)
         # A cached timestamp is loaded even when expired (as intermediate metadata) so it
         # still guards the remote one against rollback (§5.4.3).
-        if local is not None and _accepts(self.trusted.update_timestamp, local):
+        if local is not None and _accepts(
+            self._hybrid(Timestamp.type, self.trusted.update_timestamp), local
+        ):
             self.loaded[Timestamp.type] = (f"{TIMESTAMP_FILE} (cached)", local)
         data = remote.get(TIMESTAMP_FILE)
         with self._step(Timestamp.type, TIMESTAMP_FILE, data):
             try:
-                self.trusted.update_timestamp(
+                self._hybrid(Timestamp.type, self.trusted.update_timestamp)(
                     self._download(
                         Timestamp.type, TIMESTAMP_FILE, data, DEVICE_MAX_LENGTHS[Timestamp.type]
                     )
@@ -350,7 +396,8 @@ class _Walk:
         # trusted=True: the cached snapshot verified once, so it is accepted as final if
         # it is the version the timestamp names, and kept as intermediate (§5.5.5) if not.
         if local is not None and _accepts(
-            lambda d: self.trusted.update_snapshot(d, trusted=True), local
+            self._hybrid(Snapshot.type, lambda d: self.trusted.update_snapshot(d, trusted=True)),
+            local,
         ):
             self.loaded[Snapshot.type] = ("snapshot.json (cached)", local)
             return
@@ -359,14 +406,18 @@ class _Walk:
         data = remote.get(name)
         with self._step(Snapshot.type, name, data):
             max_length = meta.length or DEVICE_MAX_LENGTHS[Snapshot.type]
-            self.trusted.update_snapshot(self._download(Snapshot.type, name, data, max_length))
+            self._hybrid(Snapshot.type, self.trusted.update_snapshot)(
+                self._download(Snapshot.type, name, data, max_length)
+            )
         assert data is not None  # noqa: S101 - _download raised otherwise
         self._fetched(Snapshot.type, name, data)
 
     def update_targets(self, cached: Mapping[str, bytes], remote: FileSource) -> None:
         """§5.6: Updater._load_targets("targets", "root")."""
         local = cached.get("targets.json")
-        if local is not None and _accepts(self.trusted.update_targets, local):
+        if local is not None and _accepts(
+            self._hybrid(Targets.type, self.trusted.update_targets), local
+        ):
             self.loaded[Targets.type] = ("targets.json (cached)", local)
             return
         meta = self.trusted.snapshot.meta.get("targets.json")
@@ -377,7 +428,9 @@ class _Walk:
         data = remote.get(name)
         with self._step(Targets.type, name, data):
             max_length = meta.length or DEVICE_MAX_LENGTHS[Targets.type]
-            self.trusted.update_targets(self._download(Targets.type, name, data, max_length))
+            self._hybrid(Targets.type, self.trusted.update_targets)(
+                self._download(Targets.type, name, data, max_length)
+            )
         assert data is not None  # noqa: S101 - _download raised otherwise
         self._fetched(Targets.type, name, data)
 
@@ -397,6 +450,11 @@ class _Walk:
             if not isinstance(md.signed, Targets):
                 raise RepositoryError(f"Expected 'targets', got '{md.signed.type}'")
             self.trusted.root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+            _hybrid(
+                lambda: check_hybrid(
+                    self.trusted.root, Targets.type, md.signed_bytes, md.signatures
+                )
+            )
             if md.signed.version != version:
                 raise BadVersionNumberError(
                     f"Expected targets v{version}, got v{md.signed.version}."

@@ -36,6 +36,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
+from otaguard.crypto.hybrid import check_root_update
 from otaguard.model.director import (
     DIRECTOR_BINDING_KEY,
     DIRECTOR_TARGETS_LIFETIME,
@@ -228,8 +229,9 @@ def load_director_roots(director_dir: Path, *, keyid: str) -> list[bytes]:
     try:
         tms = TrustedMetadataSet(roots[0], EnvelopeType.METADATA)
         for data in roots[1:]:
+            check_root_update(tms.root, data)  # the hybrid rule devices apply (ADR 0014)
             tms.update_root(data)
-    except (tuf_exc.RepositoryError, DeserializationError, ValueError) as e:
+    except (tuf_exc.RepositoryError, DeserializationError, ValueError, VerificationError) as e:
         raise ConfigError(f"the director root chain in {meta} does not verify: {e}") from e
     _check_names_key(tms.root, keyid, meta)
     return roots
@@ -253,8 +255,9 @@ def _verify_next_root(current: bytes, new: bytes, *, keyid: str, where: Path) ->
     """
     try:
         tms = TrustedMetadataSet(current, EnvelopeType.METADATA)
+        check_root_update(tms.root, new)  # the hybrid rule devices apply (ADR 0014)
         tms.update_root(new)
-    except (tuf_exc.RepositoryError, DeserializationError, ValueError) as e:
+    except (tuf_exc.RepositoryError, DeserializationError, ValueError, VerificationError) as e:
         raise ConfigError(f"the director root in {where} does not verify: {e}") from e
     _check_names_key(tms.root, keyid, where)
 

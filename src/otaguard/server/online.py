@@ -417,14 +417,22 @@ class OnlineSigner:
             return out
         versions = _versions(files, "targets")
         served = Served.from_store(store)
-        if not versions or max(versions) == served.targets_version():
+        # A new root naming this key where the served one named another: the online key
+        # was rotated (ADR 0014); what is served was signed by the old key, so sign the
+        # served targets version anew even though targets did not change.
+        stored = store.newest(Root.type)
+        rotated = stored is not None and not self.signs_for(
+            load_role(stored.filename, stored.data, Root).signed
+        )
+        version = max(versions) if versions else served.targets_version()
+        if version is None or (version == served.targets_version() and not rotated):
             return out
         out.update(
             snapshot_for_targets(
-                served, max(versions), signer=self._signer, now=now, lifetimes=self.lifetimes
+                served, version, signer=self._signer, now=now, lifetimes=self.lifetimes
             )
         )
-        logger.info("signed snapshot and timestamp for targets version %d", max(versions))
+        logger.info("signed snapshot and timestamp for targets version %d", version)
         return out
 
     def refresh(self, store: MetadataStore, *, now: dt.datetime) -> dict[str, bytes]:
