@@ -35,6 +35,7 @@ from otaguard.repo import ImageRepository, SigningRequest, publish_request, sign
 from otaguard.repo.director import init_director, rotate_director
 from otaguard.repo.rotation import NewKey, rotate, stage_rotation, stage_targets
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
+from sbom_support import sbom_beside
 
 PLAIN = Unsafe.PLAINTEXT_KEYS
 
@@ -63,7 +64,12 @@ class Repo:
         img = self.tmp / f"fw-{version}.img"
         img.write_bytes(os.urandom(1024))
         self.repo.add_release(
-            img, version=version, hardware_ids=["hw"], security=False, security_counter=None
+            img,
+            version=version,
+            hardware_ids=["hw"],
+            security=False,
+            security_counter=None,
+            sbom=sbom_beside(img),
         )
         self.serve()
 

@@ -32,6 +32,7 @@ from otaguard.model import Unsafe
 from otaguard.model.errors import HybridPolicyError, VerificationError
 from otaguard.repo import ImageRepository, RoleKeySpec, check_repository
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
+from sbom_support import sbom_beside
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -146,7 +147,12 @@ class World:
         img = tmp / "fw.img"
         img.write_bytes(os.urandom(2048))
         self.repo.add_release(
-            img, version="1.0.0", hardware_ids=["hw"], security=False, security_counter=None
+            img,
+            version="1.0.0",
+            hardware_ids=["hw"],
+            security=False,
+            security_counter=None,
+            sbom=sbom_beside(img),
         )
         self.files = {k: v for k, v in read_repository_files(self.repo.dir).items()}
 

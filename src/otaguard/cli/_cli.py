@@ -726,8 +726,8 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         fleet_inventory_parsers,
     )
     from otaguard.cli._rollouts import add_rollout_parsers, release_check_parser
-    from otaguard.cli._sbom import add_sbom_parsers
     from otaguard.cli._rotate import add_director_rotate_parser, add_repo_rotate_parser
+    from otaguard.cli._sbom import add_sbom_parsers
     from otaguard.cli._sim import add_sim_parser
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
