@@ -20,7 +20,12 @@ import pytest
 from conftest import HW, World, start_world
 from db_support import ENGINES, fresh_database
 from otaguard.agent import Device
-from otaguard.model.errors import AccessDeniedError, DowngradeError, OperatorError
+from otaguard.model.errors import (
+    AccessDeniedError,
+    DowngradeError,
+    InsecureModeWarning,
+    OperatorError,
+)
 from otaguard.model.version import Version
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.client import FleetClient
@@ -450,3 +455,20 @@ def test_a_security_fix_on_an_older_line_reaches_the_devices_that_stayed_on_it(
     assert _round(devs)["d01"] == "1.0.1"
     rworld.release("1.1.1", security=True)
     assert set(_round(devs).values()) == {"1.1.1"}
+
+
+def test_a_device_without_a_director_root_warns_at_every_update_that_it_ignores_the_director(
+    rworld: World,
+) -> None:
+    """The named unsafe mode (ADR 0011): without a director root a device picks the newest
+    release itself, so a feature release reaches it without a rollout; every update warns
+    that the server's director is ignored. A device with the root is told none."""
+    alone = rworld.device("alone", director_root=None)
+    steered = rworld.device("steered")
+    rworld.release("1.1.0")
+    with pytest.warns(InsecureModeWarning, match="ignoring the server's director"):
+        assert alone.update().to_version == "1.1.0"
+    with pytest.warns(InsecureModeWarning, match="ignoring the server's director"):
+        assert alone.update().outcome == "up-to-date"
+    assert steered.update().outcome == "up-to-date"
+    assert _running(steered) == "1.0.0"
