@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -472,3 +473,27 @@ def test_a_device_without_a_director_root_warns_at_every_update_that_it_ignores_
         assert alone.update().outcome == "up-to-date"
     assert steered.update().outcome == "up-to-date"
     assert _running(steered) == "1.0.0"
+
+
+def test_cli_sim_drives_a_rollout_until_it_halts(rworld: World) -> None:
+    """``otaguard sim --until-rollout``: simulated devices poll in rounds, half of them
+    fail 1.1.0's health check, the rollout halts by itself; each round's status is printed,
+    then the reason; exit 0 (the rollout settled, no device error)."""
+    rworld.release("1.1.0")
+    with _client(rworld) as c:
+        c.create_rollout(release="1.1.0", group="all", phases=[50, 100], success_threshold=95,
+                         failure_threshold=5, name="cli-sim")  # fmt: skip
+    assert rworld.director_root is not None
+    done = _cli(
+        rworld, "sim", "--root", str(rworld.repo.metadata_dir / "root.json"),
+        "--director-root", str(rworld.director_root), "--hardware-id", HW,
+        "--initial-version", "1.0.0", "--devices", "8", "--fail-rate", "0.5",
+        "--fail-release", "1.1.0", "--until-rollout", "cli-sim",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"round 1: (active|halted), phase \d/2", done.stdout), done.stdout
+    assert re.search(r"rollout cli-sim halted: halted in phase \d: \d+ of \d+ admitted failed",
+                     done.stdout.replace("\n", " ")), done.stdout  # fmt: skip
+    assert "Traceback" not in done.stderr
+    with _client(rworld) as c:
+        assert c.rollout("cli-sim").state == "halted"
