@@ -202,3 +202,30 @@ def test_evaluating_a_rollout_costs_the_same_queries_for_20_or_10000_members(
     assert status.members == size
     # reading the rollout, its members, the last reports; writing a change at most
     assert len(queries) <= 5, queries
+
+
+def test_a_hostile_manifest_does_not_stop_the_evaluation(db_engine: Engine) -> None:
+    """A validly signed manifest may carry any string: a NUL escape and a lone surrogate
+    in its error (which a JSON cast in SQL, e.g. PostgreSQL's jsonb, refuses for the whole
+    query) do not keep the rollout from counting the failure and halting."""
+    devices, checkins = _fleet_rows(4, runs=0, failed=0)
+    hostile = {"outcome": "failed", "version": "2.0.0", "error": "bad\u0000\ud800x"}
+    for row in checkins:
+        if row["serial"] == "s00000":
+            row["manifest"] = _manifest("s00000", running="1.0.0", result=hostile)
+    with db_engine.begin() as conn:
+        conn.execute(insert(devices_table), devices)
+        conn.execute(insert(checkins_table), checkins)
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    store.create(_rollout(version=Version.parse("2.0.0"), group="all", window=None,
+                          phases=(100,)), now=NOW)  # fmt: skip
+    status = rollouts.status(store.get("r1"))
+    assert status.evaluation.rollout.state == "halted"
+    assert "s00000 (failed: bad??x)" in status.evaluation.rollout.reason
+    assert store.get("r1").state == "halted"  # the reason with it was written

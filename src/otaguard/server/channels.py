@@ -47,6 +47,7 @@ from otaguard.server.storage.assignments import Assignment
 
 __all__ = [
     "FAILED_OUTCOMES",
+    "MAX_ERROR_CHARS",
     "MAX_PHASES",
     "MAX_SECURITY_DELAY",
     "ROLLOUT_STATES",
@@ -73,6 +74,9 @@ MAX_PHASES: Final = 10
 ROLLOUT_STATES: Final = ("active", "paused", "halted", "cancelled", "completed")
 #: a device's last install result with one of these outcomes counts as a failure
 FAILED_OUTCOMES: Final = frozenset({"failed", "rolled-back", "refused"})
+#: characters of one device's reported error kept in a rollout's status and halt reason:
+#: a halt reason names up to ten devices and must fit the store's 4,000 characters
+MAX_ERROR_CHARS: Final = 200
 
 _DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW: Final = re.compile(
@@ -384,6 +388,13 @@ def decide(
 
 
 # -- the rollout's own step ---------------------------------------------------------------
+def _printable(text: str) -> str:
+    """A device's words, safe to store and show: its signed manifest may carry any string
+    (a NUL, which PostgreSQL text refuses; a lone surrogate, which UTF-8 cannot encode),
+    and a halt must not fail on writing its reason."""
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_ERROR_CHARS])
+
+
 def install_outcome(
     version: Version, *, running: str | None, last_result: Mapping[str, str]
 ) -> tuple[str, str]:
@@ -398,7 +409,7 @@ def install_outcome(
     if last_result.get("version") == str(version) and last_result.get("outcome") in (
         FAILED_OUTCOMES
     ):
-        error = last_result.get("error") or last_result.get("detail") or ""
+        error = _printable(last_result.get("error") or last_result.get("detail") or "")
         return "failure", f"{last_result['outcome']}: {error}".rstrip(": ")
     return "pending", ""
 
