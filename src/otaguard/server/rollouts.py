@@ -223,7 +223,10 @@ class ChannelPolicy:
         result = _last_result(last.manifest) if last is not None else {}
         views: list[RolloutView] = []
         for r in ro.store.list():
-            if r.group not in groups:
+            # a rollout of what the device runs or older can change nothing for it (decide
+            # skips it too): no member list for it, so the cost of a check-in does not grow
+            # with the rollouts of the past
+            if r.group not in groups or (running is not None and r.version <= running):
                 continue
             if r.state == "active" and last is not None:
                 standing = install_outcome(
