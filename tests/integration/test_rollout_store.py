@@ -17,7 +17,7 @@ from otaguard.model.manifest import BootMeasurement, DeviceManifest, InstalledTa
 from otaguard.model.version import Version
 from otaguard.server.channels import GroupPolicy, Rollout, Window, evaluate
 from otaguard.server.inventory import Inventory
-from otaguard.server.rollouts import Rollouts
+from otaguard.server.rollouts import ChannelPolicy, Rollouts
 from otaguard.server.storage.checkins import SQLCheckinStore, checkins_table
 from otaguard.server.storage.devices import SQLDeviceStore, devices_table
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
@@ -114,7 +114,7 @@ def _fleet_rows(n: int, *, runs: int, failed: int) -> tuple[Rows, Rows]:
     devices, checkins = [], []
     for i in range(n):
         serial = f"s{i:05d}"
-        devices.append({"serial": serial, "hardware_id": "hw", "status": "active",
+        devices.append({"serial": serial, "hardware_id": "hw", "status": "enrolled",
                         "reason": "", "created_at": NOW, "updated_at": NOW})  # fmt: skip
         if i < runs:
             last = ("2.0.0", {"outcome": "updated", "version": "2.0.0"})
@@ -168,6 +168,7 @@ def _count_queries(engine: Engine) -> list[str]:
     def _log(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
+    _count_queries.last = _log  # type: ignore[attr-defined]
     return seen
 
 
@@ -229,3 +230,41 @@ def test_a_hostile_manifest_does_not_stop_the_evaluation(db_engine: Engine) -> N
     assert status.evaluation.rollout.state == "halted"
     assert "s00000 (failed: bad??x)" in status.evaluation.rollout.reason
     assert store.get("r1").state == "halted"  # the reason with it was written
+
+
+def test_a_check_in_decision_does_not_read_past_rollouts(db_engine: Engine) -> None:
+    """Rollouts of what a device runs or older change nothing for it: the director's
+    decision reads no member list for them, so its statements do not grow with them."""
+    _load_fleet(db_engine, 20, runs=20, failed=0)  # everybody runs 2.0.0
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    policy = ChannelPolicy(
+        rollouts=Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    )
+
+    def statements() -> int:
+        queries = _count_queries(db_engine)
+        decision = policy.decision(serial="s00000", hardware_id="hw",
+                                   running=Version.parse("2.0.0"), assignment=None,
+                                   releases=[])  # fmt: skip
+        assert decision.release is None
+        count = len(queries)
+        event.remove(db_engine, "before_cursor_execute", _count_queries.last)  # type: ignore[attr-defined]
+        return count
+
+    def past(k: int) -> None:
+        old = _rollout(name=f"old{k}", version=Version.parse(f"1.{k}.0"), group="all",
+                       window=None, state="completed", phase=3)  # fmt: skip
+        store.create(old, now=NOW)
+
+    past(0)
+    store.create(_rollout(name="same", version=Version.parse("2.0.0"), group="all",
+                          window=None), now=NOW)  # fmt: skip
+    one = statements()
+    for k in range(1, 8):
+        past(k)
+    assert statements() == one
