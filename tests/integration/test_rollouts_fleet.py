@@ -4,8 +4,8 @@ One enrolled fleet (module scope: enrolling 500 devices is the slow part) goes t
 4-phase rollout of a feature release to completion, then through a rollout of a release
 that a fifth of the devices fail (``fail_rate``/``fail_release``, the simulator's injected
 health-check failure): it halts by itself in an early phase and every device it never
-admitted stays on the old version. The server runs a director and evaluates rollouts every
-0.2 s; the devices run the agent's own check-in, manifest and director verification code
+admitted stays on the old version. The server (``otaguard server``, its own process) runs a
+director and evaluates rollouts every 0.2 s; the devices run the agent's own check-in, manifest and director verification code
 over mutual TLS (:mod:`otaguard.sim.fleetsim`), driven in rounds by
 :mod:`otaguard.sim.rollout_driver`.
 """
@@ -14,14 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
+import os
 import re
+import ssl
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Final
 
 import pytest
 
-from conftest import HW, World, start_world
+from conftest import HW, World, same_passphrase
+from nginx_support import free_port
+from otaguard.crypto import read_public_key
 from otaguard.model.version import Version
+from otaguard.repo import ImageRepository
+from otaguard.repo.director import init_director
+from otaguard.server import init_data_dir
+from otaguard.server.auth import OPERATOR_TOKEN_FILE
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollout_client import RolloutClient
 from otaguard.sim.fleetsim import FleetSim, SimSettings
@@ -44,20 +57,74 @@ class Fleet:
         return RolloutClient(server_url=s.base_url, ca_cert=s.ca_cert, token=s.operator_token)
 
 
+class ProcessServer:
+    """``otaguard server`` in its own process (what an operator runs): the simulator and
+    the server then use a core each instead of sharing one process's GIL."""
+
+    def __init__(self, tmp: Path, *, repo: Path, director: Path, data_dir: Path, ca: Path):
+        self.port = free_port()
+        self.base_url = f"https://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.ca_cert = ca
+        self.operator_token = (data_dir / OPERATOR_TOKEN_FILE).read_text().strip()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
+        self.log = (tmp / "server.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otaguard", "server", "--data", str(data_dir),
+             "--repo", str(repo), "--director", str(director), "--port", str(self.port),
+             "--rollout-interval", "0.2"],
+            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        ctx = ssl.create_default_context(cafile=str(ca))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (tmp / "server.log").read_text()[-2000:]
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=2)
+            try:
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+            finally:
+                conn.close()
+        raise AssertionError("the server did not come up")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """500 enrolled simulated devices on 1.0.0 against a server with a director."""
+    """500 enrolled simulated devices on 1.0.0 against a server with a director (its own
+    process, rollouts evaluated every 0.2 s)."""
     tmp = tmp_path_factory.mktemp("rollout-fleet")
-    w = start_world(tmp, director=True, rollout_interval=0.2)
+    paths = init_data_dir(tmp / "server")
+    repo = ImageRepository.init(tmp / "repo", keys_dir=tmp / "keys", passphrases=same_passphrase,
+                                online_key=read_public_key(paths.online_public_key))  # fmt: skip
+    director_root = init_director(
+        tmp / "director",
+        keys_dir=tmp / "director-keys",
+        passphrases=same_passphrase,
+        online_key=read_public_key(paths.director_public_key),
+    )
+    server = ProcessServer(tmp, repo=repo.dir, director=tmp / "director",
+                           data_dir=paths.data_dir, ca=paths.ca_cert)  # fmt: skip
+    w = World(tmp, repo, server, {}, {}, director_root)  # type: ignore[arg-type]
     try:
         w.release("1.0.0")
-        assert w.server.ca_cert is not None and w.director_root is not None
         sim = FleetSim(
             SimSettings(
-                server_url=w.server.base_url,
-                ca_cert=w.server.ca_cert,
-                trusted_root=(w.repo.metadata_dir / "root.json").read_bytes(),
-                director_root=w.director_root.read_bytes(),
+                server_url=server.base_url,
+                ca_cert=server.ca_cert,
+                trusted_root=(repo.metadata_dir / "root.json").read_bytes(),
+                director_root=director_root.read_bytes(),
                 hardware_id=HW,
                 devices=DEVICES,
                 identity_dir=tmp / "identities",
@@ -65,12 +132,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 fail_release=BAD,
             )
         )
-        asyncio.run(sim.enroll(operator_token=w.server.operator_token))
+        asyncio.run(sim.enroll(operator_token=server.operator_token))
         assert not sim.stats.errors, sim.stats.error_examples
         assert sim.stats.running == {"1.0.0": DEVICES}
         yield Fleet(w, sim)
     finally:
-        w.server.stop()
+        server.stop()
 
 
 def _model(name: str, version: str, phase: int) -> Rollout:
