@@ -5,9 +5,9 @@ One enrolled fleet (module scope: enrolling 500 devices is the slow part) goes t
 that a fifth of the devices fail (``fail_rate``/``fail_release``, the simulator's injected
 health-check failure): it halts by itself in an early phase and every device it never
 admitted stays on the old version. The server (``otaguard server``, its own process) runs a
-director and evaluates rollouts every 0.2 s; the devices run the agent's own check-in, manifest and director verification code
-over mutual TLS (:mod:`otaguard.sim.fleetsim`), driven in rounds by
-:mod:`otaguard.sim.rollout_driver`.
+director and evaluates rollouts every 0.2 s; the devices run the agent's own check-in,
+manifest and director verification code over mutual TLS (:mod:`otaguard.sim.fleetsim`),
+driven in rounds by :mod:`otaguard.sim.rollout_driver`.
 """
 
 from __future__ import annotations
