@@ -1,17 +1,27 @@
 """The rollout store's SQL adapter on SQLite and PostgreSQL: rollouts round-trip, a state
-change is compare-and-set, channel settings, first-seen times recorded once."""
+change is compare-and-set, channel settings, first-seen times recorded once, and a
+rollout's evaluation is a few set-based queries whatever the group's size."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+from typing import Any
 
 import pytest
+from sqlalchemy import event, insert
 from sqlalchemy.engine import Engine
 
+from otaguard.model.manifest import BootMeasurement, DeviceManifest, InstalledTarget
 from otaguard.model.version import Version
-from otaguard.server.channels import GroupPolicy, Rollout, Window
+from otaguard.server.channels import GroupPolicy, Rollout, Window, evaluate
+from otaguard.server.inventory import Inventory
+from otaguard.server.rollouts import ChannelPolicy, Rollouts
+from otaguard.server.storage.checkins import SQLCheckinStore, checkins_table
+from otaguard.server.storage.devices import SQLDeviceStore, devices_table
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
+from otaguard.server.storage.inventory import SQLInventoryStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
 
 NOW = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
@@ -76,3 +86,185 @@ def test_first_seen_is_recorded_once(db_engine: Engine) -> None:
     assert store.first_seen(["a.img"], now=NOW) == {"a.img": NOW}
     later = NOW + dt.timedelta(hours=5)
     assert store.first_seen(["a.img", "b.img"], now=later) == {"a.img": NOW, "b.img": later}
+
+
+# -- set-based evaluation (issue 7: a rollout of 10,000 members) --------------------------
+def _manifest(serial: str, *, running: str, result: dict[str, str]) -> bytes:
+    """A stored manifest envelope as the check-in store keeps it (it was verified when
+    received; its signatures do not matter here)."""
+    signed = DeviceManifest(
+        serial=serial,
+        nonce="n" * 32,
+        time="2026-11-22T08:00:00+00:00",
+        installed=InstalledTarget(f"fw-{running}.img", 1, "a" * 64, running, 0),
+        last_result=result,
+        boot=BootMeasurement(sha256="a" * 64, slot="A", attested=False),
+        quote=None,
+    ).to_dict()
+    DeviceManifest.from_dict(signed)  # what the evaluation parses must be valid
+    return json.dumps({"signed": signed, "signatures": []}).encode()
+
+
+Rows = list[dict[str, Any]]
+
+
+def _fleet_rows(n: int, *, runs: int, failed: int) -> tuple[Rows, Rows]:
+    """``n`` devices: the first ``runs`` run 2.0.0, the next ``failed`` rolled it back, the
+    rest run 1.0.0 (each with an older check-in that said something else first)."""
+    devices, checkins = [], []
+    for i in range(n):
+        serial = f"s{i:05d}"
+        devices.append({"serial": serial, "hardware_id": "hw", "status": "enrolled",
+                        "reason": "", "created_at": NOW, "updated_at": NOW})  # fmt: skip
+        if i < runs:
+            last = ("2.0.0", {"outcome": "updated", "version": "2.0.0"})
+        elif i < runs + failed:
+            last = ("1.0.0", {"outcome": "rolled-back", "version": "2.0.0", "error": "health"})
+        else:
+            last = ("1.0.0", {})
+        # an older check-in first: a failure of 2.0.0 for the successes (only the last
+        # counts), a success for the rest (it is not what they say now)
+        first = ("1.0.0", {"outcome": "failed", "version": "2.0.0"}) if i < runs else (
+            "2.0.0", {"outcome": "updated", "version": "2.0.0"})  # fmt: skip
+        for k, (running, result) in enumerate((first, last)):
+            checkins.append({
+                "serial": serial, "cert_serial": "c", "time": NOW + dt.timedelta(seconds=k),
+                "device_time": "", "running_version": running, "target": "",
+                "boot_sha256": "a" * 64, "attested": False, "reset_count": None,
+                "outcome": "accepted", "detail": "",
+                "manifest": _manifest(serial, running=running, result=result),
+            })  # fmt: skip
+    return devices, checkins
+
+
+def _load_fleet(engine: Engine, n: int, *, runs: int, failed: int) -> None:
+    devices, checkins = _fleet_rows(n, runs=runs, failed=failed)
+    with engine.begin() as conn:
+        conn.execute(insert(devices_table), devices)
+        # the older check-ins first (ids follow the order check-ins were recorded in)
+        conn.execute(insert(checkins_table), checkins[0::2])
+        conn.execute(insert(checkins_table), checkins[1::2])
+
+
+def test_last_reports_are_one_query_of_the_newest_check_ins(db_engine: Engine) -> None:
+    """Only each device's newest check-in counts; successes come without a manifest,
+    failures with theirs; devices saying nothing about the release are not returned."""
+    _load_fleet(db_engine, 6, runs=2, failed=1)
+    reports = SQLRolloutStore(db_engine).last_reports(Version.parse("2.0.0"))
+    by = {r.serial: r for r in sorted(reports, key=lambda r: r.serial)}
+    assert sorted(by) == ["s00000", "s00001", "s00002"]
+    assert by["s00000"].running_version == "2.0.0" and by["s00000"].manifest is None
+    failed = by["s00002"].manifest
+    assert failed is not None and json.loads(failed)["signed"]["last_result"]["outcome"] == (
+        "rolled-back"
+    )
+    assert SQLRolloutStore(db_engine).last_reports(Version.parse("2.0.1")) == []
+
+
+def _count_queries(engine: Engine) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _log(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    _count_queries.last = _log  # type: ignore[attr-defined]
+    return seen
+
+
+@pytest.mark.parametrize("size", [20, 10_000])
+def test_evaluating_a_rollout_costs_the_same_queries_for_20_or_10000_members(
+    db_engine: Engine, size: int
+) -> None:
+    """Phase evaluation is set-based: the number of SQL statements does not grow with the
+    group (the former per-member history read made it 10,000 statements), and the
+    result is the pure evaluation's from the outcomes the fleet was built with."""
+    _load_fleet(db_engine, size, runs=size // 2, failed=size // 4)
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    r = _rollout(version=Version.parse("2.0.0"), group="all", window=None,
+                 phases=(1, 10, 50, 100), success_threshold=95, failure_threshold=30)  # fmt: skip
+    store.create(r, now=NOW)
+    queries = _count_queries(db_engine)
+    status = rollouts.status(store.get("r1"))
+    # what the pure evaluation says from the outcomes the fleet was built with
+    runs, failed = size // 2, size // 4
+    outcomes = {f"s{i:05d}": ("success", "") for i in range(runs)} | {
+        f"s{i:05d}": ("failure", "rolled-back: health") for i in range(runs, runs + failed)
+    }
+    expected = evaluate(r, [f"s{i:05d}" for i in range(size)], outcomes)
+    assert status.evaluation == expected
+    assert store.get("r1") == expected.rollout
+    assert status.members == size
+    # reading the rollout, its members, the last reports; writing a change at most
+    assert len(queries) <= 5, queries
+
+
+def test_a_hostile_manifest_does_not_stop_the_evaluation(db_engine: Engine) -> None:
+    """A validly signed manifest may carry any string: a NUL escape and a lone surrogate
+    in its error (which a JSON cast in SQL, e.g. PostgreSQL's jsonb, refuses for the whole
+    query) do not keep the rollout from counting the failure and halting."""
+    devices, checkins = _fleet_rows(4, runs=0, failed=0)
+    hostile = {"outcome": "failed", "version": "2.0.0", "error": "bad\u0000\ud800x"}
+    for row in checkins:
+        if row["serial"] == "s00000":
+            row["manifest"] = _manifest("s00000", running="1.0.0", result=hostile)
+    with db_engine.begin() as conn:
+        conn.execute(insert(devices_table), devices)
+        conn.execute(insert(checkins_table), checkins)
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    store.create(_rollout(version=Version.parse("2.0.0"), group="all", window=None,
+                          phases=(100,)), now=NOW)  # fmt: skip
+    status = rollouts.status(store.get("r1"))
+    assert status.evaluation.rollout.state == "halted"
+    assert "s00000 (failed: bad??x)" in status.evaluation.rollout.reason
+    assert store.get("r1").state == "halted"  # the reason with it was written
+
+
+def test_a_check_in_decision_does_not_read_past_rollouts(db_engine: Engine) -> None:
+    """Rollouts of what a device runs or older change nothing for it: the director's
+    decision reads no member list for them, so its statements do not grow with them."""
+    _load_fleet(db_engine, 20, runs=20, failed=0)  # everybody runs 2.0.0
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    policy = ChannelPolicy(
+        rollouts=Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    )
+
+    def statements() -> int:
+        queries = _count_queries(db_engine)
+        decision = policy.decision(serial="s00000", hardware_id="hw",
+                                   running=Version.parse("2.0.0"), assignment=None,
+                                   releases=[])  # fmt: skip
+        assert decision.release is None
+        count = len(queries)
+        event.remove(db_engine, "before_cursor_execute", _count_queries.last)  # type: ignore[attr-defined]
+        return count
+
+    def past(k: int) -> None:
+        old = _rollout(name=f"old{k}", version=Version.parse(f"1.{k}.0"), group="all",
+                       window=None, state="completed", phase=3)  # fmt: skip
+        store.create(old, now=NOW)
+
+    past(0)
+    store.create(_rollout(name="same", version=Version.parse("2.0.0"), group="all",
+                          window=None), now=NOW)  # fmt: skip
+    one = statements()
+    for k in range(1, 8):
+        past(k)
+    assert statements() == one

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,13 +21,20 @@ import pytest
 from conftest import HW, World, start_world
 from db_support import ENGINES, fresh_database
 from otaguard.agent import Device
-from otaguard.model.errors import AccessDeniedError, OperatorError
+from otaguard.model.errors import (
+    AccessDeniedError,
+    DowngradeError,
+    InsecureModeWarning,
+    OperatorError,
+)
 from otaguard.model.version import Version
 from otaguard.server.channels import Rollout, admitted
+from otaguard.server.client import FleetClient
 from otaguard.server.rollout_client import RolloutClient, RolloutInfo
 from otaguard.server.storage import upgrade_database
 from otaguard.server.storage.fleet_base import UnknownNameError
 from otaguard.sim import make_image
+from otaguard.sim.director_attacks import CompromisedDirector
 from sbom_support import sbom_beside
 
 
@@ -404,3 +412,91 @@ def test_the_periodic_task_advances_a_phase_nobody_reports_on(rworld: World) -> 
                 break
             time.sleep(0.1)
     assert (listed.state, listed.phase) == ("active", 2)
+
+
+def test_a_security_fix_on_an_older_line_reaches_the_devices_that_stayed_on_it(
+    rworld: World,
+) -> None:
+    """1.1.0 (feature) is rolled out to a group; d00 opted out of features and d01 is not
+    in the group: both stay on 1.0.0. The security fix 1.0.1 on the older line is then
+    published (``release add`` accepts it below 1.1.0) and reaches exactly them; the
+    devices on 1.1.0 are never offered it, and a director instruction for it forged with
+    the director's real key is refused by their own floor and reported. 1.0.1 starts a
+    new fix epoch, so 1.1.0 (without the fix) is not offered to its devices either, even
+    once they join the completed rollout's group; 1.1.1, the fix on the newer line,
+    reaches everybody."""
+    devs = _fleet(rworld, 4)
+    rworld.release("1.1.0")
+    with _client(rworld) as c:
+        c.set_device_channels("d00", no_features=True)
+        c.create_group("fleet", where=None)
+        c.change_members("fleet", add=["d00", "d02", "d03"])
+        c.create_rollout(release="1.1.0", group="fleet", phases=[100], success_threshold=50,
+                         failure_threshold=50, name="r-110")  # fmt: skip
+    assert _round(devs) == {"d00": "1.0.0", "d01": "1.0.0", "d02": "1.1.0", "d03": "1.1.0"}
+    fix = rworld.release("1.0.1", security=True)
+    assert (fix.info.release_type, fix.info.security_counter) == ("security", 1)
+    assert _round(devs) == {"d00": "1.0.1", "d01": "1.0.1", "d02": "1.1.0", "d03": "1.1.0"}
+    # the server does not offer 1.0.1 to a device on 1.1.0 (it says none) ...
+    assert devs[2].update().outcome == "up-to-date"
+    # ... and a forged instruction for it is refused by the device's floor, and reported
+    attacker = CompromisedDirector(rworld.server.app.state.director, rworld.server.data_dir)
+    attacker.instruct(name=fix.path, length=fix.length, sha256=fix.sha256, version="1.0.1",
+                      security_counter=1)  # fmt: skip
+    with pytest.raises(DowngradeError, match=r"version 1\.0\.1 < running 1\.1\.0"):
+        devs[3].update()
+    attacker.restore()
+    devs[3].checkin()
+    with FleetClient(server_url=rworld.server.base_url, ca_cert=rworld.server.ca_cert,
+                     token=rworld.server.operator_token) as f:  # fmt: skip
+        alerts = [(kind, detail) for _, kind, detail in f.checkins("d03").alerts]
+    assert ("attack", "device refused: downgrade") in alerts, alerts
+    # 1.1.0 (counter 0) lacks the fix of 1.0.1 (counter 1): not offered to d01 even in the
+    # completed rollout's group; 1.1.1 (the newer line's fix, counter 2) reaches everybody
+    with _client(rworld) as c:
+        c.change_members("fleet", add=["d01"])
+        assert c.rollout("r-110").state == "completed"
+    assert _round(devs)["d01"] == "1.0.1"
+    rworld.release("1.1.1", security=True)
+    assert set(_round(devs).values()) == {"1.1.1"}
+
+
+def test_a_device_without_a_director_root_warns_at_every_update_that_it_ignores_the_director(
+    rworld: World,
+) -> None:
+    """The named unsafe mode (ADR 0011): without a director root a device picks the newest
+    release itself, so a feature release reaches it without a rollout; every update warns
+    that the server's director is ignored. A device with the root is told none."""
+    alone = rworld.device("alone", director_root=None)
+    steered = rworld.device("steered")
+    rworld.release("1.1.0")
+    with pytest.warns(InsecureModeWarning, match="ignoring the server's director"):
+        assert alone.update().to_version == "1.1.0"
+    with pytest.warns(InsecureModeWarning, match="ignoring the server's director"):
+        assert alone.update().outcome == "up-to-date"
+    assert steered.update().outcome == "up-to-date"
+    assert _running(steered) == "1.0.0"
+
+
+def test_cli_sim_drives_a_rollout_until_it_halts(rworld: World) -> None:
+    """``otaguard sim --until-rollout``: simulated devices poll in rounds, half of them
+    fail 1.1.0's health check, the rollout halts by itself; each round's status is printed,
+    then the reason; exit 0 (the rollout settled, no device error)."""
+    rworld.release("1.1.0")
+    with _client(rworld) as c:
+        c.create_rollout(release="1.1.0", group="all", phases=[50, 100], success_threshold=95,
+                         failure_threshold=5, name="cli-sim")  # fmt: skip
+    assert rworld.director_root is not None
+    done = _cli(
+        rworld, "sim", "--root", str(rworld.repo.metadata_dir / "root.json"),
+        "--director-root", str(rworld.director_root), "--hardware-id", HW,
+        "--initial-version", "1.0.0", "--devices", "8", "--fail-rate", "0.5",
+        "--fail-release", "1.1.0", "--until-rollout", "cli-sim",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"round 1: (active|halted), phase \d/2", done.stdout), done.stdout
+    assert re.search(r"rollout cli-sim halted: halted in phase \d: \d+ of \d+ admitted failed",
+                     done.stdout.replace("\n", " ")), done.stdout  # fmt: skip
+    assert "Traceback" not in done.stderr
+    with _client(rworld) as c:
+        assert c.rollout("cli-sim").state == "halted"

@@ -32,8 +32,8 @@ HW = "gw"
 MEMBERS = tuple(f"d{i:02d}" for i in range(20))
 
 
-def rel(version: str, kind: str = "feature", hw: str = HW) -> DirectorRelease:
-    info = ReleaseInfo(Version.parse(version), 1, (hw,), kind)
+def rel(version: str, kind: str = "feature", hw: str = HW, counter: int = 1) -> DirectorRelease:
+    info = ReleaseInfo(Version.parse(version), counter, (hw,), kind)
     return DirectorRelease(f"fw-{version}.img", 100, {"sha256": "ab" * 32}, info)
 
 
@@ -103,6 +103,29 @@ def test_security_fix_on_the_older_line_reaches_devices_that_stayed_on_it() -> N
     releases = [rel("2.4.0", "security"), rel("2.4.1", "security"), rel("2.3.1", "security")]
     assert version_of(choose(dev("2.3.0"), releases)) == "2.3.1"
     assert version_of(choose(dev("2.4.0"), releases)) == "2.4.1"
+
+
+def test_no_release_below_the_security_counter_of_what_runs_is_offered() -> None:
+    """2.3.1 starts fix epoch 3; 2.4.0 (epoch 2) lacks that fix: a device on 2.3.1 is not
+    sent 2.4.0 (its floor would refuse it as a downgrade) by a rollout, the security
+    channel or an assignment, but is sent 2.4.1 (epoch 3); 2.4 devices never get 2.3.1."""
+    releases = [
+        rel("2.3.0", counter=1),
+        rel("2.4.0", "security", counter=2),
+        rel("2.3.1", "security", counter=3),
+    ]
+    done = ro("2.4.0", state="completed", phase=3)
+    d = choose(dev("2.3.1"), releases, (view(done),))
+    assert d.release is None
+    assert "2.4.0 carries security counter 2, below the 3 of what runs" in d.reason
+    assert version_of(choose(dev("2.3.0"), releases, (view(done),))) == "2.4.0"
+    assert choose(dev("2.4.0"), releases).release is None  # never back to the older line
+    assigned = dev("2.3.1", assignment=Assignment("d00", "release", "2.4.0", NOW))
+    d = choose(assigned, releases)
+    assert d.release is None and "below the security counter" in d.reason
+    fixed = [*releases, rel("2.4.1", "security", counter=3)]
+    assert version_of(choose(dev("2.3.1"), fixed)) == "2.4.1"
+    assert version_of(choose(dev("2.4.0"), fixed)) == "2.4.1"
 
 
 def test_security_fix_only_on_a_newer_line_is_not_withheld() -> None:

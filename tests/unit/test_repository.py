@@ -187,7 +187,7 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
         security_counter=None,
     )
     assert rel.info.release_type == "feature" and rel.info.security_counter == 0
-    with pytest.raises(OperatorError, match="not greater"):
+    with pytest.raises(OperatorError, match=r"1\.0\.0 is already published for hardware id hw"):
         repo.add_release(
             image(tmp_path),
             sbom=sbom_beside(image(tmp_path)),
@@ -235,6 +235,54 @@ def test_release_rules(repo: ImageRepository, tmp_path: Path) -> None:
     assert other.info.security_counter == 1
     report, checks = repo.verify()
     assert report.ok and all(c.ok for c in checks) and len(checks) == 6  # 3 images, 3 SBOMs
+
+
+def test_a_security_fix_on_an_older_line(repo: ImageRepository, tmp_path: Path) -> None:
+    """2.3.1 while 2.4.x exists: only a final security release above its line's newest;
+    never a feature release, a pre-release, a new line or a duplicate. Its counter may be
+    below the newer line's (a backport names the fix's counter), never below an older
+    release's; by default it starts a new epoch like any security release."""
+    img = image(tmp_path)
+
+    def add(version: str, *, security: bool, counter: int | None = None) -> int:
+        rel = repo.add_release(img, version=version, hardware_ids=["hw"], security=security,
+                               security_counter=counter, sbom=sbom_beside(img))  # fmt: skip
+        return rel.info.security_counter
+
+    def check(version: str, *, security: bool = True, counter: int | None = None) -> int:
+        _, info, _, _ = repo.check_new_release(
+            img,
+            version=version,
+            hardware_ids=["hw"],
+            security=security,
+            security_counter=counter,
+            sbom=sbom_beside(img),
+        )
+        return info.security_counter
+
+    assert (add("2.3.0", security=False), add("2.4.0", security=False)) == (0, 0)
+    assert add("2.4.1", security=True) == 1  # the fix on the newest line: epoch 1
+    refusals = {
+        ("2.3.1", False): r"not greater than published 2\.4\.1 for hardware id hw \(only a "
+        r"final security release above 2\.3\.0 may fix its line\)",
+        ("2.3.1-rc.1", True): r"not greater than published 2\.4\.1",
+        ("2.2.1", True): r"not greater than published 2\.4\.1 for hardware id hw$",
+        ("2.3.0", True): r"2\.3\.0 is already published",
+        ("2.4.1", True): r"2\.4\.1 is already published",
+        ("2.4.0-rc.1", True): r"not greater than published 2\.4\.1",
+    }
+    for (version, security), message in refusals.items():
+        with pytest.raises(OperatorError, match=message):
+            check(version, security=security)
+    assert check("2.3.1") == 2  # by default a new epoch, above everything
+    assert add("2.3.1", security=True, counter=1) == 1  # the backport of 2.4.1's fix
+    with pytest.raises(OperatorError, match=r"counter 0 is below a published older release \(1\)"):
+        check("2.3.2", counter=0)
+    assert add("2.3.5", security=True) == 2  # epoch 2 ...
+    with pytest.raises(OperatorError, match=r"counter 1 is below the highest published \(2\)"):
+        check("2.5.0", counter=1)  # ... and the newest line stays at or above it
+    report, _ = repo.verify()
+    assert report.ok
 
 
 def _tree(*dirs: Path) -> dict[str, bytes]:

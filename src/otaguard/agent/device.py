@@ -574,8 +574,16 @@ class Device:
             floor = self.monotonic.read()
             rejected = frozenset(InstallState.load(self.paths.install_state).rejected)
             if not self.has_director:
+                # a named unsafe mode, not refused: a device provisioned before its server
+                # ran a director cannot receive a director root it could trust (ADR 0011)
+                ignored = self._last_checkin is not None and self._last_checkin.director is not None
                 warn_insecure(
                     f"device {self.paths.root} has no director root: it chooses its own update"
+                    + (
+                        ", ignoring the server's director (its rollouts, holds and channels)"
+                        if ignored
+                        else ""
+                    )
                 )
                 offers, bad = session.offers(self.config.hardware_id)
                 sel = select_update(

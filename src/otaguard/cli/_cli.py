@@ -812,7 +812,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     add = rel.add_parser("add", help="add a firmware image and re-sign")
     add.add_argument("repo_dir", type=Path)
     add.add_argument("image", type=Path)
-    add.add_argument("--version", required=True, help="semantic version X.Y.Z")
+    add.add_argument(
+        "--version",
+        required=True,
+        help="semantic version X.Y.Z, above every published one for the hardware ids; "
+        "below only for a --security fix on an older line (2.3.1 while 2.4.0 exists)",
+    )
     add.add_argument("--hardware-id", action="append", required=True, metavar="HW")
     add.add_argument("--security", action="store_true", help="security release (else feature)")
     add.add_argument(

@@ -11,7 +11,9 @@ import asyncio
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.live import Live
 from rich.table import Table
@@ -19,6 +21,9 @@ from rich.table import Table
 from otaguard.cli._cli import CA_ENV, SERVER_ENV, TOKEN_ENV, _operator_token, _RefuseSecret, out
 from otaguard.model.errors import OperatorError
 from otaguard.sim.fleetsim import FleetStats
+
+if TYPE_CHECKING:
+    from otaguard.sim.fleetsim import SimSettings
 
 __all__ = ["add_sim_parser", "summary_table"]
 
@@ -93,6 +98,8 @@ def _sim(a: argparse.Namespace) -> int:
             initial_version=a.initial_version,
             concurrency=a.concurrency,
         )
+        if a.until_rollout is not None:
+            return _drive(a, settings, token)
         with Live(out.render_str("enrolling…"), console=out, transient=True) as live:
             sim = FleetSim(settings, progress=lambda s: live.update(_line(s)))
 
@@ -107,6 +114,35 @@ def _sim(a: argparse.Namespace) -> int:
             shutil.rmtree(cache, ignore_errors=True)
     out.print(summary_table(stats))
     return 0 if not stats.errors else 1
+
+
+def _drive(a: argparse.Namespace, settings: SimSettings, token: str) -> int:
+    """``--until-rollout NAME``: poll in rounds until the rollout completes or halts."""
+    from otaguard.server.rollout_client import RolloutClient
+    from otaguard.sim.fleetsim import FleetSim
+    from otaguard.sim.rollout_driver import RoundReport, drive_rollout
+
+    sim = FleetSim(settings)
+    asyncio.run(sim.enroll(operator_token=token))
+
+    def show(r: RoundReport) -> None:
+        s = r.status
+        versions = ", ".join(f"{n} on {v}" for v, n in sorted(Counter(r.running.values()).items()))
+        out.print(
+            f"round {r.round}: {s.state}, phase {s.phase}/{len(s.phases)} ({s.percent}%: "
+            f"{s.admitted} admitted, {s.succeeded} succeeded, {len(s.failed or ())} failed); "
+            f"{versions}",
+            markup=False,
+        )
+
+    with RolloutClient(server_url=a.server, ca_cert=a.ca, token=token) as client:
+        reports = drive_rollout(sim, client, a.until_rollout, on_round=show)
+    status = reports[-1].status
+    if status.reason:
+        out.print(f"rollout {status.name} {status.state}: {status.reason}", markup=False)
+    out.print(summary_table(sim.stats))
+    settled = status.state in ("completed", "halted", "cancelled")
+    return 0 if settled and not sim.stats.errors else 1
 
 
 def _fraction(text: str) -> float:
@@ -165,13 +201,19 @@ def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     run = p.add_mutually_exclusive_group()
     run.add_argument("--cycles", type=int, metavar="K", help="check-ins per device")
     run.add_argument("--duration", type=float, metavar="S", help="run for S seconds")
+    run.add_argument(
+        "--until-rollout",
+        metavar="NAME",
+        help="poll in rounds (an install reported at once) until rollout NAME completes "
+        "or halts, printing its status after each round",
+    )
     p.add_argument("--token-file", type=Path, help=f"operator token file (or ${TOKEN_ENV})")
     p.add_argument("--token", nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
     p.set_defaults(func=_sim_defaults)
 
 
 def _sim_defaults(a: argparse.Namespace) -> int:
-    if a.cycles is None and a.duration is None:
+    if a.cycles is None and a.duration is None and a.until_rollout is None:
         a.cycles = 1
     if (a.cycles is not None and a.cycles < 1) or (a.duration is not None and a.duration <= 0):
         raise OperatorError("--cycles and --duration must be positive")

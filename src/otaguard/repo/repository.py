@@ -941,20 +941,20 @@ class ImageRepository:
         hardware_ids = list(dict.fromkeys(hardware_ids))
         existing = self.releases()
         highest_counter = max((r.info.security_counter for r in existing), default=0)
-        for r in existing:
-            for hw in set(r.info.hardware_ids) & set(hardware_ids):
-                if new_version <= r.info.version:
-                    raise OperatorError(
-                        f"version {new_version} is not greater than published {r.info.version} "
-                        f"for hardware id {hw}"
-                    )
+        older_line = _check_version_rule(new_version, security, existing, hardware_ids)
+        # an older line's fix needs no counter above the newer lines' (they may carry fixes
+        # it lacks), only one its own line's devices accept: not below anything older
+        floor = (
+            max((r.info.security_counter for r in existing if r.info.version < new_version),
+                default=0)
+            if older_line
+            else highest_counter
+        )  # fmt: skip
         if security_counter is None:
             security_counter = highest_counter + (1 if security else 0)
-        elif security_counter < highest_counter:
-            raise OperatorError(
-                f"security counter {security_counter} is below the highest published "
-                f"({highest_counter})"
-            )
+        elif security_counter < floor:
+            what = "a published older release" if older_line else "the highest published"
+            raise OperatorError(f"security counter {security_counter} is below {what} ({floor})")
         image = Path(image)
         suffix = image.suffix or ".img"
         name = f"{image.stem}-{new_version}{suffix}"
@@ -1150,3 +1150,40 @@ class ImageRepository:
     def copy_root(self, dest: Path) -> None:
         """Copy the newest root metadata to ``dest`` (device provisioning)."""
         shutil.copyfile(self.metadata_dir / "root.json", dest)
+
+
+def _check_version_rule(
+    new: Version, security: bool, existing: Sequence[Release], hardware_ids: Sequence[str]
+) -> bool:
+    """Whether ``new`` may be published next to ``existing``; ``True`` for an older-line fix.
+
+    A release is above every published one for its hardware ids, except a **security fix
+    on an older line** (2.3.1 while 2.4.0 exists): a final ``security`` release whose
+    line (same ``major.minor``) already has a release for each of those hardware ids, and
+    which is above every release of its line. Never a duplicate version, never an older
+    feature release or pre-release (ADR 0011, "A security fix on an older line").
+
+    Raises:
+        OperatorError: the version breaks the rule.
+    """
+    line = (new.major, new.minor)
+    older_line = False
+    for hw in hardware_ids:
+        mine = [r.info.version for r in existing if hw in r.info.hardware_ids]
+        if new in mine:
+            raise OperatorError(f"version {new} is already published for hardware id {hw}")
+        newest = max(mine, default=None)
+        if newest is None or new > newest:
+            continue
+        own = [v for v in mine if (v.major, v.minor) == line]
+        if not security or new.prerelease or not own or new < max(own):
+            raise OperatorError(
+                f"version {new} is not greater than published {newest} for hardware id {hw}"
+                + (
+                    f" (only a final security release above {max(own)} may fix its line)"
+                    if own and new > max(own)
+                    else ""
+                )
+            )
+        older_line = True
+    return older_line

@@ -22,7 +22,9 @@ below are unit-tested exhaustively (``tests/unit/test_channels.py``):
    device has not opted out of features (itself or through a group), and the rollout's
    window and every window of the device's groups are open.
 6. Of the candidates of 4 and 5, the newest version wins; never one not newer than what
-   runs.
+   runs, nor one whose security counter is below the running release's (the device's
+   anti-rollback floor would refuse it: 2.4.0 for a device on the fix 2.3.1 when only
+   2.4.1 carries that fix).
 
 :func:`evaluate` is the rollout's own step (advance a phase, halt on failures), pure too.
 """
@@ -45,6 +47,7 @@ from otaguard.server.storage.assignments import Assignment
 
 __all__ = [
     "FAILED_OUTCOMES",
+    "MAX_ERROR_CHARS",
     "MAX_PHASES",
     "MAX_SECURITY_DELAY",
     "ROLLOUT_STATES",
@@ -71,6 +74,9 @@ MAX_PHASES: Final = 10
 ROLLOUT_STATES: Final = ("active", "paused", "halted", "cancelled", "completed")
 #: a device's last install result with one of these outcomes counts as a failure
 FAILED_OUTCOMES: Final = frozenset({"failed", "rolled-back", "refused"})
+#: characters of one device's reported error kept in a rollout's status and halt reason:
+#: a halt reason names up to ten devices and must fit the store's 4,000 characters
+MAX_ERROR_CHARS: Final = 200
 
 _DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW: Final = re.compile(
@@ -306,6 +312,12 @@ def _from_rollouts(
     return found, notes
 
 
+def _running_counter(running: Version, mine: Sequence[DirectorRelease]) -> int:
+    """The security counter of the release that runs (0 when it is no longer served: the
+    device's own floor still guards)."""
+    return next((r.info.security_counter for r in mine if r.info.version == running), 0)
+
+
 def _assigned(a: Assignment, running: Version | None, mine: Sequence[DirectorRelease]) -> Decision:
     if a.mode == "hold":
         return Decision(None, "held by an operator assignment")
@@ -314,6 +326,8 @@ def _assigned(a: Assignment, running: Version | None, mine: Sequence[DirectorRel
         return Decision(None, f"assigned {a.version}, which is not served for this hardware")
     if running is not None and chosen.info.version <= running:
         return Decision(None, f"assigned {a.version}, not newer than what runs")
+    if running is not None and chosen.info.security_counter < _running_counter(running, mine):
+        return Decision(None, f"assigned {a.version}, below the security counter of what runs")
     return Decision(chosen, f"assigned {a.version} by an operator")
 
 
@@ -345,20 +359,42 @@ def decide(
         final = [r for r in mine if not r.info.version.prerelease]
         best = max(final, key=lambda r: r.info.version, default=None)
         return Decision(best, "recovery: the newest release" if best else "recovery: no release")
+    # the device's floor refuses a release whose security counter is below what runs
+    # (a newer line's release without the fix an older line's release carries): never
+    # offer one — the device would refuse it and report a downgrade attempt
+    floor = _running_counter(running, mine)
+    usable = [r for r in mine if r.info.security_counter >= floor]
     candidates: list[tuple[DirectorRelease, str]] = []
-    security, held = _security(device, running, mine, groups=groups, first_seen=first_seen, now=now)
+    security, held = _security(
+        device, running, usable, groups=groups, first_seen=first_seen, now=now
+    )
     if security is not None:
         candidates.append((security, f"security release {security.info.version}"))
-    found, notes = _from_rollouts(device, running, mine, rollouts=rollouts, groups=groups, now=now)
+    found, notes = _from_rollouts(
+        device, running, usable, rollouts=rollouts, groups=groups, now=now
+    )
     candidates.extend(found)
     if held is not None:
         notes.insert(0, held)
+    notes.extend(
+        f"{r.info.version} carries security counter {r.info.security_counter}, below the "
+        f"{floor} of what runs"
+        for r in mine
+        if r.info.security_counter < floor and r.info.version > running
+    )
     if not candidates:
         return Decision(None, "; ".join(notes) or "up to date for its channels")
     return Decision(*max(candidates, key=lambda c: c[0].info.version))
 
 
 # -- the rollout's own step ---------------------------------------------------------------
+def _printable(text: str) -> str:
+    """A device's words, safe to store and show: its signed manifest may carry any string
+    (a NUL, which PostgreSQL text refuses; a lone surrogate, which UTF-8 cannot encode),
+    and a halt must not fail on writing its reason."""
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_ERROR_CHARS])
+
+
 def install_outcome(
     version: Version, *, running: str | None, last_result: Mapping[str, str]
 ) -> tuple[str, str]:
@@ -373,7 +409,7 @@ def install_outcome(
     if last_result.get("version") == str(version) and last_result.get("outcome") in (
         FAILED_OUTCOMES
     ):
-        error = last_result.get("error") or last_result.get("detail") or ""
+        error = _printable(last_result.get("error") or last_result.get("detail") or "")
         return "failure", f"{last_result['outcome']}: {error}".rstrip(": ")
     return "pending", ""
 

@@ -4,8 +4,9 @@
 check-in it gathers the device's groups, opt-out and assignment, the rollouts with their
 members and the groups' settings, and asks the pure :func:`~.channels.decide`.
 :class:`Rollouts` creates, pauses, resumes and cancels rollouts, and evaluates them
-(:func:`~.channels.evaluate`) from what the devices' last signed manifests say: at the
-check-in of a device that reports an outcome for a rollout's release, and in
+(:func:`~.channels.evaluate`) from what the devices' last signed manifests say (a few
+set-based queries, whatever the group's size): at the check-in of a device that reports
+a failed install of a rollout's release, and in
 :class:`RolloutEvaluator`, a periodic task (a device that never checks in again must not
 keep a rollout from halting or advancing, and a phase also advances while nobody
 reports). The periodic task also flags releases whose hardware id no registered device
@@ -139,18 +140,18 @@ class Rollouts:
         return new
 
     # -- evaluation ------------------------------------------------------------------------
-    def _outcomes(self, rollout: Rollout, members: Sequence[str]) -> dict[str, tuple[str, str]]:
+    def _outcomes(self, rollout: Rollout) -> dict[str, tuple[str, str]]:
+        """Every device's standing in ``rollout`` from its last check-in, set-based: one
+        query (:meth:`RolloutStore.last_reports`); only the manifests of devices that do
+        not run the release but name it are parsed (the failures are among them)."""
         out: dict[str, tuple[str, str]] = {}
-        for serial in members:
-            history = self.inventory.checkins.history(serial, limit=1)
-            if not history:
-                continue
-            last = history[0]
-            out[serial] = install_outcome(
-                rollout.version,
-                running=last.running_version,
-                last_result=_last_result(last.manifest),
+        for rep in self.store.last_reports(rollout.version):
+            result = _last_result(rep.manifest) if rep.manifest is not None else {}
+            standing = install_outcome(
+                rollout.version, running=rep.running_version, last_result=result
             )
+            if standing[0] != "pending":
+                out[rep.serial] = standing
         return out
 
     def status(self, rollout: Rollout) -> RolloutStatus:
@@ -160,7 +161,7 @@ class Rollouts:
             ServerStorageError: a store failed.
         """
         members = self.inventory.members(rollout.group)
-        result = evaluate(rollout, members, self._outcomes(rollout, members))
+        result = evaluate(rollout, members, self._outcomes(rollout))
         if result.changed:
             with self._lock:
                 if self.store.change(result.rollout, expect_state=rollout.state, now=self.clock()):
@@ -209,8 +210,11 @@ class ChannelPolicy:
     ) -> Decision:
         """What the director tells ``serial`` now, and why (also for ``fleet show``).
 
-        Evaluates first the active rollouts whose release the device just reported an
-        outcome for, so a failure halts the rollout before anyone else is admitted.
+        Evaluates first the active rollouts whose release the device just reported a
+        failed install of, so a failure halts the rollout before anyone else is admitted.
+        A success is left to the periodic evaluation (and ``rollout status``): an updated
+        device reports it at every check-in, and evaluating the whole rollout each time
+        would cost a set-based evaluation per check-in of every updated device.
         """
         ro = self.rollouts
         entry = ro.inventory.entry(serial)
@@ -219,13 +223,16 @@ class ChannelPolicy:
         result = _last_result(last.manifest) if last is not None else {}
         views: list[RolloutView] = []
         for r in ro.store.list():
-            if r.group not in groups:
+            # a rollout of what the device runs or older can change nothing for it (decide
+            # skips it too): no member list for it, so the cost of a check-in does not grow
+            # with the rollouts of the past
+            if r.group not in groups or (running is not None and r.version <= running):
                 continue
             if r.state == "active" and last is not None:
                 standing = install_outcome(
                     r.version, running=last.running_version, last_result=result
                 )
-                if standing[0] != "pending":
+                if standing[0] == "failure":
                     r = ro.status(r).evaluation.rollout  # noqa: PLW2901 - the fresher one
             views.append(RolloutView(r, tuple(ro.inventory.members(r.group))))
         now = ro.clock()

@@ -7,6 +7,10 @@ Tables::
     channel_settings(scope, name; PK both, no_features, security_delay_seconds, window)
     release_first_seen(target PK, first_seen)
 
+A rollout's evaluation reads the check-in history (``checkins``, the check-in store's
+table) set-based: :meth:`RolloutStore.last_reports` is one query for every device whose
+last check-in bears on a release, however large the group (ADR 0011, "Cost").
+
 ``channel_settings`` holds a group's settings (scope ``group``) and a device's feature
 opt-out (scope ``device``). ``release_first_seen`` is when the server first saw a
 release in the newest targets metadata: a group's security delay counts from there.
@@ -20,6 +24,7 @@ import builtins
 import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -27,10 +32,16 @@ from sqlalchemy import (
     Column,
     DateTime,
     Integer,
+    LargeBinary,
     String,
     Table,
     Text,
+    case,
+    func,
     insert,
+    literal,
+    null,
+    or_,
     select,
     update,
 )
@@ -40,11 +51,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.model.version import Version
 from otaguard.server.channels import GroupPolicy, Rollout, Window
+from otaguard.server.storage.checkins import checkins_table
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
 from otaguard.server.storage.schema import SCHEMA
 
 __all__ = [
     "MAX_REASON_CHARS",
+    "LastReport",
     "RolloutStore",
     "SQLRolloutStore",
     "channel_settings_table",
@@ -89,6 +102,23 @@ release_first_seen_table = Table(
 )
 
 
+@dataclass(frozen=True)
+class LastReport:
+    """A device's last check-in, as far as a rollout of one release cares.
+
+    Attributes:
+        serial: the device.
+        running_version: what it reported running.
+        manifest: the stored signed manifest when the device does not run the release
+            (its last install result may be a failure of it); ``None`` when it runs it
+            (a success: nothing to parse).
+    """
+
+    serial: str
+    running_version: str
+    manifest: bytes | None
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
@@ -131,6 +161,13 @@ class RolloutStore(ABC):
     @abstractmethod
     def first_seen(self, targets: Iterable[str], *, now: dt.datetime) -> dict[str, dt.datetime]:
         """When each target was first seen, recording ``now`` for new ones."""
+
+    @abstractmethod
+    def last_reports(self, version: Version) -> builtins.list[LastReport]:
+        """The last check-in of every device that bears on ``version``: it runs it, or its
+        manifest names it (a superset of the failed installs of it). Devices whose last
+        check-in does neither are pending for a rollout of ``version`` and not returned.
+        """
 
 
 def _rollout(row: Row[Any]) -> Rollout:
@@ -304,3 +341,43 @@ class SQLRolloutStore(RolloutStore):
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
         return {k: v for k, v in seen.items() if k in wanted}
+
+    def last_reports(self, version: Version) -> builtins.list[LastReport]:
+        """See :meth:`RolloutStore.last_reports`.
+
+        One query, whatever the number of devices: the newest row per serial (the
+        highest id, the order check-ins were recorded in), kept when it runs ``version``
+        or when its manifest bytes contain ``"<version>"`` — every last install result
+        about ``version`` does, so no failure is missed; the caller parses those few
+        manifests. A success costs no manifest transfer and no parse.
+        """
+        c = checkins_table
+        text = str(version)
+        if any(ch in text for ch in "%_\\"):  # semver has none; a LIKE pattern must not either
+            raise ValueError(f"version {text!r} cannot be matched")
+        quoted = f'"{text}"'.encode()
+        latest = select(func.max(c.c.id)).group_by(c.c.serial)
+        runs = c.c.running_version == text
+        # a byte search in the raw manifest: no JSON parsing in SQL, which one hostile
+        # manifest (a NUL escape, a NaN) could make fail for every evaluation.
+        # SQLite's LIKE does not match BLOBs (instr does); PostgreSQL's bytea has LIKE.
+        if self._engine.dialect.name == "sqlite":
+            mentions = func.instr(c.c.manifest, literal(quoted, LargeBinary)) > 0
+        else:
+            mentions = c.c.manifest.op("LIKE", is_comparison=True)(b"%" + quoted + b"%")
+        query = select(
+            c.c.serial,
+            c.c.running_version,
+            case((runs, null()), else_=c.c.manifest).label("manifest"),
+        ).where(c.c.id.in_(latest), or_(runs, mentions))
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(query).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return [
+            LastReport(
+                r.serial, r.running_version, bytes(r.manifest) if r.manifest is not None else None
+            )
+            for r in rows
+        ]
