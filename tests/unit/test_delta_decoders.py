@@ -50,7 +50,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return base, image, delta
 
 
-def _apply(base: bytes, delta: bytes, *, image_length: int, base_length: int | None = None) -> bytes:
+def _apply(
+    base: bytes, delta: bytes, *, image_length: int, base_length: int | None = None
+) -> bytes:
     out = io.BytesIO()
     apply_delta(
         _pieces(delta),
@@ -102,7 +104,7 @@ def test_corrupted_delta_is_refused(pair: tuple[Path, Path, Path]) -> None:
 
 
 def test_delta_for_another_length_is_refused(pair: tuple[Path, Path, Path]) -> None:
-    base, image, delta = pair
+    base, _, delta = pair
     with pytest.raises(DeltaError, match=r"builds \d+ bytes, the image has 5"):
         _apply(base.read_bytes(), delta.read_bytes(), image_length=5)
 
@@ -217,7 +219,9 @@ def test_short_and_corrupt_blobs_are_refused() -> None:
     with pytest.raises(CompressedImageError, match="expands to 1000 bytes, the image has 2000"):
         decompress_image([blob], image_length=2000, write=lambda b: None)
     with pytest.raises(CompressedImageError, match="corrupt"):
-        decompress_image([b"\x28\xb5\x2f\xfd" + b"\xff" * 64], image_length=10, write=lambda b: None)
+        decompress_image(
+            [b"\x28\xb5\x2f\xfd" + b"\xff" * 64], image_length=10, write=lambda b: None
+        )
 
 
 def test_window_above_the_cap_is_refused() -> None:

@@ -90,6 +90,3 @@ def check_zstd(image: Path, blob: Path) -> None:
         from otaguard.delta.zstd import CompressedImageError
 
         raise CompressedImageError(f"{blob.name} does not decode to {image.name}")
-
-
-

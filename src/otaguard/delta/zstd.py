@@ -76,11 +76,12 @@ def decompress_image(
     """
     sink = _Capped(write, image_length)
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
-    decoder = dctx.stream_writer(sink, write_size=WRITE_SIZE, closefd=False)
+    # the sink is file-like enough for the writer (it only calls write)
+    decoder = dctx.stream_writer(sink, write_size=WRITE_SIZE, closefd=False)  # type: ignore[arg-type]
     try:
         for chunk in chunks:
             decoder.write(chunk)
-        decoder.flush()
+        decoder.flush()  # type: ignore[no-untyped-call]
     except zstandard.ZstdError as e:
         raise CompressedImageError(f"compressed image is corrupt: {e}") from e
     if sink.count != image_length:

@@ -69,7 +69,7 @@ def _sha256(raw: Any, what: str) -> str:
 def _length(raw: Any, what: str) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= _MAX_LENGTH:
         raise ValueError(f"{what} must be an integer between 1 and {_MAX_LENGTH}")
-    return raw
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,18 @@ class EncodedRef:
 
     @classmethod
     def _parse(cls, raw: Any, formats: tuple[str, ...], extra: frozenset[str]) -> EncodedRef:
-        if not isinstance(raw, Mapping) or set(raw) != {"path", "format", "hashes", "length"} | extra:
+        if (
+            not isinstance(raw, Mapping)
+            or set(raw) != {"path", "format", "hashes", "length"} | extra
+        ):
             raise ValueError("an encoding must be an object of path, format, hashes, length")
         hashes = raw["hashes"]
         if not isinstance(hashes, Mapping):
-            raise ValueError("an encoding's hashes must be an object")
+            raise ValueError("an encoding's hashes must be an object")  # noqa: TRY004 - callers catch ValueError
         if raw["format"] not in formats:
             raise ValueError(f"unknown encoding format {str(raw['format'])[:40]!r}")
         if not isinstance(raw["path"], str):
-            raise ValueError("an encoding's path must be a string")
+            raise ValueError("an encoding's path must be a string")  # noqa: TRY004 - as above
         return cls(raw["path"], raw["format"], _sha256(hashes.get("sha256"), "sha256"),
                    _length(raw["length"], "length"))  # fmt: skip
 
@@ -142,7 +145,7 @@ class DeltaRef:
         base_keys = frozenset({"base_version", "base_sha256", "base_length"})
         blob = EncodedRef._parse(raw, DELTA_FORMATS, base_keys)
         if not isinstance(raw["base_version"], str):
-            raise ValueError("delta base_version must be a string")
+            raise ValueError("delta base_version must be a string")  # noqa: TRY004 - as above
         return cls(
             Version.parse(raw["base_version"]),
             _sha256(raw["base_sha256"], "delta base_sha256"),

@@ -81,7 +81,7 @@ from otaguard.crypto.hybrid import check_hybrid, check_hybrid_bytes, check_root_
 from otaguard.model.errors import HybridPolicyError, VerificationError
 from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
-from otaguard.model.sbom import is_sbom_target
+from otaguard.model.transfer import is_auxiliary_target
 
 __all__ = [
     "DEVICE_MAX_LENGTHS",
@@ -470,7 +470,7 @@ class _Walk:
         name, data = self.loaded[Targets.type]
         out: dict[str, ReleaseInfo] = {}
         for path, target in targets.targets.items():
-            if is_sbom_target(target.custom):
+            if is_auxiliary_target(target.custom):
                 continue
             with self._step(Targets.type, name, data):
                 try:
