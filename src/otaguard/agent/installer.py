@@ -53,6 +53,7 @@ from otaguard.agent.install import (
 )
 from otaguard.agent.monotonic import Floor, MonotonicStore
 from otaguard.agent.slots import CHUNK, SLOTS, BootEnv, SlotBackend, SlotImage
+from otaguard.agent.transfer import RunningImage, TransferResult, obtain_image
 from otaguard.agent.updater import Offer, TufSession
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import (
@@ -135,6 +136,8 @@ class Installer:
         self._after_action = after_action
         #: the result the last :meth:`drive` ended an install with, if it ended one
         self.finished: dict[str, object] | None = None
+        #: how the last download obtained its image (delta, compressed or full)
+        self.last_transfer: TransferResult | None = None
 
     # -- entry points ----------------------------------------------------------------
     def begin(self, offer: Offer, *, from_slot: str | None, to_slot: str) -> InstallState:
@@ -294,10 +297,20 @@ class Installer:
             progress, total = self._progress, target.length
             fetcher.on_chunk = lambda n: progress("download", n, total)
         try:
-            self._session.download(info, self._staged(state))
+            self.last_transfer = obtain_image(
+                self._session, info, self._staged(state), running=self._running(state)
+            )
         finally:
             fetcher.on_chunk = None
         return Downloaded()
+
+    def _running(self, state: InstallState) -> RunningImage | None:
+        """The active slot's recorded image: the base a delta may apply to."""
+        slot = state.from_slot
+        image = BootEnv.load(self.paths.bootenv).slots.get(slot) if slot else None
+        if slot is None or image is None:
+            return None
+        return RunningImage(image.sha256, image.length, lambda: self.backend.open_slot(slot))
 
     def _download_sbom(self, image: TargetFile) -> None:
         """Download and verify the SBOM ``image``'s custom binds, before the image.

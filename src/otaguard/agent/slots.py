@@ -8,13 +8,14 @@ slot holds. It is always written atomically.
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError, DeviceStorageError
@@ -117,6 +118,14 @@ class SlotBackend(abc.ABC):
     def digest(self, slot: str, length: int) -> str:
         """SHA-256 of the first ``length`` bytes of ``slot`` (empty string if unreadable)."""
 
+    def open_slot(self, slot: str) -> BinaryIO:
+        """Open ``slot`` for reading (the base a delta applies to).
+
+        Raises:
+            OSError: this backend cannot read slots back (then deltas are not used).
+        """
+        raise OSError(errno.EOPNOTSUPP, f"slot {slot} cannot be read back")
+
 
 class FileSlots(SlotBackend):
     """Slots as files ``a.img`` and ``b.img`` in a directory (simulation and tests)."""
@@ -149,6 +158,10 @@ class FileSlots(SlotBackend):
         except OSError as e:
             raise DeviceStorageError(f"cannot write slot {slot}: {e.strerror or e}") from e
         return length, h.hexdigest()
+
+    def open_slot(self, slot: str) -> BinaryIO:
+        """Open the slot file for reading."""
+        return open(self.path(slot), "rb")
 
     def digest(self, slot: str, length: int) -> str:
         """Stream-hash the slot; a short or unreadable slot yields ``""``."""
