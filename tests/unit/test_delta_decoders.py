@@ -20,6 +20,7 @@ from detools.common import pack_size
 from otaguard.delta import CompressedImageError, DeltaError, apply_delta, decompress_image
 from otaguard.delta.apply import LZMA_MEMLIMIT, MAX_IDLE_STEPS, MAX_VARINT_BYTES
 from otaguard.delta.build import build_delta, compress_zstd
+from otaguard.delta.transforms import DeltaTransform, ZstdTransform
 from otaguard.delta.zstd import MAX_WINDOW_SIZE, WRITE_SIZE
 
 SIZE = 256 * 1024
@@ -233,3 +234,15 @@ def test_window_above_the_cap_is_refused() -> None:
         w.write(b"a" * 1000)
     with pytest.raises(CompressedImageError, match="too much memory"):
         decompress_image([blob.getvalue()], image_length=1000, write=lambda b: None)
+
+
+def test_transforms_yield_the_image(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, image, delta = pair
+    blob = tmp_path / "img.zst"
+    compress_zstd(image, blob)
+    n = image.stat().st_size
+    by_delta = DeltaTransform(lambda: base.open("rb"), base.stat().st_size, n)
+    by_zstd = ZstdTransform(n)
+    assert not by_delta.resumable and not by_zstd.resumable  # offsets differ from the blob's
+    assert b"".join(by_delta(_pieces(delta.read_bytes()))) == image.read_bytes()
+    assert b"".join(by_zstd(_pieces(blob.read_bytes()))) == image.read_bytes()

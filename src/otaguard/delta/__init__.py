@@ -5,7 +5,14 @@ Pure decoders a device runs on bytes as they arrive (:func:`decompress_image`,
 the builders the release tooling runs (:mod:`otaguard.delta.build`).
 """
 
-from otaguard.delta.apply import DeltaError, apply_delta
-from otaguard.delta.zstd import CompressedImageError, decompress_image
+from otaguard.delta.apply import DeltaError, apply_delta, decode_delta
+from otaguard.delta.zstd import CompressedImageError, decode_zstd, decompress_image
 
-__all__ = ["CompressedImageError", "DeltaError", "apply_delta", "decompress_image"]
+__all__ = [
+    "CompressedImageError",
+    "DeltaError",
+    "apply_delta",
+    "decode_delta",
+    "decode_zstd",
+    "decompress_image",
+]

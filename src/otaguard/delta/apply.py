@@ -45,6 +45,7 @@ __all__ = [
     "MAX_VARINT_BYTES",
     "DeltaError",
     "apply_delta",
+    "decode_delta",
 ]
 
 #: the only header byte accepted: sequential patch, lzma compression. Other detools
@@ -164,15 +165,16 @@ def _header(chunks: Iterator[bytes]) -> tuple[int, bytes]:
     return to_size, data[pos:]
 
 
-def apply_delta(
+def decode_delta(
     chunks: Iterable[bytes],
     *,
     base: BinaryIO,
     base_length: int,
     image_length: int,
-    write: Callable[[bytes], object],
-) -> int:
-    """Rebuild an image from ``base`` and a delta streamed as ``chunks``.
+) -> Iterator[bytes]:
+    """Rebuild an image from ``base`` and a delta streamed as ``chunks``; yield it.
+
+    The generator form (a stream transform: verified chunks in, slot bytes out).
 
     Args:
         chunks: the delta's bytes as they arrive (any split).
@@ -180,15 +182,14 @@ def apply_delta(
         base_length: the base's verified length (the delta's signed ``base_length``).
         image_length: the new image's signed length: the delta must declare exactly this
             and produce exactly this many bytes.
-        write: receives the image in blocks of at most :data:`BLOCK` bytes, in order.
 
-    Returns:
-        The number of bytes written (``image_length``).
+    Yields:
+        The image in blocks of at most :data:`BLOCK` bytes, in order.
 
     Raises:
         DeltaError: malformed, truncated or trailing data, a size beyond the image or
-            base, an LZMA stream needing more than :data:`LZMA_MEMLIMIT`, a step that
-            makes no progress. Nothing written is valid then.
+            base, an LZMA stream needing more than :data:`LZMA_MEMLIMIT`, a run of steps
+            that makes no progress. Nothing yielded is valid then.
         OSError: reading the base failed (the caller's storage).
     """
     it = iter(chunks)
@@ -215,7 +216,7 @@ def apply_delta(
             old = base.read(n)
             if len(old) != n:
                 raise DeltaError(f"the base is shorter than its {base_length} bytes")
-            write(add_bytes(patch, old))
+            yield bytes(add_bytes(patch, old))
             done += n
         from_pos += diff_size
         to_pos += diff_size
@@ -228,7 +229,7 @@ def apply_delta(
         done = 0
         while done < extra_size:
             n = min(BLOCK, extra_size - done)
-            write(stream.read(n))
+            yield stream.read(n)
             done += n
         to_pos += extra_size
         adjust = stream.varint()
@@ -237,7 +238,29 @@ def apply_delta(
         from_pos += adjust
         base.seek(from_pos, os.SEEK_SET)
     stream.finish()
-    return to_pos
+
+
+def apply_delta(
+    chunks: Iterable[bytes],
+    *,
+    base: BinaryIO,
+    base_length: int,
+    image_length: int,
+    write: Callable[[bytes], object],
+) -> int:
+    """Rebuild an image into ``write`` (see :func:`decode_delta` for the arguments).
+
+    Returns:
+        The number of bytes written (``image_length``).
+
+    Raises:
+        DeltaError, OSError: as :func:`decode_delta`.
+    """
+    n = 0
+    for out in decode_delta(chunks, base=base, base_length=base_length, image_length=image_length):
+        write(out)
+        n += len(out)
+    return n
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

@@ -5,8 +5,9 @@ arrives, before its hash is known, so the decoder treats it as hostile:
 
 - the zstd window (the memory a frame may make the decoder allocate) is capped by
   :data:`MAX_WINDOW_SIZE`; a frame asking more is refused before allocating;
-- output leaves the decoder in pieces of at most :data:`WRITE_SIZE` bytes (one input
-  chunk of a few bytes can describe gigabytes: a compression bomb never sits in memory);
+- output leaves the decoder (``read_to_iter``) in pieces of at most :data:`WRITE_SIZE`
+  bytes (one input chunk of a few bytes can describe gigabytes: a compression bomb never
+  sits in memory);
 - the output may not exceed the signed image length (the caller passes the smaller of
   that and the slot size): the first byte beyond it raises :class:`CompressedImageError`;
 - fewer bytes than the image length at the end is refused too.
@@ -17,14 +18,20 @@ it matches the image target's signed hashes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 import zstandard
 
 from otaguard.model.errors import VerificationError
 
-__all__ = ["MAX_WINDOW_SIZE", "WRITE_SIZE", "CompressedImageError", "decompress_image"]
+__all__ = [
+    "MAX_WINDOW_SIZE",
+    "WRITE_SIZE",
+    "CompressedImageError",
+    "decode_zstd",
+    "decompress_image",
+]
 
 #: largest zstd window a frame may use: 8 MiB (window log 23, what the builder writes).
 #: The decoder's memory is about the window plus two blocks, so this bounds it.
@@ -37,55 +44,68 @@ class CompressedImageError(VerificationError):
     """The compressed blob is corrupt, expands beyond the image, or ends short of it."""
 
 
-class _Capped:
-    """The decoder's output sink: forwards to ``write`` and refuses past ``limit``."""
+class _ChunkReader:
+    """The compressed chunks as the ``read()`` the decoder pulls from."""
 
-    def __init__(self, write: Callable[[bytes], object], limit: int) -> None:
-        self._write = write
-        self._limit = limit
-        self.count = 0
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it: Iterator[bytes] = iter(chunks)
 
-    def write(self, data: bytes) -> int:
-        self.count += len(data)
-        if self.count > self._limit:
-            raise CompressedImageError(
-                f"compressed image expands beyond its declared {self._limit} bytes "
-                "(compression bomb)"
-            )
-        self._write(bytes(data))
-        return len(data)
+    def read(self, _size: int = -1) -> bytes:
+        return next(self._it, b"")
 
 
-def decompress_image(
-    chunks: Iterable[bytes], *, image_length: int, write: Callable[[bytes], object]
-) -> int:
-    """Decode a zstd blob arriving as ``chunks`` into ``write``.
+def decode_zstd(chunks: Iterable[bytes], *, image_length: int) -> Iterator[bytes]:
+    """Decode a zstd blob arriving as ``chunks``; yield the image in bounded pieces.
+
+    The generator form (a stream transform: verified chunks in, slot bytes out).
 
     Args:
         chunks: the compressed bytes as they arrive (any split).
         image_length: the most bytes it may expand to, and exactly what it must expand
             to: the signed image length, or the slot size when smaller.
-        write: receives decoded pieces of at most :data:`WRITE_SIZE` bytes, in order.
 
-    Returns:
-        The number of bytes written (``image_length``).
+    Yields:
+        Decoded pieces of at most :data:`WRITE_SIZE` bytes, in order; never a byte past
+        ``image_length``.
 
     Raises:
         CompressedImageError: corrupt data, a window above :data:`MAX_WINDOW_SIZE`,
             output beyond ``image_length`` or short of it.
     """
-    sink = _Capped(write, image_length)
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
-    # the sink is file-like enough for the writer (it only calls write)
-    decoder = dctx.stream_writer(sink, write_size=WRITE_SIZE, closefd=False)  # type: ignore[arg-type]
+    count = 0
     try:
-        for chunk in chunks:
-            decoder.write(chunk)
-        decoder.flush()  # type: ignore[no-untyped-call]
+        # the reader is file-like enough for the decoder (it only calls read)
+        reader = _ChunkReader(chunks)
+        for out in dctx.read_to_iter(reader, write_size=WRITE_SIZE):  # type: ignore[arg-type]
+            count += len(out)
+            if count > image_length:
+                raise CompressedImageError(
+                    f"compressed image expands beyond its declared {image_length} bytes "
+                    "(compression bomb)"
+                )
+            yield bytes(out)
     except zstandard.ZstdError as e:
         raise CompressedImageError(f"compressed image is corrupt: {e}") from e
-    if sink.count != image_length:
+    if count != image_length:
         raise CompressedImageError(
-            f"compressed image expands to {sink.count} bytes, the image has {image_length}"
+            f"compressed image expands to {count} bytes, the image has {image_length}"
         )
-    return sink.count
+
+
+def decompress_image(
+    chunks: Iterable[bytes], *, image_length: int, write: Callable[[bytes], object]
+) -> int:
+    """Decode a zstd blob arriving as ``chunks`` into ``write`` (see :func:`decode_zstd`).
+
+    Returns:
+        The number of bytes written (``image_length``).
+
+    Raises:
+        CompressedImageError: as :func:`decode_zstd`.
+    """
+    n = 0
+    for out in decode_zstd(chunks, image_length=image_length):
+        write(out)
+        n += len(out)
+    return n
