@@ -49,8 +49,18 @@ PACKAGES: Final = ("libssl3", "openssl")
 LIBCRYPTO: Final = "usr/lib/x86_64-linux-gnu/libcrypto.so.3"
 FS_UUID: Final = "6f0a0b5e-1c2d-4e3f-8a9b-0c1d2e3f4a5b"
 
-_APPLY_OTAGUARD: Final = """
-import hashlib, resource, sys
+# The child reports its own peak RSS (VmHWM of its address space since exec). ru_maxrss
+# from wait4 is not used: Linux carries the forking parent's peak into the child's.
+_HWM: Final = """
+def _hwm_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
+_APPLY_OTAGUARD: Final = (
+    _HWM
+    + """
+import hashlib, sys
 from otaguard.delta import apply_delta
 base, delta, length = sys.argv[1], sys.argv[2], int(sys.argv[3])
 h = hashlib.sha256()
@@ -60,14 +70,18 @@ with open(base, "rb") as b, open(delta, "rb") as d, open(sys.argv[4], "wb") as o
         out.write(data)
     apply_delta(iter(lambda: d.read(256 * 1024), b""), base=b, base_length=int(sys.argv[5]),
                 image_length=length, write=write)
-print(h.hexdigest())
+print(h.hexdigest(), _hwm_kib())
 """
-_APPLY_BSDIFF: Final = """
+)
+_APPLY_BSDIFF: Final = (
+    _HWM
+    + """
 import hashlib, sys
 import bsdiff4
 bsdiff4.file_patch(sys.argv[1], sys.argv[4], sys.argv[2])
-print(hashlib.sha256(open(sys.argv[4], "rb").read()).hexdigest())
+print(hashlib.sha256(open(sys.argv[4], "rb").read()).hexdigest(), _hwm_kib())
 """
+)
 _DIFF_BSDIFF: Final = """
 import sys
 import bsdiff4
@@ -103,11 +117,8 @@ def _sha256(path: Path) -> str:
 
 def _child(
     code: str, args: list[str], *, limit_as: int | None = None, timeout: float
-) -> tuple[float, float, str]:
-    """Run ``code`` in a fresh interpreter: (seconds, its own peak RSS in MiB, stdout).
-
-    The RSS is ``ru_maxrss`` from ``wait4`` on that one child, nobody else's.
-    """
+) -> tuple[float, str]:
+    """Run ``code`` in a fresh interpreter: (seconds, stdout)."""
 
     def pre() -> None:
         if limit_as is not None:
@@ -125,7 +136,7 @@ def _child(
         timer.start()
         assert proc.stdout is not None
         out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -134,7 +145,7 @@ def _child(
     if proc.returncode != 0:
         why = "killed after the time limit" if elapsed >= timeout else (lines[-1:] or ["?"])[0]
         raise RuntimeError(f"exit {proc.returncode}: {why[:160]}")
-    return elapsed, usage.ru_maxrss / 1024, out.decode().strip()
+    return elapsed, out.decode().strip()
 
 
 def _download(work: Path) -> dict[str, Path]:
@@ -183,11 +194,13 @@ def _measure(name: str, old: Path, new: Path, work: Path) -> Row:
     build_delta(old, new, ours)
     ours_build = time.perf_counter() - t
     compress_zstd(new, zst)
-    apply_s, rss, got = _child(
+    apply_s, got = _child(
         _APPLY_OTAGUARD,
         [str(old), str(ours), str(new.stat().st_size), str(d / "out"), str(old.stat().st_size)],
         timeout=600,
     )
+    got, hwm = got.split()
+    rss = int(hwm) / 1024
     if got != want:
         sys.exit(f"{name}: otaguard's delta did not rebuild the image")
     row = Row(name, new.stat().st_size, ours.stat().st_size, ours_build, apply_s, rss,
@@ -198,9 +211,11 @@ def _measure(name: str, old: Path, new: Path, work: Path) -> Row:
                limit_as=BSDIFF_MEMORY_LIMIT, timeout=BSDIFF_TIMEOUT_S)  # fmt: skip
         row.bsdiff_build_s = time.perf_counter() - t
         row.bsdiff = bs.stat().st_size
-        b_apply, b_rss, b_got = _child(
+        b_apply, b_out = _child(
             _APPLY_BSDIFF, [str(old), str(bs), "", str(d / "out-bsdiff")], timeout=600
         )
+        b_got, b_hwm = b_out.split()
+        b_rss = int(b_hwm) / 1024
         if b_got != want:
             sys.exit(f"{name}: bsdiff4's patch did not rebuild the image")
         row.bsdiff_apply_s, row.bsdiff_rss_mib = b_apply, b_rss

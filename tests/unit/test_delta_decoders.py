@@ -246,3 +246,15 @@ def test_transforms_yield_the_image(pair: tuple[Path, Path, Path], tmp_path: Pat
     assert not by_delta.resumable and not by_zstd.resumable  # offsets differ from the blob's
     assert b"".join(by_delta(_pieces(delta.read_bytes()))) == image.read_bytes()
     assert b"".join(by_zstd(_pieces(blob.read_bytes()))) == image.read_bytes()
+
+
+def test_block_addition_matches_detools() -> None:
+    from detools.bsdiff import add_bytes
+
+    from otaguard.delta.apply import BLOCK, _add_bytes
+
+    rng = random.Random(3)
+    for n in (1, 7, 1000, BLOCK):
+        a, b = rng.randbytes(n), rng.randbytes(n)
+        assert _add_bytes(a, b) == bytes(add_bytes(a, b))
+    assert _add_bytes(b"\xff\x80\x01", b"\x01\x80\xff") == b"\x00\x00\x00"

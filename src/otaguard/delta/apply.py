@@ -22,7 +22,8 @@ A varint is detools' "size": 6 value bits and a sign bit in the first byte, 7 va
 in each following one, the top bit meaning "more".
 
 Memory: one block of output, one of base, the LZMA decoder (its dictionary is capped by
-:data:`LZMA_MEMLIMIT`): under 16 MiB whatever the image size. Pure apart from reading
+:data:`LZMA_MEMLIMIT`): under 16 MiB whatever the image size. detools is not imported
+here: the device needs only this module. Pure apart from reading
 the base through the file object it is given.
 """
 
@@ -32,8 +33,6 @@ import lzma
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Final
-
-from detools.bsdiff import add_bytes  # C: bytewise addition mod 256
 
 from otaguard.model.errors import VerificationError
 
@@ -63,6 +62,24 @@ LZMA_MEMLIMIT: Final = 16 * 1024 * 1024
 MAX_IDLE_STEPS: Final = 2
 #: bytes produced per step (and read from the base): bounds the buffers held at once
 BLOCK: Final = 64 * 1024
+
+
+# Bytewise addition mod 256 of whole blocks as big integers (SWAR): add the low 7 bits of
+# every byte (no carry crosses a byte), then set each top bit to the xor of the operands'.
+# Linear in the block, no per-byte Python loop, and the device needs no detools import.
+_LOW: Final = int.from_bytes(b"\x7f" * BLOCK, "little")
+_HIGH: Final = int.from_bytes(b"\x80" * BLOCK, "little")
+
+
+def _add_bytes(patch: bytes, old: bytes) -> bytes:
+    """``(patch[i] + old[i]) % 256`` for each i (equal lengths, at most BLOCK)."""
+    n = len(patch)
+    low, high = _LOW, _HIGH
+    if n != BLOCK:
+        mask = (1 << (8 * n)) - 1
+        low, high = low & mask, high & mask
+    x, y = int.from_bytes(patch, "little"), int.from_bytes(old, "little")
+    return (((x & low) + (y & low)) ^ ((x ^ y) & high)).to_bytes(n, "little")
 
 
 class DeltaError(VerificationError):
@@ -216,7 +233,7 @@ def decode_delta(
             old = base.read(n)
             if len(old) != n:
                 raise DeltaError(f"the base is shorter than its {base_length} bytes")
-            yield bytes(add_bytes(patch, old))
+            yield _add_bytes(patch, old)
             done += n
         from_pos += diff_size
         to_pos += diff_size
