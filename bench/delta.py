@@ -12,8 +12,8 @@ bookworm-security):
 For each pair, in the same run: otaguard's delta (detools sequential bsdiff, lzma), the
 bsdiff reference (``bsdiff4``, BSDIFF40, bzip2) and the full image compressed with
 otaguard's zstd settings; sizes as a share of the new image, build times, and the apply
-time and peak RSS (``ru_maxrss`` of a child process that does only the apply, interpreter
-included) of otaguard's applier against bsdiff4's.
+time and peak RSS (VmHWM of a child process that does only the apply, interpreter and
+imports included) of otaguard's applier against bsdiff4's.
 
 Acceptance (exit 0 only if all hold): on every pair otaguard's delta is no larger than
 bsdiff's (where bsdiff4 finishes at all) and never larger than the full zstd image, and
