@@ -115,3 +115,22 @@ def test_withdraw_removes_the_encodings(local_repo: ImageRepository, tmp_path: P
         local_repo.withdraw_release("fw-1.1.0.img.zst")
     local_repo.withdraw_release("fw-1.1.0.img")
     assert sorted(_targets(local_repo).targets) == ["fw-1.0.0.img", "fw-1.0.0.img.cdx.json"]
+
+
+def test_verify_refuses_an_encoding_targets_does_not_list(
+    local_repo: ImageRepository, tmp_path: Path
+) -> None:
+    from tuf.api.metadata import Metadata
+
+    new = _next(tmp_path, "1.1.0")
+    local_repo.add_release(
+        new, version="1.1.0", hardware_ids=["hw"], security=False, security_counter=None,
+        sbom=sbom_beside(new), transfer=TransferRequest("zstd"),
+    )  # fmt: skip
+    path = local_repo.metadata_dir / f"{local_repo.latest_version('targets')}.targets.json"
+    md = Metadata[Targets].from_file(str(path))
+    del md.signed.targets["fw-1.1.0.img.zst"]  # the image still lists it
+    local_repo._sign_targets(md, datetime.now(UTC))  # a correctly signed, inconsistent targets
+    report = check_repository(local_repo.read_files(), now=datetime.now(UTC))
+    assert not report.ok
+    assert "lists the encoding fw-1.1.0.img.zst, which targets does not list" in str(report)
