@@ -30,7 +30,7 @@ from otaguard.server._tls import (
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
-__all__ = ["AuthenticatedDevice", "DeviceGate"]
+__all__ = ["AuthenticatedDevice", "DeviceGate", "PresentedCertificate"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,21 @@ class AuthenticatedDevice:
     record: DeviceRecord
     identity: DeviceIdentity
     certificate: x509.Certificate
+
+
+@dataclass(frozen=True)
+class PresentedCertificate:
+    """A client certificate that passed the gate's checks of the certificate alone.
+
+    Attributes:
+        certificate: the certificate.
+        identity: what it says.
+        subject: its subject, for the log line of a refusal.
+    """
+
+    certificate: x509.Certificate
+    identity: DeviceIdentity
+    subject: str
 
 
 class DeviceGate:
@@ -84,6 +99,8 @@ class DeviceGate:
     def authenticate(self, scope: object) -> AuthenticatedDevice | None:
         """Return the device a request's certificate names, after every check.
 
+        :meth:`certificate` and then :meth:`admit`.
+
         Returns:
             The device, or ``None`` for a request without a certificate when client
             certificates are not required (insecure development mode).
@@ -91,6 +108,19 @@ class DeviceGate:
         Raises:
             AccessDeniedError: no certificate, or the certificate or device is refused;
                 the message is the reason.
+        """
+        presented = self.certificate(scope)
+        return None if presented is None else self.admit(presented, scope)
+
+    def certificate(self, scope: object) -> PresentedCertificate | None:
+        """The checks of the certificate itself, without the registry (no I/O).
+
+        Returns:
+            The certificate and what it says, or ``None`` for a request without one when
+            client certificates are not required (insecure development mode).
+
+        Raises:
+            AccessDeniedError: no certificate, or it is refused; the message is the reason.
         """
         forwarded_error = client_certificate_error(scope)
         if forwarded_error is not None:
@@ -131,6 +161,18 @@ class DeviceGate:
             )
         if cert.not_valid_before_utc > now:
             raise self._refuse("the client certificate is not valid yet", subject, scope)
+        return PresentedCertificate(certificate=cert, identity=ident, subject=subject)
+
+    def admit(self, presented: PresentedCertificate, scope: object) -> AuthenticatedDevice:
+        """The registry's checks of a certificate :meth:`certificate` passed (one read).
+
+        Read on every request, never cached: a quarantine or revocation by any server
+        process refuses the device's very next request.
+
+        Raises:
+            AccessDeniedError: the device or this certificate is refused (the reason).
+        """
+        ident, subject = presented.identity, presented.subject
         rec = self._devices.get(ident.serial)
         if rec is None:
             raise self._refuse(f"device {ident.serial} is not in the registry", subject, scope)
@@ -145,4 +187,4 @@ class DeviceGate:
             raise self._refuse(
                 f"device {ident.serial} is {rec.status.value}: {rec.reason}", subject, scope
             )
-        return AuthenticatedDevice(record=rec, identity=ident, certificate=cert)
+        return AuthenticatedDevice(record=rec, identity=ident, certificate=presented.certificate)

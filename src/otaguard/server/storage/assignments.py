@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading
 
 __all__ = [
     "ASSIGNMENT_MODES",
@@ -101,7 +102,7 @@ class SQLAssignmentStore(AssignmentStore):
     def get(self, serial: str) -> Assignment | None:
         """See :meth:`AssignmentStore.get`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 row = conn.execute(
                     select(assignments_table).where(assignments_table.c.serial == serial)
                 ).first()

@@ -9,7 +9,10 @@ Tables::
     device_alerts(id PK, serial -> devices, time, kind, detail)
 
 Spending a nonce is a conditional ``UPDATE ... WHERE used_at IS NULL``: of two
-concurrent check-ins with one nonce (two server processes), exactly one wins.
+concurrent check-ins with one nonce (two server processes), exactly one wins. The
+check-in claims it in that one statement (:meth:`SQLCheckinStore.claim_nonce`, with
+``RETURNING``), so reading and spending it is one round trip. Every method runs in the
+caller's :func:`~.unit.unit_of_work` when one is open.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
 from otaguard.server.storage.devices import devices_table
+from otaguard.server.storage.unit import reading, writing
 
-__all__ = ["MAX_OPEN_NONCES_PER_CERT", "SQLCheckinStore"]
+__all__ = ["MAX_OPEN_NONCES_PER_CERT", "NONCE_PURGE_INTERVAL", "SQLCheckinStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,10 @@ _DETAIL_CHARS: Final = 1000
 #: check-ins fail and retry); an enrolled but hostile device asking in a loop must not
 #: grow the table, so asking for more forgets its oldest ones
 MAX_OPEN_NONCES_PER_CERT: Final = 4
+#: expired nonces are forgotten at most this often per process (server time): each issue
+#: purging them was a statement on every check-in, and an expired nonce is refused anyway
+#: (it only takes room until the next purge)
+NONCE_PURGE_INTERVAL: Final = dt.timedelta(seconds=10)
 
 _schema = devices_table.metadata
 nonces_table = Table(
@@ -137,30 +145,35 @@ class SQLCheckinStore(CheckinStore):
             engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
         self._engine = engine
+        self._last_purge: dt.datetime | None = None
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")
 
     def issue_nonce(self, record: NonceRecord) -> None:
         """See :meth:`CheckinStore.issue_nonce`."""
+        purge = self._last_purge is None or record.issued_at - self._last_purge >= (
+            NONCE_PURGE_INTERVAL
+        )
+        # This certificate's open nonces past the newest MAX - 1, in one statement.
+        stale = (
+            select(nonces_table.c.nonce)
+            .where(
+                nonces_table.c.cert_serial == record.cert_serial,
+                nonces_table.c.used_at.is_(None),
+            )
+            .order_by(nonces_table.c.issued_at.desc())
+            .offset(MAX_OPEN_NONCES_PER_CERT - 1)
+            .scalar_subquery()
+        )
         try:
-            with self._engine.begin() as conn:
-                # Expired nonces can only be refused; forget them so the table stays small.
-                conn.execute(
-                    delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
-                )
-                open_nonces = (
-                    select(nonces_table.c.nonce)
-                    .where(
-                        nonces_table.c.cert_serial == record.cert_serial,
-                        nonces_table.c.used_at.is_(None),
+            with writing(self._engine) as conn:
+                if purge:
+                    # Expired nonces can only be refused; forget them so the table stays small.
+                    conn.execute(
+                        delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
                     )
-                    .order_by(nonces_table.c.issued_at.desc())
-                    .offset(MAX_OPEN_NONCES_PER_CERT - 1)
-                )
-                stale: list[str] = list(conn.execute(open_nonces).scalars())
-                if stale:
-                    conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
+                conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
                 conn.execute(
                     insert(nonces_table).values(
                         nonce=record.nonce,
@@ -173,11 +186,13 @@ class SQLCheckinStore(CheckinStore):
                 )
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
+        if purge:
+            self._last_purge = record.issued_at
 
     def get_nonce(self, nonce: str) -> NonceRecord | None:
         """See :meth:`CheckinStore.get_nonce`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 row = conn.execute(
                     select(nonces_table).where(nonces_table.c.nonce == nonce)
                 ).first()
@@ -197,7 +212,7 @@ class SQLCheckinStore(CheckinStore):
     def spend_nonce(self, nonce: str, *, now: dt.datetime) -> bool:
         """See :meth:`CheckinStore.spend_nonce`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 result = conn.execute(
                     update(nonces_table)
                     .where(nonces_table.c.nonce == nonce, nonces_table.c.used_at.is_(None))
@@ -207,10 +222,42 @@ class SQLCheckinStore(CheckinStore):
             raise self._fail(e, "write") from e
         return bool(result.rowcount == 1)
 
+    def claim_nonce(
+        self, nonce: str, *, serial: str, cert_serial: str, now: dt.datetime
+    ) -> NonceRecord | None:
+        """See :meth:`CheckinStore.claim_nonce`."""
+        stmt = (
+            update(nonces_table)
+            .where(
+                nonces_table.c.nonce == nonce,
+                nonces_table.c.serial == serial,
+                nonces_table.c.cert_serial == cert_serial,
+                nonces_table.c.used_at.is_(None),
+                nonces_table.c.expires_at > now,
+            )
+            .values(used_at=now)
+            .returning(nonces_table.c.issued_at, nonces_table.c.expires_at)
+        )
+        try:
+            with writing(self._engine) as conn:
+                row = conn.execute(stmt).first()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+        if row is None:
+            return None
+        return NonceRecord(
+            nonce=nonce,
+            serial=serial,
+            cert_serial=cert_serial,
+            issued_at=_utc(row.issued_at),
+            expires_at=_utc(row.expires_at),
+            used_at=None,
+        )
+
     def record_checkin(self, record: CheckinRecord) -> None:
         """See :meth:`CheckinStore.record_checkin`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
                     insert(checkins_table).values(
                         serial=record.serial,
@@ -233,7 +280,7 @@ class SQLCheckinStore(CheckinStore):
     def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:
         """See :meth:`CheckinStore.history`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(checkins_table)
                     .where(checkins_table.c.serial == serial)
@@ -247,7 +294,7 @@ class SQLCheckinStore(CheckinStore):
     def last_accepted(self, cert_serial: str) -> dt.datetime | None:
         """See :meth:`CheckinStore.last_accepted`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 value = conn.execute(
                     select(func.max(checkins_table.c.time)).where(
                         checkins_table.c.cert_serial == cert_serial,
@@ -261,7 +308,7 @@ class SQLCheckinStore(CheckinStore):
     def attestation_key(self, serial: str) -> str | None:
         """See :meth:`CheckinStore.attestation_key`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 value = conn.execute(
                     select(ak_table.c.public_pem).where(ak_table.c.serial == serial)
                 ).scalar()
@@ -272,7 +319,7 @@ class SQLCheckinStore(CheckinStore):
     def register_attestation_key(self, serial: str, public_pem: str, *, now: dt.datetime) -> bool:
         """See :meth:`CheckinStore.register_attestation_key`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
                     insert(ak_table).values(serial=serial, public_pem=public_pem, registered_at=now)
                 )
@@ -286,7 +333,7 @@ class SQLCheckinStore(CheckinStore):
     def last_reset_count(self, serial: str) -> int | None:
         """See :meth:`CheckinStore.last_reset_count`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 value = conn.execute(
                     select(func.max(checkins_table.c.reset_count)).where(
                         checkins_table.c.serial == serial, checkins_table.c.attested.is_(True)
@@ -299,7 +346,7 @@ class SQLCheckinStore(CheckinStore):
     def add_alert(self, alert: DeviceAlert) -> None:
         """See :meth:`CheckinStore.add_alert`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
                     insert(alerts_table).values(
                         serial=alert.serial,
@@ -314,7 +361,7 @@ class SQLCheckinStore(CheckinStore):
     def alerts(self, serial: str, *, limit: int) -> list[DeviceAlert]:
         """See :meth:`CheckinStore.alerts`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(alerts_table)
                     .where(alerts_table.c.serial == serial)

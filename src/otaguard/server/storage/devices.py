@@ -44,6 +44,7 @@ from otaguard.model.errors import (
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading, writing
 
 __all__ = ["MAX_REASON_CHARS", "SQLDeviceStore"]
 
@@ -126,11 +127,37 @@ class SQLDeviceStore(DeviceStore):
         return row
 
     def _read(self, serial: str) -> DeviceRecord:
+        # One statement (the device gate runs it on every device request): the device row
+        # joined with its certificates, oldest first; no certificate yet gives one row of NULLs.
+        stmt = (
+            select(
+                devices_table,
+                certs_table.c.cert_serial.label("c_serial"),
+                certs_table.c.not_after.label("c_not_after"),
+            )
+            .select_from(devices_table.outerjoin(certs_table))
+            .where(devices_table.c.serial == serial)
+            .order_by(certs_table.c.issued_at, certs_table.c.cert_serial)
+        )
         try:
-            with self._engine.connect() as conn:
-                return self._record(conn, self._row(conn, serial))
+            with reading(self._engine) as conn:
+                rows = conn.execute(stmt).all()
         except SQLAlchemyError as e:
             raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+        if not rows:
+            raise UnknownDeviceError(f"no device {serial!r} in the registry")
+        row = rows[0]
+        certs = [(r.c_serial, _utc(r.c_not_after)) for r in rows if r.c_serial is not None]
+        return DeviceRecord(
+            serial=row.serial,
+            hardware_id=row.hardware_id,
+            status=DeviceState(row.status),
+            reason=row.reason,
+            cert_serials=tuple(c for c, _ in certs),
+            created_at=_utc(row.created_at),
+            updated_at=_utc(row.updated_at),
+            certs_valid_until=max((n for _, n in certs), default=None),
+        )
 
     # -- DeviceStore ------------------------------------------------------------------
     def add(
@@ -190,7 +217,7 @@ class SQLDeviceStore(DeviceStore):
         if len(reason) > MAX_REASON_CHARS:
             raise OperatorError(f"the reason exceeds {MAX_REASON_CHARS} characters")
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 self._row(conn, serial)
                 # Conditional: a revocation committed by another request (or process)
                 # between a read and this write must win, never be overwritten.

@@ -29,6 +29,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    func,
     insert,
     select,
     update,
@@ -44,6 +45,7 @@ from otaguard.server.storage.base import (
 )
 from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading
 
 __all__ = ["SQLMetadataStore", "sqlite_url"]
 
@@ -98,7 +100,7 @@ class SQLMetadataStore(MetadataStore):
 
     def _one(self, stmt: Any) -> Row[Any] | None:
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 return conn.execute(stmt).first()
         except SQLAlchemyError as e:
             raise ServerStorageError(
@@ -135,6 +137,12 @@ class SQLMetadataStore(MetadataStore):
         )
         row = self._one(stmt)
         return None if row is None else _record(row)
+
+    def newest_version(self, role: str) -> int | None:
+        """Return the highest stored version of ``role`` (an index-only read, no bytes)."""
+        stmt = select(func.max(metadata_table.c.version)).where(metadata_table.c.role == role)
+        row = self._one(stmt)
+        return None if row is None or row[0] is None else int(row[0])
 
     def publish(
         self,
