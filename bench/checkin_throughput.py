@@ -137,32 +137,36 @@ def postgres_backends(database: str) -> list[int]:
 class CpuMeter:
     """CPU seconds the server side (and the load generator) spent between two marks.
 
-    The server side is every process ``server_pids`` names at either mark (nginx and its
-    workers, the otaguard processes, the PostgreSQL backends of the bench database); a
-    process that appeared in between counts from zero, one that ended is lost (the pools
-    keep their connections, so none does). The load generator is this process.
+    The server side is every process ``server_pids`` names at either mark, by part
+    (nginx and its workers, the otaguard processes, the PostgreSQL backends of the bench
+    database); a process that appeared in between counts from zero, one that ended is
+    lost (the pools keep their connections, so none does). The load generator is this
+    process.
     """
 
-    def __init__(self, server_pids: Callable[[], list[int]]):
+    def __init__(self, server_pids: Callable[[], dict[str, list[int]]]):
         self._pids = server_pids
         self._start: dict[int, float] = {}
         self._gen = 0.0
 
+    def _all(self) -> dict[int, str]:
+        return {p: part for part, pids in self._pids().items() for p in pids}
+
     def start(self) -> None:
-        self._start = {p: c for p in self._pids() if (c := proc_cpu(p)) is not None}
+        self._start = {p: c for p in self._all() if (c := proc_cpu(p)) is not None}
         t = os.times()
         self._gen = t.user + t.system
 
-    def stop(self) -> tuple[float, float]:
-        """(server-side CPU seconds, load-generator CPU seconds) since :meth:`start`."""
+    def stop(self) -> tuple[dict[str, float], float]:
+        """(server-side CPU seconds by part, load-generator CPU seconds) since :meth:`start`."""
         t = os.times()
         gen = t.user + t.system - self._gen
-        server = 0.0
-        for p in set(self._pids()) | set(self._start):
+        server: dict[str, float] = collections.defaultdict(float)
+        for p, part in self._all().items():
             now = proc_cpu(p)
             if now is not None:
-                server += now - self._start.get(p, 0.0)
-        return server, gen
+                server[part] += now - self._start.get(p, 0.0)
+        return dict(server), gen
 
 
 @dataclass
@@ -380,14 +384,14 @@ class Figures:
     checkin: FleetStats
     static: FleetStats
     enroll_s: float
-    server_cpu_s: float
+    server_cpu: dict[str, float]
     generator_cpu_s: float
     load: str
 
     @property
     def server_ms(self) -> float:
         """Server-side CPU per check-in (nginx + workers + PostgreSQL backends)."""
-        return 1000 * self.server_cpu_s / max(self.checkin.checkins, 1)
+        return 1000 * sum(self.server_cpu.values()) / max(self.checkin.checkins, 1)
 
     @property
     def generator_ms(self) -> float:
@@ -400,9 +404,11 @@ class Figures:
         return CORES * 1000 / max(self.server_ms, 1e-9)
 
     def cpu_line(self) -> str:
+        n = max(self.checkin.checkins, 1)
+        parts = ", ".join(f"{k} {1000 * v / n:.2f}" for k, v in sorted(self.server_cpu.items()))
         return (
             f"  {self.topology:<11} {self.devices:>6} devices: server CPU "
-            f"{self.server_ms:5.2f} ms/check-in -> capacity {self.capacity:6.0f}/s on "
+            f"{self.server_ms:5.2f} ms/check-in ({parts}) -> capacity {self.capacity:6.0f}/s on "
             f"{CORES} cores | load generator {self.generator_ms:5.2f} ms/check-in "
             f"(alone it caps the wall rate at {CORES * 1000 / max(self.generator_ms, 1e-9):.0f}/s)"
         )
@@ -519,7 +525,7 @@ def run(work: Path, sizes: list[int], workers: int) -> int:
     try:
         url = f"https://127.0.0.1:{port}"
         wait_served(url, s, procs)
-        meter = CpuMeter(lambda: [procs[0].pid])
+        meter = CpuMeter(lambda: {"otaguard": [procs[0].pid]})
         for n in sizes:
             results.append(measure(s, url, n, "embedded", ids, lambda: None, meter))
             print(results[-1].line(), flush=True)
@@ -544,7 +550,11 @@ def run(work: Path, sizes: list[int], workers: int) -> int:
         front = nginx
         workers_pids = [w.pid for w in procs]
         meter = CpuMeter(
-            lambda: [front.pid, *children(front.pid), *workers_pids, *postgres_backends(name)]
+            lambda: {
+                "nginx": [front.pid, *children(front.pid)],
+                "otaguard": workers_pids,
+                "postgres": postgres_backends(name),
+            }
         )
         for n in sizes:
             raw = work / f"profile-{n}.txt"

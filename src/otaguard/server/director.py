@@ -363,16 +363,16 @@ class Director:
                 running = Version.parse(installed.version)
             except ValueError:
                 running = None
+        # One connection for the answer's reads; the policy's stores join it where they
+        # read through the unit helpers (otaguard.server.storage.unit).
         with self._unit():
-            assignment = self.assignments.get(serial)
-            releases = self.releases()
-        release = self.policy(
-            serial=serial,
-            hardware_id=hardware_id,
-            running=running,
-            assignment=assignment,
-            releases=releases,
-        )
+            release = self.policy(
+                serial=serial,
+                hardware_id=hardware_id,
+                running=running,
+                assignment=self.assignments.get(serial),
+                releases=self.releases(),
+            )
         logger.info(
             "director instructs %s: %s", serial, release.name if release is not None else "none"
         )
