@@ -363,16 +363,18 @@ class Director:
                 running = Version.parse(installed.version)
             except ValueError:
                 running = None
-        # One connection for the answer's reads; the policy's stores join it where they
-        # read through the unit helpers (otaguard.server.storage.unit).
         with self._unit():
-            release = self.policy(
-                serial=serial,
-                hardware_id=hardware_id,
-                running=running,
-                assignment=self.assignments.get(serial),
-                releases=self.releases(),
-            )
+            assignment = self.assignments.get(serial)
+            releases = self.releases()
+        # Outside the unit: the policy's stores take connections of their own, and a
+        # thread holding the unit's while waiting for another could exhaust the pool.
+        release = self.policy(
+            serial=serial,
+            hardware_id=hardware_id,
+            running=running,
+            assignment=assignment,
+            releases=releases,
+        )
         logger.info(
             "director instructs %s: %s", serial, release.name if release is not None else "none"
         )
