@@ -471,7 +471,7 @@ def profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
         return None
     return subprocess.Popen(
         [spy, "record", "-p", str(pid), "-d", str(PROFILE_SECONDS), "-r", "200",
-         "-f", "raw", "-o", str(out), "--nonblocking"],
+         "-f", "raw", "-o", str(out), "--nonblocking", "--gil"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 

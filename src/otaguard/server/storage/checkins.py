@@ -32,6 +32,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    bindparam,
     delete,
     func,
     insert,
@@ -113,6 +114,40 @@ alerts_table = Table(
 )
 
 
+# The statements of every check-in, built once (building and keying a statement per call
+# cost more worker CPU than PostgreSQL spends running it).
+_STALE_NONCES: Final = delete(nonces_table).where(
+    nonces_table.c.nonce.in_(
+        # This certificate's open nonces past the newest MAX - 1.
+        select(nonces_table.c.nonce)
+        .where(
+            nonces_table.c.cert_serial == bindparam("cert_serial"),
+            nonces_table.c.used_at.is_(None),
+        )
+        .order_by(nonces_table.c.issued_at.desc())
+        .offset(MAX_OPEN_NONCES_PER_CERT - 1)
+        .scalar_subquery()
+    )
+)
+_CLAIM_NONCE: Final = (
+    update(nonces_table)
+    .where(
+        nonces_table.c.nonce == bindparam("n"),
+        nonces_table.c.serial == bindparam("s"),
+        nonces_table.c.cert_serial == bindparam("c"),
+        nonces_table.c.used_at.is_(None),
+        nonces_table.c.expires_at > bindparam("now"),
+    )
+    .values(used_at=bindparam("now"))
+    .returning(nonces_table.c.issued_at, nonces_table.c.expires_at)
+)
+_ATTESTATION_KEY: Final = select(ak_table.c.public_pem).where(
+    ak_table.c.serial == bindparam("serial")
+)
+_INSERT_NONCE: Final = insert(nonces_table)
+_INSERT_CHECKIN: Final = insert(checkins_table)
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite returns naive datetimes; every value stored here was UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -155,17 +190,6 @@ class SQLCheckinStore(CheckinStore):
         purge = self._last_purge is None or record.issued_at - self._last_purge >= (
             NONCE_PURGE_INTERVAL
         )
-        # This certificate's open nonces past the newest MAX - 1, in one statement.
-        stale = (
-            select(nonces_table.c.nonce)
-            .where(
-                nonces_table.c.cert_serial == record.cert_serial,
-                nonces_table.c.used_at.is_(None),
-            )
-            .order_by(nonces_table.c.issued_at.desc())
-            .offset(MAX_OPEN_NONCES_PER_CERT - 1)
-            .scalar_subquery()
-        )
         try:
             with writing(self._engine) as conn:
                 if purge:
@@ -173,16 +197,17 @@ class SQLCheckinStore(CheckinStore):
                     conn.execute(
                         delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
                     )
-                conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
+                conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
                 conn.execute(
-                    insert(nonces_table).values(
-                        nonce=record.nonce,
-                        serial=record.serial,
-                        cert_serial=record.cert_serial,
-                        issued_at=record.issued_at,
-                        expires_at=record.expires_at,
-                        used_at=None,
-                    )
+                    _INSERT_NONCE,
+                    {
+                        "nonce": record.nonce,
+                        "serial": record.serial,
+                        "cert_serial": record.cert_serial,
+                        "issued_at": record.issued_at,
+                        "expires_at": record.expires_at,
+                        "used_at": None,
+                    },
                 )
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
@@ -226,21 +251,11 @@ class SQLCheckinStore(CheckinStore):
         self, nonce: str, *, serial: str, cert_serial: str, now: dt.datetime
     ) -> NonceRecord | None:
         """See :meth:`CheckinStore.claim_nonce`."""
-        stmt = (
-            update(nonces_table)
-            .where(
-                nonces_table.c.nonce == nonce,
-                nonces_table.c.serial == serial,
-                nonces_table.c.cert_serial == cert_serial,
-                nonces_table.c.used_at.is_(None),
-                nonces_table.c.expires_at > now,
-            )
-            .values(used_at=now)
-            .returning(nonces_table.c.issued_at, nonces_table.c.expires_at)
-        )
         try:
             with writing(self._engine) as conn:
-                row = conn.execute(stmt).first()
+                row = conn.execute(
+                    _CLAIM_NONCE, {"n": nonce, "s": serial, "c": cert_serial, "now": now}
+                ).first()
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
         if row is None:
@@ -259,20 +274,21 @@ class SQLCheckinStore(CheckinStore):
         try:
             with writing(self._engine) as conn:
                 conn.execute(
-                    insert(checkins_table).values(
-                        serial=record.serial,
-                        cert_serial=record.cert_serial,
-                        time=record.time,
-                        device_time=record.device_time[:64],
-                        running_version=record.running_version[:256],
-                        target=record.target[:256],
-                        boot_sha256=record.boot_sha256,
-                        attested=record.attested,
-                        reset_count=record.reset_count,
-                        outcome=record.outcome,
-                        detail=record.detail[:_DETAIL_CHARS],
-                        manifest=record.manifest,
-                    )
+                    _INSERT_CHECKIN,
+                    {
+                        "serial": record.serial,
+                        "cert_serial": record.cert_serial,
+                        "time": record.time,
+                        "device_time": record.device_time[:64],
+                        "running_version": record.running_version[:256],
+                        "target": record.target[:256],
+                        "boot_sha256": record.boot_sha256,
+                        "attested": record.attested,
+                        "reset_count": record.reset_count,
+                        "outcome": record.outcome,
+                        "detail": record.detail[:_DETAIL_CHARS],
+                        "manifest": record.manifest,
+                    },
                 )
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
@@ -309,9 +325,7 @@ class SQLCheckinStore(CheckinStore):
         """See :meth:`CheckinStore.attestation_key`."""
         try:
             with reading(self._engine) as conn:
-                value = conn.execute(
-                    select(ak_table.c.public_pem).where(ak_table.c.serial == serial)
-                ).scalar()
+                value = conn.execute(_ATTESTATION_KEY, {"serial": serial}).scalar()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         return str(value) if value is not None else None

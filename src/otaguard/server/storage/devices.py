@@ -27,6 +27,7 @@ from sqlalchemy import (
     Index,
     String,
     Table,
+    bindparam,
     case,
     insert,
     select,
@@ -84,6 +85,21 @@ tokens_table = Table(
 )
 
 
+# One statement (the device gate runs it on every device request, so it is built once):
+# the device row joined with its certificates, oldest first; a device without a
+# certificate yet gives one row with NULL certificate columns.
+_READ_DEVICE: Final = (
+    select(
+        devices_table,
+        certs_table.c.cert_serial.label("c_serial"),
+        certs_table.c.not_after.label("c_not_after"),
+    )
+    .select_from(devices_table.outerjoin(certs_table))
+    .where(devices_table.c.serial == bindparam("serial"))
+    .order_by(certs_table.c.issued_at, certs_table.c.cert_serial)
+)
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite returns naive datetimes; every value stored here was UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -127,21 +143,9 @@ class SQLDeviceStore(DeviceStore):
         return row
 
     def _read(self, serial: str) -> DeviceRecord:
-        # One statement (the device gate runs it on every device request): the device row
-        # joined with its certificates, oldest first; no certificate yet gives one row of NULLs.
-        stmt = (
-            select(
-                devices_table,
-                certs_table.c.cert_serial.label("c_serial"),
-                certs_table.c.not_after.label("c_not_after"),
-            )
-            .select_from(devices_table.outerjoin(certs_table))
-            .where(devices_table.c.serial == serial)
-            .order_by(certs_table.c.issued_at, certs_table.c.cert_serial)
-        )
         try:
             with reading(self._engine) as conn:
-                rows = conn.execute(stmt).all()
+                rows = conn.execute(_READ_DEVICE, {"serial": serial}).all()
         except SQLAlchemyError as e:
             raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
         if not rows:

@@ -29,6 +29,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    bindparam,
     func,
     insert,
     select,
@@ -74,6 +75,12 @@ current_table = Table(
 )
 
 
+# Read on every check-in (twice), so built once.
+_NEWEST_VERSION: Final = select(func.max(metadata_table.c.version)).where(
+    metadata_table.c.role == bindparam("role")
+)
+
+
 def _record(row: Row[Any]) -> MetadataRecord:
     return MetadataRecord(
         filename=row.filename,
@@ -98,10 +105,10 @@ class SQLMetadataStore(MetadataStore):
         self._publish_lock = threading.Lock()
         self._engine = engine
 
-    def _one(self, stmt: Any) -> Row[Any] | None:
+    def _one(self, stmt: Any, params: dict[str, Any] | None = None) -> Row[Any] | None:
         try:
             with reading(self._engine) as conn:
-                return conn.execute(stmt).first()
+                return conn.execute(stmt, params).first()
         except SQLAlchemyError as e:
             raise ServerStorageError(
                 f"metadata database read failed: {e.__class__.__name__}"
@@ -140,8 +147,7 @@ class SQLMetadataStore(MetadataStore):
 
     def newest_version(self, role: str) -> int | None:
         """Return the highest stored version of ``role`` (an index-only read, no bytes)."""
-        stmt = select(func.max(metadata_table.c.version)).where(metadata_table.c.role == role)
-        row = self._one(stmt)
+        row = self._one(_NEWEST_VERSION, {"role": role})
         return None if row is None or row[0] is None else int(row[0])
 
     def publish(
