@@ -215,9 +215,14 @@ def test_a_nonce_is_claimed_once_and_only_by_its_device_certificate_and_in_time(
     assert got is not None and got.used_at == NOW
     # Inside a unit that rolls back (a refusal after the claim), the claim is undone.
     store.issue_nonce(record(nonce="n3"))
-    with pytest.raises(RuntimeError, match="refused later"), unit_of_work(db_engine):
-        assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is not None
-        raise RuntimeError("refused later")
+
+    def claim_then_refuse() -> None:
+        with unit_of_work(db_engine):
+            assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is not None
+            raise RuntimeError("refused later")
+
+    with pytest.raises(RuntimeError, match="refused later"):
+        claim_then_refuse()
     assert store.get_nonce("n3") == record(nonce="n3")
     with unit_of_work(db_engine):
         assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is not None
