@@ -295,9 +295,11 @@ def test_a_quarantine_through_one_server_refuses_the_very_next_request_on_the_ot
             fb.quarantine("watched", "odd traffic")
         expected = "access denied: device watched is quarantined: odd traffic"
         status, data = _post(port_a, ctx, CHECKIN_PATH, pending)
-        assert (status, json.loads(data)["error"]) == (403, expected)
+        assert status == 403, data
+        assert json.loads(data)["error"] == expected
         status, data = _post(port_a, ctx, NONCE_PATH, b"")
-        assert (status, json.loads(data)["error"]) == (403, expected)
+        assert status == 403, data
+        assert json.loads(data)["error"] == expected
         history = world.server.app.state.checkins.history("watched", limit=10)
         assert [c.outcome for c in history] == ["accepted"]  # the refused one is not recorded
     finally:
