@@ -569,7 +569,8 @@ def run(work: Path, sizes: list[int], workers: int) -> int:
                 if spy_proc is not None:
                     spy_proc.wait(PROFILE_SECONDS + 30)
             profiles.append(
-                f" py-spy, worker 1 of {workers}, first {PROFILE_SECONDS} s of the {n}-device "
+                f" py-spy --gil (samples holding the GIL: Python CPU), worker 1 of {workers}, "
+                f"first {PROFILE_SECONDS} s of the {n}-device "
                 "check-ins:"
             )
             profiles += summarize_profile(raw)
