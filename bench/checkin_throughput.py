@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import functools
 import os
 import secrets
@@ -71,6 +72,11 @@ PASSPHRASE: Final = b"bench passphrase"
 ADMIN_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 FLOOR_RATE: Final = 350.0
 FLOOR_P99_MS: Final = 100.0
+#: devices (other serials) checking in once, untimed, before the timed phase: the
+#: workers' connection pools fill, their caches and PostgreSQL's prepared statements are
+#: made, so the timed phase measures the steady state (a PostgreSQL backend started in it
+#: would count its start-up, tens of milliseconds of CPU)
+WARMUP_DEVICES: Final = 100
 #: the machine's cores, shared by the load generator, nginx, the workers and PostgreSQL
 CORES: Final = os.cpu_count() or 1
 #: check-ins in flight at once: devices waking up together; p99 follows from it
@@ -162,7 +168,8 @@ class CpuMeter:
         t = os.times()
         gen = t.user + t.system - self._gen
         server: dict[str, float] = collections.defaultdict(float)
-        for p, part in self._all().items():
+        end = self._all()
+        for p, part in end.items():
             now = proc_cpu(p)
             if now is not None:
                 server[part] += now - self._start.get(p, 0.0)
@@ -435,7 +442,8 @@ def measure(  # noqa: PLR0917 - a script's helper
     on_start: Callable[[], None],
     cpu: CpuMeter,
 ) -> Figures:
-    """Enroll (untimed), then one check-in per device, then one static fetch per device."""
+    """Enroll and warm up (untimed), then one check-in per device, then one static fetch
+    per device."""
     settings = SimSettings(
         server_url=url,
         ca_cert=s.ca,
@@ -448,9 +456,12 @@ def measure(  # noqa: PLR0917 - a script's helper
         concurrency=CONCURRENCY,
     )
     sim = FleetSim(settings)
+    warm = FleetSim(dataclasses.replace(settings, devices=WARMUP_DEVICES, serial_prefix="warmup"))
     t0 = time.perf_counter()
     asyncio.run(sim.enroll(operator_token=s.token))
+    asyncio.run(warm.enroll(operator_token=s.token))
     enroll_s = time.perf_counter() - t0
+    asyncio.run(warm.run(cycles=1))  # untimed: pools, caches, prepared statements
     on_start()
     cpu.start()
     checkin = asyncio.run(sim.run(cycles=1))
