@@ -333,10 +333,11 @@ def _check_attestation(
     return None, attested.reset_count
 
 
-def _claim_nonce(svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest) -> None:
+def _claim_nonce(
+    svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest, *, now: dt.datetime
+) -> None:
     """Spend the manifest's nonce in one statement; on failure, read it to say why."""
     serial, cert_serial = dev.record.serial, dev.identity.cert_serial
-    now = svc.clock()
     if svc.checkins.claim_nonce(manifest.nonce, serial=serial, cert_serial=cert_serial, now=now):
         return
     try:
@@ -349,8 +350,8 @@ def _claim_nonce(svc: CheckinServices, dev: AuthenticatedDevice, manifest: Devic
         )
     except CheckinRefusedError as e:
         raise _refused(serial, str(e)) from e
-    # Every check passes on the record read after the claim failed: another check-in
-    # spent it in between.
+    # The claim failed yet the record read after it passes every check: not expected
+    # (the claim and the checks use one time); never accepted without a claim.
     raise _refused(serial, "check-in refused: the nonce was already used (replay)")
 
 
@@ -368,7 +369,7 @@ def _record(
         manifest = verify_manifest(data, certificate=dev.certificate, serial=serial)
     except CheckinRefusedError as e:
         raise _refused(serial, str(e)) from e
-    _claim_nonce(svc, dev, manifest)
+    _claim_nonce(svc, dev, manifest, now=now)
     problem, reset_count = _check_attestation(svc, dev, manifest)
     if problem is None:
         problem = assess_boot(manifest, listed=svc.listed_images(dev.record.hardware_id))
