@@ -78,3 +78,21 @@ def test_a_verified_certificate_is_still_checked_for_expiry_and_registry_on_each
     with pytest.raises(AccessDeniedError, match="device CA"):
         gate.authenticate(_scope(forged))
     devices.close()
+
+
+def test_the_fleet_listing_is_one_statement_and_agrees_with_each_device_read(
+    db_engine: Engine,
+) -> None:
+    devices = SQLDeviceStore(db_engine)
+    for serial in ("d2", "d1", "d3"):
+        devices.add(serial, "hw", token_hash=serial * 32, token_expires=NOW, now=NOW)
+    later = NOW + dt.timedelta(hours=1)
+    devices.record_certificate("d1", "c2", not_after=later + LIFETIME, now=later)
+    devices.record_certificate("d1", "c1", not_after=NOW + LIFETIME, now=NOW)
+    devices.record_certificate("d3", "c3", not_after=NOW + LIFETIME, now=NOW)
+    listed = devices.list()
+    assert [d.serial for d in listed] == ["d1", "d2", "d3"]
+    assert listed == [devices.get(s) for s in ("d1", "d2", "d3")]
+    assert listed[0].cert_serials == ("c1", "c2")  # oldest first
+    assert listed[1].cert_serials == () and listed[1].certs_valid_until is None
+    devices.close()
