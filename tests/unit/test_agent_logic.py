@@ -173,9 +173,7 @@ def test_below_the_floor_at_arm_is_a_refusal_not_a_wedge() -> None:
 
 
 def test_refused_download_abandons_and_records_the_cause() -> None:
-    s, a = step(
-        at(Phase.SELECTED), ActionFailed("stream_to_slot", "verification", "hash mismatch")
-    )
+    s, a = step(at(Phase.SELECTED), ActionFailed("stream_to_slot", "verification", "hash mismatch"))
     assert s.phase is Phase.ABANDONING and a == (InvalidateSlot("B"), DiscardStaged())
     s, _ = step(s, Done())
     assert s.last_result is not None and s.last_result["outcome"] == "refused"

@@ -147,7 +147,9 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
             yield chunk
 
     try:
-        while True:
+        # A run killed after its last checkpoint covered the whole target has nothing
+        # left to fetch (a Range beyond the end would be refused with 416).
+        while pos < target.length or not plain:
             try:
                 for out in transform(verified(pos)):
                     if not plain:
