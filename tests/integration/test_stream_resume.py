@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_power_loss import assert_committed_to_new, assert_verified_image_runs, killed, ok
 
 from conftest import World
 from otaguard.agent import DeviceConfig, InstallState
-from test_power_loss import assert_committed_to_new, assert_verified_image_runs, killed, ok
 
 MIB = 1024 * 1024
 IMAGE = 6 * MIB  # several 1 MiB network reads, so checkpoints fall inside the stream

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_install_memory import SIZE, Mem, PowerCut, assert_committed, flip_byte, mem
 from tuf.api import exceptions as tuf_exc
 
 from otaguard.agent import BootEnv, Device, DeviceConfig, InstallState
 from otaguard.model import TransportError, VerificationError
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
-from test_install_memory import SIZE, Mem, PowerCut, assert_committed, flip_byte, mem
 
 __all__ = ["mem"]  # the fixture, imported for this module
 
