@@ -53,8 +53,8 @@ from otaguard.sim import make_image
 from otaguard.sim.sbom import make_sbom
 
 MIB: Final = 1024 * 1024
-THROUGHPUT_SIZES: Final = (64 * MIB, 256 * MIB)
-RSS_SIZES: Final = (64 * MIB, 256 * MIB, 1024 * MIB)
+THROUGHPUT_SIZES = (64 * MIB, 256 * MIB)
+RSS_SIZES = (64 * MIB, 256 * MIB, 1024 * MIB)
 FACTORY_BYTES: Final = 4 * MIB
 TARGET_MIB_S: Final = 160.0
 TARGET_RSS_MIB: Final = 64.0
@@ -73,13 +73,16 @@ WORKER: Final = """
 import json, sys, time
 from otaguard.agent import Device
 result, device = sys.argv[1:]
+marks = []
+def mark(action):
+    marks.append((action.name, time.perf_counter() - t0))
 print("ready", flush=True)
 sys.stdin.readline()
 t0 = time.perf_counter()
-res = Device(device).update()
+res = Device(device, after_action=mark).update()
 secs = time.perf_counter() - t0
 with open(result, "w") as f:
-    json.dump({"seconds": secs, "outcome": res.outcome, "to": res.to_version}, f)
+    json.dump({"seconds": secs, "outcome": res.outcome, "to": res.to_version, "marks": marks}, f)
 """
 WRAPPER: Final = """
 import json, os, sys
@@ -112,10 +115,25 @@ class Install:
     size: int
     seconds: float
     maxrss_kib: int
+    #: seconds from the start of the update until the new slot was armed (the point where
+    #: RAUC's install ends: image written, verified and marked bootable)
+    armed: float
+    #: (action, seconds since start) after each install action
+    marks: list[tuple[str, float]]
     disk_growth: int
     disk_peak_growth: int
     ok: bool
     detail: str
+
+    @property
+    def rate_seconds(self) -> float:
+        """Seconds for ratios: a failed run counts as infinitely slow."""
+        return self.seconds if self.ok and self.seconds > 0 else float("inf")
+
+    @property
+    def armed_seconds(self) -> float:
+        """Seconds to armed for ratios (a failed run counts as infinitely slow)."""
+        return self.armed if self.ok and self.armed > 0 else float("inf")
 
     @property
     def mib_s(self) -> float:
@@ -186,7 +204,7 @@ def run_install(device: Path, size: int, work: Path) -> Install:
         assert wrapper.stdout is not None
         if wrapper.stdout.readline().strip() != "ready":
             wrapper.wait()
-            return Install(size, 0, 0, 0, 0, False, f"worker did not start: see {log.name}")
+            return Install(size, 0, 0, 0, [], 0, 0, False, f"worker did not start: see {log.name}")
         done = threading.Event()
 
         def sample() -> None:
@@ -211,14 +229,27 @@ def run_install(device: Path, size: int, work: Path) -> Install:
         res = json.loads(result.read_text())
         ru = json.loads(rusage.read_text())
     except (OSError, ValueError):
-        return Install(size, 0, 0, after - before, peak - before, False, "no result")
+        tail = (work / f"agent-{size}.log").read_text(errors="replace")[-1500:]
+        return Install(
+            size, 0, 0, 0, [], after - before, peak - before, False, f"no result:\n{tail}"
+        )
     status = Device(device).status()
     image = status.bootenv.slots.get("B")
     slot_ok = image is not None and FileSlots(device / "slots").digest("B", size) == image.sha256
     ok = ru["code"] == 0 and res["outcome"] == "updated" and slot_ok
     detail = f"outcome {res['outcome']}, slot B verified {slot_ok}"
+    marks = [(str(n), float(t)) for n, t in res["marks"]]
+    armed = next((t for n, t in marks if n == "arm"), 0.0)
     return Install(
-        size, res["seconds"], ru["maxrss_kib"], after - before, peak - before, ok, detail
+        size,
+        res["seconds"],
+        ru["maxrss_kib"],
+        armed,
+        marks,
+        after - before,
+        peak - before,
+        ok,
+        detail,
     )
 
 
@@ -363,15 +394,23 @@ class Rauc:
 
 # -- the run ------------------------------------------------------------------------------
 def main() -> int:
+    global THROUGHPUT_SIZES, RSS_SIZES  # --quick narrows the run
+    if "--quick" in sys.argv[1:]:  # a trial of the set-up: 64 MiB only, no verdict
+        THROUGHPUT_SIZES, RSS_SIZES = (64 * MIB,), (64 * MIB,)
     for tool in ("openssl", "rauc", "dbus-daemon", "mksquashfs"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing (make sysdeps)")
             return 1
     work = Path(tempfile.mkdtemp(prefix="otaguard-bench-install-"))
+    code = 1
     try:
-        return run(work)
+        code = run(work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if code == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work} for inspection (agent-*.log, server.log, rauc/)")
+    return code
 
 
 def run(work: Path) -> int:
@@ -385,6 +424,16 @@ def run(work: Path) -> int:
         online_key=read_public_key(paths.online_public_key),
     )
     factory = make_image(work / "fw-1.0.0.img", size=FACTORY_BYTES, seed="1.0.0")
+    # The factory image must be listed: the server quarantines a device that reports
+    # booting an image the repository does not list.
+    repo.add_release(
+        factory,
+        sbom=make_sbom(Path(f"{factory}.cdx.json"), name="fw", version="1.0.0"),
+        version="1.0.0",
+        hardware_ids=[hw(s) for s in sizes],
+        security=False,
+        security_counter=None,
+    )
     images: dict[int, Path] = {}
     for size in sizes:
         version = f"1.{size // MIB}.0"
@@ -426,6 +475,8 @@ def run(work: Path) -> int:
                 f"peak RSS {r.maxrss_kib / 1024:5.1f} MiB, disk +{r.disk_growth / MIB:.1f} MiB "
                 f"(peak +{r.disk_peak_growth / MIB:.1f} MiB), {r.detail}"
             )
+            steps = ", ".join(f"{n} {t:.2f}" for n, t in r.marks)
+            print(f"  armed after {r.armed:.2f} s; s since start after each action: {steps}")
     finally:
         stop(server)
 
@@ -450,11 +501,12 @@ def run(work: Path) -> int:
     for size in THROUGHPUT_SIZES:
         r, (ossl, rauc_s) = results[size], refs[size]
         lines.append(
-            f"{size // MIB} MiB: {r.mib_s:.0f} MiB/s = {ossl / r.seconds:.2f}x openssl, "
-            f"{rauc_s / r.seconds:.2f}x rauc"
+            f"{size // MIB} MiB: {r.mib_s:.0f} MiB/s = {ossl / r.rate_seconds:.2f}x openssl, "
+            f"to armed {size / MIB / r.armed_seconds:.0f} MiB/s = "
+            f"{rauc_s / r.armed_seconds:.2f}x rauc install"
         )
-        ok &= r.seconds <= rauc_s
-    ok &= results[256 * MIB].mib_s >= TARGET_MIB_S
+        ok &= r.armed_seconds <= rauc_s
+    ok &= all(results[s].mib_s >= TARGET_MIB_S for s in THROUGHPUT_SIZES if s >= 256 * MIB)
     for size in RSS_SIZES:
         r = results[size]
         ok &= r.maxrss_kib / 1024 <= TARGET_RSS_MIB

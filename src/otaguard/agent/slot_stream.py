@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,13 +29,22 @@ from otaguard.agent.slots import SlotBackend
 from otaguard.agent.stream import StreamTransform, TargetStream, identity_transform
 from otaguard.model.errors import StopRequestedError
 
-__all__ = ["MAX_RECONNECTS", "Checkpoint", "ImageCheck", "StreamStats", "stream_to_slot"]
+__all__ = [
+    "MAX_RECONNECTS",
+    "PIPELINE_DEPTH",
+    "Checkpoint",
+    "ImageCheck",
+    "StreamStats",
+    "stream_to_slot",
+]
 
 logger = logging.getLogger(__name__)
 
 #: reconnections (Range requests) after a dropped connection within one install run;
 #: each has its own deadline, so this also bounds how long a flaky server can hold us
 MAX_RECONNECTS: Final = 3
+#: chunks received but not yet hashed and written: the pipeline's memory (x 1 MiB reads)
+PIPELINE_DEPTH: Final = 4
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,50 @@ def _resume_point(
     return -1
 
 
+class _Sink:
+    """The slot side of the stream, in a thread of its own: hash, write, checkpoint.
+
+    The receiving thread decrypts the next chunk (``SSL_read`` releases the GIL) while
+    this one hashes and writes the previous ones (``hashlib`` and ``os.write`` release it
+    too), so a streamed install costs about the slower of network and disk, not their
+    sum. The queue is bounded (:data:`PIPELINE_DEPTH`): memory stays a few MiB.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[bytes], None],
+    ) -> None:
+        self._step = step
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=PIPELINE_DEPTH)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="otaguard-slot-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the receiving thread sees the error and stops
+            try:
+                self._step(chunk)
+            except BaseException as e:  # noqa: BLE001 - handed to the receiving thread
+                self.error = e
+
+    def put(self, chunk: bytes) -> None:
+        """Queue ``chunk``; raise what the sink failed with, if it failed."""
+        self.check()
+        self._queue.put(chunk)
+
+    def check(self) -> None:
+        """Raise the sink's error in the receiving thread."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Process what is queued, then stop the thread (it never outlives the stream)."""
+        self._queue.put(None)
+        self._thread.join()
+
+
 def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, checkpoints
     *,
     backend: SlotBackend,
@@ -112,7 +166,8 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         transform: decompressor or delta applier between the verified stream and the slot;
             the identity for a plain image. A non-resumable transform starts over.
         image: the slot bytes a transform must produce (required with a transform).
-        after_chunk: called with the stream offset after each chunk (fault injection).
+        after_chunk: called with the stream offset after each chunk is written (fault
+            injection).
 
     Raises:
         LengthOrHashMismatchError: the stream (or the transformed image) is longer than
@@ -132,57 +187,74 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         verifier = TargetStream(target=target)
     stats.resumed_at = start
     image_hash = hashlib.sha256()
-    produced = 0
-    pos = last = start
+    produced = 0  # bytes the transform produced (checked against the image length)
+    written = last = start  # slot bytes written / at the last checkpoint
+    pos = start  # stream bytes received
     writer = backend.open_writer(
         slot, offset=start, length=image.length if image else target.length
     )
 
-    def verified(offset: int) -> Iterator[bytes]:
+    def sink_step(out: bytes) -> None:
+        nonlocal written, last
+        if plain:
+            verifier.digest(out)  # slot bytes are the stream's bytes
+        else:
+            image_hash.update(out)
+        writer.write(out)
+        written += len(out)
+        if progress is not None:
+            progress(len(out))
+        if plain and written - last >= checkpoint_bytes:
+            writer.sync()  # durable first, then recorded
+            on_checkpoint(Checkpoint(written, verifier.sha256_so_far()))
+            last = written
+        if after_chunk is not None:
+            after_chunk(written)
+
+    def received(offset: int) -> Iterator[bytes]:
         nonlocal pos
         for chunk in open_stream(offset):
-            verifier.update(chunk)  # refuses a byte beyond the target before it is written
+            if plain:
+                verifier.admit(len(chunk))  # refuses a byte beyond the target up front
+            else:
+                verifier.update(chunk)
             pos += len(chunk)
             stats.downloaded += len(chunk)
             yield chunk
 
+    sink = _Sink(sink_step)
     try:
-        # A run killed after its last checkpoint covered the whole target has nothing
-        # left to fetch (a Range beyond the end would be refused with 416).
-        while pos < target.length or not plain:
-            try:
-                for out in transform(verified(pos)):
-                    if not plain:
-                        assert image is not None  # noqa: S101 - checked above
-                        produced += len(out)
-                        if produced > image.length:
-                            raise LengthOrHashMismatchError(
-                                f"{target.path} expands beyond the image's {image.length} bytes"
-                            )
-                        image_hash.update(out)
-                    writer.write(out)
-                    if progress is not None:
-                        progress(len(out))
-                    if stop.is_set():
-                        raise StopRequestedError(f"stopped while writing slot {slot}")
-                    if plain and pos - last >= checkpoint_bytes:
-                        writer.sync()  # durable first, then recorded
-                        on_checkpoint(Checkpoint(pos, verifier.sha256_so_far()))
-                        last = pos
-                    if after_chunk is not None:
-                        after_chunk(pos)
-                break
-            except tuf_exc.DownloadError as e:
-                resumable = plain and not isinstance(
-                    e,
-                    tuf_exc.DownloadHTTPError
-                    | tuf_exc.DownloadLengthMismatchError
-                    | DownloadCancelledError,
-                )
-                if not resumable or stats.reconnects >= MAX_RECONNECTS or stop.is_set():
-                    raise
-                stats.reconnects += 1
-                logger.warning("%s; continuing from byte %d (Range request)", e, pos)
+        try:
+            # A run killed after its last checkpoint covered the whole target has nothing
+            # left to fetch (a Range beyond the end would be refused with 416).
+            while pos < target.length or not plain:
+                try:
+                    for out in transform(received(pos)):
+                        if not plain:
+                            assert image is not None  # noqa: S101 - checked above
+                            produced += len(out)
+                            if produced > image.length:
+                                raise LengthOrHashMismatchError(
+                                    f"{target.path} expands beyond the image's {image.length} bytes"
+                                )
+                        sink.put(out)
+                        if stop.is_set():
+                            raise StopRequestedError(f"stopped while writing slot {slot}")
+                    break
+                except tuf_exc.DownloadError as e:
+                    resumable = plain and not isinstance(
+                        e,
+                        tuf_exc.DownloadHTTPError
+                        | tuf_exc.DownloadLengthMismatchError
+                        | DownloadCancelledError,
+                    )
+                    if not resumable or stats.reconnects >= MAX_RECONNECTS or stop.is_set():
+                        raise
+                    stats.reconnects += 1
+                    logger.warning("%s; continuing from byte %d (Range request)", e, pos)
+        finally:
+            sink.close()  # what was received is written; the thread ends here
+        sink.check()
         verifier.finish()
         if not plain:
             assert image is not None  # noqa: S101 - checked above

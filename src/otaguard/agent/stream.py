@@ -46,7 +46,10 @@ class TargetStream:
 
     def __init__(self, *, target: TargetFile) -> None:
         self.target = target
+        #: bytes admitted under the length cap
         self.received = 0
+        #: bytes hashed (equal to ``received`` once the stream is drained)
+        self.hashed = 0
         self._hashers: dict[str, hashlib._Hash] = {}
         for algo in target.hashes:
             try:
@@ -55,17 +58,30 @@ class TargetStream:
                 raise LengthOrHashMismatchError(f"Unsupported algorithm '{algo}'") from e
 
     def update(self, chunk: bytes | memoryview) -> None:
-        """Account for the next bytes of the target.
+        """Account for the next bytes of the target: :meth:`admit`, then :meth:`digest`.
+
+        Raises:
+            LengthOrHashMismatchError: the stream is now longer than the target.
+        """
+        self.admit(len(chunk))
+        self.digest(chunk)
+
+    def admit(self, n: int) -> None:
+        """Count ``n`` more bytes of the stream (the length cap; no hashing).
 
         Raises:
             LengthOrHashMismatchError: the stream is now longer than the target (endless
                 data: refused before the excess is written anywhere).
         """
-        if self.received + len(chunk) > self.target.length:
+        if self.received + n > self.target.length:
             raise LengthOrHashMismatchError(
                 f"{self.target.path}: more than the expected {self.target.length} bytes"
             )
-        self.received += len(chunk)
+        self.received += n
+
+    def digest(self, chunk: bytes | memoryview) -> None:
+        """Hash admitted bytes, in stream order (a pipeline may do it in another thread)."""
+        self.hashed += len(chunk)
         for h in self._hashers.values():
             h.update(chunk)
 
@@ -82,7 +98,7 @@ class TargetStream:
         Raises:
             LengthOrHashMismatchError: shorter than the target, or a hash differs.
         """
-        if self.received != self.target.length:
+        if self.received != self.target.length or self.hashed != self.received:
             raise LengthOrHashMismatchError(
                 f"{self.target.path}: length {self.received} != expected {self.target.length}"
             )
