@@ -62,11 +62,13 @@ def test_sigkilled_agent_resumes_the_stream_where_it_was_fsynced(world: World) -
     for cut in cuts:
         killed(dev.paths.root, f"stream-at:{cut}")
         state = InstallState.load(dev.paths.install_state)
-        # Killed after the 1 MiB network read that crossed the cut, which was checkpointed.
-        assert resume_at < state.written < cut + MIB, (cut, state.written)
+        # Killed after writing the 1 MiB network read that crossed the cut; checkpoints
+        # are fsynced and recorded in a thread of their own, so the last may be pending.
+        assert resume_at <= state.written < cut + MIB, (cut, state.written)
         resume_at = state.written
         dev.boot()  # power on (in process: the bootloader verifies what it starts)
         assert assert_verified_image_runs(dev) == "A"
+    assert resume_at > 0
     upd = ok(agent_v(dev.paths.root, "update"))
     assert f"slot B holds {resume_at} verified bytes: resuming there" in upd.stderr, upd.stderr
     assert "updated" in upd.stdout

