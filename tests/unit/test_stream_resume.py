@@ -11,15 +11,21 @@ request instead of downloading the image again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from test_install_memory import SIZE, Mem, PowerCut, assert_committed, flip_byte, mem
 from tuf.api import exceptions as tuf_exc
+from tuf.api.exceptions import LengthOrHashMismatchError
+from tuf.api.metadata import TargetFile
 
-from otaguard.agent import BootEnv, Device, DeviceConfig, InstallState
+from otaguard.agent import BootEnv, Device, DeviceConfig, FileSlots, InstallState
+from otaguard.agent.slot_stream import ImageCheck, stream_to_slot
+from otaguard.agent.stream import TargetStream
 from otaguard.model import TransportError, VerificationError
 from otaguard.sim.memory import MemoryFetcher, read_repository_files
 
@@ -194,3 +200,76 @@ def test_progress_is_reported_at_a_bounded_rate(mem: Mem) -> None:
     assert sum(n for _, n, _ in calls) == SIZE and {(s, t) for s, _, t in calls} == {
         ("install", SIZE)
     }
+
+
+# -- the pure check over a stream -----------------------------------------------------------
+def _target(data: bytes) -> TargetFile:
+    return TargetFile.from_data("fw.img", data, ["sha256", "sha512"])
+
+
+def test_target_stream_refuses_a_byte_beyond_the_verified_length() -> None:
+    stream = TargetStream(target=_target(b"abcd"))
+    stream.update(b"abc")
+    with pytest.raises(LengthOrHashMismatchError, match="more than the expected 4 bytes"):
+        stream.admit(2)
+    assert stream.received == 3, "the refused bytes were not counted"
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [(b"abc", "length 3 != expected 4"), (b"abcx", "sha256 hash does not match")],
+)
+def test_target_stream_requires_length_and_every_hash(data: bytes, why: str) -> None:
+    stream = TargetStream(target=_target(b"abcd"))
+    stream.update(data)
+    with pytest.raises(LengthOrHashMismatchError, match=why):
+        stream.finish()
+
+
+def test_target_stream_checks_every_listed_algorithm() -> None:
+    target = _target(b"abcd")
+    target.hashes["sha512"] = "0" * 128  # sha256 right, sha512 wrong
+    stream = TargetStream(target=target)
+    stream.update(b"abcd")
+    with pytest.raises(LengthOrHashMismatchError, match="sha512 hash does not match"):
+        stream.finish()
+
+
+def test_target_stream_refuses_an_unknown_algorithm() -> None:
+    target = TargetFile(4, {"nohash": "00"}, "fw.img")
+    with pytest.raises(LengthOrHashMismatchError, match="Unsupported algorithm 'nohash'"):
+        TargetStream(target=target)
+
+
+def test_transformed_stream_is_capped_and_checked_against_the_image(tmp_path: Path) -> None:
+    """The seam for a decompressor or delta applier: its output is capped at the image
+    length and must hash to the image, on top of the blob's own target check."""
+    blob = b"z" * 1000
+    image = b"IMAGE" * 100
+
+    def expand(chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for _ in chunks:
+            pass
+        yield image
+        yield b"!"  # one byte too many
+
+    class Expand:
+        resumable = False
+
+        def __call__(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+            return expand(chunks)
+
+    slots = FileSlots(tmp_path)
+    with pytest.raises(LengthOrHashMismatchError, match="expands beyond the image's 500 bytes"):
+        stream_to_slot(
+            backend=slots,
+            slot="B",
+            target=_target(blob),
+            open_stream=lambda offset: iter([blob[offset:]]),
+            resume=None,
+            checkpoint_bytes=CHECKPOINT,
+            on_checkpoint=lambda ck: None,
+            stop=threading.Event(),
+            transform=Expand(),
+            image=ImageCheck(len(image), hashlib.sha256(image).hexdigest()),
+        )
