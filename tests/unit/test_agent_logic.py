@@ -205,6 +205,11 @@ def test_dropped_connection_keeps_the_slot_progress_until_stalled_too_often() ->
     assert s.phase is Phase.IDLE and s.written == 0 and s.stalled_runs == 0
 
 
+def test_transport_failure_before_a_checkpoint_ends_the_install_as_before() -> None:
+    s, a = step(at(Phase.SELECTED), ActionFailed("stream_to_slot", "transport", "HTTP 404"))
+    assert s.phase is Phase.ABANDONING and a == (InvalidateSlot("B"), DiscardStaged())
+
+
 def test_unhealthy_image_rolls_back_and_is_remembered() -> None:
     s, a = step(at(Phase.ARMED), HealthResult("exit 1"), view("B", "B"))
     assert s.phase is Phase.ROLLING_BACK and a == (InvalidateSlot("B"), Reboot())

@@ -26,8 +26,8 @@ Phases (after ``idle`` an update is *selected* from verified metadata)::
     selected --InvalidateSlot, StreamToSlot--> verified --(floor check) Arm--> armed
       --Reboot, HealthCheck--> healthy --SetPrimary, RaiseFloor, RetireBelowFloor-->
       idle (updated)
-    selected, transport failure --> selected (resumes at the next update; abandoned after
-      MAX_STALLED_RUNS runs in a row without progress)
+    selected, transport failure with part of the image in the slot --> selected (resumes
+      at the next update; abandoned after MAX_STALLED_RUNS runs in a row without progress)
     armed/healthy, new slot not running or unhealthy --> rolling-back --> idle
     any other failure or refusal before armed --> abandoning --> idle (failed / refused)
 
@@ -451,10 +451,13 @@ def transition(  # noqa: PLR0911, PLR0912 - one branch per (phase, event) reads 
         isinstance(ev, ActionFailed)
         and phase is Phase.SELECTED
         and ev.kind == "transport"
+        and state.written > 0
         and state.stalled_runs + 1 < MAX_STALLED_RUNS
     ):
-        # A dropped connection or an unreachable server: keep what the slot holds and
-        # resume at the next update (the driver resets the count when bytes arrive).
+        # A dropped connection or an unreachable server after part of the image is in
+        # the slot: keep it and resume at the next update (the driver resets the count
+        # when a checkpoint lands). With nothing written there is nothing to keep: the
+        # install ends failed as before and the next poll selects afresh.
         return dataclasses.replace(state, stalled_runs=state.stalled_runs + 1), ()
     if isinstance(ev, ActionFailed) and phase in (Phase.SELECTED, Phase.VERIFIED):
         outcome = "refused" if ev.kind in ("verification", "downgrade") else "failed"
