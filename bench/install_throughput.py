@@ -261,7 +261,7 @@ def download_seconds(device: Path, repo: Path, size: int) -> float:
         p.name for p in (repo / "targets").iterdir() if p.name.endswith(f"-1.{size // MIB}.0.img")
     )
     dev = Device(device)
-    fetcher = dev._checked_in_fetcher()  # noqa: SLF001 - the agent's own checked-in fetcher
+    fetcher = dev._checked_in_fetcher()  # the agent's own checked-in fetcher (private)
     try:
         url = f"{dev.config.server_url}/targets/{blob}"
         t0 = time.perf_counter()
