@@ -273,3 +273,20 @@ def test_transformed_stream_is_capped_and_checked_against_the_image(tmp_path: Pa
             transform=Expand(),
             image=ImageCheck(len(image), hashlib.sha256(image).hexdigest()),
         )
+
+
+def test_the_target_slot_is_invalid_before_its_first_byte_is_written(mem: Mem) -> None:
+    """Slot B holds a valid image the boot environment records (a restored backup, or a
+    slot kept at the floor): a cut in the middle of overwriting it must leave it invalid."""
+    mem.release("1.1.0")
+    files = read_repository_files(mem.repo.dir)
+    path = provision(mem, "d")
+    env = BootEnv.load(path / "bootenv.json")
+    env.slots["B"] = env.slots["A"]
+    env.save(path / "bootenv.json")
+    (path / "slots" / "b.img").write_bytes((path / "slots" / "a.img").read_bytes())
+    assert Device(path).boot().slot == "A"
+
+    with pytest.raises(PowerCut):
+        open_device(path, files, cut_power_at(blob_of(files, "1.1.0"), SIZE // 2))[0].update()
+    assert BootEnv.load(path / "bootenv.json").slots["B"] is None, "a torn slot stays recorded"
