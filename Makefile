@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml | sysdeps
 # (libtss2-tcti-tabrmd0: several TPM clients at once) and D-Bus (abrmd's bus; dbus-send
 # tells when abrmd is up). Keys in a PKCS#11 token (ADR 0013) are tested against SoftHSM2
 # (softhsm2: softhsm2-util and its module libsofthsm2.so); opensc's pkcs11-tool inspects a
-# token by hand. As root they are installed, otherwise listed (exit 1).
+# token by hand. The install benchmark's reference is RAUC (rauc; its bundles need
+# mksquashfs from squashfs-tools), run on a private session D-Bus. As root they are
+# installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
                 dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
-                pkcs11-tool:opensc
+                pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \
@@ -84,6 +86,7 @@ bench: $(STAMP) sysdeps postgres
 	$(BIN)/python bench/verify_throughput.py
 	$(BIN)/python bench/hybrid_metadata.py
 	$(BIN)/python bench/agent_rss.py
+	$(BIN)/python bench/install_throughput.py
 	$(BIN)/python bench/checkin_throughput.py
 
 # sslyze in a venv of its own: it pins an older `cryptography` than otaguard needs. The scan

@@ -67,7 +67,7 @@ def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]
 
         def on_progress(name: str, stage: str, n: int, total: int) -> None:
             if name not in tasks:
-                tasks[name] = prog.add_task(f"{name} download+install", total=2 * total)
+                tasks[name] = prog.add_task(f"{name} stream+install", total=total)
             prog.advance(tasks[name], n)
 
         runs: list[DeviceRun] = []
