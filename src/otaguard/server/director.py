@@ -366,18 +366,19 @@ class Director:
                 running = Version.parse(installed.version)
             except ValueError:
                 running = None
+        # The policy in the unit too: its stores read and write through the unit helpers
+        # (storage/unit.py), so it takes no connection of its own while the unit holds
+        # one (which, waited for by many threads at once, could exhaust the pool).
         with self._unit():
             assignment = self.assignments.get(serial)
             releases = self.releases()
-        # Outside the unit: the policy's stores take connections of their own, and a
-        # thread holding the unit's while waiting for another could exhaust the pool.
-        release = self.policy(
-            serial=serial,
-            hardware_id=hardware_id,
-            running=running,
-            assignment=assignment,
-            releases=releases,
-        )
+            release = self.policy(
+                serial=serial,
+                hardware_id=hardware_id,
+                running=running,
+                assignment=assignment,
+                releases=releases,
+            )
         logger.info(
             "director instructs %s: %s", serial, release.name if release is not None else "none"
         )
