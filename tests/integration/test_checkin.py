@@ -23,6 +23,7 @@ from db_support import ENGINES
 from otaguard.agent import Device
 from otaguard.agent.checkin import CHECKIN_PATH, NONCE_PATH, build_manifest
 from otaguard.agent.identity import device_signer
+from otaguard.agent.install import InstallState
 from otaguard.agent.slots import BootEnv, FileSlots
 from otaguard.cli import main
 from otaguard.crypto.envelope import sign_envelope
@@ -31,6 +32,7 @@ from otaguard.server.client import FleetClient
 from otaguard.sim import make_image
 
 TIMESTAMP = "/metadata/timestamp.json"
+UNPRINTABLE = "last_result.error holds a control character or an invalid code point"
 
 
 def fleet(world: World) -> FleetClient:
@@ -186,6 +188,54 @@ def test_a_manifest_signed_by_another_key_is_refused(world: World) -> None:
     assert "the signature does not verify with the key of the client certificate" in error(data)
     status, data = request(world, dev, "POST", CHECKIN_PATH, b'{"signed": {}, "signatures": []}')
     assert status == 403 and "exactly one signature" in error(data)
+
+
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("bad\x00byte", "last_result.error holds a control character or an invalid code point"),
+        (
+            "forged\nlog line",
+            "last_result.error holds a control character or an invalid code point",
+        ),
+        ("\ud800", "the signed record holds an invalid code point"),
+    ],
+)
+def test_a_manifest_with_unprintable_text_is_refused_and_the_server_goes_on(
+    world: World, text: str, cause: str
+) -> None:
+    """A NUL (PostgreSQL text refuses it), a line break (a forged log line) or a lone
+    surrogate (no UTF-8 bytes carry it: a device can only send it JSON-escaped, unsigned)
+    in a manifest is refused by name: never a 500, never a failed insert, and the device's
+    next honest check-in is accepted."""
+    dev = world.device("cu")
+    m = build_manifest(dev.paths, dev.config, nonce=nonce_for(world, dev), tpm=None)
+    if text == "\ud800":
+        m = dataclasses.replace(m, last_result={"outcome": "failed", "error": "SURROGATE"})
+        signed = sign_envelope(device_signer(dev.paths, dev.config), m.to_dict()).replace(
+            b'"SURROGATE"', b'"\\ud800"'
+        )
+    else:
+        m = dataclasses.replace(m, last_result={"outcome": "failed", "error": text})
+        signed = sign_envelope(device_signer(dev.paths, dev.config), m.to_dict())
+    status, data = request(world, dev, "POST", CHECKIN_PATH, signed)
+    assert status == 403, data
+    assert cause in error(data)
+    assert request(world, dev, "POST", CHECKIN_PATH, manifest(dev, nonce_for(world, dev)))[0] == 200
+
+
+def test_the_agent_reports_a_hostile_error_text_cleaned(world: World) -> None:
+    """An install error may quote a hostile server: the agent cleans it before signing, so
+    the device is never locked out of its own check-ins by what it reports."""
+    dev = world.device("cv")
+    state = InstallState.load(dev.paths.install_state)
+    dataclasses.replace(
+        state, last_result={"outcome": "failed", "error": "server said \x00\x1b[31m\ud800"}
+    ).save(dev.paths.install_state)
+    m = build_manifest(dev.paths, dev.config, nonce="n", tpm=None)
+    assert m.last_result["error"] == "server said ??[31m?"
+    assert dev.checkin().serial == "cv"
 
 
 @pytest.mark.parametrize("world", ENGINES, indirect=True)

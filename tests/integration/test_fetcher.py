@@ -80,6 +80,8 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 for _ in range(10_000):  # bounded: stops by itself
                     self.wfile.write(b"x" * 65536)
+        elif self.path.startswith("/range"):
+            self._range()
         elif self.path == "/trickle":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -92,11 +94,32 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
         else:
             self._respond(404, b"not found")
 
+    def _range(self) -> None:
+        """``/range``: honours ``Range``; ``-ignored`` answers 200 with the whole body;
+        ``-wrong`` answers another range than asked; ``-long`` sends more than asked."""
+        header = self.headers.get("Range")
+        self.server.ranges.append(header)
+        if header is None or self.path == "/range-ignored":
+            self._respond(200, RANGED)
+            return
+        start = int(header.removeprefix("bytes=").rstrip("-"))
+        first = start + 1 if self.path == "/range-wrong" else start
+        body = RANGED[first:] + (b"y" * 100 if self.path == "/range-long" else b"")
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{len(RANGED) - 1}/{len(RANGED)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+RANGED = bytes(range(256)) * 64  # 16 KiB
+
 
 class _CountingServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(address, _Hostile)
         self.connections: list[tuple[str, int]] = []
+        self.ranges: list[str | None] = []
 
 
 @dataclass
@@ -441,6 +464,42 @@ def test_cancel_from_a_signal_handler(
     finally:
         sender.join()
         signal.signal(signal.SIGUSR1, previous)
+
+
+# -- ranges (resuming a streamed install) -------------------------------------------------
+def test_stream_range_continues_from_the_offset(
+    site: Site, make_fetcher: Callable[..., TlsFetcher]
+) -> None:
+    f = make_fetcher(site.ca)
+    got = b"".join(f.stream_range(f"{site.url}/range", start=5000, max_length=len(RANGED)))
+    assert got == RANGED[5000:]
+    assert site.server.ranges == ["bytes=5000-"]
+    assert b"".join(f.stream_range(f"{site.url}/range", start=0, max_length=len(RANGED))) == RANGED
+    assert site.server.ranges[-1] is None, "no Range header for a download from the start"
+
+
+def test_a_server_ignoring_range_is_read_from_the_start_and_the_prefix_dropped(
+    site: Site, make_fetcher: Callable[..., TlsFetcher]
+) -> None:
+    f = make_fetcher(site.ca)
+    url = f"{site.url}/range-ignored"
+    assert b"".join(f.stream_range(url, start=7000, max_length=len(RANGED))) == RANGED[7000:]
+
+
+def test_another_range_than_asked_for_is_refused(
+    site: Site, make_fetcher: Callable[..., TlsFetcher]
+) -> None:
+    f = make_fetcher(site.ca)
+    with pytest.raises(exceptions.DownloadError, match=r"asked for bytes 5000- but .*5001-"):
+        b"".join(f.stream_range(f"{site.url}/range-wrong", start=5000, max_length=len(RANGED)))
+
+
+def test_a_range_longer_than_the_target_is_cut_at_the_cap(
+    site: Site, make_fetcher: Callable[..., TlsFetcher]
+) -> None:
+    f = make_fetcher(site.ca)
+    with pytest.raises(exceptions.DownloadLengthMismatchError, match="more than the expected"):
+        b"".join(f.stream_range(f"{site.url}/range-long", start=5000, max_length=len(RANGED)))
 
 
 # -- connections ----------------------------------------------------------------------

@@ -118,6 +118,13 @@ def test_tags_groups_and_listing(world: World, cli: Cli) -> None:
     assert inv.members("all") == ["inv-1", "inv-2", "inv-3", "inv-4"]
     with pytest.raises(UnknownNameError, match="no group named 'nope'"):
         inv.members("nope")
+    # entry() (one device's rows: what a check-in's policy reads) agrees with the listing
+    listed = {e.device.serial: (e.tags, e.groups) for e in inv.entries()}
+    assert listed["inv-4"] == ({"line": "2", "site": "berlin"}, ("all", "berlin2"))
+    for serial, seen in listed.items():
+        one = inv.entry(serial)
+        assert one is not None and (one.tags, one.groups) == seen
+    assert inv.entry("nobody") is None
 
     out, _ = cli("group", "delete", "pilots")
     assert out.strip() == "deleted group pilots"

@@ -31,11 +31,14 @@ from tuf.api.metadata import Metadata, Timestamp
 
 from conftest import start_world
 from nginx_support import free_port
+from otaguard.agent import Device
 from otaguard.agent.checkin import CHECKIN_PATH, NONCE_PATH, build_manifest
 from otaguard.agent.identity import device_signer
 from otaguard.crypto.envelope import sign_envelope
 from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
+from otaguard.server.ops_client import OpsClient
+from otaguard.server.rollout_client import RolloutClient
 from otaguard.server.storage import upgrade_database
 
 #: a password in B's URL: PostgreSQL's trust authentication never asks for it, so it can
@@ -252,3 +255,112 @@ def test_one_signed_check_in_sent_to_two_servers_is_accepted_once(
         if b is not None:
             b.stop()
         world.server.stop()
+
+
+def test_a_quarantine_through_one_server_refuses_the_very_next_request_on_the_other(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Zero trust across workers: nothing of the registry is cached between requests, so
+    # a quarantine made through B's operator API refuses the device at once on A, the
+    # check-in of a nonce A issued before it included.
+    upgrade_database(postgres_url)
+    world = start_world(tmp_path, database_url=postgres_url)
+    b = None
+    try:
+        world.release("1.0.0")
+        b = start_server_in_thread(
+            ServerSettings(
+                data_dir=world.server.data_dir, repo_dir=None, port=0, database_url=postgres_url
+            )
+        )
+        dev = world.device("watched")
+        assert world.server.ca_cert is not None
+        ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+        ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+        port_a = int(world.server.base_url.rsplit(":", 1)[1])
+
+        def signed_manifest() -> bytes:
+            status, data = _post(port_a, ctx, NONCE_PATH, b"")
+            assert status == 200, data
+            return sign_envelope(
+                device_signer(dev.paths, dev.config),
+                build_manifest(
+                    dev.paths, dev.config, nonce=json.loads(data)["nonce"], tpm=None
+                ).to_dict(),
+            )
+
+        status, data = _post(port_a, ctx, CHECKIN_PATH, signed_manifest())
+        assert status == 200, data  # A has served this device: anything it caches is warm
+        pending = signed_manifest()
+        with FleetClient(
+            server_url=b.base_url, ca_cert=world.server.ca_cert, token=b.operator_token
+        ) as fb:
+            fb.quarantine("watched", "odd traffic")
+        expected = "access denied: device watched is quarantined: odd traffic"
+        status, data = _post(port_a, ctx, CHECKIN_PATH, pending)
+        assert status == 403, data
+        assert json.loads(data)["error"] == expected
+        status, data = _post(port_a, ctx, NONCE_PATH, b"")
+        assert status == 403, data
+        assert json.loads(data)["error"] == expected
+        history = world.server.app.state.checkins.history("watched", limit=10)
+        assert [c.outcome for c in history] == ["accepted"]  # the refused one is not recorded
+    finally:
+        if b is not None:
+            b.stop()
+        world.server.stop()
+
+
+def test_operator_changes_through_one_server_steer_the_very_next_check_in_on_the_other(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # The check-in's channel policy reads only the device's own rows and caches nothing an
+    # operator changes (ADR 0012): a group membership, a pause and a resume made through
+    # B decide A's answer to the device's very next check-in.
+    upgrade_database(postgres_url)
+    world = start_world(tmp_path, database_url=postgres_url, director=True)
+    b = None
+    try:
+        world.release("1.0.0")
+        dev = world.device("steered")
+        dev.update()  # A has answered this device: anything it caches is warm
+        world.release("1.1.0")  # a feature release: only through a rollout
+        b = start_server_in_thread(
+            ServerSettings(
+                data_dir=world.server.data_dir,
+                repo_dir=None,
+                port=0,
+                database_url=postgres_url,
+                director_dir=tmp_path / "director",
+            )
+        )
+        assert world.server.ca_cert is not None
+        opts = {"server_url": b.base_url, "ca_cert": world.server.ca_cert}
+        with (
+            OpsClient(**opts, token=b.operator_token) as ops,
+            RolloutClient(**opts, token=b.operator_token) as ro,
+        ):
+            ops.create_group("pilot", where=None)
+            ro.create_rollout(
+                release="1.1.0", group="pilot", phases=[100],
+                success_threshold=95, failure_threshold=5, name="r-pilot",
+            )  # fmt: skip
+            dev.update()
+            assert _booted(dev) == "1.0.0"  # not in the group
+            ro.rollout_action("r-pilot", "pause")
+            ops.change_members("pilot", add=["steered"])
+            dev.update()
+            assert _booted(dev) == "1.0.0"  # in the group, the rollout paused
+            ro.rollout_action("r-pilot", "resume")
+            dev.update()
+            assert _booted(dev) == "1.1.0"
+    finally:
+        if b is not None:
+            b.stop()
+        world.server.stop()
+
+
+def _booted(dev: Device) -> str:
+    booted = dev.status().booted
+    assert booted is not None
+    return booted.version

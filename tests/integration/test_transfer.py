@@ -20,7 +20,7 @@ from otaguard.repo import Release
 from otaguard.repo.transfer import TransferRequest
 from sbom_support import sbom_beside
 
-LOGGER = "otaguard.agent.transfer"
+LOGGER = "otaguard.agent"
 
 
 def _patched(world: World, version: str) -> Path:
@@ -116,9 +116,10 @@ def test_slot_not_matching_its_record_falls_back_to_full(
     assert result.outcome == "updated"
     assert _installed(world, dev.paths.root, "1.1.0")
     assert (
-        f"delta failed: verification failed: the decoded image is not {rel.path} (sha256 differs)"
+        "delta failed: verification failed: "
         in caplog.text
     )
+    assert "the image written does not match the verified image" in caplog.text
     assert f"{rel.path}: downloading the full image" in caplog.text
 
 
@@ -139,5 +140,6 @@ def test_corrupted_delta_and_blob_fall_back_to_full(
     assert result.outcome == "updated"
     assert _installed(world, dev.paths.root, "1.1.0")
     assert "delta failed:" in caplog.text and "compressed failed:" in caplog.text
-    assert "hash" in caplog.text.split("delta failed:")[1].split("\n")[0]
+    # streamed: the decoders find the corruption before the blob's hash is complete
+    assert "delta is corrupt" in caplog.text and "compressed image is corrupt" in caplog.text
     assert f"{rel.path}: downloading the full image" in caplog.text

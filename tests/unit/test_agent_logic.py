@@ -17,13 +17,12 @@ from otaguard.agent import (
     select_update,
 )
 from otaguard.agent.install import (
+    MAX_STALLED_RUNS,
     ActionFailed,
     Arm,
     DeviceView,
     DiscardStaged,
     Done,
-    Download,
-    Downloaded,
     HealthCheck,
     HealthResult,
     InvalidateSlot,
@@ -33,10 +32,8 @@ from otaguard.agent.install import (
     Resumed,
     RetireBelowFloor,
     SetPrimary,
-    SlotChecked,
-    VerifySlot,
-    WriteSlot,
-    Written,
+    Streamed,
+    StreamToSlot,
     transition,
 )
 from otaguard.model import ConfigError, DowngradeError, ReleaseInfo, Version
@@ -127,9 +124,7 @@ def at(phase: Phase) -> InstallState:
     ("phase", "v", "actions"),
     [
         (Phase.IDLE, view(), ()),
-        (Phase.SELECTED, view(), (Download(),)),
-        (Phase.DOWNLOADED, view(), (InvalidateSlot("B"), WriteSlot("B"))),
-        (Phase.WRITTEN, view(), (VerifySlot("B"),)),
+        (Phase.SELECTED, view(), (InvalidateSlot("B"), StreamToSlot("B"))),
         (Phase.VERIFIED, view(), (Arm("B", IMAGE), DiscardStaged())),
         (Phase.ARMED, view("A", "B"), (Reboot(),)),
         (Phase.ARMED, view("B", "B"), (HealthCheck("B"),)),
@@ -149,11 +144,9 @@ def test_resume_reissues_the_phase_actions(
 
 
 def test_happy_path_event_by_event() -> None:
-    s, a = step(at(Phase.SELECTED), Downloaded())
-    assert s.phase is Phase.DOWNLOADED and a == (InvalidateSlot("B"), WriteSlot("B"))
-    s, a = step(s, Written(source_ok=True))
-    assert s.phase is Phase.WRITTEN and a == (VerifySlot("B"),)
-    s, a = step(s, SlotChecked(ok=True))
+    s, a = step(at(Phase.SELECTED), Resumed())
+    assert s.phase is Phase.SELECTED and a == (InvalidateSlot("B"), StreamToSlot("B"))
+    s, a = step(s, Streamed())
     assert s.phase is Phase.VERIFIED and a == (Arm("B", IMAGE), DiscardStaged())
     s, a = step(s, Done())
     assert s.phase is Phase.ARMED and a == (Reboot(),)
@@ -168,7 +161,7 @@ def test_happy_path_event_by_event() -> None:
 
 def test_below_the_floor_at_arm_is_a_refusal_not_a_wedge() -> None:
     raised = view(floor=Floor(Version.parse("1.2.0"), 1))
-    s, a = step(at(Phase.WRITTEN), SlotChecked(ok=True), raised)
+    s, a = step(at(Phase.SELECTED), Streamed(), raised)
     assert s.phase is Phase.ABANDONING
     assert a == (InvalidateSlot("B"), DiscardStaged())
     assert s.pending == {"outcome": "refused", "error": "downgrade"}
@@ -180,26 +173,41 @@ def test_below_the_floor_at_arm_is_a_refusal_not_a_wedge() -> None:
 
 
 def test_refused_download_abandons_and_records_the_cause() -> None:
-    s, a = step(at(Phase.SELECTED), ActionFailed("download", "verification", "hash mismatch"))
+    s, a = step(at(Phase.SELECTED), ActionFailed("stream_to_slot", "verification", "hash mismatch"))
     assert s.phase is Phase.ABANDONING and a == (InvalidateSlot("B"), DiscardStaged())
     s, _ = step(s, Done())
     assert s.last_result is not None and s.last_result["outcome"] == "refused"
     assert s.last_result["detail"] == "hash mismatch"
 
 
-def test_damaged_staged_file_is_downloaded_again() -> None:
-    s, a = step(at(Phase.DOWNLOADED), Written(source_ok=False))
-    assert s.phase is Phase.SELECTED and a == (DiscardStaged(), Download())
+@pytest.mark.parametrize("phase", [Phase.DOWNLOADED, Phase.WRITTEN])
+def test_a_staged_install_of_an_older_agent_streams_afresh(phase: Phase) -> None:
+    old = at(phase)
+    old.written, old.written_sha256 = 5, "b" * 64
+    s, a = step(old, Resumed())
+    assert s.phase is Phase.SELECTED and a == (InvalidateSlot("B"), StreamToSlot("B"))
+    assert s.written == 0 and s.written_sha256 is None
 
 
-def test_slot_that_never_reads_back_gives_up() -> None:
-    first = at(Phase.WRITTEN)
-    first.write_attempts = 1  # the write that DOWNLOADED performed
-    s, a = step(first, SlotChecked(ok=False))
-    assert s.phase is Phase.DOWNLOADED and a == (InvalidateSlot("B"), WriteSlot("B"))
-    s.phase = Phase.WRITTEN
-    s, a = step(s, SlotChecked(ok=False))
-    assert s.phase is Phase.ABANDONING and s.pending == {"outcome": "failed", "error": "storage"}
+def test_dropped_connection_keeps_the_slot_progress_until_stalled_too_often() -> None:
+    """A transport failure while streaming waits for the next run (which resumes with a
+    Range request); only MAX_STALLED_RUNS failures in a row without progress abandon."""
+    s = at(Phase.SELECTED)
+    s.written, s.written_sha256 = 4, "c" * 64
+    cut = ActionFailed("stream_to_slot", "transport", "connection reset")
+    for n in range(1, MAX_STALLED_RUNS):
+        s, a = step(s, cut)
+        assert s.phase is Phase.SELECTED and a == () and s.stalled_runs == n
+        assert s.written == 4, "the checkpoint survives"
+    s, a = step(s, cut)
+    assert s.phase is Phase.ABANDONING and s.pending == {"outcome": "failed", "error": "transport"}
+    s, _ = step(s, Done())
+    assert s.phase is Phase.IDLE and s.written == 0 and s.stalled_runs == 0
+
+
+def test_transport_failure_before_a_checkpoint_ends_the_install_as_before() -> None:
+    s, a = step(at(Phase.SELECTED), ActionFailed("stream_to_slot", "transport", "HTTP 404"))
+    assert s.phase is Phase.ABANDONING and a == (InvalidateSlot("B"), DiscardStaged())
 
 
 def test_unhealthy_image_rolls_back_and_is_remembered() -> None:

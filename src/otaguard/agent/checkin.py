@@ -45,6 +45,7 @@ from otaguard.model.manifest import (
     DeviceManifest,
     InstalledTarget,
     Quote,
+    printable_text,
     quote_qualifying_data,
 )
 
@@ -228,7 +229,7 @@ def build_manifest(
         nonce=nonce,
         time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         installed=installed,
-        last_result={k: str(result[k])[:1024] for k in _RESULT_KEYS if k in result},
+        last_result={k: printable_text(str(result[k]), 1024) for k in _RESULT_KEYS if k in result},
         boot=BootMeasurement(
             sha256=measurement[0], slot=measurement[1], attested=quote is not None
         ),

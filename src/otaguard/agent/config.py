@@ -145,6 +145,12 @@ class DeviceConfig:
     #: per-download deadline = base + length / min rate (slow-retrieval defence)
     download_deadline_base_s: float = 60.0
     download_min_rate_bps: int = 64 * 1024
+    #: a streaming install fsyncs the slot and records its progress after this many
+    #: bytes: what a power cut or a dropped connection can cost to download again,
+    #: against one fsync and one state write per checkpoint (measured here, 256 MiB
+    #: streamed into a file slot: 0.53-0.66 s without checkpoints, 0.69-0.73 s every
+    #: 32 MiB, 1.10-1.25 s every 8 MiB)
+    resume_checkpoint_bytes: int = 32 * 1024 * 1024
     #: largest image a slot accepts; bigger targets are refused before download
     max_image_bytes: int = 4 * 1024**3
     #: development only: allow http:// server URLs
@@ -198,6 +204,7 @@ class DeviceConfig:
             "download_deadline_base_s",
             "download_min_rate_bps",
             "max_image_bytes",
+            "resume_checkpoint_bytes",
         ):
             # `not x > 0` also refuses NaN, which a hand-edited JSON config can hold.
             if not getattr(self, name) > 0:
@@ -254,6 +261,7 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "download_deadline_base_s": _NUMBER,
     "download_min_rate_bps": _NUMBER,
     "max_image_bytes": (int,),
+    "resume_checkpoint_bytes": (int,),
     "insecure_http": (bool,),
     "unsafe_no_health_check": (bool,),
     "unsafe_file_device_key": (bool,),

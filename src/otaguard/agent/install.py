@@ -13,16 +13,26 @@ one by one and feeds their outcome back. Rules that make a power cut harmless an
 - a refusal or failure before the new slot is armed is a transition too: the install
   moves to ``abandoning`` (invalidate the target slot, discard the download) and ends
   ``refused`` or ``failed`` with its cause recorded, never stuck in a phase;
-- the target slot is invalidated in the boot environment before it is written, and
-  armed only after it verified and after the anti-rollback floor allowed it.
+- the target slot is invalidated in the boot environment before its first byte is
+  written, and armed only after the streamed bytes matched the verified target's length
+  and hashes and after the anti-rollback floor allowed it;
+- the image streams from the network into the slot (no staging copy); the driver records
+  in the state how far the slot was written and fsynced (``written`` and the prefix's
+  digest), so a stream cut by power loss or a dropped connection continues from there
+  with a Range request after re-hashing the prefix (ADR 0017).
 
 Phases (after ``idle`` an update is *selected* from verified metadata)::
 
-    selected --Download--> downloaded --InvalidateSlot, WriteSlot--> written
-      --VerifySlot--> verified --(floor check) Arm--> armed --Reboot, HealthCheck-->
-      healthy --SetPrimary, RaiseFloor, RetireBelowFloor--> idle (updated)
+    selected --InvalidateSlot, StreamToSlot--> verified --(floor check) Arm--> armed
+      --Reboot, HealthCheck--> healthy --SetPrimary, RaiseFloor, RetireBelowFloor-->
+      idle (updated)
+    selected, transport failure with part of the image in the slot --> selected (resumes
+      at the next update; abandoned after MAX_STALLED_RUNS runs in a row without progress)
     armed/healthy, new slot not running or unhealthy --> rolling-back --> idle
-    any failure or refusal before armed --> abandoning --> idle (failed / refused)
+    any other failure or refusal before armed --> abandoning --> idle (failed / refused)
+
+``downloaded`` and ``written`` are phases of the staged install an older agent may have
+persisted; they resume as ``selected`` (the stream starts over).
 """
 
 from __future__ import annotations
@@ -45,15 +55,13 @@ from otaguard.model.version import Version
 
 __all__ = [
     "MAX_REJECTED",
-    "MAX_WRITE_ATTEMPTS",
+    "MAX_STALLED_RUNS",
     "Action",
     "ActionFailed",
     "Arm",
     "DeviceView",
     "DiscardStaged",
     "Done",
-    "Download",
-    "Downloaded",
     "Event",
     "HealthCheck",
     "HealthResult",
@@ -66,11 +74,9 @@ __all__ = [
     "Resumed",
     "RetireBelowFloor",
     "SetPrimary",
-    "SlotChecked",
-    "VerifySlot",
+    "StreamToSlot",
+    "Streamed",
     "Withdrawn",
-    "WriteSlot",
-    "Written",
     "transition",
 ]
 
@@ -78,8 +84,9 @@ logger = logging.getLogger(__name__)
 
 # Remembered rolled-back images; the oldest are forgotten first.
 MAX_REJECTED: Final = 32
-# A slot that twice fails to read back what was written is broken hardware: give up.
-MAX_WRITE_ATTEMPTS: Final = 2
+# A download that fails this many runs in a row without writing a byte more is given up
+# (the device then selects afresh, perhaps a newer release); progress resets the count.
+MAX_STALLED_RUNS: Final = 5
 
 
 class Phase(StrEnum):
@@ -98,10 +105,12 @@ class Phase(StrEnum):
 
 # -- actions: the side effects the driver performs ---------------------------------------
 @dataclass(frozen=True)
-class Download:
-    """Download the target into staging, verified by ngclient (length, hashes)."""
+class StreamToSlot:
+    """Stream the target from the network into ``slot``, checking it against the verified
+    target (length cap, hashes) as it is written; resume from the recorded offset."""
 
-    name = "download"
+    slot: str
+    name = "stream_to_slot"
 
 
 @dataclass(frozen=True)
@@ -110,22 +119,6 @@ class InvalidateSlot:
 
     slot: str
     name = "invalidate_slot"
-
-
-@dataclass(frozen=True)
-class WriteSlot:
-    """Copy the staged image into ``slot``, hashing the source as it streams."""
-
-    slot: str
-    name = "write_slot"
-
-
-@dataclass(frozen=True)
-class VerifySlot:
-    """Read ``slot`` back and compare its digest with the target's."""
-
-    slot: str
-    name = "verify_slot"
 
 
 @dataclass(frozen=True)
@@ -179,16 +172,14 @@ class RetireBelowFloor:
 
 @dataclass(frozen=True)
 class DiscardStaged:
-    """Delete the staged download."""
+    """Delete what staging holds for the install (the SBOM's temp file, old staged images)."""
 
     name = "discard_staged"
 
 
 Action = (
-    Download
+    StreamToSlot
     | InvalidateSlot
-    | WriteSlot
-    | VerifySlot
     | Arm
     | Reboot
     | HealthCheck
@@ -211,27 +202,13 @@ class Done:
 
 
 @dataclass(frozen=True)
-class Downloaded:
-    """The target is in staging, verified."""
+class Streamed:
+    """The slot holds the target: its length and every hash matched while it streamed."""
 
 
 @dataclass(frozen=True)
 class Withdrawn:
     """The selected target is no longer in the verified metadata."""
-
-
-@dataclass(frozen=True)
-class Written:
-    """The slot was written; ``source_ok`` is False when the staged file was damaged."""
-
-    source_ok: bool
-
-
-@dataclass(frozen=True)
-class SlotChecked:
-    """The slot read back as the target (``ok``) or not."""
-
-    ok: bool
 
 
 @dataclass(frozen=True)
@@ -253,9 +230,7 @@ class ActionFailed:
     message: str
 
 
-Event = (
-    Resumed | Done | Downloaded | Withdrawn | Written | SlotChecked | HealthResult | ActionFailed
-)
+Event = Resumed | Done | Streamed | Withdrawn | HealthResult | ActionFailed
 
 
 @dataclass(frozen=True)
@@ -289,7 +264,12 @@ class InstallState:
     from_slot: str | None = None
     to_slot: str | None = None
     reason: str | None = None
-    write_attempts: int = 0
+    #: bytes of the target written to ``to_slot`` and fsynced (the resume point)
+    written: int = 0
+    #: SHA-256 of those ``written`` bytes, to check the slot's prefix before resuming
+    written_sha256: str | None = None
+    #: runs in a row whose download failed without progress (see MAX_STALLED_RUNS)
+    stalled_runs: int = 0
     last_result: dict[str, Any] | None = None
     history: list[str] = field(default_factory=list)
     #: sha256 of images that failed here and were rolled back; not selected again
@@ -320,7 +300,9 @@ class InstallState:
                 from_slot=raw.get("from_slot"),
                 to_slot=raw.get("to_slot"),
                 reason=raw.get("reason"),
-                write_attempts=int(raw.get("write_attempts", 0)),
+                written=int(raw.get("written", 0)),
+                written_sha256=raw.get("written_sha256"),
+                stalled_runs=int(raw.get("stalled_runs", 0)),
                 last_result=raw.get("last_result"),
                 history=list(raw.get("history", [])),
                 rejected=[str(r) for r in raw.get("rejected", [])][-MAX_REJECTED:],
@@ -378,11 +360,10 @@ def _abandon_actions(state: InstallState, view: DeviceView) -> tuple[Action, ...
     return (*invalidate, DiscardStaged())
 
 
-def _write_actions(state: InstallState) -> tuple[InstallState, tuple[Action, ...]]:
+def _stream_actions(state: InstallState) -> tuple[Action, ...]:
     _, to = _target(state)
-    new = dataclasses.replace(state, write_attempts=state.write_attempts + 1)
-    # Invalidate first, so a torn write is never bootable.
-    return new, (InvalidateSlot(to), WriteSlot(to))
+    # Invalidate first (idempotent), so a torn or partial slot is never bootable.
+    return (InvalidateSlot(to), StreamToSlot(to))
 
 
 def _arm_or_refuse(
@@ -430,7 +411,14 @@ def _finish(
     if bad and state.target is not None and state.target.sha256 not in rejected:
         rejected = [*rejected, state.target.sha256][-MAX_REJECTED:]
     new = dataclasses.replace(
-        state, phase=Phase.IDLE, last_result=result, rejected=rejected, pending=None
+        state,
+        phase=Phase.IDLE,
+        last_result=result,
+        rejected=rejected,
+        pending=None,
+        written=0,
+        written_sha256=None,
+        stalled_runs=0,
     )
     return new, ()
 
@@ -455,19 +443,30 @@ def transition(  # noqa: PLR0911, PLR0912 - one branch per (phase, event) reads 
     if phase is Phase.IDLE:
         return state, ()
     target, to = _target(state)
-    if isinstance(ev, ActionFailed) and phase in (
-        Phase.SELECTED,
-        Phase.DOWNLOADED,
-        Phase.WRITTEN,
-        Phase.VERIFIED,
+    if phase in (Phase.DOWNLOADED, Phase.WRITTEN):
+        # Persisted by an agent that staged downloads: stream afresh into the slot.
+        fresh = dataclasses.replace(state, phase=Phase.SELECTED, written=0, written_sha256=None)
+        return fresh, _stream_actions(fresh)
+    if (
+        isinstance(ev, ActionFailed)
+        and phase is Phase.SELECTED
+        and ev.kind == "transport"
+        and state.written > 0
+        and state.stalled_runs + 1 < MAX_STALLED_RUNS
     ):
+        # A dropped connection or an unreachable server after part of the image is in
+        # the slot: keep it and resume at the next update (the driver resets the count
+        # when a checkpoint lands). With nothing written there is nothing to keep: the
+        # install ends failed as before and the next poll selects afresh.
+        return dataclasses.replace(state, stalled_runs=state.stalled_runs + 1), ()
+    if isinstance(ev, ActionFailed) and phase in (Phase.SELECTED, Phase.VERIFIED):
         outcome = "refused" if ev.kind in ("verification", "downgrade") else "failed"
         return _abandon(state, view, outcome=outcome, kind=ev.kind, detail=ev.message)
 
     match phase:
         case Phase.SELECTED:
-            if isinstance(ev, Downloaded):
-                return _write_actions(dataclasses.replace(state, phase=Phase.DOWNLOADED))
+            if isinstance(ev, Streamed):
+                return _arm_or_refuse(dataclasses.replace(state, phase=Phase.VERIFIED), view)
             if isinstance(ev, Withdrawn):
                 return _abandon(
                     state,
@@ -476,31 +475,7 @@ def transition(  # noqa: PLR0911, PLR0912 - one branch per (phase, event) reads 
                     kind="withdrawn",
                     detail="target withdrawn from the repository",
                 )
-            return state, (Download(),)
-        case Phase.DOWNLOADED:
-            if isinstance(ev, Written):
-                if ev.source_ok:
-                    return dataclasses.replace(state, phase=Phase.WRITTEN), (VerifySlot(to),)
-                # The staged file did not survive (power cut, bad storage): fetch it again.
-                return dataclasses.replace(state, phase=Phase.SELECTED), (
-                    DiscardStaged(),
-                    Download(),
-                )
-            return _write_actions(state)
-        case Phase.WRITTEN:
-            if isinstance(ev, SlotChecked):
-                if ev.ok:
-                    return _arm_or_refuse(dataclasses.replace(state, phase=Phase.VERIFIED), view)
-                if state.write_attempts >= MAX_WRITE_ATTEMPTS:
-                    return _abandon(
-                        state,
-                        view,
-                        outcome="failed",
-                        kind="storage",
-                        detail=f"slot {to} does not read back what was written",
-                    )
-                return _write_actions(dataclasses.replace(state, phase=Phase.DOWNLOADED))
-            return state, (VerifySlot(to),)
+            return state, _stream_actions(state)
         case Phase.VERIFIED:
             if isinstance(ev, Done):
                 return dataclasses.replace(state, phase=Phase.ARMED), (Reboot(),)

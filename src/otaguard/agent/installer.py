@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -30,8 +30,6 @@ from otaguard.agent.install import (
     DeviceView,
     DiscardStaged,
     Done,
-    Download,
-    Downloaded,
     Event,
     HealthCheck,
     HealthResult,
@@ -44,17 +42,17 @@ from otaguard.agent.install import (
     Resumed,
     RetireBelowFloor,
     SetPrimary,
-    SlotChecked,
-    VerifySlot,
+    Streamed,
+    StreamToSlot,
     Withdrawn,
-    WriteSlot,
-    Written,
     transition,
 )
 from otaguard.agent.monotonic import Floor, MonotonicStore
-from otaguard.agent.slots import CHUNK, SLOTS, BootEnv, SlotBackend, SlotImage
-from otaguard.agent.transfer import RunningImage, TransferResult, obtain_image
-from otaguard.agent.updater import Offer, TufSession
+from otaguard.agent.slot_stream import Checkpoint, ImageCheck, StreamStats, stream_to_slot
+from otaguard.agent.slots import SLOTS, BootEnv, SlotBackend, SlotImage
+from otaguard.agent.stream import ProgressPacer
+from otaguard.agent.transfer import RunningImage, encoded_paths
+from otaguard.agent.updater import Offer, TufSession, tuf_errors
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import (
     ConfigError,
@@ -73,9 +71,9 @@ __all__ = ["FAULT_ENV", "Installer", "ProgressFn", "error_kind", "file_sha256"]
 logger = logging.getLogger(__name__)
 
 #: Fault injection for power-cut tests: the agent SIGKILLs itself right after the named
-#: action, given as ``action`` (first occurrence, e.g. ``write_slot``), as
-#: ``phase:action`` (e.g. ``rolling-back:invalidate_slot``), or ``write-partial``
-#: (inside a slot write, after the first chunk).
+#: action, given as ``action`` (first occurrence, e.g. ``stream_to_slot``), as
+#: ``phase:action`` (e.g. ``rolling-back:invalidate_slot``), or ``stream-at:N`` (inside
+#: the streaming write, once N bytes of the image were written).
 FAULT_ENV: Final = "OTAGUARD_TEST_KILL_AFTER"
 # How often a running health check looks at the stop flag (SIGTERM must act in seconds).
 HEALTH_POLL_S: Final = 0.2
@@ -88,6 +86,21 @@ def _fault_point(name: str, phase: Phase | None = None) -> None:
     if wanted is not None and wanted in (name, f"{phase.value if phase else ''}:{name}"):
         logger.warning("fault injection: killing the agent after %s", wanted)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stream_fault() -> Callable[[int], None] | None:
+    """The ``stream-at:N`` fault point, if the environment asks for one."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if not wanted.startswith("stream-at:"):
+        return None
+    at = int(wanted.removeprefix("stream-at:"))
+
+    def check(offset: int) -> None:
+        if offset >= at:
+            logger.warning("fault injection: killing the agent after %s (byte %d)", wanted, offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return check
 
 
 def file_sha256(path: Path) -> str:
@@ -107,6 +120,12 @@ def error_kind(error: OtaguardError) -> str:
     if isinstance(error, DeviceStorageError):
         return "storage"
     return "config"
+
+
+def _opener(session: TufSession, blob: TargetFile) -> Callable[[int], Iterator[bytes]]:
+    """``open_stream`` of an encoded blob: its bytes from an offset, length-capped."""
+    url = session.target_url(blob)
+    return lambda offset: session.fetcher.stream_range(url, start=offset, max_length=blob.length)
 
 
 class Installer:
@@ -136,8 +155,8 @@ class Installer:
         self._after_action = after_action
         #: the result the last :meth:`drive` ended an install with, if it ended one
         self.finished: dict[str, object] | None = None
-        #: how the last download obtained its image (delta, compressed or full)
-        self.last_transfer: TransferResult | None = None
+        #: what each streaming run of this installer did (resume point, bytes, reconnects)
+        self.streams: list[StreamStats] = []
 
     # -- entry points ----------------------------------------------------------------
     def begin(self, offer: Offer, *, from_slot: str | None, to_slot: str) -> InstallState:
@@ -153,7 +172,8 @@ class Installer:
             sbom_sha256=offer.info.sbom.sha256 if offer.info.sbom is not None else None,
         )
         state.from_slot, state.to_slot = from_slot, to_slot
-        state.reason, state.write_attempts, state.history = None, 0, ["selected"]
+        state.reason, state.history = None, ["selected"]
+        state.written, state.written_sha256, state.stalled_runs = 0, None, 0
         state.bad_image, state.pending = False, None
         state.save(self.paths.install_state)
         return state
@@ -235,16 +255,11 @@ class Installer:
 
     def _perform(self, state: InstallState, action: Action) -> Event | None:  # noqa: PLR0911
         match action:
-            case Download():
-                return self._download(state)
+            case StreamToSlot(slot=slot):
+                return self._stream(state, slot)
             case InvalidateSlot(slot=slot):
                 self._edit_env(lambda env: _invalidate(env, slot))
                 return None
-            case WriteSlot(slot=slot):
-                return self._write(state, slot)
-            case VerifySlot(slot=slot):
-                target = _target(state)
-                return SlotChecked(self.backend.digest(slot, target.length) == target.sha256)
             case Arm(slot=slot, image=image):
                 self._edit_env(lambda env: _arm(env, slot, image, self.config.max_boot_tries))
                 return None
@@ -282,27 +297,96 @@ class Installer:
         target = _target(state)
         return self.paths.staging / f"{target.sha256}.{target.target}"
 
-    def _download(self, state: InstallState) -> Event:
+    def _stream(self, state: InstallState, slot: str) -> Event:
+        """Stream the selected target into ``slot`` (after its SBOM), resuming if possible."""
         target = _target(state)
         if self._session is None:
             self._session = self._session_factory()
             self._session.refresh()
-        info = self._session.find_target(target.target)
+        session = self._session
+        info = session.find_target(target.target)
         if info is None or info.hashes.get("sha256") != target.sha256:
             return Withdrawn()
+        if info.length != target.length:
+            raise VerificationError(f"{info.path}: verified length differs from the selection")
         self.paths.staging.mkdir(exist_ok=True)
         self._download_sbom(info)
-        fetcher = self._session.fetcher
+        url = session.target_url(info)
+
+        def on_checkpoint(ck: Checkpoint) -> None:
+            state.written, state.written_sha256, state.stalled_runs = ck.written, ck.sha256, 0
+            state.save(self.paths.install_state)
+
+        pacer = None
         if self._progress is not None:
-            progress, total = self._progress, target.length
-            fetcher.on_chunk = lambda n: progress("download", n, total)
-        try:
-            self.last_transfer = obtain_image(
-                self._session, info, self._staged(state), running=self._running(state)
+            report, total = self._progress, target.length
+            pacer = ProgressPacer(lambda n: report("install", n, total))
+        resume = None
+        if state.written and state.written_sha256:
+            resume = Checkpoint(state.written, state.written_sha256)
+        # A delta or compressed blob first when the target offers one (ADR 0018); a plain
+        # image being resumed keeps its checkpoint instead.
+        encoded, _ = (
+            ([], []) if resume else encoded_paths(session, info, running=self._running(state))
+        )
+        for path in encoded:
+            try:
+                with tuf_errors(f"download of {path.blob.path}"):
+                    stats = stream_to_slot(
+                        backend=self.backend,
+                        slot=slot,
+                        target=path.blob,
+                        open_stream=_opener(session, path.blob),
+                        resume=None,
+                        checkpoint_bytes=self.config.resume_checkpoint_bytes,
+                        on_checkpoint=on_checkpoint,
+                        stop=self._stop,
+                        progress=pacer,
+                        transform=path.transform,
+                        image=ImageCheck(info.length, target.sha256),
+                    )
+            except StopRequestedError:
+                raise
+            except OtaguardError as e:
+                logger.warning("%s: %s failed: %s; falling back", info.path, path.kind,
+                               e.diagnostics())  # fmt: skip
+                continue
+            logger.info("%s obtained by %s (%d bytes downloaded)", info.path, path.kind,
+                        stats.downloaded)  # fmt: skip
+            if pacer is not None:
+                pacer(0, final=True)
+            self.streams.append(stats)
+            self._report_downloaded(stats.downloaded, target.length)
+            state.written, state.written_sha256 = target.length, target.sha256
+            return Streamed()
+        if encoded:
+            logger.info("%s: downloading the full image", info.path)
+        with tuf_errors(f"download of {info.path}"):
+            stats = stream_to_slot(
+                backend=self.backend,
+                slot=slot,
+                target=info,
+                open_stream=lambda offset: session.fetcher.stream_range(
+                    url, start=offset, max_length=info.length
+                ),
+                resume=resume,
+                checkpoint_bytes=self.config.resume_checkpoint_bytes,
+                on_checkpoint=on_checkpoint,
+                stop=self._stop,
+                progress=pacer,
+                after_chunk=_stream_fault(),
             )
-        finally:
-            fetcher.on_chunk = None
-        return Downloaded()
+        if pacer is not None:
+            pacer(0, final=True)
+        self.streams.append(stats)
+        self._report_downloaded(stats.downloaded, target.length)
+        state.written, state.written_sha256 = target.length, target.sha256
+        return Streamed()
+
+    def _report_downloaded(self, n: int, total: int) -> None:
+        """Tell the progress display what the stream downloaded (a delta: far below total)."""
+        if self._progress is not None:
+            self._progress("downloaded", n, total)
 
     def _running(self, state: InstallState) -> RunningImage | None:
         """The active slot's recorded image: the base a delta may apply to."""
@@ -338,28 +422,6 @@ class Installer:
         finally:
             staged.unlink(missing_ok=True)
         logger.info("SBOM %s of %s verified (sha256 %s)", ref.path, image.path, ref.sha256)
-
-    def _write(self, state: InstallState, slot: str) -> Event:
-        target = _target(state)
-        staged = self._staged(state)
-        written = 0
-
-        def on_chunk(n: int) -> None:
-            nonlocal written
-            written += n
-            if self._stop.is_set():
-                raise StopRequestedError(f"stopped while writing slot {slot}")
-            if self._progress is not None:
-                self._progress("write", n, target.length)
-            if written >= CHUNK:
-                _fault_point("write-partial")
-
-        if not staged.is_file():
-            return Written(source_ok=False)
-        # The staged file may not have survived a power cut: the write hashes what it
-        # copies, and only a source matching the target counts.
-        length, digest = self.backend.write(slot, staged, progress=on_chunk)
-        return Written(source_ok=(length, digest) == (target.length, target.sha256))
 
     def _health_check(self, state: InstallState, slot: str) -> str | None:
         target = _target(state)

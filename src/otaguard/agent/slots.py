@@ -12,7 +12,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -20,7 +20,15 @@ from typing import BinaryIO, Final
 from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError, DeviceStorageError
 
-__all__ = ["SLOTS", "BootEnv", "FileSlots", "SlotBackend", "SlotImage", "other_slot"]
+__all__ = [
+    "SLOTS",
+    "BootEnv",
+    "FileSlots",
+    "SlotBackend",
+    "SlotImage",
+    "SlotWriter",
+    "other_slot",
+]
 
 SLOTS: Final = ("A", "B")
 # Slots are copied and hashed in chunks this size: images never sit in memory.
@@ -97,8 +105,50 @@ class BootEnv:
         )
 
 
+class SlotWriter(abc.ABC):
+    """An open slot being written sequentially (a streaming install)."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Append ``data`` at the current position.
+
+        Raises:
+            DeviceStorageError: the slot cannot be written.
+        """
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """Make everything written so far durable (fsync).
+
+        Raises:
+            DeviceStorageError: the flush failed.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the slot (without syncing)."""
+
+
 class SlotBackend(abc.ABC):
     """Where slot images live: files here; block devices or RAUC elsewhere."""
+
+    @abc.abstractmethod
+    def open_writer(self, slot: str, *, offset: int, length: int) -> SlotWriter:
+        """Open ``slot`` to write an image of ``length`` bytes from byte ``offset`` on.
+
+        The bytes before ``offset`` are kept (an interrupted install resumes there).
+
+        Raises:
+            DeviceStorageError: the slot cannot be opened, or is smaller than ``length``.
+        """
+
+    @abc.abstractmethod
+    def read(self, slot: str, length: int) -> Iterator[bytes]:
+        """The first ``length`` bytes of ``slot`` in chunks (fewer if the slot is short).
+
+        Raises:
+            DeviceStorageError: the slot cannot be read.
+        """
 
     @abc.abstractmethod
     def write(
@@ -114,10 +164,6 @@ class SlotBackend(abc.ABC):
             DeviceStorageError: the slot cannot be written.
         """
 
-    @abc.abstractmethod
-    def digest(self, slot: str, length: int) -> str:
-        """SHA-256 of the first ``length`` bytes of ``slot`` (empty string if unreadable)."""
-
     def open_slot(self, slot: str) -> BinaryIO:
         """Open ``slot`` for reading (the base a delta applies to).
 
@@ -125,6 +171,10 @@ class SlotBackend(abc.ABC):
             OSError: this backend cannot read slots back (then deltas are not used).
         """
         raise OSError(errno.EOPNOTSUPP, f"slot {slot} cannot be read back")
+
+    @abc.abstractmethod
+    def digest(self, slot: str, length: int) -> str:
+        """SHA-256 of the first ``length`` bytes of ``slot`` (empty string if unreadable)."""
 
 
 class FileSlots(SlotBackend):
@@ -159,9 +209,35 @@ class FileSlots(SlotBackend):
             raise DeviceStorageError(f"cannot write slot {slot}: {e.strerror or e}") from e
         return length, h.hexdigest()
 
+    def open_writer(self, slot: str, *, offset: int, length: int) -> SlotWriter:
+        """Open the slot file in place, like a partition; from 0 it is emptied first."""
+        try:
+            fd = os.open(self.path(slot), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise DeviceStorageError(f"cannot open slot {slot}: {e.strerror or e}") from e
+        try:
+            # A file slot holds exactly the image (a partition would keep its tail).
+            os.ftruncate(fd, offset if offset == 0 else max(offset, os.fstat(fd).st_size))
+            os.lseek(fd, offset, os.SEEK_SET)
+        except OSError as e:
+            os.close(fd)
+            raise DeviceStorageError(f"cannot position slot {slot}: {e.strerror or e}") from e
+        return _FileSlotWriter(fd, slot, length)
+
     def open_slot(self, slot: str) -> BinaryIO:
-        """Open the slot file for reading."""
+        """Open the slot file for reading (a delta's base)."""
         return open(self.path(slot), "rb")
+
+    def read(self, slot: str, length: int) -> Iterator[bytes]:
+        """Read the slot file's first ``length`` bytes in :data:`CHUNK` blocks."""
+        remaining = length
+        try:
+            with open(self.path(slot), "rb") as f:
+                while remaining > 0 and (chunk := f.read(min(CHUNK, remaining))):
+                    remaining -= len(chunk)
+                    yield chunk
+        except OSError as e:
+            raise DeviceStorageError(f"cannot read slot {slot}: {e.strerror or e}") from e
 
     def digest(self, slot: str, length: int) -> str:
         """Stream-hash the slot; a short or unreadable slot yields ``""``."""
@@ -178,3 +254,27 @@ class FileSlots(SlotBackend):
         except OSError:
             return ""
         return h.hexdigest()
+
+
+class _FileSlotWriter(SlotWriter):
+    def __init__(self, fd: int, slot: str, length: int) -> None:
+        self._fd = fd
+        self._slot = slot
+        self._length = length
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            raise DeviceStorageError(f"cannot write slot {self._slot}: {e.strerror or e}") from e
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise DeviceStorageError(f"cannot sync slot {self._slot}: {e.strerror or e}") from e
+
+    def close(self) -> None:
+        os.close(self._fd)

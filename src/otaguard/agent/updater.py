@@ -17,7 +17,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from otaguard.agent.fetcher import Fetcher
@@ -168,6 +168,7 @@ class TufSession:
         self._metadata_dir = metadata_dir
         self.fetcher = fetcher
         base = server_url.rstrip("/")
+        self._target_base_url = f"{base}/targets/"
         config = updater_config()
         with tuf_errors("loading trusted metadata"):
             # ngclient sees metadata only through the hybrid policy check (ADR 0014).
@@ -234,6 +235,20 @@ class TufSession:
         """
         with tuf_errors(f"download of {target.path}"):
             return Path(self._updater.download_target(target, str(dest)))
+
+    def target_url(self, target: TargetFile) -> str:
+        """The URL ngclient's ``download_target`` would fetch ``target`` from.
+
+        Consistent snapshots name a target blob ``<first hash>.<name>``, as ngclient does
+        with ``prefix_targets_with_hash`` (the default).
+        """
+        path = target.path
+        # refresh() accepted and cached this root (ngclient caches only what verified).
+        root = Metadata[Root].from_file(str(self._metadata_dir / "root.json"))
+        if root.signed.consistent_snapshot and self._updater.config.prefix_targets_with_hash:
+            dirname, sep, basename = path.rpartition("/")
+            path = f"{dirname}{sep}{next(iter(target.hashes.values()))}.{basename}"
+        return f"{self._target_base_url}{path}"
 
     def find_target(self, path: str) -> TargetFile | None:
         """Look up ``path`` in verified metadata."""

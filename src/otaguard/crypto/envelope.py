@@ -31,7 +31,11 @@ def _canonical(signed: Any) -> bytes:
     except FormatError as e:
         raise VerificationError("the signed record cannot be canonically encoded") from e
     assert isinstance(out, str)  # noqa: S101 - encode_canonical without output_function
-    return out.encode("utf-8")
+    try:
+        return out.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 bytes can carry
+        raise VerificationError("the signed record holds an invalid code point") from e
 
 
 def sign_envelope(signer: Signer, signed: dict[str, Any]) -> bytes:

@@ -18,7 +18,7 @@ from otaguard.delta.zstd import decode_zstd
 __all__ = ["DeltaTransform", "ZstdTransform"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ZstdTransform:
     """zstd blob -> image, at most ``image_length`` bytes (the image's or the slot's)."""
 
@@ -30,7 +30,7 @@ class ZstdTransform:
         return decode_zstd(chunks, image_length=self.image_length)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeltaTransform:
     """Delta blob + the active slot -> image."""
 

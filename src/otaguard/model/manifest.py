@@ -33,6 +33,7 @@ __all__ = [
     "InstalledTarget",
     "MeasurementEvent",
     "Quote",
+    "printable_text",
     "quote_qualifying_data",
     "replay_pcr",
 ]
@@ -101,7 +102,19 @@ def _obj(raw: Any, what: str, keys: set[str]) -> Mapping[str, Any]:
 def _str(raw: Any, what: str, limit: int = _MAX_SHORT) -> str:
     if not isinstance(raw, str) or len(raw) > limit:
         raise VerificationError(f"{what} must be a string of at most {limit} characters")
+    # What a manifest says is stored, logged and shown to operators: a NUL cannot be stored
+    # in PostgreSQL text, a lone surrogate cannot be encoded at all, and control characters
+    # forge log lines. The agent cleans what it reports (printable_text), so only a hostile
+    # or broken manifest meets this.
+    if not raw.isprintable():
+        raise VerificationError(f"{what} holds a control character or an invalid code point")
     return raw
+
+
+def printable_text(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, each non-printable one replaced by ``?``: what
+    a device may report as free text (an error message may quote a hostile server)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _int(raw: Any, what: str) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Final
 
+from otaguard.model.manifest import printable_text
 from otaguard.model.version import Version
 from otaguard.server.director import DirectorRelease
 from otaguard.server.storage.assignments import Assignment
@@ -391,8 +392,9 @@ def decide(
 def _printable(text: str) -> str:
     """A device's words, safe to store and show: its signed manifest may carry any string
     (a NUL, which PostgreSQL text refuses; a lone surrogate, which UTF-8 cannot encode),
-    and a halt must not fail on writing its reason."""
-    return "".join(c if c.isprintable() else "?" for c in text[:MAX_ERROR_CHARS])
+    and a halt must not fail on writing its reason. Manifests are refused such text since
+    (``model.manifest``), but older stored ones may still hold it."""
+    return printable_text(text, MAX_ERROR_CHARS)
 
 
 def install_outcome(

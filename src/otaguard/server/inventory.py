@@ -109,9 +109,22 @@ class Inventory:
         return self._describe(records, where=where)
 
     def entry(self, serial: str) -> InventoryEntry | None:
-        """One device, or ``None`` when it is not registered."""
+        """One device, or ``None`` when it is not registered.
+
+        Reads only this device's rows (not every device's tags and memberships, as
+        :meth:`entries` does for the whole list).
+        """
         rec = self.devices.get(serial)
-        return self._describe([rec], where=None)[0] if rec is not None else None
+        view = self.store.device_view(serial) if rec is not None else None
+        if rec is None or view is None:
+            return None
+        history = self.checkins.history(serial, limit=1)
+        return InventoryEntry(
+            device=rec,
+            tags=view.tags,
+            groups=view.groups,
+            last_checkin=history[0] if history else None,
+        )
 
     def _describe(
         self, records: Iterable[DeviceRecord], *, where: TagFilter | None

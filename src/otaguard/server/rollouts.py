@@ -217,9 +217,12 @@ class ChannelPolicy:
         would cost a set-based evaluation per check-in of every updated device.
         """
         ro = self.rollouts
-        entry = ro.inventory.entry(serial)
-        groups = entry.groups if entry is not None else ()
-        last = entry.last_checkin if entry is not None else None
+        # this device's rows only (one indexed statement), not the inventory's whole
+        # tables: the cost of a check-in must not grow with the fleet (ADR 0012)
+        view = ro.inventory.store.device_view(serial)
+        groups = view.groups if view is not None else ()
+        history = ro.inventory.checkins.history(serial, limit=1) if view is not None else []
+        last = history[0] if history else None
         result = _last_result(last.manifest) if last is not None else {}
         views: list[RolloutView] = []
         for r in ro.store.list():
@@ -235,6 +238,7 @@ class ChannelPolicy:
                 if standing[0] == "failure":
                     r = ro.status(r).evaluation.rollout  # noqa: PLW2901 - the fresher one
             views.append(RolloutView(r, tuple(ro.inventory.members(r.group))))
+        policies, no_features = ro.store.channel_settings(serial)
         now = ro.clock()
         return decide(
             device=DeviceFacts(
@@ -242,12 +246,12 @@ class ChannelPolicy:
                 hardware_id=hardware_id,
                 running=running,
                 groups=groups,
-                no_features=ro.store.device_no_features(serial),
+                no_features=no_features,
                 assignment=assignment,
             ),
             releases=releases,
             rollouts=views,
-            groups=ro.store.group_policies(),
+            groups=policies,
             first_seen=ro.store.first_seen((r.name for r in releases), now=now),
             now=now,
         )

@@ -72,11 +72,12 @@ def _update_fleet(
 
         def on_progress(name: str, stage: str, n: int, total: int) -> None:
             if name not in tasks:
-                tasks[name] = prog.add_task(f"{name} download+install", total=total)
-            if stage == "download" and moved is not None:
-                moved[name] = moved.get(name, 0) + n
-            if stage != "download":  # a delta downloads less than the image: count writes
-                prog.advance(tasks[name], n)
+                tasks[name] = prog.add_task(f"{name} stream+install", total=total)
+            if stage == "downloaded":  # once per stream: what it downloaded
+                if moved is not None:
+                    moved[name] = moved.get(name, 0) + n
+                return
+            prog.advance(tasks[name], n)
 
         runs: list[DeviceRun] = []
         for run in fleet.update_all(progress=on_progress):

@@ -17,6 +17,7 @@ from otaguard.server.tags import TagFilter
 
 __all__ = [
     "AuditStore",
+    "DeviceView",
     "GroupRecord",
     "InventoryStore",
     "NameExistsError",
@@ -143,6 +144,19 @@ class GroupRecord:
     created_at: dt.datetime | None
 
 
+@dataclass(frozen=True)
+class DeviceView:
+    """One device's tags and the groups it is in.
+
+    Attributes:
+        tags: its tags.
+        groups: ``all`` first, then its static and dynamic groups by name.
+    """
+
+    tags: dict[str, str]
+    groups: tuple[str, ...]
+
+
 class InventoryStore(ABC):
     """Device tags and groups (static, dynamic by tag filter, and the built-in ``all``)."""
 
@@ -198,6 +212,11 @@ class InventoryStore(ABC):
     @abstractmethod
     def static_memberships(self) -> dict[str, list[str]]:
         """Static group names by serial."""
+
+    @abstractmethod
+    def device_view(self, serial: str) -> DeviceView | None:
+        """One device's tags and groups (``all`` first), or ``None`` when it is not
+        registered; its cost does not grow with the fleet (a check-in asks it)."""
 
     @abstractmethod
     def members(self, name: str) -> list[str]:

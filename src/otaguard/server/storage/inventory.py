@@ -29,7 +29,10 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
+    null,
     select,
+    union_all,
 )
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -37,17 +40,20 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import OperatorError, ServerStorageError, UnknownDeviceError
 from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.fleet_base import (
+    DeviceView,
     GroupRecord,
     InventoryStore,
     NameExistsError,
     UnknownNameError,
 )
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading
 from otaguard.server.tags import (
     BUILTIN_GROUP,
     MAX_TAGS_PER_DEVICE,
     TagFilter,
     format_filter,
+    matches,
     parse_filter,
 )
 
@@ -157,7 +163,7 @@ class SQLInventoryStore(InventoryStore):
     def all_tags(self) -> dict[str, dict[str, str]]:
         """See :meth:`InventoryStore.all_tags`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(tags_table).order_by(tags_table.c.serial, tags_table.c.key)
                 ).all()
@@ -199,7 +205,7 @@ class SQLInventoryStore(InventoryStore):
     def groups(self) -> list[GroupRecord]:
         """See :meth:`InventoryStore.groups`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(select(groups_table).order_by(groups_table.c.name)).all()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
@@ -210,7 +216,7 @@ class SQLInventoryStore(InventoryStore):
         if name == BUILTIN_GROUP:
             return _ALL
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 return _group(self._group_row(conn, name))
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
@@ -249,7 +255,7 @@ class SQLInventoryStore(InventoryStore):
     def static_memberships(self) -> dict[str, list[str]]:
         """See :meth:`InventoryStore.static_memberships`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(members_table).order_by(
                         members_table.c.serial, members_table.c.group_name
@@ -261,6 +267,39 @@ class SQLInventoryStore(InventoryStore):
         for r in rows:
             groups.setdefault(r.serial, []).append(r.group_name)
         return groups
+
+    def device_view(self, serial: str) -> DeviceView | None:
+        """See :meth:`InventoryStore.device_view`.
+
+        One statement, indexed by serial: the device's registry row, its tags, its
+        static memberships, and the dynamic groups' filters (a few rows an operator
+        made, however large the fleet); the filters are matched here.
+        """
+        rows = union_all(
+            select(
+                literal("d").label("kind"), devices_table.c.serial.label("a"), null().label("b")
+            ).where(devices_table.c.serial == serial),
+            select(literal("t"), tags_table.c.key, tags_table.c.value).where(
+                tags_table.c.serial == serial
+            ),
+            select(literal("s"), members_table.c.group_name, null()).where(
+                members_table.c.serial == serial
+            ),
+            select(literal("g"), groups_table.c.name, groups_table.c.where_filter).where(
+                groups_table.c.where_filter.is_not(None)
+            ),
+        )
+        try:
+            with reading(self._engine) as conn:
+                found = conn.execute(rows).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        if not any(r.kind == "d" for r in found):
+            return None
+        tags = {r.a: r.b for r in found if r.kind == "t"}
+        groups = {r.a for r in found if r.kind == "s"}
+        groups.update(r.a for r in found if r.kind == "g" and matches(parse_filter(r.b), tags))
+        return DeviceView(tags=tags, groups=(BUILTIN_GROUP, *sorted(groups)))
 
     def members(self, name: str) -> list[str]:
         """See :meth:`InventoryStore.members`."""
@@ -284,7 +323,7 @@ class SQLInventoryStore(InventoryStore):
                     )
                 )
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 return list(conn.execute(stmt.order_by(devices_table.c.serial)).scalars())
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e

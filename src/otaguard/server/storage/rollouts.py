@@ -25,6 +25,7 @@ import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from threading import Lock
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -54,6 +55,7 @@ from otaguard.server.channels import GroupPolicy, Rollout, Window
 from otaguard.server.storage.checkins import checkins_table
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading, writing
 
 __all__ = [
     "MAX_REASON_CHARS",
@@ -155,6 +157,10 @@ class RolloutStore(ABC):
         """Whether the device opted out of feature releases."""
 
     @abstractmethod
+    def channel_settings(self, serial: str) -> tuple[dict[str, GroupPolicy], bool]:
+        """:meth:`group_policies` and :meth:`device_no_features` of ``serial`` at once."""
+
+    @abstractmethod
     def set_device_no_features(self, serial: str, no_features: bool) -> None:
         """Opt a device out of feature releases, or back in."""
 
@@ -185,12 +191,26 @@ def _rollout(row: Row[Any]) -> Rollout:
     )
 
 
+def _policy(row: Row[Any]) -> GroupPolicy:
+    return GroupPolicy(
+        name=row.name,
+        no_features=bool(row.no_features),
+        security_delay=dt.timedelta(seconds=row.security_delay_seconds),
+        window=Window.parse(row.window) if row.window else None,
+    )
+
+
 class SQLRolloutStore(RolloutStore):
     """:class:`RolloutStore` on the server's shared engine."""
 
     def __init__(self, engine: Engine):
         """Use ``engine`` (schema made current by the migrations)."""
         self._engine = engine
+        # first-seen times read back from the table. A row is never changed or deleted
+        # once inserted, so what was read stays true in every process: a check-in asks
+        # the database only about targets this process has not seen recorded yet.
+        self._seen: dict[str, dt.datetime] = {}
+        self._seen_lock = Lock()
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"rollout store {what} failed: {e.__class__.__name__}")
@@ -199,7 +219,7 @@ class SQLRolloutStore(RolloutStore):
         """See :meth:`RolloutStore.create`."""
         r = rollout
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
                     insert(rollouts_table).values(
                         name=r.name,
@@ -224,7 +244,7 @@ class SQLRolloutStore(RolloutStore):
     def get(self, name: str) -> Rollout:
         """See :meth:`RolloutStore.get`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 row = conn.execute(
                     select(rollouts_table).where(rollouts_table.c.name == name)
                 ).first()
@@ -237,7 +257,7 @@ class SQLRolloutStore(RolloutStore):
     def list(self) -> list[Rollout]:
         """See :meth:`RolloutStore.list`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(select(rollouts_table).order_by(rollouts_table.c.name)).all()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
@@ -247,7 +267,7 @@ class SQLRolloutStore(RolloutStore):
         """See :meth:`RolloutStore.change`."""
         t = rollouts_table
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 res = conn.execute(
                     update(t)
                     .where(t.c.name == new.name, t.c.state == expect_state)
@@ -265,7 +285,7 @@ class SQLRolloutStore(RolloutStore):
     def _settings(self, scope: str) -> builtins.list[Row[Any]]:
         t = channel_settings_table
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 return list(conn.execute(select(t).where(t.c.scope == scope)).all())
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
@@ -273,7 +293,7 @@ class SQLRolloutStore(RolloutStore):
     def _put(self, scope: str, name: str, **values: Any) -> None:
         t = channel_settings_table
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 done = conn.execute(
                     update(t).where(t.c.scope == scope, t.c.name == name).values(**values)
                 )
@@ -284,15 +304,22 @@ class SQLRolloutStore(RolloutStore):
 
     def group_policies(self) -> dict[str, GroupPolicy]:
         """See :meth:`RolloutStore.group_policies`."""
-        return {
-            r.name: GroupPolicy(
-                name=r.name,
-                no_features=bool(r.no_features),
-                security_delay=dt.timedelta(seconds=r.security_delay_seconds),
-                window=Window.parse(r.window) if r.window else None,
-            )
-            for r in self._settings("group")
-        }
+        return {r.name: _policy(r) for r in self._settings("group")}
+
+    def channel_settings(self, serial: str) -> tuple[dict[str, GroupPolicy], bool]:
+        """See :meth:`RolloutStore.channel_settings` (one statement, for the check-in)."""
+        t = channel_settings_table
+        try:
+            with reading(self._engine) as conn:
+                rows = conn.execute(
+                    select(t).where(
+                        or_(t.c.scope == "group", (t.c.scope == "device") & (t.c.name == serial))
+                    )
+                ).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        policies = {r.name: _policy(r) for r in rows if r.scope == "group"}
+        return policies, any(r.scope == "device" and r.no_features for r in rows)
 
     def set_group_policy(self, policy: GroupPolicy) -> None:
         """See :meth:`RolloutStore.set_group_policy`."""
@@ -308,7 +335,7 @@ class SQLRolloutStore(RolloutStore):
         """See :meth:`RolloutStore.device_no_features`."""
         t = channel_settings_table
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 row = conn.execute(
                     select(t.c.no_features).where(t.c.scope == "device", t.c.name == serial)
                 ).first()
@@ -321,26 +348,38 @@ class SQLRolloutStore(RolloutStore):
         self._put("device", serial, no_features=no_features, security_delay_seconds=0, window=None)
 
     def first_seen(self, targets: Iterable[str], *, now: dt.datetime) -> dict[str, dt.datetime]:
-        """See :meth:`RolloutStore.first_seen`."""
+        """See :meth:`RolloutStore.first_seen`.
+
+        Only the targets asked for, and only those this process has not read back yet:
+        after a publication's first check-in here, no statement at all.
+        """
         t = release_first_seen_table
         wanted = set(targets)
+        with self._seen_lock:
+            seen = {k: v for k, v in self._seen.items() if k in wanted}
+        unknown = wanted - set(seen)
+        if not unknown:
+            return seen
         try:
-            with self._engine.connect() as conn:
-                rows = conn.execute(select(t)).all()
-            seen = {r.target: _utc(r.first_seen) for r in rows}
-            missing = wanted - set(seen)
+            with reading(self._engine) as conn:
+                rows = conn.execute(select(t).where(t.c.target.in_(sorted(unknown)))).all()
+            read = {r.target: _utc(r.first_seen) for r in rows}
+            with self._seen_lock:  # read before this call inserted anything: committed
+                self._seen.update(read)
+            seen.update(read)
+            missing = unknown - set(read)
             if missing:
-                with self._engine.begin() as conn:
+                with writing(self._engine) as conn:
                     for name in sorted(missing):
                         try:
                             with conn.begin_nested():
                                 conn.execute(insert(t).values(target=name, first_seen=now))
-                            seen[name] = now
+                            seen[name] = now  # cached once a later call reads it back
                         except IntegrityError:  # another process recorded it first
                             continue
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
-        return {k: v for k, v in seen.items() if k in wanted}
+        return seen
 
     def last_reports(self, version: Version) -> builtins.list[LastReport]:
         """See :meth:`RolloutStore.last_reports`.
@@ -371,7 +410,7 @@ class SQLRolloutStore(RolloutStore):
             case((runs, null()), else_=c.c.manifest).label("manifest"),
         ).where(c.c.id.in_(latest), or_(runs, mentions))
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(query).all()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
