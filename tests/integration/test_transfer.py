@@ -115,10 +115,7 @@ def test_slot_not_matching_its_record_falls_back_to_full(
         result = dev.update()
     assert result.outcome == "updated"
     assert _installed(world, dev.paths.root, "1.1.0")
-    assert (
-        "delta failed: verification failed: "
-        in caplog.text
-    )
+    assert "delta failed: verification failed: " in caplog.text
     assert "the image written does not match the verified image" in caplog.text
     assert f"{rel.path}: downloading the full image" in caplog.text
 
