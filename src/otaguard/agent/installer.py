@@ -379,12 +379,11 @@ class Installer:
         if pacer is not None:
             pacer(0, final=True)
         self.streams.append(stats)
-        self._report_downloaded(stats.downloaded, target.length)
         state.written, state.written_sha256 = target.length, target.sha256
         return Streamed()
 
     def _report_downloaded(self, n: int, total: int) -> None:
-        """Tell the progress display what the stream downloaded (a delta: far below total)."""
+        """Tell the progress display what an encoded stream downloaded (far below total)."""
         if self._progress is not None:
             self._progress("downloaded", n, total)
 

@@ -73,7 +73,7 @@ def _update_fleet(
         def on_progress(name: str, stage: str, n: int, total: int) -> None:
             if name not in tasks:
                 tasks[name] = prog.add_task(f"{name} stream+install", total=total)
-            if stage == "downloaded":  # once per stream: what it downloaded
+            if stage == "downloaded":  # once per delta or compressed stream: its bytes
                 if moved is not None:
                     moved[name] = moved.get(name, 0) + n
                 return
@@ -484,7 +484,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         console.print(f"{updated}/{count} devices run 1.1.0")
         full = rel110.length * len(moved)
         console.print(
-            f"bytes moved for 1.1.0 ({len(moved)} devices reporting progress): "
+            f"bytes moved for 1.1.0 ({len(moved)} devices took an encoded stream): "
             f"{sum(moved.values()):,} by delta from 1.0.0 vs "
             f"{full:,} as full images ({100 * sum(moved.values()) / max(full, 1):.1f} %)"
         )
