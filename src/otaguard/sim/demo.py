@@ -484,7 +484,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         console.print(f"{updated}/{count} devices run 1.1.0")
         full = rel110.length * len(moved)
         console.print(
-            f"bytes moved for 1.1.0 ({len(moved)} devices took an encoded stream): "
+            f"bytes moved for 1.1.0 ({len(moved)} devices reporting their downloads): "
             f"{sum(moved.values()):,} by delta from 1.0.0 vs "
             f"{full:,} as full images ({100 * sum(moved.values()) / max(full, 1):.1f} %)"
         )
