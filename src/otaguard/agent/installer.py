@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -48,9 +48,10 @@ from otaguard.agent.install import (
     transition,
 )
 from otaguard.agent.monotonic import Floor, MonotonicStore
-from otaguard.agent.slot_stream import Checkpoint, StreamStats, stream_to_slot
+from otaguard.agent.slot_stream import Checkpoint, ImageCheck, StreamStats, stream_to_slot
 from otaguard.agent.slots import SLOTS, BootEnv, SlotBackend, SlotImage
 from otaguard.agent.stream import ProgressPacer
+from otaguard.agent.transfer import RunningImage, encoded_paths
 from otaguard.agent.updater import Offer, TufSession, tuf_errors
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import (
@@ -119,6 +120,12 @@ def error_kind(error: OtaguardError) -> str:
     if isinstance(error, DeviceStorageError):
         return "storage"
     return "config"
+
+
+def _opener(session: TufSession, blob: TargetFile) -> Callable[[int], Iterator[bytes]]:
+    """``open_stream`` of an encoded blob: its bytes from an offset, length-capped."""
+    url = session.target_url(blob)
+    return lambda offset: session.fetcher.stream_range(url, start=offset, max_length=blob.length)
 
 
 class Installer:
@@ -317,6 +324,43 @@ class Installer:
         resume = None
         if state.written and state.written_sha256:
             resume = Checkpoint(state.written, state.written_sha256)
+        # A delta or compressed blob first when the target offers one (ADR 0018); a plain
+        # image being resumed keeps its checkpoint instead.
+        encoded, _ = (
+            ([], []) if resume else encoded_paths(session, info, running=self._running(state))
+        )
+        for path in encoded:
+            try:
+                with tuf_errors(f"download of {path.blob.path}"):
+                    stats = stream_to_slot(
+                        backend=self.backend,
+                        slot=slot,
+                        target=path.blob,
+                        open_stream=_opener(session, path.blob),
+                        resume=None,
+                        checkpoint_bytes=self.config.resume_checkpoint_bytes,
+                        on_checkpoint=on_checkpoint,
+                        stop=self._stop,
+                        progress=pacer,
+                        transform=path.transform,
+                        image=ImageCheck(info.length, target.sha256),
+                    )
+            except StopRequestedError:
+                raise
+            except OtaguardError as e:
+                logger.warning("%s: %s failed: %s; falling back", info.path, path.kind,
+                               e.diagnostics())  # fmt: skip
+                continue
+            logger.info("%s obtained by %s (%d bytes downloaded)", info.path, path.kind,
+                        stats.downloaded)  # fmt: skip
+            if pacer is not None:
+                pacer(0, final=True)
+            self.streams.append(stats)
+            self._report_downloaded(stats.downloaded, target.length)
+            state.written, state.written_sha256 = target.length, target.sha256
+            return Streamed()
+        if encoded:
+            logger.info("%s: downloading the full image", info.path)
         with tuf_errors(f"download of {info.path}"):
             stats = stream_to_slot(
                 backend=self.backend,
@@ -337,6 +381,19 @@ class Installer:
         self.streams.append(stats)
         state.written, state.written_sha256 = target.length, target.sha256
         return Streamed()
+
+    def _report_downloaded(self, n: int, total: int) -> None:
+        """Tell the progress display what an encoded stream downloaded (far below total)."""
+        if self._progress is not None:
+            self._progress("downloaded", n, total)
+
+    def _running(self, state: InstallState) -> RunningImage | None:
+        """The active slot's recorded image: the base a delta may apply to."""
+        slot = state.from_slot
+        image = BootEnv.load(self.paths.bootenv).slots.get(slot) if slot else None
+        if slot is None or image is None:
+            return None
+        return RunningImage(image.sha256, image.length, lambda: self.backend.open_slot(slot))
 
     def _download_sbom(self, image: TargetFile) -> None:
         """Download and verify the SBOM ``image``'s custom binds, before the image.

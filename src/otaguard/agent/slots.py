@@ -8,13 +8,14 @@ slot holds. It is always written atomically.
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError, DeviceStorageError
@@ -163,6 +164,14 @@ class SlotBackend(abc.ABC):
             DeviceStorageError: the slot cannot be written.
         """
 
+    def open_slot(self, slot: str) -> BinaryIO:
+        """Open ``slot`` for reading (the base a delta applies to).
+
+        Raises:
+            OSError: this backend cannot read slots back (then deltas are not used).
+        """
+        raise OSError(errno.EOPNOTSUPP, f"slot {slot} cannot be read back")
+
     @abc.abstractmethod
     def digest(self, slot: str, length: int) -> str:
         """SHA-256 of the first ``length`` bytes of ``slot`` (empty string if unreadable)."""
@@ -214,6 +223,10 @@ class FileSlots(SlotBackend):
             os.close(fd)
             raise DeviceStorageError(f"cannot position slot {slot}: {e.strerror or e}") from e
         return _FileSlotWriter(fd, slot, length)
+
+    def open_slot(self, slot: str) -> BinaryIO:
+        """Open the slot file for reading (a delta's base)."""
+        return open(self.path(slot), "rb")
 
     def read(self, slot: str, length: int) -> Iterator[bytes]:
         """Read the slot file's first ``length`` bytes in :data:`CHUNK` blocks."""

@@ -31,7 +31,7 @@ from otaguard.model.errors import (
 )
 from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
-from otaguard.model.sbom import is_sbom_target
+from otaguard.model.transfer import is_auxiliary_target
 from otaguard.model.version import Version
 
 __all__ = ["Offer", "Selection", "TufSession", "select_update", "tuf_errors", "updater_config"]
@@ -214,7 +214,7 @@ class TufSession:
         for path in listing.signed.targets:
             with tuf_errors(f"looking up {path}"):
                 target = self._updater.get_targetinfo(path)
-            if target is None or is_sbom_target(target.custom):
+            if target is None or is_auxiliary_target(target.custom):
                 continue  # an SBOM is fetched with the image whose custom binds it
             try:
                 info = ReleaseInfo.from_custom(target.custom)

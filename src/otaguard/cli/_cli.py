@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from otaguard import __version__
+from otaguard.cli._transfer import add_transfer_options, describe_encodings, transfer_request
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
 from otaguard.model.manifest import BOOT_PCR
 from otaguard.model.unsafe import Unsafe
@@ -217,6 +218,7 @@ def _release_add(a: argparse.Namespace) -> int:
             security_counter=a.security_counter,
             sbom=a.sbom,
             progress=lambda n: prog.advance(task, n),
+            transfer=transfer_request(a),
         )
     out.print(
         f"added [bold]{rel.path}[/bold] version {rel.info.version} ({rel.info.release_type}, "
@@ -224,6 +226,7 @@ def _release_add(a: argparse.Namespace) -> int:
     )
     if rel.info.sbom is not None:
         out.print(f"SBOM {rel.info.sbom.path} sha256 {rel.info.sbom.sha256}")
+    describe_encodings(repo.latest_targets(), rel.path, out.print)
     if repo.server_signed:
         out.print("the update server signs snapshot and timestamp when it takes this release")
     return 0
@@ -829,6 +832,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     add.add_argument(
         "--sbom", type=Path, required=True, metavar="FILE", help="CycloneDX 1.5/1.6 JSON SBOM"
     )
+    add_transfer_options(add)
     _key_options(add)
     add.set_defaults(func=_release_add)
     wd = rel.add_parser("withdraw", help="remove a release from the repository and re-sign")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from otaguard.cli._transfer import add_transfer_options, transfer_request
 from otaguard.model.errors import ConfigError, OperatorError
 
 if TYPE_CHECKING:
@@ -266,6 +267,7 @@ def _stage(a: argparse.Namespace) -> int:
         security_counter=a.security_counter,
         sbom=a.sbom,
         out=target,
+        transfer=transfer_request(a),
     )
     for line in request.render():
         out.print(line, markup=False, highlight=False)
@@ -357,6 +359,7 @@ def add_ceremony_parsers(rel: argparse._SubParsersAction[argparse.ArgumentParser
     st.add_argument(
         "--out", type=Path, metavar="REQUEST", help="default targets-VERSION.request.json"
     )
+    add_transfer_options(st)
     st.set_defaults(func=_stage)
     pub = rel.add_parser(
         "publish",

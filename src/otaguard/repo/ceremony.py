@@ -49,8 +49,9 @@ from otaguard.crypto.signers import KeySecrets, file_uri_path, load_signer
 from otaguard.model.errors import ConfigError, HybridPolicyError, OperatorError
 from otaguard.model.errors import VerificationError as OtaVerifyError
 from otaguard.model.release import ReleaseInfo
-from otaguard.model.sbom import is_sbom_target
+from otaguard.model.transfer import is_auxiliary_target
 from otaguard.repo.repository import ImageRepository, Release
+from otaguard.repo.transfer import TransferRequest
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -162,7 +163,9 @@ def summarize(new: Root | Targets, base: Root | Targets) -> dict[str, Any]:
         raise OtaVerifyError("signing request: the replaced metadata is of another role")
     try:
         images = [
-            _image(p, tf) for p, tf in sorted(new.targets.items()) if not is_sbom_target(tf.custom)
+            _image(p, tf)
+            for p, tf in sorted(new.targets.items())
+            if not is_auxiliary_target(tf.custom)
         ]
     except ValueError as e:
         raise OtaVerifyError(f"signing request: a target has invalid otaguard fields: {e}") from e
@@ -340,6 +343,7 @@ def stage_release(
     sbom: Path,
     out: Path,
     now: datetime | None = None,
+    transfer: TransferRequest | None = None,
 ) -> tuple[SigningRequest, Release]:
     """Check a release and its SBOM (required), store their blobs and write the signing
     request ``out``; no key used. The summary shows the SBOM's digest.
@@ -359,7 +363,9 @@ def stage_release(
         sbom=sbom,
     )
     base_bytes = _canonical(targets_md.signed)
-    release = repo.store_release(targets_md, Path(image), name, info, sbom=checked)
+    release = repo.store_release(
+        targets_md, Path(image), name, info, sbom=checked, transfer=transfer
+    )
     new = targets_md.signed
     new.version += 1
     new.expires = repo.targets_expiry(now)

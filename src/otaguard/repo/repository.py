@@ -76,9 +76,11 @@ from otaguard.model.sbom import (
     parse_sbom,
     sbom_target_name,
 )
+from otaguard.model.transfer import TRANSFER_OF_KEY, is_auxiliary_target, is_transfer_target
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 from otaguard.repo.keyspec import ROLE_ALGORITHMS, RoleKeySpec, algorithm_of, key_names
+from otaguard.repo.transfer import TransferRequest, store_encodings
 from otaguard.repo.verify import VerificationReport, check_repository
 
 __all__ = [
@@ -829,8 +831,8 @@ class ImageRepository:
         targets: Targets = self._latest("targets", Targets).signed
         out = []
         for path, tf in targets.targets.items():
-            if is_sbom_target(tf.custom):
-                continue  # an image's SBOM, listed through the image's binding
+            if is_auxiliary_target(tf.custom):
+                continue  # an image's SBOM or encoding, listed through the image's custom
             info = ReleaseInfo.from_custom(tf.custom)
             out.append(Release(path, tf.length, tf.hashes["sha256"], info))
         return sorted(out, key=lambda r: r.info.version)
@@ -879,8 +881,11 @@ class ImageRepository:
         sbom: Path,
         now: datetime | None = None,
         progress: Callable[[int], None] | None = None,
+        transfer: TransferRequest | None = None,
     ) -> Release:
         """Add a firmware image and its SBOM as new targets and re-sign targets.
+
+        ``transfer`` adds a zstd blob and deltas from published versions (ADR 0018).
 
         ``sbom`` (required: every release has one) must be a CycloneDX 1.5 or 1.6 JSON
         SBOM; it becomes a target of its own, bound into the image's ``custom``.
@@ -909,8 +914,9 @@ class ImageRepository:
         # Unlock every key before writing anything, so a wrong passphrase changes nothing.
         self.unlock(self.signing_roles())
         release = self.store_release(
-            targets_md, Path(image), name, info, sbom=checked, progress=progress
-        )
+            targets_md, Path(image), name, info, sbom=checked, progress=progress,
+            transfer=transfer,
+        )  # fmt: skip
         self._sign_targets(targets_md, now)
         logger.info("added release %s (%s bytes)", name, release.length)
         return release
@@ -989,9 +995,11 @@ class ImageRepository:
         *,
         sbom: Sbom,
         progress: Callable[[int], None] | None = None,
+        transfer: TransferRequest | None = None,
     ) -> Release:
         """Store ``image``'s and ``sbom``'s blobs under their hash names and list both in
-        ``targets_md`` (the image's ``custom`` binding the SBOM: ``info.sbom``).
+        ``targets_md`` (the image's ``custom`` binding the SBOM: ``info.sbom``), with the
+        encodings ``transfer`` asks for (:mod:`otaguard.repo.transfer`).
 
         Nothing is signed: an unlisted blob in ``targets/`` is served to nobody.
         """
@@ -1014,6 +1022,8 @@ class ImageRepository:
             length, {"sha256": sha256}, name, unrecognized_fields={"custom": info.to_custom()}
         )
         targets_md.signed.targets[name] = tf
+        if transfer:
+            store_encodings(self, targets_md, Path(image), name, info=info, request=transfer)
         return Release(name, length, sha256, info)
 
     def _store_blob(
@@ -1064,12 +1074,17 @@ class ImageRepository:
             raise OperatorError(f"no target named {path}")
         if is_sbom_target(targets_md.signed.targets[path].custom):
             raise OperatorError(f"{path} is an SBOM: withdraw the release it describes")
+        if is_transfer_target(targets_md.signed.targets[path].custom):
+            raise OperatorError(f"{path} is an encoding: withdraw the release it encodes")
         self.unlock(self.signing_roles())
         removed = targets_md.signed.targets.pop(path)
         custom = removed.custom
         if isinstance(custom, dict) and isinstance(custom.get("sbom"), dict):
             # its SBOM goes with it (withdrawing an SBOM alone is refused below)
             targets_md.signed.targets.pop(str(custom["sbom"].get("path")), None)
+        for other, tf in list(targets_md.signed.targets.items()):
+            if isinstance(tf.custom, dict) and tf.custom.get(TRANSFER_OF_KEY) == path:
+                del targets_md.signed.targets[other]  # its compressed blob and deltas
         self._sign_targets(targets_md, now)
 
     def refresh(self, *, roles: Iterable[str] = ONLINE_ROLES, now: datetime | None = None) -> None:

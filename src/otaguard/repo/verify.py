@@ -81,7 +81,7 @@ from otaguard.crypto.hybrid import check_hybrid, check_hybrid_bytes, check_root_
 from otaguard.model.errors import HybridPolicyError, VerificationError
 from otaguard.model.limits import MAX_ROOT_ROTATIONS, METADATA_MAX_LENGTHS
 from otaguard.model.release import ReleaseInfo
-from otaguard.model.sbom import is_sbom_target
+from otaguard.model.transfer import Encodings, is_auxiliary_target
 
 __all__ = [
     "DEVICE_MAX_LENGTHS",
@@ -470,7 +470,7 @@ class _Walk:
         name, data = self.loaded[Targets.type]
         out: dict[str, ReleaseInfo] = {}
         for path, target in targets.targets.items():
-            if is_sbom_target(target.custom):
+            if is_auxiliary_target(target.custom):
                 continue
             with self._step(Targets.type, name, data):
                 try:
@@ -485,10 +485,34 @@ class _Walk:
                             f"its SBOM binding names {info.sbom.path}, which targets does not "
                             "list with that length and hash"
                         )
+                    _check_encodings(targets, target.custom)
                     out[path] = info
                 except VerificationError as e:
                     raise VerificationError(f"targets {name}: target {path}: {e}") from e
         return out
+
+
+def _check_encodings(targets: Targets, custom: object) -> None:
+    """The compressed blob and deltas an image lists are targets with those bytes (ADR 0018).
+
+    Raises:
+        VerificationError: malformed encodings, or one targets does not list as bound.
+    """
+    try:
+        enc = Encodings.from_custom(custom if isinstance(custom, Mapping) else None)
+    except ValueError as e:
+        raise VerificationError(f"invalid encodings: {e}") from e
+    refs = ([enc.compressed] if enc.compressed else []) + [d.blob for d in enc.deltas]
+    for ref in refs:
+        listed = targets.targets.get(ref.path)
+        if listed is None or (listed.length, listed.hashes.get("sha256")) != (
+            ref.length,
+            ref.sha256,
+        ):
+            raise VerificationError(
+                f"it lists the encoding {ref.path}, which targets does not list with that "
+                "length and hash"
+            )
 
 
 def verify_update(

@@ -27,7 +27,8 @@ from tuf.api.serialization import DeserializationError
 
 from otaguard.model.errors import OtaguardError, VerificationError
 from otaguard.model.release import ReleaseInfo
-from otaguard.model.sbom import MAX_SBOM_BYTES, is_sbom_target, parse_sbom
+from otaguard.model.sbom import MAX_SBOM_BYTES, parse_sbom
+from otaguard.model.transfer import is_auxiliary_target
 from otaguard.model.version import Version
 from otaguard.server._names import blob_name
 from otaguard.server.storage.base import BlobStore, MetadataStore
@@ -103,7 +104,7 @@ class SbomIndex:
             done = self._store.indexed()
             added = 0
             for path, tf in targets.targets.items():
-                if path in done or is_sbom_target(tf.custom):
+                if path in done or is_auxiliary_target(tf.custom):
                     continue
                 try:
                     info = ReleaseInfo.from_custom(tf.custom)

@@ -22,6 +22,7 @@ from otaguard.crypto.hsm import PKCS11_MODULE_ENV, generate_hsm_key
 from otaguard.repo.ceremony import SigningRequest, publish_request, sign_request, stage_release
 from otaguard.repo.keyspec import ExternalKey, RoleKeySpec
 from otaguard.repo.repository import ImageRepository, Release
+from otaguard.repo.transfer import TransferRequest
 
 __all__ = ["DemoToken", "ceremony_release", "start_demo_token"]
 
@@ -79,6 +80,7 @@ def ceremony_release(
     passphrase: Callable[[str], bytes],
     request: Path,
     sbom: Path,
+    transfer: TransferRequest | None = None,
 ) -> tuple[Release, list[str]]:
     """Stage, sign by two signers (the token key among them if the targets role has one), publish.
 
@@ -87,7 +89,7 @@ def ceremony_release(
     """
     _, release = stage_release(
         repo, image, version=version, hardware_ids=[hardware_id], security=security,
-        security_counter=None, sbom=sbom, out=request,
+        security_counter=None, sbom=sbom, out=request, transfer=transfer,
     )  # fmt: skip
     refs = {r.name: r for r in repo.key_refs("targets")}
     names = (

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import http.client
 import json
+import random
 import secrets
 import shutil
 import ssl
@@ -34,6 +35,7 @@ from otaguard.model.errors import (
 )
 from otaguard.repo import ImageRepository, Release
 from otaguard.repo.director import init_director
+from otaguard.repo.transfer import TransferRequest
 from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
@@ -54,7 +56,10 @@ IMAGE_SIZE: Final = 4 * 1024 * 1024
 ATTACKS: Final = 8
 
 
-def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]:
+def _update_fleet(
+    console: Console, fleet: Fleet, title: str, moved: dict[str, int] | None = None
+) -> list[DeviceRun]:
+    """Update every device; ``moved`` gets the bytes each downloaded for its image."""
     with Progress(
         TextColumn("{task.description:<28}"),
         BarColumn(),
@@ -68,6 +73,10 @@ def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]
         def on_progress(name: str, stage: str, n: int, total: int) -> None:
             if name not in tasks:
                 tasks[name] = prog.add_task(f"{name} stream+install", total=total)
+            if stage == "downloaded":  # once per delta or compressed stream: its bytes
+                if moved is not None:
+                    moved[name] = moved.get(name, 0) + n
+                return
             prog.advance(tasks[name], n)
 
         runs: list[DeviceRun] = []
@@ -75,6 +84,17 @@ def _update_fleet(console: Console, fleet: Fleet, title: str) -> list[DeviceRun]
             runs.append(run)
             prog.advance(overall)
     return runs
+
+
+def _security_fix(image: Path, *, seed: str) -> Path:
+    """Patch ``image`` in place a few kilobytes' worth, as a security update would."""
+    rng = random.Random(seed)  # noqa: S311 - deterministic demo content, not a secret
+    data = bytearray(image.read_bytes())
+    for _ in range(32):
+        at = rng.randrange(len(data) - 512)
+        data[at : at + 256] = rng.randbytes(256)
+    image.write_bytes(bytes(data))
+    return image
 
 
 def _attack(
@@ -435,12 +455,14 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         old_timestamp = attacker.current_timestamp()
 
         step("5. Release 1.1.0 (security); the director instructs every device to install it")
-        v110 = make_image(work / "firmware.img", size=IMAGE_SIZE, seed="1.1.0")
-        # Through the offline ceremony: staged without a key, signed by two people, published.
+        v110 = _security_fix(v100, seed="1.1.0")
+        # Through the offline ceremony: staged without a key, signed by two people, published,
+        # with a delta from 1.0.0 and a zstd blob (ADR 0018).
         rel110, signed_by = ceremony_release(
             repo, v110, version="1.1.0", hardware_id=HARDWARE_ID, security=True,
             passphrase=passphrase, request=work / "1.1.0.request.json",
             sbom=_sbom(work, "1.1.0"),
+            transfer=TransferRequest(compress="zstd", delta_from=("1.0.0",)),
         )  # fmt: skip
         console.print(
             f"1.1.0 staged, signed by {' and '.join(signed_by)}"
@@ -448,7 +470,8 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             + f", published; SBOM sha256 {_sbom_digest(rel110)}"
         )
         wait_served(server, repo)
-        runs = _update_fleet(console, fleet, "rollout 1.1.0")
+        moved: dict[str, int] = {}
+        runs = _update_fleet(console, fleet, "rollout 1.1.0", moved)
         versions = fleet.versions()
         updated = sum(
             1
@@ -459,6 +482,12 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             if r.error is not None:
                 console.print(f"[red]{r.name}: {r.error.diagnostics()}")
         console.print(f"{updated}/{count} devices run 1.1.0")
+        full = rel110.length * len(moved)
+        console.print(
+            f"bytes moved for 1.1.0 ({len(moved)} devices reporting their downloads): "
+            f"{sum(moved.values()):,} by delta from 1.0.0 vs "
+            f"{full:,} as full images ({100 * sum(moved.values()) / max(full, 1):.1f} %)"
+        )
         sbom_ok = _sbom_reports(console, fleet, rel110)
 
         step("5b. Staged rollouts: 4 phases to completion, then an automatic halt")
