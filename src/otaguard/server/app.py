@@ -648,6 +648,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     registry = ChangeSignal(data_dir, "registry")
     store = NotifyingMetadataStore(engine, on_change=published.touch)
     served = ServedMetadata(store, signal=published)
+    served_recheck = served.rechecker()
     devices = NotifyingDeviceStore(engine, on_change=registry.touch)
     checkin_store = SQLCheckinStore(engine)
     director: Director | None = None
@@ -718,6 +719,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Fresh online metadata first: after downtime the served timestamp may have expired.
         await run_in_threadpool(resign.start)
+        await run_in_threadpool(served_recheck.start)
         if sync is not None:
             await run_in_threadpool(sync.start)
         if evaluator is not None:
@@ -729,6 +731,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
                 await run_in_threadpool(evaluator.stop)
             if sync is not None:
                 await run_in_threadpool(sync.stop)
+            await run_in_threadpool(served_recheck.stop)
             await run_in_threadpool(resign.stop)
             engine.dispose()
 

@@ -64,10 +64,10 @@ logger = logging.getLogger(__name__)
 IMMUTABLE_CACHE: Final = "public, max-age=31536000, immutable"
 NO_CACHE: Final = "no-store"
 #: an admitted certificate is re-checked against the registry at least this often even
-#: when no change was signalled (processes that share only the database, a signal file
-#: that could not be written); it is also how late the 15-minute check-in window may be
-#: enforced for a device in the middle of a download
-ADMISSION_SECONDS: Final = 1.0
+#: when no change was signalled: the bound for a process that does not share the data
+#: directory (or a signal file that could not be written); the check-in window and the
+#: certificate's expiry are checked on every request regardless
+ADMISSION_SECONDS: Final = 5.0
 #: admitted certificates kept (one per device polling now, about 2 KiB each)
 MAX_ADMISSIONS_KEPT: Final = 16384
 #: reads of a blob being served: large, so a 256 MiB image is 256 reads and writes of
@@ -85,6 +85,7 @@ class _Admission:
     signal: object  # the registry signal's token when the registry was read
     at: float  # monotonic time of that read
     not_after: dt.datetime  # the certificate's expiry
+    window_ends: dt.datetime  # its last accepted check-in + CHECKIN_WINDOW
 
 
 class DeviceAdmissions:
@@ -109,8 +110,8 @@ class DeviceAdmissions:
         self._kept: OrderedDict[bytes, _Admission] = OrderedDict()
 
     def admitted(self, scope: Any) -> bool:
-        """Whether the request's certificate was admitted since the registry last changed
-        (memory and one ``stat``, no database)."""
+        """Whether the request's certificate was admitted since the registry last changed,
+        is unexpired and within its check-in window (memory and one ``stat``)."""
         if client_certificate_error(scope) is not None:
             return False
         try:
@@ -122,10 +123,12 @@ class DeviceAdmissions:
         entry = self._kept.get(der)
         if entry is None:
             return False
+        now = self._clock()
         if (
             entry.signal != self._signal.token()
             or self._monotonic() - entry.at > ADMISSION_SECONDS
-            or entry.not_after <= self._clock()
+            or entry.not_after <= now
+            or entry.window_ends <= now
         ):
             with self._lock:
                 self._kept.pop(der, None)
@@ -144,14 +147,22 @@ class DeviceAdmissions:
         dev = self._gate.authenticate(scope)
         if dev is None:
             return  # no certificate, and none required (the named insecure mode)
-        self._checkins.require_recent(dev, window=CHECKIN_WINDOW)
+        last = self._checkins.checkins.last_accepted(dev.identity.cert_serial)
+        if last is None or last + CHECKIN_WINDOW <= self._clock():
+            # refused with the routes' own reason and log line
+            self._checkins.require_recent(dev, window=CHECKIN_WINDOW)
+            return  # pragma: no cover - require_recent refuses what was found stale
         der = client_certificate_der(scope)
         if der is None:  # pragma: no cover - authenticate found one
             return
+        admission = _Admission(
+            signal=token,
+            at=at,
+            not_after=dev.certificate.not_valid_after_utc,
+            window_ends=last + CHECKIN_WINDOW,
+        )
         with self._lock:
-            self._kept[der] = _Admission(
-                signal=token, at=at, not_after=dev.certificate.not_valid_after_utc
-            )
+            self._kept[der] = admission
             self._kept.move_to_end(der)
             while len(self._kept) > MAX_ADMISSIONS_KEPT:
                 self._kept.popitem(last=False)

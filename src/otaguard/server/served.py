@@ -4,8 +4,9 @@ Devices poll ``timestamp.json`` and ask for the next root (a 404 for almost ever
 both, and the snapshot and targets the current timestamp names, are answered from a
 :class:`ServedView` built once per publication, without a database query. A publication
 by this process or any other sharing the data directory is seen on the next request
-(:class:`~otaguard.server._signal.ChangeSignal`); a periodic re-check
-(:data:`METADATA_RECHECK_SECONDS`) covers processes that share only the database.
+(:class:`~otaguard.server._signal.ChangeSignal`); a re-check in a background thread
+(:data:`METADATA_RECHECK_SECONDS`) covers processes that share only the database. A
+request never waits on the database except right after a publication.
 
 Versioned files outside the view (an older snapshot a device is still walking to) are
 read from the store once and kept (:data:`MAX_KEPT_FILES`): versioned metadata never
@@ -16,16 +17,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Snapshot, Timestamp
 
+from otaguard.model.errors import OtaguardError
 from otaguard.server._names import parse_metadata_name
+from otaguard.server._periodic import PeriodicTask
 from otaguard.server._signal import ChangeSignal
 from otaguard.server.storage.base import MetadataRecord, MetadataStore
 
@@ -114,22 +115,18 @@ class ServedMetadata:
         store: MetadataStore,
         *,
         signal: ChangeSignal,
-        monotonic: Callable[[], float] = time.monotonic,
     ):
         """Serve from ``store``'s current publication.
 
         Args:
             store: where publications land.
             signal: touched by every publisher sharing the data directory.
-            monotonic: the clock of the periodic re-check.
         """
         self._store = store
         self._signal = signal
-        self._monotonic = monotonic
         self._lock = threading.Lock()
         self._view = ServedView()
         self._loaded_under: object = UNKNOWN  # signal token the view was loaded under
-        self._loaded_at = float("-inf")
         self._kept: OrderedDict[str, MetadataRecord] = OrderedDict()
 
     @property
@@ -138,22 +135,19 @@ class ServedMetadata:
         return self._view
 
     def stale(self) -> bool:
-        """Whether a publication may have landed since the view was loaded (no I/O but
-        one ``stat``)."""
-        return (
-            self._signal.token() != self._loaded_under
-            or self._monotonic() - self._loaded_at > METADATA_RECHECK_SECONDS
-        )
+        """Whether a publication was signalled since the view was loaded (one ``stat``)."""
+        return self._signal.token() != self._loaded_under
 
-    def refresh(self) -> None:
-        """Reload the view from the store (blocking: call it from a worker thread).
+    def refresh(self, *, recheck: bool = False) -> None:
+        """Reload the view from the store if a publication was signalled, or always with
+        ``recheck`` (blocking: call it from a worker thread).
 
         Raises:
             ServerStorageError: the store failed; the previous view stays.
         """
         with self._lock:
             token = self._signal.token()  # before reading: a later publication re-triggers
-            if token == self._loaded_under and not self._rechecks_due():
+            if token == self._loaded_under and not recheck:
                 return  # another request refreshed meanwhile
             view = _load_view(self._store, self._view)
             if view is not self._view:
@@ -164,10 +158,10 @@ class ServedMetadata:
                 )
             self._view = view
             self._loaded_under = token
-            self._loaded_at = self._monotonic()
 
-    def _rechecks_due(self) -> bool:
-        return self._monotonic() - self._loaded_at > METADATA_RECHECK_SECONDS
+    def rechecker(self) -> PeriodicTask:
+        """The background re-check (start it with the server, stop it at shutdown)."""
+        return _Recheck(self)
 
     def lookup(self, filename: str) -> MetadataRecord | _Unknown | None:  # noqa: PLR0911 - one answer per kind of name
         """Answer from memory: the record, ``None`` (404), or :data:`UNKNOWN`.
@@ -209,3 +203,15 @@ class ServedMetadata:
                 while len(self._kept) > MAX_KEPT_FILES:
                     self._kept.popitem(last=False)
         return rec
+
+
+class _Recheck(PeriodicTask):
+    def __init__(self, served: ServedMetadata):
+        super().__init__(interval=METADATA_RECHECK_SECONDS, name="otaguard-served-recheck")
+        self._served = served
+
+    def _tick(self) -> None:
+        try:
+            self._served.refresh(recheck=True)
+        except OtaguardError as e:  # the previous view stays; the next round retries
+            logger.warning("re-reading the served metadata failed: %s", e.diagnostics())
