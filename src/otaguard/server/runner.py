@@ -379,7 +379,10 @@ def start_server_in_thread(
         settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS, clock=clock
     )
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
+    # TCP, and without it Nagle's algorithm and the client's delayed ACK add ~40 ms to
+    # every response written in two parts (headers, body).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((settings.host, settings.port))
