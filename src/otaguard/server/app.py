@@ -107,6 +107,7 @@ from otaguard.server.sbom_index import SbomIndex
 from otaguard.server.sbom_routes import sbom_router
 from otaguard.server.served import ServedMetadata
 from otaguard.server.settings import ServerSettings
+from otaguard.server.static_tree import StaticTreeExporter
 from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
     MAX_BLOB_BYTES,
@@ -355,8 +356,20 @@ def _device_dependency(
     return require_device
 
 
-def _device_router(gate: DeviceGate) -> APIRouter:
+def _device_router(gate: DeviceGate, require_device: Callable[..., None]) -> APIRouter:
     router = APIRouter(prefix="/api/v1/device", tags=["device"], responses=_DEVICE_ERRORS)
+
+    @router.get(
+        "/may-read",
+        summary="Whether this client may read the repository (nginx auth_request)",
+        status_code=204,
+        response_class=Response,
+        dependencies=[Depends(require_device)],
+    )
+    def may_read() -> Response:
+        """204 for a device the repository routes would serve (or an operator), 403 with
+        the reason otherwise: nginx asks this before serving the static tree."""
+        return Response(status_code=204)
 
     @router.get("/whoami", summary="The device identity the server sees")
     def whoami(request: Request) -> WhoAmIBody:
@@ -696,6 +709,11 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     )
     blobs = FileBlobStore(data_dir / "blobs")
     blobs.remove_interrupted_uploads()
+    exporter = (
+        StaticTreeExporter(served, blobs, settings.static_tree)
+        if settings.static_tree is not None
+        else None
+    )
     sboms = SbomIndex(store=SQLSbomStore(engine), metadata=store, blobs=blobs, clock=clock)
     svc = _Services(
         store=store, served=served, blobs=blobs, clock=clock, online=online, sboms=sboms
@@ -720,6 +738,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         # Fresh online metadata first: after downtime the served timestamp may have expired.
         await run_in_threadpool(resign.start)
         await run_in_threadpool(served_recheck.start)
+        if exporter is not None:
+            await run_in_threadpool(exporter.start)
         if sync is not None:
             await run_in_threadpool(sync.start)
         if evaluator is not None:
@@ -731,6 +751,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
                 await run_in_threadpool(evaluator.stop)
             if sync is not None:
                 await run_in_threadpool(sync.stop)
+            if exporter is not None:
+                await run_in_threadpool(exporter.stop)
             await run_in_threadpool(served_recheck.stop)
             await run_in_threadpool(resign.stop)
             engine.dispose()
@@ -772,7 +794,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         required=not (settings.insecure_http or settings.insecure_no_client_auth),
     )
     app.state.gate = gate
-    app.include_router(_repository_router(svc, _device_dependency(gate, auth, checkins)))
+    require_device = _device_dependency(gate, auth, checkins)
+    app.include_router(_repository_router(svc, require_device))
     # Outermost of the middlewares (added last): the repository routes skip the rest.
     app.add_middleware(
         RepositoryFastPath,
@@ -782,7 +805,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         auth=auth,
     )
     app.state.served = served
-    app.include_router(_device_router(gate))
+    app.state.static_tree = exporter
+    app.include_router(_device_router(gate, require_device))
     app.include_router(checkin_router(checkins, gate))
     app.include_router(_operator_router(svc, auth))
     app.include_router(fleet_router(fleet, auth))

@@ -16,6 +16,8 @@ everything else to the application:
    the device's next request) and at most :data:`ADMISSION_SECONDS`.
 2. Metadata from memory as the exact signed bytes (:mod:`.served`), ``HEAD`` too.
 3. Blobs from the blob store in large reads (:data:`BLOB_CHUNK_BYTES`), ``Range`` kept.
+4. :data:`MAY_READ_PATH`: 204 for whoever may read the repository (nginx's
+   ``auth_request`` in front of a static tree, ``deploy/nginx/otaguard-static.conf``).
 
 Everything the gate or the store needs to block on runs in a worker thread; the event
 loop never waits on the database.
@@ -52,6 +54,7 @@ __all__ = [
     "BLOB_CHUNK_BYTES",
     "IMMUTABLE_CACHE",
     "MAX_ADMISSIONS_KEPT",
+    "MAY_READ_PATH",
     "NO_CACHE",
     "DeviceAdmissions",
     "RepositoryFastPath",
@@ -78,6 +81,8 @@ _RETRY_AFTER_SECONDS: Final = 2
 
 _METADATA_PREFIX: Final = "/metadata/"
 _TARGETS_PREFIX: Final = "/targets/"
+#: nginx's ``auth_request`` asks here whether a device may read the static tree
+MAY_READ_PATH: Final = "/api/v1/device/may-read"
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,9 @@ class RepositoryFastPath:
         elif path.startswith(_TARGETS_PREFIX):
             serve = self._target
             name = path[len(_TARGETS_PREFIX) :]
+        elif path == MAY_READ_PATH:
+            serve = self._may_read
+            name = ""
         else:
             await self._app(scope, receive, send)
             return
@@ -249,6 +257,11 @@ class RepositoryFastPath:
                 if who is not None:
                     return
         await anyio.to_thread.run_sync(self._admissions.admit, scope)
+
+    async def _may_read(self, _name: str, _scope: Any, _receive: Any, send: Any) -> None:
+        # Authorized by now (a refusal is a 403 with the reason): nothing else to say.
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _metadata(self, name: str, scope: Any, _receive: Any, send: Any) -> None:
         if self._served.stale():

@@ -135,6 +135,8 @@ class ServerSettings:
             creates in ``data_dir`` (warns).
         rollout_interval: seconds between evaluations of the active rollouts (phase
             advance, automatic halt) besides those at check-ins (ADR 0011).
+        static_tree: keep the published repository as a static tree in this directory
+            for nginx or a CDN (ADR 0016); ``None``: none.
         header_timeout: seconds a client has, after the TLS handshake or the previous
             response, to send a request's line and headers (slowloris defence, ADR 0016).
         tls_handshake_timeout: seconds a client has to complete the TLS handshake.
@@ -165,6 +167,7 @@ class ServerSettings:
     director_key_uri: str | None = None
     rollout_interval: float = 5.0
     hsm_pin: str | None = field(default=None, repr=False)
+    static_tree: Path | None = None
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS
 
