@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from conftest import World, start_world
 from otaguard.agent import Device
+from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server._signal import ChangeSignal
 from otaguard.server.client import FleetClient
 from otaguard.server.storage.base import DeviceState
@@ -227,3 +228,16 @@ def test_interrupted_uploads_are_removed_but_not_one_in_progress(tmp_path: Path)
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     writer.abort()
     assert list(store.directory.glob(".upload.*.tmp")) == []
+
+
+def test_a_starting_server_removes_interrupted_uploads(tmp_path: Path) -> None:
+    paths = init_data_dir(tmp_path / "server")
+    blobs = paths.data_dir / "blobs"
+    blobs.mkdir(exist_ok=True)
+    crashed = blobs / ".upload.crashed.tmp"
+    crashed.write_bytes(b"half an image from before a power cut")
+    with start_server_in_thread(
+        ServerSettings(data_dir=paths.data_dir, repo_dir=None, port=0)
+    ) as server:
+        assert server.base_url
+        assert not crashed.exists()
