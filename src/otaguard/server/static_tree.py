@@ -2,10 +2,10 @@
 
 ``DIR/metadata/`` holds the exact signed bytes under the names a TUF client asks for
 (consistent snapshots: ``N.root.json``, ``N.snapshot.json``, ``N.targets.json``, and the
-unversioned ``timestamp.json`` and ``root.json``, the newest); ``DIR/targets/`` the blobs as ``<sha256>.<name>``
-(hard links into the blob store where the filesystem allows, else copies). Mirrors are
-untrusted by design: the device verifies every byte, so a tampered tree is refused by
-the device, not trusted by it.
+unversioned ``timestamp.json`` and ``root.json``, the newest); ``DIR/targets/`` the blobs
+as ``<sha256>.<name>`` (hard links into the blob store where the filesystem allows, else
+copies). Mirrors are untrusted by design: the device verifies every byte, so a tampered
+tree is refused by the device, not trusted by it.
 
 A publication is written in an order that never lets a reader see a timestamp naming
 files that are not there yet: blobs, then roots, targets and snapshot, and
@@ -118,10 +118,10 @@ def write_static_tree(view: ServedView, blobs: BlobStore, directory: Path) -> in
                 added += 1
         # The unversioned names, newest root first (a client reads root before timestamp).
         newest = view.roots.get(view.newest_root)
-        for name, rec in (("root.json", newest), ("timestamp.json", view.timestamp)):
+        for name, latest in (("root.json", newest), ("timestamp.json", view.timestamp)):
             current = meta_dir / name
-            if rec is not None and (not current.exists() or current.read_bytes() != rec.data):
-                _write_atomic(current, rec.data)
+            if latest is not None and (not current.exists() or current.read_bytes() != latest.data):
+                _write_atomic(current, latest.data)
                 added += 1
     except OSError as e:
         raise ServerStorageError(f"cannot write the static tree {directory}: {e}") from e
