@@ -452,9 +452,16 @@ def _counted(
 
 
 def publish_request(
-    repo: ImageRepository, request: SigningRequest, *, now: datetime | None = None
+    repo: ImageRepository,
+    request: SigningRequest,
+    *,
+    now: datetime | None = None,
+    warn_stale: bool = True,
 ) -> Metadata[Any]:
     """Write the request's metadata as the repository's next version, if thresholds signed.
+
+    After a new root, roles it no longer verifies are logged as needing new signatures,
+    unless ``warn_stale`` is false (``repo rotate`` re-signs them itself at once).
 
     Targets needs a threshold of the newest root's targets keys. A new root needs a
     threshold of the current root's root keys *and* of its own (TUF §5.3.4), each named
@@ -499,7 +506,8 @@ def publish_request(
             raise OperatorError(f"{e}; a classical and an ML-DSA key must both sign") from e
     if request.role == "root":
         repo.write_signed_root(md)
-        for role in repo.follow_root(root, now=now):
+        stale = repo.follow_root(root, now=now)
+        for role in stale if warn_stale else ():
             logger.warning(
                 "%s no longer verifies under root %s: sign it with the new keys "
                 "(otaguard repo refresh --role %s, or the next release)",

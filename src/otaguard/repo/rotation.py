@@ -297,7 +297,8 @@ def rotate(
         sign_request(
             request, uri=resolve_key_uri(uri, repo.keys_dir), secrets=secrets, key_name=key.name
         )
-    md = publish_request(repo, request, now=now)
+    # this function re-signs targets itself below, so the publish step's advice is not given
+    md = publish_request(repo, request, now=now, warn_stale=role != "targets")
     stale: list[str] = []
     if role == "targets":
         # Devices would refuse targets signed only by removed keys: sign it anew now.
