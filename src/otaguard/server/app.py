@@ -796,14 +796,16 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.state.gate = gate
     require_device = _device_dependency(gate, auth, checkins)
     app.include_router(_repository_router(svc, require_device))
-    # Outermost of the middlewares (added last): the repository routes skip the rest.
-    app.add_middleware(
-        RepositoryFastPath,
-        served=served,
-        blobs=blobs,
-        admissions=DeviceAdmissions(gate=gate, checkins=checkins, signal=registry, clock=clock),
-        auth=auth,
-    )
+    # Outermost of the middlewares (added last): the repository routes skip the rest. The
+    # runner puts the same fast path in front of the whole application as well (the
+    # options below), so a repository request skips Starlette's own layers too.
+    app.state.fast_path_options = {
+        "served": served,
+        "blobs": blobs,
+        "admissions": DeviceAdmissions(gate=gate, checkins=checkins, signal=registry, clock=clock),
+        "auth": auth,
+    }
+    app.add_middleware(RepositoryFastPath, **app.state.fast_path_options)
     app.state.served = served
     app.state.static_tree = exporter
     app.include_router(_device_router(gate, require_device))

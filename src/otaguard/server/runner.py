@@ -34,6 +34,7 @@ from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.director import DIRECTOR_PUBLIC_KEY_FILE, load_director_signer
+from otaguard.server.fastpath import RepositoryFastPath
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
 from otaguard.server.settings import ServerSettings, parse_trusted_proxies
 from otaguard.server.storage.database import mask_url
@@ -225,7 +226,10 @@ def _config(
         )
     config = uvicorn.Config(
         # The certificate a trusted proxy verified and forwarded, into the ASGI scope.
-        ForwardedClientCert(app, trusted_proxies=trusted),
+        # The repository fast path (ADR 0016) before FastAPI's and Starlette's layers.
+        ForwardedClientCert(
+            RepositoryFastPath(app, **app.state.fast_path_options), trusted_proxies=trusted
+        ),
         host=settings.host,
         port=settings.port,
         log_config=None,  # the application configures logging, never uvicorn
