@@ -93,6 +93,47 @@ class _WithTls:
         await self._app({**scope, "extensions": extensions}, receive, send)
 
 
+class _CoalescingTransport:
+    """A transport that joins the writes of one event-loop step into one.
+
+    uvicorn writes a response's head and body separately; under TLS each write is a TLS
+    record and a ``send`` system call (on loopback the most expensive part of a small
+    response). They are joined and written once the current step is over. Everything
+    else is the wrapped transport's; closing writes what is pending first.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; written with the rest of this step's writes."""
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._pending and not self._transport.is_closing():
+            self._transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Write what is pending, then close."""
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Drop what is pending and abort."""
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class TlsScopeH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, putting the verified peer certificate into the ASGI scope,
     with a deadline for each request's headers (module docstring).
@@ -118,7 +159,7 @@ class TlsScopeH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Record the connection's TLS facts (the handshake is complete by now)."""
-        super().connection_made(transport)
+        super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             self.app = _WithTls(self.app, _tls_extension(ssl_object))
