@@ -252,3 +252,57 @@ def test_one_signed_check_in_sent_to_two_servers_is_accepted_once(
         if b is not None:
             b.stop()
         world.server.stop()
+
+
+def test_a_quarantine_through_one_server_refuses_the_very_next_request_on_the_other(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Zero trust across workers: nothing of the registry is cached between requests, so
+    # a quarantine made through B's operator API refuses the device at once on A, the
+    # check-in of a nonce A issued before it included.
+    upgrade_database(postgres_url)
+    world = start_world(tmp_path, database_url=postgres_url)
+    b = None
+    try:
+        world.release("1.0.0")
+        b = start_server_in_thread(
+            ServerSettings(
+                data_dir=world.server.data_dir, repo_dir=None, port=0, database_url=postgres_url
+            )
+        )
+        dev = world.device("watched")
+        assert world.server.ca_cert is not None
+        ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+        ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+        port_a = int(world.server.base_url.rsplit(":", 1)[1])
+
+        def signed_manifest() -> bytes:
+            status, data = _post(port_a, ctx, NONCE_PATH, b"")
+            assert status == 200, data
+            return sign_envelope(
+                device_signer(dev.paths, dev.config),
+                build_manifest(
+                    dev.paths, dev.config, nonce=json.loads(data)["nonce"], tpm=None
+                ).to_dict(),
+            )
+
+        status, data = _post(port_a, ctx, CHECKIN_PATH, signed_manifest())
+        assert status == 200, data  # A has served this device: anything it caches is warm
+        pending = signed_manifest()
+        with FleetClient(
+            server_url=b.base_url, ca_cert=world.server.ca_cert, token=b.operator_token
+        ) as fb:
+            fb.quarantine("watched", "odd traffic")
+        expected = "access denied: device watched is quarantined: odd traffic"
+        status, data = _post(port_a, ctx, CHECKIN_PATH, pending)
+        assert status == 403, data
+        assert json.loads(data)["error"] == expected
+        status, data = _post(port_a, ctx, NONCE_PATH, b"")
+        assert status == 403, data
+        assert json.loads(data)["error"] == expected
+        history = world.server.app.state.checkins.history("watched", limit=10)
+        assert [c.outcome for c in history] == ["accepted"]  # the refused one is not recorded
+    finally:
+        if b is not None:
+            b.stop()
+        world.server.stop()

@@ -32,6 +32,7 @@ from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
 from otaguard.server.storage.base import NonceRecord
 from otaguard.server.storage.checkins import MAX_OPEN_NONCES_PER_CERT, SQLCheckinStore
 from otaguard.server.storage.devices import SQLDeviceStore
+from otaguard.server.storage.unit import unit_of_work
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 TTL = dt.timedelta(seconds=60)
@@ -189,5 +190,42 @@ def test_a_nonce_is_spent_once(db_engine: Engine) -> None:
     assert store.register_attestation_key("d1", "PEM-A", now=NOW)
     assert store.register_attestation_key("d1", "PEM-A", now=NOW)
     assert not store.register_attestation_key("d1", "PEM-B", now=NOW)
+    store.close()
+    devices.close()
+
+
+def test_a_nonce_is_claimed_once_and_only_by_its_device_certificate_and_in_time(
+    db_engine: Engine,
+) -> None:
+    # The check-in's one statement: spend if unused, unexpired, this serial and certificate.
+    devices = SQLDeviceStore(db_engine)
+    devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
+    devices.add("d2", "hw", token_hash="1" * 64, token_expires=NOW, now=NOW)
+    store = SQLCheckinStore(db_engine)
+    store.issue_nonce(record())
+    assert store.claim_nonce("n1", serial="d2", cert_serial="c1", now=NOW) is None
+    assert store.claim_nonce("n1", serial="d1", cert_serial="c2", now=NOW) is None
+    expiry = NOW + dt.timedelta(seconds=60)
+    assert store.claim_nonce("n1", serial="d1", cert_serial="c1", now=expiry) is None
+    assert store.get_nonce("n1") == record()  # the refused claims changed nothing
+    claimed = store.claim_nonce("n1", serial="d1", cert_serial="c1", now=NOW)
+    assert claimed == record()  # the record as it was before the claim
+    assert store.claim_nonce("n1", serial="d1", cert_serial="c1", now=NOW) is None  # replay
+    got = store.get_nonce("n1")
+    assert got is not None and got.used_at == NOW
+    # Inside a unit that rolls back (a refusal after the claim), the claim is undone.
+    store.issue_nonce(record(nonce="n3"))
+
+    def claim_then_refuse() -> None:
+        with unit_of_work(db_engine):
+            assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is not None
+            raise RuntimeError("refused later")
+
+    with pytest.raises(RuntimeError, match="refused later"):
+        claim_then_refuse()
+    assert store.get_nonce("n3") == record(nonce="n3")
+    with unit_of_work(db_engine):
+        assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is not None
+    assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is None
     store.close()
     devices.close()

@@ -38,6 +38,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -124,6 +125,7 @@ from otaguard.server.storage.notify import NotifyingDeviceStore, NotifyingMetada
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sboms import SQLSbomStore
+from otaguard.server.storage.unit import unit_of_work
 from otaguard.server.sync import RepoSync
 
 __all__ = ["DATA_DIR_MODE", "MAX_PUBLISH_REQUEST_BYTES", "create_app", "prepare_data_dir"]
@@ -678,6 +680,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             assignments=SQLAssignmentStore(engine),
             metadata=store,
             clock=clock,
+            unit=partial(unit_of_work, engine),
         )
     operator_store = SQLOperatorStore(engine)
     audit_store = SQLAuditStore(engine)
@@ -695,7 +698,12 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         evaluator = RolloutEvaluator(rollouts, interval=settings.rollout_interval)
     auth = OperatorAuth(bootstrap_token=token, operators=operator_store)
     checkins = CheckinServices(
-        checkins=checkin_store, devices=devices, metadata=store, clock=clock, director=director
+        checkins=checkin_store,
+        devices=devices,
+        metadata=store,
+        clock=clock,
+        director=director,
+        unit=partial(unit_of_work, engine),
     )
     fleet = FleetServices(
         devices=devices,

@@ -27,10 +27,10 @@ What a check-in decides, and why (ADR 0007):
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import secrets
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from threading import Lock
 from typing import Annotated, Any, Final
 
@@ -49,8 +49,8 @@ from otaguard.model.manifest import DeviceManifest
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
 from otaguard.server._api import ErrorBody
 from otaguard.server.attestation import ListedImage, assess_boot, verify_quote
-from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
-from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate
+from otaguard.server.checkin_verify import CheckinRefusedError, check_nonce, verify_manifest
+from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate, PresentedCertificate
 from otaguard.server.director import Director
 from otaguard.server.storage.base import (
     CheckinRecord,
@@ -104,12 +104,17 @@ class CheckinServices:
         metadata: MetadataStore,
         clock: Callable[[], dt.datetime],
         director: Director | None = None,
+        unit: Callable[[], AbstractContextManager[object]] = nullcontext,
     ):
         """Use these stores and this clock (the server's notion of now).
 
         ``director``: answers each accepted check-in with the device's signed
         instruction; ``None`` (no ``--director``) answers with acceptance only.
+        ``unit``: opens one transaction for the store calls of one request
+        (:func:`~otaguard.server.storage.unit.unit_of_work` of the stores' engine): a
+        nonce or a check-in is one connection and one commit, not one per statement.
         """
+        self.unit = unit
         self.director = director
         self.checkins = checkins
         self.devices = devices
@@ -153,13 +158,14 @@ class CheckinServices:
         Withdrawn releases count: a device may still run one. Cached per newest
         targets version (versions are immutable once published).
         """
-        newest = self.metadata.newest("targets")
+        # A cheap version read (not the bytes) notices a publication by any process.
+        newest = self.metadata.newest_version("targets")
         if newest is None:
             return []
         with self._index_lock:
-            if self._index[0] != newest.version:
+            if self._index[0] != newest:
                 entries: list[tuple[ListedImage, frozenset[str]]] = []
-                for version in range(1, newest.version + 1):
+                for version in range(1, newest + 1):
                     rec = self.metadata.get_record(f"{version}.targets.json")
                     if rec is None:
                         continue
@@ -173,7 +179,7 @@ class CheckinServices:
                         if isinstance(hw, list) and sha:
                             image = ListedImage(name=name, sha256=sha, length=t.length)
                             entries.append((image, frozenset(str(h) for h in hw)))
-                self._index = (newest.version, entries)
+                self._index = (newest, entries)
             return [image for image, hws in self._index[1] if hardware_id in hws]
 
 
@@ -271,6 +277,13 @@ _CHECKIN_BODY: Final[dict[str, Any]] = {
 }
 
 
+def _presented(gate: DeviceGate, request: Request) -> PresentedCertificate:
+    presented = gate.certificate(request.scope)
+    if presented is None:
+        raise AccessDeniedError("a check-in needs the device's client certificate")
+    return presented
+
+
 def _authenticated(gate: DeviceGate, request: Request) -> AuthenticatedDevice:
     dev = gate.authenticate(request.scope)
     if dev is None:
@@ -288,15 +301,6 @@ async def _read_manifest(request: Request) -> bytes:
         if len(body) > MAX_ENVELOPE_BYTES:
             raise HTTPException(413, f"the manifest exceeds {MAX_ENVELOPE_BYTES} bytes")
     return bytes(body)
-
-
-def _claimed_nonce(data: bytes) -> str | None:
-    """The nonce a manifest names, to look its record up (verified afterwards)."""
-    try:
-        nonce = json.loads(data)["signed"]["nonce"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None
-    return nonce if isinstance(nonce, str) and len(nonce) <= 128 else None
 
 
 def _refused(serial: str, reason: str) -> CheckinRefusedError:
@@ -329,24 +333,43 @@ def _check_attestation(
     return None, attested.reset_count
 
 
-def _checkin(svc: CheckinServices, dev: AuthenticatedDevice, data: bytes) -> CheckinBody:
+def _claim_nonce(
+    svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest, *, now: dt.datetime
+) -> None:
+    """Spend the manifest's nonce in one statement; on failure, read it to say why."""
     serial, cert_serial = dev.record.serial, dev.identity.cert_serial
-    now = svc.clock()
-    claimed = _claimed_nonce(data)
-    record = svc.checkins.get_nonce(claimed) if claimed is not None else None
+    if svc.checkins.claim_nonce(manifest.nonce, serial=serial, cert_serial=cert_serial, now=now):
+        return
     try:
-        manifest = verify_checkin(
-            data,
-            certificate=dev.certificate,
+        check_nonce(
+            manifest,
             serial=serial,
             cert_serial=cert_serial,
-            nonce=record,
+            nonce=svc.checkins.get_nonce(manifest.nonce),
             now=now,
         )
     except CheckinRefusedError as e:
         raise _refused(serial, str(e)) from e
-    if not svc.checkins.spend_nonce(manifest.nonce, now=now):
-        raise _refused(serial, "check-in refused: the nonce was already used (replay)")
+    # The claim failed yet the record read after it passes every check: not expected
+    # (the claim and the checks use one time); never accepted without a claim.
+    raise _refused(serial, "check-in refused: the nonce was already used (replay)")
+
+
+def _record(
+    svc: CheckinServices, dev: AuthenticatedDevice, data: bytes
+) -> tuple[CheckinRecord, DeviceManifest, str | None]:
+    """Verify and record one check-in: (its record, the manifest, why it quarantines).
+
+    Runs inside the request's unit: the nonce claim, the reads and the writes commit
+    together (a quarantine included), or not at all when a refusal raises.
+    """
+    serial, cert_serial = dev.record.serial, dev.identity.cert_serial
+    now = svc.clock()
+    try:
+        manifest = verify_manifest(data, certificate=dev.certificate, serial=serial)
+    except CheckinRefusedError as e:
+        raise _refused(serial, str(e)) from e
+    _claim_nonce(svc, dev, manifest, now=now)
     problem, reset_count = _check_attestation(svc, dev, manifest)
     if problem is None:
         problem = assess_boot(manifest, listed=svc.listed_images(dev.record.hardware_id))
@@ -374,12 +397,33 @@ def _checkin(svc: CheckinServices, dev: AuthenticatedDevice, data: bytes) -> Che
         reason = f"measured boot: {problem}"
         svc.checkins.add_alert(DeviceAlert(serial, now, "measured-boot", problem))
         svc.devices.set_status(serial, DeviceState.QUARANTINED, reason=reason[:500], now=now)
+    elif manifest.attack_flags:
+        flags = ", ".join(manifest.attack_flags)
+        svc.checkins.add_alert(DeviceAlert(serial, now, "attack", f"device refused: {flags}"))
+    return entry, manifest, problem
+
+
+def _checkin(
+    svc: CheckinServices,
+    gate: DeviceGate,
+    presented: PresentedCertificate,
+    scope: object,
+    data: bytes,
+) -> CheckinBody:
+    # One transaction from the registry check to the recorded check-in. The director's
+    # answer comes after it commits: its policy reads (and may write) on connections of
+    # its own, which must never wait for this transaction's locks (SQLite: the file's).
+    with svc.unit():
+        dev = gate.admit(presented, scope)
+        entry, manifest, problem = _record(svc, dev, data)
+    serial = dev.record.serial
+    if problem is not None:
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
         raise AccessDeniedError(f"device {serial} quarantined at check-in: {problem}")
     if manifest.attack_flags:
-        flags = ", ".join(manifest.attack_flags)
-        svc.checkins.add_alert(DeviceAlert(serial, now, "attack", f"device refused: {flags}"))
-        logger.error("ALERT device %s reports refused attacks: %s", serial, flags)
+        logger.error(
+            "ALERT device %s reports refused attacks: %s", serial, ", ".join(manifest.attack_flags)
+        )
     logger.info(
         "device %s checked in (%s, %s)",
         serial,
@@ -391,12 +435,12 @@ def _checkin(svc: CheckinServices, dev: AuthenticatedDevice, data: bytes) -> Che
         director = svc.director.answer(
             serial=serial,
             hardware_id=dev.record.hardware_id,
-            installed=installed,
+            installed=manifest.installed,
             nonce=manifest.nonce,
         ).decode()
     return CheckinBody(
         serial=serial,
-        time=now,
+        time=entry.time,
         attested=entry.attested,
         boot_sha256=entry.boot_sha256,
         valid_for_seconds=int(CHECKIN_WINDOW.total_seconds()),
@@ -423,23 +467,24 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
     @router.post("/nonce", summary="A fresh check-in nonce")
     def nonce(request: Request) -> NonceBody:
         """A random single-use nonce bound to the device and its certificate, valid briefly."""
-        dev = _authenticated(gate, request)
+        presented = _presented(gate, request)
         now = svc.clock()
         value = secrets.token_urlsafe(NONCE_BYTES)
-        svc.checkins.issue_nonce(
-            NonceRecord(
-                nonce=value,
-                serial=dev.record.serial,
-                cert_serial=dev.identity.cert_serial,
-                issued_at=now,
-                expires_at=now + NONCE_TTL,
-                used_at=None,
+        with svc.unit():  # the registry check, the nonce and the key: one transaction
+            dev = gate.admit(presented, request.scope)
+            svc.checkins.issue_nonce(
+                NonceRecord(
+                    nonce=value,
+                    serial=dev.record.serial,
+                    cert_serial=dev.identity.cert_serial,
+                    issued_at=now,
+                    expires_at=now + NONCE_TTL,
+                    used_at=None,
+                )
             )
-        )
+            registered = svc.checkins.attestation_key(dev.record.serial) is not None
         return NonceBody(
-            nonce=value,
-            expires=now + NONCE_TTL,
-            attestation_key_registered=svc.checkins.attestation_key(dev.record.serial) is not None,
+            nonce=value, expires=now + NONCE_TTL, attestation_key_registered=registered
         )
 
     @router.post(
@@ -452,9 +497,11 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
         Refused (403) with the reason; a measured boot that contradicts the repository, or
         a missing or invalid quote from a device with an attestation key, quarantines it.
         """
-        dev = await run_in_threadpool(_authenticated, gate, request)
+        # The certificate's own checks first (no I/O), then the capped body, then the
+        # registry check and the check-in in one thread and one transaction.
+        presented = _presented(gate, request)
         data = await _read_manifest(request)
-        return await run_in_threadpool(_checkin, svc, dev, data)
+        return await run_in_threadpool(_checkin, svc, gate, presented, request.scope, data)
 
     @router.post("/attestation-key", summary="Register the device's TPM attestation key")
     def attestation_key(request: Request, req: AttestationKeyRequest) -> AttestationKeyBody:

@@ -1,8 +1,9 @@
 """Pure verification of a check-in: bytes + certificate + nonce record in, manifest out.
 
-No I/O: the route reads the nonce record and the certificate, calls
-:func:`verify_checkin`, and only then spends the nonce (atomically, in the store) and
-records the check-in. Checks, in order (each refusal names its reason):
+No I/O: the route calls :func:`verify_manifest`, then claims the nonce in one atomic
+store step (unused, unexpired, this serial and certificate) and, only when the claim
+fails, reads the nonce's record and calls :func:`check_nonce` for the reason; then it
+records the check-in. Checks (each refusal names its reason):
 
 1. the envelope verifies with the public key of the *current, verified* client
    certificate (ECDSA P-256) -- not with any key the request names;
@@ -27,7 +28,14 @@ from otaguard.model.errors import AccessDeniedError, VerificationError
 from otaguard.model.manifest import DeviceManifest
 from otaguard.server.storage.base import NonceRecord
 
-__all__ = ["ECDSA_P256_SCHEME", "CheckinRefusedError", "device_key", "verify_checkin"]
+__all__ = [
+    "ECDSA_P256_SCHEME",
+    "CheckinRefusedError",
+    "check_nonce",
+    "device_key",
+    "verify_checkin",
+    "verify_manifest",
+]
 
 #: the securesystemslib scheme of device keys (EC P-256, as the device CA requires)
 ECDSA_P256_SCHEME: Final = "ecdsa-sha2-nistp256"
@@ -49,6 +57,66 @@ def device_key(certificate: x509.Certificate) -> SSlibKey:
     return SSlibKey.from_crypto(public, scheme=ECDSA_P256_SCHEME)
 
 
+def verify_manifest(data: bytes, *, certificate: x509.Certificate, serial: str) -> DeviceManifest:
+    """Checks 1, 2, 3 and 5 of the module docstring: all but the nonce's record.
+
+    The check-in runs these first, then claims the nonce atomically in the store and,
+    only when that fails, reads the record and calls :func:`check_nonce` for the reason.
+
+    Raises:
+        CheckinRefusedError: the check-in is refused; the message is the reason.
+    """
+    try:
+        signed = open_envelope(data, key=device_key(certificate))
+        manifest = DeviceManifest.from_dict(signed)
+    except VerificationError as e:
+        raise CheckinRefusedError(f"check-in refused: {e}") from e
+    if manifest.serial != serial:
+        raise CheckinRefusedError(
+            f"check-in refused: the manifest is for device {manifest.serial!r}, "
+            f"the certificate for {serial!r}"
+        )
+    if manifest.quote is not None:
+        events = manifest.quote.events
+        if not manifest.boot.attested:
+            raise CheckinRefusedError("check-in refused: a quote for an unattested measurement")
+        if not events or (events[-1].sha256, events[-1].slot) != (
+            manifest.boot.sha256,
+            manifest.boot.slot,
+        ):
+            raise CheckinRefusedError(
+                "check-in refused: the event log does not end with the reported boot measurement"
+            )
+    elif manifest.boot.attested:
+        raise CheckinRefusedError("check-in refused: an attested measurement without a quote")
+    return manifest
+
+
+def check_nonce(
+    manifest: DeviceManifest,
+    *,
+    serial: str,
+    cert_serial: str,
+    nonce: NonceRecord | None,
+    now: dt.datetime,
+) -> None:
+    """Check 4 of the module docstring: the nonce's record fits this manifest.
+
+    Raises:
+        CheckinRefusedError: it does not; the message is the reason.
+    """
+    if nonce is None or nonce.nonce != manifest.nonce:
+        raise CheckinRefusedError("check-in refused: unknown nonce (ask for a fresh one)")
+    if nonce.serial != serial:
+        raise CheckinRefusedError("check-in refused: the nonce was issued to another device")
+    if nonce.cert_serial != cert_serial:
+        raise CheckinRefusedError("check-in refused: the nonce was issued to another certificate")
+    if nonce.used_at is not None:
+        raise CheckinRefusedError("check-in refused: the nonce was already used (replay)")
+    if nonce.expires_at <= now:
+        raise CheckinRefusedError("check-in refused: the nonce has expired (ask for a fresh one)")
+
+
 def verify_checkin(
     data: bytes,
     *,
@@ -59,6 +127,8 @@ def verify_checkin(
     now: dt.datetime,
 ) -> DeviceManifest:
     """Verify a signed device manifest (see the module docstring for the checks).
+
+    :func:`verify_manifest` then :func:`check_nonce`.
 
     Args:
         data: the envelope as received.
@@ -75,37 +145,6 @@ def verify_checkin(
     Raises:
         CheckinRefusedError: the check-in is refused; the message is the reason.
     """
-    try:
-        signed = open_envelope(data, key=device_key(certificate))
-        manifest = DeviceManifest.from_dict(signed)
-    except VerificationError as e:
-        raise CheckinRefusedError(f"check-in refused: {e}") from e
-    if manifest.serial != serial:
-        raise CheckinRefusedError(
-            f"check-in refused: the manifest is for device {manifest.serial!r}, "
-            f"the certificate for {serial!r}"
-        )
-    if nonce is None or nonce.nonce != manifest.nonce:
-        raise CheckinRefusedError("check-in refused: unknown nonce (ask for a fresh one)")
-    if nonce.serial != serial:
-        raise CheckinRefusedError("check-in refused: the nonce was issued to another device")
-    if nonce.cert_serial != cert_serial:
-        raise CheckinRefusedError("check-in refused: the nonce was issued to another certificate")
-    if nonce.used_at is not None:
-        raise CheckinRefusedError("check-in refused: the nonce was already used (replay)")
-    if nonce.expires_at <= now:
-        raise CheckinRefusedError("check-in refused: the nonce has expired (ask for a fresh one)")
-    if manifest.quote is not None:
-        events = manifest.quote.events
-        if not manifest.boot.attested:
-            raise CheckinRefusedError("check-in refused: a quote for an unattested measurement")
-        if not events or (events[-1].sha256, events[-1].slot) != (
-            manifest.boot.sha256,
-            manifest.boot.slot,
-        ):
-            raise CheckinRefusedError(
-                "check-in refused: the event log does not end with the reported boot measurement"
-            )
-    elif manifest.boot.attested:
-        raise CheckinRefusedError("check-in refused: an attested measurement without a quote")
+    manifest = verify_manifest(data, certificate=certificate, serial=serial)
+    check_nonce(manifest, serial=serial, cert_serial=cert_serial, nonce=nonce, now=now)
     return manifest

@@ -7,7 +7,10 @@ against the device issuing CA once more -- a forwarded certificate was checked b
 process, and a manufacturer CA the TLS layer also trusts must never mint device
 identities --, the serial comes from its subject CN (never from the request),
 the certificate must not be expired, its serial number must be one the registry issued
-to that device, and the device must be neither revoked nor quarantined. A refusal is a
+to that device, and the device must be neither revoked nor quarantined. The checks of
+the certificate's bytes (parse, issuer, signature, identity) are kept per certificate
+(:data:`VERIFIED_CERTIFICATES_KEPT`): the same bytes always give the same answer. The
+validity period and the registry -- what changes -- are checked on every request. A refusal is a
 403 with a one-line reason, logged at WARNING with the presented subject.
 """
 
@@ -15,8 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from threading import Lock
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -30,9 +36,19 @@ from otaguard.server._tls import (
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 
-__all__ = ["AuthenticatedDevice", "DeviceGate"]
+__all__ = [
+    "VERIFIED_CERTIFICATES_KEPT",
+    "AuthenticatedDevice",
+    "DeviceGate",
+    "PresentedCertificate",
+]
 
 logger = logging.getLogger(__name__)
+
+#: certificates whose signature the gate verified, kept (about 1 KiB each) so the second
+#: request of a check-in does not parse and verify the same bytes again; the validity
+#: period and the registry are still checked on every request
+VERIFIED_CERTIFICATES_KEPT: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,21 @@ class AuthenticatedDevice:
     record: DeviceRecord
     identity: DeviceIdentity
     certificate: x509.Certificate
+
+
+@dataclass(frozen=True)
+class PresentedCertificate:
+    """A client certificate that passed the gate's checks of the certificate alone.
+
+    Attributes:
+        certificate: the certificate.
+        identity: what it says.
+        subject: its subject, for the log line of a refusal.
+    """
+
+    certificate: x509.Certificate
+    identity: DeviceIdentity
+    subject: str
 
 
 class DeviceGate:
@@ -72,6 +103,9 @@ class DeviceGate:
         """
         self._devices = devices
         self._issuing_ca = issuing_ca
+        self._lock = Lock()
+        # certificate DER -> its checks passed (bytes, issuer and signature never change)
+        self._verified: OrderedDict[bytes, PresentedCertificate] = OrderedDict()
         self._clock = clock
         self.required = required
 
@@ -84,6 +118,8 @@ class DeviceGate:
     def authenticate(self, scope: object) -> AuthenticatedDevice | None:
         """Return the device a request's certificate names, after every check.
 
+        :meth:`certificate` and then :meth:`admit`.
+
         Returns:
             The device, or ``None`` for a request without a certificate when client
             certificates are not required (insecure development mode).
@@ -92,20 +128,46 @@ class DeviceGate:
             AccessDeniedError: no certificate, or the certificate or device is refused;
                 the message is the reason.
         """
+        presented = self.certificate(scope)
+        return None if presented is None else self.admit(presented, scope)
+
+    def certificate(self, scope: object) -> PresentedCertificate | None:
+        """The checks of the certificate itself, without the registry (no I/O).
+
+        Returns:
+            The certificate and what it says, or ``None`` for a request without one when
+            client certificates are not required (insecure development mode).
+
+        Raises:
+            AccessDeniedError: no certificate, or it is refused; the message is the reason.
+        """
         forwarded_error = client_certificate_error(scope)
         if forwarded_error is not None:
             raise self._refuse(forwarded_error, "?", scope)
         try:
             der = client_certificate_der(scope)
-            cert = x509.load_der_x509_certificate(der) if der is not None else None
         except ValueError as e:
             raise self._refuse("the client certificate is unreadable", "?", scope) from e
-        if cert is None:
+        if der is None:
             if not self.required:
                 return None
             raise self._refuse(
                 "a client certificate is required (enroll the device)", "none", scope
             )
+        with self._lock:
+            known = self._verified.get(der)
+            if known is not None:
+                self._verified.move_to_end(der)
+        presented = known or self._verify(der, scope)
+        self._check_validity(presented, scope)
+        return presented
+
+    def _verify(self, der: bytes, scope: object) -> PresentedCertificate:
+        """The checks of the certificate's bytes (the same bytes always pass or fail)."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as e:
+            raise self._refuse("the client certificate is unreadable", "?", scope) from e
         subject = cert.subject.rfc4514_string()
         if cert.issuer != self._issuing_ca.subject:
             raise self._refuse("the client certificate is not from the device CA", subject, scope)
@@ -121,6 +183,16 @@ class DeviceGate:
             ident = device_identity(cert)
         except OtaguardError as e:
             raise self._refuse("the client certificate names no device", subject, scope) from e
+        presented = PresentedCertificate(certificate=cert, identity=ident, subject=subject)
+        with self._lock:
+            self._verified[der] = presented
+            while len(self._verified) > VERIFIED_CERTIFICATES_KEPT:
+                self._verified.popitem(last=False)
+        return presented
+
+    def _check_validity(self, presented: PresentedCertificate, scope: object) -> None:
+        """The certificate's validity period against now (checked on every request)."""
+        cert, ident, subject = presented.certificate, presented.identity, presented.subject
         now = self._clock()
         if cert.not_valid_after_utc <= now:
             raise self._refuse(
@@ -131,6 +203,17 @@ class DeviceGate:
             )
         if cert.not_valid_before_utc > now:
             raise self._refuse("the client certificate is not valid yet", subject, scope)
+
+    def admit(self, presented: PresentedCertificate, scope: object) -> AuthenticatedDevice:
+        """The registry's checks of a certificate :meth:`certificate` passed (one read).
+
+        Read on every request, never cached: a quarantine or revocation by any server
+        process refuses the device's very next request.
+
+        Raises:
+            AccessDeniedError: the device or this certificate is refused (the reason).
+        """
+        ident, subject = presented.identity, presented.subject
         rec = self._devices.get(ident.serial)
         if rec is None:
             raise self._refuse(f"device {ident.serial} is not in the registry", subject, scope)
@@ -145,4 +228,4 @@ class DeviceGate:
             raise self._refuse(
                 f"device {ident.serial} is {rec.status.value}: {rec.reason}", subject, scope
             )
-        return AuthenticatedDevice(record=rec, identity=ident, certificate=cert)
+        return AuthenticatedDevice(record=rec, identity=ident, certificate=presented.certificate)

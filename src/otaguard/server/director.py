@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Lock
@@ -275,12 +276,16 @@ class Director:
         metadata: MetadataStore,
         policy: Policy = choose_release,
         clock: Callable[[], dt.datetime],
+        unit: Callable[[], AbstractContextManager[object]] = nullcontext,
     ):
         """Answer with ``signer`` for the director whose root versions are ``roots``.
 
         ``director_dir``: where newer root versions appear (an offline rotation carried
         over); they are picked up when a device asks for them, chain verified first.
+        ``unit``: one connection for an answer's own reads (the assignment and the
+        newest targets version), as :class:`~otaguard.server.checkin.CheckinServices`.
         """
+        self._unit = unit
         self._signer = signer
         self._roots = list(roots)
         self._dir = director_dir
@@ -325,11 +330,13 @@ class Director:
         Raises:
             VerificationError: the stored targets metadata is unreadable.
         """
-        newest = self.metadata.newest(Targets.type)
-        if newest is None:
+        # The version alone (no bytes) notices a publication by any server process.
+        version = self.metadata.newest_version(Targets.type)
+        if version is None:
             return []
         with self._lock:
-            if self._releases[0] != newest.version:
+            newest = self.metadata.newest(Targets.type) if self._releases[0] != version else None
+            if newest is not None:
                 try:
                     md = Metadata[Targets].from_bytes(newest.data)
                 except (DeserializationError, ValueError) as e:
@@ -359,12 +366,17 @@ class Director:
                 running = Version.parse(installed.version)
             except ValueError:
                 running = None
+        with self._unit():
+            assignment = self.assignments.get(serial)
+            releases = self.releases()
+        # Outside the unit: the policy's stores take connections of their own, and a
+        # thread holding the unit's while waiting for another could exhaust the pool.
         release = self.policy(
             serial=serial,
             hardware_id=hardware_id,
             running=running,
-            assignment=self.assignments.get(serial),
-            releases=self.releases(),
+            assignment=assignment,
+            releases=releases,
         )
         logger.info(
             "director instructs %s: %s", serial, release.name if release is not None else "none"

@@ -16,12 +16,23 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import Column, DateTime, ForeignKey, String, Table, delete, insert, select
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    String,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading
 
 __all__ = [
     "ASSIGNMENT_MODES",
@@ -80,6 +91,10 @@ class AssignmentStore(ABC):
         """Release resources."""
 
 
+# Read on every check-in's answer, so built once.
+_GET: Final = select(assignments_table).where(assignments_table.c.serial == bindparam("serial"))
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
@@ -101,10 +116,8 @@ class SQLAssignmentStore(AssignmentStore):
     def get(self, serial: str) -> Assignment | None:
         """See :meth:`AssignmentStore.get`."""
         try:
-            with self._engine.connect() as conn:
-                row = conn.execute(
-                    select(assignments_table).where(assignments_table.c.serial == serial)
-                ).first()
+            with reading(self._engine) as conn:
+                row = conn.execute(_GET, {"serial": serial}).first()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         if row is None:

@@ -91,6 +91,15 @@ class MetadataStore(ABC):
     def newest(self, role: str) -> MetadataRecord | None:
         """Return the highest-version record of ``role`` (e.g. the newest root)."""
 
+    def newest_version(self, role: str) -> int | None:
+        """Return the highest stored version of ``role``, or ``None``.
+
+        Cheap where the adapter can (no bytes read): callers compare it with the version
+        they parsed last, to notice a publication by any server process.
+        """
+        newest = self.newest(role)
+        return None if newest is None else newest.version
+
     @abstractmethod
     def publish(
         self,
@@ -385,6 +394,14 @@ class CheckinStore(ABC):
     @abstractmethod
     def spend_nonce(self, nonce: str, *, now: dt.datetime) -> bool:
         """Mark the nonce used, once: ``False`` when it was already used (a replay race)."""
+
+    @abstractmethod
+    def claim_nonce(
+        self, nonce: str, *, serial: str, cert_serial: str, now: dt.datetime
+    ) -> NonceRecord | None:
+        """Spend the nonce if it is unused, unexpired and was issued to this serial and
+        certificate, in one atomic step; return its record as it was before, or ``None``
+        when any of that is not so (nothing changed; :meth:`get_nonce` says why)."""
 
     @abstractmethod
     def record_checkin(self, record: CheckinRecord) -> None:

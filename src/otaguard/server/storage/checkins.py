@@ -9,7 +9,10 @@ Tables::
     device_alerts(id PK, serial -> devices, time, kind, detail)
 
 Spending a nonce is a conditional ``UPDATE ... WHERE used_at IS NULL``: of two
-concurrent check-ins with one nonce (two server processes), exactly one wins.
+concurrent check-ins with one nonce (two server processes), exactly one wins. The
+check-in claims it in that one statement (:meth:`SQLCheckinStore.claim_nonce`, with
+``RETURNING``), so reading and spending it is one round trip. Every method runs in the
+caller's :func:`~.unit.unit_of_work` when one is open.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    bindparam,
     delete,
     func,
     insert,
@@ -41,8 +45,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
 from otaguard.server.storage.devices import devices_table
+from otaguard.server.storage.unit import reading, writing
 
-__all__ = ["MAX_OPEN_NONCES_PER_CERT", "SQLCheckinStore"]
+__all__ = ["MAX_OPEN_NONCES_PER_CERT", "NONCE_PURGE_INTERVAL", "SQLCheckinStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,10 @@ _DETAIL_CHARS: Final = 1000
 #: check-ins fail and retry); an enrolled but hostile device asking in a loop must not
 #: grow the table, so asking for more forgets its oldest ones
 MAX_OPEN_NONCES_PER_CERT: Final = 4
+#: expired nonces are forgotten at most this often per process (server time): each issue
+#: purging them was a statement on every check-in, and an expired nonce is refused anyway
+#: (it only takes room until the next purge)
+NONCE_PURGE_INTERVAL: Final = dt.timedelta(seconds=10)
 
 _schema = devices_table.metadata
 nonces_table = Table(
@@ -105,6 +114,40 @@ alerts_table = Table(
 )
 
 
+# The statements of every check-in, built once (building and keying a statement per call
+# cost more worker CPU than PostgreSQL spends running it).
+_STALE_NONCES: Final = delete(nonces_table).where(
+    nonces_table.c.nonce.in_(
+        # This certificate's open nonces past the newest MAX - 1.
+        select(nonces_table.c.nonce)
+        .where(
+            nonces_table.c.cert_serial == bindparam("cert_serial"),
+            nonces_table.c.used_at.is_(None),
+        )
+        .order_by(nonces_table.c.issued_at.desc())
+        .offset(MAX_OPEN_NONCES_PER_CERT - 1)
+        .scalar_subquery()
+    )
+)
+_CLAIM_NONCE: Final = (
+    update(nonces_table)
+    .where(
+        nonces_table.c.nonce == bindparam("n"),
+        nonces_table.c.serial == bindparam("s"),
+        nonces_table.c.cert_serial == bindparam("c"),
+        nonces_table.c.used_at.is_(None),
+        nonces_table.c.expires_at > bindparam("now"),
+    )
+    .values(used_at=bindparam("now"))
+    .returning(nonces_table.c.issued_at, nonces_table.c.expires_at)
+)
+_ATTESTATION_KEY: Final = select(ak_table.c.public_pem).where(
+    ak_table.c.serial == bindparam("serial")
+)
+_INSERT_NONCE: Final = insert(nonces_table)
+_INSERT_CHECKIN: Final = insert(checkins_table)
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite returns naive datetimes; every value stored here was UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -137,47 +180,44 @@ class SQLCheckinStore(CheckinStore):
             engine: from :func:`~otaguard.server.storage.migrate.open_database`.
         """
         self._engine = engine
+        self._last_purge: dt.datetime | None = None
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")
 
     def issue_nonce(self, record: NonceRecord) -> None:
         """See :meth:`CheckinStore.issue_nonce`."""
+        purge = self._last_purge is None or record.issued_at - self._last_purge >= (
+            NONCE_PURGE_INTERVAL
+        )
         try:
-            with self._engine.begin() as conn:
-                # Expired nonces can only be refused; forget them so the table stays small.
-                conn.execute(
-                    delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
-                )
-                open_nonces = (
-                    select(nonces_table.c.nonce)
-                    .where(
-                        nonces_table.c.cert_serial == record.cert_serial,
-                        nonces_table.c.used_at.is_(None),
+            with writing(self._engine) as conn:
+                if purge:
+                    # Expired nonces can only be refused; forget them so the table stays small.
+                    conn.execute(
+                        delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
                     )
-                    .order_by(nonces_table.c.issued_at.desc())
-                    .offset(MAX_OPEN_NONCES_PER_CERT - 1)
-                )
-                stale: list[str] = list(conn.execute(open_nonces).scalars())
-                if stale:
-                    conn.execute(delete(nonces_table).where(nonces_table.c.nonce.in_(stale)))
+                conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
                 conn.execute(
-                    insert(nonces_table).values(
-                        nonce=record.nonce,
-                        serial=record.serial,
-                        cert_serial=record.cert_serial,
-                        issued_at=record.issued_at,
-                        expires_at=record.expires_at,
-                        used_at=None,
-                    )
+                    _INSERT_NONCE,
+                    {
+                        "nonce": record.nonce,
+                        "serial": record.serial,
+                        "cert_serial": record.cert_serial,
+                        "issued_at": record.issued_at,
+                        "expires_at": record.expires_at,
+                        "used_at": None,
+                    },
                 )
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
+        if purge:
+            self._last_purge = record.issued_at
 
     def get_nonce(self, nonce: str) -> NonceRecord | None:
         """See :meth:`CheckinStore.get_nonce`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 row = conn.execute(
                     select(nonces_table).where(nonces_table.c.nonce == nonce)
                 ).first()
@@ -197,7 +237,7 @@ class SQLCheckinStore(CheckinStore):
     def spend_nonce(self, nonce: str, *, now: dt.datetime) -> bool:
         """See :meth:`CheckinStore.spend_nonce`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 result = conn.execute(
                     update(nonces_table)
                     .where(nonces_table.c.nonce == nonce, nonces_table.c.used_at.is_(None))
@@ -207,25 +247,48 @@ class SQLCheckinStore(CheckinStore):
             raise self._fail(e, "write") from e
         return bool(result.rowcount == 1)
 
+    def claim_nonce(
+        self, nonce: str, *, serial: str, cert_serial: str, now: dt.datetime
+    ) -> NonceRecord | None:
+        """See :meth:`CheckinStore.claim_nonce`."""
+        try:
+            with writing(self._engine) as conn:
+                row = conn.execute(
+                    _CLAIM_NONCE, {"n": nonce, "s": serial, "c": cert_serial, "now": now}
+                ).first()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+        if row is None:
+            return None
+        return NonceRecord(
+            nonce=nonce,
+            serial=serial,
+            cert_serial=cert_serial,
+            issued_at=_utc(row.issued_at),
+            expires_at=_utc(row.expires_at),
+            used_at=None,
+        )
+
     def record_checkin(self, record: CheckinRecord) -> None:
         """See :meth:`CheckinStore.record_checkin`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
-                    insert(checkins_table).values(
-                        serial=record.serial,
-                        cert_serial=record.cert_serial,
-                        time=record.time,
-                        device_time=record.device_time[:64],
-                        running_version=record.running_version[:256],
-                        target=record.target[:256],
-                        boot_sha256=record.boot_sha256,
-                        attested=record.attested,
-                        reset_count=record.reset_count,
-                        outcome=record.outcome,
-                        detail=record.detail[:_DETAIL_CHARS],
-                        manifest=record.manifest,
-                    )
+                    _INSERT_CHECKIN,
+                    {
+                        "serial": record.serial,
+                        "cert_serial": record.cert_serial,
+                        "time": record.time,
+                        "device_time": record.device_time[:64],
+                        "running_version": record.running_version[:256],
+                        "target": record.target[:256],
+                        "boot_sha256": record.boot_sha256,
+                        "attested": record.attested,
+                        "reset_count": record.reset_count,
+                        "outcome": record.outcome,
+                        "detail": record.detail[:_DETAIL_CHARS],
+                        "manifest": record.manifest,
+                    },
                 )
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
@@ -233,7 +296,7 @@ class SQLCheckinStore(CheckinStore):
     def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:
         """See :meth:`CheckinStore.history`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(checkins_table)
                     .where(checkins_table.c.serial == serial)
@@ -247,7 +310,7 @@ class SQLCheckinStore(CheckinStore):
     def last_accepted(self, cert_serial: str) -> dt.datetime | None:
         """See :meth:`CheckinStore.last_accepted`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 value = conn.execute(
                     select(func.max(checkins_table.c.time)).where(
                         checkins_table.c.cert_serial == cert_serial,
@@ -261,10 +324,8 @@ class SQLCheckinStore(CheckinStore):
     def attestation_key(self, serial: str) -> str | None:
         """See :meth:`CheckinStore.attestation_key`."""
         try:
-            with self._engine.connect() as conn:
-                value = conn.execute(
-                    select(ak_table.c.public_pem).where(ak_table.c.serial == serial)
-                ).scalar()
+            with reading(self._engine) as conn:
+                value = conn.execute(_ATTESTATION_KEY, {"serial": serial}).scalar()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         return str(value) if value is not None else None
@@ -272,7 +333,7 @@ class SQLCheckinStore(CheckinStore):
     def register_attestation_key(self, serial: str, public_pem: str, *, now: dt.datetime) -> bool:
         """See :meth:`CheckinStore.register_attestation_key`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
                     insert(ak_table).values(serial=serial, public_pem=public_pem, registered_at=now)
                 )
@@ -286,7 +347,7 @@ class SQLCheckinStore(CheckinStore):
     def last_reset_count(self, serial: str) -> int | None:
         """See :meth:`CheckinStore.last_reset_count`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 value = conn.execute(
                     select(func.max(checkins_table.c.reset_count)).where(
                         checkins_table.c.serial == serial, checkins_table.c.attested.is_(True)
@@ -299,7 +360,7 @@ class SQLCheckinStore(CheckinStore):
     def add_alert(self, alert: DeviceAlert) -> None:
         """See :meth:`CheckinStore.add_alert`."""
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 conn.execute(
                     insert(alerts_table).values(
                         serial=alert.serial,
@@ -314,7 +375,7 @@ class SQLCheckinStore(CheckinStore):
     def alerts(self, serial: str, *, limit: int) -> list[DeviceAlert]:
         """See :meth:`CheckinStore.alerts`."""
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(alerts_table)
                     .where(alerts_table.c.serial == serial)

@@ -47,10 +47,13 @@ logger = logging.getLogger(__name__)
 # SQLite writers wait this long for the file lock before failing with ServerStorageError.
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
 #: connections kept open per server process: uvicorn's thread pool runs at most 40 sync
-#: requests at once, most of which are short reads; 5 + 10 overflow serve them, and N
-#: processes stay well below PostgreSQL's default max_connections (100)
-POOL_SIZE: Final = 5
-MAX_OVERFLOW: Final = 10
+#: requests at once, most of which are short reads; 10 + 5 overflow serve them, and N
+#: processes stay well below PostgreSQL's default max_connections (100). A connection
+#: beyond the pool size is opened and closed per use (a PostgreSQL backend started each
+#: time, milliseconds of CPU): 10 kept covers a worker's check-ins in flight at once
+#: (ADR 0012: 5 churned an overflow connection every few check-ins under load)
+POOL_SIZE: Final = 10
+MAX_OVERFLOW: Final = 5
 # A request waiting longer than this for a pooled connection fails (503-like storage
 # error) instead of piling up behind a stuck database.
 POOL_TIMEOUT_SECONDS: Final = 10

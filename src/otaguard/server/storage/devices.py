@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Index,
     String,
     Table,
+    bindparam,
     case,
     insert,
     select,
@@ -44,6 +46,7 @@ from otaguard.model.errors import (
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading, writing
 
 __all__ = ["MAX_REASON_CHARS", "SQLDeviceStore"]
 
@@ -83,9 +86,51 @@ tokens_table = Table(
 )
 
 
+# One statement (the device gate runs it on every device request, so it is built once):
+# the device row joined with its certificates, oldest first; a device without a
+# certificate yet gives one row with NULL certificate columns.
+_READ_DEVICE: Final = (
+    select(
+        devices_table,
+        certs_table.c.cert_serial.label("c_serial"),
+        certs_table.c.not_after.label("c_not_after"),
+    )
+    .select_from(devices_table.outerjoin(certs_table))
+    .where(devices_table.c.serial == bindparam("serial"))
+    .order_by(certs_table.c.issued_at, certs_table.c.cert_serial)
+)
+
+
+_LIST_DEVICES: Final = (
+    select(
+        devices_table,
+        certs_table.c.cert_serial.label("c_serial"),
+        certs_table.c.not_after.label("c_not_after"),
+    )
+    .select_from(devices_table.outerjoin(certs_table))
+    .order_by(devices_table.c.serial, certs_table.c.issued_at, certs_table.c.cert_serial)
+)
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite returns naive datetimes; every value stored here was UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _from_rows(rows: Sequence[Row[Any]]) -> DeviceRecord:
+    """One device from its rows of the device-joined-with-certificates statements."""
+    row = rows[0]
+    certs = [(r.c_serial, _utc(r.c_not_after)) for r in rows if r.c_serial is not None]
+    return DeviceRecord(
+        serial=row.serial,
+        hardware_id=row.hardware_id,
+        status=DeviceState(row.status),
+        reason=row.reason,
+        cert_serials=tuple(c for c, _ in certs),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+        certs_valid_until=max((n for _, n in certs), default=None),
+    )
 
 
 class SQLDeviceStore(DeviceStore):
@@ -127,10 +172,13 @@ class SQLDeviceStore(DeviceStore):
 
     def _read(self, serial: str) -> DeviceRecord:
         try:
-            with self._engine.connect() as conn:
-                return self._record(conn, self._row(conn, serial))
+            with reading(self._engine) as conn:
+                rows = conn.execute(_READ_DEVICE, {"serial": serial}).all()
         except SQLAlchemyError as e:
             raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+        if not rows:
+            raise UnknownDeviceError(f"no device {serial!r} in the registry")
+        return _from_rows(rows)
 
     # -- DeviceStore ------------------------------------------------------------------
     def add(
@@ -176,12 +224,20 @@ class SQLDeviceStore(DeviceStore):
 
     def list(self) -> builtins.list[DeviceRecord]:
         """See :meth:`DeviceStore.list`."""
+        # One statement, not one per device: the rollout evaluator lists the fleet every
+        # few seconds in each worker (10,000 devices were 10,001 statements each time).
         try:
-            with self._engine.connect() as conn:
-                rows = conn.execute(select(devices_table).order_by(devices_table.c.serial)).all()
-                return [self._record(conn, row) for row in rows]
+            with reading(self._engine) as conn:
+                rows = conn.execute(_LIST_DEVICES).all()
         except SQLAlchemyError as e:
             raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+        out: builtins.list[DeviceRecord] = []
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i].serial != rows[start].serial:
+                out.append(_from_rows(rows[start:i]))
+                start = i
+        return out
 
     def set_status(
         self, serial: str, status: DeviceState, *, reason: str, now: dt.datetime
@@ -190,7 +246,7 @@ class SQLDeviceStore(DeviceStore):
         if len(reason) > MAX_REASON_CHARS:
             raise OperatorError(f"the reason exceeds {MAX_REASON_CHARS} characters")
         try:
-            with self._engine.begin() as conn:
+            with writing(self._engine) as conn:
                 self._row(conn, serial)
                 # Conditional: a revocation committed by another request (or process)
                 # between a read and this write must win, never be overwritten.

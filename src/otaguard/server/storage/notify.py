@@ -16,17 +16,23 @@ from sqlalchemy.engine import Engine
 from otaguard.server.storage.base import DeviceRecord, DeviceState, MetadataRecord, PublishOutcome
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.sql import SQLMetadataStore
+from otaguard.server.storage.unit import after_commit
 
 __all__ = ["NotifyingDeviceStore", "NotifyingMetadataStore"]
 
 
 class NotifyingDeviceStore(SQLDeviceStore):
-    """:class:`SQLDeviceStore` calling ``on_change`` after status and certificate writes."""
+    """:class:`SQLDeviceStore` calling ``on_change`` after status and certificate writes
+    (inside a unit of work: once the unit committed)."""
 
     def __init__(self, engine: Engine, *, on_change: Callable[[], None]):
         """Use ``engine``; ``on_change`` runs after each status or certificate write."""
         super().__init__(engine)
-        self._on_change = on_change
+        self._notify_engine = engine
+        self._announce = on_change
+
+    def _on_change(self) -> None:
+        after_commit(self._notify_engine, self._announce)
 
     def set_status(
         self, serial: str, status: DeviceState, *, reason: str, now: dt.datetime

@@ -29,6 +29,8 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    bindparam,
+    func,
     insert,
     select,
     update,
@@ -44,6 +46,7 @@ from otaguard.server.storage.base import (
 )
 from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.schema import SCHEMA
+from otaguard.server.storage.unit import reading
 
 __all__ = ["SQLMetadataStore", "sqlite_url"]
 
@@ -72,6 +75,12 @@ current_table = Table(
 )
 
 
+# Read on every check-in (twice), so built once.
+_NEWEST_VERSION: Final = select(func.max(metadata_table.c.version)).where(
+    metadata_table.c.role == bindparam("role")
+)
+
+
 def _record(row: Row[Any]) -> MetadataRecord:
     return MetadataRecord(
         filename=row.filename,
@@ -96,10 +105,10 @@ class SQLMetadataStore(MetadataStore):
         self._publish_lock = threading.Lock()
         self._engine = engine
 
-    def _one(self, stmt: Any) -> Row[Any] | None:
+    def _one(self, stmt: Any, params: dict[str, Any] | None = None) -> Row[Any] | None:
         try:
-            with self._engine.connect() as conn:
-                return conn.execute(stmt).first()
+            with reading(self._engine) as conn:
+                return conn.execute(stmt, params).first()
         except SQLAlchemyError as e:
             raise ServerStorageError(
                 f"metadata database read failed: {e.__class__.__name__}"
@@ -135,6 +144,11 @@ class SQLMetadataStore(MetadataStore):
         )
         row = self._one(stmt)
         return None if row is None else _record(row)
+
+    def newest_version(self, role: str) -> int | None:
+        """Return the highest stored version of ``role`` (an index-only read, no bytes)."""
+        row = self._one(_NEWEST_VERSION, {"role": role})
+        return None if row is None or row[0] is None else int(row[0])
 
     def publish(
         self,
