@@ -34,33 +34,27 @@ def test_slowloris_is_cut_while_devices_keep_updating(tmp_path: Path) -> None:
         dev = world.device("slow1")
         world.release("1.1.0")
         port = world.server.base_url.rsplit(":", 1)[1]
-        attacker = subprocess.Popen(
-            [
-                sys.executable,
-                str(SUPPORT),
-                "127.0.0.1",
-                port,
-                str(PARTIAL_CONNECTIONS),
-                "0",
-                str(timeout * 4),
-            ],
+        with subprocess.Popen(
+            [sys.executable, str(SUPPORT), "127.0.0.1", port, str(PARTIAL_CONNECTIONS), "0",
+             str(timeout * 4)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )
-        try:
-            assert attacker.stdout is not None
-            held = attacker.stdout.readline().split()
-            assert held[0] == "held", held
-            # All of them open at once, every one past the TLS handshake.
-            assert int(held[1]) == PARTIAL_CONNECTIONS, held
-            http = urllib3.PoolManager(ca_certs=str(world.server.ca_cert), retries=False)
-            health = http.request("GET", f"{world.server.base_url}/healthz", timeout=10)
-            assert health.status == 200, health.data
-            assert dev.update().outcome == "updated"
-            out, err = attacker.communicate(timeout=timeout * 5)
-        finally:
-            attacker.kill()
+        ) as attacker:  # fmt: skip
+            try:
+                assert attacker.stdout is not None
+                held = attacker.stdout.readline().split()
+                assert held[0] == "held", held
+                # All of them open at once, every one past the TLS handshake.
+                assert int(held[1]) == PARTIAL_CONNECTIONS, held
+                http = urllib3.PoolManager(ca_certs=str(world.server.ca_cert), retries=False)
+                health = http.request("GET", f"{world.server.base_url}/healthz", timeout=10)
+                assert health.status == 200, health.data
+                http.clear()
+                assert dev.update().outcome == "updated"
+                out, err = attacker.communicate(timeout=timeout * 5)
+            finally:
+                attacker.kill()
         result = json.loads(out.strip().splitlines()[-1])
         assert result["opened"] == PARTIAL_CONNECTIONS, err
         # Every partial connection was closed by the server, within the header timeout.

@@ -146,6 +146,9 @@ class TlsScopeH11Protocol(H11Protocol):
     #: connections this process cut for slow headers (tests and logs read it)
     headers_timed_out: int = 0
     _header_timer: asyncio.TimerHandle | None = None
+    # when the awaited request's headers are due (loop time), None when none is awaited; one
+    # timer per connection follows it (re-armed when it fires early), not one per request
+    _header_deadline: float | None = None
     # the request cycle that was current when the deadline was armed: a new one means the
     # headers of the next request arrived
     _armed_after: object = None
@@ -166,18 +169,21 @@ class TlsScopeH11Protocol(H11Protocol):
         self._arm_header_deadline()
 
     def _arm_header_deadline(self) -> None:
-        self._cancel_header_deadline()
         self._armed_after = self.cycle
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+        self._header_deadline = self.loop.time() + self.header_timeout
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_at(self._header_deadline, self._check_headers)
 
     def _cancel_header_deadline(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._header_deadline = None  # the timer, if any, finds nothing due and ends
 
-    def _headers_too_slow(self) -> None:
+    def _check_headers(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing():
+        deadline = self._header_deadline
+        if deadline is None or self.transport.is_closing():
+            return
+        if self.loop.time() < deadline:  # re-armed since: wait for the new deadline
+            self._header_timer = self.loop.call_at(deadline, self._check_headers)
             return
         type(self).headers_timed_out += 1
         logger.info(
@@ -192,7 +198,7 @@ class TlsScopeH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         """Feed h11; the deadline ends when a request's headers are complete."""
         super().data_received(data)
-        if self._header_timer is not None and self.cycle is not self._armed_after:
+        if self._header_deadline is not None and self.cycle is not self._armed_after:
             self._cancel_header_deadline()
 
     def on_response_complete(self) -> None:
@@ -207,6 +213,9 @@ class TlsScopeH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadline with the connection."""
         self._cancel_header_deadline()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         super().connection_lost(exc)
 
 

@@ -42,7 +42,7 @@ from starlette.responses import FileResponse
 from otaguard.model.errors import AccessDeniedError, OtaguardError
 from otaguard.server._names import parse_blob_name
 from otaguard.server._signal import ChangeSignal
-from otaguard.server._tls import client_certificate_der, client_certificate_error
+from otaguard.server._tls import TLS_EXTENSION, client_certificate_error
 from otaguard.server.auth import OperatorAuth
 from otaguard.server.checkin import CHECKIN_WINDOW, CheckinServices
 from otaguard.server.device_auth import DeviceGate
@@ -112,20 +112,17 @@ class DeviceAdmissions:
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
-        self._kept: OrderedDict[bytes, _Admission] = OrderedDict()
+        # keyed by the certificate's PEM as the TLS layer (or the proxy) handed it over: the
+        # same text for the same certificate, no decoding per request
+        self._kept: OrderedDict[str, _Admission] = OrderedDict()
 
     def admitted(self, scope: Any) -> bool:
         """Whether the request's certificate was admitted since the registry last changed,
         is unexpired and within its check-in window (memory and one ``stat``)."""
-        if client_certificate_error(scope) is not None:
+        key = _certificate_key(scope)
+        if key is None:
             return False
-        try:
-            der = client_certificate_der(scope)
-        except ValueError:
-            return False
-        if der is None:
-            return False
-        entry = self._kept.get(der)
+        entry = self._kept.get(key)
         if entry is None:
             return False
         now = self._clock()
@@ -136,7 +133,7 @@ class DeviceAdmissions:
             or entry.window_ends <= now
         ):
             with self._lock:
-                self._kept.pop(der, None)
+                self._kept.pop(key, None)
             return False
         return True
 
@@ -157,8 +154,8 @@ class DeviceAdmissions:
             # refused with the routes' own reason and log line
             self._checkins.require_recent(dev, window=CHECKIN_WINDOW)
             return  # pragma: no cover - require_recent refuses what was found stale
-        der = client_certificate_der(scope)
-        if der is None:  # pragma: no cover - authenticate found one
+        key = _certificate_key(scope)
+        if key is None:  # pragma: no cover - authenticate found one
             return
         admission = _Admission(
             signal=token,
@@ -167,10 +164,20 @@ class DeviceAdmissions:
             window_ends=last + CHECKIN_WINDOW,
         )
         with self._lock:
-            self._kept[der] = admission
-            self._kept.move_to_end(der)
+            self._kept[key] = admission
+            self._kept.move_to_end(key)
             while len(self._kept) > MAX_ADMISSIONS_KEPT:
                 self._kept.popitem(last=False)
+
+
+def _certificate_key(scope: Any) -> str | None:
+    """The request's client certificate PEM (the admissions' key), or ``None`` when there
+    is none or a forwarded one was refused."""
+    if client_certificate_error(scope) is not None:
+        return None
+    tls = (scope.get("extensions") or {}).get(TLS_EXTENSION) or {}
+    chain = tls.get("client_cert_chain") or []
+    return chain[0] if chain and isinstance(chain[0], str) else None
 
 
 class _BlobResponse(FileResponse):
