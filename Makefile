@@ -89,6 +89,7 @@ bench: $(STAMP) sysdeps postgres
 	$(BIN)/python bench/install_throughput.py
 	$(BIN)/python bench/checkin_throughput.py
 	$(BIN)/python bench/delta.py
+	$(BIN)/python bench/serve_metadata.py
 
 # sslyze in a venv of its own: it pins an older `cryptography` than otaguard needs. The scan
 # enrolls a device and presents its certificate: it covers the mutual-TLS device API.

@@ -19,6 +19,8 @@ import pytest
 
 NGINX = "/usr/sbin/nginx"
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "otaguard.conf"
+#: the static topology: nginx serves the static tree, otaguard answers auth_request
+STATIC_TEMPLATE = TEMPLATE.with_name("otaguard-static.conf")
 STARTUP_TIMEOUT_S = 20.0
 
 
@@ -47,9 +49,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def render(values: dict[str, str]) -> str:
-    """The shipped template with every placeholder replaced (an unknown one fails)."""
-    text = TEMPLATE.read_text()
+def render(values: dict[str, str], template: Path = TEMPLATE) -> str:
+    """A shipped template with every placeholder replaced (an unknown one fails)."""
+    text = template.read_text()
     for name, value in values.items():
         text = text.replace("{{" + name + "}}", value)
     body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
@@ -99,8 +101,8 @@ class Nginx:
                 self.proc.wait(timeout=10)
 
 
-def start_nginx(directory: Path, values: dict[str, str]) -> Nginx:
-    """Render the template with ``values`` (LISTEN is chosen here) and start nginx."""
+def start_nginx(directory: Path, values: dict[str, str], template: Path = TEMPLATE) -> Nginx:
+    """Render ``template`` with ``values`` (LISTEN is chosen here) and start nginx."""
     binary = require_nginx()
     directory.mkdir(parents=True, exist_ok=True)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -113,7 +115,8 @@ def start_nginx(directory: Path, values: dict[str, str]) -> Nginx:
                 **values,
                 "LISTEN": f"127.0.0.1:{port}",
                 "ACCESS_LOG": str(directory / "otaguard-access.log"),
-            }
+            },
+            template,
         )
     )
     temp = directory / "tmp"

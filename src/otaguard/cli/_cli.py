@@ -275,6 +275,8 @@ def _server(a: argparse.Namespace) -> int:
             director_dir=a.director,
             director_key_uri=a.director_key_uri,
             rollout_interval=a.rollout_interval,
+            static_tree=a.static_tree,
+            **({"header_timeout": a.header_timeout} if a.header_timeout is not None else {}),
             online_key_uri=a.online_key_uri,
             hsm_pin=os.environ.get(HSM_PIN_ENV) or None,
             database_url=a.database_url or None,
@@ -929,6 +931,20 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         metavar="SECONDS",
         help="seconds between evaluations of active rollouts (phase advance, automatic "
         "halt) besides those at check-ins; default 5",
+    )
+    srv.add_argument(
+        "--static-tree",
+        type=Path,
+        metavar="DIR",
+        help="keep the published repository as a static tree in DIR (metadata/, targets/) "
+        "for nginx or a CDN to serve (deploy/nginx/otaguard-static.conf)",
+    )
+    srv.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete this long after "
+        "the handshake or the previous response (slow clients); default 10",
     )
     env_db = os.environ.get(DATABASE_URL_ENV)
     db_help = (

@@ -19,6 +19,12 @@ when the TCP peer is a configured trusted proxy. From any other peer the headers
 ignored and logged: the request has only the certificate of its own TLS connection. A
 forwarded certificate was verified by the proxy, not by this process, so the device gate
 checks its signature against the device CA again (defence in depth), as it does for all.
+
+Slow clients (slowloris): :class:`TlsScopeH11Protocol` gives every request a header
+deadline (``ServerSettings.header_timeout``), from the end of the handshake or of the
+previous response until the request line and every header have arrived. A connection that
+trickles or idles past it is aborted (no TLS close_notify exchange to wait for), so no
+unauthenticated client can hold a connection slot longer than that.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from otaguard.server.settings import DEFAULT_HEADER_TIMEOUT_SECONDS
 
 __all__ = [
     "CLIENT_CERT_HEADER",
@@ -85,15 +93,130 @@ class _WithTls:
         await self._app({**scope, "extensions": extensions}, receive, send)
 
 
+class _CoalescingTransport:
+    """A transport that joins the writes of one event-loop step into one.
+
+    uvicorn writes a response's head and body separately; under TLS each write is a TLS
+    record and a ``send`` system call (on loopback the most expensive part of a small
+    response). They are joined and written once the current step is over. Everything
+    else is the wrapped transport's; closing writes what is pending first.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; written with the rest of this step's writes."""
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._pending and not self._transport.is_closing():
+            self._transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Write what is pending, then close."""
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Drop what is pending and abort."""
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class TlsScopeH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, putting the verified peer certificate into the ASGI scope."""
+    """uvicorn's h11 protocol, putting the verified peer certificate into the ASGI scope,
+    with a deadline for each request's headers (module docstring).
+
+    The deadline is a class attribute so that the runner can set it from the settings
+    (uvicorn builds protocols itself): :meth:`with_header_timeout`.
+    """
+
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    #: connections this process cut for slow headers (tests and logs read it)
+    headers_timed_out: int = 0
+    _header_timer: asyncio.TimerHandle | None = None
+    # when the awaited request's headers are due (loop time), None when none is awaited; one
+    # timer per connection follows it (re-armed when it fires early), not one per request
+    _header_deadline: float | None = None
+    # the request cycle that was current when the deadline was armed: a new one means the
+    # headers of the next request arrived
+    _armed_after: object = None
+
+    @classmethod
+    def with_header_timeout(cls, seconds: float) -> type[TlsScopeH11Protocol]:
+        """A subclass whose header deadline is ``seconds`` (positive)."""
+        if not seconds > 0:
+            raise ValueError("the header timeout must be positive")
+        return type(cls.__name__, (cls,), {"header_timeout": float(seconds)})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Record the connection's TLS facts (the handshake is complete by now)."""
-        super().connection_made(transport)
+        super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             self.app = _WithTls(self.app, _tls_extension(ssl_object))
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        self._armed_after = self.cycle
+        self._header_deadline = self.loop.time() + self.header_timeout
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_at(self._header_deadline, self._check_headers)
+
+    def _cancel_header_deadline(self) -> None:
+        self._header_deadline = None  # the timer, if any, finds nothing due and ends
+
+    def _check_headers(self) -> None:
+        self._header_timer = None
+        deadline = self._header_deadline
+        if deadline is None or self.transport.is_closing():
+            return
+        if self.loop.time() < deadline:  # re-armed since: wait for the new deadline
+            self._header_timer = self.loop.call_at(deadline, self._check_headers)
+            return
+        type(self).headers_timed_out += 1
+        logger.info(
+            "closed a connection from %s: no complete request headers within %g s",
+            self.client[0] if self.client else "?",
+            self.header_timeout,
+        )
+        # abort, not close: a slow client need not read the TLS close_notify, and closing
+        # would wait for it with the socket still held
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed h11; the deadline ends when a request's headers are complete."""
+        super().data_received(data)
+        if self._header_deadline is not None and self.cycle is not self._armed_after:
+            self._cancel_header_deadline()
+
+    def on_response_complete(self) -> None:
+        """The next request's headers are due within the deadline (keep-alive)."""
+        finished = self.cycle
+        super().on_response_complete()
+        if self.transport.is_closing():
+            self._cancel_header_deadline()
+        elif self.cycle is finished:  # no pipelined request started meanwhile
+            self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Drop the deadline with the connection."""
+        self._cancel_header_deadline()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
 
 
 def client_certificate_der(scope: Any) -> bytes | None:

@@ -3,9 +3,13 @@
 URL layout::
 
     GET  /healthz                     liveness
-    GET  /metadata/{filename}         exact signed bytes; timestamp.json via the pointer,
-                                      root.json = newest root, N.<role>.json immutable
+    GET  /metadata/{filename}         exact signed bytes from memory (HEAD too);
+                                      timestamp.json via the pointer, root.json = newest
+                                      root, N.<role>.json immutable
     GET  /targets/{sha256}.{path}     target blob, HTTP Range supported (HEAD too)
+
+(these two are answered by :mod:`.fastpath` in front of the middleware stack, with the
+same authorization; the routes below describe them in the OpenAPI schema)
     PUT  /api/v1/blobs/{filename}     operator: upload a blob (streamed, hash verified)
     POST /api/v1/publish              operator: publish metadata in one transaction
     /api/v1/device/...                device: whoami, check-in (:mod:`.checkin`)
@@ -62,8 +66,9 @@ from otaguard.model.errors import (
     VerificationError,
 )
 from otaguard.server._api import ErrorBody
-from otaguard.server._names import parse_blob_name, parse_metadata_name
+from otaguard.server._names import parse_blob_name
 from otaguard.server._repo_dir import refuse_private_keys
+from otaguard.server._signal import ChangeSignal
 from otaguard.server.audit import (
     AuditMiddleware,
     annotate_roles,
@@ -87,6 +92,12 @@ from otaguard.server.checkin import (
 from otaguard.server.device_auth import DeviceGate
 from otaguard.server.director import Director, load_director_roots, load_director_signer
 from otaguard.server.director_routes import director_router
+from otaguard.server.fastpath import (
+    IMMUTABLE_CACHE,
+    NO_CACHE,
+    DeviceAdmissions,
+    RepositoryFastPath,
+)
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.inventory import Inventory, inventory_router
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
@@ -95,7 +106,9 @@ from otaguard.server.rollout_routes import rollout_router
 from otaguard.server.rollouts import ChannelPolicy, RolloutEvaluator, Rollouts
 from otaguard.server.sbom_index import SbomIndex
 from otaguard.server.sbom_routes import sbom_router
+from otaguard.server.served import ServedMetadata
 from otaguard.server.settings import ServerSettings
+from otaguard.server.static_tree import StaticTreeExporter
 from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
     MAX_BLOB_BYTES,
@@ -105,14 +118,13 @@ from otaguard.server.storage.base import (
 )
 from otaguard.server.storage.checkins import SQLCheckinStore
 from otaguard.server.storage.database import sqlite_url
-from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.inventory import SQLInventoryStore
 from otaguard.server.storage.migrate import open_database
+from otaguard.server.storage.notify import NotifyingDeviceStore, NotifyingMetadataStore
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sboms import SQLSbomStore
-from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.storage.unit import unit_of_work
 from otaguard.server.sync import RepoSync
 
@@ -122,10 +134,6 @@ logger = logging.getLogger(__name__)
 
 # A publication is the root history plus three roles, base64-encoded; bounds memory use.
 MAX_PUBLISH_REQUEST_BYTES: Final = 64 * 1024 * 1024
-# Versioned metadata and blobs never change, so caches may keep them; the mutable names
-# (timestamp.json, root.json) and 404s must be re-fetched every time.
-IMMUTABLE_CACHE: Final = "public, max-age=31536000, immutable"
-NO_CACHE: Final = "no-store"
 # A 503 for "not ready yet" tells clients when to come back: a repository caught
 # mid-write or a server starting up is ready again within a sync interval or two.
 RETRY_AFTER_SECONDS: Final = 2
@@ -225,6 +233,7 @@ class PublishBody(BaseModel):
 @dataclass(frozen=True)
 class _Services:
     store: MetadataStore
+    served: ServedMetadata
     blobs: BlobStore
     clock: Callable[[], dt.datetime]
     online: OnlineSigner
@@ -349,8 +358,20 @@ def _device_dependency(
     return require_device
 
 
-def _device_router(gate: DeviceGate) -> APIRouter:
+def _device_router(gate: DeviceGate, require_device: Callable[..., None]) -> APIRouter:
     router = APIRouter(prefix="/api/v1/device", tags=["device"], responses=_DEVICE_ERRORS)
+
+    @router.get(
+        "/may-read",
+        summary="Whether this client may read the repository (nginx auth_request)",
+        status_code=204,
+        response_class=Response,
+        dependencies=[Depends(require_device)],
+    )
+    def may_read() -> Response:
+        """204 for a device the repository routes would serve (or an operator), 403 with
+        the reason otherwise: nginx asks this before serving the static tree."""
+        return Response(status_code=204)
 
     @router.get("/whoami", summary="The device identity the server sees")
     def whoami(request: Request) -> WhoAmIBody:
@@ -374,42 +395,47 @@ def _repository_router(svc: _Services, require_device: Callable[..., None]) -> A
         tags=["repository"], dependencies=[Depends(require_device)], responses=_DEVICE_ERRORS
     )
 
+    metadata_param = PathParam(
+        description="timestamp.json, root.json or <version>.<role>.json", max_length=100
+    )
+
     @router.get(
         "/metadata/{filename}",
         summary="Signed metadata file (exact bytes)",
         response_class=Response,
         responses={200: {"content": {"application/json": {}}}, **_ERRORS},
     )
-    def get_metadata(
-        filename: Annotated[
-            str,
-            PathParam(
-                description="timestamp.json, root.json or <version>.<role>.json",
-                max_length=100,
-            ),
-        ],
-    ) -> Response:
-        """Serve a metadata file byte for byte as it was signed.
+    def get_metadata(filename: Annotated[str, metadata_param]) -> Response:
+        """Serve a metadata file byte for byte as it was signed, from memory.
 
         ``timestamp.json`` is the currently published timestamp and ``root.json`` the
         newest root; ``<version>.<role>.json`` never changes once published. Unknown
         names are 404, which is how a TUF client learns there is no newer root.
         """
-        name = parse_metadata_name(filename)
-        if name is None:
-            raise _not_found(filename)
+        return _metadata_file(filename)
+
+    @router.head(
+        "/metadata/{filename}",
+        summary="Signed metadata file: length and ETag (its sha256)",
+        response_class=Response,
+        responses={200: {"content": {"application/json": {}}}, **_ERRORS},
+    )
+    def head_metadata(filename: Annotated[str, metadata_param]) -> Response:
+        """Like GET without the body."""
+        return _metadata_file(filename)
+
+    def _metadata_file(filename: str) -> Response:
+        if svc.served.stale():
+            svc.served.refresh()
+        found = svc.served.lookup(filename)
         record: MetadataRecord | None
-        if name.version is None and name.role == "timestamp":
-            record = svc.store.current_timestamp()
-        elif name.version is None and name.role == "root":
-            record = svc.store.newest("root")
-        elif name.version is None or name.role == "timestamp":
-            record = None
+        if found is None or isinstance(found, MetadataRecord):
+            record = found
         else:
-            record = svc.store.get_record(filename)
+            record = svc.served.load(filename)
         if record is None:
             raise _not_found(filename)
-        return _metadata_response(record, mutable=name.version is None)
+        return _metadata_response(record, mutable=record.filename != filename)
 
     def _blob_response(filename: str) -> FileResponse:
         path = svc.blobs.local_path(filename) if parse_blob_name(filename) else None
@@ -631,8 +657,14 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         settings.database_url or sqlite_url(data_dir / "otaguard.db"),
         upgrade=settings.database_url is None,
     )
-    store = SQLMetadataStore(engine)
-    devices = SQLDeviceStore(engine)
+    # Publications and registry changes, announced to every process sharing DATA: the
+    # fast path's caches (metadata, admitted devices) are rebuilt on the next request.
+    published = ChangeSignal(data_dir, "published")
+    registry = ChangeSignal(data_dir, "registry")
+    store = NotifyingMetadataStore(engine, on_change=published.touch)
+    served = ServedMetadata(store, signal=published)
+    served_recheck = served.rechecker()
+    devices = NotifyingDeviceStore(engine, on_change=registry.touch)
     checkin_store = SQLCheckinStore(engine)
     director: Director | None = None
     if settings.director_dir is not None:
@@ -684,8 +716,16 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         else (),
     )
     blobs = FileBlobStore(data_dir / "blobs")
+    blobs.remove_interrupted_uploads()
+    exporter = (
+        StaticTreeExporter(served, blobs, settings.static_tree)
+        if settings.static_tree is not None
+        else None
+    )
     sboms = SbomIndex(store=SQLSbomStore(engine), metadata=store, blobs=blobs, clock=clock)
-    svc = _Services(store=store, blobs=blobs, clock=clock, online=online, sboms=sboms)
+    svc = _Services(
+        store=store, served=served, blobs=blobs, clock=clock, online=online, sboms=sboms
+    )
     resign = ResignLoop(online, store=store, blobs=blobs, clock=clock)
     sync = (
         RepoSync(
@@ -705,6 +745,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Fresh online metadata first: after downtime the served timestamp may have expired.
         await run_in_threadpool(resign.start)
+        await run_in_threadpool(served_recheck.start)
+        if exporter is not None:
+            await run_in_threadpool(exporter.start)
         if sync is not None:
             await run_in_threadpool(sync.start)
         if evaluator is not None:
@@ -716,6 +759,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
                 await run_in_threadpool(evaluator.stop)
             if sync is not None:
                 await run_in_threadpool(sync.stop)
+            if exporter is not None:
+                await run_in_threadpool(exporter.stop)
+            await run_in_threadpool(served_recheck.stop)
             await run_in_threadpool(resign.stop)
             engine.dispose()
 
@@ -756,8 +802,21 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         required=not (settings.insecure_http or settings.insecure_no_client_auth),
     )
     app.state.gate = gate
-    app.include_router(_repository_router(svc, _device_dependency(gate, auth, checkins)))
-    app.include_router(_device_router(gate))
+    require_device = _device_dependency(gate, auth, checkins)
+    app.include_router(_repository_router(svc, require_device))
+    # Outermost of the middlewares (added last): the repository routes skip the rest. The
+    # runner puts the same fast path in front of the whole application as well (the
+    # options below), so a repository request skips Starlette's own layers too.
+    app.state.fast_path_options = {
+        "served": served,
+        "blobs": blobs,
+        "admissions": DeviceAdmissions(gate=gate, checkins=checkins, signal=registry, clock=clock),
+        "auth": auth,
+    }
+    app.add_middleware(RepositoryFastPath, **app.state.fast_path_options)
+    app.state.served = served
+    app.state.static_tree = exporter
+    app.include_router(_device_router(gate, require_device))
     app.include_router(checkin_router(checkins, gate))
     app.include_router(_operator_router(svc, auth))
     app.include_router(fleet_router(fleet, auth))

@@ -7,9 +7,12 @@ token and the CA devices trust.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import ipaddress
 import logging
+import resource
 import socket
 import ssl
 import threading
@@ -31,6 +34,7 @@ from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.director import DIRECTOR_PUBLIC_KEY_FILE, load_director_signer
+from otaguard.server.fastpath import RepositoryFastPath
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
 from otaguard.server.settings import ServerSettings, parse_trusted_proxies
 from otaguard.server.storage.database import mask_url
@@ -40,6 +44,7 @@ __all__ = [
     "DataDirPaths",
     "RunningServer",
     "init_data_dir",
+    "raise_descriptor_limit",
     "run_server",
     "start_server_in_thread",
 ]
@@ -55,16 +60,62 @@ SHUTDOWN_TIMEOUT_SECONDS: Final = 10.0
 IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS: Final = 1
 # Idle keep-alive connections are closed after this, so slow clients cannot hold sockets.
 KEEP_ALIVE_SECONDS: Final = 5
-# Connections beyond this get 503 instead of exhausting file descriptors.
-MAX_CONCURRENT_CONNECTIONS: Final = 1000
+# Connections beyond this get 503 instead of exhausting file descriptors. Slow clients are
+# cut after the header timeout, so this bounds what an attacker holds at once; it is well
+# above the 1,100 partial connections of the slowloris test, so devices still get in, and
+# well below the descriptors the process gets (raised to the hard limit at start).
+MAX_CONCURRENT_CONNECTIONS: Final = 4096
+# Descriptors besides client connections: database, blobs being served, logs, TLS files.
+RESERVED_DESCRIPTORS: Final = 256
+# h11 buffers at most this much of an incomplete request line and headers (16 KiB is
+# h11's default: a device's request is a few hundred bytes; more is refused with 431).
+MAX_REQUEST_HEADER_BYTES: Final = 16 * 1024
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's open-file limit (soft) to its hard limit; return the new soft one.
+
+    Each client connection is a descriptor: the default soft limit (often 1024) would let
+    a thousand idle connections stop the server from opening anything else.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+            return soft
+        return hard
+    return soft
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, aborting connections still open after the graceful shutdown.
+    """uvicorn's server, aborting connections still open after the graceful shutdown,
+    and with a TLS handshake deadline.
 
-    Without this, an idle keep-alive TLS connection outlives the event loop (its TLS
+    Without the abort, an idle keep-alive TLS connection outlives the event loop (its TLS
     shutdown waits for the peer) and leaks a socket.
     """
+
+    def __init__(self, config: uvicorn.Config, *, tls_handshake_timeout: float):
+        super().__init__(config)
+        self._handshake_timeout = tls_handshake_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start listening; every listener gets the TLS handshake deadline."""
+        # uvicorn has no option for it and calls loop.create_server itself: for the length
+        # of its start-up, this loop's create_server adds the deadline (asyncio's default,
+        # 60 s, let a client that never completes a handshake hold a socket that long).
+        loop = asyncio.get_running_loop()
+        if self.config.ssl is not None:
+            loop.create_server = functools.partial(  # type: ignore[method-assign]
+                loop.create_server, ssl_handshake_timeout=self._handshake_timeout
+            )
+        try:
+            await super().startup(sockets)
+        finally:
+            if self.config.ssl is not None:
+                del loop.create_server  # the class's method again
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)
@@ -159,6 +210,14 @@ def _config(
         certfile, keyfile, ca_cert = str(files.cert), str(files.key), files.ca_cert
         device_chain = str(DeviceCA.load_or_create(settings.data_dir / DEVICE_CA_DIR).chain_path)
     app = create_app(settings) if clock is None else create_app(settings, clock=clock)
+    descriptors = raise_descriptor_limit()
+    max_connections = min(MAX_CONCURRENT_CONNECTIONS, max(1, descriptors - RESERVED_DESCRIPTORS))
+    if max_connections < MAX_CONCURRENT_CONNECTIONS:
+        logger.warning(
+            "the open-file limit (%d) allows only %d concurrent connections",
+            descriptors,
+            max_connections,
+        )
     trusted = parse_trusted_proxies(settings.trusted_proxies)
     if trusted:
         logger.info(
@@ -167,14 +226,18 @@ def _config(
         )
     config = uvicorn.Config(
         # The certificate a trusted proxy verified and forwarded, into the ASGI scope.
-        ForwardedClientCert(app, trusted_proxies=trusted),
+        # The repository fast path (ADR 0016) before FastAPI's and Starlette's layers.
+        ForwardedClientCert(
+            RepositoryFastPath(app, **app.state.fast_path_options), trusted_proxies=trusted
+        ),
         host=settings.host,
         port=settings.port,
         log_config=None,  # the application configures logging, never uvicorn
         server_header=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=max(1, int(graceful_seconds)),
-        limit_concurrency=MAX_CONCURRENT_CONNECTIONS,
+        limit_concurrency=max_connections,
+        h11_max_incomplete_event_size=MAX_REQUEST_HEADER_BYTES,
         lifespan="on",
         # scope["client"] must be the TCP peer: whether a forwarded client certificate is
         # taken depends on it, so no X-Forwarded-For may rewrite it.
@@ -187,7 +250,8 @@ def _config(
         ssl_ca_certs=device_chain,
         ssl_cert_reqs=ssl.CERT_OPTIONAL if device_chain else ssl.CERT_NONE,
         # Puts the verified peer certificate into the ASGI scope (uvicorn does not).
-        http=TlsScopeH11Protocol,
+        # With the header deadline against slow clients (slowloris).
+        http=TlsScopeH11Protocol.with_header_timeout(settings.header_timeout),
     )
     try:
         config.load()
@@ -238,7 +302,7 @@ def run_server(settings: ServerSettings) -> None:
     if renewer is not None:
         renewer.start()
     try:
-        _Server(config).run()
+        _Server(config, tls_handshake_timeout=settings.tls_handshake_timeout).run()
     finally:
         if renewer is not None:
             renewer.stop()
@@ -319,7 +383,10 @@ def start_server_in_thread(
         settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS, clock=clock
     )
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
+    # TCP, and without it Nagle's algorithm and the client's delayed ACK add ~40 ms to
+    # every response written in two parts (headers, body).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((settings.host, settings.port))
@@ -327,7 +394,7 @@ def start_server_in_thread(
         sock.close()
         raise ConfigError(f"cannot bind {settings.host}:{settings.port}: {e.strerror}") from e
     port = sock.getsockname()[1]
-    server = _Server(config)
+    server = _Server(config, tls_handshake_timeout=settings.tls_handshake_timeout)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="otaguard-server", daemon=True
     )

@@ -11,9 +11,12 @@ from typing import Final
 __all__ = [
     "DEFAULT_DEVICE_CERT_LIFETIME",
     "DEFAULT_ENROLLMENT_TOKEN_LIFETIME",
+    "DEFAULT_HEADER_TIMEOUT_SECONDS",
     "DEFAULT_SERVER_CERT_LIFETIME",
     "DEFAULT_SNAPSHOT_EXPIRY",
     "DEFAULT_TIMESTAMP_EXPIRY",
+    "DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS",
+    "MAX_CLIENT_TIMEOUT_SECONDS",
     "MIN_ONLINE_EXPIRY",
     "ServerSettings",
     "parse_trusted_proxies",
@@ -45,6 +48,15 @@ MIN_DEVICE_CERT_LIFETIME: Final = dt.timedelta(minutes=1)
 MAX_DEVICE_CERT_LIFETIME: Final = dt.timedelta(days=90)
 # A token lying around for more than a month is a standing credential, not a one-off.
 MAX_ENROLLMENT_TOKEN_LIFETIME: Final = dt.timedelta(days=30)
+#: a request's line and headers must be complete this long after the handshake (or the
+#: previous response): an honest device sends them in one write; a client that trickles
+#: bytes (slowloris) or idles loses its connection instead of holding a slot
+DEFAULT_HEADER_TIMEOUT_SECONDS: Final = 10.0
+#: a TLS handshake is a few round trips; asyncio's default (60 s) let idle TCP
+#: connections hold a socket and a 256 KiB TLS buffer each for a minute
+DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
+#: longer client timeouts would only hand slow clients the connections back
+MAX_CLIENT_TIMEOUT_SECONDS: Final = 120.0
 
 
 def parse_trusted_proxies(
@@ -123,6 +135,11 @@ class ServerSettings:
             creates in ``data_dir`` (warns).
         rollout_interval: seconds between evaluations of the active rollouts (phase
             advance, automatic halt) besides those at check-ins (ADR 0011).
+        static_tree: keep the published repository as a static tree in this directory
+            for nginx or a CDN (ADR 0016); ``None``: none.
+        header_timeout: seconds a client has, after the TLS handshake or the previous
+            response, to send a request's line and headers (slowloris defence, ADR 0016).
+        tls_handshake_timeout: seconds a client has to complete the TLS handshake.
         hsm_pin: the user PIN of the PKCS#11 token holding an ``hsm:`` online or director
             key (the CLI reads it from ``OTAGUARD_HSM_PIN``, never from argv); never logged.
     """
@@ -150,6 +167,16 @@ class ServerSettings:
     director_key_uri: str | None = None
     rollout_interval: float = 5.0
     hsm_pin: str | None = field(default=None, repr=False)
+    static_tree: Path | None = None
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS
+
+    def _check_client_timeouts(self) -> None:
+        for name in ("header_timeout", "tls_handshake_timeout"):
+            if not 0 < getattr(self, name) <= MAX_CLIENT_TIMEOUT_SECONDS:
+                raise ValueError(
+                    f"{name} must be positive and at most {MAX_CLIENT_TIMEOUT_SECONDS:g} s"
+                )
 
     def __post_init__(self) -> None:
         parse_trusted_proxies(self.trusted_proxies)
@@ -159,6 +186,7 @@ class ServerSettings:
             raise ValueError("sync_interval must be positive")
         if not self.rollout_interval > 0:
             raise ValueError("rollout_interval must be positive")
+        self._check_client_timeouts()
         if not self.host:
             raise ValueError("host must not be empty")
         for name in ("timestamp_expiry", "snapshot_expiry"):

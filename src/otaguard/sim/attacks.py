@@ -21,11 +21,12 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from otaguard.crypto.signers import load_signer, resolve_key_uri
 from otaguard.model.errors import OperatorError
 from otaguard.repo import ImageRepository
+from otaguard.server._signal import ChangeSignal
 from otaguard.server.online import load_online_signer
 from otaguard.server.storage.base import MetadataRecord
 from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.migrate import open_database
-from otaguard.server.storage.sql import SQLMetadataStore
+from otaguard.server.storage.notify import NotifyingMetadataStore
 
 __all__ = ["AttackOutcome", "CompromisedServer", "steal_key"]
 
@@ -55,9 +56,12 @@ class CompromisedServer:
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
-        # The running server migrated it; the attacker uses it as it is.
-        self.store = SQLMetadataStore(
-            open_database(sqlite_url(data_dir / "otaguard.db"), upgrade=False)
+        # The running server migrated it; the attacker uses it as it is, and announces
+        # what it writes as any server process sharing the data directory does, so the
+        # running server serves it at once (ADR 0016).
+        self.store = NotifyingMetadataStore(
+            open_database(sqlite_url(data_dir / "otaguard.db"), upgrade=False),
+            on_change=ChangeSignal(data_dir, "published").touch,
         )
         #: the server's own snapshot and timestamp key, as a compromised server holds it
         self.online_signer = load_online_signer(data_dir)

@@ -3,23 +3,31 @@
 A blob ``<sha256>.<target path>`` is written to a hidden temp file in the same directory,
 hashed while it streams in, fsynced, compared with the hash in its name and only then
 renamed into place. A reader therefore sees either no blob or a complete, verified one.
+The writer holds an exclusive ``flock`` on its temp file, so that the start-up clean-up
+(:meth:`FileBlobStore.remove_interrupted_uploads`) removes the temp files of interrupted
+uploads but never one that another server process sharing the directory is writing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Final
 
 from otaguard._fs import fsync_dir
 from otaguard.model.errors import ServerStorageError, VerificationError
 from otaguard.server._names import parse_blob_name
 from otaguard.server.storage.base import BlobInfo, BlobStore, BlobWriter
 
-__all__ = ["FileBlobStore"]
+__all__ = ["UPLOAD_TEMP_GLOB", "FileBlobStore"]
+
+#: the temp files of uploads in progress (hidden, so never a blob name)
+UPLOAD_TEMP_GLOB: Final = ".upload.*.tmp"
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ class _FileBlobWriter(BlobWriter):
             ) from e
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
+        # Held until the file is closed: marks the upload as alive for the clean-up.
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
     def write(self, chunk: bytes) -> None:
         if self._done:
@@ -105,6 +115,37 @@ class FileBlobStore(BlobStore):
             raise ServerStorageError(
                 f"cannot create blob directory {directory}: {e.strerror}"
             ) from e
+
+    def remove_interrupted_uploads(self) -> int:
+        """Remove the temp files of uploads no process is writing (a crash or a power cut
+        mid-upload leaves them); return how many were removed.
+
+        Raises:
+            ServerStorageError: the directory cannot be listed.
+        """
+        removed = 0
+        try:
+            candidates = sorted(self.directory.glob(UPLOAD_TEMP_GLOB))
+        except OSError as e:
+            raise ServerStorageError(
+                f"cannot list blob directory {self.directory}: {e.strerror}"
+            ) from e
+        for tmp in candidates:
+            try:
+                with tmp.open("rb") as f:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # an upload in progress in another process
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # finished or removed meanwhile
+            except OSError as e:
+                logger.warning("cannot remove interrupted upload %s: %s", tmp.name, e.strerror)
+        if removed:
+            logger.info("removed %d interrupted upload(s) from %s", removed, self.directory)
+        return removed
 
     def _checked(self, filename: str) -> str:
         parsed = parse_blob_name(filename)

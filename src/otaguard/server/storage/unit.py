@@ -16,16 +16,19 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["reading", "unit_of_work", "writing"]
+__all__ = ["after_commit", "reading", "unit_of_work", "writing"]
 
-# (engine, its connection) of the unit open in this context, if any
-_bound: ContextVar[tuple[Engine, Connection] | None] = ContextVar("otaguard_unit", default=None)
+# (engine, its connection, what to run once it committed) of the unit open in this
+# context, if any
+_bound: ContextVar[tuple[Engine, Connection, list[Callable[[], None]]] | None] = ContextVar(
+    "otaguard_unit", default=None
+)
 
 
 def _current(engine: Engine) -> Connection | None:
@@ -44,12 +47,29 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
     if conn is not None:
         yield conn
         return
+    committed: list[Callable[[], None]] = []
     with engine.begin() as conn:
-        token = _bound.set((engine, conn))
+        token = _bound.set((engine, conn, committed))
         try:
             yield conn
         finally:
             _bound.reset(token)
+    for callback in committed:  # only when the block ended normally: committed
+        callback()
+
+
+def after_commit(engine: Engine, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once what this context wrote on ``engine`` is committed: when the
+    open unit of work commits (never, if it rolls back), or now when none is open.
+
+    Announcements of a change (the serving caches' signals) must not be seen before the
+    change itself, or a reader could cache the old state under the new signal.
+    """
+    bound = _bound.get()
+    if bound is not None and bound[0] is engine:
+        bound[2].append(callback)
+    else:
+        callback()
 
 
 @contextmanager

@@ -1,0 +1,72 @@
+"""Slowloris (ADR 0016): 1,100 unauthenticated TLS connections that send partial headers
+do not take the server down: /healthz answers and a device updates while they are held,
+and the server closes every one of them within the header timeout.
+
+The attacker runs in its own process (tests/slowloris_support.py): its handshakes must
+not share this process's GIL with the server under test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import urllib3
+
+from conftest import start_world
+from otaguard.server._tls import TlsScopeH11Protocol
+from otaguard.server.settings import DEFAULT_HEADER_TIMEOUT_SECONDS
+
+PARTIAL_CONNECTIONS = 1100
+#: the server closes a connection on a timer; the attacker sees it a moment later
+CLOSE_MARGIN_SECONDS = 3.0
+SUPPORT = Path(__file__).parent.parent / "slowloris_support.py"
+
+
+def test_slowloris_is_cut_while_devices_keep_updating(tmp_path: Path) -> None:
+    timeout = DEFAULT_HEADER_TIMEOUT_SECONDS  # the production setting
+    world = start_world(tmp_path, header_timeout=timeout, tls_handshake_timeout=timeout)
+    try:
+        world.release("1.0.0")
+        dev = world.device("slow1")
+        world.release("1.1.0")
+        port = world.server.base_url.rsplit(":", 1)[1]
+        with subprocess.Popen(
+            [sys.executable, str(SUPPORT), "127.0.0.1", port, str(PARTIAL_CONNECTIONS), "0",
+             str(timeout * 4)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as attacker:  # fmt: skip
+            try:
+                assert attacker.stdout is not None
+                held = attacker.stdout.readline().split()
+                assert held[0] == "held", held
+                # All of them open at once, every one past the TLS handshake.
+                assert int(held[1]) == PARTIAL_CONNECTIONS, held
+                http = urllib3.PoolManager(ca_certs=str(world.server.ca_cert), retries=False)
+                health = http.request("GET", f"{world.server.base_url}/healthz", timeout=10)
+                assert health.status == 200, health.data
+                http.clear()
+                assert dev.update().outcome == "updated"
+                out, err = attacker.communicate(timeout=timeout * 5)
+            finally:
+                attacker.kill()
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["opened"] == PARTIAL_CONNECTIONS, err
+        # Every partial connection was closed by the server, within the header timeout.
+        assert result["closed_by_server"] == PARTIAL_CONNECTIONS, result
+        assert result["longest_held"] <= timeout + CLOSE_MARGIN_SECONDS, result
+        assert result["longest_held"] >= timeout - 0.5, result  # cut by the timer, not early
+    finally:
+        world.server.stop()
+
+
+def test_the_header_deadline_is_a_positive_per_server_setting() -> None:
+    assert TlsScopeH11Protocol.with_header_timeout(2.5).header_timeout == 2.5
+    assert TlsScopeH11Protocol.header_timeout == DEFAULT_HEADER_TIMEOUT_SECONDS
+    with pytest.raises(ValueError, match="positive"):
+        TlsScopeH11Protocol.with_header_timeout(0)
