@@ -8,9 +8,11 @@ not share this process's GIL with the server under test.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,12 @@ def test_slowloris_is_cut_while_devices_keep_updating(tmp_path: Path) -> None:
         assert result["longest_held"] >= timeout - 0.5, result  # cut by the timer, not early
     finally:
         world.server.stop()
+        # Known (ADR 0016): a connection still in its TLS handshake when the server stops is
+        # not closed by uvicorn's shutdown. Collect it here, where it is expected, so its
+        # ResourceWarning (an error under filterwarnings) never lands on a later test.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 def test_the_header_deadline_is_a_positive_per_server_setting() -> None:
