@@ -388,6 +388,8 @@ def test_the_demo_makes_some_devices_tpm_backed(session_bus: SessionBus, tmp_pat
         "PASS: 4/4 devices updated, staged rollout completed, unhealthy rollout halted, "
         "8/8 attacks refused" in done.stdout
     )
+    # every device says what its delta moved, the TPM-backed ones from their own processes too
+    assert "bytes moved for 1.1.0 (4 devices reporting their downloads)" in done.stdout
     # 1.1.0 went through the k-of-n ceremony, one signer in SoftHSM2 (make sysdeps)
     assert "1.1.0 staged, signed by targets-ml-dsa-65 and targets-ecdsa-p256 (in SoftHSM2)" in (
         done.stdout

@@ -195,7 +195,7 @@ class Fleet:
 
             dev = self.device(name)
             if dev.config.tpm is not None:
-                return _update_in_child(name, dev.paths.root)
+                return _update_in_child(name, dev.paths.root, on_progress)
             try:
                 return DeviceRun(name, dev.update(progress=on_progress), None)
             except OtaguardError as e:
@@ -221,7 +221,7 @@ class Fleet:
 CHILD_UPDATE_TIMEOUT_S: Final = 300.0
 
 
-def _update_in_child(name: str, root: Path) -> DeviceRun:
+def _update_in_child(name: str, root: Path, progress: Callable[[str, int, int], None]) -> DeviceRun:
     """``update`` in a child process (a TPM-held TLS key cannot share this process's ssl).
 
     The child's error comes back as the same otaguard error class, so callers branch on
@@ -239,6 +239,8 @@ def _update_in_child(name: str, root: Path) -> DeviceRun:
     except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
         return DeviceRun(name, None, OtaguardError(f"the device's agent failed: {e}"))
     if "result" in answer:
+        if "downloaded" in answer:  # what a delta or compressed stream moved, as in-process
+            progress("downloaded", int(answer["downloaded"][0]), int(answer["downloaded"][1]))
         return DeviceRun(name, UpdateResult(**answer["result"]), None)
     kind = getattr(errors, str(answer["error"]["kind"]), OtaguardError)
     if not (isinstance(kind, type) and issubclass(kind, OtaguardError)):
