@@ -89,9 +89,10 @@ def test_first_seen_is_recorded_once(db_engine: Engine) -> None:
 
 
 # -- set-based evaluation (issue 7: a rollout of 10,000 members) --------------------------
-def _manifest(serial: str, *, running: str, result: dict[str, str]) -> bytes:
+def _manifest(serial: str, *, running: str, result: dict[str, str], checked: bool = True) -> bytes:
     """A stored manifest envelope as the check-in store keeps it (it was verified when
-    received; its signatures do not matter here)."""
+    received; its signatures do not matter here). ``checked=False``: one stored before
+    manifests refused unprintable text."""
     signed = DeviceManifest(
         serial=serial,
         nonce="n" * 32,
@@ -101,7 +102,8 @@ def _manifest(serial: str, *, running: str, result: dict[str, str]) -> bytes:
         boot=BootMeasurement(sha256="a" * 64, slot="A", attested=False),
         quote=None,
     ).to_dict()
-    DeviceManifest.from_dict(signed)  # what the evaluation parses must be valid
+    if checked:
+        DeviceManifest.from_dict(signed)  # what the evaluation parses must be valid
     return json.dumps({"signed": signed, "signatures": []}).encode()
 
 
@@ -206,14 +208,15 @@ def test_evaluating_a_rollout_costs_the_same_queries_for_20_or_10000_members(
 
 
 def test_a_hostile_manifest_does_not_stop_the_evaluation(db_engine: Engine) -> None:
-    """A validly signed manifest may carry any string: a NUL escape and a lone surrogate
-    in its error (which a JSON cast in SQL, e.g. PostgreSQL's jsonb, refuses for the whole
-    query) do not keep the rollout from counting the failure and halting."""
+    """A stored manifest from before check-ins refused unprintable text may carry a NUL
+    escape and a lone surrogate in its error (which a JSON cast in SQL, e.g. PostgreSQL's
+    jsonb, refuses for the whole query): they do not keep the rollout from counting the
+    failure and halting."""
     devices, checkins = _fleet_rows(4, runs=0, failed=0)
     hostile = {"outcome": "failed", "version": "2.0.0", "error": "bad\u0000\ud800x"}
     for row in checkins:
         if row["serial"] == "s00000":
-            row["manifest"] = _manifest("s00000", running="1.0.0", result=hostile)
+            row["manifest"] = _manifest("s00000", running="1.0.0", result=hostile, checked=False)
     with db_engine.begin() as conn:
         conn.execute(insert(devices_table), devices)
         conn.execute(insert(checkins_table), checkins)

@@ -111,6 +111,13 @@ class AuditMiddleware:
         scope[AUDIT_SCOPE_KEY] = ctx
         status = 500
         error_body = bytearray()
+        recorded = False
+
+        async def record() -> None:
+            nonlocal recorded
+            if ctx.intent is not None and not recorded:
+                recorded = True
+                await run_in_threadpool(self._record, ctx, _result(status, bytes(error_body)))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -119,16 +126,20 @@ class AuditMiddleware:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", ctx.request_id.encode()))
                 message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and status >= 400:
-                room = _ERROR_BODY_BYTES - len(error_body)
-                error_body.extend(bytes(message.get("body", b""))[: max(room, 0)])
+            elif message["type"] == "http.response.body":
+                if status >= 400:
+                    room = _ERROR_BODY_BYTES - len(error_body)
+                    error_body.extend(bytes(message.get("body", b""))[: max(room, 0)])
+                if not message.get("more_body", False):
+                    # Written before the response completes: an operator who has the answer
+                    # finds the entry, and entries keep the order of the actions.
+                    await record()
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if ctx.intent is not None:
-                await run_in_threadpool(self._record, ctx, _result(status, bytes(error_body)))
+            await record()  # the application failed before completing its response
 
     def _record(self, ctx: AuditContext, result: str) -> None:
         intent = ctx.intent

@@ -25,7 +25,7 @@ from threading import Lock
 from typing import Final
 
 from otaguard.model.errors import OperatorError, VerificationError
-from otaguard.model.manifest import DeviceManifest
+from otaguard.model.manifest import DeviceManifest, printable_text
 from otaguard.model.version import Version
 from otaguard.server._periodic import PeriodicTask
 from otaguard.server.channels import (
@@ -57,6 +57,11 @@ logger = logging.getLogger(__name__)
 #: seconds between evaluations of every active rollout by the periodic task: a phase
 #: advances (or halts) at most this long after the last report that decides it
 ROLLOUT_EVALUATION_INTERVAL: Final = 5.0
+#: what a manifest's last_result may hold (model.manifest's own limits), applied again to
+#: manifests stored before it refused unprintable text
+MAX_RESULT_ITEMS: Final = 8
+MAX_RESULT_KEY_CHARS: Final = 32
+MAX_RESULT_VALUE_CHARS: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,26 @@ def _last_result(manifest: bytes) -> dict[str, str]:
     """The last install result of a stored manifest (verified when it was received)."""
     try:
         return DeviceManifest.from_dict(json.loads(manifest)["signed"]).last_result
-    except (ValueError, KeyError, TypeError, VerificationError):
+    except VerificationError:
+        # Stored before check-ins refused unprintable text: its words, made printable, still
+        # count (a failure must not vanish because its error text was hostile).
+        return _stored_last_result(manifest)
+    except (ValueError, KeyError, TypeError):
         return {}
+
+
+def _stored_last_result(manifest: bytes) -> dict[str, str]:
+    try:
+        raw = json.loads(manifest)["signed"]["last_result"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        printable_text(k, MAX_RESULT_KEY_CHARS): printable_text(v, MAX_RESULT_VALUE_CHARS)
+        for k, v in list(raw.items())[:MAX_RESULT_ITEMS]
+        if isinstance(k, str) and isinstance(v, str)
+    }
 
 
 class Rollouts:
