@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from _nginx import prepare_nginx_dir, run_nginx
+
 from otaguard.crypto import read_public_key
 from otaguard.crypto.ca import CertificateAuthority
 from otaguard.repo import ImageRepository
@@ -86,7 +88,6 @@ CONCURRENCY: Final = 16
 STARTUP_TIMEOUT_S: Final = 60.0
 PROFILE_SECONDS: Final = 8
 STATIC_PATH: Final = "/metadata/1.root.json"
-NGINX: Final = "/usr/sbin/nginx"
 TEMPLATE: Final = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "otaguard.conf"
 
 
@@ -278,8 +279,7 @@ def wait_served(url: str, s: Setup, procs: list[subprocess.Popen[bytes]]) -> Non
 def start_nginx(s: Setup, upstreams: list[int]) -> tuple[subprocess.Popen[bytes], int, Path]:
     """nginx with the shipped site, its upstream the workers (keepalive to them)."""
     d = s.work / "nginx"
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (d / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    prepare_nginx_dir(d)
     creds = CertificateAuthority.load_or_create(s.data / "ca").server_credentials(
         d / "tls", ["127.0.0.1"]
     )
@@ -307,23 +307,7 @@ def start_nginx(s: Setup, upstreams: list[int]) -> tuple[subprocess.Popen[bytes]
         f"upstream otaguard_workers {{\n{servers}  keepalive 64;\n  keepalive_timeout 4s;\n}}\n"
     )
     (d / "otaguard.conf").write_text(upstream + site)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    tmp = d / "tmp"
-    (d / "nginx.conf").write_text(
-        f"{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
-        "events { worker_connections 1024; }\nhttp {\n"
-        f"  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
-        f"  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n"
-        f"  scgi_temp_path {tmp}/scgi;\n  include {d}/otaguard.conf;\n}}\n"
-    )
-    binary = NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
-    if binary is None:
-        raise SystemExit("nginx is missing (make sysdeps)")
-    args = [binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
-    check = subprocess.run([*args, "-t"], capture_output=True, text=True, check=False)
-    if check.returncode != 0:
-        raise SystemExit(f"nginx -t: {check.stderr}")
-    proc = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL)
+    proc = run_nginx(d, d / "otaguard.conf")
     return proc, port, d
 
 

@@ -35,7 +35,6 @@ import asyncio
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from _nginx import run_nginx
+
 from otaguard.agent import Device
 from otaguard.crypto import read_public_key
 from otaguard.model import Unsafe
@@ -59,7 +60,6 @@ from otaguard.sim.sbom import make_sbom
 
 HW: Final = "bench-hw"
 PASSPHRASE: Final = b"bench-passphrase"
-NGINX: Final = "/usr/sbin/nginx"
 ROOT: Final = Path(__file__).resolve().parents[1]
 STATIC_TEMPLATE: Final = ROOT / "deploy" / "nginx" / "otaguard-static.conf"
 STARTUP_TIMEOUT_S: Final = 60.0
@@ -258,27 +258,10 @@ def _wait(url: str, ca: Path, token: str, procs: list[subprocess.Popen[bytes]]) 
 def _nginx(
     d: Path, site: str, procs: list[subprocess.Popen[bytes]]
 ) -> tuple[subprocess.Popen[bytes], int]:
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (d / "tmp" / sub).mkdir(parents=True, exist_ok=True)
     port = _free_port()
+    d.mkdir(parents=True, exist_ok=True)
     (d / "site.conf").write_text(site.replace("{{LISTEN}}", f"127.0.0.1:{port}"))
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    tmp = d / "tmp"
-    (d / "nginx.conf").write_text(
-        f"{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
-        "events { worker_connections 1024; }\nhttp {\n"
-        f"  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
-        f"  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n"
-        f"  scgi_temp_path {tmp}/scgi;\n  include {d}/site.conf;\n}}\n"
-    )
-    binary = NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
-    if binary is None:
-        raise SystemExit("nginx is missing (make sysdeps)")
-    args = [binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
-    check = subprocess.run([*args, "-t"], capture_output=True, text=True, check=False)
-    if check.returncode != 0:
-        raise SystemExit(f"nginx -t: {check.stderr}")
-    proc = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL)
+    proc = run_nginx(d, d / "site.conf")
     procs.append(proc)
     return proc, port
 
