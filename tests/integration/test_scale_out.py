@@ -29,13 +29,13 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy.engine import make_url
 from tuf.api.metadata import Metadata, Timestamp
 
-from conftest import start_world
+from conftest import World, start_world
 from nginx_support import free_port
 from otaguard.agent import Device
 from otaguard.agent.checkin import CHECKIN_PATH, NONCE_PATH, build_manifest
 from otaguard.agent.identity import device_signer
 from otaguard.crypto.envelope import sign_envelope
-from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_server_in_thread
 from otaguard.server.client import FleetClient
 from otaguard.server.ops_client import OpsClient
 from otaguard.server.rollout_client import RolloutClient
@@ -172,12 +172,9 @@ def test_two_servers_following_one_repository_re_sign_and_publish_without_errors
     b = None
     try:
         world.release("1.0.0")
-        b = start_server_in_thread(
-            ServerSettings(
-                data_dir=world.server.data_dir, repo_dir=world.repo.dir, port=0,
-                sync_interval=0.1, database_url=postgres_url, **lifetimes,
-            )
-        )  # fmt: skip
+        b = _second_server(
+            world, postgres_url, repo_dir=world.repo.dir, sync_interval=0.1, **lifetimes
+        )
         time.sleep(4)  # both loops re-sign more than once (half-life 1.5 s)
         world.release("1.1.0")  # both syncs import it
         time.sleep(2)
@@ -195,6 +192,26 @@ def test_two_servers_following_one_repository_re_sign_and_publish_without_errors
         world.server.stop()
     problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert problems == []
+
+
+def _second_server(world: World, database_url: str, **settings: Any) -> RunningServer:
+    """Server B: another process's view of A's data directory and database."""
+    return start_server_in_thread(
+        ServerSettings(
+            data_dir=world.server.data_dir,
+            port=0,
+            database_url=database_url,
+            **{"repo_dir": None, **settings},
+        )
+    )
+
+
+def _device_tls(world: World, dev: Device) -> ssl.SSLContext:
+    """A client context trusting the server's CA and presenting ``dev``'s certificate."""
+    assert world.server.ca_cert is not None
+    ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+    ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+    return ctx
 
 
 def _post(port: int, ctx: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
@@ -216,15 +233,9 @@ def test_one_signed_check_in_sent_to_two_servers_is_accepted_once(
     b = None
     try:
         world.release("1.0.0")
-        b = start_server_in_thread(
-            ServerSettings(
-                data_dir=world.server.data_dir, repo_dir=None, port=0, database_url=postgres_url
-            )
-        )
+        b = _second_server(world, postgres_url)
         dev = world.device("twice")
-        assert world.server.ca_cert is not None
-        ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
-        ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+        ctx = _device_tls(world, dev)
         port_a = int(world.server.base_url.rsplit(":", 1)[1])
         port_b = int(b.base_url.rsplit(":", 1)[1])
         status, data = _post(port_a, ctx, NONCE_PATH, b"")
@@ -268,15 +279,9 @@ def test_a_quarantine_through_one_server_refuses_the_very_next_request_on_the_ot
     b = None
     try:
         world.release("1.0.0")
-        b = start_server_in_thread(
-            ServerSettings(
-                data_dir=world.server.data_dir, repo_dir=None, port=0, database_url=postgres_url
-            )
-        )
+        b = _second_server(world, postgres_url)
         dev = world.device("watched")
-        assert world.server.ca_cert is not None
-        ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
-        ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+        ctx = _device_tls(world, dev)
         port_a = int(world.server.base_url.rsplit(":", 1)[1])
 
         def signed_manifest() -> bytes:
@@ -325,15 +330,7 @@ def test_operator_changes_through_one_server_steer_the_very_next_check_in_on_the
         dev = world.device("steered")
         dev.update()  # A has answered this device: anything it caches is warm
         world.release("1.1.0")  # a feature release: only through a rollout
-        b = start_server_in_thread(
-            ServerSettings(
-                data_dir=world.server.data_dir,
-                repo_dir=None,
-                port=0,
-                database_url=postgres_url,
-                director_dir=tmp_path / "director",
-            )
-        )
+        b = _second_server(world, postgres_url, director_dir=tmp_path / "director")
         assert world.server.ca_cert is not None
         opts = {"server_url": b.base_url, "ca_cert": world.server.ca_cert}
         with (
