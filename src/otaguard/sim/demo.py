@@ -111,6 +111,10 @@ def _attack(
     outcome = AttackOutcome(name, len(refused), len(runs), reason)
     mark = "[green]refused[/green]" if outcome.ok else "[red]NOT REFUSED[/red]"
     console.print(f"  {mark} by {outcome.refused}/{outcome.total} devices: {reason}")
+    for r in runs:  # what a device that did not refuse as expected did instead
+        if r not in refused:
+            what = r.error.diagnostics() if r.error is not None else "no error"
+            console.print(f"  [red]{r.name}[/red] (runs {versions[r.name]}): {what}")
     return outcome
 
 
