@@ -160,6 +160,19 @@ def test_security_delay_postpones_from_first_seen_then_releases() -> None:
     assert version_of(choose(device, [rel("2.3.1", "security")], groups=groups, first_seen=seen))
 
 
+def test_a_first_sighting_recorded_after_this_check_in_read_its_clock_is_not_a_delay() -> None:
+    # Two check-ins at once: the other one records the release as first seen a moment
+    # after this one read "now". With no postponement the fix still goes out at once.
+    seen = {"fw-2.3.1.img": NOW + dt.timedelta(milliseconds=3)}
+    d = choose(dev(), [rel("2.3.1", "security")], first_seen=seen)
+    assert version_of(d) == "2.3.1", d.reason
+    groups = {"plant": GroupPolicy("plant", security_delay=dt.timedelta(hours=1))}
+    device = dev(groups=("all", "plant"))
+    d = choose(device, [rel("2.3.1", "security")], groups=groups, first_seen=seen)
+    until = (NOW + dt.timedelta(hours=1)).isoformat()
+    assert d.release is None and f"postponed until {until}" in d.reason
+
+
 def test_an_older_due_fix_is_not_held_back_by_a_newer_postponed_one() -> None:
     groups = {"plant": GroupPolicy("plant", security_delay=dt.timedelta(days=2))}
     seen = {"fw-2.3.1.img": NOW - dt.timedelta(days=3), "fw-2.3.2.img": NOW}

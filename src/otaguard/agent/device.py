@@ -598,7 +598,7 @@ class Device:
             instruction = self._director_instruction(session)
             if instruction.target is None:
                 logger.info("the director instructs no update")
-                return Selection(chosen=None)
+                return Selection(chosen=None, why_none="the director instructs no update")
             offer = match_image_repository(
                 instruction.target,
                 session.find_target(instruction.target.path),
@@ -702,7 +702,9 @@ class Device:
                             path, why = refused[0]
                             raise DowngradeError(f"{path}: {why}")
                         outcome = "recovery-pending" if booted.recovery else "up-to-date"
-                        return UpdateResult(outcome, booted.version, refused=refused)
+                        return UpdateResult(
+                            outcome, booted.version, detail=sel.why_none, refused=refused
+                        )
                     installer.begin(
                         sel.chosen, from_slot=booted.slot, to_slot=self._target_slot(booted)
                     )

@@ -91,6 +91,8 @@ class Selection:
     refused: list[tuple[str, str]] = field(default_factory=list)
     #: True when a refusal is a rollback attempt (older version or lower counter)
     downgrade: bool = False
+    #: why nothing was chosen when nothing was refused either (for the operator)
+    why_none: str = ""
 
 
 def select_update(

@@ -259,14 +259,21 @@ def _security(
     delay = max(
         (groups[g].security_delay for g in device.groups if g in groups), default=dt.timedelta()
     )
+
+    def seen(r: DirectorRelease) -> dt.datetime:
+        # A concurrent check-in may record the first sighting after this one read its
+        # clock: that is a sighting "now", not in the future (else an unpostponed security
+        # release would skip this device until its next poll).
+        return min(first_seen.get(r.name, now), now)
+
     # the newest fix whose postponement is over (an older due fix is not held back by a
     # newer one that is still postponed)
-    ready = [r for r in own or fixes if first_seen.get(r.name, now) + delay <= now]
+    ready = [r for r in own or fixes if seen(r) + delay <= now]
     best = max(ready, key=lambda r: r.info.version, default=None)
     waiting = max(own or fixes, key=lambda r: r.info.version, default=None)
     note = None
     if waiting is not None and waiting is not best:
-        until = first_seen.get(waiting.name, now) + delay
+        until = seen(waiting) + delay
         note = f"security {waiting.info.version} postponed until {until.isoformat()}"
     return best, note
 

@@ -113,9 +113,17 @@ def _attack(
     console.print(f"  {mark} by {outcome.refused}/{outcome.total} devices: {reason}")
     for r in runs:  # what a device that did not refuse as expected did instead
         if r not in refused:
-            what = r.error.diagnostics() if r.error is not None else "no error"
-            console.print(f"  [red]{r.name}[/red] (runs {versions[r.name]}): {what}")
+            console.print(f"  [red]{r.name}[/red] (runs {versions[r.name]}): {_what(r)}")
     return outcome
+
+
+def _what(run: DeviceRun) -> str:
+    """What one device's update did, in one line (the error, or the outcome and why)."""
+    if run.error is not None:
+        return run.error.diagnostics()
+    if run.result is None:
+        return "no result"
+    return f"{run.result.outcome} ({run.result.detail or 'no detail'})"
 
 
 def _corrupt_running_slots(console: Console, fleet: Fleet) -> AttackOutcome:
@@ -483,8 +491,8 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
             if r.result and r.result.outcome == "updated" and versions[r.name] == "1.1.0"
         )
         for r in runs:
-            if r.error is not None:
-                console.print(f"[red]{r.name}: {r.error.diagnostics()}")
+            if r.error is not None or versions[r.name] != "1.1.0":
+                console.print(f"[red]{r.name}[/red] (runs {versions[r.name]}): {_what(r)}")
         console.print(f"{updated}/{count} devices run 1.1.0")
         full = rel110.length * len(moved)
         console.print(
