@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from otaguard import __version__
+from otaguard.cli._output import add_json_option, emit_json
 from otaguard.cli._transfer import add_transfer_options, describe_encodings, transfer_request
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
 from otaguard.model.manifest import BOOT_PCR
@@ -242,10 +243,14 @@ def _release_withdraw(a: argparse.Namespace) -> int:
 
 
 def _release_list(a: argparse.Namespace) -> int:
-    from otaguard.cli._render import render_releases
+    from otaguard.cli._render import release_rows, render_releases
     from otaguard.repo import ImageRepository
 
-    render_releases(out, ImageRepository(a.repo_dir).releases())
+    releases = ImageRepository(a.repo_dir).releases()
+    if a.json:
+        emit_json(release_rows(releases))
+    else:
+        render_releases(out, releases)
     return 0
 
 
@@ -592,12 +597,11 @@ def _device_enroll(a: argparse.Namespace) -> int:
 
 def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per action
     from otaguard.agent import Device
-    from otaguard.cli._render import render_selection, render_status
+    from otaguard.cli._render import render_selection
 
     dev = Device(a.device_dir)
     if a.action == "status":
-        render_status(out, dev.status())
-        return 0
+        return _agent_status(dev, json_out=a.json)
     if a.action == "boot":
         rec = dev.boot()
         if rec.recovery:
@@ -665,6 +669,17 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
         on_error=lambda e: err.print(e.diagnostics()),
     )
     out.print("stopped")
+    return 0
+
+
+def _agent_status(dev: Any, *, json_out: bool) -> int:
+    """``agent status``: a table and lines, or one JSON document with ``--json``."""
+    from otaguard.cli._render import render_status, status_document
+
+    if json_out:
+        emit_json(status_document(dev.status()))
+    else:
+        render_status(out, dev.status())
     return 0
 
 
@@ -844,6 +859,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     wd.set_defaults(func=_release_withdraw)
     lst = rel.add_parser("list", help="list published releases")
     lst.add_argument("repo_dir", type=Path)
+    add_json_option(lst)
     lst.set_defaults(func=_release_list)
     release_check_parser(rel)
     add_ceremony_parsers(rel)
@@ -1145,6 +1161,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     ag = sub.add_parser("agent", help="run the device agent")
     ag.add_argument("device_dir", type=Path)
     ag.add_argument("action", choices=("check", "update", "run", "status", "boot"))
+    add_json_option(ag)
     ag.set_defaults(func=_agent)
 
     demo = sub.add_parser(
@@ -1181,6 +1198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except Exception as e:
+        from otaguard.cli._extras import missing_extra_message
+
+        # An install without the command's extra (otaguard[agent] running 'server'):
+        # an operator's fix, named in one line.
+        if isinstance(e, ModuleNotFoundError) and (line := missing_extra_message(e)):
+            err.print(f"error: {line}", markup=False, highlight=False)
+            return OperatorError.exit_code
         logging.getLogger("otaguard").debug("unexpected error", exc_info=True)
         err.print(
             f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", markup=False
