@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from otaguard import __version__
+from otaguard._logging import LOG_FORMATS, configure_logging
+from otaguard.cli._output import add_json_option, emit_json
 from otaguard.cli._transfer import add_transfer_options, describe_encodings, transfer_request
 from otaguard.model.errors import InsecureModeWarning, KeyAccessError, OperatorError, OtaguardError
 from otaguard.model.manifest import BOOT_PCR
@@ -242,10 +244,14 @@ def _release_withdraw(a: argparse.Namespace) -> int:
 
 
 def _release_list(a: argparse.Namespace) -> int:
-    from otaguard.cli._render import render_releases
+    from otaguard.cli._render import release_rows, render_releases
     from otaguard.repo import ImageRepository
 
-    render_releases(out, ImageRepository(a.repo_dir).releases())
+    releases = ImageRepository(a.repo_dir).releases()
+    if a.json:
+        emit_json(release_rows(releases))
+    else:
+        render_releases(out, releases)
     return 0
 
 
@@ -253,6 +259,8 @@ def _release_list(a: argparse.Namespace) -> int:
 def _server(a: argparse.Namespace) -> int:
     from otaguard.server import ServerSettings, run_server
 
+    if not a.access_log:
+        logging.getLogger("otaguard.access").setLevel(logging.WARNING)
     if a.data is None:
         raise OperatorError("the server needs its data directory: --data DIR")
     try:
@@ -263,20 +271,18 @@ def _server(a: argparse.Namespace) -> int:
             port=a.port,
             insecure_http=a.insecure_http,
             insecure_no_client_auth=a.insecure_no_client_auth,
-            device_cert_lifetime=a.device_cert_lifetime,
-            timestamp_expiry=a.timestamp_expiry,
-            snapshot_expiry=a.snapshot_expiry,
             tls_cert=a.tls_cert,
             tls_key=a.tls_key,
             tls_names=tuple(a.tls_name or ()),
             # The flags replace the environment's list, they do not add to it.
-            trusted_proxies=tuple(a.trusted_proxy or _env_list(TRUSTED_PROXIES_ENV) or ()),
+            trusted_proxies=tuple(a.trusted_proxy or ()),
             manufacturer_ca=a.manufacturer_ca,
             director_dir=a.director,
             director_key_uri=a.director_key_uri,
             rollout_interval=a.rollout_interval,
             static_tree=a.static_tree,
             **({"header_timeout": a.header_timeout} if a.header_timeout is not None else {}),
+            **_durations(a, "timestamp_expiry", "snapshot_expiry", "device_cert_lifetime"),  # type: ignore[arg-type]
             online_key_uri=a.online_key_uri,
             hsm_pin=os.environ.get(HSM_PIN_ENV) or None,
             database_url=a.database_url or None,
@@ -285,6 +291,15 @@ def _server(a: argparse.Namespace) -> int:
         raise OperatorError(str(e)) from e
     run_server(settings)
     return 0
+
+
+def _durations(a: argparse.Namespace, *names: str) -> dict[str, dt.timedelta]:
+    """Durations from flags (timedelta) or a config file (seconds)."""
+    return {
+        n: v if isinstance(v, dt.timedelta) else dt.timedelta(seconds=float(v))
+        for n in names
+        if (v := getattr(a, n)) is not None
+    }
 
 
 def _database_url(a: argparse.Namespace) -> str:
@@ -338,12 +353,6 @@ def _server_db(a: argparse.Namespace) -> int:
         markup=False,
     )
     return 0 if current == head else 1
-
-
-def _env_list(name: str) -> list[str] | None:
-    value = os.environ.get(name, "")
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    return items or None
 
 
 # -- manufacturer ----------------------------------------------------------------------
@@ -592,12 +601,12 @@ def _device_enroll(a: argparse.Namespace) -> int:
 
 def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per action
     from otaguard.agent import Device
-    from otaguard.cli._render import render_selection, render_status
+    from otaguard.cli._render import render_selection
 
     dev = Device(a.device_dir)
+    _agent_overrides(dev, a)
     if a.action == "status":
-        render_status(out, dev.status())
-        return 0
+        return _agent_status(dev, json_out=a.json)
     if a.action == "boot":
         rec = dev.boot()
         if rec.recovery:
@@ -668,6 +677,33 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
     return 0
 
 
+def _agent_overrides(dev: Any, a: argparse.Namespace) -> None:
+    """The operating settings of agent.toml, the environment and flags over config.json."""
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    if a.interval is not None:
+        changes["poll_interval_s"] = float(a.interval)
+    if a.jitter is not None:
+        changes["poll_jitter"] = float(a.jitter)
+    for name in ("download_min_rate_bps", "download_deadline_base_s"):
+        if getattr(a, name, None) is not None:
+            changes[name] = getattr(a, name)
+    if changes:
+        dev.config = dataclasses.replace(dev.config, **changes)
+
+
+def _agent_status(dev: Any, *, json_out: bool) -> int:
+    """``agent status``: a table and lines, or one JSON document with ``--json``."""
+    from otaguard.cli._render import render_status, status_document
+
+    if json_out:
+        emit_json(status_document(dev.status()))
+    else:
+        render_status(out, dev.status())
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from otaguard.sim.demo import run_demo
 
@@ -718,6 +754,48 @@ def _server_key_uris(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a duration in seconds (``300``, ``5m``)."""
+    seconds = _duration(text).total_seconds()
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return seconds
+
+
+def _config_option(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"settings file (TOML; default /etc/otaguard/{name} if it exists; "
+        "docs/configuration.md); OTAGUARD_<KEY> overrides it, flags override both",
+    )
+
+
+def _apply_config(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Fill ``args`` from the command's config file and environment (flags win)."""
+    from otaguard.cli._config import (
+        AGENT_CONFIG,
+        AGENT_KEYS,
+        SERVER_CONFIG,
+        SERVER_KEYS,
+        apply_config,
+        load_config,
+    )
+
+    kind = getattr(args, "config_keys", None)
+    if kind is None or getattr(args, "server_cmd", None):
+        return
+    keys, default = (AGENT_KEYS, AGENT_CONFIG) if kind == "agent" else (SERVER_KEYS, SERVER_CONFIG)
+    values = load_config(args.config, default=default, keys=keys, environ=os.environ)
+    apply_config(args, values, keys=keys, argv=argv)
+    if kind == "agent" and args.device_dir is None:
+        raise OperatorError(
+            "which device? give DEVICE_DIR, or device_dir in the config file "
+            f"({args.config or default})"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     from otaguard.cli._keys import (
         add_ceremony_parsers,
@@ -738,6 +816,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log lines as text (default) or JSON, one object per line (also "
+        "$OTAGUARD_LOG_FORMAT or log_format in the agent's and server's config file)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     repo = sub.add_parser("repo", help="image repository").add_subparsers(
@@ -844,6 +928,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     wd.set_defaults(func=_release_withdraw)
     lst = rel.add_parser("list", help="list published releases")
     lst.add_argument("repo_dir", type=Path)
+    add_json_option(lst)
     lst.set_defaults(func=_release_list)
     release_check_parser(rel)
     add_ceremony_parsers(rel)
@@ -879,7 +964,6 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     srv.add_argument(
         "--timestamp-expiry",
         type=_duration,
-        default=dt.timedelta(days=1),
         metavar="DURATION",
         help="lifetime of the timestamps the server signs, e.g. 1d, 12h, 300 (seconds); "
         "re-signed at half-life (default 1d)",
@@ -887,14 +971,12 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     srv.add_argument(
         "--snapshot-expiry",
         type=_duration,
-        default=dt.timedelta(days=7),
         metavar="DURATION",
         help="lifetime of the snapshots the server signs (default 7d)",
     )
     srv.add_argument(
         "--device-cert-lifetime",
         type=_duration,
-        default=dt.timedelta(hours=24),
         metavar="DURATION",
         help="lifetime of the device certificates the server issues (default 24h); "
         "devices renew when a third is left",
@@ -953,7 +1035,14 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "visible to other local users); default: the embedded SQLite DATA/otaguard.db"
     )
     srv.add_argument("--database-url", default=env_db, metavar="URL", help=db_help)
-    srv.set_defaults(func=_server)
+    srv.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not log each request (method, path, status, time, client identity)",
+    )
+    _config_option(srv, "server.toml")
+    srv.set_defaults(func=_server, config_keys="server", log_level=logging.INFO)
     srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator,db}")
     sinit = srv_cmds.add_parser(
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
@@ -1143,9 +1232,28 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     miss.set_defaults(func=_manufacturer)
 
     ag = sub.add_parser("agent", help="run the device agent")
-    ag.add_argument("device_dir", type=Path)
+    ag.add_argument(
+        "device_dir",
+        type=Path,
+        nargs="?",
+        help="the device directory (default: device_dir in the config file)",
+    )
     ag.add_argument("action", choices=("check", "update", "run", "status", "boot"))
-    ag.set_defaults(func=_agent)
+    add_json_option(ag)
+    _config_option(ag, "agent.toml")
+    ag.add_argument(
+        "--interval",
+        type=_seconds,
+        metavar="DURATION",
+        help="run: seconds between polls, e.g. 300, 5m (default: the device's, 300 s)",
+    )
+    ag.add_argument(
+        "--jitter",
+        type=float,
+        metavar="FRACTION",
+        help="run: +/- this fraction of the interval, 0 to 0.5 (default 0.2)",
+    )
+    ag.set_defaults(func=_agent, config_keys="agent")
 
     demo = sub.add_parser(
         "demo", help="end-to-end demo: rollout through the director and eight refused attacks"
@@ -1156,23 +1264,34 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     return p
 
 
+def _logging(args: argparse.Namespace) -> None:
+    """Configure the package's (and uvicorn's) logging: level from -v (a server logs
+    INFO by default: where it listens, each request), format from the flag, config or
+    environment."""
+    base = getattr(args, "log_level", logging.WARNING)
+    level = {0: base, 1: min(base, logging.INFO)}.get(args.verbose, logging.DEBUG)
+    wanted = args.log_format or os.environ.get("OTAGUARD_LOG_FORMAT")
+    # A bad value is named by the config check; logs stay readable meanwhile.
+    configure_logging(level=level, fmt="json" if wanted == "json" else "text")
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    pkg = logging.getLogger("otaguard")
-    pkg.setLevel(level)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    pkg.addHandler(handler)
+    # Logging first with what argv and the environment say; a config file may then
+    # change the format (its own errors are printed in the default one).
+    _logging(args)
     warnings.simplefilter("always", InsecureModeWarning)
     warnings.showwarning = _show_warning
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _apply_config(args, argv)
+        _logging(args)
         return func(args)
     except OtaguardError as e:
         err.print(e.diagnostics(), highlight=False, markup=False)
@@ -1181,6 +1300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except Exception as e:
+        from otaguard.cli._extras import missing_extra_message
+
+        # An install without the command's extra (otaguard[agent] running 'server'):
+        # an operator's fix, named in one line.
+        if isinstance(e, ModuleNotFoundError) and (line := missing_extra_message(e)):
+            err.print(f"error: {line}", markup=False, highlight=False)
+            return OperatorError.exit_code
         logging.getLogger("otaguard").debug("unexpected error", exc_info=True)
         err.print(
             f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", markup=False

@@ -25,6 +25,7 @@ from otaguard.cli._cli import (
     _when,
     out,
 )
+from otaguard.cli._output import add_json_option, emit_json, plain_columns
 from otaguard.cli._rollouts import fleet_set_parser, group_set_parser
 from otaguard.model.errors import OperatorError
 
@@ -98,17 +99,12 @@ def _ago(d: InventoryDevice) -> str:
     return _when(d.last_checkin) if d.last_checkin is not None else "never"
 
 
-def _columns(rows: list[list[str]]) -> list[str]:
-    """Plain aligned columns: never truncated, one line per row (greppable, scriptable)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    ]
-
-
 def _fleet_list(a: argparse.Namespace) -> int:
     with _client(a) as client:
         devices = client.devices(group=a.group, where=a.where)
+    if a.json:
+        emit_json(devices)
+        return 0
     rows = [["SERIAL", "HARDWARE", "STATUS", "VERSION", "LAST CHECK-IN", "TAGS", "GROUPS",
              "LAST RESULT"]]  # fmt: skip
     for d in devices:
@@ -124,7 +120,7 @@ def _fleet_list(a: argparse.Namespace) -> int:
                 " ".join((d.last_result or "-").split()),
             ]
         )
-    for line in _columns(rows):
+    for line in plain_columns(rows):
         out.print(line, markup=False, highlight=False)
     out.print(f"{len(devices)} device(s)", markup=False)
     return 0
@@ -139,6 +135,25 @@ def _fleet_show(a: argparse.Namespace) -> int:
         info = fleet.show(a.serial)
         checkins = fleet.checkins(a.serial)
         assignment = fleet.assignment(a.serial)
+    if a.json:
+        emit_json(
+            {
+                "device": d,
+                "registered": info.created_at,
+                "changed": info.updated_at,
+                "certificates": info.cert_serials,
+                "director": None
+                if assignment is None
+                else {"mode": assignment[0], "release": assignment[1]},
+                "attestation_key": checkins.attestation_key,
+                "checkins": checkins.checkins,
+                "alerts": [
+                    {"time": when, "kind": kind, "detail": detail}
+                    for when, kind, detail in checkins.alerts
+                ],
+            }
+        )
+        return 0
 
     def say(text: str) -> None:
         out.print(text, markup=False)
@@ -191,12 +206,14 @@ def fleet_inventory_parsers(fleet: argparse._SubParsersAction[argparse.ArgumentP
     lst.add_argument("--group", metavar="G", help="only devices in group G")
     lst.add_argument("--where", metavar="FILTER", help="only devices whose tags match k=v,k=v")
     remote_options(lst)
+    add_json_option(lst)
     lst.set_defaults(func=_fleet_list)
     show = fleet.add_parser(
         "show", help="show one device, its tags, groups and last check-in", allow_abbrev=False
     )
     show.add_argument("serial", metavar="SERIAL")
     remote_options(show)
+    add_json_option(show)
     show.set_defaults(func=_fleet_show)
     tag = fleet.add_parser("tag", help="set tags on a device (key=value ...)", allow_abbrev=False)
     tag.add_argument("serial", metavar="SERIAL")
@@ -292,6 +309,12 @@ def _audit(a: argparse.Namespace) -> int:
             shown = [e for e in entries if a.since is None or e.time >= a.since]
         else:
             shown = list(client.audit(since=a.since))
+    if a.json:
+        doc: dict[str, object] = {"entries": shown}
+        if a.verify:
+            doc["verified"] = {"entries": count, "head": head}
+        emit_json(doc)
+        return 0
     for e in shown:
         out.print(
             f"{e.seq} {_when(e.time)} {e.actor}({e.role}) {e.action} {e.target or '-'} "
@@ -360,6 +383,7 @@ def add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="read the whole log and verify its hash chain (exit 3 naming the first bad entry)",
     )
     remote_options(aud)
+    add_json_option(aud)
     aud.set_defaults(func=_audit)
 
 

@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from otaguard.cli._cli import out
+from otaguard.cli._output import add_json_option, emit_json
 from otaguard.model.errors import OperatorError
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ def _rollout(a: argparse.Namespace) -> int:
     with _client(a) as client:
         if a.rollout_cmd == "list":
             rows = client.rollouts()
+            if a.json:
+                emit_json(rows)
+                return 0
             for r in rows:
                 out.print(
                     f"{r.name}  {r.release}  {r.group}  {r.state}  phase {r.phase}/"
@@ -102,6 +106,9 @@ def _rollout(a: argparse.Namespace) -> int:
             r = client.rollout(a.name)
         else:
             r = client.rollout_action(a.name, a.rollout_cmd)
+    if getattr(a, "json", False):
+        emit_json(r)
+        return 0
     _print(r)
     return 0
 
@@ -143,6 +150,7 @@ def add_rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     create.set_defaults(func=_rollout)
     lst = ro.add_parser("list", help="list rollouts")
     _remote(lst)
+    add_json_option(lst)
     lst.set_defaults(func=_rollout)
     for cmd, text in (
         ("status", "a rollout's phase, counts, and why it halted"),
@@ -153,6 +161,8 @@ def add_rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p = ro.add_parser(cmd, help=text)
         p.add_argument("name", metavar="NAME")
         _remote(p)
+        if cmd == "status":
+            add_json_option(p)
         p.set_defaults(func=_rollout)
 
 

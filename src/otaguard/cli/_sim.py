@@ -20,10 +20,10 @@ from rich.table import Table
 
 from otaguard.cli._cli import CA_ENV, SERVER_ENV, TOKEN_ENV, _operator_token, _RefuseSecret, out
 from otaguard.model.errors import OperatorError
-from otaguard.sim.fleetsim import FleetStats
 
 if TYPE_CHECKING:
-    from otaguard.sim.fleetsim import SimSettings
+    # the simulator drives a server: imported by the command, not when parsing (ADR 0029)
+    from otaguard.sim.fleetsim import FleetStats, SimSettings
 
 __all__ = ["add_sim_parser", "summary_table"]
 

@@ -21,6 +21,7 @@ Hierarchy (exit code of the CLI in brackets)::
     │                             client certificate the server did not issue
     ├── OperatorError       [2]   misuse: wrong arguments, missing files, wrong passphrase
     │   ├── ConfigError           a config, key or trust file is unreadable or invalid
+    │   ├── AddressInUseError [78] the server's address is taken (another process listens)
     │   ├── KeyAccessError        a private key cannot be unlocked (wrong passphrase)
     │   ├── UnknownDeviceError    the fleet registry has no device with that serial
     │   ├── DeviceExistsError     the serial is already registered
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDeniedError",
+    "AddressInUseError",
     "ConfigError",
     "ConflictError",
     "DeviceExistsError",
@@ -183,6 +185,20 @@ class ConfigError(OperatorError):
     @property
     def kind(self) -> str:
         return "configuration error"
+
+
+class AddressInUseError(OperatorError):
+    """The server cannot listen: another process holds its address and port.
+
+    An operator's fix (stop the other process, or choose another port), with an exit code
+    of its own (EX_CONFIG) so a supervisor tells it from refused data or a crash.
+    """
+
+    exit_code = 78
+
+    @property
+    def kind(self) -> str:
+        return "address in use"
 
 
 class KeyAccessError(OperatorError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import functools
 import ipaddress
 import logging
@@ -28,9 +29,10 @@ from fastapi import FastAPI
 
 from otaguard.crypto import CertificateAuthority, warn_insecure
 from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
-from otaguard.model.errors import ConfigError
+from otaguard.model.errors import AddressInUseError, ConfigError
 from otaguard.server._tls import ForwardedClientCert, TlsScopeH11Protocol
 from otaguard.server._tls_groups import restrict_groups
+from otaguard.server.access_log import AccessLog
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
 from otaguard.server.director import DIRECTOR_PUBLIC_KEY_FILE, load_director_signer
@@ -227,12 +229,16 @@ def _config(
     config = uvicorn.Config(
         # The certificate a trusted proxy verified and forwarded, into the ASGI scope.
         # The repository fast path (ADR 0016) before FastAPI's and Starlette's layers.
+        # The access log inside it, to name the forwarded certificate's device too.
         ForwardedClientCert(
-            RepositoryFastPath(app, **app.state.fast_path_options), trusted_proxies=trusted
+            AccessLog(RepositoryFastPath(app, **app.state.fast_path_options)),
+            trusted_proxies=trusted,
         ),
         host=settings.host,
         port=settings.port,
         log_config=None,  # the application configures logging, never uvicorn
+        # otaguard.access logs each request instead: no query string, with the identity
+        access_log=False,
         server_header=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=max(1, int(graceful_seconds)),
@@ -292,7 +298,11 @@ def run_server(settings: ServerSettings) -> None:
     """
     config, _, _, renewer = _config(settings)
     scheme = "http" if settings.insecure_http else "https"
-    logger.info("serving on %s://%s:%d", scheme, settings.host, settings.port)
+    # Bound before serving: a taken port is one line and its own exit code, not uvicorn's
+    # log line and exit 1 after start-up.
+    sock = _bind(settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logger.info("listening on %s://%s:%d", scheme, host, sock.getsockname()[1])
     logger.info(
         "database: %s",
         mask_url(settings.database_url)
@@ -302,10 +312,38 @@ def run_server(settings: ServerSettings) -> None:
     if renewer is not None:
         renewer.start()
     try:
-        _Server(config, tls_handshake_timeout=settings.tls_handshake_timeout).run()
+        _Server(config, tls_handshake_timeout=settings.tls_handshake_timeout).run(sockets=[sock])
     finally:
+        sock.close()
         if renewer is not None:
             renewer.stop()
+
+
+def _bind(settings: ServerSettings) -> socket.socket:
+    """The server's listening socket, bound to ``settings.host`` and ``settings.port``.
+
+    Raises:
+        AddressInUseError: another process holds that address and port.
+        ConfigError: the address cannot be bound otherwise (not local, no permission).
+    """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
+    # TCP, and without it Nagle's algorithm and the client's delayed ACK add ~40 ms to
+    # every response written in two parts (headers, body).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+    except OSError as e:
+        sock.close()
+        where = f"{settings.host}:{settings.port}"
+        if e.errno == errno.EADDRINUSE:
+            raise AddressInUseError(
+                f"cannot listen on {where}: another process is listening there (stop it, "
+                "or choose another --port)"
+            ) from e
+        raise ConfigError(f"cannot bind {where}: {e.strerror}") from e
+    return sock
 
 
 def _url_host(host: str) -> str:
@@ -382,17 +420,7 @@ def start_server_in_thread(
     config, ca_cert, app, renewer = _config(
         settings, graceful_seconds=IN_THREAD_SHUTDOWN_TIMEOUT_SECONDS, clock=clock
     )
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
-    # TCP, and without it Nagle's algorithm and the client's delayed ACK add ~40 ms to
-    # every response written in two parts (headers, body).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.host, settings.port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot bind {settings.host}:{settings.port}: {e.strerror}") from e
+    sock = _bind(settings)
     port = sock.getsockname()[1]
     server = _Server(config, tls_handshake_timeout=settings.tls_handshake_timeout)
     thread = threading.Thread(
