@@ -15,6 +15,7 @@ import pytest
 
 from conftest import HW, PASSPHRASE, World
 from otaguard.agent import Device, Phase
+from otaguard.agent.attack_flags import read_flags
 from otaguard.model.errors import DowngradeError, VerificationError
 from otaguard.sim.attacks import CompromisedServer, steal_key
 from sbom_support import sbom_beside
@@ -72,17 +73,6 @@ def _timestamps(attacker: CompromisedServer) -> list[str]:
         for v in range(1, newest.version)
         if attacker.store.get_record(f"{v}.timestamp.json")
     ]
-
-
-def test_validly_signed_older_release_is_refused(
-    updated: tuple[World, Device, CompromisedServer],
-) -> None:
-    world, dev, _ = updated
-    world.repo.withdraw_release(world.releases["1.1.0"].path)
-    world.wait_served()
-    with pytest.raises(DowngradeError, match=r"1.0.0"):
-        dev.update()
-    _assert_untouched(dev)
 
 
 def test_newer_version_with_lower_security_counter_is_refused(
@@ -231,3 +221,19 @@ def test_expired_timestamp_is_refused(world: World) -> None:
     with pytest.raises(VerificationError, match=r"[Ee]xpired"):
         dev.update()
     _assert_untouched(dev, "1.0.0")
+
+
+def test_a_device_ahead_of_the_repository_is_not_an_attack(
+    updated: tuple[World, Device, CompromisedServer],
+) -> None:
+    """The release a device runs is withdrawn: only older ones are offered. Without a
+    director nothing names the older image, so this is no downgrade attempt: the device
+    stays, says why, and raises no attack flag (a director naming it is: test_director)."""
+    world, dev, _ = updated
+    world.repo.withdraw_release(world.releases["1.1.0"].path)
+    world.wait_served()
+    result = dev.update()
+    assert result.outcome == "up-to-date" and result.refused == []
+    assert "1.1.0 is ahead of the repository (newest offered: 1.0.0)" in result.detail
+    assert read_flags(dev.paths) == ()
+    _assert_untouched(dev)

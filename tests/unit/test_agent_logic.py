@@ -71,10 +71,12 @@ def test_nothing_newer_is_up_to_date_not_refused() -> None:
     assert sel.chosen is None and sel.refused == []
 
 
-def test_only_older_offered_is_a_refused_downgrade() -> None:
+def test_only_older_offered_is_a_device_ahead_not_an_attack() -> None:
+    # e.g. the release it runs was withdrawn: nothing to install, nothing refused; only a
+    # director that names the older image makes it a downgrade attempt (agent/device.py)
     sel = select([offer("0.9.0")], running="1.0.0")
-    assert sel.chosen is None
-    assert sel.refused and "0.9.0" in sel.refused[0][1]
+    assert sel.chosen is None and sel.refused == [] and not sel.downgrade
+    assert sel.behind and "1.0.0 is ahead of the repository (newest offered: 0.9.0)" in sel.why_none
 
 
 def test_newer_version_with_lower_counter_is_refused_and_next_best_chosen() -> None:

@@ -612,7 +612,14 @@ class Device:
                 max_length=self.config.max_image_bytes,
                 rejected=rejected,
             )
-            if sel.chosen is None and not sel.refused:
+            if sel.behind:
+                # The director *named* an image older than what runs: a downgrade attempt
+                # (a repository merely behind the device names nothing).
+                sel.refused.append(
+                    (offer.path, f"version {offer.info.version} < running {booted.version}")
+                )
+                sel.downgrade = True
+            elif sel.chosen is None and not sel.refused:
                 # Equal to what runs: nothing to do, but the director should not ask.
                 sel.refused.append((offer.path, f"version {offer.info.version} already runs"))
         except OtaguardError as e:

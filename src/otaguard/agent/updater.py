@@ -93,6 +93,10 @@ class Selection:
     downgrade: bool = False
     #: why nothing was chosen when nothing was refused either (for the operator)
     why_none: str = ""
+    #: True when everything offered is older than what runs (and the floor is not the
+    #: limit): the device is ahead of the repository, e.g. after a release was withdrawn.
+    #: Not an attack by itself; a director that *names* such an image is (the caller decides).
+    behind: bool = False
 
 
 def select_update(
@@ -139,9 +143,17 @@ def select_update(
             sel.chosen = o
     if offers and not any(o.info.version >= base for o in offers):
         newest = max(offers, key=lambda o: o.info.version)
-        what = "the anti-rollback floor" if running is None or base > running else "running"
-        sel.refused.append((newest.path, f"version {newest.info.version} < {what} {base}"))
-        sel.downgrade = True
+        if running is None or base > running:  # below the floor: only an attack offers that
+            sel.refused.append(
+                (newest.path, f"version {newest.info.version} < the anti-rollback floor {base}")
+            )
+            sel.downgrade = True
+        else:
+            sel.behind = True
+            sel.why_none = (
+                f"running {running} is ahead of the repository (newest offered: "
+                f"{newest.info.version})"
+            )
     return sel
 
 
