@@ -295,6 +295,8 @@ def test_cli_kofn_init_key_list_and_serverless_ceremony(token: SoftToken, tmp_pa
     verified = run("repo", "verify", str(repo))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "fw-1.0.0.img" in run("release", "list", str(repo)).stdout
+    listed = json.loads(run("release", "list", str(repo), "--json").stdout)
+    assert [(r["target"], r["version"]) for r in listed] == [("fw-1.0.0.img", "1.0.0")]
     # root by the same ceremony, both root keys (server-less: no token involved)
     root_req = tmp_path / "root.json"
     staged_root = run("repo", "stage-root", str(repo), "--out", str(root_req))

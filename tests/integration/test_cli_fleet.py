@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,17 @@ def test_fleet_cli_round_trip(
     assert "cli-1" in out and "enrolled" in out and "1 device(s)" in out
     code, out, _ = run(capsys, ["fleet", "show", "cli-1"])
     assert code == 0 and "device cli-1: enrolled" in out
+    # --json: one document on stdout, the same data
+    code, out, _ = run(capsys, ["fleet", "list", "--json"])
+    assert code == 0
+    listed = json.loads(out)
+    mine = [d for d in listed if d["serial"] == "cli-1"] if isinstance(listed, list) else []
+    assert len(mine) == 1 and mine[0]["status"] == "enrolled", out
+    code, out, _ = run(capsys, ["fleet", "show", "cli-1", "--json"])
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["device"]["serial"] == "cli-1" and shown["device"]["status"] == "enrolled", out
+    assert shown["checkins"] == [] and shown["registered"].endswith("Z"), out
     code, out, _ = run(capsys, ["fleet", "quarantine", "cli-1", "--reason", "odd traffic"])
     assert code == 0 and "quarantined (odd traffic)" in out
     code, out, _ = run(capsys, ["fleet", "release", "cli-1"])
