@@ -93,7 +93,7 @@ def test_the_booted_slot_is_never_opened(disk: LoopDisk) -> None:
 def test_a_read_only_slot_is_refused(disk: LoopDisk) -> None:
     subprocess.run(["blockdev", "--setro", str(disk.part(3))], check=True)
     try:
-        with pytest.raises(DeviceStorageError, match=r"slot B \(.*\) is read-only|Read-only"):
+        with pytest.raises(DeviceStorageError, match=r"slot B \(.*\) is read-only"):
             _stream(_slots(), "B", IMAGE)
     finally:
         subprocess.run(["blockdev", "--setrw", str(disk.part(3))], check=True)
