@@ -40,14 +40,20 @@ def _fail_or_skip(reason: str) -> None:
 
 def require_tools(*tools: str) -> None:
     """Skip (outside CI) or fail (in CI) when a tool is missing."""
-    missing = [t for t in tools if shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
+    missing = [
+        t
+        for t in tools
+        if shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None
+    ]
     if missing:
         _fail_or_skip(f"needs {', '.join(missing)} (make sysdeps)")
 
 
 def _run(*argv: str) -> str:
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin", "LC_ALL": "C"}
-    return subprocess.run(argv, check=True, capture_output=True, text=True, env=env, timeout=60).stdout
+    return subprocess.run(
+        argv, check=True, capture_output=True, text=True, env=env, timeout=60
+    ).stdout
 
 
 class LoopDisk:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loopdev_support import LoopDisk, loop_disk, require_tools
 from tuf.api.metadata import TargetFile
 
+from loopdev_support import LoopDisk, loop_disk, require_tools
 from otaguard.agent.blockdev import BlockDeviceSlots
 from otaguard.agent.gpt import find_partition, read_gpt, resolve_device
 from otaguard.agent.slot_stream import stream_to_slot
