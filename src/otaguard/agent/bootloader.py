@@ -276,9 +276,17 @@ class GrubRauc(Bootloader):
         return [s for s in raw.split() if s in SLOTS] if raw is not None else list(SLOTS)
 
     def primary(self) -> str | None:
-        """The first slot of ``ORDER`` with OK=1 (TRY=1: it is being tried)."""
+        """The slot grub.cfg boots next: the first of ``ORDER`` with OK=1 and TRY=0 (a
+        slot left at TRY=1 was booted and never confirmed: GRUB skips it)."""
         env = self.env.read()
-        return next((s for s in self._order(env) if env.get(f"{s}_OK") == "1"), None)
+        return next(
+            (
+                s
+                for s in self._order(env)
+                if env.get(f"{s}_OK") == "1" and env.get(f"{s}_TRY", "0") == "0"
+            ),
+            None,
+        )
 
     def set_primary(self, slot: str) -> None:
         """``x_OK=1 x_TRY=0`` and x first in ``ORDER``, in one write."""
