@@ -1,0 +1,139 @@
+"""The real agent on a virtual board: GRUB's and U-Boot's boot-script rules run against a
+real environment file, health checked by "units", committed by ``mark-good``.
+
+The repository is in memory (as in test_install_memory); the install machine, its
+driver, the bootloader backends and the environment formats are the real code. A reboot
+runs the boot script (:mod:`otaguard.agent.vboot`), which writes the kernel command line
+the agent reads back. What is asserted is what a device integrator relies on: the floor
+rises only at mark-good; a slot whose boot was never confirmed is skipped by the
+bootloader and the agent then marks it bad, reports the rollback and never selects that
+image again (until ``clear-rejected``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_install_memory import Mem, mem
+
+from otaguard.agent import Device, DeviceConfig, InstallState, Phase
+from otaguard.agent.bootloader import GrubRauc, SlotState, UBootRauc
+from otaguard.agent.envblock import GrubEnvFile, UBootEnv, UBootEnvCopy
+from otaguard.model import Version
+from otaguard.model.errors import OperatorError
+
+__all__ = ["mem"]
+
+ENV_SIZE = 0x2000
+
+
+def board(mem: Mem, name: str, kind: str) -> tuple[Path, Any]:
+    """A provisioned device whose config names a virtual GRUB or U-Boot board, booted A."""
+    path = mem.provision(name)
+    cmdline = path / "run" / "cmdline"
+    cmdline.write_text("root=/dev/vda2 rauc.slot=A\n")
+    if kind == "grub":
+        envfile = path / "grubenv"
+        GrubEnvFile(envfile).update({"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0"})
+        spec: dict[str, Any] = {"type": "grub", "env": str(envfile)}
+        backend: Any = GrubRauc(GrubEnvFile(envfile), cmdline=cmdline)
+    else:
+        envfile = path / "uboot.env"
+        envfile.write_bytes(b"\0" * 2 * ENV_SIZE)
+        copies = [[str(envfile), 0, ENV_SIZE], [str(envfile), ENV_SIZE, ENV_SIZE]]
+        env = UBootEnv([UBootEnvCopy(Path(p), o, s) for p, o, s in copies])
+        env.update({"BOOT_ORDER": "A", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "0"})
+        spec = {"type": "uboot", "env": copies, "attempts": 2}
+        backend = UBootRauc(env, attempts=2, cmdline=cmdline)
+    cfg = DeviceConfig.load(path / "config.json")
+    dataclasses.replace(
+        cfg,
+        health_command=None,
+        health_by_units=True,
+        bootloader={**spec, "cmdline": str(cmdline), "virtual": True},
+    ).save(path / "config.json")
+    return path, backend
+
+
+@pytest.mark.parametrize("kind", ["grub", "uboot"])
+def test_update_waits_for_mark_good_then_commits_and_raises_the_floor(mem: Mem, kind: str) -> None:
+    path, bl = board(mem, "d", kind)
+    mem.release("1.1.0", security=True)
+    dev = mem.open(path)
+    res = dev.update()
+    assert (res.outcome, res.to_version) == ("awaiting-mark-good", "1.1.0")
+    assert bl.booted_slot() == "B", "the virtual board booted the new slot"
+    assert dev.monotonic.read().version == Version.parse("1.0.0"), "floor not raised yet"
+    assert InstallState.load(dev.paths.install_state).phase is Phase.ARMED
+    done = dev.mark_good()
+    assert (done.outcome, done.slot) == ("updated", "B")
+    assert dev.monotonic.read().version == Version.parse("1.1.0"), "raised at mark-good"
+    assert bl.state("B") is SlotState.GOOD
+    assert bl.primary() == "B"
+    # Every later boot is confirmed too (GRUB sets TRY at each boot).
+    dev.boot()
+    assert mem.open(path).mark_good().outcome == "confirmed"
+    assert bl.primary() == "B"
+
+
+@pytest.mark.parametrize("kind", ["grub", "uboot"])
+def test_an_unconfirmed_slot_falls_back_is_marked_bad_and_reported(mem: Mem, kind: str) -> None:
+    path, bl = board(mem, "d", kind)
+    mem.release("1.1.0", unhealthy=True)
+    dev = mem.open(path)
+    assert dev.update().outcome == "awaiting-mark-good"
+    assert bl.booted_slot() == "B"
+    # The health units fail: boot-complete.target is never reached, mark-good never
+    # runs; the device reboots (FailureAction=reboot) until the bootloader gives up.
+    for _ in range(3):
+        dev.boot()
+        if bl.booted_slot() == "A":
+            break
+    assert bl.booted_slot() == "A", "the bootloader fell back to the old slot"
+    done = mem.open(path).mark_good()  # the old slot's own mark-good.service
+    assert (done.outcome, done.slot) == ("rolled-back", "A")
+    assert bl.state("B") is SlotState.BAD, "the failed slot is marked bad explicitly"
+    assert bl.state("A") is SlotState.GOOD
+    assert dev.monotonic.read().version == Version.parse("1.0.0"), "floor untouched"
+    state = InstallState.load(dev.paths.install_state)
+    assert state.last_result is not None
+    assert state.last_result["outcome"] == "rolled-back"  # what the next check-in reports
+    assert len(state.rejected) == 1
+    # Never selected again, until the operator clears it.
+    again = mem.open(path).update()
+    assert again.outcome == "up-to-date"
+    assert [why for _, why in again.refused] == ["rolled back on this device before"]
+    assert mem.open(path).clear_rejected() == state.rejected
+    assert InstallState.load(dev.paths.install_state).rejected == []
+    assert mem.open(path).update().outcome == "awaiting-mark-good", "selected again"
+
+
+def test_mark_good_on_the_simulated_bootloader_is_an_operator_error(mem: Mem) -> None:
+    dev = mem.open(mem.provision("d"))
+    with pytest.raises(OperatorError, match="mark-good confirms a slot to a real bootloader"):
+        dev.mark_good()
+
+
+def test_bootloader_config_errors_name_the_key(mem: Mem) -> None:
+    path = mem.provision("d")
+    raw = json.loads((path / "config.json").read_text())
+    for bad, key in (
+        ({"type": "lilo"}, "bootloader.type"),
+        ({"type": "grub", "env": "relative/grubenv"}, "bootloader.env"),
+        ({"type": "uboot", "env": [["/dev/x", 0, 8]]}, "bootloader.env"),
+        (
+            {"type": "uboot-mender", "env": [["/dev/x", 0, 8192]], "parts": {"A": 2}},
+            "bootloader.parts",
+        ),
+        (
+            {"type": "grub", "env": "/g", "reboot_command": "systemctl reboot"},
+            "bootloader.reboot_command",
+        ),
+    ):
+        (path / "config.json").write_text(json.dumps({**raw, "bootloader": bad}))
+        with pytest.raises(Exception, match=key.replace(".", r"\.")):
+            Device(path)
