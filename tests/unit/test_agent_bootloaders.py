@@ -137,3 +137,39 @@ def test_bootloader_config_errors_name_the_key(mem: Mem) -> None:
         (path / "config.json").write_text(json.dumps({**raw, "bootloader": bad}))
         with pytest.raises(Exception, match=key.replace(".", r"\.")):
             Device(path)
+
+
+def test_cli_mark_good_and_clear_rejected(mem: Mem, capsys: pytest.CaptureFixture[str]) -> None:
+    from otaguard.cli import main
+
+    sim = mem.provision("sim")
+    assert main(["agent", str(sim), "mark-good"]) == 2
+    err = capsys.readouterr().err
+    assert "mark-good confirms a slot to a real bootloader" in err
+    assert "Traceback" not in err
+    path, bl = board(mem, "d", "grub")
+    assert main(["agent", str(path), "mark-good"]) == 0
+    assert "confirmed: slot A running 1.0.0 marked good" in capsys.readouterr().out
+    assert bl.state("A") is SlotState.GOOD
+    assert main(["agent", str(path), "clear-rejected"]) == 0
+    assert "0 rolled-back image(s) may be selected again" in capsys.readouterr().out
+
+
+def test_cli_health_command_is_an_argv_unless_a_shell_is_asked_for(mem: Mem) -> None:
+    from otaguard.cli import main
+
+    base = [
+        "device", "init", "--serial", "s1", "--server", "https://repo.invalid",
+        "--root", str(mem.repo.metadata_dir / "root.json"), "--ca", str(mem.ca),
+        "--hardware-id", "sim-hw", "--factory-image", str(mem.image("1.0.0")),
+        "--factory-version", "1.0.0",
+    ]  # fmt: skip
+    assert main([*base[:2], str(mem.tmp / "argv"), *base[2:], "--health-command",
+                 "check --name 'a b' $HOME"]) == 0  # fmt: skip
+    cfg = DeviceConfig.load(mem.tmp / "argv" / "config.json")
+    assert cfg.health_command == ["check", "--name", "a b", "$HOME"], "no shell expansion"
+    assert main([*base[:2], str(mem.tmp / "sh"), *base[2:], "--health-shell",
+                 "pidof app && test -e /run/ok"]) == 0  # fmt: skip
+    cfg = DeviceConfig.load(mem.tmp / "sh" / "config.json")
+    assert cfg.health_command == ["/bin/sh", "-c", "pidof app && test -e /run/ok"]
+    assert main([*base[:2], str(mem.tmp / "bad"), *base[2:], "--health-command", "x 'y"]) == 2
