@@ -173,3 +173,41 @@ def test_cli_health_command_is_an_argv_unless_a_shell_is_asked_for(mem: Mem) -> 
     cfg = DeviceConfig.load(mem.tmp / "sh" / "config.json")
     assert cfg.health_command == ["/bin/sh", "-c", "pidof app && test -e /run/ok"]
     assert main([*base[:2], str(mem.tmp / "bad"), *base[2:], "--health-command", "x 'y"]) == 2
+
+
+def test_the_agent_installs_into_a_partition_and_boots_it_via_a_raw_uboot_env(
+    mem: Mem, tmp_path: Path
+) -> None:
+    """Everything on a loop device: slots named by GPT label, the redundant U-Boot
+    environment on its own partition, the streamed image read back from the medium."""
+    from loopdev_support import loop_disk
+
+    with loop_disk(tmp_path) as disk:
+        path = mem.provision("d")
+        cmdline = path / "run" / "cmdline"
+        cmdline.write_text("root=PARTLABEL=rootfs_a rauc.slot=A\n")
+        factory = mem.image("1.0.0").read_bytes()
+        with open(disk.part(2), "r+b") as f:  # the factory flashed slot A
+            f.write(factory)
+        part = str(disk.part(1))
+        copies = [[part, 0, ENV_SIZE], [part, ENV_SIZE, ENV_SIZE]]
+        cfg = DeviceConfig.load(path / "config.json")
+        dataclasses.replace(
+            cfg,
+            health_command=None,
+            health_by_units=True,
+            slot_devices={"A": "PARTLABEL=rootfs_a", "B": "PARTLABEL=rootfs_b"},
+            bootloader={"type": "uboot", "env": copies, "cmdline": str(cmdline), "virtual": True},
+        ).save(path / "config.json")
+        mem.release("1.1.0")
+        dev = mem.open(path)
+        assert dev.update().outcome == "awaiting-mark-good"
+        assert dev.mark_good().outcome == "updated"
+        image = mem.image("1.1.0").read_bytes()
+        with open(disk.part(3), "rb") as f:
+            assert f.read(len(image)) == image, "slot B holds the image"
+        with open(disk.part(2), "rb") as f:
+            assert f.read(len(factory)) == factory, "the running slot A was not touched"
+        env = UBootEnv([UBootEnvCopy(Path(p), o, s) for p, o, s in copies])
+        assert env.read()["BOOT_ORDER"] == "B A"
+        assert UBootRauc(env).state("B") is SlotState.GOOD
