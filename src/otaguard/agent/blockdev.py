@@ -64,6 +64,8 @@ class BlockDeviceSlots(SlotBackend):
             that slot is never opened for writing.
     """
 
+    read_back = True
+
     def __init__(
         self, devices: Mapping[str, str], *, booted: Callable[[], str | None] | None = None
     ) -> None:

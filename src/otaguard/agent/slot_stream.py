@@ -224,8 +224,9 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         LengthOrHashMismatchError: the stream (or the transformed image) is longer than
             expected, or its length or a hash differs at the end.
         DownloadError: the network failed more than :data:`MAX_RECONNECTS` times.
-        DeviceStorageError: the slot cannot be read, written or synced, or reads back
-            differently from the image once written (read-back verify).
+        DeviceStorageError: the slot cannot be read, written or synced, or (a backend
+            that reads back, :attr:`SlotBackend.read_back`) reads back differently from
+            the image once written.
         StopRequestedError: ``stop`` was set.
     """
     plain = transform is identity_transform
@@ -322,7 +323,8 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         writer.sync()
     finally:
         writer.close()
-    _read_back(backend, slot, image or ImageCheck(target.length, target.hashes["sha256"]))
+    if backend.read_back:
+        _read_back(backend, slot, image or ImageCheck(target.length, target.hashes["sha256"]))
     return stats
 
 
