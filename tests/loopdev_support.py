@@ -10,6 +10,7 @@ missing piece fails the test, elsewhere it skips.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -19,16 +20,24 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["LAYOUT", "LoopDisk", "loop_disk", "require_tools"]
+__all__ = ["LoopDisk", "layout", "loop_disk", "require_tools"]
 
-#: 16 MiB disk: an environment partition and two 6 MiB slots (small: tests stay fast)
-LAYOUT = """label: gpt
+
+def layout(tag: str) -> str:
+    """A 16 MiB GPT: an environment partition and two 6 MiB slots (small: tests stay fast).
+
+    The labels carry ``tag``: other disks attached on this machine at the same time (other
+    tests, other workers) must not make a label ambiguous.
+    """
+    return f"""label: gpt
 unit: sectors
 first-lba: 2048
-name=ubootenv, size=1MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4
-name=rootfs_a, size=6MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
-name=rootfs_b, size=6MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
+name=ubootenv-{tag}, size=1MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4
+name=rootfs_a-{tag}, size=6MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
+name=rootfs_b-{tag}, size=6MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
 """
+
+
 DISK_BYTES = 16 * 1024 * 1024
 
 
@@ -59,9 +68,14 @@ def _run(*argv: str) -> str:
 class LoopDisk:
     """An attached, partitioned loop device."""
 
-    def __init__(self, image: Path, loop: str) -> None:
+    def __init__(self, image: Path, loop: str, tag: str) -> None:
         self.image = image
         self.loop = loop
+        self.tag = tag
+
+    def label(self, slot: str) -> str:
+        """The GPT label of slot ``A`` or ``B`` (or ``env``)."""
+        return f"ubootenv-{self.tag}" if slot == "env" else f"rootfs_{slot.lower()}-{self.tag}"
 
     def part(self, n: int) -> Path:
         """The node of partition ``n``."""
@@ -69,19 +83,21 @@ class LoopDisk:
 
 
 @contextmanager
-def loop_disk(tmp: Path, layout: str = LAYOUT) -> Iterator[LoopDisk]:
+def loop_disk(tmp: Path, tag: str | None = None) -> Iterator[LoopDisk]:
     """A 16 MiB GPT disk image on a loop device with partition nodes; detached after."""
     if os.geteuid() != 0:
         _fail_or_skip("loop devices need root")
     require_tools("losetup", "partx", "sfdisk")
     if not Path("/dev/loop-control").exists():
         _fail_or_skip("no loop devices (/dev/loop-control)")
-    image = tmp / "disk.img"
+    tag = tag or secrets.token_hex(4)
+    tmp.mkdir(parents=True, exist_ok=True)
+    image = tmp / f"disk-{tag}.img"
     with open(image, "wb") as f:
         f.truncate(DISK_BYTES)
     subprocess.run(
         ["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(image)],
-        input=layout, text=True, check=True, capture_output=True, timeout=60,
+        input=layout(tag), text=True, check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     try:
         loop = _run("losetup", "-f", "--show", "-P", str(image)).strip()
@@ -97,7 +113,7 @@ def loop_disk(tmp: Path, layout: str = LAYOUT) -> Iterator[LoopDisk]:
             if Path(f"{loop}p1").exists():
                 break
             time.sleep(0.05)
-        yield LoopDisk(image, loop)
+        yield LoopDisk(image, loop, tag)
     finally:
         if registered:
             subprocess.run(["partx", "-d", loop], capture_output=True, timeout=60, check=False)

@@ -185,7 +185,7 @@ def test_the_agent_installs_into_a_partition_and_boots_it_via_a_raw_uboot_env(
     with loop_disk(tmp_path) as disk:
         path = mem.provision("d")
         cmdline = path / "run" / "cmdline"
-        cmdline.write_text("root=PARTLABEL=rootfs_a rauc.slot=A\n")
+        cmdline.write_text(f"root=PARTLABEL={disk.label('A')} rauc.slot=A\n")
         factory = mem.image("1.0.0").read_bytes()
         with open(disk.part(2), "r+b") as f:  # the factory flashed slot A
             f.write(factory)
@@ -196,7 +196,7 @@ def test_the_agent_installs_into_a_partition_and_boots_it_via_a_raw_uboot_env(
             cfg,
             health_command=None,
             health_by_units=True,
-            slot_devices={"A": "PARTLABEL=rootfs_a", "B": "PARTLABEL=rootfs_b"},
+            slot_devices={s: f"PARTLABEL={disk.label(s)}" for s in ("A", "B")},
             bootloader={"type": "uboot", "env": copies, "cmdline": str(cmdline), "virtual": True},
         ).save(path / "config.json")
         mem.release("1.1.0")
