@@ -819,7 +819,9 @@ class Device:
             assert booted.slot is not None  # noqa: S101 - record() names a slot or raises
             state = InstallState.load(self.paths.install_state)
             finished: dict[str, Any] | None = None
-            if state.phase is not Phase.IDLE:
+            # Only the phases a boot decides; a download or an abandon is the agent's
+            # (mark-good runs without network, before the agent starts).
+            if state.phase in (Phase.ARMED, Phase.HEALTHY, Phase.ROLLING_BACK):
                 installer = self._installer(None)
                 verdict = (
                     HealthResult(None)
