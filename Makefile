@@ -24,12 +24,21 @@ $(STAMP): pyproject.toml | sysdeps
 # tells when abrmd is up). Keys in a PKCS#11 token (ADR 0013) are tested against SoftHSM2
 # (softhsm2: softhsm2-util and its module libsofthsm2.so); opensc's pkcs11-tool inspects a
 # token by hand. The install benchmark's reference is RAUC (rauc; its bundles need
-# mksquashfs from squashfs-tools), run on a private session D-Bus. As root they are
+# mksquashfs from squashfs-tools), run on a private session D-Bus. Block-device slots and
+# bootloader environments (ADR 0023) are tested on partitioned loop devices: sfdisk
+# (fdisk) writes the GPT, losetup/partx/blkid (util-linux) attach it and register its
+# partitions (this kernel parses no partition tables itself), mkfs.ext4 (e2fsprogs) makes
+# the file system a mounted-slot test mounts; fw_printenv/fw_setenv (libubootenv-tool),
+# grub-editenv (grub-common) and mkenvimage (u-boot-tools) cross-check the environment
+# formats; systemd-analyze (systemd) verifies the shipped units. As root they are
 # installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
                 dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
-                pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools
+                pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools \
+                sfdisk:fdisk losetup:util-linux partx:util-linux blkid:util-linux \
+                mkfs.ext4:e2fsprogs fw_printenv:libubootenv-tool grub-editenv:grub-common \
+                mkenvimage:u-boot-tools systemd-analyze:systemd
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \

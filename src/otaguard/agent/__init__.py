@@ -2,7 +2,7 @@
 
 from otaguard.agent.boot import RECOVERY, BootRecord, boot
 from otaguard.agent.config import DeviceConfig, DevicePaths
-from otaguard.agent.device import Device, DeviceStatus, UpdateResult
+from otaguard.agent.device import Device, DeviceStatus, MarkGoodResult, UpdateResult
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
 from otaguard.agent.install import InstallState, Observation, Phase, transition
 from otaguard.agent.installer import FAULT_ENV, Installer
@@ -25,6 +25,7 @@ __all__ = [
     "Floor",
     "InstallState",
     "Installer",
+    "MarkGoodResult",
     "MonotonicStore",
     "Observation",
     "Offer",

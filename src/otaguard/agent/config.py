@@ -161,6 +161,15 @@ class DeviceConfig:
     #: development only: keep the identity key in a file although a TPM is configured (the
     #: TPM still holds the floor and attests the boot); warns on every use
     unsafe_file_device_key: bool = False
+    #: block-device slots: {"A": "PARTLABEL=rootfs_a", "B": "/dev/mmcblk0p3"}; ``None``:
+    #: file slots in the device directory (simulation and tests)
+    slot_devices: dict[str, str] | None = None
+    #: the real bootloader's environment (:mod:`otaguard.agent.bootcfg`); ``None``: the
+    #: simulated bootloader (:mod:`otaguard.agent.boot`)
+    bootloader: dict[str, Any] | None = None
+    #: health is checked by systemd units ordered before boot-complete.target, and the new
+    #: slot is committed by ``otaguard agent DIR mark-good`` (otaguard-mark-good.service)
+    health_by_units: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -185,11 +194,7 @@ class DeviceConfig:
             raise ConfigError(str(e)) from e
         if not 1 <= self.max_boot_tries <= 16:
             raise ConfigError("max_boot_tries must be between 1 and 16")
-        if (self.health_command is None) is not self.unsafe_no_health_check:
-            raise ConfigError(
-                "configure exactly one of health_command and the development option "
-                "unsafe_no_health_check"
-            )
+        self._check_device_keys()
         if self.health_command is not None and (
             not isinstance(self.health_command, list)
             or not all(isinstance(a, str) for a in self.health_command)
@@ -209,6 +214,33 @@ class DeviceConfig:
             # `not x > 0` also refuses NaN, which a hand-edited JSON config can hold.
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+
+    def _check_device_keys(self) -> None:
+        """How health is checked, the bootloader and the block-device slots."""
+        health_ways = (
+            self.health_command is not None,
+            self.unsafe_no_health_check,
+            self.health_by_units,
+        )
+        if sum(health_ways) != 1:
+            raise ConfigError(
+                "configure exactly one of health_command, health_by_units and the "
+                "development option unsafe_no_health_check"
+            )
+        if self.health_by_units and self.bootloader is None:
+            raise ConfigError("health_by_units needs a bootloader (mark-good confirms the slot)")
+        if self.bootloader is not None:
+            from otaguard.agent.bootcfg import BootloaderSpec  # validates, naming the key
+
+            BootloaderSpec.parse(self.bootloader)
+        if self.slot_devices is not None and (
+            not isinstance(self.slot_devices, dict)
+            or set(self.slot_devices) != {"A", "B"}
+            or not all(isinstance(v, str) and v for v in self.slot_devices.values())
+        ):
+            raise ConfigError(
+                'slot_devices must map "A" and "B" to a device, PARTLABEL= or PARTUUID='
+            )
 
     @classmethod
     def load(cls, path: Path) -> DeviceConfig:
@@ -265,5 +297,6 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "insecure_http": (bool,),
     "unsafe_no_health_check": (bool,),
     "unsafe_file_device_key": (bool,),
+    "health_by_units": (bool,),
     "extra": (dict,),
 }

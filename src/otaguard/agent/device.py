@@ -23,7 +23,9 @@ from tuf.api.serialization import DeserializationError
 
 from otaguard._fs import atomic_write_bytes
 from otaguard.agent.attack_flags import flag_for, record_flag
+from otaguard.agent.blockdev import BlockDeviceSlots
 from otaguard.agent.boot import BootRecord, boot, read_booted
+from otaguard.agent.bootcfg import BootloaderSpec
 from otaguard.agent.checkin import CheckinResult, check_in
 from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.director import (
@@ -33,6 +35,7 @@ from otaguard.agent.director import (
     verify_director_targets,
 )
 from otaguard.agent.fetcher import Fetcher, TlsFetcher, create_ssl_context
+from otaguard.agent.hwboot import HardwareBoot, RebootPending
 from otaguard.agent.identity import (
     DeviceKeyStore,
     device_signer,
@@ -43,10 +46,10 @@ from otaguard.agent.identity import (
     present_identity,
     renew_if_due,
 )
-from otaguard.agent.install import Action, InstallState, Phase
+from otaguard.agent.install import Action, HealthResult, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
-from otaguard.agent.slots import BootEnv, FileSlots, SlotImage, other_slot
+from otaguard.agent.slots import BootEnv, FileSlots, SlotBackend, SlotImage, other_slot
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.director import MAX_DIRECTOR_ROOT_BYTES
@@ -65,7 +68,7 @@ from otaguard.model.names import check_device_serial, check_hardware_id
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 
-__all__ = ["Device", "DeviceStatus", "UpdateResult"]
+__all__ = ["Device", "DeviceStatus", "MarkGoodResult", "UpdateResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,19 @@ class DeviceStatus:
     bootenv: BootEnv
     floor: Floor
     install: InstallState
+
+
+@dataclass(frozen=True)
+class MarkGoodResult:
+    """The outcome of ``mark-good``."""
+
+    #: "updated" (the new slot committed) | "rolled-back" (the bootloader fell back; the
+    #: failed slot is marked bad) | "confirmed" (no install waited: the running slot was
+    #: confirmed) | "pending" (the install could not finish yet)
+    outcome: str
+    slot: str
+    version: str
+    detail: str
 
 
 @dataclass
@@ -175,7 +191,17 @@ class Device:
         self.config = DeviceConfig.load(self.paths.config)
         if self.config.insecure_http:
             warn_insecure(f"device {self.paths.root} talks plain HTTP")
-        self.backend = FileSlots(self.paths.slots)
+        #: the real (or virtual) bootloader, ``None``: the simulated one (:mod:`.boot`)
+        self.hardware = (
+            HardwareBoot(BootloaderSpec.parse(self.config.bootloader), self.paths)
+            if self.config.bootloader is not None
+            else None
+        )
+        self.backend: SlotBackend = (
+            BlockDeviceSlots(self.config.slot_devices, booted=self._booted_slot)
+            if self.config.slot_devices is not None
+            else FileSlots(self.paths.slots)
+        )
         self.monotonic: MonotonicStore
         if self.config.tpm is not None:
             from otaguard.agent.tpm import TpmMonotonicStore  # tpm2-pytss only when used
@@ -501,7 +527,16 @@ class Device:
         BootEnv.load(self.paths.bootenv)
         self.monotonic.read()
 
+    def _booted_slot(self) -> str | None:
+        """The running slot, which a block-device slot write refuses."""
+        if self.hardware is not None:
+            return self.hardware.bootloader.booted_slot()
+        record = read_booted(self.paths)
+        return record.slot if record is not None else None
+
     def _booted(self) -> BootRecord:
+        if self.hardware is not None:
+            return self.hardware.record()
         record = read_booted(self.paths)
         if record is not None:
             return record
@@ -536,6 +571,7 @@ class Device:
             progress=progress,
             stop=self.stop_requested,
             after_action=self._after_action,
+            hardware=self.hardware,
         )
 
     # -- commands --------------------------------------------------------------------
@@ -547,6 +583,11 @@ class Device:
         above the floor.
         """
         with self._locked():
+            if self.hardware is not None:
+                if not self.hardware.spec.virtual:
+                    raise OperatorError("this device has a real bootloader: reboot it instead")
+                self.hardware.reboot()
+                return self.hardware.record()
             return boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
 
     def status(self) -> DeviceStatus:
@@ -718,11 +759,23 @@ class Device:
                 else:
                     logger.info("resuming interrupted install (phase %s)", state.phase.value)
                 installer.drive(session)
+            except RebootPending as e:
+                return UpdateResult("rebooting", booted.version, detail=str(e), refused=refused)
             finally:
                 installer.close()
                 if session is not None:
                     session.fetcher.close()
                 self._fetchers.clear()
+            if installer.finished is None and self.config.health_by_units:
+                after = InstallState.load(self.paths.install_state)
+                if after.phase is Phase.ARMED and after.target is not None:
+                    return UpdateResult(
+                        "awaiting-mark-good",
+                        booted.version,
+                        to_version=after.target.version,
+                        detail="the health-check units decide; otaguard-mark-good.service commits",
+                        refused=refused,
+                    )
             result: dict[str, Any] = installer.finished or {}
             if result.get("outcome") == "refused" and result.get("error") in (
                 "verification",
@@ -750,6 +803,70 @@ class Device:
         # Recovery: neither slot may be started; write the one that is not primary, so
         # the (corrupt or retired) primary stays as evidence until the new slot commits.
         return other_slot(BootEnv.load(self.paths.bootenv).primary)
+
+    def mark_good(self) -> MarkGoodResult:
+        """Confirm the running slot to the bootloader (otaguard-mark-good.service).
+
+        Run once the system reached ``boot-complete.target`` (every health-check unit
+        passed). If an install was waiting for this boot of its new slot, it commits:
+        the bootloader marks the slot good and only then the anti-rollback floor rises.
+        If the bootloader fell back instead, the install ends rolled back and the failed
+        slot is marked bad explicitly. Either way the running slot is confirmed (GRUB's
+        scheme sets a slot's TRY flag at every boot).
+
+        Raises:
+            OperatorError: the device has the simulated bootloader.
+            OtaguardError: committing failed (the install stays armed; run again).
+        """
+        with self._locked():
+            if self.hardware is None:
+                raise OperatorError(
+                    "mark-good confirms a slot to a real bootloader; this device uses the "
+                    "simulated one (its agent commits after the health check)"
+                )
+            booted = self.hardware.record()
+            assert booted.slot is not None  # noqa: S101 - record() names a slot or raises
+            state = InstallState.load(self.paths.install_state)
+            finished: dict[str, Any] | None = None
+            # Only the phases a boot decides; a download or an abandon is the agent's
+            # (mark-good runs without network, before the agent starts).
+            if state.phase in (Phase.ARMED, Phase.HEALTHY, Phase.ROLLING_BACK):
+                installer = self._installer(None)
+                verdict = (
+                    HealthResult(None)
+                    if self.config.health_by_units
+                    and state.phase is Phase.ARMED
+                    and state.to_slot == booted.slot
+                    else None
+                )
+                try:
+                    after = installer.drive(first=verdict)
+                finally:
+                    installer.close()
+                finished = installer.finished
+                if after.phase is not Phase.IDLE:
+                    return MarkGoodResult("pending", booted.slot, booted.version, after.phase.value)
+            self.hardware.bootloader.mark_good(booted.slot)
+            if finished is None:
+                return MarkGoodResult("confirmed", booted.slot, booted.version, "")
+            return MarkGoodResult(
+                str(finished.get("outcome", "failed")),
+                booted.slot,
+                booted.version,
+                str(finished.get("detail", "")),
+            )
+
+    def clear_rejected(self) -> list[str]:
+        """Forget the images this device rolled back (they may be selected again).
+
+        Returns:
+            The sha256 of each image forgotten.
+        """
+        with self._locked():
+            state = InstallState.load(self.paths.install_state)
+            cleared, state.rejected = state.rejected, []
+            state.save(self.paths.install_state)
+            return cleared
 
     def poll_delay(self) -> float:
         """Seconds until the next poll, with jitter so a fleet spreads out."""

@@ -64,6 +64,7 @@ __all__ = [
     "Done",
     "Event",
     "HealthCheck",
+    "HealthPending",
     "HealthResult",
     "InstallState",
     "InvalidateSlot",
@@ -212,6 +213,11 @@ class Withdrawn:
 
 
 @dataclass(frozen=True)
+class HealthPending:
+    """The health checks run as systemd units; ``mark-good`` brings their verdict."""
+
+
+@dataclass(frozen=True)
 class HealthResult:
     """The health check's verdict: ``problem`` is ``None`` when healthy."""
 
@@ -230,7 +236,7 @@ class ActionFailed:
     message: str
 
 
-Event = Resumed | Done | Streamed | Withdrawn | HealthResult | ActionFailed
+Event = Resumed | Done | Streamed | Withdrawn | HealthPending | HealthResult | ActionFailed
 
 
 @dataclass(frozen=True)
@@ -486,6 +492,8 @@ def transition(  # noqa: PLR0911, PLR0912 - one branch per (phase, event) reads 
                 return transition(armed, Observation(Resumed(), view), now=now)
             return _arm_or_refuse(state, view)
         case Phase.ARMED:
+            if isinstance(ev, HealthPending):
+                return state, ()  # waits for mark-good (or the bootloader's fallback)
             if isinstance(ev, HealthResult):
                 if ev.problem is None:
                     return dataclasses.replace(state, phase=Phase.HEALTHY), _commit_actions(state)

@@ -23,6 +23,7 @@ from tuf.api.metadata import TargetFile
 
 from otaguard.agent.boot import boot, read_booted
 from otaguard.agent.config import DeviceConfig, DevicePaths
+from otaguard.agent.hwboot import HardwareBoot
 from otaguard.agent.install import (
     Action,
     ActionFailed,
@@ -32,6 +33,7 @@ from otaguard.agent.install import (
     Done,
     Event,
     HealthCheck,
+    HealthPending,
     HealthResult,
     InstallState,
     InvalidateSlot,
@@ -143,8 +145,11 @@ class Installer:
         progress: ProgressFn | None = None,
         stop: threading.Event | None = None,
         after_action: Callable[[Action], None] | None = None,
+        hardware: HardwareBoot | None = None,
     ):
         self.paths = paths
+        #: the real (or virtual) bootloader; ``None``: the simulated one
+        self.hardware = hardware
         self.config = config
         self.backend = backend
         self.monotonic = monotonic
@@ -178,8 +183,15 @@ class Installer:
         state.save(self.paths.install_state)
         return state
 
-    def drive(self, session: TufSession | None = None) -> InstallState:
+    def drive(
+        self, session: TufSession | None = None, *, first: Event | None = None
+    ) -> InstallState:
         """Run the machine until the install is over or must wait.
+
+        Args:
+            session: an open TUF session to reuse, if any.
+            first: the first event (default :class:`Resumed`): ``mark-good`` passes the
+                health verdict of the systemd units.
 
         Returns:
             The final state (``idle`` when the install ended; :attr:`finished` holds
@@ -193,7 +205,7 @@ class Installer:
         self._session = session
         self.finished = None
         state = InstallState.load(self.paths.install_state)
-        event: Event = Resumed()
+        event: Event = first if first is not None else Resumed()
         error: OtaguardError | None = None
         while True:
             before = state.phase
@@ -218,6 +230,8 @@ class Installer:
     # -- the loop's parts --------------------------------------------------------------
     def _view(self) -> DeviceView:
         floor = self.monotonic.read()
+        if self.hardware is not None:
+            return self._hardware_view(floor)
         booted = read_booted(self.paths)
         if booted is None:
             booted = boot(self.paths, self.backend, floor=floor, tpm=self.config.tpm)
@@ -228,6 +242,24 @@ class Installer:
             floor=floor,
             boot_fallback=env.fallback,
             boot_note=booted.note,
+            slots=dict(env.slots),
+        )
+
+    def _hardware_view(self, floor: Floor) -> DeviceView:
+        """The device as the real bootloader sees it: booted from the kernel command line,
+        the try slot being the one it will boot next if that is not the running one."""
+        assert self.hardware is not None  # noqa: S101 - the caller checked
+        booted = self.hardware.record()
+        upcoming = self.hardware.next_slot()
+        env = BootEnv.load(self.paths.bootenv)
+        return DeviceView(
+            booted=booted.slot,
+            try_slot=upcoming if upcoming != booted.slot else None,
+            floor=floor,
+            # Only consulted once the bootloader no longer boots the new slot: it used
+            # up the slot's tries (or its one try), so the image is what failed.
+            boot_fallback="tries-exhausted",
+            boot_note="the bootloader fell back: the new slot was not confirmed in time",
             slots=dict(env.slots),
         )
 
@@ -253,23 +285,30 @@ class Installer:
                 last = event
         return last, None
 
-    def _perform(self, state: InstallState, action: Action) -> Event | None:  # noqa: PLR0911
+    def _perform(self, state: InstallState, action: Action) -> Event | None:  # noqa: PLR0911, PLR0912 - one case per action
         match action:
             case StreamToSlot(slot=slot):
                 return self._stream(state, slot)
             case InvalidateSlot(slot=slot):
+                if self.hardware is not None:  # first: never bootable while it changes
+                    self.hardware.bootloader.mark_bad(slot)
                 self._edit_env(lambda env: _invalidate(env, slot))
                 return None
             case Arm(slot=slot, image=image):
                 self._edit_env(lambda env: _arm(env, slot, image, self.config.max_boot_tries))
+                if self.hardware is not None:
+                    self.hardware.bootloader.set_primary(slot)
                 return None
             case Reboot():
-                # Simulated: on hardware this is a real reboot and the agent resumes here.
-                boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
+                self._reboot()
                 return None
             case HealthCheck(slot=slot):
+                if self.config.health_by_units:
+                    return HealthPending()  # the units decide; mark-good commits
                 return HealthResult(self._health_check(state, slot))
             case SetPrimary(slot=slot):
+                if self.hardware is not None:
+                    self.hardware.bootloader.mark_good(slot)
                 self._edit_env(lambda env: _set_primary(env, slot))
                 return None
             case RaiseFloor(version=version, security_counter=counter):
@@ -285,6 +324,12 @@ class Installer:
         raise RuntimeError(f"unknown action {action!r}")  # pragma: no cover
 
     # -- actions -----------------------------------------------------------------------
+    def _reboot(self) -> None:
+        if self.hardware is not None:
+            self.hardware.reboot()  # a real reboot raises RebootPending: resumed after boot
+        else:
+            boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
+
     def _edit_env(self, change: Callable[[BootEnv], bool]) -> None:
         env = BootEnv.load(self.paths.bootenv)
         if change(env):

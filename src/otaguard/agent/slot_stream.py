@@ -27,7 +27,7 @@ from tuf.api.metadata import TargetFile
 from otaguard.agent.fetcher import DownloadCancelledError
 from otaguard.agent.slots import SlotBackend
 from otaguard.agent.stream import StreamTransform, TargetStream, identity_transform
-from otaguard.model.errors import StopRequestedError
+from otaguard.model.errors import DeviceStorageError, StopRequestedError
 
 __all__ = [
     "MAX_RECONNECTS",
@@ -224,7 +224,9 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         LengthOrHashMismatchError: the stream (or the transformed image) is longer than
             expected, or its length or a hash differs at the end.
         DownloadError: the network failed more than :data:`MAX_RECONNECTS` times.
-        DeviceStorageError: the slot cannot be read, written or synced.
+        DeviceStorageError: the slot cannot be read, written or synced, or (a backend
+            that reads back, :attr:`SlotBackend.read_back`) reads back differently from
+            the image once written.
         StopRequestedError: ``stop`` was set.
     """
     plain = transform is identity_transform
@@ -321,4 +323,22 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         writer.sync()
     finally:
         writer.close()
+    if backend.read_back:
+        _read_back(backend, slot, image or ImageCheck(target.length, target.hashes["sha256"]))
     return stats
+
+
+def _read_back(backend: SlotBackend, slot: str, image: ImageCheck) -> None:
+    """Read the slot back from storage and compare it with the image (after close).
+
+    The stream's hash covers the bytes handed to the device; this covers what the device
+    stored (a block device's writer drops its page cache on close and the read bypasses
+    it), so a medium that loses or corrupts writes is caught before the slot is armed.
+
+    Raises:
+        DeviceStorageError: the slot reads back differently.
+    """
+    if not hmac.compare_digest(backend.digest(slot, image.length), image.sha256):
+        raise DeviceStorageError(
+            f"slot {slot} reads back differently from the image written to it (storage fault)"
+        )

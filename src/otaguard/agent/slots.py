@@ -132,6 +132,12 @@ class SlotWriter(abc.ABC):
 class SlotBackend(abc.ABC):
     """Where slot images live: files here; block devices or RAUC elsewhere."""
 
+    #: read the slot back from the medium after a streamed install and compare it with the
+    #: image: block devices, where a real bootloader does not hash the slot at boot and the
+    #: read bypasses the page cache; not file slots, whose read-back would come from the
+    #: page cache and prove nothing (the simulated bootloader hashes them at boot, ADR 0017)
+    read_back: bool = False
+
     @abc.abstractmethod
     def open_writer(self, slot: str, *, offset: int, length: int) -> SlotWriter:
         """Open ``slot`` to write an image of ``length`` bytes from byte ``offset`` on.

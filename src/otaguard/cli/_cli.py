@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -49,6 +49,7 @@ HSM_PIN_ENV = "OTAGUARD_HSM_PIN"
 EXIT_ROLLED_BACK = 6
 EXIT_RECOVERY = 7  # no slot may boot: the device waits for a release at or above its floor
 EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: run again later
 # Operator tokens are 43 URL-safe characters; anything long is the wrong file.
 MAX_TOKEN_CHARS = 512
 
@@ -549,12 +550,25 @@ def _device_init(a: argparse.Namespace) -> int:
         tpm_tcti=a.tpm,
         unsafe_file_device_key=a.unsafe_file_key,
         director_root=a.director_root,
-        health_command=Unsafe.NO_HEALTH_CHECK
-        if a.unsafe_no_health_check
-        else shlex.split(a.health_command),
+        health_command=_health_argv(a),
     )
     out.print(f"provisioned device in {dev.paths.root} running {a.factory_version} from slot A")
     return 0
+
+
+def _health_argv(a: argparse.Namespace) -> list[str] | Literal[Unsafe.NO_HEALTH_CHECK]:
+    """The health command as an argv list: split, or a shell only when asked for."""
+    if a.unsafe_no_health_check:
+        return Unsafe.NO_HEALTH_CHECK
+    if a.health_shell is not None:
+        return ["/bin/sh", "-c", a.health_shell]
+    try:
+        argv = shlex.split(a.health_command)
+    except ValueError as e:
+        raise OperatorError(f"--health-command cannot be split into arguments: {e}") from e
+    if not argv:
+        raise OperatorError("--health-command is empty")
+    return argv
 
 
 def _device_enroll(a: argparse.Namespace) -> int:
@@ -605,6 +619,10 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
 
     dev = Device(a.device_dir)
     _agent_overrides(dev, a)
+    if a.action == "mark-good":
+        return _mark_good(dev)
+    if a.action == "clear-rejected":
+        return _clear_rejected(dev)
     if a.action == "status":
         return _agent_status(dev, json_out=a.json)
     if a.action == "boot":
@@ -644,21 +662,7 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
                 prog.advance(tasks[stage], n)
 
             res = dev.update(progress=on_progress)
-        if res.outcome == "up-to-date":
-            out.print(f"up to date: running {res.from_version}")
-        elif res.outcome in ("updated", "recovered"):
-            out.print(
-                f"[green]{res.outcome}[/green] {res.from_version} → {res.to_version}: {res.detail}"
-            )
-        elif res.outcome == "recovery-pending":
-            err.print("recovery: no release at or above the anti-rollback floor is offered yet")
-            return EXIT_RECOVERY
-        else:
-            err.print(f"[red]{res.outcome}[/red] ({res.to_version}): {res.detail}")
-            return EXIT_ROLLED_BACK
-        for path, why in res.refused:
-            err.print(f"[yellow]refused[/yellow] {path}: {why}")
-        return 0
+        return _render_update(res)
     # run: SIGTERM and Ctrl-C cancel whatever the agent waits on (a download, a slot
     # write, a health check, the poll interval); an install in progress resumes later.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -701,6 +705,53 @@ def _agent_status(dev: Any, *, json_out: bool) -> int:
         emit_json(status_document(dev.status()))
     else:
         render_status(out, dev.status())
+    return 0
+
+
+def _render_update(res: Any) -> int:
+    """Print an ``agent update`` outcome; its exit code."""
+    if res.outcome == "up-to-date":
+        out.print(f"up to date: running {res.from_version}")
+    elif res.outcome in ("updated", "recovered"):
+        out.print(
+            f"[green]{res.outcome}[/green] {res.from_version} → {res.to_version}: {res.detail}"
+        )
+    elif res.outcome in ("awaiting-mark-good", "rebooting"):
+        out.print(f"{res.outcome} ({res.to_version or ''}): {res.detail}", markup=False)
+    elif res.outcome == "recovery-pending":
+        err.print("recovery: no release at or above the anti-rollback floor is offered yet")
+        return EXIT_RECOVERY
+    else:
+        err.print(f"[red]{res.outcome}[/red] ({res.to_version}): {res.detail}")
+        return EXIT_ROLLED_BACK
+    for path, why in res.refused:
+        err.print(f"[yellow]refused[/yellow] {path}: {why}")
+    return 0
+
+
+def _clear_rejected(dev: Any) -> int:
+    """``agent clear-rejected``: forget the images rolled back on this device."""
+    cleared = dev.clear_rejected()
+    for sha in cleared:
+        out.print(f"forgot rolled-back image sha256 {sha}", markup=False)
+    out.print(f"{len(cleared)} rolled-back image(s) may be selected again", markup=False)
+    return 0
+
+
+def _mark_good(dev: Any) -> int:
+    """``agent mark-good``: confirm the running slot, committing a waiting install."""
+    res = dev.mark_good()
+    if res.outcome == "rolled-back":
+        err.print(
+            f"[red]rolled back[/red]: running {res.version} from slot {res.slot}; the failed "
+            f"slot is marked bad ({res.detail})"
+        )
+        return EXIT_ROLLED_BACK
+    if res.outcome == "pending":
+        err.print(f"install not finished (phase {res.detail}); run again", markup=False)
+        return EXIT_TEMPFAIL
+    what = "committed" if res.outcome == "updated" else "confirmed"
+    out.print(f"{what}: slot {res.slot} running {res.version} marked good", markup=False)
     return 0
 
 
@@ -1158,7 +1209,15 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     health = dinit.add_mutually_exclusive_group(required=True)
     health.add_argument(
         "--health-command",
-        help="command run after a new slot boots (exit 0 = healthy, else roll back)",
+        metavar="ARGV",
+        help="command run after a new slot boots (exit 0 = healthy, else roll back), split "
+        "into an argv list as a shell would split it but run without a shell (no pipes, "
+        "redirections or $VARIABLES); stored as a list in config.json",
+    )
+    health.add_argument(
+        "--health-shell",
+        metavar="SCRIPT",
+        help="a shell script run with /bin/sh -c instead (only when a shell is wanted)",
     )
     health.add_argument(
         "--unsafe-no-health-check",
@@ -1238,7 +1297,13 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         nargs="?",
         help="the device directory (default: device_dir in the config file)",
     )
-    ag.add_argument("action", choices=("check", "update", "run", "status", "boot"))
+    ag.add_argument(
+        "action",
+        choices=("check", "update", "run", "status", "boot", "mark-good", "clear-rejected"),
+        help="mark-good: confirm the running slot to the bootloader, committing an install "
+        "that waited for this boot (otaguard-mark-good.service); clear-rejected: forget "
+        "the images rolled back here so they may be selected again",
+    )
     add_json_option(ag)
     _config_option(ag, "agent.toml")
     ag.add_argument(

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from otaguard.agent.slots import BootEnv
+from otaguard.agent.slots import BootEnv, FileSlots
 from otaguard.crypto.signers import read_public_key
 from otaguard.model.errors import (
     AccessDeniedError,
@@ -138,6 +138,8 @@ def _corrupt_running_slots(console: Console, fleet: Fleet) -> AttackOutcome:
     recovery: set[str] = set()
     for name in fleet.names:
         dev = fleet.device(name)
+        if not isinstance(dev.backend, FileSlots):  # the demo's devices are simulated
+            raise TypeError("the demo flips bytes in file-backed slots")
         slot = dev.backend.path(dev.status().bootenv.primary)
         with open(slot, "r+b") as f:
             f.seek(IMAGE_SIZE // 2)
