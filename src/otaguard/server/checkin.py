@@ -67,9 +67,13 @@ __all__ = [
     "NONCE_BYTES",
     "NONCE_TTL",
     "RENEWAL_CHECKIN_WINDOW",
+    "CheckinBody",
     "CheckinServices",
+    "NonceBody",
     "checkin_router",
     "checkins_router",
+    "issue_nonce",
+    "run_checkin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -403,13 +407,49 @@ def _record(
     return entry, manifest, problem
 
 
-def _checkin(
+def issue_nonce(
+    svc: CheckinServices, gate: DeviceGate, presented: PresentedCertificate, scope: object
+) -> NonceBody:
+    """A fresh nonce for the device ``presented`` names, after the registry's checks
+    (blocking: one transaction). Used by the route and by :mod:`.checkin_fastpath`.
+
+    Raises:
+        AccessDeniedError: the device or its certificate is refused (the reason).
+        ServerStorageError: the database failed.
+    """
+    now = svc.clock()
+    value = secrets.token_urlsafe(NONCE_BYTES)
+    with svc.unit():  # the registry check, the nonce and the key: one transaction
+        dev = gate.admit(presented, scope)
+        svc.checkins.issue_nonce(
+            NonceRecord(
+                nonce=value,
+                serial=dev.record.serial,
+                cert_serial=dev.identity.cert_serial,
+                issued_at=now,
+                expires_at=now + NONCE_TTL,
+                used_at=None,
+            )
+        )
+        registered = svc.checkins.attestation_key(dev.record.serial) is not None
+    return NonceBody(nonce=value, expires=now + NONCE_TTL, attestation_key_registered=registered)
+
+
+def run_checkin(
     svc: CheckinServices,
     gate: DeviceGate,
     presented: PresentedCertificate,
     scope: object,
     data: bytes,
 ) -> CheckinBody:
+    """Verify and record one check-in and answer it (blocking). Used by the route and by
+    :mod:`.checkin_fastpath`.
+
+    Raises:
+        AccessDeniedError: refused (a :class:`CheckinRefusedError` for the manifest, or
+            the device quarantined by this check-in); the message is the reason.
+        ServerStorageError: the database failed.
+    """
     # One transaction from the registry check to the recorded check-in. The director's
     # answer comes after it commits: its policy reads (and may write) on connections of
     # its own, which must never wait for this transaction's locks (SQLite: the file's).
@@ -467,25 +507,7 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
     @router.post("/nonce", summary="A fresh check-in nonce")
     def nonce(request: Request) -> NonceBody:
         """A random single-use nonce bound to the device and its certificate, valid briefly."""
-        presented = _presented(gate, request)
-        now = svc.clock()
-        value = secrets.token_urlsafe(NONCE_BYTES)
-        with svc.unit():  # the registry check, the nonce and the key: one transaction
-            dev = gate.admit(presented, request.scope)
-            svc.checkins.issue_nonce(
-                NonceRecord(
-                    nonce=value,
-                    serial=dev.record.serial,
-                    cert_serial=dev.identity.cert_serial,
-                    issued_at=now,
-                    expires_at=now + NONCE_TTL,
-                    used_at=None,
-                )
-            )
-            registered = svc.checkins.attestation_key(dev.record.serial) is not None
-        return NonceBody(
-            nonce=value, expires=now + NONCE_TTL, attestation_key_registered=registered
-        )
+        return issue_nonce(svc, gate, _presented(gate, request), request.scope)
 
     @router.post(
         "/checkin", summary="Check in: a signed device manifest", openapi_extra=_CHECKIN_BODY
@@ -501,7 +523,7 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
         # registry check and the check-in in one thread and one transaction.
         presented = _presented(gate, request)
         data = await _read_manifest(request)
-        return await run_in_threadpool(_checkin, svc, gate, presented, request.scope, data)
+        return await run_in_threadpool(run_checkin, svc, gate, presented, request.scope, data)
 
     @router.post("/attestation-key", summary="Register the device's TPM attestation key")
     def attestation_key(request: Request, req: AttestationKeyRequest) -> AttestationKeyBody:
