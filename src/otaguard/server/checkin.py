@@ -450,12 +450,22 @@ def run_checkin(
             the device quarantined by this check-in); the message is the reason.
         ServerStorageError: the database failed.
     """
-    # One transaction from the registry check to the recorded check-in. The director's
-    # answer comes after it commits: its policy reads (and may write) on connections of
-    # its own, which must never wait for this transaction's locks (SQLite: the file's).
+    # One transaction from the registry check to the director's answer: the answer's own
+    # reads (assignment, policy) join it through the unit helpers (storage/unit.py), so a
+    # check-in is one pooled connection and one commit. The commit comes before the answer
+    # is sent: the manifest is durable when the device reads its instruction. A quarantine
+    # commits and is raised after it; it gets no answer.
+    director = None
     with svc.unit():
         dev = gate.admit(presented, scope)
         entry, manifest, problem = _record(svc, dev, data)
+        if problem is None and svc.director is not None:
+            director = svc.director.answer(
+                serial=dev.record.serial,
+                hardware_id=dev.record.hardware_id,
+                installed=manifest.installed,
+                nonce=manifest.nonce,
+            ).decode()
     serial = dev.record.serial
     if problem is not None:
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
@@ -470,14 +480,6 @@ def run_checkin(
         entry.running_version,
         "attested" if entry.attested else "unattested measurement",
     )
-    director = None
-    if svc.director is not None:
-        director = svc.director.answer(
-            serial=serial,
-            hardware_id=dev.record.hardware_id,
-            installed=manifest.installed,
-            nonce=manifest.nonce,
-        ).decode()
     return CheckinBody(
         serial=serial,
         time=entry.time,
