@@ -301,6 +301,7 @@ def test_the_orphan_check_reads_the_fleets_hardware_ids_in_one_query(db_engine: 
         releases=lambda: [good, typo],
         clock=lambda: NOW,
     )
+
     def listed() -> list[object]:
         raise AssertionError("the orphan check listed every device")
 
