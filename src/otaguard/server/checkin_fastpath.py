@@ -14,9 +14,9 @@ functions the FastAPI routes call** (:func:`~otaguard.server.checkin.issue_nonce
 2. for a check-in, the body read with the same cap (:data:`MAX_ENVELOPE_BYTES`, 413
    beyond it, declared or streamed); the manifest is parsed by the pure manifest code
    (:func:`~otaguard.server.checkin_verify.verify_manifest`), which bounds its input;
-3. the blocking part in one worker thread: the registry check (every request, never
-   cached), the nonce, or the manifest's verification, the nonce claim, the boot check,
-   the record and the director's answer;
+3. the blocking part in one thread of its own pool (:data:`CHECKIN_THREADS`): the
+   registry check (every request, never cached), the nonce, or the manifest's
+   verification, the nonce claim, the boot check, the record and the director's answer;
 4. the answer as the routes' models serialise it (``model_dump_json``), refusals as
    ``{"error": ...}`` with the status the application gives the same error
    (:func:`~otaguard.server._api.status_for`).
@@ -27,12 +27,13 @@ this middleware is not in front (a test's in-process application without it).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
-import anyio.to_thread
 from pydantic import BaseModel
 
 from otaguard.crypto.envelope import MAX_ENVELOPE_BYTES
@@ -40,13 +41,20 @@ from otaguard.model.errors import AccessDeniedError, NotReadyError, OtaguardErro
 from otaguard.server._api import status_for
 from otaguard.server.checkin import CheckinServices, issue_nonce, run_checkin
 from otaguard.server.device_auth import DeviceGate
+from otaguard.server.storage.database import POOL_SIZE
 
-__all__ = ["CHECKIN_PATH", "NONCE_PATH", "CheckinFastPath"]
+__all__ = ["CHECKIN_PATH", "CHECKIN_THREADS", "NONCE_PATH", "CheckinFastPath"]
 
 logger = logging.getLogger(__name__)
 
 NONCE_PATH: Final = "/api/v1/device/nonce"
 CHECKIN_PATH: Final = "/api/v1/device/checkin"
+#: threads running check-ins' blocking parts, per process: the database pool's kept
+#: connections (storage/database.py POOL_SIZE), so none waits for a connection, and few
+#: enough that they do not fight over the GIL. A pool of its own: handing a call to it
+#: costs about a third of what anyio's thread pool costs (a C queue, no Condition), which
+#: counts twice per check-in (ADR 0019).
+CHECKIN_THREADS: Final = POOL_SIZE
 # A 503 (storage failed or not ready) tells the device when to come back, as the routes do.
 _RETRY_AFTER_SECONDS: Final = 2
 
@@ -107,6 +115,7 @@ class CheckinFastPath:
         self._app = app
         self._svc = checkins
         self._gate = gate
+        self._pool = ThreadPoolExecutor(max_workers=CHECKIN_THREADS, thread_name_prefix="checkin")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Handle one ASGI call."""
@@ -148,4 +157,4 @@ class CheckinFastPath:
             def call() -> BaseModel:
                 return run_checkin(self._svc, self._gate, presented, scope, data)
 
-        return await anyio.to_thread.run_sync(call)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
