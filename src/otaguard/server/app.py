@@ -683,6 +683,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         clock=clock,
         director=director,
         unit=partial(unit_of_work, engine),
+        # one unit for a check-in and its answer where locks are per row (ADR 0019)
+        answer_in_unit=engine.dialect.name == "postgresql",
     )
     fleet = FleetServices(
         devices=devices,

@@ -109,6 +109,7 @@ class CheckinServices:
         clock: Callable[[], dt.datetime],
         director: Director | None = None,
         unit: Callable[[], AbstractContextManager[object]] = nullcontext,
+        answer_in_unit: bool = False,
     ):
         """Use these stores and this clock (the server's notion of now).
 
@@ -117,8 +118,15 @@ class CheckinServices:
         ``unit``: opens one transaction for the store calls of one request
         (:func:`~otaguard.server.storage.unit.unit_of_work` of the stores' engine): a
         nonce or a check-in is one connection and one commit, not one per statement.
+        ``answer_in_unit``: the director's answer joins the check-in's unit (one
+        connection per check-in; PostgreSQL, whose row locks block no other device),
+        rather than a unit of its own after the commit (SQLite: its one write lock,
+        taken by the nonce claim, would be held through the policy and the signing, and
+        other requests' deferred transactions that read before it commits fail to
+        upgrade to writers instead of waiting; ADR 0019).
         """
         self.unit = unit
+        self.answer_in_unit = answer_in_unit
         self.director = director
         self.checkins = checkins
         self.devices = devices
@@ -450,22 +458,20 @@ def run_checkin(
             the device quarantined by this check-in); the message is the reason.
         ServerStorageError: the database failed.
     """
-    # One transaction from the registry check to the director's answer: the answer's own
-    # reads (assignment, policy) join it through the unit helpers (storage/unit.py), so a
-    # check-in is one pooled connection and one commit. The commit comes before the answer
-    # is sent: the manifest is durable when the device reads its instruction. A quarantine
-    # commits and is raised after it; it gets no answer.
+    # One transaction from the registry check to the recorded check-in, and on PostgreSQL
+    # to the director's answer too (``answer_in_unit``): its reads (assignment, policy)
+    # join it through the unit helpers (storage/unit.py), so a check-in is one pooled
+    # connection and one commit. Either way the commit comes before the answer is sent:
+    # the manifest is durable when the device reads its instruction. A quarantine commits
+    # and is raised after it; it gets no answer.
     director = None
     with svc.unit():
         dev = gate.admit(presented, scope)
         entry, manifest, problem = _record(svc, dev, data)
-        if problem is None and svc.director is not None:
-            director = svc.director.answer(
-                serial=dev.record.serial,
-                hardware_id=dev.record.hardware_id,
-                installed=manifest.installed,
-                nonce=manifest.nonce,
-            ).decode()
+        if problem is None and svc.answer_in_unit:
+            director = _answer(svc, dev, manifest)
+    if problem is None and not svc.answer_in_unit:
+        director = _answer(svc, dev, manifest)  # its own unit, after the commit
     serial = dev.record.serial
     if problem is not None:
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
@@ -488,6 +494,18 @@ def run_checkin(
         valid_for_seconds=int(CHECKIN_WINDOW.total_seconds()),
         director_targets=director,
     )
+
+
+def _answer(svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest) -> str | None:
+    """The director's signed instruction for an accepted check-in (``None``: no director)."""
+    if svc.director is None:
+        return None
+    return svc.director.answer(
+        serial=dev.record.serial,
+        hardware_id=dev.record.hardware_id,
+        installed=manifest.installed,
+        nonce=manifest.nonce,
+    ).decode()
 
 
 def _checked_ak(pem: str) -> str:
