@@ -516,9 +516,10 @@ def summarize_profile(raw: Path, top: int = 14) -> list[str]:
     return lines
 
 
-def run(work: Path, sizes: list[int], workers: int) -> int:
+def run(work: Path, sizes: list[int], workers: int, *, embedded: bool = True) -> int:
     """Each topology in turn; in each, the fleet sizes in increasing order (a larger
-    fleet enrolls only its new devices: the identity cache keeps the earlier ones)."""
+    fleet enrolls only its new devices: the identity cache keeps the earlier ones).
+    ``embedded=False``: the production topology only (it enrolls the devices itself)."""
     s = prepare(work)
     results: list[Figures] = []
     profiles: list[str] = []
@@ -527,12 +528,17 @@ def run(work: Path, sizes: list[int], workers: int) -> int:
     ids = work / "ids"
     # (a) embedded: one process, its own TLS and its SQLite database.
     port = free_port()
-    procs = [start_server(s, port, database_url=None, proxy=False, log=logs / "a.log")]
+    procs = (
+        [start_server(s, port, database_url=None, proxy=False, log=logs / "a.log")]
+        if embedded
+        else []
+    )
     try:
         url = f"https://127.0.0.1:{port}"
-        wait_served(url, s, procs)
+        if procs:
+            wait_served(url, s, procs)
         meter = CpuMeter(lambda: {"otaguard": [procs[0].pid]})
-        for n in sizes:
+        for n in sizes if procs else []:
             results.append(measure(s, url, n, "embedded", ids, lambda: None, meter))
             print(results[-1].line(), flush=True)
     finally:
@@ -540,7 +546,8 @@ def run(work: Path, sizes: list[int], workers: int) -> int:
     # (b) production: nginx in front of the workers, one PostgreSQL database, holding the
     # registry the embedded run enrolled (the same devices, the same identity cache).
     name, db_url = fresh_database()
-    copy_registry(s.data / "otaguard.db", db_url)
+    if embedded:
+        copy_registry(s.data / "otaguard.db", db_url)
     ports = [free_port() for _ in range(workers)]
     procs = [
         start_server(s, p, database_url=db_url, proxy=True, log=logs / f"b{i}.log")
@@ -630,11 +637,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", default="1000,10000", help="fleet sizes, comma-separated")
     p.add_argument("--workers", type=int, default=2, help="otaguard workers behind nginx")
+    p.add_argument(
+        "--production-only", action="store_true", help="skip the embedded topology (quicker)"
+    )
     a = p.parse_args()
     sizes = [int(x) for x in a.devices.split(",")]
     work = Path(tempfile.mkdtemp(prefix="otaguard-bench-checkin-"))
     try:
-        return run(work, sizes, a.workers)
+        return run(work, sizes, a.workers, embedded=not a.production_only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -26,7 +26,7 @@ from otaguard.agent.identity import device_signer
 from otaguard.agent.install import InstallState
 from otaguard.agent.slots import BootEnv, FileSlots
 from otaguard.cli import main
-from otaguard.crypto.envelope import sign_envelope
+from otaguard.crypto.envelope import MAX_ENVELOPE_BYTES, sign_envelope
 from otaguard.model.errors import AccessDeniedError
 from otaguard.server.client import FleetClient
 from otaguard.sim import make_image
@@ -340,3 +340,84 @@ def test_the_check_in_routes_are_in_the_openapi_schema(world: World) -> None:
     assert "signed device manifest" in json.dumps(checkin["requestBody"])
     assert "403" in checkin["responses"]
     assert {"NonceBody", "CheckinBody", "CheckinsBody"} <= set(spec["components"]["schemas"])
+
+
+def _post_chunked(world: World, dev: Device, path: str, chunks: list[bytes]) -> tuple[int, bytes]:
+    """A POST whose body is chunked (no Content-Length to refuse it by)."""
+    url = urlsplit(world.server.base_url)
+    assert world.server.ca_cert is not None
+    ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+    ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+    conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", path, body=iter(chunks), encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_the_check_in_lean_path_caps_the_manifest_declared_or_streamed(world: World) -> None:
+    """The lean path (ADR 0019) answers the check-in in front of the framework and keeps
+    its cap: a manifest over MAX_ENVELOPE_BYTES is a 413 with one line, declared or not,
+    and the device's next check-in is accepted (nothing was spent or recorded)."""
+    dev = world.device("c-cap")
+    nonce = nonce_for(world, dev)
+    big = b"{" + b" " * MAX_ENVELOPE_BYTES + b"}"
+    status, data = request(world, dev, "POST", CHECKIN_PATH, big)
+    assert status == 413, data
+    assert error(data) == f"the manifest exceeds {MAX_ENVELOPE_BYTES} bytes"
+    half = MAX_ENVELOPE_BYTES // 2 + 1
+    status, data = _post_chunked(world, dev, CHECKIN_PATH, [b" " * half, b" " * half])
+    assert status == 413, data
+    assert error(data) == f"the manifest exceeds {MAX_ENVELOPE_BYTES} bytes"
+    # The nonce was not spent by the refusals: the real manifest answering it is accepted.
+    status, data = request(world, dev, "POST", CHECKIN_PATH, manifest(dev, nonce))
+    assert status == 200, data
+    assert json.loads(data)["serial"] == "c-cap"
+
+
+def test_the_check_in_lean_path_answers_as_the_routes_do(world: World) -> None:
+    """The nonce and check-in answers carry the routes' fields (the agent parses them), and
+    they come from the lean path, not the framework (which tags every response with an
+    X-Request-ID); a request without a certificate is refused there with the gate's reason."""
+    dev = world.device("c-lean")
+    url = urlsplit(world.server.base_url)
+    assert world.server.ca_cert is not None
+    ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+    ctx.load_cert_chain(str(dev.paths.device_cert), str(dev.paths.device_key))
+    conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", NONCE_PATH)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200 and resp.getheader("x-request-id") is None
+        assert set(body) == {"nonce", "expires", "attestation_key_registered"}
+        conn.request("POST", CHECKIN_PATH, body=manifest(dev, body["nonce"]))
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        assert resp.status == 200 and resp.getheader("x-request-id") is None
+        assert set(answer) == {
+            "serial", "time", "attested", "boot_sha256", "valid_for_seconds", "director_targets"
+        }  # fmt: skip
+        # Another method on the same path is the framework's (405), not the lean path's.
+        conn.request("GET", CHECKIN_PATH)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 405 and resp.getheader("x-request-id") is not None
+    finally:
+        conn.close()
+    anon = http.client.HTTPSConnection(
+        url.hostname or "",
+        url.port,
+        context=ssl.create_default_context(cafile=str(world.server.ca_cert)),
+        timeout=10,
+    )
+    try:
+        anon.request("POST", NONCE_PATH)
+        resp = anon.getresponse()
+        data = resp.read()
+        assert resp.status == 403
+        assert "a client certificate is required" in error(data)
+    finally:
+        anon.close()

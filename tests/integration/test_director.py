@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
+from sqlalchemy import event
 
 from conftest import World, start_world
+from db_support import ENGINES, fresh_database
 from otaguard.agent import Device
 from otaguard.model.errors import (
     DirectorMetadataError,
@@ -26,6 +30,7 @@ from otaguard.model.errors import (
     DowngradeError,
 )
 from otaguard.server.client import FleetClient
+from otaguard.server.storage import upgrade_database
 from otaguard.sim.director_attacks import CompromisedDirector
 
 
@@ -404,3 +409,42 @@ def test_assign_on_a_server_without_director_says_so(world: World) -> None:
     world.device("p1")
     with _fleet(world) as f, pytest.raises(OperatorError, match="runs no director"):
         f.assign("p1", version="1.0.0")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_check_in_and_its_answer_are_one_connection(
+    engine: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """On PostgreSQL the check-in's record and the director's answer (assignment, policy)
+    share one pooled connection and one transaction (ADR 0019): the nonce request takes
+    one, the check-in one (it was two: the answer had a unit of its own after the commit).
+    On SQLite the answer keeps its own unit (one file lock; ADR 0019). The device still
+    verifies and installs what it is told."""
+    with ExitStack() as stack:
+        url = None  # SQLite: the embedded database, as the world fixture runs it
+        if engine != "sqlite":
+            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
+            upgrade_database(url)
+        w = start_world(tmp_path, director=True, database_url=url)
+        stack.callback(w.server.stop)
+        w.release("1.0.0")
+        dev = w.device("one-unit")
+        dev.checkin()  # untimed first contact: caches filled
+        w.release("1.1.0", security=True)
+        db = w.server.app.state.checkins._engine
+        checkouts: list[str] = []
+
+        def seen(*_: object) -> None:
+            name = threading.current_thread().name
+            if name.startswith("checkin"):  # the lean path's threads, not periodic tasks
+                checkouts.append(name)
+
+        event.listen(db, "checkout", seen)
+        try:
+            dev.checkin()
+        finally:
+            event.remove(db, "checkout", seen)
+        # the nonce, then the check-in and its answer (SQLite: the answer apart)
+        assert len(checkouts) == (3 if engine == "sqlite" else 2), checkouts
+        result = dev.update()
+        assert (result.outcome, result.to_version) == ("updated", "1.1.0")

@@ -271,3 +271,42 @@ def test_a_check_in_decision_does_not_read_past_rollouts(db_engine: Engine) -> N
     for k in range(1, 8):
         past(k)
     assert statements() == one
+
+
+def test_the_orphan_check_reads_the_fleets_hardware_ids_in_one_query(db_engine: Engine) -> None:
+    """The evaluator's periodic orphan check (every few seconds in every worker) reads the
+    distinct hardware ids in one statement, not every device: its cost does not grow with
+    the fleet (ADR 0019), and a release for a hardware id no device has is still named."""
+    from otaguard.model.release import ReleaseInfo
+    from otaguard.server.director import DirectorRelease
+
+    _load_fleet(db_engine, 2_000, runs=0, failed=0)
+    devices = SQLDeviceStore(db_engine)
+    devices.add("odd-1", "other-hw", token_hash="x" * 64, token_expires=NOW, now=NOW)
+
+    def release(version: str, hw: str) -> DirectorRelease:
+        info = ReleaseInfo.from_custom(
+            {"version": version, "hardware_ids": [hw], "release_type": "feature",
+             "security_counter": 1}
+        )  # fmt: skip
+        return DirectorRelease(f"fw-{version}", 1, {"sha256": "0" * 64}, info)
+
+    good, typo = release("2.0.0", "hw"), release("2.0.1", "typo-hw")
+    inventory = Inventory(
+        devices=devices, checkins=SQLCheckinStore(db_engine), store=SQLInventoryStore(db_engine)
+    )
+    rollouts = Rollouts(
+        store=SQLRolloutStore(db_engine),
+        inventory=inventory,
+        releases=lambda: [good, typo],
+        clock=lambda: NOW,
+    )
+
+    def listed() -> list[object]:
+        raise AssertionError("the orphan check listed every device")
+
+    devices.list = listed  # type: ignore[method-assign]
+    queries = _count_queries(db_engine)
+    assert devices.hardware_ids() == {"hw", "other-hw"}
+    assert rollouts.orphans() == [(typo, ("typo-hw",))]
+    assert len(queries) == 2, queries  # one read each, whatever the fleet's size

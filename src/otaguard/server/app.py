@@ -55,17 +55,12 @@ from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
 from otaguard.crypto.manufacturer import load_manufacturer_cas
 from otaguard.model.errors import (
     AccessDeniedError,
-    ConflictError,
-    DeviceExistsError,
     NotReadyError,
     OperatorError,
     OtaguardError,
     ServerStorageError,
-    TransportError,
-    UnknownDeviceError,
-    VerificationError,
 )
-from otaguard.server._api import ErrorBody
+from otaguard.server._api import ErrorBody, status_for
 from otaguard.server._names import parse_blob_name
 from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server._signal import ChangeSignal
@@ -89,6 +84,7 @@ from otaguard.server.checkin import (
     checkin_router,
     checkins_router,
 )
+from otaguard.server.checkin_fastpath import CheckinFastPath
 from otaguard.server.device_auth import DeviceGate
 from otaguard.server.director import Director, load_director_roots, load_director_signer
 from otaguard.server.director_routes import director_router
@@ -256,24 +252,7 @@ _AUTH_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 _TARGET_PARAM: Final = PathParam(description="<sha256 hex>.<target path>", max_length=300)
 
 
-def _status_for(error: OtaguardError) -> int:  # noqa: PLR0911 - one status per fault
-    if isinstance(error, AccessDeniedError):
-        return 403
-    if isinstance(error, UnknownDeviceError):
-        return 404
-    if isinstance(error, DeviceExistsError):
-        return 409
-    if isinstance(error, VerificationError):
-        return 422
-    if isinstance(error, OperatorError):
-        return 400
-    if isinstance(error, ConflictError):
-        return 409
-    if isinstance(error, (NotReadyError, ServerStorageError)):
-        return 503
-    if isinstance(error, TransportError):
-        return 502
-    return 500
+_status_for = status_for
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -704,6 +683,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         clock=clock,
         director=director,
         unit=partial(unit_of_work, engine),
+        # one unit for a check-in and its answer where locks are per row (ADR 0019)
+        answer_in_unit=engine.dialect.name == "postgresql",
     )
     fleet = FleetServices(
         devices=devices,
@@ -814,6 +795,10 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         "auth": auth,
     }
     app.add_middleware(RepositoryFastPath, **app.state.fast_path_options)
+    # The check-in's lean path (ADR 0019), outermost: the same functions as its routes
+    # (which stay, for the OpenAPI schema), without the framework around them.
+    app.state.checkin_fast_path_options = {"checkins": checkins, "gate": gate}
+    app.add_middleware(CheckinFastPath, **app.state.checkin_fast_path_options)
     app.state.served = served
     app.state.static_tree = exporter
     app.include_router(_device_router(gate, require_device))

@@ -67,9 +67,13 @@ __all__ = [
     "NONCE_BYTES",
     "NONCE_TTL",
     "RENEWAL_CHECKIN_WINDOW",
+    "CheckinBody",
     "CheckinServices",
+    "NonceBody",
     "checkin_router",
     "checkins_router",
+    "issue_nonce",
+    "run_checkin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +109,7 @@ class CheckinServices:
         clock: Callable[[], dt.datetime],
         director: Director | None = None,
         unit: Callable[[], AbstractContextManager[object]] = nullcontext,
+        answer_in_unit: bool = False,
     ):
         """Use these stores and this clock (the server's notion of now).
 
@@ -113,8 +118,15 @@ class CheckinServices:
         ``unit``: opens one transaction for the store calls of one request
         (:func:`~otaguard.server.storage.unit.unit_of_work` of the stores' engine): a
         nonce or a check-in is one connection and one commit, not one per statement.
+        ``answer_in_unit``: the director's answer joins the check-in's unit (one
+        connection per check-in; PostgreSQL, whose row locks block no other device),
+        rather than a unit of its own after the commit (SQLite: its one write lock,
+        taken by the nonce claim, would be held through the policy and the signing, and
+        other requests' deferred transactions that read before it commits fail to
+        upgrade to writers instead of waiting; ADR 0019).
         """
         self.unit = unit
+        self.answer_in_unit = answer_in_unit
         self.director = director
         self.checkins = checkins
         self.devices = devices
@@ -403,19 +415,63 @@ def _record(
     return entry, manifest, problem
 
 
-def _checkin(
+def issue_nonce(
+    svc: CheckinServices, gate: DeviceGate, presented: PresentedCertificate, scope: object
+) -> NonceBody:
+    """A fresh nonce for the device ``presented`` names, after the registry's checks
+    (blocking: one transaction). Used by the route and by :mod:`.checkin_fastpath`.
+
+    Raises:
+        AccessDeniedError: the device or its certificate is refused (the reason).
+        ServerStorageError: the database failed.
+    """
+    now = svc.clock()
+    value = secrets.token_urlsafe(NONCE_BYTES)
+    with svc.unit():  # the registry check, the nonce and the key: one transaction
+        dev = gate.admit(presented, scope)
+        svc.checkins.issue_nonce(
+            NonceRecord(
+                nonce=value,
+                serial=dev.record.serial,
+                cert_serial=dev.identity.cert_serial,
+                issued_at=now,
+                expires_at=now + NONCE_TTL,
+                used_at=None,
+            )
+        )
+        registered = svc.checkins.attestation_key(dev.record.serial) is not None
+    return NonceBody(nonce=value, expires=now + NONCE_TTL, attestation_key_registered=registered)
+
+
+def run_checkin(
     svc: CheckinServices,
     gate: DeviceGate,
     presented: PresentedCertificate,
     scope: object,
     data: bytes,
 ) -> CheckinBody:
-    # One transaction from the registry check to the recorded check-in. The director's
-    # answer comes after it commits: its policy reads (and may write) on connections of
-    # its own, which must never wait for this transaction's locks (SQLite: the file's).
+    """Verify and record one check-in and answer it (blocking). Used by the route and by
+    :mod:`.checkin_fastpath`.
+
+    Raises:
+        AccessDeniedError: refused (a :class:`CheckinRefusedError` for the manifest, or
+            the device quarantined by this check-in); the message is the reason.
+        ServerStorageError: the database failed.
+    """
+    # One transaction from the registry check to the recorded check-in, and on PostgreSQL
+    # to the director's answer too (``answer_in_unit``): its reads (assignment, policy)
+    # join it through the unit helpers (storage/unit.py), so a check-in is one pooled
+    # connection and one commit. Either way the commit comes before the answer is sent:
+    # the manifest is durable when the device reads its instruction. A quarantine commits
+    # and is raised after it; it gets no answer.
+    director = None
     with svc.unit():
         dev = gate.admit(presented, scope)
         entry, manifest, problem = _record(svc, dev, data)
+        if problem is None and svc.answer_in_unit:
+            director = _answer(svc, dev, manifest)
+    if problem is None and not svc.answer_in_unit:
+        director = _answer(svc, dev, manifest)  # its own unit, after the commit
     serial = dev.record.serial
     if problem is not None:
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
@@ -430,14 +486,6 @@ def _checkin(
         entry.running_version,
         "attested" if entry.attested else "unattested measurement",
     )
-    director = None
-    if svc.director is not None:
-        director = svc.director.answer(
-            serial=serial,
-            hardware_id=dev.record.hardware_id,
-            installed=manifest.installed,
-            nonce=manifest.nonce,
-        ).decode()
     return CheckinBody(
         serial=serial,
         time=entry.time,
@@ -446,6 +494,18 @@ def _checkin(
         valid_for_seconds=int(CHECKIN_WINDOW.total_seconds()),
         director_targets=director,
     )
+
+
+def _answer(svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest) -> str | None:
+    """The director's signed instruction for an accepted check-in (``None``: no director)."""
+    if svc.director is None:
+        return None
+    return svc.director.answer(
+        serial=dev.record.serial,
+        hardware_id=dev.record.hardware_id,
+        installed=manifest.installed,
+        nonce=manifest.nonce,
+    ).decode()
 
 
 def _checked_ak(pem: str) -> str:
@@ -467,25 +527,7 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
     @router.post("/nonce", summary="A fresh check-in nonce")
     def nonce(request: Request) -> NonceBody:
         """A random single-use nonce bound to the device and its certificate, valid briefly."""
-        presented = _presented(gate, request)
-        now = svc.clock()
-        value = secrets.token_urlsafe(NONCE_BYTES)
-        with svc.unit():  # the registry check, the nonce and the key: one transaction
-            dev = gate.admit(presented, request.scope)
-            svc.checkins.issue_nonce(
-                NonceRecord(
-                    nonce=value,
-                    serial=dev.record.serial,
-                    cert_serial=dev.identity.cert_serial,
-                    issued_at=now,
-                    expires_at=now + NONCE_TTL,
-                    used_at=None,
-                )
-            )
-            registered = svc.checkins.attestation_key(dev.record.serial) is not None
-        return NonceBody(
-            nonce=value, expires=now + NONCE_TTL, attestation_key_registered=registered
-        )
+        return issue_nonce(svc, gate, _presented(gate, request), request.scope)
 
     @router.post(
         "/checkin", summary="Check in: a signed device manifest", openapi_extra=_CHECKIN_BODY
@@ -501,7 +543,7 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
         # registry check and the check-in in one thread and one transaction.
         presented = _presented(gate, request)
         data = await _read_manifest(request)
-        return await run_in_threadpool(_checkin, svc, gate, presented, request.scope, data)
+        return await run_in_threadpool(run_checkin, svc, gate, presented, request.scope, data)
 
     @router.post("/attestation-key", summary="Register the device's TPM attestation key")
     def attestation_key(request: Request, req: AttestationKeyRequest) -> AttestationKeyBody:

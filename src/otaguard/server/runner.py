@@ -35,6 +35,7 @@ from otaguard.server._tls_groups import restrict_groups
 from otaguard.server.access_log import AccessLog
 from otaguard.server.app import create_app, prepare_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE, load_or_create_operator_token
+from otaguard.server.checkin_fastpath import CheckinFastPath
 from otaguard.server.director import DIRECTOR_PUBLIC_KEY_FILE, load_director_signer
 from otaguard.server.fastpath import RepositoryFastPath
 from otaguard.server.online import ONLINE_PUBLIC_KEY_FILE, load_online_signer
@@ -228,10 +229,16 @@ def _config(
         )
     config = uvicorn.Config(
         # The certificate a trusted proxy verified and forwarded, into the ASGI scope.
-        # The repository fast path (ADR 0016) before FastAPI's and Starlette's layers.
-        # The access log inside it, to name the forwarded certificate's device too.
+        # The repository fast path (ADR 0016) and the check-in's lean path (ADR 0019)
+        # before FastAPI's and Starlette's layers; the access log outside them, inside
+        # the forwarded-certificate layer so it names the forwarded certificate's device.
         ForwardedClientCert(
-            AccessLog(RepositoryFastPath(app, **app.state.fast_path_options)),
+            AccessLog(
+                CheckinFastPath(
+                    RepositoryFastPath(app, **app.state.fast_path_options),
+                    **app.state.checkin_fast_path_options,
+                )
+            ),
             trusted_proxies=trusted,
         ),
         host=settings.host,

@@ -267,6 +267,15 @@ class DeviceStore(ABC):
         """Return every device, by serial."""
 
     @abstractmethod
+    def hardware_ids(self) -> set[str]:
+        """Return the hardware ids of the registered devices (one read, whatever the
+        fleet's size).
+
+        Raises:
+            ServerStorageError: the database failed.
+        """
+
+    @abstractmethod
     def set_status(
         self, serial: str, status: DeviceState, *, reason: str, now: dt.datetime
     ) -> DeviceRecord:

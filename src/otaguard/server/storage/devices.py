@@ -111,6 +111,10 @@ _LIST_DEVICES: Final = (
     .order_by(devices_table.c.serial, certs_table.c.issued_at, certs_table.c.cert_serial)
 )
 
+#: the hardware ids the fleet has: what the rollout evaluator's orphan check needs, read
+#: without materialising every device (it runs every few seconds in every worker)
+_HARDWARE_IDS: Final = select(devices_table.c.hardware_id).distinct()
+
 
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite returns naive datetimes; every value stored here was UTC.
@@ -221,6 +225,14 @@ class SQLDeviceStore(DeviceStore):
             return self._read(serial)
         except UnknownDeviceError:
             return None
+
+    def hardware_ids(self) -> set[str]:
+        """See :meth:`DeviceStore.hardware_ids`."""
+        try:
+            with reading(self._engine) as conn:
+                return {str(r.hardware_id) for r in conn.execute(_HARDWARE_IDS)}
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
 
     def list(self) -> builtins.list[DeviceRecord]:
         """See :meth:`DeviceStore.list`."""
