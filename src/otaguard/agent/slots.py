@@ -164,6 +164,10 @@ class SlotBackend(abc.ABC):
             DeviceStorageError: the slot cannot be written.
         """
 
+    def capacity(self, slot: str) -> int | None:
+        """Bytes ``slot`` can hold (a partition's size); ``None``: not bounded here."""
+        return None
+
     def open_slot(self, slot: str) -> BinaryIO:
         """Open ``slot`` for reading (the base a delta applies to).
 
@@ -178,10 +182,21 @@ class SlotBackend(abc.ABC):
 
 
 class FileSlots(SlotBackend):
-    """Slots as files ``a.img`` and ``b.img`` in a directory (simulation and tests)."""
+    """Slots as files ``a.img`` and ``b.img`` in a directory (simulation and tests).
 
-    def __init__(self, directory: Path):
+    Args:
+        directory: where the slot files are.
+        capacity: the size of each slot, as a partition has one (``None``: the file
+            grows as far as the device's ``max_image_bytes`` lets an image be).
+    """
+
+    def __init__(self, directory: Path, *, capacity: int | None = None):
         self.directory = directory
+        self._capacity = capacity
+
+    def capacity(self, slot: str) -> int | None:
+        """The configured size of each slot file, if any."""
+        return self._capacity
 
     def path(self, slot: str) -> Path:
         """File backing ``slot``."""
@@ -211,6 +226,10 @@ class FileSlots(SlotBackend):
 
     def open_writer(self, slot: str, *, offset: int, length: int) -> SlotWriter:
         """Open the slot file in place, like a partition; from 0 it is emptied first."""
+        if self._capacity is not None and length > self._capacity:
+            raise DeviceStorageError(
+                f"slot {slot} holds {self._capacity} bytes, the image has {length}"
+            )
         try:
             fd = os.open(self.path(slot), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
@@ -222,7 +241,7 @@ class FileSlots(SlotBackend):
         except OSError as e:
             os.close(fd)
             raise DeviceStorageError(f"cannot position slot {slot}: {e.strerror or e}") from e
-        return _FileSlotWriter(fd, slot, length)
+        return _FileSlotWriter(fd, slot, length, offset)
 
     def open_slot(self, slot: str) -> BinaryIO:
         """Open the slot file for reading (a delta's base)."""
@@ -257,12 +276,20 @@ class FileSlots(SlotBackend):
 
 
 class _FileSlotWriter(SlotWriter):
-    def __init__(self, fd: int, slot: str, length: int) -> None:
+    def __init__(self, fd: int, slot: str, length: int, offset: int) -> None:
         self._fd = fd
         self._slot = slot
         self._length = length
+        self._pos = offset
 
     def write(self, data: bytes) -> None:
+        # The last line of defence against a stream longer than its image: a slot is
+        # never written past the length it was opened for.
+        if self._pos + len(data) > self._length:
+            raise DeviceStorageError(
+                f"refusing to write slot {self._slot} past the image's {self._length} bytes"
+            )
+        self._pos += len(data)
         view = memoryview(data)
         try:
             while view:

@@ -20,14 +20,15 @@ __all__ = ["DeltaTransform", "ZstdTransform"]
 
 @dataclass
 class ZstdTransform:
-    """zstd blob -> image, at most ``image_length`` bytes (the image's or the slot's)."""
+    """zstd blob -> image: ``image_length`` bytes, never more than ``slot_size``."""
 
     image_length: int
+    slot_size: int | None = None
     resumable: bool = False
 
     def __call__(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """Decode ``chunks`` (see :func:`otaguard.delta.zstd.decode_zstd`)."""
-        return decode_zstd(chunks, image_length=self.image_length)
+        return decode_zstd(chunks, image_length=self.image_length, slot_size=self.slot_size)
 
 
 @dataclass
