@@ -82,7 +82,7 @@ def test_device_on_the_base_installs_by_delta(
         result = dev.update()
     assert result.outcome == "updated" and result.to_version == "1.1.0"
     assert _installed(world, dev.paths.root, "1.1.0")
-    assert f"{rel.path} obtained by delta ({delta.blob.length} bytes downloaded)" in caplog.text
+    assert f"{rel.path} obtained by delta ({delta.blob.length} bytes downloaded," in caplog.text
 
 
 def test_device_off_the_base_uses_the_compressed_blob(
@@ -99,7 +99,7 @@ def test_device_off_the_base_uses_the_compressed_blob(
     assert _installed(world, dev.paths.root, "1.1.0")
     sha = world.releases["1.0.1"].sha256[:12]
     assert f"no delta from the running image ({sha})" in caplog.text
-    assert f"obtained by compressed ({enc.compressed.length} bytes downloaded)" in caplog.text
+    assert f"obtained by compressed ({enc.compressed.length} bytes downloaded," in caplog.text
 
 
 def test_slot_not_matching_its_record_falls_back_to_full(
