@@ -356,6 +356,10 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         finally:
             sink.close()  # what was received is written; the thread ends here
             checkpoints.close()
+            if sink.error is not None and not isinstance(sink.error, Exception):
+                # An interrupt of the writing thread (a stop of the process) wins over
+                # whatever the decoder ran into meanwhile: it must not become a fallback.
+                raise sink.error
         sink.check()
         if checkpoints.error is not None:
             raise checkpoints.error
