@@ -298,7 +298,7 @@ class Installer:
         target = _target(state)
         return self.paths.staging / f"{target.sha256}.{target.target}"
 
-    def _stream(self, state: InstallState, slot: str) -> Event:
+    def _stream(self, state: InstallState, slot: str) -> Event:  # noqa: PLR0915 - encodings in order, then the image
         """Stream the selected target into ``slot`` (after its SBOM), resuming if possible."""
         target = _target(state)
         if self._session is None:
@@ -339,7 +339,9 @@ class Installer:
             )
         )
         if resume and state.written_via not in {None, *(p.blob.path for p in encoded)}:
-            logger.info("%s: the checkpoint's encoding is not offered now; starting over", info.path)
+            logger.info(
+                "%s: the checkpoint's encoding is not offered now; starting over", info.path
+            )
             resume = None
             self._forget_checkpoint(state)
         for path in encoded:

@@ -326,7 +326,8 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
             # left to fetch (a Range beyond the end would be refused with 416).
             while pos < target.length or not plain:
                 try:
-                    for out in transform(received(pos)):
+                    for decoded in transform(received(pos)):
+                        out = decoded
                         if not plain:
                             assert image is not None  # noqa: S101 - checked above
                             produced += len(out)
@@ -335,7 +336,7 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
                                     f"{target.path} expands beyond the image's {image.length} bytes"
                                 )
                             if produced - len(out) < start:
-                                out = skip_prefix(out)
+                                out = skip_prefix(out)  # the slot holds these already
                                 if not out:
                                     continue
                         sink.put(out)
