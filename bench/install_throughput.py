@@ -261,7 +261,7 @@ def download_seconds(device: Path, repo: Path, size: int) -> float:
         p.name for p in (repo / "targets").iterdir() if p.name.endswith(f"-1.{size // MIB}.0.img")
     )
     dev = Device(device)
-    fetcher = dev._checked_in_fetcher()  # the agent's own checked-in fetcher (private)
+    fetcher = dev.checked_in_fetcher()  # the agent's own seam: check-in, then mutual TLS
     try:
         url = f"{dev.config.server_url}/targets/{blob}"
         t0 = time.perf_counter()
