@@ -265,7 +265,7 @@ def test_large_bases_are_diffed_by_match_blocks_and_still_parsed(
 ) -> None:
     """Above BSDIFF_MAX_BASE the builder uses detools' match-blocks search (bsdiff's
     crawls on long zero runs); the device's bounded parser applies what it writes."""
-    import otaguard.delta.build as build
+    from otaguard.delta import build
 
     rng = random.Random(7)
     old = bytearray(256 * 1024)  # mostly zero blocks, as a filesystem image is
