@@ -31,14 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
+from install_throughput import start_server, stop
+
 from otaguard.agent import Device
 from otaguard.agent.slots import FileSlots
 from otaguard.crypto import read_public_key
 from otaguard.model import Unsafe
 from otaguard.repo import ImageRepository, Release
-from otaguard.server import ServerSettings, init_data_dir, start_server_in_thread
+from otaguard.server import init_data_dir
 from otaguard.server.client import FleetClient
-from otaguard.sim import SIM_HEALTH_COMMAND, make_image, wait_served
+from otaguard.sim import SIM_HEALTH_COMMAND, make_image
 from otaguard.sim.sbom import make_sbom
 
 MIB: Final = 1024 * 1024
@@ -239,26 +241,21 @@ def run(work: Path) -> int:
     print(f"setup: repository with 1.0.0 and {len(SIZES)} releases in "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
 
-    server = start_server_in_thread(
-        ServerSettings(
-            data_dir=paths.data_dir,
-            repo_dir=repo.dir,
-            host="127.0.0.1",
-            port=0,
-            sync_interval=0.1,
-        )
+    # The server in a process of its own, as install_throughput.py runs it: the 1 GiB
+    # release takes longer to load than an in-thread start waits for.
+    token = paths.operator_token.read_text().strip()
+    server, url = start_server(
+        paths.data_dir, repo.dir, work / "server.log", ca=paths.ca_cert, token=token
     )
     ok = True
     try:
-        assert server.ca_cert is not None
-        wait_served(server, repo)
         for size in SIZES:
             device_dir = work / f"device-{size // MIB}"
             Device.provision(
                 device_dir,
-                server_url=server.base_url,
+                server_url=url,
                 root_json=repo.metadata_dir / "root.json",
-                ca_pem=server.ca_cert,
+                ca_pem=paths.ca_cert,
                 hardware_id=hws[size],
                 factory_image=v100,
                 factory_version="1.0.0",
@@ -266,16 +263,14 @@ def run(work: Path) -> int:
                 serial=f"bench-{size // MIB}",
             )
             # Mutual TLS: register and enroll the device as the factory would.
-            with FleetClient(
-                server_url=server.base_url, ca_cert=server.ca_cert, token=server.operator_token
-            ) as fleet:
+            with FleetClient(server_url=url, ca_cert=paths.ca_cert, token=token) as fleet:
                 token = fleet.add_device(f"bench-{size // MIB}", hws[size]).token
             Device(device_dir).enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
             agent = run_agent(device_dir, size, work)
             ok = _report(device_dir, size, rels[size], agent, work) and ok
             shutil.rmtree(device_dir, ignore_errors=True)
     finally:
-        server.stop()
+        stop(server)
     sizes = ", ".join(f"{s // MIB} MiB" for s in SIZES)
     print(f"SUMMARY agent_rss: {'PASS' if ok else 'FAIL'} (peak RSS target <= "
           f"{TARGET_RSS_MIB:.0f} MiB at {sizes})")  # fmt: skip
