@@ -175,6 +175,7 @@ def start_server(
         except OSError:
             pass
         time.sleep(0.2)
+    stop(proc)  # never leave it running behind the benchmark
     raise SystemExit(f"{url} did not come up in {STARTUP_TIMEOUT_S:.0f} s")
 
 
