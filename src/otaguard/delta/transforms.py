@@ -2,8 +2,9 @@
 
 The shape the streaming install (ADR 0017) puts between the verified network stream and
 the slot: a callable from chunks to an iterator of bytes, with ``resumable`` telling
-whether slot offset equals stream offset. A decoded image's offsets are not the blob's,
-so these restart from byte 0 after an interruption (``resumable = False``).
+whether slot offset equals stream offset. A decoded image's offsets are not the blob's
+(``resumable = False``): after an interruption the blob is fetched and decoded from its
+first byte again, and only the slot's checkpointed prefix is kept (ADR 0021).
 """
 
 from __future__ import annotations
