@@ -284,14 +284,16 @@ def _report(device_dir: Path, size: int, rel: Release, agent: AgentRun, work: Pa
     running = status.booted.version if status.booted else None
     outcome = (status.install.last_result or {}).get("outcome")
     slot_ok = FileSlots(device_dir / "slots").digest("B", rel.length) == rel.sha256
-    updated = code == 0 and running == str(rel.version) and outcome == "updated" and slot_ok
+    updated = code == 0 and running == str(rel.info.version) and outcome == "updated" and slot_ok
     if not updated:
         print(f"agent exited {code}, running {running}, outcome {outcome}, slot B ok {slot_ok}")
         print((work / "agent.out").read_text(errors="replace")[-2000:])
         print("\n".join(tl.log[-20:]))
     peak_mib = agent.maxrss_kib / 1024
     mib = size / MIB
-    print(f"\n{mib:.0f} MiB: agent update 1.0.0 -> {rel.version}: exit {code}, outcome {outcome}")
+    print(
+        f"\n{mib:.0f} MiB: agent update 1.0.0 -> {rel.info.version}: exit {code}, outcome {outcome}"
+    )
     print(
         f"  peak RSS of the agent: {peak_mib:.1f} MiB (wait4 ru_maxrss via wrapper); "
         f"/proc VmHWM, last sample: {tl.hwm_kib / 1024:.1f} MiB; staging peak "
