@@ -264,8 +264,8 @@ def run(work: Path) -> int:
             )
             # Mutual TLS: register and enroll the device as the factory would.
             with FleetClient(server_url=url, ca_cert=paths.ca_cert, token=token) as fleet:
-                token = fleet.add_device(f"bench-{size // MIB}", hws[size]).token
-            Device(device_dir).enroll(token, key_store=Unsafe.FILE_DEVICE_KEY)
+                enrollment = fleet.add_device(f"bench-{size // MIB}", hws[size]).token
+            Device(device_dir).enroll(enrollment, key_store=Unsafe.FILE_DEVICE_KEY)
             agent = run_agent(device_dir, size, work)
             ok = _report(device_dir, size, rels[size], agent, work) and ok
             shutil.rmtree(device_dir, ignore_errors=True)
