@@ -82,7 +82,7 @@ def test_device_on_the_base_installs_by_delta(
         result = dev.update()
     assert result.outcome == "updated" and result.to_version == "1.1.0"
     assert _installed(world, dev.paths.root, "1.1.0")
-    assert f"{rel.path} obtained by delta ({delta.blob.length} bytes downloaded)" in caplog.text
+    assert f"{rel.path} obtained by delta ({delta.blob.length} bytes downloaded," in caplog.text
 
 
 def test_device_off_the_base_uses_the_compressed_blob(
@@ -99,7 +99,7 @@ def test_device_off_the_base_uses_the_compressed_blob(
     assert _installed(world, dev.paths.root, "1.1.0")
     sha = world.releases["1.0.1"].sha256[:12]
     assert f"no delta from the running image ({sha})" in caplog.text
-    assert f"obtained by compressed ({enc.compressed.length} bytes downloaded)" in caplog.text
+    assert f"obtained by compressed ({enc.compressed.length} bytes downloaded," in caplog.text
 
 
 def test_slot_not_matching_its_record_falls_back_to_full(
@@ -140,3 +140,34 @@ def test_corrupted_delta_and_blob_fall_back_to_full(
     # streamed: the decoders find the corruption before the blob's hash is complete
     assert "delta is corrupt" in caplog.text and "compressed image is corrupt" in caplog.text
     assert f"{rel.path}: downloading the full image" in caplog.text
+
+
+def test_sigkilled_agent_resumes_the_delta_apply_where_the_slot_was_fsynced(
+    world: World,
+) -> None:
+    from test_power_loss import assert_verified_image_runs, killed
+    from test_stream_resume_real import agent_v, small_checkpoints
+
+    from otaguard.agent import InstallState
+
+    _release(world, "1.1.0", delta_from=("1.0.0",))
+    dev = world.device()
+    small_checkpoints(dev.paths.root, resume_checkpoint_bytes=128 * 1024)
+    resume_at = 0
+    for cut in (700_001, 1_500_001, 1_900_001):  # inside the 2 MiB image the delta builds
+        killed(dev.paths.root, f"stream-at:{cut}")
+        state = InstallState.load(dev.paths.install_state)
+        # checkpoints are fsynced and recorded in a thread of their own: the kill may
+        # come before one lands; one that landed names the delta that wrote it
+        assert (state.written_via or ".delta").endswith(".delta"), state.written_via
+        assert resume_at <= state.written <= cut, (cut, state.written)
+        resume_at = state.written
+        dev.boot()
+        assert assert_verified_image_runs(dev) == "A"
+    assert resume_at > 0
+    upd = agent_v(dev.paths.root, "update")
+    assert upd.returncode == 0 and "Traceback" not in upd.stderr, upd.stderr
+    assert f"slot B holds {resume_at} checkpointed image bytes: writing from there" in upd.stderr
+    assert f"slot written from byte {resume_at})" in upd.stderr
+    assert "obtained by delta" in upd.stderr
+    assert _installed(world, dev.paths.root, "1.1.0")

@@ -258,3 +258,37 @@ def test_block_addition_matches_detools() -> None:
         a, b = rng.randbytes(n), rng.randbytes(n)
         assert _add_bytes(a, b) == bytes(add_bytes(a, b))
     assert _add_bytes(b"\xff\x80\x01", b"\x01\x80\xff") == b"\x00\x00\x00"
+
+
+def test_large_bases_are_diffed_by_match_blocks_and_still_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above BSDIFF_MAX_BASE the builder uses detools' match-blocks search (bsdiff's
+    crawls on long zero runs); the device's bounded parser applies what it writes."""
+    from otaguard.delta import build
+
+    rng = random.Random(7)
+    old = bytearray(256 * 1024)  # mostly zero blocks, as a filesystem image is
+    for at in range(0, len(old), 16 * 1024):
+        old[at : at + 4096] = rng.randbytes(4096)
+    new = bytearray(old)
+    new[50_000:50_300] = rng.randbytes(300)
+    new[100_000:108_192] = old[200_704:208_896]  # a block moved
+    base, image, delta = tmp_path / "old", tmp_path / "new", tmp_path / "d"
+    base.write_bytes(bytes(old))
+    image.write_bytes(bytes(new))
+    used: list[str] = []
+    real = build.detools.create_patch
+
+    def spy(*args: object, **kw: object) -> None:
+        used.append(str(kw.get("algorithm")))
+        real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(build.detools, "create_patch", spy)
+    monkeypatch.setattr(build, "BSDIFF_MAX_BASE", len(old) - 1)
+    build.build_delta(base, image, delta)  # applies it with the device's parser too
+    monkeypatch.setattr(build, "BSDIFF_MAX_BASE", len(old))
+    build.build_delta(base, image, tmp_path / "d2")
+    assert used == ["match-blocks", "bsdiff"]
+    assert _apply(bytes(old), delta.read_bytes(), image_length=len(new)) == bytes(new)
+    assert delta.stat().st_size < len(new) // 10

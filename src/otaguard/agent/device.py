@@ -417,7 +417,7 @@ class Device:
             warn_insecure(f"device {self.paths.root} does not check in (plain HTTP, no identity)")
             fetcher = self._fetcher(Unsafe.PLAIN_HTTP)
         else:
-            fetcher = self._checked_in_fetcher()
+            fetcher = self.checked_in_fetcher()
         return TufSession(
             metadata_dir=self.paths.metadata,
             trusted_root=trusted_root,
@@ -435,8 +435,12 @@ class Device:
             staging_dir=self.paths.staging,
         )
 
-    def _checked_in_fetcher(self) -> TlsFetcher:
+    def checked_in_fetcher(self) -> TlsFetcher:
         """A fetcher presenting the device certificate, after an accepted check-in.
+
+        The network seam every update uses (also public so that tools measuring the
+        transport, such as ``bench/install_throughput.py``, fetch exactly as the agent
+        does); the caller closes it.
 
         Zero trust: the server serves metadata and images to a certificate only shortly
         after it checked in. A device without a TPM renews its certificate first when it

@@ -274,6 +274,10 @@ class InstallState:
     written: int = 0
     #: SHA-256 of those ``written`` bytes, to check the slot's prefix before resuming
     written_sha256: str | None = None
+    #: the encoded blob (delta or compressed target path) whose decoding wrote those
+    #: bytes, ``None`` for the image itself: a checkpoint resumes only on the path that
+    #: wrote it (ADR 0021)
+    written_via: str | None = None
     #: runs in a row whose download failed without progress (see MAX_STALLED_RUNS)
     stalled_runs: int = 0
     last_result: dict[str, Any] | None = None
@@ -308,6 +312,7 @@ class InstallState:
                 reason=raw.get("reason"),
                 written=int(raw.get("written", 0)),
                 written_sha256=raw.get("written_sha256"),
+                written_via=raw.get("written_via"),
                 stalled_runs=int(raw.get("stalled_runs", 0)),
                 last_result=raw.get("last_result"),
                 history=list(raw.get("history", [])),
@@ -424,6 +429,7 @@ def _finish(
         pending=None,
         written=0,
         written_sha256=None,
+        written_via=None,
         stalled_runs=0,
     )
     return new, ()
@@ -451,7 +457,9 @@ def transition(  # noqa: PLR0911, PLR0912 - one branch per (phase, event) reads 
     target, to = _target(state)
     if phase in (Phase.DOWNLOADED, Phase.WRITTEN):
         # Persisted by an agent that staged downloads: stream afresh into the slot.
-        fresh = dataclasses.replace(state, phase=Phase.SELECTED, written=0, written_sha256=None)
+        fresh = dataclasses.replace(
+            state, phase=Phase.SELECTED, written=0, written_sha256=None, written_via=None
+        )
         return fresh, _stream_actions(fresh)
     if (
         isinstance(ev, ActionFailed)

@@ -179,6 +179,7 @@ class Installer:
         state.from_slot, state.to_slot = from_slot, to_slot
         state.reason, state.history = None, ["selected"]
         state.written, state.written_sha256, state.stalled_runs = 0, None, 0
+        state.written_via = None
         state.bad_image, state.pending = False, None
         state.save(self.paths.install_state)
         return state
@@ -342,7 +343,7 @@ class Installer:
         target = _target(state)
         return self.paths.staging / f"{target.sha256}.{target.target}"
 
-    def _stream(self, state: InstallState, slot: str) -> Event:
+    def _stream(self, state: InstallState, slot: str) -> Event:  # noqa: PLR0915 - encodings in order, then the image
         """Stream the selected target into ``slot`` (after its SBOM), resuming if possible."""
         target = _target(state)
         if self._session is None:
@@ -358,8 +359,11 @@ class Installer:
         self._download_sbom(info)
         url = session.target_url(info)
 
+        via: str | None = None  # the blob whose decoding the next checkpoint records
+
         def on_checkpoint(ck: Checkpoint) -> None:
             state.written, state.written_sha256, state.stalled_runs = ck.written, ck.sha256, 0
+            state.written_via = via
             state.save(self.paths.install_state)
 
         pacer = None
@@ -370,11 +374,23 @@ class Installer:
         if state.written and state.written_sha256:
             resume = Checkpoint(state.written, state.written_sha256)
         # A delta or compressed blob first when the target offers one (ADR 0018); a plain
-        # image being resumed keeps its checkpoint instead.
+        # image being resumed keeps its checkpoint instead, and a checkpoint written by
+        # decoding a blob resumes on that blob's path only (ADR 0021).
         encoded, _ = (
-            ([], []) if resume else encoded_paths(session, info, running=self._running(state))
+            ([], [])
+            if resume and state.written_via is None
+            else encoded_paths(
+                session, info, running=self._running(state), slot_size=self._slot_size(slot)
+            )
         )
+        if resume and state.written_via not in {None, *(p.blob.path for p in encoded)}:
+            logger.info(
+                "%s: the checkpoint's encoding is not offered now; starting over", info.path
+            )
+            resume = None
+            self._forget_checkpoint(state)
         for path in encoded:
+            via = path.blob.path
             try:
                 with tuf_errors(f"download of {path.blob.path}"):
                     stats = stream_to_slot(
@@ -382,22 +398,27 @@ class Installer:
                         slot=slot,
                         target=path.blob,
                         open_stream=_opener(session, path.blob),
-                        resume=None,
+                        resume=resume if state.written_via == via else None,
                         checkpoint_bytes=self.config.resume_checkpoint_bytes,
                         on_checkpoint=on_checkpoint,
                         stop=self._stop,
                         progress=pacer,
                         transform=path.transform,
                         image=ImageCheck(info.length, target.sha256),
+                        after_chunk=_stream_fault(),
                     )
             except StopRequestedError:
                 raise
             except OtaguardError as e:
                 logger.warning("%s: %s failed: %s; falling back", info.path, path.kind,
                                e.diagnostics())  # fmt: skip
+                # What this path wrote is not known to be the image: the next path
+                # starts from byte 0, never from its checkpoint.
+                resume = None
+                self._forget_checkpoint(state)
                 continue
-            logger.info("%s obtained by %s (%d bytes downloaded)", info.path, path.kind,
-                        stats.downloaded)  # fmt: skip
+            logger.info("%s obtained by %s (%d bytes downloaded, slot written from byte %d)",
+                        info.path, path.kind, stats.downloaded, stats.resumed_at)  # fmt: skip
             if pacer is not None:
                 pacer(0, final=True)
             self.streams.append(stats)
@@ -406,6 +427,7 @@ class Installer:
             return Streamed()
         if encoded:
             logger.info("%s: downloading the full image", info.path)
+        via = None
         with tuf_errors(f"download of {info.path}"):
             stats = stream_to_slot(
                 backend=self.backend,
@@ -426,6 +448,18 @@ class Installer:
         self.streams.append(stats)
         state.written, state.written_sha256 = target.length, target.sha256
         return Streamed()
+
+    def _forget_checkpoint(self, state: InstallState) -> None:
+        """Drop the resume point (persisted before another path writes the slot)."""
+        if state.written or state.written_via is not None:
+            state.written, state.written_sha256, state.written_via = 0, None, None
+            state.save(self.paths.install_state)
+
+    def _slot_size(self, slot: str) -> int:
+        """What ``slot`` can hold: its backend's capacity, at most the configured cap."""
+        capacity = self.backend.capacity(slot)
+        cap = self.config.max_image_bytes
+        return cap if capacity is None else min(cap, capacity)
 
     def _report_downloaded(self, n: int, total: int) -> None:
         """Tell the progress display what an encoded stream downloaded (far below total)."""

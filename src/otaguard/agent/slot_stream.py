@@ -90,6 +90,31 @@ def _resume_point(
     return -1
 
 
+def _decoded_resume_point(
+    backend: SlotBackend, slot: str, image: ImageCheck, resume: Checkpoint | None
+) -> int:
+    """The slot offset a decoded (delta or compressed) stream may resume writing at.
+
+    A decoder's state cannot be persisted (LZMA, zstd), so a decoded stream is fetched
+    and decoded again from its first byte; what resumes is the slot: the checkpointed
+    prefix, if the slot still holds it (re-hashed here), is not written again. The
+    decoded bytes below the checkpoint are then compared with it (by hash) before the
+    first byte beyond it is written.
+    """
+    if resume is None or not 0 < resume.written <= image.length:
+        return 0
+    h = hashlib.sha256()
+    n = 0
+    for chunk in backend.read(slot, resume.written):
+        h.update(chunk)
+        n += len(chunk)
+    if n == resume.written and hmac.compare_digest(h.hexdigest(), resume.sha256):
+        logger.info("slot %s holds %d checkpointed image bytes: writing from there", slot, n)
+        return n
+    logger.warning("slot %s does not hold the checkpointed prefix: starting over", slot)
+    return -1
+
+
 class _Sink:
     """The slot side of the stream, in a thread of its own: hash, write, checkpoint.
 
@@ -215,7 +240,8 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         stop: set when the agent must stop (the install resumes later).
         progress: called with byte counts as they are written.
         transform: decompressor or delta applier between the verified stream and the slot;
-            the identity for a plain image. A non-resumable transform starts over.
+            the identity for a plain image. A decoded stream is fetched and decoded from
+            its first byte again; with ``resume`` its slot prefix is not written again.
         image: the slot bytes a transform must produce (required with a transform).
         after_chunk: called with the stream offset after each chunk is written (fault
             injection).
@@ -234,7 +260,11 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         raise ValueError("a transformed stream needs the image's length and hash")
     stats = StreamStats()
     verifier = TargetStream(target=target)
-    start = _resume_point(backend, slot, verifier, resume if transform.resumable else None)
+    if plain:
+        start = _resume_point(backend, slot, verifier, resume)
+    else:
+        assert image is not None  # noqa: S101 - checked above
+        start = _decoded_resume_point(backend, slot, image, resume)
     if start < 0:
         stats.prefix_rejected, start = True, 0
         verifier = TargetStream(target=target)
@@ -242,10 +272,25 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
     image_hash = hashlib.sha256()
     produced = 0  # bytes the transform produced (checked against the image length)
     written = last = start  # slot bytes written / at the last checkpoint
-    pos = start  # stream bytes received
+    pos = start if plain else 0  # stream bytes received
     writer = backend.open_writer(
         slot, offset=start, length=image.length if image else target.length
     )
+
+    def skip_prefix(out: bytes) -> bytes:
+        """Hash decoded bytes the slot already holds; return those it does not."""
+        keep = produced - start  # ``produced`` already counts ``out``
+        if keep >= len(out):
+            return out
+        head = out[: len(out) - max(keep, 0)]
+        image_hash.update(head)
+        if keep >= 0 and not hmac.compare_digest(
+            image_hash.hexdigest(), resume.sha256 if resume else ""
+        ):
+            raise LengthOrHashMismatchError(
+                f"{target.path}: decodes to another prefix than the slot's checkpoint"
+            )
+        return out[len(head) :]
 
     def sink_step(out: bytes) -> None:
         nonlocal written, last
@@ -257,8 +302,9 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         written += len(out)
         if progress is not None:
             progress(len(out))
-        if plain and written - last >= checkpoint_bytes:
-            checkpoints.request(Checkpoint(written, verifier.sha256_so_far()))
+        if written - last >= checkpoint_bytes:
+            digest = verifier.sha256_so_far() if plain else image_hash.copy().hexdigest()
+            checkpoints.request(Checkpoint(written, digest))
             last = written
         if after_chunk is not None:
             after_chunk(written)
@@ -282,7 +328,8 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
             # left to fetch (a Range beyond the end would be refused with 416).
             while pos < target.length or not plain:
                 try:
-                    for out in transform(received(pos)):
+                    for decoded in transform(received(pos)):
+                        out = decoded
                         if not plain:
                             assert image is not None  # noqa: S101 - checked above
                             produced += len(out)
@@ -290,6 +337,10 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
                                 raise LengthOrHashMismatchError(
                                     f"{target.path} expands beyond the image's {image.length} bytes"
                                 )
+                            if produced - len(out) < start:
+                                out = skip_prefix(out)  # the slot holds these already
+                                if not out:
+                                    continue
                         sink.put(out)
                         if stop.is_set():
                             raise StopRequestedError(f"stopped while writing slot {slot}")
@@ -308,6 +359,10 @@ def stream_to_slot(  # noqa: PLR0912, PLR0915 - one loop: reconnects, checks, ch
         finally:
             sink.close()  # what was received is written; the thread ends here
             checkpoints.close()
+            if sink.error is not None and not isinstance(sink.error, Exception):
+                # An interrupt of the writing thread (a stop of the process) wins over
+                # whatever the decoder ran into meanwhile: it must not become a fallback.
+                raise sink.error
         sink.check()
         if checkpoints.error is not None:
             raise checkpoints.error

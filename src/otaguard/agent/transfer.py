@@ -102,10 +102,9 @@ def encoded_paths(
             except VerificationError as e:
                 causes.append(f"delta failed: {e.diagnostics()}")
     if encodings.compressed is not None:
-        limit = image.length if slot_size is None else min(image.length, slot_size)
         try:
             blob = _bound_target(session, encodings.compressed, image)
-            paths.append(EncodedPath("compressed", blob, ZstdTransform(limit)))
+            paths.append(EncodedPath("compressed", blob, ZstdTransform(image.length, slot_size)))
         except VerificationError as e:
             causes.append(f"compressed failed: {e.diagnostics()}")
     for cause in causes:

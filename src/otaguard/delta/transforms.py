@@ -2,8 +2,9 @@
 
 The shape the streaming install (ADR 0017) puts between the verified network stream and
 the slot: a callable from chunks to an iterator of bytes, with ``resumable`` telling
-whether slot offset equals stream offset. A decoded image's offsets are not the blob's,
-so these restart from byte 0 after an interruption (``resumable = False``).
+whether slot offset equals stream offset. A decoded image's offsets are not the blob's
+(``resumable = False``): after an interruption the blob is fetched and decoded from its
+first byte again, and only the slot's checkpointed prefix is kept (ADR 0021).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ __all__ = ["DeltaTransform", "ZstdTransform"]
 
 @dataclass
 class ZstdTransform:
-    """zstd blob -> image, at most ``image_length`` bytes (the image's or the slot's)."""
+    """zstd blob -> image: ``image_length`` bytes, never more than ``slot_size``."""
 
     image_length: int
+    slot_size: int | None = None
     resumable: bool = False
 
     def __call__(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """Decode ``chunks`` (see :func:`otaguard.delta.zstd.decode_zstd`)."""
-        return decode_zstd(chunks, image_length=self.image_length)
+        return decode_zstd(chunks, image_length=self.image_length, slot_size=self.slot_size)
 
 
 @dataclass

@@ -8,8 +8,8 @@ arrives, before its hash is known, so the decoder treats it as hostile:
 - output leaves the decoder (``read_to_iter``) in pieces of at most :data:`WRITE_SIZE`
   bytes (one input chunk of a few bytes can describe gigabytes: a compression bomb never
   sits in memory);
-- the output may not exceed the signed image length (the caller passes the smaller of
-  that and the slot size): the first byte beyond it raises :class:`CompressedImageError`;
+- the output may not exceed the signed image length nor the slot's size (a device passes
+  both): the first byte beyond either raises :class:`CompressedImageError` naming which;
 - fewer bytes than the image length at the end is refused too.
 
 What is written is still only a candidate: the caller hashes it and installs it only when
@@ -54,15 +54,19 @@ class _ChunkReader:
         return next(self._it, b"")
 
 
-def decode_zstd(chunks: Iterable[bytes], *, image_length: int) -> Iterator[bytes]:
+def decode_zstd(
+    chunks: Iterable[bytes], *, image_length: int, slot_size: int | None = None
+) -> Iterator[bytes]:
     """Decode a zstd blob arriving as ``chunks``; yield the image in bounded pieces.
 
     The generator form (a stream transform: verified chunks in, slot bytes out).
 
     Args:
         chunks: the compressed bytes as they arrive (any split).
-        image_length: the most bytes it may expand to, and exactly what it must expand
-            to: the signed image length, or the slot size when smaller.
+        image_length: the signed image length: the most bytes it may expand to, and
+            exactly what it must expand to.
+        slot_size: what the slot it is written to holds (``None``: not known here); the
+            output may not exceed it either.
 
     Yields:
         Decoded pieces of at most :data:`WRITE_SIZE` bytes, in order; never a byte past
@@ -70,19 +74,21 @@ def decode_zstd(chunks: Iterable[bytes], *, image_length: int) -> Iterator[bytes
 
     Raises:
         CompressedImageError: corrupt data, a window above :data:`MAX_WINDOW_SIZE`,
-            output beyond ``image_length`` or short of it.
+            output beyond ``image_length`` or ``slot_size``, or short of ``image_length``.
     """
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+    limit, what = image_length, f"its declared {image_length} bytes"
+    if slot_size is not None and slot_size < image_length:
+        limit, what = slot_size, f"the slot's {slot_size} bytes"
     count = 0
     try:
         # the reader is file-like enough for the decoder (it only calls read)
         reader = _ChunkReader(chunks)
         for out in dctx.read_to_iter(reader, write_size=WRITE_SIZE):  # type: ignore[arg-type]
             count += len(out)
-            if count > image_length:
+            if count > limit:
                 raise CompressedImageError(
-                    f"compressed image expands beyond its declared {image_length} bytes "
-                    "(compression bomb)"
+                    f"compressed image expands beyond {what} (compression bomb)"
                 )
             yield bytes(out)
     except zstandard.ZstdError as e:
