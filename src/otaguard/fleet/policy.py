@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
@@ -20,7 +20,7 @@ from otaguard.model.errors import ConfigError
 __all__ = ["DEFAULT_ACTIONS", "Action", "AlertPolicy", "parse_policy"]
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     """What an alert does besides being stored and sent to webhooks."""
 
     RECORD = "record"

@@ -35,10 +35,14 @@ __all__ = [
     "MAX_TELEMETRY_BYTES",
     "MAX_TELEMETRY_DEPTH",
     "TELEMETRY_SCHEMA",
+    "TOPIC_PREFIX",
     "LastInstall",
     "Telemetry",
     "TelemetryError",
+    "hint_topic",
     "parse_telemetry",
+    "serial_of_topic",
+    "telemetry_topic",
 ]
 
 #: the schema name and version; a new incompatible version is a new name (the device API
@@ -88,6 +92,30 @@ _KEYS: Final = frozenset(
     }
 )
 _INSTALL_KEYS: Final = frozenset({"result", "version", "duration_s"})
+
+
+#: MQTT topics: ``otaguard/v1/devices/<serial>/telemetry`` (the device publishes) and
+#: ``.../hint`` (the server publishes, the device subscribes). The broker's ACL
+#: (deploy/mosquitto/acl) lets a certificate whose CN is <serial> use only its own pair.
+TOPIC_PREFIX: Final = "otaguard/v1/devices/"
+
+
+def telemetry_topic(serial: str) -> str:
+    """The topic ``serial`` publishes its telemetry to."""
+    return f"{TOPIC_PREFIX}{serial}/telemetry"
+
+
+def hint_topic(serial: str) -> str:
+    """The topic the server publishes ``serial``'s "check in now" hints to."""
+    return f"{TOPIC_PREFIX}{serial}/hint"
+
+
+def serial_of_topic(topic: str) -> str | None:
+    """The serial a telemetry topic names, or ``None`` if it is not one."""
+    if not topic.startswith(TOPIC_PREFIX) or not topic.endswith("/telemetry"):
+        return None
+    serial = topic[len(TOPIC_PREFIX) : -len("/telemetry")]
+    return serial if _SERIAL_RE.fullmatch(serial) else None
 
 
 class TelemetryError(VerificationError):

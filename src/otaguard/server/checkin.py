@@ -32,7 +32,7 @@ import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from threading import Lock
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,6 +67,7 @@ __all__ = [
     "NONCE_BYTES",
     "NONCE_TTL",
     "RENEWAL_CHECKIN_WINDOW",
+    "CheckinObserver",
     "CheckinServices",
     "checkin_router",
     "checkins_router",
@@ -91,6 +92,24 @@ RENEWAL_CHECKIN_WINDOW: Final = dt.timedelta(minutes=2)
 HISTORY_LIMIT: Final = 20
 # An attestation key is one PEM public key (~180 bytes).
 MAX_AK_PEM_CHARS: Final = 1024
+
+
+class CheckinObserver(Protocol):
+    """What the check-in tells fleet monitoring (:class:`~otaguard.server.monitor.Monitor`)."""
+
+    def checkin_refused(self, reason: str) -> None:
+        """A check-in was refused before it was recorded."""
+
+    def after_checkin(
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        manifest: DeviceManifest,
+        problem: str | None,
+        answer: bytes | None,
+    ) -> None:
+        """A check-in was recorded (``problem``: why it quarantined the device)."""
 
 
 class CheckinServices:
@@ -120,6 +139,8 @@ class CheckinServices:
         self.devices = devices
         self.metadata = metadata
         self.clock = clock
+        #: told of every check-in and refusal (fleet monitoring, ADR 0026); set by the app
+        self.monitor: CheckinObserver | None = None
         self._index_lock = Lock()
         # (newest targets version indexed, [(image, its hardware ids)])
         self._index: tuple[int, list[tuple[ListedImage, frozenset[str]]]] = (0, [])
@@ -413,12 +434,25 @@ def _checkin(
     # One transaction from the registry check to the recorded check-in. The director's
     # answer comes after it commits: its policy reads (and may write) on connections of
     # its own, which must never wait for this transaction's locks (SQLite: the file's).
-    with svc.unit():
-        dev = gate.admit(presented, scope)
-        entry, manifest, problem = _record(svc, dev, data)
+    try:
+        with svc.unit():
+            dev = gate.admit(presented, scope)
+            entry, manifest, problem = _record(svc, dev, data)
+    except CheckinRefusedError as e:
+        if svc.monitor is not None:
+            svc.monitor.checkin_refused(str(e))
+        raise
     serial = dev.record.serial
     if problem is not None:
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
+        if svc.monitor is not None:
+            svc.monitor.after_checkin(
+                serial=serial,
+                hardware_id=dev.record.hardware_id,
+                manifest=manifest,
+                problem=problem,
+                answer=None,
+            )
         raise AccessDeniedError(f"device {serial} quarantined at check-in: {problem}")
     if manifest.attack_flags:
         logger.error(
@@ -430,14 +464,23 @@ def _checkin(
         entry.running_version,
         "attested" if entry.attested else "unattested measurement",
     )
-    director = None
+    answer = None
     if svc.director is not None:
-        director = svc.director.answer(
+        answer = svc.director.answer(
             serial=serial,
             hardware_id=dev.record.hardware_id,
             installed=manifest.installed,
             nonce=manifest.nonce,
-        ).decode()
+        )
+    if svc.monitor is not None:
+        svc.monitor.after_checkin(
+            serial=serial,
+            hardware_id=dev.record.hardware_id,
+            manifest=manifest,
+            problem=None,
+            answer=answer,
+        )
+    director = answer.decode() if answer is not None else None
     return CheckinBody(
         serial=serial,
         time=entry.time,

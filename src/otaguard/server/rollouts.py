@@ -19,7 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from threading import Lock
 from typing import Final
@@ -34,6 +34,7 @@ from otaguard.server.channels import (
     Evaluation,
     Rollout,
     RolloutView,
+    admitted,
     decide,
     evaluate,
     install_outcome,
@@ -98,6 +99,10 @@ def _stored_last_result(manifest: bytes) -> dict[str, str]:
     }
 
 
+def _nobody(_serials: Iterable[str]) -> None:
+    """No one to tell (no MQTT bridge)."""
+
+
 class Rollouts:
     """Rollouts: the operator's actions and their evaluation."""
 
@@ -115,6 +120,9 @@ class Rollouts:
         self.inventory = inventory
         self.releases = releases
         self.clock = clock
+        #: told the members a rollout admits when it starts, resumes or advances (the
+        #: MQTT hint, ADR 0026); they still poll with jitter
+        self.on_admit: Callable[[Iterable[str]], None] = _nobody
         self._lock = Lock()
 
     # -- operator actions ------------------------------------------------------------------
@@ -129,6 +137,7 @@ class Rollouts:
         if not any(r.info.version == rollout.version for r in self.releases()):
             raise OperatorError(f"release {rollout.version} is not served by this server")
         self.store.create(rollout, now=self.clock())
+        self._admit(rollout)
         logger.info(
             "rollout %s of %s to group %s created (phases %s)",
             rollout.name,
@@ -160,7 +169,13 @@ class Rollouts:
         if not self.store.change(new, expect_state=current.state, now=self.clock()):
             raise OperatorError(f"rollout {name} changed meanwhile; try again")
         logger.info("rollout %s %s", name, target)
+        if target == "active":
+            self._admit(new)
         return new
+
+    def _admit(self, rollout: Rollout) -> None:
+        """Hint the members the rollout admits now (those running it ignore the hint)."""
+        self.on_admit(admitted(rollout, self.inventory.members(rollout.group)))
 
     # -- evaluation ------------------------------------------------------------------------
     def _outcomes(self, rollout: Rollout) -> dict[str, tuple[str, str]]:
@@ -177,6 +192,11 @@ class Rollouts:
                 out[rep.serial] = standing
         return out
 
+    def outcomes(self, rollout: Rollout) -> dict[str, tuple[str, str]]:
+        """Every device that reported success or failure in ``rollout``: serial ->
+        (``success`` | ``failure``, the error it reported)."""
+        return self._outcomes(rollout)
+
     def status(self, rollout: Rollout) -> RolloutStatus:
         """Evaluate ``rollout`` now and store a change (halt, next phase, completion).
 
@@ -192,6 +212,8 @@ class Rollouts:
                     if new.state == "halted":
                         logger.error("ALERT rollout %s %s", new.name, new.reason)
                     else:
+                        if new.state == "active":
+                            self._admit(new)
                         logger.info(
                             "rollout %s: %s, phase %d (%d%%)",
                             new.name,

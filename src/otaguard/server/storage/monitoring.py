@@ -263,6 +263,10 @@ class MonitorStore(ABC):
         ``dedup_key``: then ``None``."""
 
     @abstractmethod
+    def is_open(self, dedup_key: str) -> bool:
+        """Whether an unacknowledged alert has ``dedup_key``."""
+
+    @abstractmethod
     def alerts(self, *, include_acked: bool, limit: int) -> list[AlertRecord]:
         """Alerts, newest first."""
 
@@ -427,7 +431,7 @@ class SQLMonitorStore(MonitorStore):
                 ).first()
                 if open_one is not None:
                     return None
-                new_id = conn.execute(
+                new_id: int = conn.execute(
                     insert(alerts_table)
                     .values(
                         time=alert.time,
@@ -447,6 +451,20 @@ class SQLMonitorStore(MonitorStore):
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
         return AlertRecord(**{**alert.__dict__, "id": int(new_id)})
+
+    def is_open(self, dedup_key: str) -> bool:
+        """See :meth:`MonitorStore.is_open`."""
+        try:
+            with reading(self._engine) as conn:
+                row = conn.execute(
+                    select(alerts_table.c.id).where(
+                        alerts_table.c.dedup_key == dedup_key[:240],
+                        alerts_table.c.acked_at.is_(None),
+                    )
+                ).first()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return row is not None
 
     def alerts(self, *, include_acked: bool, limit: int) -> list[AlertRecord]:
         """See :meth:`MonitorStore.alerts`."""
@@ -469,7 +487,9 @@ class SQLMonitorStore(MonitorStore):
                     .where(alerts_table.c.id == alert_id, alerts_table.c.acked_at.is_(None))
                     .values(acked_at=now, acked_by=by[:64])
                 )
-                row = conn.execute(select(alerts_table).where(alerts_table.c.id == alert_id)).first()
+                row = conn.execute(
+                    select(alerts_table).where(alerts_table.c.id == alert_id)
+                ).first()
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
         if row is None:
