@@ -251,6 +251,7 @@ def _release_list(a: argparse.Namespace) -> int:
 
 # -- server --------------------------------------------------------------------------
 def _server(a: argparse.Namespace) -> int:
+    from otaguard.cli._monitor import monitor_settings
     from otaguard.server import ServerSettings, run_server
 
     if a.data is None:
@@ -280,6 +281,7 @@ def _server(a: argparse.Namespace) -> int:
             online_key_uri=a.online_key_uri,
             hsm_pin=os.environ.get(HSM_PIN_ENV) or None,
             database_url=a.database_url or None,
+            **monitor_settings(a),
         )
     except ValueError as e:
         raise OperatorError(str(e)) from e
@@ -725,6 +727,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         add_kofn_options,
         add_root_ceremony_parser,
     )
+    from otaguard.cli._monitor import (
+        add_alerts_parser,
+        add_monitor_server_options,
+        add_mqtt_files_parser,
+    )
     from otaguard.cli._ops import (
         add_ops_parsers,
         add_server_operator_parser,
@@ -953,8 +960,9 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         "visible to other local users); default: the embedded SQLite DATA/otaguard.db"
     )
     srv.add_argument("--database-url", default=env_db, metavar="URL", help=db_help)
+    add_monitor_server_options(srv)
     srv.set_defaults(func=_server)
-    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator,db}")
+    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator,db,mqtt-files}")
     sinit = srv_cmds.add_parser(
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
     )
@@ -976,6 +984,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="the server data directory (embedded SQLite)",
     )
     sdb.set_defaults(func=_server_db)
+    add_mqtt_files_parser(srv_cmds)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
     pub = sub.add_parser(
@@ -1039,6 +1048,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     add_ops_parsers(sub)
     add_rollout_parsers(sub)
+    add_alerts_parser(sub)
     add_sim_parser(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(

@@ -345,6 +345,10 @@ class Monitor:
     def _act(self, action: Action, finding: Finding) -> str:
         try:
             if action is Action.QUARANTINE and finding.serial is not None:
+                current = self.devices.get(finding.serial)
+                if current is not None and current.status is not DeviceState.ENROLLED:
+                    # Quarantined at check-in already (its reason kept), or revoked.
+                    return f"{finding.serial} already {current.status.value}"
                 self.devices.set_status(
                     finding.serial,
                     DeviceState.QUARANTINED,

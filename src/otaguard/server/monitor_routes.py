@@ -180,13 +180,18 @@ def monitor_router(
         note_audit(request, target=str(alert_id))
         return AlertBody.of(monitor.ack(alert_id, by=op.name))
 
+    metrics_route = role_route(auth, Role.VIEWER)
+    metrics_route["responses"][200] = {
+        "content": {CONTENT_TYPE_LATEST: {}},
+        "description": "Prometheus text format",
+    }
+
     @router.get(
         "/metrics",
         tags=["metrics"],
         summary="Prometheus metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text format"}},
-        **role_route(auth, Role.VIEWER),
+        **metrics_route,
     )
     def metrics() -> Response:
         """Server and fleet gauges in the Prometheus text format (viewer token)."""

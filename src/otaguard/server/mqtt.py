@@ -47,6 +47,7 @@ __all__ = [
     "SERVER_MQTT_NAME",
     "MqttBridge",
     "MqttSettings",
+    "write_broker_files",
     "write_server_identity",
 ]
 
@@ -187,3 +188,32 @@ class MqttBridge:
         info = self._client.publish(hint_topic(serial), payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             logger.warning("MQTT hint to %s not sent: %s", serial, mqtt.error_string(info.rc))
+
+
+def write_broker_files(data_dir: Path, *, host: str, out: Path) -> list[Path]:
+    """The broker's certificate (from the server's TLS CA) and the device CA chain.
+
+    Writes ``broker.pem``, ``broker.key`` and ``device-ca.pem`` into ``out``
+    (``deploy/mosquitto/otaguard.conf`` names them).
+
+    Raises:
+        ConfigError: the data directory has no CAs, or ``out`` cannot be written.
+    """
+    from otaguard.crypto.ca import CertificateAuthority
+    from otaguard.crypto.device_ca import DEVICE_CA_DIR
+
+    if not (data_dir / "ca").is_dir() or not (data_dir / DEVICE_CA_DIR).is_dir():
+        raise ConfigError(f"{data_dir} has no CAs yet: run otaguard server init --data {data_dir}")
+    ca = CertificateAuthority.load_or_create(data_dir / "ca")
+    device_ca = DeviceCA.load_or_create(data_dir / DEVICE_CA_DIR)
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        creds = ca.server_credentials(out, [host])
+        cert, key = out / "broker.pem", out / "broker.key"
+        creds.cert_path.replace(cert)
+        creds.key_path.replace(key)
+        chain = out / "device-ca.pem"
+        atomic_write_bytes(chain, device_ca.chain_path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot write the broker files in {out}: {e.strerror}") from e
+    return [cert, key, chain]
