@@ -9,8 +9,8 @@ URL layout::
     GET  /metrics                          viewer: Prometheus text exposition
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": FastAPI evaluates the route's Annotated
+# dependency (a closure variable) from the real annotation.
 import datetime as dt
 import json
 from typing import Annotated, Any, Final
@@ -69,7 +69,7 @@ class AlertBody(BaseModel):
     acked_by: str | None
 
     @classmethod
-    def of(cls, a: AlertRecord) -> AlertBody:
+    def of(cls, a: AlertRecord) -> "AlertBody":
         """From a stored alert."""
         return cls(**a.__dict__)
 
