@@ -146,6 +146,7 @@ def test_a_real_clone_of_credentials_is_quarantined_with_an_alert_naming_the_sig
     assert alert["threshold"].startswith("one boot session at a time")
     assert (alert["action"], alert["outcome"]) == ("quarantine", "quarantined victim")
     status, data = api(world, "/api/v1/devices/victim")
+    assert status == 200
     assert json.loads(data)["status"] == "quarantined"
     assert json.loads(data)["reason"].startswith("cloned-credentials: boot ")
     # Both holders of the certificate are refused from now on.
@@ -183,6 +184,7 @@ def test_alerts_list_and_ack_with_roles_and_audit(
     code, _, err = run(capsys, ["alerts", "ack", "999999", *opts(world, operator)])
     assert code == 2 and "no alert 999999" in err
     status, data = api(world, "/api/v1/audit")
+    assert status == 200
     entries = [e for e in json.loads(data) if e["action"] == "alert.ack"]
     assert sorted((e["actor"], e["target"], e["result"].split(":")[0]) for e in entries) == [
         ("oncall", "1", "ok"), ("oncall", "999999", "refused 400"),
@@ -232,7 +234,7 @@ def receiver() -> Iterator[Receiver]:
     rec = Receiver(statuses=[])
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             rec.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
             time.sleep(rec.delay)
@@ -286,9 +288,10 @@ def test_an_alert_reaches_a_webhook_signed_after_a_retry(
     # A body altered in transit no longer matches its signature.
     headers, body = receiver.posts[1]
     forged = body.replace(b"w1", b"w2")
-    assert signature(SECRET, headers["x-otaguard-timestamp"], forged) != headers[
-        "x-otaguard-signature"
-    ]
+    assert (
+        signature(SECRET, headers["x-otaguard-timestamp"], forged)
+        != headers["x-otaguard-signature"]
+    )
 
 
 def test_a_hanging_receiver_is_cut_off_by_the_timeout_and_bounded_retries(
