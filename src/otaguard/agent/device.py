@@ -755,6 +755,11 @@ class Device:
             running = booted.version if booted is not None and booted.slot else "recovery"
             return build_report(self.paths, self.config, running_version=running)
 
+    def mqtt_tls(self) -> ssl.SSLContext:
+        """TLS for the MQTT broker: the provisioned server CA, this device's certificate."""
+        with self._locked():
+            return self._tls_with_identity(renew=False)
+
     def send_telemetry(self) -> Telemetry:
         """Send the next health report over the device API (mutual TLS).
 
