@@ -63,9 +63,10 @@ class Broker:
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
             except OSError:
                 time.sleep(0.05)
+            else:
+                return
         self.stop()
         raise RuntimeError("mosquitto did not start listening")
 
