@@ -41,7 +41,12 @@ from otaguard.server.attestation import ListedImage
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollouts import Rollouts
 from otaguard.server.storage.base import DeviceState, DeviceStore
-from otaguard.server.storage.monitoring import TELEMETRY_RETENTION, AlertRecord, MonitorStore
+from otaguard.server.storage.monitoring import (
+    TELEMETRY_RETENTION,
+    AlertRecord,
+    DeviceHealth,
+    MonitorStore,
+)
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL",
@@ -91,6 +96,22 @@ def instructed_image(answer: bytes, *, running: str | None) -> str | None:
         return None
     name = str(next(iter(targets)))
     return None if name == running else name
+
+
+def _cohort(health: Iterable[DeviceHealth]) -> list[CohortDevice]:
+    return [
+        CohortDevice(
+            serial=h.serial,
+            hardware_id=h.hardware_id,
+            version=h.release_version,
+            reports=h.release_reports,
+            boots=h.release_boots,
+            rollbacks=h.release_rollbacks,
+            errors=h.release_errors,
+        )
+        for h in health
+        if h.release_version is not None
+    ]
 
 
 class Monitor:
@@ -266,20 +287,7 @@ class Monitor:
                 )
                 if found is not None:
                     self.raise_finding(found)
-        cohort = [
-            CohortDevice(
-                serial=h.serial,
-                hardware_id=h.hardware_id,
-                version=h.release_version,
-                reports=h.release_reports,
-                boots=h.release_boots,
-                rollbacks=h.release_rollbacks,
-                errors=h.release_errors,
-            )
-            for h in health
-            if h.release_version is not None
-        ]
-        for found in cohort_findings(cohort):
+        for found in cohort_findings(_cohort(health)):
             self.raise_finding(found)
         if self.rollouts is not None:
             for rollout in self.rollouts.store.list():
@@ -288,6 +296,21 @@ class Monitor:
                     if phase is not None:
                         self.raise_finding(phase)
         self.store.purge_telemetry(before=now - TELEMETRY_RETENTION)
+
+    def before_advance(self, rollout: Rollout) -> None:
+        """Before ``rollout`` admits more devices: its release's cohorts and its phases.
+
+        Runs the cohort and phase checks of the sweep for this rollout only, at the
+        moment it matters (a phase that looks good by install reports alone may be
+        crash-looping by telemetry); a finding pauses the rollout per the policy.
+        """
+        version = str(rollout.version)
+        for found in cohort_findings(_cohort(self.store.all_health())):
+            if found.version == version:
+                self.raise_finding(found)
+        phase = phase_failure_finding(rollout.name, self._phase_counts(rollout))
+        if phase is not None:
+            self.raise_finding(phase)
 
     def _phase_counts(self, rollout: Rollout) -> dict[int, PhaseCounts]:
         if self.rollouts is None:

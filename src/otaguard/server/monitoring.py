@@ -111,6 +111,7 @@ def build_monitoring(
         director.on_instruction = monitor.hint
     if rollouts is not None:
         rollouts.on_admit = monitor.hint
+        rollouts.before_advance = monitor.before_advance
     webhooks = None
     if settings.webhook_urls and settings.webhook_secret:
         webhooks = WebhookSender(settings.webhook_urls, secret=settings.webhook_secret)

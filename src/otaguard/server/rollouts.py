@@ -103,6 +103,10 @@ def _nobody(_serials: Iterable[str]) -> None:
     """No one to tell (no MQTT bridge)."""
 
 
+def _no_check(_rollout: Rollout) -> None:
+    """Nothing to check before advancing (no fleet monitoring)."""
+
+
 class Rollouts:
     """Rollouts: the operator's actions and their evaluation."""
 
@@ -123,6 +127,8 @@ class Rollouts:
         #: told the members a rollout admits when it starts, resumes or advances (the
         #: MQTT hint, ADR 0026); they still poll with jitter
         self.on_admit: Callable[[Iterable[str]], None] = _nobody
+        #: called before a phase advance or completion is stored (fleet monitoring)
+        self.before_advance: Callable[[Rollout], None] = _no_check
         self._lock = Lock()
 
     # -- operator actions ------------------------------------------------------------------
@@ -205,6 +211,15 @@ class Rollouts:
         """
         members = self.inventory.members(rollout.group)
         result = evaluate(rollout, members, self._outcomes(rollout))
+        new = result.rollout
+        advancing = new.state == "completed" or (
+            new.state == "active" and new.phase != rollout.phase
+        )
+        if result.changed and advancing:
+            # About to admit more devices: fleet monitoring looks at the release first and
+            # may pause the rollout (ADR 0026); the change below then finds it paused
+            # and is not stored.
+            self.before_advance(rollout)
         if result.changed:
             with self._lock:
                 if self.store.change(result.rollout, expect_state=rollout.state, now=self.clock()):
