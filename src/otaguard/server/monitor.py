@@ -66,6 +66,9 @@ DEFAULT_POLL_INTERVAL: Final = 3600.0
 #: polls a device may miss after an install before it counts as silent: one missed poll
 #: is a slow reboot or a brief outage, three is a device that did not come back
 DEFAULT_SILENT_INTERVALS: Final = 3
+#: old telemetry is purged at most this often: a purge is a write transaction, and on
+#: SQLite every write waits for the one file lock the check-ins need too
+TELEMETRY_PURGE_INTERVAL: Final = dt.timedelta(minutes=10)
 #: the director's answer is a few KiB; a bigger one is not parsed for its target name
 _MAX_ANSWER_BYTES: Final = 1 << 20
 
@@ -147,6 +150,7 @@ class Monitor:
         # One telemetry report at a time per process: the boot-session check reads the
         # last session and writes the new one (two processes may still race: ADR 0026).
         self._telemetry_lock = threading.Lock()
+        self._last_purge: dt.datetime | None = None
 
     # -- inputs ----------------------------------------------------------------------------
     def checkin_refused(self, reason: str) -> None:
@@ -295,7 +299,9 @@ class Monitor:
                     phase = phase_failure_finding(rollout.name, self._phase_counts(rollout))
                     if phase is not None:
                         self.raise_finding(phase)
-        self.store.purge_telemetry(before=now - TELEMETRY_RETENTION)
+        if self._last_purge is None or now - self._last_purge >= TELEMETRY_PURGE_INTERVAL:
+            self.store.purge_telemetry(before=now - TELEMETRY_RETENTION)
+            self._last_purge = now
 
     def before_advance(self, rollout: Rollout) -> None:
         """Before ``rollout`` admits more devices: its release's cohorts and its phases.
