@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +34,7 @@ import pytest
 import urllib3
 
 from conftest import HW, World, same_passphrase
+from db_support import fresh_database
 from nginx_support import free_port
 from otaguard.crypto import read_public_key
 from otaguard.model.version import Version
@@ -42,11 +44,15 @@ from otaguard.server import init_data_dir
 from otaguard.server.auth import OPERATOR_TOKEN_FILE
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollout_client import RolloutClient, RolloutInfo
+from otaguard.server.storage import upgrade_database
 from otaguard.sim.fleetsim import FleetSim, SimSettings
 from otaguard.sim.rollout_driver import poll_round, running
 from otaguard.sim.scenarios import clone_device, tamper_slot
 
 DEVICES: Final = int(os.environ.get("OTAGUARD_MONITOR_FLEET", "60"))
+#: ``postgresql`` runs the server on a fresh PostgreSQL database (the scale-out store;
+#: what the 1,000-device run uses), else on its embedded SQLite
+ENGINE: Final = os.environ.get("OTAGUARD_MONITOR_FLEET_DB", "sqlite")
 PHASES: Final = (10, 50, 100)
 MAX_ROUNDS: Final = 12
 
@@ -54,7 +60,16 @@ MAX_ROUNDS: Final = 12
 class ProcessServer:
     """``otaguard server`` in its own process with fast rollout and monitor intervals."""
 
-    def __init__(self, tmp: Path, *, repo: Path, director: Path, data_dir: Path, ca: Path):
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        repo: Path,
+        director: Path,
+        data_dir: Path,
+        ca: Path,
+        database_url: str | None = None,
+    ):
         self.port = free_port()
         self.base_url = f"https://127.0.0.1:{self.port}"
         self.ca_cert = ca
@@ -65,7 +80,8 @@ class ProcessServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "otaguard", "server", "--data", str(data_dir),
              "--repo", str(repo), "--director", str(director), "--port", str(self.port),
-             "--rollout-interval", "0.2", "--monitor-interval", "0.5"],
+             "--rollout-interval", "0.2", "--monitor-interval", "0.5",
+             *(["--database-url", database_url] if database_url else [])],
             env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -126,8 +142,19 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("monitor-fleet")
+    with ExitStack() as stack:
+        url = None
+        if ENGINE != "sqlite":
+            url = stack.enter_context(fresh_database(request.config, ENGINE, tmp))
+            upgrade_database(url)
+        yield from _fleet(tmp, url)
+
+
+def _fleet(tmp: Path, database_url: str | None) -> Iterator[Fleet]:
     paths = init_data_dir(tmp / "server")
     repo = ImageRepository.init(tmp / "repo", keys_dir=tmp / "keys", passphrases=same_passphrase,
                                 online_key=read_public_key(paths.online_public_key))  # fmt: skip
@@ -138,7 +165,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         online_key=read_public_key(paths.director_public_key),
     )
     server = ProcessServer(tmp, repo=repo.dir, director=tmp / "director",
-                           data_dir=paths.data_dir, ca=paths.ca_cert)  # fmt: skip
+                           data_dir=paths.data_dir, ca=paths.ca_cert,
+                           database_url=database_url)  # fmt: skip
     w = World(tmp, repo, server, {}, {}, director_root)  # type: ignore[arg-type]
     try:
         w.release("1.0.0")
