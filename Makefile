@@ -24,12 +24,13 @@ $(STAMP): pyproject.toml | sysdeps
 # tells when abrmd is up). Keys in a PKCS#11 token (ADR 0013) are tested against SoftHSM2
 # (softhsm2: softhsm2-util and its module libsofthsm2.so); opensc's pkcs11-tool inspects a
 # token by hand. The install benchmark's reference is RAUC (rauc; its bundles need
-# mksquashfs from squashfs-tools), run on a private session D-Bus. As root they are
-# installed, otherwise listed (exit 1).
+# mksquashfs from squashfs-tools), run on a private session D-Bus. Fleet monitoring's MQTT
+# tests start their own broker (mosquitto, /usr/sbin/mosquitto) with the shipped
+# deploy/mosquitto config (ADR 0026). As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
                 dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
-                pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools
+                pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools mosquitto:mosquitto
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \
