@@ -30,15 +30,16 @@ $(STAMP): pyproject.toml | sysdeps
 # partitions (this kernel parses no partition tables itself), mkfs.ext4 (e2fsprogs) makes
 # the file system a mounted-slot test mounts; fw_printenv/fw_setenv (libubootenv-tool),
 # grub-editenv (grub-common) and mkenvimage (u-boot-tools) cross-check the environment
-# formats; systemd-analyze (systemd) verifies the shipped units. As root they are
-# installed, otherwise listed (exit 1).
+# formats; systemd-analyze (systemd) verifies the shipped units. Fleet monitoring's MQTT
+# tests start their own broker (mosquitto, /usr/sbin/mosquitto) with the shipped
+# deploy/mosquitto config (ADR 0026). As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
                 dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
                 pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools \
                 sfdisk:fdisk losetup:util-linux partx:util-linux blkid:util-linux \
                 mkfs.ext4:e2fsprogs fw_printenv:libubootenv-tool grub-editenv:grub-common \
-                mkenvimage:u-boot-tools systemd-analyze:systemd
+                mkenvimage:u-boot-tools systemd-analyze:systemd mosquitto:mosquitto
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \

@@ -50,6 +50,7 @@ from otaguard.agent.install import Action, HealthResult, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
 from otaguard.agent.slots import BootEnv, FileSlots, SlotBackend, SlotImage, other_slot
+from otaguard.agent.telemetry import build_report, note_boot, note_error, send_report
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.director import MAX_DIRECTOR_ROOT_BYTES
@@ -65,6 +66,7 @@ from otaguard.model.errors import (
     VerificationError,
 )
 from otaguard.model.names import check_device_serial, check_hardware_id
+from otaguard.model.telemetry import Telemetry
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
 
@@ -591,8 +593,13 @@ class Device:
                 if not self.hardware.spec.virtual:
                     raise OperatorError("this device has a real bootloader: reboot it instead")
                 self.hardware.reboot()
-                return self.hardware.record()
-            return boot(self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm)
+                record = self.hardware.record()
+            else:
+                record = boot(
+                    self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm
+                )
+            note_boot(self.paths)  # a new boot session for telemetry (ADR 0026)
+            return record
 
     def status(self) -> DeviceStatus:
         """Read everything there is to show about the device."""
@@ -872,6 +879,32 @@ class Device:
             state.save(self.paths.install_state)
             return cleared
 
+    def telemetry(self) -> Telemetry:
+        """The next health report (schema ``otaguard.telemetry/1``)."""
+        with self._locked():
+            booted = read_booted(self.paths)
+            running = booted.version if booted is not None and booted.slot else "recovery"
+            return build_report(self.paths, self.config, running_version=running)
+
+    def mqtt_tls(self) -> ssl.SSLContext:
+        """TLS for the MQTT broker: the provisioned server CA, this device's certificate."""
+        with self._locked():
+            return self._tls_with_identity(renew=False)
+
+    def send_telemetry(self) -> Telemetry:
+        """Send the next health report over the device API (mutual TLS).
+
+        Raises:
+            TransportError: not sent, or refused by the server (reason given).
+        """
+        report = self.telemetry()
+        fetcher = self._fetcher(self._tls_with_identity(renew=False))
+        try:
+            send_report(fetcher, server_url=self.config.server_url, report=report)
+        finally:
+            fetcher.close()
+        return report
+
     def poll_delay(self) -> float:
         """Seconds until the next poll, with jitter so a fleet spreads out."""
         base = self.config.poll_interval_s
@@ -883,8 +916,11 @@ class Device:
         while not self.stop_requested.is_set():
             try:
                 result = self.update()
+                if result.outcome == "rolled-back":
+                    note_error(self.paths, rollback=True)
                 if on_result:
                     on_result(result)
+                self.send_telemetry()  # with each check-in cycle (ADR 0026)
             except StopRequestedError:
                 break
             except OtaguardError as e:
@@ -893,6 +929,7 @@ class Device:
                 if on_error:
                     on_error(e)
                 logger.warning("update failed: %s", e.diagnostics())
+                note_error(self.paths)
             self.stop_requested.wait(self.poll_delay())
 
 

@@ -258,6 +258,7 @@ def _release_list(a: argparse.Namespace) -> int:
 
 # -- server --------------------------------------------------------------------------
 def _server(a: argparse.Namespace) -> int:
+    from otaguard.cli._monitor import monitor_settings
     from otaguard.server import ServerSettings, run_server
 
     if not a.access_log:
@@ -287,6 +288,7 @@ def _server(a: argparse.Namespace) -> int:
             online_key_uri=a.online_key_uri,
             hsm_pin=os.environ.get(HSM_PIN_ENV) or None,
             database_url=a.database_url or None,
+            **monitor_settings(a),
         )
     except ValueError as e:
         raise OperatorError(str(e)) from e
@@ -854,6 +856,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         add_kofn_options,
         add_root_ceremony_parser,
     )
+    from otaguard.cli._monitor import (
+        add_alerts_parser,
+        add_monitor_server_options,
+        add_mqtt_files_parser,
+    )
     from otaguard.cli._ops import (
         add_ops_parsers,
         add_server_operator_parser,
@@ -1092,9 +1099,10 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         action="store_false",
         help="do not log each request (method, path, status, time, client identity)",
     )
+    add_monitor_server_options(srv)
     _config_option(srv, "server.toml")
     srv.set_defaults(func=_server, config_keys="server", log_level=logging.INFO)
-    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator,db}")
+    srv_cmds = srv.add_subparsers(dest="server_cmd", metavar="{init,operator,db,mqtt-files}")
     sinit = srv_cmds.add_parser(
         "init", help="prepare the data directory (online key, CA, operator token), print paths"
     )
@@ -1116,6 +1124,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         help="the server data directory (embedded SQLite)",
     )
     sdb.set_defaults(func=_server_db)
+    add_mqtt_files_parser(srv_cmds)
 
     # allow_abbrev=False: "--token X" must not be taken as an abbreviation of --token-file.
     pub = sub.add_parser(
@@ -1179,6 +1188,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     add_ops_parsers(sub)
     add_rollout_parsers(sub)
+    add_alerts_parser(sub)
     add_sim_parser(sub)
 
     dev = sub.add_parser("device", help="device provisioning").add_subparsers(

@@ -23,7 +23,7 @@ from otaguard.model.errors import OperatorError
 
 if TYPE_CHECKING:
     # the simulator drives a server: imported by the command, not when parsing (ADR 0029)
-    from otaguard.sim.fleetsim import FleetStats, SimSettings
+    from otaguard.sim.fleetsim import FleetSim, FleetStats, SimSettings
 
 __all__ = ["add_sim_parser", "summary_table"]
 
@@ -97,6 +97,8 @@ def _sim(a: argparse.Namespace) -> int:
             fail_release=a.fail_release,
             initial_version=a.initial_version,
             concurrency=a.concurrency,
+            telemetry=a.telemetry or a.crash_release is not None,
+            crash_release=a.crash_release,
         )
         if a.until_rollout is not None:
             return _drive(a, settings, token)
@@ -105,6 +107,7 @@ def _sim(a: argparse.Namespace) -> int:
 
             async def both() -> FleetStats:
                 await sim.enroll(operator_token=token)
+                _scenarios(a, sim)
                 live.update(f"{sim.stats.enrolled} devices enrolled; checking in…")
                 return await sim.run(cycles=a.cycles, duration=a.duration)
 
@@ -116,6 +119,22 @@ def _sim(a: argparse.Namespace) -> int:
     return 0 if not stats.errors else 1
 
 
+def _scenarios(a: argparse.Namespace, sim: FleetSim) -> None:
+    """``--clone SERIAL`` and ``--tamper SERIAL`` (ADR 0026), after enrollment."""
+    from otaguard.sim.scenarios import clone_device, tamper_slot
+
+    known = {d.serial for d in sim.devices}
+    for serial in [*(a.clone or ()), *(a.tamper or ())]:
+        if serial not in known:
+            raise OperatorError(f"no simulated device {serial} (serials are PREFIX-00001 …)")
+    for serial in a.clone or ():
+        clone_device(sim, serial)
+        out.print(f"{serial}: credentials cloned onto a second device", markup=False)
+    for serial in a.tamper or ():
+        tamper_slot(sim, serial)
+        out.print(f"{serial}: running slot tampered with", markup=False)
+
+
 def _drive(a: argparse.Namespace, settings: SimSettings, token: str) -> int:
     """``--until-rollout NAME``: poll in rounds until the rollout completes or halts."""
     from otaguard.server.rollout_client import RolloutClient
@@ -124,6 +143,7 @@ def _drive(a: argparse.Namespace, settings: SimSettings, token: str) -> int:
 
     sim = FleetSim(settings)
     asyncio.run(sim.enroll(operator_token=token))
+    _scenarios(a, sim)
 
     def show(r: RoundReport) -> None:
         s = r.status
@@ -141,7 +161,7 @@ def _drive(a: argparse.Namespace, settings: SimSettings, token: str) -> int:
     if status.reason:
         out.print(f"rollout {status.name} {status.state}: {status.reason}", markup=False)
     out.print(summary_table(sim.stats))
-    settled = status.state in ("completed", "halted", "cancelled")
+    settled = status.state in ("completed", "halted", "cancelled", "paused")
     return 0 if settled and not sim.stats.errors else 1
 
 
@@ -189,6 +209,25 @@ def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="VERSION",
         help="what the devices run at start (default: the oldest release for HW)",
     )
+    p.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="each device sends a telemetry report every cycle (ADR 0026)",
+    )
+    p.add_argument(
+        "--crash-release",
+        metavar="VERSION",
+        help="devices running VERSION crash-loop (reboot over and over after a "
+        "passing health check; implies --telemetry)",
+    )
+    p.add_argument(
+        "--clone",
+        action="append",
+        metavar="SERIAL",
+        help="copy SERIAL's credentials onto a second device (repeatable)",
+    )
+    p.add_argument("--tamper", action="append", metavar="SERIAL",
+                   help="rewrite SERIAL's running slot (repeatable)")  # fmt: skip
     p.add_argument("--serial-prefix", default="sim", metavar="PREFIX")
     p.add_argument(
         "--identity-cache",

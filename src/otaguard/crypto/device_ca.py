@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -35,6 +36,7 @@ __all__ = [
     "DEVICE_CA_DIR",
     "HARDWARE_ID_URI_PREFIX",
     "MAX_CSR_BYTES",
+    "SERVICE_NAME_PATTERN",
     "DeviceCA",
     "DeviceIdentity",
     "check_device_csr",
@@ -43,6 +45,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: a service identity's name (the server's MQTT client): it holds a ':' so that no device
+#: serial (letters, digits, '.', '_', '-') can ever be the same MQTT username
+SERVICE_NAME_PATTERN: Final = r"otaguard:[a-z0-9-]{1,48}"
 
 DEVICE_CA_DIR: Final = "device-ca"
 HARDWARE_ID_URI_PREFIX: Final = "urn:otaguard:hw:"
@@ -336,6 +342,42 @@ class DeviceCA:
                 ),
                 critical=True,
             )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+
+    def issue_service(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        name: str,
+        now: dt.datetime,
+        lifetime: dt.timedelta,
+    ) -> x509.Certificate:
+        """A client certificate for a fleet service (CN = ``name``), not a device.
+
+        The MQTT broker trusts this CA and takes the CN as the username: a service name
+        cannot be a device serial (:data:`SERVICE_NAME_PATTERN`), and the device routes
+        refuse it (no registry entry issued it).
+
+        Raises:
+            ConfigError: ``name`` is not a service name.
+        """
+        if not re.fullmatch(SERVICE_NAME_PATTERN, name):
+            raise ConfigError(f"service name {name[:64]!r} must match {SERVICE_NAME_PATTERN}")
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.issuing.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),

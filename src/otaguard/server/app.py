@@ -96,6 +96,7 @@ from otaguard.server.fastpath import (
 )
 from otaguard.server.fleet import FleetServices, est_router, fleet_router
 from otaguard.server.inventory import Inventory, inventory_router
+from otaguard.server.monitoring import build_monitoring
 from otaguard.server.online import OnlineLifetimes, OnlineSigner, ResignLoop, load_online_signer
 from otaguard.server.publish import publish_files
 from otaguard.server.rollout_routes import rollout_router
@@ -726,6 +727,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Fresh online metadata first: after downtime the served timestamp may have expired.
         await run_in_threadpool(resign.start)
+        await run_in_threadpool(monitoring.start)
         await run_in_threadpool(served_recheck.start)
         if exporter is not None:
             await run_in_threadpool(exporter.start)
@@ -743,6 +745,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             if exporter is not None:
                 await run_in_threadpool(exporter.stop)
             await run_in_threadpool(served_recheck.stop)
+            await run_in_threadpool(monitoring.stop)
             await run_in_threadpool(resign.stop)
             engine.dispose()
 
@@ -783,6 +786,20 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         required=not (settings.insecure_http or settings.insecure_no_client_auth),
     )
     app.state.gate = gate
+    monitoring = build_monitoring(
+        settings,
+        engine=engine,
+        devices=devices,
+        metadata=store,
+        checkins=checkins,
+        director=director,
+        rollouts=rollouts,
+        device_ca=fleet.ca,
+        gate=gate,
+        auth=auth,
+        clock=clock,
+    )
+    app.state.monitoring = monitoring
     require_device = _device_dependency(gate, auth, checkins)
     app.include_router(_repository_router(svc, require_device))
     # Outermost of the middlewares (added last): the repository routes skip the rest. The
@@ -815,4 +832,5 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(operators_router(auth, operator_store, clock))
     app.include_router(audit_router(auth, audit_store))
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
+    app.include_router(monitoring.router)
     return app

@@ -205,7 +205,7 @@ def note_audit(request: Request, *, target: str | None = None, detail: str | Non
 
 
 # Path parameters that name what an action is about, in order of preference.
-_TARGET_PARAMS: Final = ("serial", "name", "filename")
+_TARGET_PARAMS: Final = ("serial", "name", "filename", "alert_id")
 
 
 class OperatorAuth:

@@ -32,7 +32,7 @@ import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from threading import Lock
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -68,6 +68,7 @@ __all__ = [
     "NONCE_TTL",
     "RENEWAL_CHECKIN_WINDOW",
     "CheckinBody",
+    "CheckinObserver",
     "CheckinServices",
     "NonceBody",
     "checkin_router",
@@ -95,6 +96,24 @@ RENEWAL_CHECKIN_WINDOW: Final = dt.timedelta(minutes=2)
 HISTORY_LIMIT: Final = 20
 # An attestation key is one PEM public key (~180 bytes).
 MAX_AK_PEM_CHARS: Final = 1024
+
+
+class CheckinObserver(Protocol):
+    """What the check-in tells fleet monitoring (:class:`~otaguard.server.monitor.Monitor`)."""
+
+    def checkin_refused(self, reason: str) -> None:
+        """A check-in was refused before it was recorded."""
+
+    def after_checkin(
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        manifest: DeviceManifest,
+        problem: str | None,
+        answer: bytes | None,
+    ) -> None:
+        """A check-in was recorded (``problem``: why it quarantined the device)."""
 
 
 class CheckinServices:
@@ -132,6 +151,8 @@ class CheckinServices:
         self.devices = devices
         self.metadata = metadata
         self.clock = clock
+        #: told of every check-in and refusal (fleet monitoring, ADR 0026); set by the app
+        self.monitor: CheckinObserver | None = None
         self._index_lock = Lock()
         # (newest targets version indexed, [(image, its hardware ids)])
         self._index: tuple[int, list[tuple[ListedImage, frozenset[str]]]] = (0, [])
@@ -465,14 +486,27 @@ def run_checkin(
     # the manifest is durable when the device reads its instruction. A quarantine commits
     # and is raised after it; it gets no answer.
     director = None
-    with svc.unit():
-        dev = gate.admit(presented, scope)
-        entry, manifest, problem = _record(svc, dev, data)
-        if problem is None and svc.answer_in_unit:
-            director = _answer(svc, dev, manifest)
+    try:
+        with svc.unit():
+            dev = gate.admit(presented, scope)
+            entry, manifest, problem = _record(svc, dev, data)
+            if problem is None and svc.answer_in_unit:
+                director = _answer(svc, dev, manifest)
+    except CheckinRefusedError as e:
+        if svc.monitor is not None:
+            svc.monitor.checkin_refused(str(e))
+        raise
     if problem is None and not svc.answer_in_unit:
         director = _answer(svc, dev, manifest)  # its own unit, after the commit
     serial = dev.record.serial
+    if svc.monitor is not None:  # fleet monitoring (ADR 0026), after the commit
+        svc.monitor.after_checkin(
+            serial=serial,
+            hardware_id=dev.record.hardware_id,
+            manifest=manifest,
+            problem=problem,
+            answer=director.encode() if director is not None else None,
+        )
     if problem is not None:
         logger.error("ALERT device %s quarantined at check-in: %s", serial, problem)
         raise AccessDeniedError(f"device {serial} quarantined at check-in: {problem}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +263,10 @@ def _verify_next_root(current: bytes, new: bytes, *, keyid: str, where: Path) ->
     _check_names_key(tms.root, keyid, where)
 
 
+def _nobody(_serials: Iterable[str]) -> None:
+    """No one to tell (no MQTT bridge)."""
+
+
 class Director:
     """The server's director: the policy, the release list, the signing key, the roots."""
 
@@ -294,6 +298,8 @@ class Director:
         #: replaceable (rollouts); a compromised server replaces it too (sim.attacks)
         self.policy: Policy = policy
         self.clock = clock
+        #: told the serials whose instruction an operator changed (the MQTT hint, ADR 0026)
+        self.on_instruction: Callable[[Iterable[str]], None] = _nobody
         self._lock = Lock()
         self._releases: tuple[int, list[DirectorRelease]] = (0, [])
 

@@ -140,6 +140,7 @@ def director_router(
             a = Assignment(serial, "hold", None, d.clock())
         d.assignments.set(a)
         logger.info("assigned %s to %s", a.version or "hold", serial)
+        d.on_instruction([serial])
         return _body(serial, a)
 
     @router.delete(
@@ -156,6 +157,7 @@ def director_router(
         d = _director()
         _known(serial)
         d.assignments.clear(serial)
+        d.on_instruction([serial])
         return _body(serial, None)
 
     return router

@@ -19,7 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from threading import Lock
 from typing import Final
@@ -34,6 +34,7 @@ from otaguard.server.channels import (
     Evaluation,
     Rollout,
     RolloutView,
+    admitted,
     decide,
     evaluate,
     install_outcome,
@@ -98,6 +99,14 @@ def _stored_last_result(manifest: bytes) -> dict[str, str]:
     }
 
 
+def _nobody(_serials: Iterable[str]) -> None:
+    """No one to tell (no MQTT bridge)."""
+
+
+def _no_check(_rollout: Rollout) -> None:
+    """Nothing to check before advancing (no fleet monitoring)."""
+
+
 class Rollouts:
     """Rollouts: the operator's actions and their evaluation."""
 
@@ -115,6 +124,11 @@ class Rollouts:
         self.inventory = inventory
         self.releases = releases
         self.clock = clock
+        #: told the members a rollout admits when it starts, resumes or advances (the
+        #: MQTT hint, ADR 0026); they still poll with jitter
+        self.on_admit: Callable[[Iterable[str]], None] = _nobody
+        #: called before a phase advance or completion is stored (fleet monitoring)
+        self.before_advance: Callable[[Rollout], None] = _no_check
         self._lock = Lock()
 
     # -- operator actions ------------------------------------------------------------------
@@ -129,6 +143,7 @@ class Rollouts:
         if not any(r.info.version == rollout.version for r in self.releases()):
             raise OperatorError(f"release {rollout.version} is not served by this server")
         self.store.create(rollout, now=self.clock())
+        self._admit(rollout)
         logger.info(
             "rollout %s of %s to group %s created (phases %s)",
             rollout.name,
@@ -160,7 +175,13 @@ class Rollouts:
         if not self.store.change(new, expect_state=current.state, now=self.clock()):
             raise OperatorError(f"rollout {name} changed meanwhile; try again")
         logger.info("rollout %s %s", name, target)
+        if target == "active":
+            self._admit(new)
         return new
+
+    def _admit(self, rollout: Rollout) -> None:
+        """Hint the members the rollout admits now (those running it ignore the hint)."""
+        self.on_admit(admitted(rollout, self.inventory.members(rollout.group)))
 
     # -- evaluation ------------------------------------------------------------------------
     def _outcomes(self, rollout: Rollout) -> dict[str, tuple[str, str]]:
@@ -177,6 +198,11 @@ class Rollouts:
                 out[rep.serial] = standing
         return out
 
+    def outcomes(self, rollout: Rollout) -> dict[str, tuple[str, str]]:
+        """Every device that reported success or failure in ``rollout``: serial ->
+        (``success`` | ``failure``, the error it reported)."""
+        return self._outcomes(rollout)
+
     def status(self, rollout: Rollout) -> RolloutStatus:
         """Evaluate ``rollout`` now and store a change (halt, next phase, completion).
 
@@ -185,6 +211,15 @@ class Rollouts:
         """
         members = self.inventory.members(rollout.group)
         result = evaluate(rollout, members, self._outcomes(rollout))
+        new = result.rollout
+        advancing = new.state == "completed" or (
+            new.state == "active" and new.phase != rollout.phase
+        )
+        if result.changed and advancing:
+            # About to admit more devices: fleet monitoring looks at the release first and
+            # may pause the rollout (ADR 0026); the change below then finds it paused
+            # and is not stored.
+            self.before_advance(rollout)
         if result.changed:
             with self._lock:
                 if self.store.change(result.rollout, expect_state=rollout.state, now=self.clock()):
@@ -192,6 +227,8 @@ class Rollouts:
                     if new.state == "halted":
                         logger.error("ALERT rollout %s %s", new.name, new.reason)
                     else:
+                        if new.state == "active":
+                            self._admit(new)
                         logger.info(
                             "rollout %s: %s, phase %d (%d%%)",
                             new.name,

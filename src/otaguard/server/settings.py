@@ -142,6 +142,20 @@ class ServerSettings:
         tls_handshake_timeout: seconds a client has to complete the TLS handshake.
         hsm_pin: the user PIN of the PKCS#11 token holding an ``hsm:`` online or director
             key (the CLI reads it from ``OTAGUARD_HSM_PIN``, never from argv); never logged.
+        monitor_interval: seconds between the monitor's sweeps (silence, cohorts,
+            rollout phases; ADR 0026).
+        device_poll_interval: how often devices poll (seconds); the silence signal counts
+            missed polls in it.
+        silent_intervals: polls a device may miss after an install before an alert.
+        alert_policy: ``SIGNAL=ACTION,...`` over the default policy
+            (:mod:`otaguard.fleet.policy`).
+        webhook_urls: URLs each new alert is POSTed to (HMAC-signed).
+        webhook_secret: the HMAC key of the webhooks (the CLI reads it from a file);
+            never logged.
+        mqtt_host: the MQTT broker (Mosquitto, mutual TLS); ``None``: no MQTT.
+        mqtt_port: its TLS port.
+        mqtt_ca: CA file of the broker's certificate; ``None``: the server's own TLS CA
+            (``data_dir/ca/ca.pem``).
     """
 
     data_dir: Path
@@ -170,6 +184,15 @@ class ServerSettings:
     static_tree: Path | None = None
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS
+    monitor_interval: float = 30.0
+    device_poll_interval: float = 3600.0
+    silent_intervals: int = 3
+    alert_policy: str = ""
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    mqtt_host: str | None = None
+    mqtt_port: int = 8883
+    mqtt_ca: Path | None = None
 
     def _check_client_timeouts(self) -> None:
         for name in ("header_timeout", "tls_handshake_timeout"):
@@ -177,6 +200,16 @@ class ServerSettings:
                 raise ValueError(
                     f"{name} must be positive and at most {MAX_CLIENT_TIMEOUT_SECONDS:g} s"
                 )
+
+    def _check_monitoring(self) -> None:
+        if not (self.monitor_interval > 0 and self.device_poll_interval > 0):
+            raise ValueError("monitor_interval and device_poll_interval must be positive")
+        if self.silent_intervals < 1:
+            raise ValueError("silent_intervals must be at least 1")
+        if self.webhook_urls and not self.webhook_secret:
+            raise ValueError("webhooks need a secret (--webhook-secret-file)")
+        if any(not u.startswith(("https://", "http://")) for u in self.webhook_urls):
+            raise ValueError("a webhook URL must start with https:// or http://")
 
     def __post_init__(self) -> None:
         parse_trusted_proxies(self.trusted_proxies)
@@ -186,6 +219,7 @@ class ServerSettings:
             raise ValueError("sync_interval must be positive")
         if not self.rollout_interval > 0:
             raise ValueError("rollout_interval must be positive")
+        self._check_monitoring()
         self._check_client_timeouts()
         if not self.host:
             raise ValueError("host must not be empty")

@@ -74,6 +74,7 @@ from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
 from otaguard.sim._http import AsyncConnection
 from otaguard.sim._repo_view import RepositoryView
+from otaguard.sim.scenarios import BootSession, send_telemetry
 
 __all__ = ["FleetSim", "FleetStats", "SimDevice", "SimSettings"]
 
@@ -118,6 +119,11 @@ class SimSettings:
     initial_version: str | None = None
     concurrency: int = DEFAULT_CONCURRENCY
     timeout: float = DEFAULT_TIMEOUT_S
+    #: send a telemetry report each cycle and after each install (ADR 0026)
+    telemetry: bool = False
+    #: devices running this release crash-loop: :data:`CRASH_BOOTS` reboots per cycle
+    #: (its health check passes: only telemetry shows it)
+    crash_release: str | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -145,6 +151,10 @@ class SimDevice:
     attack_flags: set[str] = field(default_factory=set)
     #: drawn once from the serial: this device fails the failing release
     fails: bool = False
+    #: the telemetry boot session (:mod:`otaguard.sim.scenarios`)
+    session: BootSession = field(default_factory=BootSession)
+    #: a tampered slot: the boot measurement the device reports instead of its image's
+    boot_sha256: str | None = None
 
 
 @dataclass
@@ -382,7 +392,9 @@ class FleetSim:
             time=_now(),
             installed=dev.installed,
             last_result=dict(dev.last_result),
-            boot=BootMeasurement(sha256=dev.installed.sha256, slot=dev.slot, attested=False),
+            boot=BootMeasurement(
+                sha256=dev.boot_sha256 or dev.installed.sha256, slot=dev.slot, attested=False
+            ),
             quote=None,
             attack_flags=tuple(sorted(dev.attack_flags)),
         )
@@ -399,6 +411,10 @@ class FleetSim:
         async with AsyncConnection(
             s.server_url, tls=self._tls.get(dev, s.ca_cert), timeout=s.timeout
         ) as conn:
+            if s.telemetry:
+                if dev.installed.version == s.crash_release:
+                    dev.session.crash()  # it rebooted over and over since the last poll
+                await send_telemetry(conn, dev)
             status, data = await conn.request(
                 "POST", NONCE_PATH, headers=_JSON, max_body=MAX_ANSWER_BYTES
             )
@@ -454,12 +470,18 @@ class FleetSim:
             dev.attack_flags.add("downgrade")
         if sel.chosen is not None:
             self._install(dev, sel.chosen.target, sel.chosen.info)
+            if s.telemetry:  # the report of the device's first boot of what it installed
+                async with AsyncConnection(
+                    s.server_url, tls=self._tls.get(dev, s.ca_cert), timeout=s.timeout
+                ) as conn:
+                    await send_telemetry(conn, dev)
 
     def _install(self, dev: SimDevice, target: TargetFile, info: ReleaseInfo) -> None:
         """The simulated install: the slot flips, or the health check fails (rolled back)."""
         version = str(info.version)
         report = {"target": target.path, "version": version, "time": _now()}
         if dev.fails and version == self.settings.fail_release:
+            dev.session.reboot(rollback=True)  # booted it, failed, booted the old one
             dev.rejected.add(str(target.hashes["sha256"]))
             dev.last_result = {
                 **report,
@@ -470,6 +492,7 @@ class FleetSim:
             self.stats.failed_installs[version] += 1
             return
         dev.installed = _installed(target, info)
+        dev.session.reboot()
         dev.slot = "B" if dev.slot == "A" else "A"
         dev.floor = Floor(info.version, info.security_counter)
         dev.last_result = {**report, "outcome": "updated", "detail": "simulated install"}

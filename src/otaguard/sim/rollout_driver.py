@@ -25,7 +25,7 @@ __all__ = ["MAX_ROLLOUT_ROUNDS", "RoundReport", "drive_rollout", "poll_round", "
 #: one round per phase (each phase's admitted devices are spread over the whole round)
 MAX_ROLLOUT_ROUNDS: Final = 12
 #: rollout states after which further rounds change nothing for the rollout
-SETTLED: Final = frozenset({"completed", "halted", "cancelled"})
+SETTLED: Final = frozenset({"completed", "halted", "cancelled", "paused"})
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ TABLE_MODULES: Final = (
     "otaguard.server.storage.inventory",
     "otaguard.server.storage.rollouts",
     "otaguard.server.storage.sboms",
+    "otaguard.server.storage.monitoring",
 )
 
 
