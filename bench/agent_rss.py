@@ -119,7 +119,6 @@ def _sample(pid: int, device: Path, size: int, tl: Timeline, done: threading.Eve
 # repository, tuf). This wrapper is a bare interpreter (~10 MiB), well below the agent.
 WRAPPER: Final = """
 import json, os, sys
-from otaguard.sim.sbom import make_sbom
 result, pidfile, *argv = sys.argv[1:]
 pid = os.posix_spawn(argv[0], argv, os.environ)
 with open(pidfile + ".tmp", "w") as f:
