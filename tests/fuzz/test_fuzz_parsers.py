@@ -48,9 +48,11 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
+    # FUZZ_NO_SHRINK=1: report the first failing input as found (shrinking a slow parser's
+    # input can take minutes)
     phases=[Phase.explicit, Phase.reuse, Phase.generate]
     if os.environ.get("FUZZ_NO_SHRINK")
-    else None,
+    else list(Phase),
 )
 
 
