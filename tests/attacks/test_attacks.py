@@ -13,33 +13,14 @@ import datetime as dt
 
 import pytest
 
+from attack_support import assert_untouched as _assert_untouched
+from attack_support import updated  # noqa: F401 - the fixture
 from conftest import HW, PASSPHRASE, World
-from otaguard.agent import Device, Phase
+from otaguard.agent import Device
 from otaguard.agent.attack_flags import read_flags
 from otaguard.model.errors import DowngradeError, VerificationError
 from otaguard.sim.attacks import CompromisedServer, steal_key
 from sbom_support import sbom_beside
-
-
-def _assert_untouched(dev: Device, version: str = "1.1.0") -> None:
-    st = dev.status()
-    assert st.booted is not None and st.booted.version == version
-    assert st.bootenv.try_slot is None
-    primary = st.bootenv.slots[st.bootenv.primary]
-    assert primary is not None and primary.version == version
-    assert dev.backend.digest(st.bootenv.primary, primary.length) == primary.sha256
-    assert str(st.floor.version) == version
-    assert st.install.phase is Phase.IDLE
-
-
-@pytest.fixture
-def updated(world: World) -> tuple[World, Device, CompromisedServer]:
-    dev = world.device()
-    world.release("1.1.0", security=True)
-    assert dev.update().outcome == "updated"
-    attacker = CompromisedServer(world.server.data_dir)
-    yield world, dev, attacker  # type: ignore[misc]
-    attacker.close()
 
 
 def test_tampered_image_blob_is_refused(updated: tuple[World, Device, CompromisedServer]) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from securesystemslib.exceptions import FormatError
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
-from tuf.api.serialization import DeserializationError
+from tuf.api.serialization import DeserializationError, SerializationError
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
@@ -153,7 +153,8 @@ def verify_director_targets(
         raise DirectorMetadataError("director instruction is not targets metadata")
     try:
         root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
-    except (tuf_exc.UnsignedMetadataError, FormatError, ValueError) as e:
+    except (tuf_exc.UnsignedMetadataError, FormatError, ValueError, SerializationError) as e:
+        # SerializationError: no canonical form (a float in "signed"; found by tests/fuzz)
         raise DirectorMetadataError(
             "director instruction is not signed by a threshold of the director's targets keys"
         ) from e

@@ -302,6 +302,8 @@ class InstallState:
             return cls()
         except (OSError, ValueError) as e:
             raise ConfigError(f"install state {path} is corrupt") from e
+        if not isinstance(raw, dict):  # found by tests/fuzz: a JSON list is not a state
+            raise ConfigError(f"install state {path} is corrupt: not a JSON object")
         try:
             target = SlotImage(**raw["target"]) if raw.get("target") else None
             return cls(
@@ -320,7 +322,8 @@ class InstallState:
                 bad_image=bool(raw.get("bad_image", False)),
                 pending=raw.get("pending"),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            # AttributeError: a nested field of the wrong JSON type (found by tests/fuzz)
             raise ConfigError(f"install state {path} is corrupt") from e
 
     def save(self, path: Path) -> None:

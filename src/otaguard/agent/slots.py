@@ -92,7 +92,8 @@ class BootEnv:
             raise ConfigError(f"boot environment {path} is missing") from e
         except OSError as e:
             raise ConfigError(f"cannot read boot environment {path}: {e.strerror}") from e
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # AttributeError: "slots" of another JSON type than an object (found by tests/fuzz)
             raise ConfigError(f"boot environment {path} is corrupt") from e
         if env.primary not in SLOTS or env.try_slot not in (*SLOTS, None):
             raise ConfigError(f"boot environment {path} names an unknown slot")

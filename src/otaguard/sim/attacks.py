@@ -131,11 +131,25 @@ class CompromisedServer:
         ts.sign(self.online_signer)
         return ts.to_bytes()
 
-    def serve_targets_version(self, targets_version: int) -> None:
+    def plant_root(self, data: bytes) -> None:
+        """Store ``data`` as the next ``N.root.json``, bypassing every check the server makes."""
+        root = Metadata[Root].from_bytes(data)
+        version = root.signed.version
+        self.store.publish(
+            [_rec(f"{version}.root.json", "root", version, data)],
+            timestamp=None,
+            now=dt.datetime.now(dt.UTC),
+            expected_timestamp=self.current_timestamp(),
+        )
+
+    def serve_targets_version(
+        self, targets_version: int, *, snapshot_expires: dt.datetime | None = None
+    ) -> None:
         """Serve an older, offline-signed targets version under a fresh snapshot.
 
         The most a stolen online key can do with targets: mix and match versions that
         the offline keys signed. A device that has seen a newer one refuses the rollback.
+        With ``snapshot_expires`` in the past it is a freeze of the snapshot role instead.
         """
         if self.store.get(f"{targets_version}.targets.json") is None:
             raise OperatorError(f"server has no {targets_version}.targets.json")
@@ -143,7 +157,7 @@ class CompromisedServer:
         snapshot = Metadata[Snapshot].from_bytes(newest_snap.data)
         expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=1)
         snapshot.signed.version = newest_snap.version + 1
-        snapshot.signed.expires = expires
+        snapshot.signed.expires = (snapshot_expires or expires).replace(microsecond=0)
         snapshot.signed.meta["targets.json"] = MetaFile(version=targets_version)
         snapshot.sign(self.online_signer)
         s_bytes = snapshot.to_bytes()
@@ -168,12 +182,14 @@ class CompromisedServer:
         custom: dict[str, object],
         snapshot_signer: Signer | None = None,
         timestamp_signer: Signer | None = None,
+        targets_expires: dt.datetime | None = None,
     ) -> None:
         """Serve new targets metadata signed by ``signers`` only, listing a malicious image.
 
         Snapshot and timestamp are signed with the server's online key (or the given
         signers, e.g. stolen local-mode keys) and the blob is planted, so the only thing
-        missing is a full threshold on targets.
+        missing is a full threshold on targets. ``targets_expires`` replaces the targets
+        expiry (a freeze: targets once validly signed, since expired).
         """
         snapshot_signer = snapshot_signer or self.online_signer
         timestamp_signer = timestamp_signer or self.online_signer
@@ -188,6 +204,8 @@ class CompromisedServer:
         tf.unrecognized_fields["custom"] = custom
         targets.signed.targets[target_path] = tf
         targets.signed.version += 1
+        if targets_expires is not None:
+            targets.signed.expires = targets_expires.replace(microsecond=0)
         targets.signatures.clear()
         for s in signers:
             targets.sign(s, append=True)
