@@ -49,16 +49,33 @@ def vex(**over: Any) -> dict[str, Any]:
         "specVersion": "1.6",
         "version": 1,
         "components": [
-            {"bom-ref": "ssl", "type": "library", "name": "openssl", "version": "3.0.13",
-             "purl": "pkg:generic/openssl@3.0.13"},
+            {
+                "bom-ref": "ssl",
+                "type": "library",
+                "name": "openssl",
+                "version": "3.0.13",
+                "purl": "pkg:generic/openssl@3.0.13",
+            },
         ],  # fmt: skip
         "vulnerabilities": [
             {"id": "CVE-2026-0002", "description": "d", "affects": [{"ref": "ssl"}]},
-            {"id": "CVE-2026-0003", "affects": [{"ref": "pkg:generic/zlib",
-             "versions": [{"range": "vers:generic/>=1.0.0|<1.3.2", "status": "affected"},
-                          {"version": "1.4.0", "status": "unaffected"}]}]},
-            {"id": "CVE-2026-0004", "affects": [{"ref": "ssl"}],
-             "analysis": {"state": "not_affected"}},
+            {
+                "id": "CVE-2026-0003",
+                "affects": [
+                    {
+                        "ref": "pkg:generic/zlib",
+                        "versions": [
+                            {"range": "vers:generic/>=1.0.0|<1.3.2", "status": "affected"},
+                            {"version": "1.4.0", "status": "unaffected"},
+                        ],
+                    }
+                ],
+            },
+            {
+                "id": "CVE-2026-0004",
+                "affects": [{"ref": "ssl"}],
+                "analysis": {"state": "not_affected"},
+            },
         ],  # fmt: skip
     }
     doc.update(over)

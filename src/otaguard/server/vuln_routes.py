@@ -9,7 +9,8 @@ The import body is the file itself; the server parses it with the same pure, bou
 parser the CLI runs first (:func:`otaguard.model.vuln.parse_vulnerabilities`).
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI evaluates the route's Annotated
+# dependency (the operator) from the function's annotations at definition time.
 
 import datetime as dt
 from typing import Annotated, Any, Final
@@ -72,7 +73,7 @@ class ReleaseHitBody(BaseModel):
     component_version: str | None
 
     @classmethod
-    def of(cls, h: AffectedRelease) -> ReleaseHitBody:
+    def of(cls, h: AffectedRelease) -> "ReleaseHitBody":
         """From the service's record."""
         return cls(
             target=h.target,
@@ -135,12 +136,13 @@ def vuln_router(service: VulnService, auth: OperatorAuth) -> APIRouter:
     """The vulnerability response routes."""
     router = APIRouter(prefix="/api/v1/vulns", tags=["vulns"])
     importer = auth.require(Role.OPERATOR, action="vuln.import")
+    import_route = role_route(auth, Role.OPERATOR, "vuln.import")
+    import_route["openapi_extra"] = import_route["openapi_extra"] | _IMPORT_BODY
 
     @router.post(
         "",
         summary="Import vulnerabilities (OSV JSON or CycloneDX VEX)",
-        openapi_extra=_IMPORT_BODY,
-        **role_route(auth, Role.OPERATOR, "vuln.import"),
+        **import_route,
     )
     async def import_vulns(
         request: Request, op: Annotated[Operator, Depends(importer)]

@@ -102,7 +102,7 @@ class VulnReport:
 
 def _line(target: str, version: str) -> str:
     # fw-1.0.0.img and fw-1.1.0.img are one line; the version is part of the target name.
-    return target.replace(version, "{version}", 1)
+    return target.replace(version, "{version}")
 
 
 def _release_order(h: AffectedRelease) -> tuple[Version, str]:
