@@ -75,15 +75,18 @@ def test_store_keeps_first_import_time_and_reads_the_index(db_engine: Engine) ->
             target=target, version=target[3:8], image_sha256=image, sbom_sha256="a" * 64,
             components=[
                 Component("openssl", openssl, f"pkg:generic/openssl@{openssl}", "library"),
-                Component("zlib_x", "1", "pkg:generic/zlib_x@1", "library"),
+                Component("zlibAx", "1", "pkg:generic/zlibAx@1", "library"),
             ],
             now=NOW,
         )  # fmt: skip
     assert sorted(c.version or "" for c in store.components("pkg:generic/openssl", "openssl")) == [
         "3.0.13", "3.0.15",
     ]  # fmt: skip
-    # "_" is a LIKE wildcard: escaped, so zlibAx would not match zlib_x
-    assert [c.purl for c in store.components("pkg:generic/zlibAx", "zlibAx")] == []
+    # "_" is a LIKE wildcard: escaped, so a package zlib_x does not match zlibAx
+    assert [c.purl for c in store.components("pkg:generic/zlib_x", "zlib_x")] == []
+    assert [c.purl for c in store.components("pkg:generic/zlibAx", "-")] == [
+        "pkg:generic/zlibAx@1"
+    ] * 2
     assert {r.target for r in store.releases()} == {"fw-1.0.0.img", "fw-1.1.0.img"}
 
     with db_engine.begin() as conn:
