@@ -218,7 +218,7 @@ def test_import_needs_the_operator_role_and_is_audited(world: World, tmp_path: P
         VulnClient(
             server_url=world.server.base_url, ca_cert=world.server.ca_cert, token=viewer
         ) as client,
-        pytest.raises(AccessDeniedError, match="vuln.import needs operator or above"),
+        pytest.raises(AccessDeniedError, match=r"vuln\.import needs operator or above"),
     ):
         client.import_document(OSV_RECORD)
     with VulnClient(

@@ -56,7 +56,7 @@ def vex(**over: Any) -> dict[str, Any]:
                 "version": "3.0.13",
                 "purl": "pkg:generic/openssl@3.0.13",
             },
-        ],  # fmt: skip
+        ],
         "vulnerabilities": [
             {"id": "CVE-2026-0002", "description": "d", "affects": [{"ref": "ssl"}]},
             {
@@ -76,10 +76,32 @@ def vex(**over: Any) -> dict[str, Any]:
                 "affects": [{"ref": "ssl"}],
                 "analysis": {"state": "not_affected"},
             },
-        ],  # fmt: skip
+        ],
     }
     doc.update(over)
     return doc
+
+
+def _enc(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _one_range(kind: str, *events: dict[str, str]) -> bytes:
+    rng = {"type": kind, "events": list(events)}
+    return _enc(osv(affected=[{"package": {"purl": "pkg:generic/x"}, "ranges": [rng]}]))
+
+
+def _vers(vers: str) -> AffectedPackage:
+    return AffectedPackage("pkg:generic/zlib", (AffectedRange("VERS", (), vers),), ())
+
+
+SSL = "pkg:generic/openssl"
+FIXED_3014 = (("introduced", "3.0.0"), ("fixed", "3.0.14"))
+LAST_3013 = (("introduced", "0"), ("last_affected", "3.0.13"))
+REINTRODUCED = (("introduced", "1.0.0"), ("fixed", "1.2.0"), ("introduced", "2.0.0"))
+DEB_FIX = (("introduced", "0"), ("fixed", "3.0.13-1~deb12u1"))
+ZLIB_VERS = "vers:generic/>=1.0.0|<1.3.2"
+DEEP = {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
 
 
 def parse(obj: Any) -> list[Vulnerability]:
@@ -108,9 +130,7 @@ def test_vex_refs_resolve_to_components_and_not_affected_leaves_nothing() -> Non
     a, b, c = parse(vex())
     assert a.source == "cyclonedx-vex"
     assert a.affected == (AffectedPackage("pkg:generic/openssl", (), ("3.0.13",)),)
-    assert b.affected == (
-        AffectedPackage("pkg:generic/zlib", (AffectedRange("VERS", (), "vers:generic/>=1.0.0|<1.3.2"),), ()),
-    )  # fmt: skip
+    assert b.affected == (_vers(ZLIB_VERS),)
     assert c.affected == ()
 
 
@@ -120,28 +140,21 @@ def test_vex_refs_resolve_to_components_and_not_affected_leaves_nothing() -> Non
         (b"\xff\xfe", "not JSON"),
         (b"{", "not JSON"),
         (b"[" * 100_000 + b"]" * 100_000, f"nested deeper than {MAX_JSON_DEPTH}"),
-        (json.dumps({"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode(),
-         f"nested deeper than {MAX_JSON_DEPTH}"),
+        (_enc(DEEP), f"nested deeper than {MAX_JSON_DEPTH}"),
         (b"[]", "empty list"),
         (b"42", "neither an OSV record"),
-        (json.dumps(osv(id=None)).encode(), "'id' missing"),
-        (json.dumps(osv(id="x" * 2000)).encode(), "longer than 1024"),
-        (json.dumps(osv(affected=[])).encode(), "no affected package"),
-        (json.dumps(osv(affected=[{"package": {"purl": "openssl"}, "versions": ["1"]}])).encode(),
+        (_enc(osv(id=None)), "'id' missing"),
+        (_enc(osv(id="x" * 2000)), "longer than 1024"),
+        (_enc(osv(affected=[])), "no affected package"),
+        (_enc(osv(affected=[{"package": {"purl": "openssl"}, "versions": ["1"]}])),
          "is not a purl"),
-        (json.dumps(osv(affected=[{"package": {"purl": "pkg:generic/x"},
-                                   "ranges": [{"type": "SEMVER", "events": [{"fixed": "1"}]}]}])).encode(),
-         "no 'introduced' event"),
-        (json.dumps(osv(affected=[{"package": {"purl": "pkg:generic/x"},
-                                   "ranges": [{"type": "SEMVER", "events": [{"broken": "1"}]}]}])).encode(),
-         "unknown event 'broken'"),
-        (json.dumps(osv(affected=[{"package": {"purl": "pkg:generic/x"},
-                                   "ranges": [{"type": "GIT", "events": [{"introduced": "a"}]}]}])).encode(),
-         "no affected package"),
-        (json.dumps([osv(), osv()]).encode(), "the same vulnerability id twice"),
-        (json.dumps(vex(vulnerabilities=[{"id": "C", "affects": [{"ref": "nope"}]}])).encode(),
+        (_one_range("SEMVER", {"fixed": "1"}), "no 'introduced' event"),
+        (_one_range("SEMVER", {"broken": "1"}), "unknown event 'broken'"),
+        (_one_range("GIT", {"introduced": "a"}), "no affected package"),
+        (_enc([osv(), osv()]), "the same vulnerability id twice"),
+        (_enc(vex(vulnerabilities=[{"id": "C", "affects": [{"ref": "nope"}]}])),
          "ref 'nope' is no component's bom-ref"),
-        (json.dumps(vex(vulnerabilities=[])).encode(), "lists no vulnerabilities"),
+        (_enc(vex(vulnerabilities=[])), "lists no vulnerabilities"),
         (b" " * (MAX_VULN_FILE_BYTES + 1), "larger than"),
     ],
 )  # fmt: skip
@@ -173,35 +186,27 @@ def _pkg(purl: str, *events: tuple[str, str], versions: tuple[str, ...] = ()) ->
 @pytest.mark.parametrize(
     ("package", "version", "expected"),
     [
-        (_pkg("pkg:generic/openssl", ("introduced", "3.0.0"), ("fixed", "3.0.14")), "3.0.13", True),
-        (_pkg("pkg:generic/openssl", ("introduced", "3.0.0"), ("fixed", "3.0.14")), "3.0.14", False),
-        (_pkg("pkg:generic/openssl", ("introduced", "3.0.0"), ("fixed", "3.0.14")), "2.9.9", False),
-        # semver, not string order: 3.0.9 < 3.0.14
-        (_pkg("pkg:generic/openssl", ("introduced", "3.0.0"), ("fixed", "3.0.14")), "3.0.9", True),
-        (_pkg("pkg:generic/openssl", ("introduced", "0"), ("last_affected", "3.0.13")), "3.0.13", True),
-        (_pkg("pkg:generic/openssl", ("introduced", "0"), ("last_affected", "3.0.13")), "3.0.14", False),
-        # two ranges in one event list: reintroduced
-        (_pkg("pkg:generic/x", ("introduced", "1.0.0"), ("fixed", "1.2.0"), ("introduced", "2.0.0")),
-         "1.5.0", False),
-        (_pkg("pkg:generic/x", ("introduced", "1.0.0"), ("fixed", "1.2.0"), ("introduced", "2.0.0")),
-         "2.1.0", True),
+        (_pkg(SSL, *FIXED_3014), "3.0.13", True),
+        (_pkg(SSL, *FIXED_3014), "3.0.14", False),
+        (_pkg(SSL, *FIXED_3014), "2.9.9", False),
+        (_pkg(SSL, *FIXED_3014), "3.0.9", True),  # semver, not string order: 3.0.9 < 3.0.14
+        (_pkg(SSL, *LAST_3013), "3.0.13", True),
+        (_pkg(SSL, *LAST_3013), "3.0.14", False),
+        (_pkg("pkg:generic/x", *REINTRODUCED), "1.5.0", False),  # between two ranges
+        (_pkg("pkg:generic/x", *REINTRODUCED), "2.1.0", True),
         # PEP 440 for pypi: 2.0rc1 < 2.0
         (_pkg("pkg:pypi/django", ("introduced", "0"), ("fixed", "2.0")), "2.0rc1", True),
-        # Debian versions for deb: epoch and revision
-        (_pkg("pkg:deb/debian/openssl", ("introduced", "0"), ("fixed", "3.0.13-1~deb12u1")),
-         "3.0.11-1~deb12u2", True),
-        (_pkg("pkg:deb/debian/openssl", ("introduced", "0"), ("fixed", "3.0.13-1~deb12u1")),
-         "1:1.0", False),
+        # Debian versions for deb: revisions, and an epoch above any version without one
+        (_pkg("pkg:deb/debian/openssl", *DEB_FIX), "3.0.11-1~deb12u2", True),
+        (_pkg("pkg:deb/debian/openssl", *DEB_FIX), "1:1.0", False),
         (_pkg("pkg:generic/x", versions=("7",)), "7", True),
-        (AffectedPackage("pkg:generic/zlib", (AffectedRange("VERS", (), "vers:generic/>=1.0.0|<1.3.2"),), ()),
-         "1.3.1", True),
-        (AffectedPackage("pkg:generic/zlib", (AffectedRange("VERS", (), "vers:generic/>=1.0.0|<1.3.2"),), ()),
-         "1.3.2", False),
+        (_vers(ZLIB_VERS), "1.3.1", True),
+        (_vers(ZLIB_VERS), "1.3.2", False),
         # unparsable: counted as affected (fail closed), and no version at all too
         (_pkg("pkg:generic/x", ("introduced", "1.0.0")), "not a version!", True),
         (_pkg("pkg:generic/x", ("introduced", "1.0.0")), None, True),
     ],
-)  # fmt: skip
+)
 def test_versions_in_and_out_of_ranges(
     package: AffectedPackage, version: str | None, expected: bool
 ) -> None:
