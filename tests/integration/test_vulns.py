@@ -243,3 +243,41 @@ def test_import_needs_the_operator_role_and_is_audited(world: World, tmp_path: P
                 client.import_document(OSV_RECORD | {"affected": []})
         done = [e for e in admin.audit() if e.action == "vuln.import" and e.result == "ok"]
         assert [e.target for e in done] == [VULN_ID]
+
+
+def test_server_refuses_hostile_bodies_and_reads_cyclonedx_vex(world: World) -> None:
+    """The server parses the body itself: too large is 413 before it is read whole, too
+    deep is refused naming the problem; a VEX document's ``vers:`` range matches 1.0.0."""
+    from otaguard.model.vuln import MAX_VULN_FILE_BYTES
+
+    assert world.server.ca_cert is not None
+    with VulnClient(
+        server_url=world.server.base_url, ca_cert=world.server.ca_cert,
+        token=world.server.operator_token,
+    ) as client:  # fmt: skip
+        http = client._client
+        headers = {"Content-Type": "application/json"}
+        status, _, data = http.request(
+            "POST", "/api/v1/vulns", body=b" " * (MAX_VULN_FILE_BYTES + 1), headers=headers
+        )
+        assert status == 413 and b"exceeds" in data
+        status, _, data = http.request(
+            "POST", "/api/v1/vulns", body=b"[" * 5000 + b"]" * 5000, headers=headers
+        )
+        assert status == 400 and b"nested deeper than 32 levels" in data
+        assert client.report() == ([], False), "nothing stored"
+
+        vex = {
+            "bomFormat": "CycloneDX", "specVersion": "1.6", "version": 1,
+            "vulnerabilities": [{
+                "id": "CVE-2024-5535", "affects": [{
+                    "ref": "pkg:generic/openssl",
+                    "versions": [{"range": "vers:generic/>=3.0.0|<3.0.14", "status": "affected"}],
+                }],
+            }],
+        }  # fmt: skip
+        assert client.import_document(vex) == [("CVE-2024-5535", True)]
+        found = client.affected("CVE-2024-5535")
+    assert [(r.target, r.component_version) for r in found.releases] == [
+        (world.releases["1.0.0"].path, VULNERABLE_OPENSSL)
+    ]
