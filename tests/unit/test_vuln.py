@@ -217,3 +217,35 @@ def test_package_key_normalises_and_drops_the_version() -> None:
     assert package_key("pkg:generic/openssl@3.0.13?arch=arm") == "pkg:generic/openssl"
     assert package_key("pkg:pypi/Django@4.2") == "pkg:pypi/django"
     assert package_key("not a purl") is None
+
+
+def test_exposure_episodes_from_a_check_in_history() -> None:
+    import datetime as dt
+
+    from otaguard.server.storage.vulns import CheckinPoint, StoredVuln
+    from otaguard.server.vulns import _exposure
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def at(h: int) -> dt.datetime:
+        return t0 + dt.timedelta(hours=h)
+
+    (vuln,) = parse(osv())
+    stored = StoredVuln(vuln, imported_at=at(10), imported_by="op")
+    bad, good, unknown = {"B": "fw-1.0.0.img"}, {"G"}, "U"
+
+    def run(*points: tuple[int, str]) -> tuple[dt.datetime, dt.datetime | None] | None:
+        history = [CheckinPoint("d", at(h), img, img) for h, img in points]
+        found = _exposure(stored, "d", history, bad, good)
+        return None if found is None else (found.affected_since, found.patched_at)
+
+    # ran it before the import, patched after: exposed since the operator knew
+    assert run((1, "B"), (12, "G")) == (at(10), at(12))
+    # started running it after the import
+    assert run((11, "B"), (15, "G")) == (at(11), at(15))
+    # patched before the import: not in the report
+    assert run((1, "B"), (5, "G")) is None
+    # an image the index does not know is not a patch
+    assert run((1, "B"), (12, unknown)) == (at(10), None)
+    # patched, then back on the affected release: the latest exposure, open
+    assert run((1, "B"), (12, "G"), (14, "B")) == (at(14), None)
