@@ -144,6 +144,8 @@ def test_each_role_is_refused_above_its_level_and_allowed_at_it(ops: Ops) -> Non
         ("viewer", "", "GET", "/api/v1/groups", None, 200),
         ("viewer", "", "GET", "/api/v1/groups/g0", None, 200),
         ("viewer", "", "GET", "/api/v1/audit", None, 200),
+        ("viewer", "", "GET", "/api/v1/vulns", None, 200),
+        ("viewer", "", "GET", "/api/v1/vulns/report", None, 200),
         ("operator", "device.add", "POST", "/api/v1/devices", {"serial": "new-1", "hardware_id": HW}, 201),
         ("operator", "device.quarantine", "POST", "/api/v1/devices/d0/quarantine", {"reason": "odd"}, 200),
         ("operator", "device.release", "POST", "/api/v1/devices/d0/release", None, 200),
@@ -153,6 +155,8 @@ def test_each_role_is_refused_above_its_level_and_allowed_at_it(ops: Ops) -> Non
         ("operator", "group.create", "POST", "/api/v1/groups", {"name": "g1", "where": "site=berlin"}, 201),
         ("operator", "group.members", "POST", "/api/v1/groups/g0/members", {"add": ["d0"]}, 200),
         ("operator", "group.delete", "DELETE", "/api/v1/groups/g-del", None, 200),
+        ("operator", "vuln.import", "POST", "/api/v1/vulns", {"id": "OSV-1", "affected": [
+            {"package": {"purl": "pkg:generic/x"}, "versions": ["1"]}]}, 200),
         ("release-manager", "release.upload-blob", "PUT", f"/api/v1/blobs/{blob_name}", blob, 200),
         # Past the role check, verification judges the (empty) publication.
         ("release-manager", "release.publish", "POST", "/api/v1/publish", {"metadata": {}}, 422),
@@ -407,6 +411,13 @@ def test_every_operator_route_is_in_the_openapi_schema_with_its_role(ops: Ops) -
     assert roles[("post", "/api/v1/devices/{serial}/quarantine")] == "operator"
     assert roles[("post", "/api/v1/groups/{name}/members")] == "operator"
     assert roles[("get", "/api/v1/audit")] == "viewer"
+    assert roles[("post", "/api/v1/vulns")] == "operator"
+    assert roles[("get", "/api/v1/vulns")] == "viewer"
+    assert roles[("get", "/api/v1/vulns/report")] == "viewer"
+    assert roles[("get", "/api/v1/vulns/{vuln_id}/affected")] == "viewer"
+    post_vulns = schema["paths"]["/api/v1/vulns"]["post"]
+    assert post_vulns["x-audit-action"] == "vuln.import"
+    assert "application/json" in post_vulns["requestBody"]["content"]
     assert len(roles) >= 20
 
 

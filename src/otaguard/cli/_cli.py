@@ -870,6 +870,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     from otaguard.cli._rotate import add_director_rotate_parser, add_repo_rotate_parser
     from otaguard.cli._sbom import add_sbom_parsers
     from otaguard.cli._sim import add_sim_parser
+    from otaguard.cli._vuln import add_vuln_parsers
 
     p = argparse.ArgumentParser(prog="otaguard", description="Secure over-the-air updates.")
     p.add_argument("--version", action="version", version=f"otaguard {__version__}")
@@ -992,6 +993,7 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     add_ceremony_parsers(rel)
     add_key_parsers(sub)
     add_sbom_parsers(sub)
+    add_vuln_parsers(sub)
 
     srv = sub.add_parser(
         "server", help="run the update server (HTTPS); 'server init' prepares its data directory"

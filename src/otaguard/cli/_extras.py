@@ -23,6 +23,8 @@ EXTRA_OF_MODULE: Final[dict[str, str]] = {
     "sqlalchemy": "server",
     "alembic": "server",
     "psycopg": "server",
+    "univers": "server",
+    "packageurl": "server",
     "cyclonedx": "release",
     "detools": "release",
     "pkcs11": "release",

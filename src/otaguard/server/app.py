@@ -123,7 +123,10 @@ from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sboms import SQLSbomStore
 from otaguard.server.storage.unit import unit_of_work
+from otaguard.server.storage.vulns import SQLVulnStore
 from otaguard.server.sync import RepoSync
+from otaguard.server.vuln_routes import vuln_router
+from otaguard.server.vulns import VulnService
 
 __all__ = ["DATA_DIR_MODE", "MAX_PUBLISH_REQUEST_BYTES", "create_app", "prepare_data_dir"]
 
@@ -171,6 +174,12 @@ TAGS: Final = [
         "name": "sboms",
         "description": "The SBOM index: releases containing a component (purl or name) and "
         "the devices running them (role viewer; ADR 0015).",
+    },
+    {
+        "name": "vulns",
+        "description": "Vulnerability response: OSV or CycloneDX VEX advisories imported "
+        "(role operator, audited), matched against the SBOM index by purl and version "
+        "range: affected releases and devices, fixing releases, time-to-patch (ADR 0034).",
     },
     {
         "name": "operators",
@@ -705,6 +714,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
         else None
     )
     sboms = SbomIndex(store=SQLSbomStore(engine), metadata=store, blobs=blobs, clock=clock)
+    vulns = VulnService(store=SQLVulnStore(engine), sboms=sboms, clock=clock)
     svc = _Services(
         store=store, served=served, blobs=blobs, clock=clock, online=online, sboms=sboms
     )
@@ -771,6 +781,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.state.inventory = inventory
     app.state.rollouts = rollouts
     app.state.sboms = sboms
+    app.state.vulns = vulns
     _install_error_handlers(app)
     app.add_middleware(AuditMiddleware, audit=audit_store, clock=clock)
 
@@ -829,6 +840,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(director_router(director, gate=gate, devices=devices, auth=auth))
     app.include_router(rollout_router(rollouts, auth))
     app.include_router(sbom_router(sboms, auth))
+    app.include_router(vuln_router(vulns, auth))
     app.include_router(operators_router(auth, operator_store, clock))
     app.include_router(audit_router(auth, audit_store))
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))

@@ -32,6 +32,7 @@ TABLE_MODULES: Final = (
     "otaguard.server.storage.rollouts",
     "otaguard.server.storage.sboms",
     "otaguard.server.storage.monitoring",
+    "otaguard.server.storage.vulns",
 )
 
 
