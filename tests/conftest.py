@@ -234,3 +234,15 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         stack.callback(w.server.stop)
         w.release("1.0.0")
         yield w
+
+
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO|WARNING) ")
+
+
+def error_lines(err: str) -> list[str]:
+    """What a command printed on stderr besides log records (timestamped INFO/WARNING
+    lines, e.g. of an in-process server) and development-mode warnings: its error."""
+    return [
+        ln for ln in err.strip().splitlines()
+        if ln and not _LOG_RECORD.match(ln) and "INSECURE" not in ln
+    ]  # fmt: skip

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import HW, World, start_world
+from conftest import HW, World, error_lines, start_world
 from otaguard.agent import Device
 from otaguard.agent.identity import build_csr
 from otaguard.cli import main
@@ -367,5 +367,5 @@ def test_server_options_refuse_bad_values_in_one_line(
     monkeypatch.delenv("OTAGUARD_TRUSTED_PROXIES")
     (tmp_path / "not-a-ca.pem").write_text("hello")
     assert main([*data, "--manufacturer-ca", str(tmp_path / "not-a-ca.pem")]) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if "INSECURE" not in ln]
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "holds no PEM certificate" in err[0], err

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import urllib3
 
-from conftest import HW, World
+from conftest import HW, World, error_lines
 from otaguard.cli import main
 from otaguard.server.inventory import Inventory
 from otaguard.server.storage.fleet_base import UnknownNameError
@@ -176,7 +176,7 @@ def test_inventory_mistakes_are_one_line_errors(world: World, cli: Cli) -> None:
         (["fleet", "show", "ghost"], 2, "unknown device: show ghost: no device 'ghost' in the registry"),
     ):  # fmt: skip
         _, err = cli(*argv, code=code)
-        lines = err.strip().splitlines()
+        lines = error_lines(err)
         assert len(lines) == 1 and line in lines[0], (argv, err)
     # Nothing was half-done: the static group is still empty, the tags unchanged.
     out, _ = cli("group", "show", "stat")

@@ -203,8 +203,10 @@ def test_evaluating_a_rollout_costs_the_same_queries_for_20_or_10000_members(
     assert status.evaluation == expected
     assert store.get("r1") == expected.rollout
     assert status.members == size
-    # reading the rollout, its members, the last reports; writing a change at most
-    assert len(queries) <= 5, queries
+    # reading the rollout, its members, the last reports; writing a change at most, after
+    # re-reading the rollout once the fleet monitor let the phase advance (ADR 0026); and
+    # the store.get above: a constant, whatever the group's size
+    assert len(queries) <= 6, queries
 
 
 def test_a_hostile_manifest_does_not_stop_the_evaluation(db_engine: Engine) -> None:

@@ -104,6 +104,18 @@ class CheckinObserver(Protocol):
     def checkin_refused(self, reason: str) -> None:
         """A check-in was refused before it was recorded."""
 
+    def note_checkin(
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        manifest: DeviceManifest,
+        answer: bytes | None,
+        only_instructed: bool = False,
+    ) -> None:
+        """Inside the check-in's transaction: note the device's state (one row); with
+        ``only_instructed``, after it: the instruction, if the answer names an image."""
+
     def after_checkin(
         self,
         *,
@@ -113,7 +125,8 @@ class CheckinObserver(Protocol):
         problem: str | None,
         answer: bytes | None,
     ) -> None:
-        """A check-in was recorded (``problem``: why it quarantined the device)."""
+        """After the commit: a check-in was recorded (``problem``: why it quarantined
+        the device)."""
 
 
 class CheckinServices:
@@ -492,12 +505,28 @@ def run_checkin(
             entry, manifest, problem = _record(svc, dev, data)
             if problem is None and svc.answer_in_unit:
                 director = _answer(svc, dev, manifest)
+            if svc.monitor is not None:  # fleet monitoring (ADR 0026): same transaction
+                svc.monitor.note_checkin(
+                    serial=dev.record.serial,
+                    hardware_id=dev.record.hardware_id,
+                    manifest=manifest,
+                    answer=director.encode() if director is not None else None,
+                )
     except CheckinRefusedError as e:
         if svc.monitor is not None:
             svc.monitor.checkin_refused(str(e))
         raise
     if problem is None and not svc.answer_in_unit:
-        director = _answer(svc, dev, manifest)  # its own unit, after the commit
+        with svc.unit():  # its own unit, after the commit; the note joins it
+            director = _answer(svc, dev, manifest)
+            if svc.monitor is not None and director is not None:
+                svc.monitor.note_checkin(
+                    serial=dev.record.serial,
+                    hardware_id=dev.record.hardware_id,
+                    manifest=manifest,
+                    answer=director.encode(),
+                    only_instructed=True,
+                )
     serial = dev.record.serial
     if svc.monitor is not None:  # fleet monitoring (ADR 0026), after the commit
         svc.monitor.after_checkin(

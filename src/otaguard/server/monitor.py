@@ -159,6 +159,40 @@ class Monitor:
         self.counts["verification_failures", "checkin"] += 1
         logger.debug("check-in refusal counted: %s", reason)
 
+    def note_checkin(
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        manifest: DeviceManifest,
+        answer: bytes | None,
+        only_instructed: bool = False,
+    ) -> None:
+        """Note the device's state of one check-in (one row write). Called inside the
+        check-in's unit of work, so it joins its transaction: on SQLite a second write
+        transaction per check-in contends for the file's lock (503s at 500 devices).
+
+        ``answer`` is the director's signed instruction (``None`` without a director, or
+        when the answer is signed after the commit: then it is noted again afterwards with
+        ``only_instructed``, which writes only when the answer names an image to install).
+        """
+        installed = manifest.installed
+        running = installed.version if installed else "recovery"
+        image = (
+            instructed_image(answer, running=installed.name if installed else None)
+            if answer is not None
+            else None
+        )
+        if only_instructed and image is None:
+            return  # nothing to add to the row written inside the check-in's transaction
+        self.store.note_checkin(
+            serial,
+            hardware_id=hardware_id,
+            running_version=running,
+            instructed_image=image,
+            now=self.clock(),
+        )
+
     def after_checkin(
         self,
         *,
@@ -168,26 +202,12 @@ class Monitor:
         problem: str | None,
         answer: bytes | None,
     ) -> None:
-        """A check-in was recorded: note the device's health and raise its signals.
+        """A check-in was recorded and committed: raise its signals (which may quarantine
+        the device or call webhooks: never inside the check-in's transaction).
 
-        ``problem`` is why it was quarantined (measured boot or quote), ``answer`` the
-        director's signed instruction (``None`` without a director).
+        ``problem`` is why it was quarantined (measured boot or quote).
         """
-        installed = manifest.installed
-        running = installed.version if installed else "recovery"
         self.counts["checkins", "accepted" if problem is None else "quarantined"] += 1
-        image = (
-            instructed_image(answer, running=installed.name if installed else None)
-            if answer is not None
-            else None
-        )
-        self.store.note_checkin(
-            serial,
-            hardware_id=hardware_id,
-            running_version=running,
-            instructed_image=image,
-            now=self.clock(),
-        )
         if problem is not None:
             self.counts["verification_failures", "measured-boot"] += 1
             self.raise_finding(self._boot_finding(serial, hardware_id, manifest, problem))
