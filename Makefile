@@ -75,7 +75,7 @@ vboard-sysdeps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; exit 1; fi; fi
 
-# Cached under .cache/vboard: the Debian base (base.tar) is rebuilt only when its package
+# Cached under .cache/vboard: the Debian base (base/) is rebuilt only when its package
 # list changes, the slot images and the disk when the agent or the board's files change.
 VBOARD_DIR      := .cache/vboard
 VBOARD_VERSIONS := 1.0.0 2.0.0 3.0.0-fail

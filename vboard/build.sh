@@ -1,6 +1,6 @@
 #!/bin/bash
 # Builds the otaguard virtual board (ADR 0033) under $OUT (default .cache/vboard), as root:
-#   base.tar         minimal Debian (mmdebstrap from this machine's apt sources), cached
+#   base/            minimal Debian (mmdebstrap from this machine's apt sources), cached
 #                    until this script's package list changes
 #   wheels/          otaguard and its agent dependencies as wheels (no server extras)
 #   slot-<v>.ext4    a root file system per board version: base + otaguard's agent in a venv
@@ -32,7 +32,8 @@ t0=$(date +%s)
 
 # 1. Base root file system: rebuilt only when the package list changes.
 key=$(printf '%s\n' "$PACKAGES" bookworm | sha256sum | cut -c1-16)
-if [ "$(cat "$OUT/base.key" 2>/dev/null)" != "$key" ]; then
+if [ "$(cat "$OUT/base.key" 2>/dev/null)" != "$key" ] || [ ! -d "$OUT/base" ]; then
+  rm -rf "$OUT/base.tmp"
   sources=()
   for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
     [ -s "$f" ] && sources+=("$f")
@@ -41,10 +42,10 @@ if [ "$(cat "$OUT/base.key" 2>/dev/null)" != "$key" ]; then
   mmdebstrap --quiet --variant=minbase --include="$PACKAGES" \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    bookworm "$OUT/base.tar.tmp" "${sources[@]}"
-  mv "$OUT/base.tar.tmp" "$OUT/base.tar"
+    bookworm "$OUT/base.tmp" "${sources[@]}"
+  rm -rf "$OUT/base"; mv "$OUT/base.tmp" "$OUT/base"
   echo "$key" > "$OUT/base.key"
-  echo "vboard: base.tar built in $(( $(date +%s) - t0 )) s"
+  echo "vboard: base built in $(( $(date +%s) - t0 )) s"
 fi
 
 # 2. The agent as wheels: otaguard itself and the base (agent) dependencies only.
@@ -61,7 +62,7 @@ trap cleanup EXIT
 for v in "${VERSIONS[@]}"; do
   ver=${v%%-fail}
   cleanup; rm -rf "$tree"; mkdir -p "$tree"
-  tar -xf "$OUT/base.tar" -C "$tree"
+  cp -a "$OUT/base/." "$tree/"
   mkdir -p "$tree/tmp/wheels"; cp "$OUT"/wheels/*.whl "$tree/tmp/wheels/"
   mount --bind /dev "$tree/dev"; mount -t proc proc "$tree/proc"; mount -t sysfs sys "$tree/sys"
   chroot "$tree" python3 -m venv /opt/otaguard
