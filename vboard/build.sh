@@ -65,8 +65,9 @@ for v in "${VERSIONS[@]}"; do
   cp -a "$OUT/base/." "$tree/"
   mkdir -p "$tree/tmp/wheels"; cp "$OUT"/wheels/*.whl "$tree/tmp/wheels/"
   mount --bind /dev "$tree/dev"; mount -t proc proc "$tree/proc"; mount -t sysfs sys "$tree/sys"
-  chroot "$tree" python3 -m venv /opt/otaguard
-  chroot "$tree" /opt/otaguard/bin/pip install --quiet --no-index --find-links /tmp/wheels 'otaguard[agent]'
+  # A clean environment: the host's PIP_* settings name paths that are not in the chroot.
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$tree" python3 -m venv /opt/otaguard
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$tree" /opt/otaguard/bin/pip install --quiet --no-index --find-links /tmp/wheels 'otaguard[agent]'
   cleanup
   rm -rf "$tree/tmp/wheels"
   ln -sf /opt/otaguard/bin/otaguard "$tree/usr/bin/otaguard"

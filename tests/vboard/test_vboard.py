@@ -100,13 +100,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "repo", "init", str(repo), "--keys-dir", str(tmp / "keys"),
         "--online-key", str(data / "online-key.pub.json"),
     )  # fmt: skip
-    server = subprocess.Popen(
-        [
-            *CLI, "server", "--data", str(data), "--repo", str(repo), "--port", str(port),
-            "--tls-name", "10.0.2.2", "--timestamp-expiry", "1h", "--snapshot-expiry", "1h",
-        ],
-        env=env, stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (tmp / "server.log").open("wb") as log:  # the child keeps its own descriptor
+        server = subprocess.Popen(
+            [
+                *CLI, "server", "--data", str(data), "--repo", str(repo), "--port", str(port),
+                "--tls-name", "10.0.2.2", "--timestamp-expiry", "1h", "--snapshot-expiry", "1h",
+            ],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         _provision(w)
         yield w
