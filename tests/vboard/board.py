@@ -67,10 +67,11 @@ class Boot:
 
     def markers(self, prefix: str) -> list[str]:
         """The console lines starting with ``prefix`` (e.g. ``OTAG-BOOTED``)."""
+        # A line may start with terminal escapes (GRUB, OVMF): the marker counts from its prefix.
         return [
-            line.strip()[len(prefix) :].strip()
+            line[line.index(prefix) + len(prefix) :].strip()
             for line in self.console.splitlines()
-            if line.strip().startswith(prefix)
+            if prefix in line
         ]
 
     def booted(self) -> dict[str, str]:
@@ -109,13 +110,11 @@ class Board:
     def write_data_partition(self, device_dir: Path) -> None:
         """Put ``device_dir`` on the data partition as /var/lib/otaguard/device (a new ext4
         made by mke2fs -d, copied to the partition's offset: no loop device)."""
-        start, sectors = (
-            int(x)
-            for x in subprocess.run(
-                ["partx", "-g", "-o", "START,SECTORS", "-n", str(DATA_PART), str(self.disk)],
-                capture_output=True, text=True, check=True,
-            ).stdout.split()  # fmt: skip
-        )
+        geometry = subprocess.run(
+            ["partx", "-g", "-o", "START,SECTORS", "-n", str(DATA_PART), str(self.disk)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        start, sectors = (int(x) for x in geometry.split())
         staging = self.dir / "data-root"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -155,7 +154,9 @@ class Board:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         with log.open("wb") as out:
-            rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
+            rc = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=False
+            ).returncode
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

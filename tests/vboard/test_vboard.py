@@ -10,7 +10,6 @@ with a certificate that also names 10.0.2.2.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from board import DEVICE_DIR, Board, require_board, status_json
+
 from otaguard.sim.sbom import make_sbom
 
 pytestmark = [pytest.mark.vboard, pytest.mark.timeout(3600)]
