@@ -29,6 +29,9 @@ HW = "vboard-x86"
 SERIAL = "vboard-1"
 CLI = [sys.executable, "-m", "otaguard"]
 AGENT = f"otaguard agent {DEVICE_DIR}"
+#: a boot that also downloads, decompresses, writes and reads back a 549 MiB slot on the
+#: emulated CPU
+INSTALL_TIMEOUT_S = 1200
 
 
 def _free_port() -> int:
@@ -180,7 +183,7 @@ def test_update_commits_on_mark_good_and_a_failing_release_rolls_back(world: Wor
     if not board.boots:  # the first test boots the factory slot; alone, this one does
         board.power_on("true\n")
     w.release("2.0.0")
-    boot = board.power_on(f"{AGENT} update\n")
+    boot = board.power_on(f"{AGENT} update\n", timeout_s=INSTALL_TIMEOUT_S)
     assert boot.booted()["slot"] == "A", boot.tail()
     print(boot.ctl_output())  # the reboot may cut it short
 
@@ -193,7 +196,7 @@ def test_update_commits_on_mark_good_and_a_failing_release_rolls_back(world: Wor
     assert "2.0.0" in shown, shown
 
     w.release("3.0.0-fail")
-    boot = board.power_on(f"{AGENT} update\n")
+    boot = board.power_on(f"{AGENT} update\n", timeout_s=INSTALL_TIMEOUT_S)
     assert boot.booted()["slot"] == "B", boot.tail()
     print(boot.ctl_output())
 
