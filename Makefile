@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench scan clean sysdeps postgres db-revision fuzz
+.PHONY: demo test lint bench scan clean sysdeps postgres db-revision fuzz vboard vboard-sysdeps vboard-test
 
 # tpm2-pytss builds from source against libtss2 (pkg-config), hence sysdeps first.
 $(STAMP): pyproject.toml | sysdeps
@@ -55,6 +55,40 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; exit 1; fi; fi
+
+# The virtual board (ADR 0033) is opt-in and not part of `make test`: its Debian tools are
+# installed here, not by sysdeps. mmdebstrap builds the root file system from this machine's
+# apt sources; qemu-system-x86 (TCG: KVM does not work on this machine) and ovmf (UEFI
+# firmware) boot it; grub-efi-amd64-bin is GRUB's EFI image for grub-mkstandalone;
+# dosfstools (mkfs.vfat) and mtools (mcopy) make the ESP without mounting it (no vfat in
+# this kernel).
+VBOARD_CMDS := mmdebstrap:mmdebstrap qemu-system-x86_64:qemu-system-x86 mkfs.vfat:dosfstools \
+               mcopy:mtools grub-editenv:grub-common sfdisk:fdisk partx:util-linux mke2fs:e2fsprogs
+vboard-sysdeps:
+	@missing=""; \
+	for pair in $(VBOARD_CMDS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
+	    || missing="$$missing $${pair#*:}"; done; \
+	[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing="$$missing ovmf"; \
+	[ -d /usr/lib/grub/x86_64-efi ] || missing="$$missing grub-efi-amd64-bin"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (apt-get install$$missing)"; exit 1; fi; fi
+
+# Cached under .cache/vboard: the Debian base (base/) is rebuilt only when its package
+# list changes, the slot images and the disk when the agent or the board's files change.
+VBOARD_DIR      := .cache/vboard
+VBOARD_VERSIONS := 1.0.0 2.0.0 3.0.0-fail
+VBOARD_INPUTS   := $(shell find vboard src deploy/systemd -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml
+$(VBOARD_DIR)/disk.img: $(VBOARD_INPUTS) | vboard-sysdeps $(STAMP)
+	vboard/build.sh $(VBOARD_DIR) $(VBOARD_VERSIONS)
+
+vboard: $(VBOARD_DIR)/disk.img
+
+# Boots the board in QEMU against a real server on the host (about 40 s per boot on TCG).
+vboard-test: vboard
+	$(BIN)/python -m pytest -m vboard -p no:xdist tests/vboard -v -s
 
 demo: $(STAMP)
 	$(BIN)/otaguard demo

@@ -86,3 +86,36 @@ def test_mark_good_runs_after_boot_complete_and_health_checks_before_it() -> Non
         svc = _unit(name)["Service"]
         assert (svc["NoNewPrivileges"], svc["ProtectSystem"]) == ("yes", "strict"), name
         assert svc["CapabilityBoundingSet"] == "", name
+
+
+def _enabled_boot(tmp_path: Path, text_edit: tuple[str, str] | None = None) -> str:
+    """``verify multi-user.target`` with the units enabled as their [Install] says (the
+    wants/requires links in a unit directory searched first): systemd builds the boot's
+    start transaction and reports an ordering cycle it would break by dropping a job."""
+    tmp_path.mkdir()
+    _installed(tmp_path, text_edit)
+    for target, unit in (
+        ("multi-user.target.wants", "otaguard-mark-good.service"),
+        ("boot-complete.target.requires", "otaguard-health-example.service"),
+    ):
+        (tmp_path / target).mkdir(exist_ok=True)
+        (tmp_path / target / unit).symlink_to(tmp_path / unit)
+    got = subprocess.run(
+        [_systemd_analyze(), "verify", "--man=no", "multi-user.target"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+    )  # fmt: skip
+    return got.stdout + got.stderr
+
+
+def test_enabled_units_form_no_ordering_cycle_at_boot(tmp_path: Path) -> None:
+    """mark-good is wanted by multi-user.target, so that target starts after it; a health
+    unit ordered after multi-user.target closes a cycle through boot-complete.target and
+    systemd skips mark-good: the new slot would never be committed (seen on the virtual
+    board). The shipped units have none; the old example's ``After=`` makes one."""
+    assert "ordering cycle" not in _enabled_boot(tmp_path / "shipped")
+    cyclic = _enabled_boot(
+        tmp_path / "cyclic",
+        ("Before=boot-complete.target\n", "Before=boot-complete.target\nAfter=multi-user.target\n"),
+    )
+    assert "Found ordering cycle" in cyclic and "otaguard-mark-good.service" in cyclic, cyclic
