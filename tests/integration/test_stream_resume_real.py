@@ -157,7 +157,8 @@ def test_connection_dropped_mid_image_continues_with_a_range_request(
     assert "updated" in upd.stdout
     match = re.search(r"continuing from byte (\d+) \(Range request\)", upd.stderr)
     assert match is not None, upd.stderr
-    assert IMAGE // 2 - 2 * MIB < int(match.group(1)) <= IMAGE // 2
+    # the proxy cuts after the read (up to 64 KiB) that crosses half the image's bytes
+    assert IMAGE // 2 - 2 * MIB < int(match.group(1)) <= IMAGE // 2 + 65536
     # Resumed, not restarted: the image crossed the proxy about once, not 1.5 times.
     assert proxy.downstream < IMAGE + IMAGE // 4, proxy.downstream
     assert_committed_to_new(dev, world)
