@@ -158,7 +158,9 @@ def enrolled(tmp_path: Path) -> Iterator[tuple[FleetSim, Hostile]]:
             hardware_id=HW,
             devices=4,
             identity_dir=tmp_path / "ids",
-            timeout=1.0,
+            # enrolling against the real server may take seconds on a loaded machine; the
+            # hostile answers below get the short timeout
+            timeout=30.0,
         )
         sim = FleetSim(settings)
         asyncio.run(sim.enroll(operator_token=w.server.operator_token))
@@ -167,7 +169,7 @@ def enrolled(tmp_path: Path) -> Iterator[tuple[FleetSim, Hostile]]:
     ca, cert, key = _tls_pair(tmp_path)
     hostile = Hostile(cert, key)
     sim.settings = dataclasses.replace(
-        settings, server_url=f"https://127.0.0.1:{hostile.port}", ca_cert=ca
+        settings, server_url=f"https://127.0.0.1:{hostile.port}", ca_cert=ca, timeout=1.0
     )
     try:
         yield sim, hostile
