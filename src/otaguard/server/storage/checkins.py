@@ -45,7 +45,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
 from otaguard.server.storage.devices import devices_table
-from otaguard.server.storage.unit import reading, writing
+from otaguard.server.storage.unit import newest_of_device, reading, writing
 
 __all__ = ["MAX_OPEN_NONCES_PER_CERT", "NONCE_PURGE_INTERVAL", "SQLCheckinStore"]
 
@@ -296,13 +296,7 @@ class SQLCheckinStore(CheckinStore):
     def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:
         """See :meth:`CheckinStore.history`."""
         try:
-            with reading(self._engine) as conn:
-                rows = conn.execute(
-                    select(checkins_table)
-                    .where(checkins_table.c.serial == serial)
-                    .order_by(checkins_table.c.time.desc(), checkins_table.c.id.desc())
-                    .limit(limit)
-                ).all()
+            rows = newest_of_device(self._engine, checkins_table, serial, limit=limit)
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         return [_checkin(r) for r in rows]

@@ -50,7 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from otaguard.model.errors import OperatorError, ServerStorageError
 from otaguard.model.telemetry import Telemetry
 from otaguard.server.storage.devices import devices_table
-from otaguard.server.storage.unit import reading, writing
+from otaguard.server.storage.unit import newest_of_device, reading, writing
 
 __all__ = [
     "TELEMETRY_RETENTION",
@@ -399,13 +399,7 @@ class SQLMonitorStore(MonitorStore):
     def telemetry(self, serial: str, *, limit: int) -> list[tuple[dt.datetime, str, bytes]]:
         """See :meth:`MonitorStore.telemetry`."""
         try:
-            with reading(self._engine) as conn:
-                rows = conn.execute(
-                    select(telemetry_table)
-                    .where(telemetry_table.c.serial == serial)
-                    .order_by(telemetry_table.c.time.desc(), telemetry_table.c.id.desc())
-                    .limit(limit)
-                ).all()
+            rows = newest_of_device(self._engine, telemetry_table, serial, limit=limit)
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         return [(_utc(r.time) or r.time, r.transport, bytes(r.body)) for r in rows]

@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
+from sqlalchemy import Row, Table, select
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["after_commit", "reading", "unit_of_work", "writing"]
+__all__ = ["after_commit", "newest_of_device", "reading", "unit_of_work", "writing"]
 
 # (engine, its connection, what to run once it committed) of the unit open in this
 # context, if any
@@ -92,3 +94,21 @@ def reading(engine: Engine) -> Iterator[Connection]:
         return
     with engine.connect() as conn:
         yield conn
+
+
+def newest_of_device(engine: Engine, table: Table, serial: str, *, limit: int) -> list[Row[Any]]:
+    """One device's newest ``limit`` rows of a history ``table`` (``serial``, ``time``,
+    ``id`` columns), newest first, read through :func:`reading`.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the store translates it (it knows the operation).
+    """
+    with reading(engine) as conn:
+        return list(
+            conn.execute(
+                select(table)
+                .where(table.c.serial == serial)
+                .order_by(table.c.time.desc(), table.c.id.desc())
+                .limit(limit)
+            ).all()
+        )
