@@ -8,8 +8,11 @@ not share this process's GIL with the server under test.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import warnings
@@ -19,7 +22,7 @@ import pytest
 import urllib3
 
 from conftest import start_world
-from otaguard.server._tls import TlsScopeH11Protocol
+from otaguard.server._tls import MAX_REQUEST_HEADER_BYTES, TlsScopeProtocol
 from otaguard.server.settings import DEFAULT_HEADER_TIMEOUT_SECONDS
 
 PARTIAL_CONNECTIONS = 1100
@@ -74,7 +77,46 @@ def test_slowloris_is_cut_while_devices_keep_updating(tmp_path: Path) -> None:
 
 
 def test_the_header_deadline_is_a_positive_per_server_setting() -> None:
-    assert TlsScopeH11Protocol.with_header_timeout(2.5).header_timeout == 2.5
-    assert TlsScopeH11Protocol.header_timeout == DEFAULT_HEADER_TIMEOUT_SECONDS
+    assert TlsScopeProtocol.with_header_timeout(2.5).header_timeout == 2.5
+    assert TlsScopeProtocol.header_timeout == DEFAULT_HEADER_TIMEOUT_SECONDS
     with pytest.raises(ValueError, match="positive"):
-        TlsScopeH11Protocol.with_header_timeout(0)
+        TlsScopeProtocol.with_header_timeout(0)
+
+
+def _raw_request(ca: Path, port: int, head: bytes) -> bytes:
+    """Send ``head`` over TLS and read until the server closes or answers one response."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        # the server may close while the rest of the headers is still on its way
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            tls.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_request_headers_are_bounded(tmp_path: Path) -> None:
+    """llhttp has no header bound of its own: headers past MAX_REQUEST_HEADER_BYTES get 431
+    and the connection is closed; a request just under it is served."""
+    world = start_world(tmp_path)
+    try:
+        port = int(world.server.base_url.rsplit(":", 1)[1])
+        ca = world.server.ca_cert
+        start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        pad = b"X-Pad: " + b"a" * (MAX_REQUEST_HEADER_BYTES - 200) + b"\r\n"
+        fine = _raw_request(ca, port, start + pad + b"Connection: close\r\n\r\n")
+        assert fine.startswith(b"HTTP/1.1 200"), fine[:100]
+        # Never-ending headers: the bound answers, not the header deadline.
+        huge = start + b"X-Pad: " + b"a" * (MAX_REQUEST_HEADER_BYTES * 2)
+        refused = _raw_request(ca, port, huge)
+        assert refused.startswith(b"HTTP/1.1 431"), refused[:100]
+        assert b"too large" in refused
+    finally:
+        world.server.stop()

@@ -19,6 +19,8 @@ EXTRA_OF_MODULE: Final[dict[str, str]] = {
     "starlette": "server",
     "uvicorn": "server",
     "h11": "server",
+    "httptools": "server",
+    "uvloop": "server",
     "pydantic": "server",
     "sqlalchemy": "server",
     "alembic": "server",

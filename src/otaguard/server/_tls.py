@@ -1,15 +1,16 @@
 """Handing the verified client certificate from the TLS layer to the application.
 
-uvicorn does not put the peer certificate into the ASGI scope. :class:`TlsScopeH11Protocol`
-is uvicorn's h11 protocol that does, following the ASGI TLS extension
+uvicorn does not put the peer certificate into the ASGI scope. :class:`TlsScopeProtocol`
+is uvicorn's httptools protocol (llhttp, the C parser) that does, following the ASGI TLS extension
 (``scope["extensions"]["tls"]``, https://asgi.readthedocs.io/en/latest/specs/tls.html):
 ``client_cert_chain`` holds the PEM of the certificate the client presented, which the
 server's TLS context already verified against the device CA (a certificate that does not
 verify fails the handshake, so a certificate in the scope is a verified one).
 
-The server pins uvicorn to this protocol (h11): httptools is not a dependency, and a
-protocol that did not fill the extension would make every device request look anonymous,
-which the device routes refuse.
+The server pins uvicorn to this protocol: a protocol that did not fill the extension would
+make every device request look anonymous, which the device routes refuse. httptools (and
+uvloop) are dependencies of the ``server`` extra; the pure-Python h11 parser cost a third
+of the server CPU of a metadata request (ADR 0016).
 
 Behind a reverse proxy that terminates mutual TLS (nginx, see ``deploy/nginx/``),
 :class:`ForwardedClientCert` puts the certificate the proxy verified and forwarded
@@ -20,11 +21,13 @@ ignored and logged: the request has only the certificate of its own TLS connecti
 forwarded certificate was verified by the proxy, not by this process, so the device gate
 checks its signature against the device CA again (defence in depth), as it does for all.
 
-Slow clients (slowloris): :class:`TlsScopeH11Protocol` gives every request a header
+Slow clients (slowloris): :class:`TlsScopeProtocol` gives every request a header
 deadline (``ServerSettings.header_timeout``), from the end of the handshake or of the
 previous response until the request line and every header have arrived. A connection that
 trickles or idles past it is aborted (no TLS close_notify exchange to wait for), so no
-unauthenticated client can hold a connection slot longer than that.
+unauthenticated client can hold a connection slot longer than that. A request line and
+headers longer than :data:`MAX_REQUEST_HEADER_BYTES` are answered 431 and the connection
+closed (llhttp itself sets no such bound).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import unquote
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from otaguard.server.settings import DEFAULT_HEADER_TIMEOUT_SECONDS
 
@@ -45,9 +48,10 @@ __all__ = [
     "CLIENT_CERT_HEADER",
     "CLIENT_VERIFY_HEADER",
     "MAX_FORWARDED_CERT_BYTES",
+    "MAX_REQUEST_HEADER_BYTES",
     "TLS_EXTENSION",
     "ForwardedClientCert",
-    "TlsScopeH11Protocol",
+    "TlsScopeProtocol",
     "client_certificate_der",
     "client_certificate_error",
     "client_certificate_proxy",
@@ -62,6 +66,13 @@ CLIENT_CERT_HEADER: Final = "x-client-cert"
 CLIENT_VERIFY_HEADER: Final = "x-client-verify"
 # A URL-encoded P-256 certificate is about 1.2 KB; a header this long is not one.
 MAX_FORWARDED_CERT_BYTES: Final = 16 * 1024
+#: a request line and headers may be this long (a device's request is a few hundred bytes;
+#: a forwarded certificate header about 1.2 KB); more is answered 431 and the connection closed
+MAX_REQUEST_HEADER_BYTES: Final = 16 * 1024
+_HEADERS_TOO_LARGE: Final = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 31\r\nconnection: close\r\n\r\nrequest headers are too large.\n"
+)
 _NetworkType = ipaddress.IPv4Network | ipaddress.IPv6Network
 # ASGI TLS extension: tls_version is the TLS protocol version number, e.g. 0x0304.
 _TLS_VERSIONS: Final = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -134,9 +145,9 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class TlsScopeH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, putting the verified peer certificate into the ASGI scope,
-    with a deadline for each request's headers (module docstring).
+class TlsScopeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, putting the verified peer certificate into the ASGI
+    scope, with a deadline and a size bound for each request's headers (module docstring).
 
     The deadline is a class attribute so that the runner can set it from the settings
     (uvicorn builds protocols itself): :meth:`with_header_timeout`.
@@ -152,9 +163,11 @@ class TlsScopeH11Protocol(H11Protocol):
     # the request cycle that was current when the deadline was armed: a new one means the
     # headers of the next request arrived
     _armed_after: object = None
+    # bytes received since the deadline was armed (the awaited request line and headers)
+    _header_bytes: int = 0
 
     @classmethod
-    def with_header_timeout(cls, seconds: float) -> type[TlsScopeH11Protocol]:
+    def with_header_timeout(cls, seconds: float) -> type[TlsScopeProtocol]:
         """A subclass whose header deadline is ``seconds`` (positive)."""
         if not seconds > 0:
             raise ValueError("the header timeout must be positive")
@@ -170,6 +183,7 @@ class TlsScopeH11Protocol(H11Protocol):
 
     def _arm_header_deadline(self) -> None:
         self._armed_after = self.cycle
+        self._header_bytes = 0
         self._header_deadline = self.loop.time() + self.header_timeout
         if self._header_timer is None:
             self._header_timer = self.loop.call_at(self._header_deadline, self._check_headers)
@@ -196,10 +210,24 @@ class TlsScopeH11Protocol(H11Protocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        """Feed h11; the deadline ends when a request's headers are complete."""
+        """Feed the parser; the deadline ends when a request's headers are complete, and
+        headers still incomplete after :data:`MAX_REQUEST_HEADER_BYTES` are refused."""
         super().data_received(data)
-        if self._header_deadline is not None and self.cycle is not self._armed_after:
+        if self._header_deadline is None:
+            return
+        if self.cycle is not self._armed_after:
             self._cancel_header_deadline()
+            return
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_REQUEST_HEADER_BYTES and not self.transport.is_closing():
+            self._cancel_header_deadline()
+            logger.info(
+                "refused a request from %s: headers longer than %d bytes",
+                self.client[0] if self.client else "?",
+                MAX_REQUEST_HEADER_BYTES,
+            )
+            self.transport.write(_HEADERS_TOO_LARGE)
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         """The next request's headers are due within the deadline (keep-alive)."""
