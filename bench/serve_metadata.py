@@ -65,7 +65,7 @@ STATIC_TEMPLATE: Final = ROOT / "deploy" / "nginx" / "otaguard-static.conf"
 STARTUP_TIMEOUT_S: Final = 60.0
 TIMESTAMP: Final = "/metadata/timestamp.json"
 CONNECTIONS: Final = (50, 200)
-POLLS: Final = 300
+POLLS: Final = 1000
 # nginx's source address towards otaguard, its only trusted proxy: the load generator
 # connects from 127.0.0.1, whose own certificate must count.
 PROXY: Final = "127.0.0.2"

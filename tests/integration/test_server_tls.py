@@ -217,3 +217,28 @@ def test_only_tls13_with_modern_groups(tmp_path: Path) -> None:
                 _handshake(port, lambda c, k=weak: c.set_ecdh_curve(k))
     finally:
         server.stop()
+
+
+def test_no_session_tickets(tmp_path: Path) -> None:
+    """No client resumes a session, so the server issues no TLS 1.3 session tickets (each
+    one cost an encryption of the session with the client certificate, per connection)."""
+    server = start_server_in_thread(
+        ServerSettings(data_dir=tmp_path / "srv", repo_dir=None, port=0)
+    )
+    try:
+        port = port_of(server.base_url)
+        ctx = ssl.create_default_context(cafile=str(server.ca_cert))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            # tickets arrive after the handshake: a full request and answer makes sure
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+            session = tls.session
+            assert session is None or not session.has_ticket
+    finally:
+        server.stop()

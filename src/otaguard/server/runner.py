@@ -276,6 +276,10 @@ def _config(
         # Mozilla "modern": TLS 1.3 only (no CBC suites, no RSA key exchange), and only the
         # X25519, P-256 and P-384 groups.
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+        # No TLS 1.3 session tickets: no client of this server resumes a session (each
+        # device poll is a fresh handshake, its certificate verified again), and each ticket
+        # cost an encryption of the session, the client certificate included, and a write.
+        config.ssl.num_tickets = 0
         if settings.manufacturer_ca is not None:
             # Factory certificates pass the handshake too; they are good for enrollment
             # only (the device gate accepts only the device CA's signature).
