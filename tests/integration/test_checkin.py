@@ -398,8 +398,10 @@ def test_the_check_in_lean_path_answers_as_the_routes_do(world: World) -> None:
         answer = json.loads(resp.read())
         assert resp.status == 200 and resp.getheader("x-request-id") is None
         assert set(answer) == {
-            "serial", "time", "attested", "boot_sha256", "valid_for_seconds", "director_targets"
+            "serial", "time", "attested", "boot_sha256", "valid_for_seconds", "director_targets",
+            "next_nonce",
         }  # fmt: skip
+        assert set(answer["next_nonce"]) == {"nonce", "expires", "attestation_key_registered"}
         # Another method on the same path is the framework's (405), not the lean path's.
         conn.request("GET", CHECKIN_PATH)
         resp = conn.getresponse()
@@ -421,3 +423,98 @@ def test_the_check_in_lean_path_answers_as_the_routes_do(world: World) -> None:
         assert "a client certificate is required" in error(data)
     finally:
         anon.close()
+
+
+# --- The nonce for the next check-in (ADR 0036) -------------------------------------------
+
+
+def test_an_accepted_check_in_hands_out_the_next_nonce_valid_for_a_day(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The next check-in is one request with the kept nonce; a day later the kept nonce
+    has expired: the agent asks for a fresh one, and the check-in still succeeds."""
+    skew = [dt.timedelta(0)]
+    # device certificates for a week: the days skipped here must not expire them
+    world = start_world(
+        tmp_path,
+        clock=lambda: dt.datetime.now(dt.UTC) + skew[0],
+        device_cert_lifetime=dt.timedelta(days=7),
+    )
+    try:
+        world.release("1.0.0")
+        _next_nonce_for_a_day(world, skew, caplog)
+    finally:
+        world.server.stop()
+
+
+def _next_nonce_for_a_day(
+    world: World, skew: list[dt.timedelta], caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = world.device("n1")
+    dev.checkin()
+    kept = json.loads(dev.paths.next_nonce.read_bytes())
+    assert dev.paths.next_nonce.stat().st_mode & 0o077 == 0  # the device's own
+    # issued for a day, by the server's clock
+    expires = dt.datetime.fromisoformat(kept["expires"])
+    assert dt.timedelta(hours=23) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=24)
+    # Within the day: used, and a new one kept in its place (single use).
+    skew[0] = dt.timedelta(hours=23)
+    with caplog.at_level(logging.INFO, logger="otaguard"):
+        assert dev.checkin().nonce == kept["nonce"]
+    assert "asking for a fresh one" not in caplog.text
+    second = json.loads(dev.paths.next_nonce.read_bytes())
+    assert second["nonce"] != kept["nonce"]
+    # Past its day (by the server's clock; the device's clock does not know): refused as
+    # expired, and the agent falls back to asking for a fresh nonce.
+    skew[0] = dt.timedelta(hours=23 + 25)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="otaguard"):
+        result = dev.checkin()
+    assert result.nonce != second["nonce"]
+    assert "the nonce has expired" in caplog.text and "asking for a fresh one" in caplog.text
+
+
+@pytest.mark.parametrize("world", ENGINES, indirect=True)
+def test_a_kept_nonce_replayed_from_an_old_copy_is_refused_and_the_agent_recovers(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device directory restored from a copy (or a power cut after the check-in was
+    sent) holds a spent nonce: the server refuses it as a replay, and the agent's next
+    check-in asks for a fresh one and is accepted."""
+    dev = world.device("n2")
+    dev.checkin()
+    old = dev.paths.next_nonce.read_bytes()
+    dev.checkin()  # spends it
+    dev.paths.next_nonce.write_bytes(old)
+    with caplog.at_level(logging.INFO, logger="otaguard"):
+        result = dev.checkin()
+    assert result.nonce != json.loads(old)["nonce"]
+    assert "the nonce was already used (replay)" in caplog.text
+    assert "asking for a fresh one" in caplog.text
+
+
+def test_an_unreadable_kept_nonce_is_dropped_and_the_check_in_asks_for_one(
+    world: World,
+) -> None:
+    dev = world.device("n3")
+    dev.checkin()
+    dev.paths.next_nonce.write_bytes(b"\xff" * 5000)  # not a nonce file, and too long
+    dev.checkin()
+    assert json.loads(dev.paths.next_nonce.read_bytes())["nonce"]  # a new one kept
+
+
+def test_a_refusal_that_is_not_about_the_nonce_is_not_retried(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a refused nonce sends the agent back to ask for a fresh one: a quarantined
+    device's check-in fails with the quarantine, from the check-in itself."""
+    dev = world.device("n4")
+    dev.checkin()
+    fleet(world).quarantine("n4", reason="stolen")
+    with (
+        caplog.at_level(logging.INFO, logger="otaguard"),
+        pytest.raises(AccessDeniedError, match=r"^check-in refused .*quarantined"),
+    ):
+        dev.checkin()
+    assert "asking for a fresh one" not in caplog.text
+    assert not dev.paths.next_nonce.exists()  # taken out before use, single use

@@ -416,8 +416,9 @@ def test_a_check_in_and_its_answer_are_one_connection(
     engine: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """On PostgreSQL the check-in's record and the director's answer (assignment, policy)
-    share one pooled connection and one transaction (ADR 0019): the nonce request takes
-    one, the check-in one (it was two: the answer had a unit of its own after the commit).
+    share one pooled connection and one transaction (ADR 0019), and a device that kept the
+    nonce its last check-in handed out makes no nonce request (ADR 0036): one connection
+    per check-in (it was three: the nonce, the check-in, the answer's own unit).
     On SQLite the answer keeps its own unit (one file lock; ADR 0019). The device still
     verifies and installs what it is told."""
     with ExitStack() as stack:
@@ -444,7 +445,8 @@ def test_a_check_in_and_its_answer_are_one_connection(
             dev.checkin()
         finally:
             event.remove(db, "checkout", seen)
-        # the nonce, then the check-in and its answer (SQLite: the answer apart)
-        assert len(checkouts) == (3 if engine == "sqlite" else 2), checkouts
+        # one request (the nonce the first check-in handed out, ADR 0036): the check-in and
+        # its answer (SQLite: the answer apart)
+        assert len(checkouts) == (2 if engine == "sqlite" else 1), checkouts
         result = dev.update()
         assert (result.outcome, result.to_version) == ("updated", "1.1.0")

@@ -30,7 +30,12 @@ from otaguard.model.manifest import (
 from otaguard.server.attestation import ListedImage, assess_boot, parse_attest
 from otaguard.server.checkin_verify import CheckinRefusedError, verify_checkin
 from otaguard.server.storage.base import NonceRecord
-from otaguard.server.storage.checkins import MAX_OPEN_NONCES_PER_CERT, SQLCheckinStore
+from otaguard.server.storage.checkins import (
+    MAX_OPEN_NONCES_PER_CERT,
+    NONCE_PURGE_INTERVAL,
+    SPENT_NONCE_KEPT,
+    SQLCheckinStore,
+)
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.unit import unit_of_work
 
@@ -190,6 +195,28 @@ def test_a_nonce_is_spent_once(db_engine: Engine) -> None:
     assert store.register_attestation_key("d1", "PEM-A", now=NOW)
     assert store.register_attestation_key("d1", "PEM-A", now=NOW)
     assert not store.register_attestation_key("d1", "PEM-B", now=NOW)
+    store.close()
+    devices.close()
+
+
+def test_a_spent_day_long_nonce_is_forgotten_soon_after_use(db_engine: Engine) -> None:
+    """A next-check-in nonce lives a day (ADR 0036); once spent it is kept only
+    SPENT_NONCE_KEPT (a replay then is refused as unknown), so the table stays about one
+    row per device. An unspent one stays until it expires."""
+    devices = SQLDeviceStore(db_engine)
+    devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
+    store = SQLCheckinStore(db_engine)
+    day = dt.timedelta(hours=24)
+    store.issue_nonce(record(nonce="spent", expires_at=NOW + day))
+    store.issue_nonce(record(nonce="open", expires_at=NOW + day, cert_serial="c9"))
+    assert store.claim_nonce("spent", serial="d1", cert_serial="c1", now=NOW) is not None
+    soon = NOW + SPENT_NONCE_KEPT - dt.timedelta(seconds=1)
+    store.issue_nonce(record(nonce="a", issued_at=soon, expires_at=soon + TTL))
+    assert store.get_nonce("spent") is not None  # a replay now is named as one
+    later = NOW + SPENT_NONCE_KEPT + NONCE_PURGE_INTERVAL + dt.timedelta(seconds=1)
+    store.issue_nonce(record(nonce="b", issued_at=later, expires_at=later + TTL))
+    assert store.get_nonce("spent") is None
+    assert store.get_nonce("open") is not None  # unspent, within its day
     store.close()
     devices.close()
 

@@ -4,7 +4,10 @@ Zero trust: before each update check the device re-proves who it is and reports 
 runs. It asks the server for a nonce, builds its :class:`~otaguard.model.manifest.DeviceManifest`
 (installed target, last install result, last boot measurement and, with a TPM, a quote
 over the boot PCR qualified by the nonce), signs it with the device key
-(:func:`~otaguard.agent.identity.device_signer`) and posts it. Every request goes through
+(:func:`~otaguard.agent.identity.device_signer`) and posts it. An accepted check-in hands
+out the nonce for the next one (:mod:`.next_nonce`, ADR 0036), so a device that keeps it
+checks in with one request; it asks first only without one (or when the kept one is
+refused). Every request goes through
 the agent's fetcher seam (:meth:`~otaguard.agent.fetcher.Fetcher.post`), over the same
 mutual TLS as the metadata.
 
@@ -31,6 +34,7 @@ from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher
 from otaguard.agent.install import InstallState
 from otaguard.agent.measured_boot import TpmAttestor, read_event_log
+from otaguard.agent.next_nonce import StoredNonce, store_next_nonce, take_next_nonce
 from otaguard.agent.slots import BootEnv
 from otaguard.crypto.envelope import sign_envelope
 from otaguard.model.errors import (
@@ -55,6 +59,7 @@ __all__ = [
     "MAX_ANSWER_BYTES",
     "MAX_NONCE_CHARS",
     "NONCE_PATH",
+    "NONCE_REFUSAL_MARK",
     "CheckinResult",
     "build_manifest",
     "check_in",
@@ -72,6 +77,9 @@ ATTESTATION_KEY_PATH: Final = "/api/v1/device/attestation-key"
 #: the server's answers are a few hundred bytes of JSON plus the director's instruction
 #: (bounded by MAX_DIRECTOR_TARGETS_BYTES, escaped into a JSON string); more is hostile
 MAX_ANSWER_BYTES: Final = 32 * 1024
+#: every refusal of a check-in's nonce (unknown, expired, spent, another device's or
+#: certificate's) says so: server/checkin_verify.py ``check_nonce``
+NONCE_REFUSAL_MARK: Final = "nonce"
 #: the server's nonces are 32 random bytes in URL-safe base64 (43 characters); far longer
 #: is hostile
 MAX_NONCE_CHARS: Final = 128
@@ -92,6 +100,8 @@ class CheckinResult:
     #: the director's signed instruction (exact bytes), ``None`` when the server has no
     #: director; verified by :mod:`.director`, never trusted as it comes
     director: bytes | None
+    #: the nonce for the next check-in the server handed out with this one (ADR 0036)
+    next_nonce: StoredNonce | None = None
 
 
 def _reason(data: bytes) -> str:
@@ -162,6 +172,26 @@ def parse_nonce_answer(answer: dict[str, Any]) -> tuple[str, bool]:
     return nonce, registered
 
 
+def _parse_next_nonce(value: Any) -> StoredNonce | None:
+    """The answer's ``next_nonce`` (absent from servers before ADR 0036: ``None``).
+
+    Raises:
+        VerificationError: present but malformed.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise VerificationError("check-in: the server's next nonce is malformed")
+    nonce, registered = parse_nonce_answer(value)
+    try:
+        expires = dt.datetime.fromisoformat(str(value.get("expires")))
+    except ValueError as e:
+        raise VerificationError("check-in: the server's next nonce has no valid expiry") from e
+    if expires.tzinfo is None:
+        raise VerificationError("check-in: the server's next nonce expiry has no time zone")
+    return StoredNonce(nonce=nonce, attestation_key_registered=registered, expires=expires)
+
+
 def parse_checkin_answer(accepted: dict[str, Any], *, nonce: str, serial: str) -> CheckinResult:
     """The server's acceptance of the manifest that answered ``nonce``, for ``serial``.
 
@@ -179,6 +209,7 @@ def parse_checkin_answer(accepted: dict[str, Any], *, nonce: str, serial: str) -
             boot_sha256=str(accepted["boot_sha256"]),
             nonce=nonce,
             director=director.encode() if director is not None else None,
+            next_nonce=_parse_next_nonce(accepted.get("next_nonce")),
         )
     except KeyError as e:
         raise VerificationError("check-in: the server's answer is malformed") from e
@@ -273,17 +304,36 @@ def check_in(
         DeviceStorageError: the TPM failed.
     """
     base = config.server_url.rstrip("/")
-    answer = _post(fetcher, base + NONCE_PATH, b"", "check-in nonce request")
-    nonce, registered = parse_nonce_answer(answer)
     tpm = TpmAttestor(config.tpm) if config.tpm is not None else None
-    if tpm is not None and not registered:
-        # First check-in after enrollment: the attestation key joins the identity (TOFU
-        # under the fresh device certificate; ADR 0007).
-        register_attestation_key(fetcher, config=config, tpm=tpm)
-    manifest = build_manifest(paths, config, nonce=nonce, tpm=tpm)
-    envelope = sign_envelope(signer, manifest.to_dict())
-    accepted = _post(fetcher, base + CHECKIN_PATH, envelope, "check-in")
+    stored = take_next_nonce(paths, now=dt.datetime.now(dt.UTC))
+    accepted: dict[str, Any] | None = None
+    if stored is not None and (tpm is None or stored.attestation_key_registered):
+        # One request: the nonce the last accepted check-in handed out (ADR 0036).
+        nonce = stored.nonce
+        manifest = build_manifest(paths, config, nonce=nonce, tpm=tpm)
+        try:
+            accepted = _post(
+                fetcher, base + CHECKIN_PATH, sign_envelope(signer, manifest.to_dict()), "check-in"
+            )
+        except AccessDeniedError as e:
+            if NONCE_REFUSAL_MARK not in str(e):
+                raise
+            # Expired, spent (an answer lost to a power cut) or forgotten by the server:
+            # the protocol's first step, as for a device with no nonce kept.
+            logger.info("the kept check-in nonce was refused (%s); asking for a fresh one", e)
+    if accepted is None:
+        answer = _post(fetcher, base + NONCE_PATH, b"", "check-in nonce request")
+        nonce, registered = parse_nonce_answer(answer)
+        if tpm is not None and not registered:
+            # First check-in after enrollment: the attestation key joins the identity (TOFU
+            # under the fresh device certificate; ADR 0007).
+            register_attestation_key(fetcher, config=config, tpm=tpm)
+        manifest = build_manifest(paths, config, nonce=nonce, tpm=tpm)
+        envelope = sign_envelope(signer, manifest.to_dict())
+        accepted = _post(fetcher, base + CHECKIN_PATH, envelope, "check-in")
     result = parse_checkin_answer(accepted, nonce=nonce, serial=config.serial)
+    if result.next_nonce is not None:
+        store_next_nonce(paths, result.next_nonce)
     clear_flags(paths, manifest.attack_flags)
     logger.info(
         "checked in as %s (%s)", result.serial, "attested" if result.attested else "unattested"

@@ -56,6 +56,11 @@ class DevicePaths:
         return self.root / "attack-flags.json"
 
     @property
+    def next_nonce(self) -> Path:
+        """The nonce the last accepted check-in handed out for the next one (ADR 0036)."""
+        return self.root / "next-nonce.json"
+
+    @property
     def ca(self) -> Path:
         """The CA certificate the server's TLS certificate must chain to."""
         return self.trust / "ca.pem"

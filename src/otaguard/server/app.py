@@ -650,7 +650,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     # fast path's caches (metadata, admitted devices) are rebuilt on the next request.
     published = ChangeSignal(data_dir, "published")
     registry = ChangeSignal(data_dir, "registry")
-    store = NotifyingMetadataStore(engine, on_change=published.touch)
+    store = NotifyingMetadataStore(engine, on_change=published.touch, changes=published.token)
     served = ServedMetadata(store, signal=published)
     served_recheck = served.rechecker()
     devices = NotifyingDeviceStore(engine, on_change=registry.touch)

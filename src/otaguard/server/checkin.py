@@ -64,6 +64,7 @@ from otaguard.server.storage.base import (
 
 __all__ = [
     "CHECKIN_WINDOW",
+    "NEXT_NONCE_TTL",
     "NONCE_BYTES",
     "NONCE_TTL",
     "RENEWAL_CHECKIN_WINDOW",
@@ -84,6 +85,12 @@ NONCE_BYTES: Final = 32
 #: a nonce is answered within one round trip; a minute covers a slow link and a TPM
 #: quote (~100 ms on a discrete TPM) and keeps a stolen-in-transit nonce short-lived
 NONCE_TTL: Final = dt.timedelta(seconds=60)
+#: the nonce handed out with an accepted check-in, for the device's next one (one request
+#: per check-in, ADR 0036): the next poll is minutes away (5 by default, jittered), a day
+#: covers long intervals and hours offline. Past it the device asks for a fresh nonce
+#: (one request more), so nothing fails. Still single use, bound to the device and its
+#: certificate, useless without the device key; it travels inside mutual TLS only.
+NEXT_NONCE_TTL: Final = dt.timedelta(hours=24)
 #: after a check-in, the certificate may read metadata and images for this long: a
 #: device checks in before every update check, and ngclient's fetches plus the start of
 #: the image download follow within seconds; a download already started is not cut
@@ -255,6 +262,11 @@ class CheckinBody(BaseModel):
         description="the director's instruction: TUF targets metadata (exact signed JSON "
         "text) signed by the director root's targets key, naming the one image to install "
         "or none, bound to this manifest's nonce; null when the server has no director",
+    )
+    next_nonce: NonceBody | None = Field(
+        default=None,
+        description="a nonce for the device's next check-in (single use, valid for a day): "
+        "its next check-in is one request, without asking for a nonce first",
     )
 
 
@@ -459,22 +471,29 @@ def issue_nonce(
         AccessDeniedError: the device or its certificate is refused (the reason).
         ServerStorageError: the database failed.
     """
-    now = svc.clock()
-    value = secrets.token_urlsafe(NONCE_BYTES)
     with svc.unit():  # the registry check, the nonce and the key: one transaction
         dev = gate.admit(presented, scope)
-        svc.checkins.issue_nonce(
-            NonceRecord(
-                nonce=value,
-                serial=dev.record.serial,
-                cert_serial=dev.identity.cert_serial,
-                issued_at=now,
-                expires_at=now + NONCE_TTL,
-                used_at=None,
-            )
-        )
         registered = svc.checkins.attestation_key(dev.record.serial) is not None
-    return NonceBody(nonce=value, expires=now + NONCE_TTL, attestation_key_registered=registered)
+        return _new_nonce(svc, dev, ttl=NONCE_TTL, registered=registered)
+
+
+def _new_nonce(
+    svc: CheckinServices, dev: AuthenticatedDevice, *, ttl: dt.timedelta, registered: bool
+) -> NonceBody:
+    """Issue a nonce to ``dev``'s certificate, valid for ``ttl`` (inside the caller's unit)."""
+    now = svc.clock()
+    value = secrets.token_urlsafe(NONCE_BYTES)
+    svc.checkins.issue_nonce(
+        NonceRecord(
+            nonce=value,
+            serial=dev.record.serial,
+            cert_serial=dev.identity.cert_serial,
+            issued_at=now,
+            expires_at=now + ttl,
+            used_at=None,
+        )
+    )
+    return NonceBody(nonce=value, expires=now + ttl, attestation_key_registered=registered)
 
 
 def run_checkin(
@@ -499,10 +518,15 @@ def run_checkin(
     # the manifest is durable when the device reads its instruction. A quarantine commits
     # and is raised after it; it gets no answer.
     director = None
+    next_nonce = None
     try:
         with svc.unit():
             dev = gate.admit(presented, scope)
             entry, manifest, problem = _record(svc, dev, data)
+            if problem is None:
+                # An accepted check-in by a device with an attestation key was attested
+                # (else it quarantines): the key is registered exactly when it was.
+                next_nonce = _new_nonce(svc, dev, ttl=NEXT_NONCE_TTL, registered=entry.attested)
             if problem is None and svc.answer_in_unit:
                 director = _answer(svc, dev, manifest)
             if svc.monitor is not None:  # fleet monitoring (ADR 0026): same transaction
@@ -556,6 +580,7 @@ def run_checkin(
         boot_sha256=entry.boot_sha256,
         valid_for_seconds=int(CHECKIN_WINDOW.total_seconds()),
         director_targets=director,
+        next_nonce=next_nonce,
     )
 
 

@@ -40,7 +40,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +53,7 @@ from otaguard.agent.checkin import (
     CHECKIN_PATH,
     MAX_ANSWER_BYTES,
     NONCE_PATH,
+    NONCE_REFUSAL_MARK,
     parse_answer,
     parse_checkin_answer,
     parse_nonce_answer,
@@ -64,6 +65,7 @@ from otaguard.agent.monotonic import Floor
 from otaguard.agent.updater import select_update
 from otaguard.crypto.envelope import sign_envelope
 from otaguard.model.errors import (
+    AccessDeniedError,
     DirectorMetadataError,
     OperatorError,
     OtaguardError,
@@ -155,6 +157,8 @@ class SimDevice:
     session: BootSession = field(default_factory=BootSession)
     #: a tampered slot: the boot measurement the device reports instead of its image's
     boot_sha256: str | None = None
+    #: the nonce the last accepted check-in handed out for the next one (ADR 0036)
+    next_nonce: str | None = None
 
 
 @dataclass
@@ -399,6 +403,42 @@ class FleetSim:
             attack_flags=tuple(sorted(dev.attack_flags)),
         )
 
+    async def _post_manifest(
+        self, conn: AsyncConnection, dev: SimDevice, nonce: str, *, retry: bool
+    ) -> tuple[str, DeviceManifest, dict[str, Any]] | None:
+        """Post ``dev``'s manifest answering ``nonce``: (the nonce, the manifest, the
+        answer), or ``None`` when ``retry`` and the server refused the nonce (ask for one)."""
+        manifest = self._manifest(dev, nonce)
+        envelope = sign_envelope(dev.signer, manifest.to_dict())
+        status, data = await conn.request(
+            "POST", CHECKIN_PATH, body=envelope, headers=_JSON, max_body=MAX_ANSWER_BYTES
+        )
+        try:
+            return nonce, manifest, parse_answer(status, data, "check-in")
+        except AccessDeniedError as e:
+            if retry and NONCE_REFUSAL_MARK in str(e):
+                return None
+            raise
+
+    async def _exchange(
+        self, conn: AsyncConnection, dev: SimDevice
+    ) -> tuple[str, DeviceManifest, dict[str, Any]]:
+        """The check-in's requests: with the kept nonce if any, else (or when it is
+        refused) a fresh one first. Returns (the nonce, the manifest, the acceptance)."""
+        kept, dev.next_nonce = dev.next_nonce, None  # single use, whatever the answer
+        if kept is not None:  # one request, as the agent makes it (ADR 0036)
+            answered = await self._post_manifest(conn, dev, kept, retry=True)
+            if answered is not None:
+                return answered
+        status, data = await conn.request(
+            "POST", NONCE_PATH, headers=_JSON, max_body=MAX_ANSWER_BYTES
+        )
+        fresh, _ = parse_nonce_answer(parse_answer(status, data, "check-in nonce request"))
+        answered = await self._post_manifest(conn, dev, fresh, retry=False)
+        if answered is None:  # pragma: no cover - retry=False raises instead
+            raise TransportError("check-in: no answer")
+        return answered
+
     async def check_in(self, dev: SimDevice) -> None:
         """One full check-in of ``dev``, then verification and install of the answer.
 
@@ -415,18 +455,10 @@ class FleetSim:
                 if dev.installed.version == s.crash_release:
                     dev.session.crash()  # it rebooted over and over since the last poll
                 await send_telemetry(conn, dev)
-            status, data = await conn.request(
-                "POST", NONCE_PATH, headers=_JSON, max_body=MAX_ANSWER_BYTES
-            )
-            nonce, _ = parse_nonce_answer(parse_answer(status, data, "check-in nonce request"))
-            manifest = self._manifest(dev, nonce)
-            envelope = sign_envelope(dev.signer, manifest.to_dict())
-            status, data = await conn.request(
-                "POST", CHECKIN_PATH, body=envelope, headers=_JSON, max_body=MAX_ANSWER_BYTES
-            )
-            result = parse_checkin_answer(
-                parse_answer(status, data, "check-in"), nonce=nonce, serial=dev.serial
-            )
+            nonce, manifest, accepted = await self._exchange(conn, dev)
+            result = parse_checkin_answer(accepted, nonce=nonce, serial=dev.serial)
+            if result.next_nonce is not None:
+                dev.next_nonce = result.next_nonce.nonce
             elapsed = time.perf_counter() - start
             dev.attack_flags.difference_update(manifest.attack_flags)
             self.stats.checkins += 1

@@ -36,6 +36,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -47,7 +48,12 @@ from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAler
 from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.unit import newest_of_device, reading, writing
 
-__all__ = ["MAX_OPEN_NONCES_PER_CERT", "NONCE_PURGE_INTERVAL", "SQLCheckinStore"]
+__all__ = [
+    "MAX_OPEN_NONCES_PER_CERT",
+    "NONCE_PURGE_INTERVAL",
+    "SPENT_NONCE_KEPT",
+    "SQLCheckinStore",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ _DETAIL_CHARS: Final = 1000
 #: check-ins fail and retry); an enrolled but hostile device asking in a loop must not
 #: grow the table, so asking for more forgets its oldest ones
 MAX_OPEN_NONCES_PER_CERT: Final = 4
+#: a spent nonce is remembered this long, so a replay soon after is refused as a replay
+#: (after that as an unknown nonce): the table holds about one row per device
+SPENT_NONCE_KEPT: Final = dt.timedelta(minutes=10)
 #: expired nonces are forgotten at most this often per process (server time): each issue
 #: purging them was a statement on every check-in, and an expired nonce is refused anyway
 #: (it only takes room until the next purge)
@@ -73,6 +82,7 @@ nonces_table = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True), nullable=True),
     Index("ix_checkin_nonces_expires", "expires_at"),
+    Index("ix_checkin_nonces_used", "used_at"),
     Index("ix_checkin_nonces_cert", "cert_serial"),
     Index("ix_checkin_nonces_serial", "serial"),
 )
@@ -194,8 +204,16 @@ class SQLCheckinStore(CheckinStore):
             with writing(self._engine) as conn:
                 if purge:
                     # Expired nonces can only be refused; forget them so the table stays small.
+                    # So are spent ones, which are kept a while only to name a replay as
+                    # one (after that it is refused as unknown): a next-check-in nonce
+                    # lives a day (ADR 0036), the table about one row per device.
                     conn.execute(
-                        delete(nonces_table).where(nonces_table.c.expires_at < record.issued_at)
+                        delete(nonces_table).where(
+                            or_(
+                                nonces_table.c.expires_at < record.issued_at,
+                                nonces_table.c.used_at < record.issued_at - SPENT_NONCE_KEPT,
+                            )
+                        )
                     )
                 conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
                 conn.execute(

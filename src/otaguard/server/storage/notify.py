@@ -9,7 +9,10 @@ whether it succeeded or not (a failed write changes nothing, a spurious refresh 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from sqlalchemy.engine import Engine
 
@@ -18,7 +21,12 @@ from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.storage.unit import after_commit
 
-__all__ = ["NotifyingDeviceStore", "NotifyingMetadataStore"]
+__all__ = ["NEWEST_VERSION_SECONDS", "NotifyingDeviceStore", "NotifyingMetadataStore"]
+
+#: a role's newest version is read again at least this often even when no publication was
+#: announced: the bound for a writer that does not announce (ADR 0009 has every server
+#: process share the data directory, and so the announcement)
+NEWEST_VERSION_SECONDS: Final = 1.0
 
 
 class NotifyingDeviceStore(SQLDeviceStore):
@@ -54,12 +62,46 @@ class NotifyingDeviceStore(SQLDeviceStore):
 
 
 class NotifyingMetadataStore(SQLMetadataStore):
-    """:class:`SQLMetadataStore` calling ``on_change`` after each publication."""
+    """:class:`SQLMetadataStore` calling ``on_change`` after each publication.
 
-    def __init__(self, engine: Engine, *, on_change: Callable[[], None]):
+    With ``changes`` (what identifies the last announcement, e.g. a
+    :class:`~otaguard.server._signal.ChangeSignal`'s token), :meth:`newest_version` is
+    kept per role until the next announcement, at most :data:`NEWEST_VERSION_SECONDS`:
+    every check-in asks it (twice), and it changes only when a release lands (ADR 0036).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        on_change: Callable[[], None],
+        changes: Callable[[], object] | None = None,
+    ):
         """Use ``engine``; ``on_change`` runs after each publication attempt."""
         super().__init__(engine)
         self._on_change = on_change
+        self._changes = changes
+        self._versions: dict[str, tuple[object, int | None, float]] = {}
+        self._versions_lock = threading.Lock()
+
+    def newest_version(self, role: str) -> int | None:
+        """See :meth:`SQLMetadataStore.newest_version`; kept until the next announcement."""
+        if self._changes is None:
+            return super().newest_version(role)
+        token = self._changes()  # before the read: a publication during it reads again
+        kept = self._versions.get(role)
+        now = time.monotonic()
+        if (
+            token is not None
+            and kept is not None
+            and kept[0] == token
+            and now - kept[2] < NEWEST_VERSION_SECONDS
+        ):
+            return kept[1]
+        version = super().newest_version(role)
+        with self._versions_lock:
+            self._versions[role] = (token, version, now)
+        return version
 
     def publish(
         self,
