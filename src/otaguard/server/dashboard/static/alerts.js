@@ -2,7 +2,7 @@
 // Acknowledging is offered only to a token whose role allows it (operator or above); the
 // API checks the role again and audits the acknowledgement.
 import { ApiError, api, path } from "./api.js";
-import { badge, el, link, num, table, when } from "./dom.js";
+import { badge, el, link, long, num, table, when } from "./dom.js";
 
 // As many as the API lists in one request.
 const MAX_ALERTS = 1000;
@@ -35,7 +35,7 @@ export async function alertsView({ canAck, rerender }) {
   const headers = ["#", "time", "signal", "subject", "observed", "threshold", "detail", "action", "state"];
   if (canAck) headers.push("");
   const rows = alerts.map((a) => {
-    const cells = [num(a.id), when(a.time), a.signal, subject(a), a.observed, a.threshold, a.detail,
+    const cells = [num(a.id), when(a.time), a.signal, subject(a), long(a.observed), long(a.threshold), long(a.detail),
       `${a.action}: ${a.outcome}`, state(a)];
     if (canAck) cells.push(a.acked_at ? "" : ack(a));
     return { alert: a, cells };

@@ -1,7 +1,7 @@
 // One device's history: registry facts, check-ins with the install result each reported,
 // telemetry reports, and its check-in alerts.
 import { api, path } from "./api.js";
-import { badge, el, facts, num, table, when } from "./dom.js";
+import { badge, el, facts, long, num, table, when } from "./dom.js";
 
 // Telemetry reports read (the API returns at most 100).
 const TELEMETRY_LIMIT = 20;
@@ -49,11 +49,11 @@ export async function deviceView(serial) {
         `${history.checkins.length} latest, newest first`)),
       table("checkins", ["time", "device time", "running", "boot sha256", "attested", "outcome", "install result / detail"],
         history.checkins.map((c) => ({ cells: [when(c.time), c.device_time, c.running_version,
-          c.boot_sha256.slice(0, 16) + "…", c.attested ? "yes" : "no", badge(c.outcome), c.detail] })))),
+          c.boot_sha256.slice(0, 16) + "…", c.attested ? "yes" : "no", badge(c.outcome), long(c.detail)] })))),
     el("section", { class: "card" },
       el("h3", {}, "Install results"),
       results.length === 0 ? el("p", { class: "muted" }, "None reported.")
-        : table("install-results", ["first reported", "result"], results.map((c) => ({ cells: [when(c.time), c.detail] })))),
+        : table("install-results", ["first reported", "result"], results.map((c) => ({ cells: [when(c.time), long(c.detail)] })))),
     el("section", { class: "card" },
       el("h3", {}, "Telemetry ", el("span", { class: "muted", id: "telemetry-count", "data-count": telemetry.length },
         `${telemetry.length} latest reports`)),
@@ -67,5 +67,5 @@ export async function deviceView(serial) {
       el("h3", {}, "Check-in alerts"),
       history.alerts.length === 0 ? el("p", { class: "muted" }, "None.")
         : table("device-alerts", ["time", "kind", "detail"],
-          history.alerts.map((a) => ({ cells: [when(a.time), a.kind, a.detail] })))));
+          history.alerts.map((a) => ({ cells: [when(a.time), a.kind, long(a.detail)] })))));
 }

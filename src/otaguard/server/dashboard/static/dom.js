@@ -59,6 +59,11 @@ function cellText(c) {
   return isNum(c) ? String(c.num) : String(c);
 }
 
+/** Free text that may hold long unbroken runs (digests, errors): wraps anywhere. */
+export function long(text) {
+  return el("span", { class: "long" }, text ?? "");
+}
+
 /** A number cell (right-aligned). */
 export function num(n) {
   return { num: n };

@@ -1,6 +1,6 @@
 // The fleet: devices by running version, by hardware id and by status, and the list.
 import { api, path } from "./api.js";
-import { badge, countBy, el, link, num, table, when } from "./dom.js";
+import { badge, countBy, el, link, long, num, table, when } from "./dom.js";
 
 // Rows of the device list drawn at once; the filter narrows the rest down.
 const MAX_LISTED = 500;
@@ -23,7 +23,7 @@ function deviceRows(devices) {
       badge(d.status),
       d.running_version ?? "",
       when(d.last_checkin),
-      d.reason || d.last_result || "",
+      long(d.reason || d.last_result || ""),
     ],
   }));
 }

@@ -1,7 +1,7 @@
 // Rollouts: each with its phases, its counts as the server evaluates them now, and why it
 // halted (the failing devices and their errors).
 import { api, path } from "./api.js";
-import { badge, el, facts, link, table } from "./dom.js";
+import { badge, el, facts, link, long, table } from "./dom.js";
 
 function phaseState(rollout, index) {
   const n = index + 1;
@@ -37,7 +37,7 @@ function card(r) {
       ["reason", el("span", { class: "reason", "data-field": "reason" }, r.reason || "")],
     ]),
     failed.length === 0 ? null : table(`failed-${r.name}`, ["device", "error"],
-      failed.map((f) => ({ cells: [el("a", { href: link("device", f.serial) }, f.serial), f.error] }))));
+      failed.map((f) => ({ cells: [el("a", { href: link("device", f.serial) }, f.serial), long(f.error)] }))));
 }
 
 export async function rolloutsView() {

@@ -1,7 +1,7 @@
 // Vulnerabilities: the imported advisories with the devices each affects now, and per
 // advisory the affected releases, the devices running them and the releases fixing it.
 import { api, path } from "./api.js";
-import { el, link, num, table, when } from "./dom.js";
+import { el, link, long, num, table, when } from "./dom.js";
 
 // Advisories whose affected devices are counted on the list page (one request each).
 const MAX_COUNTED = 50;
@@ -13,7 +13,7 @@ export async function vulnsView() {
     const found = counted[i];
     return {
       id: v.id,
-      cells: [el("a", { href: link("vulns", v.id) }, v.id), v.summary, v.aliases.join(", "), v.packages.join(" "),
+      cells: [el("a", { href: link("vulns", v.id) }, v.id), long(v.summary), v.aliases.join(", "), long(v.packages.join(" ")),
         found ? num(found.releases.length) : "", found ? num(found.devices.length) : "",
         found ? found.fixed_by.map((f) => f.version).join(", ") : "", when(v.imported_at)],
     };
