@@ -435,6 +435,8 @@ def test_the_pages_policy_refuses_inline_script_and_html_sinks(fleet: Fleet) -> 
     )
     # No data in the page: its API calls need the token, the page itself none.
     assert b"<script>" not in http.request("GET", fleet.world.server.base_url + "/dashboard/").data
+    bare = http.request("GET", fleet.world.server.base_url + "/dashboard", redirect=False)
+    assert bare.status in (307, 308) and bare.headers["Location"].endswith("/dashboard/")
     for method in ("POST", "PUT", "DELETE"):
         assert http.request(method, fleet.world.server.base_url + "/dashboard/").status == 405
     assert http.request("GET", fleet.world.server.base_url + "/dashboard/nope.js").status == 404
