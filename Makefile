@@ -32,14 +32,17 @@ $(STAMP): pyproject.toml | sysdeps
 # grub-editenv (grub-common) and mkenvimage (u-boot-tools) cross-check the environment
 # formats; systemd-analyze (systemd) verifies the shipped units. Fleet monitoring's MQTT
 # tests start their own broker (mosquitto, /usr/sbin/mosquitto) with the shipped
-# deploy/mosquitto config (ADR 0026). As root they are installed, otherwise listed (exit 1).
+# deploy/mosquitto config (ADR 0026). The dashboard's tests drive Debian's headless
+# Chromium (chromium) through its chromedriver (chromium-driver) with selenium (ADR 0035).
+# As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
                 dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
                 pkcs11-tool:opensc rauc:rauc mksquashfs:squashfs-tools \
                 sfdisk:fdisk losetup:util-linux partx:util-linux blkid:util-linux \
                 mkfs.ext4:e2fsprogs fw_printenv:libubootenv-tool grub-editenv:grub-common \
-                mkenvimage:u-boot-tools systemd-analyze:systemd mosquitto:mosquitto
+                mkenvimage:u-boot-tools systemd-analyze:systemd mosquitto:mosquitto \
+                chromium:chromium chromedriver:chromium-driver
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \

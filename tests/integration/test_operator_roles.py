@@ -411,6 +411,7 @@ def test_every_operator_route_is_in_the_openapi_schema_with_its_role(ops: Ops) -
     assert roles[("post", "/api/v1/devices/{serial}/quarantine")] == "operator"
     assert roles[("post", "/api/v1/groups/{name}/members")] == "operator"
     assert roles[("get", "/api/v1/audit")] == "viewer"
+    assert roles[("get", "/api/v1/operator/whoami")] == "viewer"
     assert roles[("post", "/api/v1/vulns")] == "operator"
     assert roles[("get", "/api/v1/vulns")] == "viewer"
     assert roles[("get", "/api/v1/vulns/report")] == "viewer"

@@ -760,7 +760,8 @@ def _mark_good(dev: Any) -> int:
 def _demo(a: argparse.Namespace) -> int:
     from otaguard.sim.demo import run_demo
 
-    return 0 if run_demo(devices=a.devices, workdir=a.workdir, console=out) else 1
+    ok = run_demo(devices=a.devices, workdir=a.workdir, console=out, keep_serving=a.keep_serving)
+    return 0 if ok else 1
 
 
 # -- parser --------------------------------------------------------------------------
@@ -1337,6 +1338,11 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     demo.add_argument("--devices", type=int, default=20)
     demo.add_argument("--workdir", type=Path, help="default: a new temporary directory")
+    demo.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="after the attacks, keep the server up for the dashboard until Ctrl-C",
+    )
     demo.set_defaults(func=_demo)
     return p
 

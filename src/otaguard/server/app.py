@@ -19,6 +19,8 @@ same authorization; the routes below describe them in the OpenAPI schema)
     /api/v1/operators, /api/v1/audit  admin: operator tokens; viewer: the audit log
                                       (:mod:`.audit`)
     /.well-known/est/...              device enrollment, EST (:mod:`.fleet`)
+    /dashboard/                       the operator's web page over this API
+                                      (:mod:`.dashboard`; its data calls need a token)
 
 Mirrors and CDNs in front of ``/metadata`` and ``/targets`` are untrusted by design; the
 device verifies everything. The operator API needs an operator token with the role each
@@ -70,6 +72,7 @@ from otaguard.server.audit import (
     audit_router,
     operators_router,
     role_route,
+    whoami_router,
 )
 from otaguard.server.auth import (
     AUDIT_SCOPE_KEY,
@@ -85,6 +88,7 @@ from otaguard.server.checkin import (
     checkins_router,
 )
 from otaguard.server.checkin_fastpath import CheckinFastPath
+from otaguard.server.dashboard import dashboard_router
 from otaguard.server.device_auth import DeviceGate
 from otaguard.server.director import Director, load_director_roots, load_director_signer
 from otaguard.server.director_routes import director_router
@@ -185,6 +189,12 @@ TAGS: Final = [
         "name": "operators",
         "description": "Operator tokens with roles viewer < operator < release-manager < "
         "admin (role admin). A token is shown once and stored as its SHA-256.",
+    },
+    {
+        "name": "dashboard",
+        "description": "The operator's web page (static HTML and JavaScript, no token "
+        "needed to load it): it calls this API with the operator token pasted into its "
+        "login form; a viewer token is enough to look (docs/dashboard.md).",
     },
     {
         "name": "audit",
@@ -842,7 +852,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(sbom_router(sboms, auth))
     app.include_router(vuln_router(vulns, auth))
     app.include_router(operators_router(auth, operator_store, clock))
+    app.include_router(whoami_router(auth))
     app.include_router(audit_router(auth, audit_store))
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     app.include_router(monitoring.router)
+    app.include_router(dashboard_router())
     return app

@@ -6,6 +6,7 @@ URL layout::
     GET  /api/v1/operators                  admin: operator tokens (names, roles)
     POST /api/v1/operators                  admin: a new named token, shown once
     POST /api/v1/operators/{name}/revoke    admin: refuse that token from now on
+    GET  /api/v1/operator/whoami            viewer: the presented token's name and role
 
 Every request gets an id (a well-formed ``X-Request-ID`` it brings, or a fresh one),
 returned in ``X-Request-ID`` and put in the server's log line when the request is refused
@@ -57,10 +58,12 @@ __all__ = [
     "AuditMiddleware",
     "NewOperatorBody",
     "OperatorBody",
+    "WhoAmIOperatorBody",
     "annotate_roles",
     "audit_router",
     "operators_router",
     "role_route",
+    "whoami_router",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,5 +323,30 @@ def operators_router(
     def revoke_operator(name: Annotated[str, name_param]) -> OperatorBody:
         """Refuse the token from its next request on (revocation is final)."""
         return OperatorBody(**vars(operators.revoke(name, now=clock())))
+
+    return router
+
+
+class WhoAmIOperatorBody(BaseModel):
+    """The operator a token belongs to (never the token)."""
+
+    name: str = Field(description="the token's name (bootstrap for DATA/operator-token)")
+    role: Role = Field(description="viewer < operator < release-manager < admin")
+
+
+def whoami_router(auth: OperatorAuth) -> APIRouter:
+    """``GET /api/v1/operator/whoami``: which operator and role a token is.
+
+    A client (the dashboard, a script) learns what it may offer the person holding the
+    token, without trying an action and leaving a refused entry in the audit log.
+    """
+    router = APIRouter(prefix="/api/v1/operator", tags=["operators"])
+    viewer = auth.require(Role.VIEWER)
+
+    @router.get("/whoami", summary="The presented operator token's name and role",
+                **role_route(auth, Role.VIEWER))  # fmt: skip
+    def whoami(op: Annotated[Operator, Depends(viewer)]) -> WhoAmIOperatorBody:
+        """Name and role of the bearer token presented (any role may ask)."""
+        return WhoAmIOperatorBody(name=op.name, role=op.role)
 
     return router

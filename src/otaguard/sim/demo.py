@@ -40,6 +40,7 @@ from otaguard.server import RunningServer, ServerSettings, init_data_dir, start_
 from otaguard.server.client import FleetClient
 from otaguard.sim.attacks import AttackOutcome, CompromisedServer, steal_key
 from otaguard.sim.ceremony import HSM_KEY_NAME, ceremony_release, start_demo_token
+from otaguard.sim.dashboard_hint import dashboard_line, serve_until_interrupted
 from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
 from otaguard.sim.rollout_demo import staged_rollouts
@@ -343,8 +344,13 @@ def _sbom_reports(console: Console, fleet: Fleet, release: Release) -> int:
     return ok
 
 
-def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
-    """Run the whole demo; True when every device updated and every attack was refused."""
+def run_demo(
+    *, devices: int, workdir: Path | None, console: Console, keep_serving: bool = False
+) -> bool:
+    """Run the whole demo; True when every device updated and every attack was refused.
+
+    With ``keep_serving``, the server stays up after the attacks (for the dashboard)
+    until Ctrl-C."""
     if devices < 1:
         raise OperatorError("--devices must be at least 1")
     cleanup = workdir is None
@@ -353,13 +359,15 @@ def run_demo(*, devices: int, workdir: Path | None, console: Console) -> bool:
         raise OperatorError(f"{work} is not empty; give the demo a new directory")
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(console, work, devices)
+        return _run(console, work, devices, keep_serving=keep_serving)
     finally:
         if cleanup:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a linear script
+def _run(  # noqa: PLR0915 - a linear script
+    console: Console, work: Path, count: int, *, keep_serving: bool = False
+) -> bool:
     step: Callable[[str], None] = lambda s: console.rule(f"[bold]{s}")  # noqa: E731
     # Keys are encrypted even in the demo, each with its own passphrase.
     passphrases: dict[str, bytes] = {}
@@ -426,6 +434,7 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         assert server.ca_cert is not None  # noqa: S101
         wait_served(server, repo)
         console.print(f"serving {server.base_url}")
+        console.print(dashboard_line(server), markup=False, highlight=False)
 
         step(f"4. Register, provision and enroll {count} devices at 1.0.0")
         # The first device stays file-keyed: attack (f) presents its key from this process.
@@ -579,6 +588,8 @@ def _run(console: Console, work: Path, count: int) -> bool:  # noqa: PLR0915 - a
         file_keyed = [n for n in fleet.names if n not in tctis]
         outcomes.append(_tampered_boot(console, work, fleet, operator, file_keyed=file_keyed))
         outcomes.append(director_attack)
+        if keep_serving:
+            serve_until_interrupted(console, server)
     finally:
         if attacker is not None:
             attacker.close()
