@@ -271,3 +271,23 @@ def test_a_quarantined_device_can_still_publish_but_is_ignored_and_not_hinted(
                 f.assign(other.config.serial, version="1.0.0")
                 assert other_hints.wait(10)
             assert not hints.is_set()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mqtt-url", "mqtt://127.0.0.1:1883"], "must be mqtts://HOST[:PORT]"),
+        (["--mqtt-url", "mqtts://127.0.0.1:1", "--mqtt-ca", "/nonexistent/ca.pem"],
+         "cannot read the MQTT CA certificate /nonexistent/ca.pem"),
+    ],
+)  # fmt: skip
+def test_a_bad_broker_setting_is_one_line(
+    world: World, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import error_lines
+    from otaguard.cli._cli import main
+
+    dev = world.device("cli")
+    assert main(["agent", str(dev.paths.root), "run", *args]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert message in line

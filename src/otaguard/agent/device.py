@@ -932,6 +932,9 @@ class Device:
 
         Its TLS trusts ``mqtt_ca`` (default: the provisioned server CA) and presents the
         device certificate as it is on disk at each connection (a renewal reconnects).
+
+        Raises:
+            ConfigError: the broker's CA certificate is unreadable or not PEM.
         """
         if self.config.mqtt_url is None:
             return None
@@ -939,6 +942,12 @@ class Device:
 
         host, port = parse_mqtt_url(self.config.mqtt_url)
         ca = Path(self.config.mqtt_ca) if self.config.mqtt_ca else self.paths.ca
+        try:  # a CA that cannot be used is the operator's to fix now, not a retry loop's
+            create_ssl_context(ca_file=ca)
+        except ssl.SSLError as e:
+            raise ConfigError(f"MQTT CA certificate {ca} is not a valid PEM certificate") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read the MQTT CA certificate {ca}: {e.strerror}") from e
         return MqttLink(
             host=host,
             port=port,
