@@ -155,6 +155,10 @@ class SimDevice:
     session: BootSession = field(default_factory=BootSession)
     #: a tampered slot: the boot measurement the device reports instead of its image's
     boot_sha256: str | None = None
+    #: goes silent once told to install (:func:`otaguard.sim.scenarios.go_silent`)
+    goes_silent: bool = False
+    #: gone silent: it checks in no more
+    silent: bool = False
 
 
 @dataclass
@@ -173,6 +177,8 @@ class FleetStats:
     error_examples: dict[str, str] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     running: Counter[str] = field(default_factory=Counter)
+    #: devices that went silent after being told to install (scenario)
+    silent: int = 0
     elapsed: float = 0.0
 
     def error(self, e: OtaguardError) -> None:
@@ -384,6 +390,7 @@ class FleetSim:
     # -- check-ins ------------------------------------------------------------------------
     def _count_running(self) -> None:
         self.stats.running = Counter(d.installed.version for d in self.devices)
+        self.stats.silent = sum(d.silent for d in self.devices)
 
     def _manifest(self, dev: SimDevice, nonce: str) -> DeviceManifest:
         return DeviceManifest(
@@ -447,6 +454,14 @@ class FleetSim:
                     now=dt.datetime.now(dt.UTC),
                 )
                 if instruction.target is None:
+                    return
+                if dev.goes_silent:
+                    # Told to install: it never installs or checks in again (a device
+                    # bricked by the update, or cut off); only the server's silence
+                    # signal notices.
+                    dev.silent = True
+                    logger.info("%s: told to install %s, going silent", dev.serial,
+                                instruction.target.path)  # fmt: skip
                     return
                 await self.view.ensure_images(conn, needs=instruction.target.path)
                 offer = match_image_repository(
@@ -518,6 +533,8 @@ class FleetSim:
             self.stats.latencies.append(time.perf_counter() - start)
 
     async def _one(self, dev: SimDevice, static_path: str | None) -> None:
+        if dev.silent:
+            return
         async with self._busy[dev.serial]:
             try:
                 if static_path is not None:
