@@ -238,6 +238,10 @@ def test_with_the_broker_down_the_daemon_polls_and_reports_over_https(
     setup.broker = Broker(setup.tmp / "again", data_dir=setup.world.server.data_dir, port=port)
     assert setup.bridge.connected.wait(30)
     wait_for("a report over MQTT", lambda: "mqtt" in setup.telemetry(serial), timeout=45)
+    start = time.monotonic()
+    d.stop()  # SIGTERM: the MQTT link does not hold the daemon up
+    assert time.monotonic() - start < 8
+    assert d.proc.returncode == 0 and "stopped" in d.text()
 
 
 def test_a_quarantined_device_can_still_publish_but_is_ignored_and_not_hinted(

@@ -52,6 +52,8 @@ RECONNECT_MIN_S: Final = 1.0
 RECONNECT_MAX_S: Final = 60.0
 #: how often the link looks at the certificate file for a renewal (one stat call)
 IDENTITY_CHECK_S: Final = 2.0
+#: how long stopping waits for the connection thread (SIGTERM stops within seconds)
+_JOIN_S: Final = 2.0
 #: how often a wait looks at the stop request (SIGTERM stops the daemon within this)
 _STOP_POLL_S: Final = 0.25
 
@@ -170,7 +172,9 @@ class MqttLink:
         self._stopped.set()
         self._lost.set()
         if self._thread is not None:
-            self._thread.join(timeout=15)
+            # A connection attempt in progress may block up to its own timeout; the thread
+            # is a daemon thread, so a stopping agent does not wait for it.
+            self._thread.join(timeout=_JOIN_S)
 
     def publish(self, report: Telemetry) -> bool:
         """Publish ``report`` (QoS 1, acknowledged); False when MQTT is unavailable."""
@@ -202,8 +206,10 @@ class MqttLink:
                 # A thread boundary: the broker or the identity is not usable now; HTTPS
                 # carries the telemetry meanwhile.
                 why = e.diagnostics() if isinstance(e, OtaguardError) else str(e)
-                logger.warning("MQTT broker %s:%d unavailable (%s); retrying in about %.0f s",
-                               self.host, self.port, why, delay)  # fmt: skip
+                # The first failure of an outage is a warning; the retries are not news.
+                log = logger.warning if delay == RECONNECT_MIN_S else logger.debug
+                log("MQTT broker %s:%d unavailable (%s); telemetry over HTTPS, retrying in "
+                    "about %.0f s", self.host, self.port, why, delay)  # fmt: skip
                 self._pause(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
