@@ -39,12 +39,13 @@ def require_mosquitto() -> str:
 class Broker:
     """Mosquitto on 127.0.0.1:<port> with the shipped config and ACL."""
 
-    def __init__(self, tmp: Path, *, data_dir: Path):
+    def __init__(self, tmp: Path, *, data_dir: Path, port: int | None = None):
+        """Start it on ``port`` (default: a free one; a given one: a restart)."""
         binary = require_mosquitto()
         self.dir = tmp / "mosquitto"
         write_broker_files(data_dir, host="127.0.0.1", out=self.dir)
         shutil.copy(DEPLOY / "acl", self.dir / "acl")
-        self.port = free_port()
+        self.port = port or free_port()
         conf = (DEPLOY / "otaguard.conf").read_text()
         assert "listener 8883\n" in conf and "/etc/mosquitto/otaguard/" in conf
         conf = conf.replace("listener 8883\n", f"listener {self.port} 127.0.0.1\n")

@@ -312,3 +312,32 @@ def test_the_orphan_check_reads_the_fleets_hardware_ids_in_one_query(db_engine: 
     assert devices.hardware_ids() == {"hw", "other-hw"}
     assert rollouts.orphans() == [(typo, ("typo-hw",))]
     assert len(queries) == 2, queries  # one read each, whatever the fleet's size
+
+
+def test_a_status_read_answers_the_monitors_pause_not_the_advance_it_stopped(
+    db_engine: Engine,
+) -> None:
+    """Fleet monitoring pauses a rollout just before a phase advance (ADR 0026): the
+    advance is then not stored, and the status read that triggered it answers the stored
+    pause (it answered the unstored advance: "active, phase 2" for a paused rollout)."""
+    _load_fleet(db_engine, 20, runs=20, failed=0)
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    store.create(_rollout(version=Version.parse("2.0.0"), group="all", window=None,
+                          phases=(10, 50, 100)), now=NOW)  # fmt: skip
+
+    def pause(current: Rollout) -> None:  # what Monitor.before_advance does on a finding
+        paused = dataclasses.replace(current, state="paused", reason="paused by alert x: y")
+        assert store.change(paused, expect_state="active", now=NOW)
+
+    rollouts.before_advance = pause
+    status = rollouts.status(store.get("r1"))
+    stored = store.get("r1")
+    assert (stored.state, stored.phase) == ("paused", 0)
+    assert status.evaluation.rollout == stored
+    assert not status.evaluation.changed

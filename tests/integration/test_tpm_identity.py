@@ -386,8 +386,12 @@ def test_the_demo_makes_some_devices_tpm_backed(session_bus: SessionBus, tmp_pat
     assert "3 devices TPM-backed" in done.stdout and "1 with development file keys" in done.stdout
     assert (
         "PASS: 4/4 devices updated, staged rollout completed, unhealthy rollout halted, "
-        "8/8 attacks refused" in done.stdout
+        "8/8 attacks refused, crash-looping rollout paused by its alert, 2/2 monitoring "
+        "quarantines (cloned credential, tampered slot)" in done.stdout
     )
+    # the monitoring step prints each alert: signal and subject, observed, threshold, action
+    assert "ALERT cohort-anomaly cohort:meter-v1@2.0.0" in done.stdout
+    assert "action     pause-rollout → paused meters-2.0.0" in done.stdout
     # every device says what its delta moved, the TPM-backed ones from their own processes too
     assert "bytes moved for 1.1.0 (4 devices reporting their downloads)" in done.stdout
     # 1.1.0 went through the k-of-n ceremony, one signer in SoftHSM2 (make sysdeps)

@@ -12,13 +12,45 @@ from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError
 from otaguard.model.names import check_device_serial
 
-__all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths"]
+__all__ = [
+    "HINT_MIN_INTERVAL_S",
+    "MAX_CONFIG_BYTES",
+    "MIN_HINT_INTERVAL_S",
+    "MQTT_DEFAULT_PORT",
+    "DeviceConfig",
+    "DevicePaths",
+    "parse_mqtt_url",
+]
 
 # A device config is a few hundred bytes; anything large is corrupt or hostile.
 MAX_CONFIG_BYTES: Final = 64 * 1024
 # A TCTI string names a driver and its options ("swtpm:host=127.0.0.1,port=2321",
 # "device:/dev/tpmrm0"); printable, no spaces, and short enough to show in one line.
 _TCTI: Final = re.compile(r"[a-z][a-z0-9-]{0,31}(:[!-~]{0,200})?")
+#: MQTT over TLS (the only scheme: the broker takes the device certificate as identity)
+MQTT_DEFAULT_PORT: Final = 8883
+_MQTT_URL: Final = re.compile(
+    r"mqtts://([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?/?"
+)
+#: a "check in now" hint makes at most one early check-in per this many seconds: a flood
+#: of hints (a broken or hostile server, a replaying broker) cannot make the device
+#: hammer the update server; a hint inside the window is kept for the window's end
+HINT_MIN_INTERVAL_S: Final = 30.0
+#: the lowest a device's configuration may set it (tests use a few seconds)
+MIN_HINT_INTERVAL_S: Final = 1.0
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """``mqtts://HOST[:PORT]`` as (host, port); the port defaults to 8883.
+
+    Raises:
+        ConfigError: another scheme (plain ``mqtt://`` is refused), or a malformed URL.
+    """
+    m = _MQTT_URL.fullmatch(url) if isinstance(url, str) else None
+    port = int(m.group(2)) if m is not None and m.group(2) else MQTT_DEFAULT_PORT
+    if m is None or not 0 < port < 65536:
+        raise ConfigError(f"mqtt_url {url!r} must be mqtts://HOST[:PORT] (MQTT over TLS)")
+    return m.group(1).strip("[]"), port
 
 
 @dataclass(frozen=True)
@@ -175,6 +207,14 @@ class DeviceConfig:
     #: health is checked by systemd units ordered before boot-complete.target, and the new
     #: slot is committed by ``otaguard agent DIR mark-good`` (otaguard-mark-good.service)
     health_by_units: bool = False
+    #: the MQTT broker (``mqtts://HOST[:PORT]``): telemetry goes there (HTTPS when it is
+    #: unreachable) and "check in now" hints come from there; ``None``: HTTPS only
+    mqtt_url: str | None = None
+    #: the CA the broker's certificate must chain to; ``None``: the provisioned server CA
+    #: (``trust/ca.pem``: the broker's certificate comes from the server's TLS CA)
+    mqtt_ca: str | None = None
+    #: at most one hint-triggered early check-in per this many seconds
+    hint_min_interval_s: float = HINT_MIN_INTERVAL_S
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -200,6 +240,7 @@ class DeviceConfig:
         if not 1 <= self.max_boot_tries <= 16:
             raise ConfigError("max_boot_tries must be between 1 and 16")
         self._check_device_keys()
+        self._check_mqtt()
         if self.health_command is not None and (
             not isinstance(self.health_command, list)
             or not all(isinstance(a, str) for a in self.health_command)
@@ -219,6 +260,15 @@ class DeviceConfig:
             # `not x > 0` also refuses NaN, which a hand-edited JSON config can hold.
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+
+    def _check_mqtt(self) -> None:
+        """The broker's URL and CA, the hints' rate limit."""
+        if self.mqtt_url is not None:
+            parse_mqtt_url(self.mqtt_url)
+        if self.mqtt_ca is not None and (not isinstance(self.mqtt_ca, str) or not self.mqtt_ca):
+            raise ConfigError("mqtt_ca must be the path of a PEM CA certificate")
+        if not self.hint_min_interval_s >= MIN_HINT_INTERVAL_S:
+            raise ConfigError(f"hint_min_interval_s must be at least {MIN_HINT_INTERVAL_S:g}")
 
     def _check_device_keys(self) -> None:
         """How health is checked, the bootloader and the block-device slots."""
@@ -293,6 +343,7 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "max_boot_tries": (int,),
     "poll_interval_s": _NUMBER,
     "poll_jitter": _NUMBER,
+    "hint_min_interval_s": _NUMBER,
     "connect_timeout_s": _NUMBER,
     "read_timeout_s": _NUMBER,
     "download_deadline_base_s": _NUMBER,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from cryptography import x509
 from tuf.api import exceptions as tuf_exc
@@ -27,7 +27,7 @@ from otaguard.agent.blockdev import BlockDeviceSlots
 from otaguard.agent.boot import BootRecord, boot, read_booted
 from otaguard.agent.bootcfg import BootloaderSpec
 from otaguard.agent.checkin import CheckinResult, check_in
-from otaguard.agent.config import DeviceConfig, DevicePaths
+from otaguard.agent.config import DeviceConfig, DevicePaths, parse_mqtt_url
 from otaguard.agent.director import (
     DirectorInstruction,
     follow_director_root,
@@ -50,7 +50,7 @@ from otaguard.agent.install import Action, HealthResult, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
 from otaguard.agent.slots import BootEnv, FileSlots, SlotBackend, SlotImage, other_slot
-from otaguard.agent.telemetry import build_report, note_boot, note_error, send_report
+from otaguard.agent.telemetry import build_report, note_boot, send_report
 from otaguard.agent.updater import Selection, TufSession, select_update
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.director import MAX_DIRECTOR_ROOT_BYTES
@@ -69,6 +69,9 @@ from otaguard.model.names import check_device_serial, check_hardware_id
 from otaguard.model.telemetry import Telemetry
 from otaguard.model.unsafe import Unsafe
 from otaguard.model.version import Version
+
+if TYPE_CHECKING:
+    from otaguard.agent.daemon import MqttLink
 
 __all__ = ["Device", "DeviceStatus", "MarkGoodResult", "UpdateResult"]
 
@@ -503,8 +506,9 @@ class Device:
             finally:
                 fetcher.close()
 
-    def _tls_with_identity(self, *, renew: bool) -> ssl.SSLContext:
-        """TLS trusting the provisioned CA and presenting the device certificate.
+    def _tls_with_identity(self, *, renew: bool, ca: Path | None = None) -> ssl.SSLContext:
+        """TLS trusting ``ca`` (default: the provisioned CA) and presenting the device
+        certificate.
 
         With ``renew``, renews the certificate first when less than a third of its
         lifetime is left.
@@ -512,14 +516,13 @@ class Device:
         Raises:
             NotEnrolledError: no certificate yet, or it expired (enroll again).
         """
+        ca = ca or self.paths.ca
         try:
-            ctx = create_ssl_context(ca_file=self.paths.ca)
+            ctx = create_ssl_context(ca_file=ca)
         except ssl.SSLError as e:
-            raise ConfigError(
-                f"CA certificate {self.paths.ca} is not a valid PEM certificate"
-            ) from e
+            raise ConfigError(f"CA certificate {ca} is not a valid PEM certificate") from e
         except OSError as e:
-            raise ConfigError(f"cannot read CA certificate {self.paths.ca}: {e.strerror}") from e
+            raise ConfigError(f"cannot read CA certificate {ca}: {e.strerror}") from e
         if renew:
             cert, key = renew_if_due(self.paths, self.config, key_store=self.key_store)
         else:
@@ -891,13 +894,13 @@ class Device:
         with self._locked():
             return self._tls_with_identity(renew=False)
 
-    def send_telemetry(self) -> Telemetry:
-        """Send the next health report over the device API (mutual TLS).
+    def send_telemetry(self, report: Telemetry | None = None) -> Telemetry:
+        """Send ``report`` (default: the next health report) over the device API (mutual TLS).
 
         Raises:
             TransportError: not sent, or refused by the server (reason given).
         """
-        report = self.telemetry()
+        report = report if report is not None else self.telemetry()
         fetcher = self._fetcher(self._tls_with_identity(renew=False))
         try:
             send_report(fetcher, server_url=self.config.server_url, report=report)
@@ -911,26 +914,50 @@ class Device:
         jitter = base * self.config.poll_jitter
         return max(1.0, base + random.uniform(-jitter, jitter))  # noqa: S311 - not security
 
-    def run(self, *, on_result: Any = None, on_error: Any = None) -> None:
-        """Poll and update until :meth:`request_stop`; errors are reported, not fatal."""
-        while not self.stop_requested.is_set():
-            try:
-                result = self.update()
-                if result.outcome == "rolled-back":
-                    note_error(self.paths, rollback=True)
-                if on_result:
-                    on_result(result)
-                self.send_telemetry()  # with each check-in cycle (ADR 0026)
-            except StopRequestedError:
-                break
-            except OtaguardError as e:
-                if self.stop_requested.is_set():
-                    break
-                if on_error:
-                    on_error(e)
-                logger.warning("update failed: %s", e.diagnostics())
-                note_error(self.paths)
-            self.stop_requested.wait(self.poll_delay())
+    def run(
+        self,
+        *,
+        on_result: Callable[[UpdateResult], None] | None = None,
+        on_error: Callable[[OtaguardError], None] | None = None,
+    ) -> None:
+        """Poll, update and report until :meth:`request_stop`; errors are reported, not
+        fatal. With ``mqtt_url`` configured, telemetry goes over MQTT and hints cut the
+        wait short (:mod:`otaguard.agent.daemon`)."""
+        from otaguard.agent.daemon import run_daemon
+
+        run_daemon(self, on_result=on_result, on_error=on_error)
+
+    def mqtt_link(self, *, on_hint: Callable[[], None]) -> MqttLink | None:
+        """The daemon's MQTT connection (not started), ``None`` without ``mqtt_url``.
+
+        Its TLS trusts ``mqtt_ca`` (default: the provisioned server CA) and presents the
+        device certificate as it is on disk at each connection (a renewal reconnects).
+
+        Raises:
+            ConfigError: the broker's CA certificate is unreadable or not PEM.
+        """
+        if self.config.mqtt_url is None:
+            return None
+        from otaguard.agent.daemon import MqttLink
+
+        host, port = parse_mqtt_url(self.config.mqtt_url)
+        ca = Path(self.config.mqtt_ca) if self.config.mqtt_ca else self.paths.ca
+        try:  # a CA that cannot be used is the operator's to fix now, not a retry loop's
+            create_ssl_context(ca_file=ca)
+        except ssl.SSLError as e:
+            raise ConfigError(f"MQTT CA certificate {ca} is not a valid PEM certificate") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read the MQTT CA certificate {ca}: {e.strerror}") from e
+        return MqttLink(
+            host=host,
+            port=port,
+            serial=self.config.serial,
+            # no device lock: the link reads the identity files while the daemon's
+            # update holds the lock (renewals replace the files atomically)
+            tls=lambda: self._tls_with_identity(renew=False, ca=ca),
+            identity=self.paths.device_cert,
+            on_hint=on_hint,
+        )
 
 
 _ERROR_FOR_KIND: Final[dict[str, type[OtaguardError]]] = {

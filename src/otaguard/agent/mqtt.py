@@ -44,11 +44,14 @@ class DeviceMqtt:
         tls: ssl.SSLContext,
         serial: str,
         on_hint: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ):
         """Connect as ``serial`` with ``tls`` (trusting the server CA, presenting the
-        device certificate); ``on_hint`` is called for each hint."""
+        device certificate); ``on_hint`` is called for each hint, ``on_lost`` when an
+        established connection drops (from paho's network thread)."""
         self.serial = serial
         self._on_hint = on_hint
+        self._on_lost = on_lost
         self._connected = threading.Event()
         self._refused: str | None = None
         self._client = mqtt.Client(
@@ -57,7 +60,13 @@ class DeviceMqtt:
         self._client.tls_set_context(tls)
         self._client.on_connect = self._connected_cb
         self._client.on_message = self._message
+        self._client.on_disconnect = self._disconnected_cb
         self._host, self._port = host, port
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker connection is up."""
+        return bool(self._client.is_connected())
 
     def __enter__(self) -> DeviceMqtt:
         self.connect()
@@ -94,6 +103,13 @@ class DeviceMqtt:
         else:
             client.subscribe(hint_topic(self.serial), qos=1)
         self._connected.set()
+
+    def _disconnected_cb(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        logger.debug("MQTT disconnected: %s", reason)
+        if self._on_lost is not None:
+            self._on_lost()
 
     def _message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic != hint_topic(self.serial) or len(msg.payload) > MAX_HINT_BYTES:

@@ -671,7 +671,14 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
         signal.signal(sig, lambda *_: dev.request_stop())
     out.print(
         f"polling every {dev.config.poll_interval_s:g} s "
-        f"(±{dev.config.poll_jitter:.0%}); Ctrl-C or SIGTERM stops"
+        f"(±{dev.config.poll_jitter:.0%})"
+        + (
+            f"; MQTT {dev.config.mqtt_url}: telemetry, check-in hints (at most one early "
+            f"check-in per {dev.config.hint_min_interval_s:g} s)"
+            if dev.config.mqtt_url
+            else ""
+        )
+        + "; Ctrl-C or SIGTERM stops"
     )
     dev.run(
         on_result=lambda r: out.print(
@@ -692,9 +699,13 @@ def _agent_overrides(dev: Any, a: argparse.Namespace) -> None:
         changes["poll_interval_s"] = float(a.interval)
     if a.jitter is not None:
         changes["poll_jitter"] = float(a.jitter)
-    for name in ("download_min_rate_bps", "download_deadline_base_s"):
+    for name in ("download_min_rate_bps", "download_deadline_base_s", "mqtt_url"):
         if getattr(a, name, None) is not None:
             changes[name] = getattr(a, name)
+    if getattr(a, "mqtt_ca", None) is not None:
+        changes["mqtt_ca"] = str(a.mqtt_ca)
+    if getattr(a, "hint_min_interval", None) is not None:
+        changes["hint_min_interval_s"] = float(a.hint_min_interval)
     if changes:
         dev.config = dataclasses.replace(dev.config, **changes)
 
@@ -1330,6 +1341,18 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
         type=float,
         metavar="FRACTION",
         help="run: +/- this fraction of the interval, 0 to 0.5 (default 0.2)",
+    )
+    ag.add_argument(
+        "--mqtt-url",
+        metavar="URL",
+        help="run: the MQTT broker, mqtts://HOST[:PORT]: telemetry over MQTT (HTTPS when "
+        "it is down), check-in hints from it",
+    )
+    ag.add_argument(
+        "--mqtt-ca",
+        type=Path,
+        metavar="PEM",
+        help="run: CA of the broker's certificate (default: the provisioned server CA)",
     )
     ag.set_defaults(func=_agent, config_keys="agent")
 

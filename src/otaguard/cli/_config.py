@@ -209,6 +209,9 @@ AGENT_KEYS: Final = (
     ConfigKey("poll_jitter", "float", flag="--jitter", dest="jitter", low=0, high=0.5),
     ConfigKey("download_min_rate_bps", "int", low=1, high=10**10),
     ConfigKey("download_deadline_base_s", "float", low=1, high=86400),
+    ConfigKey("mqtt_url", "str", flag="--mqtt-url"),
+    ConfigKey("mqtt_ca", "path", flag="--mqtt-ca"),
+    ConfigKey("hint_min_interval", "duration", low=1, high=86400),
     _LOG,
 )
 

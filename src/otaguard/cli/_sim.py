@@ -69,6 +69,8 @@ def summary_table(s: FleetStats) -> Table:
             f"{s.running.get(version, 0)} running, {s.installs.get(version, 0)} installed, "
             f"{s.failed_installs.get(version, 0)} failed (rolled back)",
         )
+    if s.silent:
+        t.add_row("silent", f"{s.silent} device(s) told to install went silent (scenario)")
     for kind, n in sorted(s.errors.items()):
         t.add_row(f"errors: {kind}", f"{n} (first: {s.error_examples.get(kind, '')})")
     return t
@@ -120,11 +122,11 @@ def _sim(a: argparse.Namespace) -> int:
 
 
 def _scenarios(a: argparse.Namespace, sim: FleetSim) -> None:
-    """``--clone SERIAL`` and ``--tamper SERIAL`` (ADR 0026), after enrollment."""
-    from otaguard.sim.scenarios import clone_device, tamper_slot
+    """``--clone``, ``--tamper`` and ``--go-silent SERIAL`` (ADR 0026), after enrollment."""
+    from otaguard.sim.scenarios import clone_device, go_silent, tamper_slot
 
     known = {d.serial for d in sim.devices}
-    for serial in [*(a.clone or ()), *(a.tamper or ())]:
+    for serial in [*(a.clone or ()), *(a.tamper or ()), *(a.go_silent or ())]:
         if serial not in known:
             raise OperatorError(f"no simulated device {serial} (serials are PREFIX-00001 …)")
     for serial in a.clone or ():
@@ -133,6 +135,9 @@ def _scenarios(a: argparse.Namespace, sim: FleetSim) -> None:
     for serial in a.tamper or ():
         tamper_slot(sim, serial)
         out.print(f"{serial}: running slot tampered with", markup=False)
+    for serial in a.go_silent or ():
+        go_silent(sim, serial)
+        out.print(f"{serial}: goes silent once told to install", markup=False)
 
 
 def _drive(a: argparse.Namespace, settings: SimSettings, token: str) -> int:
@@ -228,6 +233,13 @@ def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument("--tamper", action="append", metavar="SERIAL",
                    help="rewrite SERIAL's running slot (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--go-silent",
+        action="append",
+        metavar="SERIAL",
+        help="SERIAL stops checking in once told to install (repeatable): the server's "
+        "silent-after-install signal",
+    )
     p.add_argument("--serial-prefix", default="sim", metavar="PREFIX")
     p.add_argument(
         "--identity-cache",

@@ -69,6 +69,10 @@ DEFAULT_SILENT_INTERVALS: Final = 3
 #: old telemetry is purged at most this often: a purge is a write transaction, and on
 #: SQLite every write waits for the one file lock the check-ins need too
 TELEMETRY_PURGE_INTERVAL: Final = dt.timedelta(minutes=10)
+#: hints to up to this many devices look each one up in the registry; more (a rollout
+#: phase) read the registry once
+_HINT_LOOKUPS: Final = 32
+_ENROLLED: Final = DeviceState.ENROLLED
 #: the director's answer is a few KiB; a bigger one is not parsed for its target name
 _MAX_ANSWER_BYTES: Final = 1 << 20
 
@@ -445,8 +449,24 @@ class Monitor:
         return self.store.ack(alert_id, by=by, now=self.clock())
 
     def hint(self, serials: Iterable[str]) -> None:
-        """Tell these devices to check in now (a hint: they still poll)."""
-        for serial in serials:
+        """Tell these devices to check in now (a hint: they still poll).
+
+        Only enrolled devices are hinted: a quarantined or revoked device keeps its MQTT
+        connection until its certificate expires (the broker does not read the registry),
+        and gets nothing on it from the server (ADR 0026).
+        """
+        if not self.hints:
+            return
+        wanted = list(serials)
+        if len(wanted) <= _HINT_LOOKUPS:
+            records = [self.devices.get(s) for s in wanted]
+            enrolled = {r.serial for r in records if r is not None and r.status is _ENROLLED}
+        else:  # a rollout phase: one read of the registry instead of one per device
+            enrolled = {r.serial for r in self.devices.list() if r.status is _ENROLLED}
+        for serial in wanted:
+            if serial not in enrolled:
+                logger.info("no hint to %s: not enrolled", serial)
+                continue
             for sink in self.hints:
                 sink.hint(serial)
 

@@ -210,7 +210,8 @@ class Rollouts:
             ServerStorageError: a store failed.
         """
         members = self.inventory.members(rollout.group)
-        result = evaluate(rollout, members, self._outcomes(rollout))
+        outcomes = self._outcomes(rollout)
+        result = evaluate(rollout, members, outcomes)
         new = result.rollout
         advancing = new.state == "completed" or (
             new.state == "active" and new.phase != rollout.phase
@@ -236,6 +237,11 @@ class Rollouts:
                             new.phase + 1,
                             new.percent,
                         )
+                else:
+                    # Another writer changed it first (the fleet monitor's pause just
+                    # above, an operator, another process): answer with what is stored,
+                    # not with the change that was not.
+                    result = evaluate(self.store.get(rollout.name), members, outcomes)
         return RolloutStatus(result, len(members))
 
     def evaluate_all(self) -> None:

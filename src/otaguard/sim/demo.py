@@ -43,6 +43,7 @@ from otaguard.sim.ceremony import HSM_KEY_NAME, ceremony_release, start_demo_tok
 from otaguard.sim.dashboard_hint import dashboard_line, serve_until_interrupted
 from otaguard.sim.director_attacks import CompromisedDirector
 from otaguard.sim.fleet import SIM_HEALTH_COMMAND, DeviceRun, Fleet, make_image, wait_served
+from otaguard.sim.monitoring_demo import monitoring_demo, summary_rows
 from otaguard.sim.rollout_demo import staged_rollouts
 from otaguard.sim.sbom import make_sbom
 from otaguard.sim.softtpm import SoftTpmPool, softtpm_missing
@@ -523,6 +524,16 @@ def _run(  # noqa: PLR0915 - a linear script
             passphrase=passphrase,
         )
 
+        step("5c. Fleet monitoring: a crash-looping release, a cloned credential, a tampered slot")
+        monitored = monitoring_demo(
+            console,
+            work / "meters",
+            server=server,
+            repo=repo,
+            director_root=director_root,
+            passphrase=passphrase,
+        )
+
         outcomes: list[AttackOutcome] = []
         # (e) needs the honest 1.1.0 still served for recovery: performed first, listed last.
         slot_attack = _corrupt_running_slots(console, fleet)
@@ -628,6 +639,8 @@ def _run(  # noqa: PLR0915 - a linear script
         "[green]halted[/green]" if staged.halted else "[red]FAIL[/red]",
         staged.halted_detail,
     )
+    for row in summary_rows(monitored):
+        table.add_row(*row)
     for o in outcomes:
         table.add_row(
             o.name,
@@ -642,12 +655,14 @@ def _run(  # noqa: PLR0915 - a linear script
         and staged.completed
         and staged.halted
         and refused == len(outcomes) == ATTACKS
+        and monitored.ok
     )
     # The PASS line is what scripts and tests read: unchanged; the SBOM check counts in it.
     console.print(f"{sbom_ok}/{count} devices report the signed SBOM digest of 1.1.0")
     console.print(
         f"[bold]{'PASS' if ok else 'FAIL'}[/bold]: {updated}/{count} devices updated, "
         f"staged rollout {'completed' if staged.completed else 'FAILED'}, unhealthy rollout "
-        f"{'halted' if staged.halted else 'NOT HALTED'}, {refused}/{ATTACKS} attacks refused"
+        f"{'halted' if staged.halted else 'NOT HALTED'}, {refused}/{ATTACKS} attacks refused, "
+        f"{monitored.pass_line}"
     )
     return ok

@@ -159,6 +159,10 @@ class SimDevice:
     boot_sha256: str | None = None
     #: the nonce the last accepted check-in handed out for the next one (ADR 0036)
     next_nonce: str | None = None
+    #: goes silent once told to install (:func:`otaguard.sim.scenarios.go_silent`)
+    goes_silent: bool = False
+    #: gone silent: it checks in no more
+    silent: bool = False
 
 
 @dataclass
@@ -177,6 +181,8 @@ class FleetStats:
     error_examples: dict[str, str] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     running: Counter[str] = field(default_factory=Counter)
+    #: devices that went silent after being told to install (scenario)
+    silent: int = 0
     elapsed: float = 0.0
 
     def error(self, e: OtaguardError) -> None:
@@ -388,6 +394,7 @@ class FleetSim:
     # -- check-ins ------------------------------------------------------------------------
     def _count_running(self) -> None:
         self.stats.running = Counter(d.installed.version for d in self.devices)
+        self.stats.silent = sum(d.silent for d in self.devices)
 
     def _manifest(self, dev: SimDevice, nonce: str) -> DeviceManifest:
         return DeviceManifest(
@@ -480,6 +487,14 @@ class FleetSim:
                 )
                 if instruction.target is None:
                     return
+                if dev.goes_silent:
+                    # Told to install: it never installs or checks in again (a device
+                    # bricked by the update, or cut off); only the server's silence
+                    # signal notices.
+                    dev.silent = True
+                    logger.info("%s: told to install %s, going silent", dev.serial,
+                                instruction.target.path)  # fmt: skip
+                    return
                 await self.view.ensure_images(conn, needs=instruction.target.path)
                 offer = match_image_repository(
                     instruction.target,
@@ -550,6 +565,8 @@ class FleetSim:
             self.stats.latencies.append(time.perf_counter() - start)
 
     async def _one(self, dev: SimDevice, static_path: str | None) -> None:
+        if dev.silent:
+            return
         async with self._busy[dev.serial]:
             try:
                 if static_path is not None:

@@ -38,6 +38,8 @@ class RoundReport:
 
 
 async def _poll(sim: FleetSim, dev: SimDevice, gate: asyncio.Semaphore) -> None:
+    if dev.silent:
+        return  # gone silent after being told to install (scenario): it polls no more
     async with gate:
         before = dict(dev.last_result)
         try:

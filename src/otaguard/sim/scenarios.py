@@ -10,7 +10,10 @@ The scenarios change what a device does, never what the server sees by other mea
 * :func:`clone_device`: a second device holding one device's key and certificate (its
   files copied), booting its own session;
 * :func:`tamper_slot`: a device whose running slot was rewritten, so its measured boot is
-  not the image it claims to run.
+  not the image it claims to run;
+* :func:`go_silent`: a device that, once its check-in tells it to install something,
+  never installs it and never checks in again (bricked by the update, or cut off): the
+  server's ``silent-after-install`` signal fires after N poll intervals.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ if TYPE_CHECKING:
     from otaguard.sim._http import AsyncConnection
     from otaguard.sim.fleetsim import FleetSim, SimDevice
 
-__all__ = ["CRASH_BOOTS", "BootSession", "clone_device", "send_telemetry", "tamper_slot"]
+__all__ = [
+    "CRASH_BOOTS",
+    "BootSession",
+    "clone_device",
+    "go_silent",
+    "send_telemetry",
+    "tamper_slot",
+]
 
 #: reboots per poll of a device running a crash-looping release
 CRASH_BOOTS: Final = 3
@@ -134,3 +144,11 @@ def tamper_slot(sim: FleetSim, serial: str) -> str:
     dev.boot_sha256 = hashlib.sha256(b"implant " + serial.encode()).hexdigest()
     dev.session.reboot()
     return dev.boot_sha256
+
+
+def go_silent(sim: FleetSim, serial: str) -> SimDevice:
+    """Make ``serial`` go silent as soon as a check-in tells it to install an image: it
+    installs nothing and checks in no more. Returns the device."""
+    dev = next(d for d in sim.devices if d.serial == serial)
+    dev.goes_silent = True
+    return dev
