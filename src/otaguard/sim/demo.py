@@ -366,7 +366,7 @@ def run_demo(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(  # noqa: PLR0915 - a linear script
+def _run(  # noqa: PLR0912, PLR0915 - a linear script
     console: Console, work: Path, count: int, *, keep_serving: bool = False
 ) -> bool:
     step: Callable[[str], None] = lambda s: console.rule(f"[bold]{s}")  # noqa: E731
