@@ -12,13 +12,34 @@ from otaguard._fs import atomic_write_json
 from otaguard.model.errors import ConfigError
 from otaguard.model.names import check_device_serial
 
-__all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths"]
+__all__ = ["MAX_CONFIG_BYTES", "DeviceConfig", "DevicePaths", "FetchLimits"]
 
 # A device config is a few hundred bytes; anything large is corrupt or hostile.
 MAX_CONFIG_BYTES: Final = 64 * 1024
 # A TCTI string names a driver and its options ("swtpm:host=127.0.0.1,port=2321",
 # "device:/dev/tpmrm0"); printable, no spaces, and short enough to show in one line.
 _TCTI: Final = re.compile(r"[a-z][a-z0-9-]{0,31}(:[!-~]{0,200})?")
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How long and how slowly the agent's fetcher lets a server answer.
+
+    One place for the defaults, so every client of the agent's fetcher (the device and
+    ``otaguard-conformance``) applies the same limits unless a device config says otherwise.
+    """
+
+    #: seconds one TCP connect attempt may take
+    connect_timeout_s: float = 10.0
+    #: seconds one socket read or write may wait (a stalled server or TLS handshake)
+    read_timeout_s: float = 30.0
+    #: per-download deadline = base + length / min rate (slow-retrieval defence)
+    download_deadline_base_s: float = 60.0
+    #: slowest transfer accepted: a 1 GiB image may take 60 s + 4.4 h at this rate
+    download_min_rate_bps: int = 64 * 1024
+
+
+_LIMITS: Final = FetchLimits()
 
 
 @dataclass(frozen=True)
@@ -140,11 +161,11 @@ class DeviceConfig:
     poll_interval_s: float = 300.0
     #: +/- fraction of poll_interval so a fleet does not poll in lock-step
     poll_jitter: float = 0.2
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0
-    #: per-download deadline = base + length / min rate (slow-retrieval defence)
-    download_deadline_base_s: float = 60.0
-    download_min_rate_bps: int = 64 * 1024
+    #: the fetcher's limits (:class:`FetchLimits` has the defaults and the reasons)
+    connect_timeout_s: float = _LIMITS.connect_timeout_s
+    read_timeout_s: float = _LIMITS.read_timeout_s
+    download_deadline_base_s: float = _LIMITS.download_deadline_base_s
+    download_min_rate_bps: int = _LIMITS.download_min_rate_bps
     #: a streaming install fsyncs the slot and records its progress after this many
     #: bytes: what a power cut or a dropped connection can cost to download again,
     #: against one fsync and one state write per checkpoint (measured here, 256 MiB
@@ -241,6 +262,16 @@ class DeviceConfig:
             raise ConfigError(
                 'slot_devices must map "A" and "B" to a device, PARTLABEL= or PARTUUID='
             )
+
+    @property
+    def fetch_limits(self) -> FetchLimits:
+        """This device's fetcher limits."""
+        return FetchLimits(
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            download_deadline_base_s=self.download_deadline_base_s,
+            download_min_rate_bps=self.download_min_rate_bps,
+        )
 
     @classmethod
     def load(cls, path: Path) -> DeviceConfig:
