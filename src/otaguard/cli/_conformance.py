@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-base-url", help="the repository's targets base URL")
     p.add_argument("--target-dir", type=Path, help="where verified targets are stored")
-    p.add_argument("--ca-file", type=Path, help="the CA an https repository's certificate chains to")
+    p.add_argument("--ca-file", type=Path, help="the CA an https repository chains to")
     p.add_argument(
         "--insecure-http",
         action="store_true",
@@ -117,7 +117,9 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command of the protocol; returns the exit code (0, or 1 on any failure)."""
     args = _parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose >= 2 else logging.INFO if args.verbose else logging.WARNING
+    levels = (logging.WARNING, logging.INFO, logging.DEBUG)
+    level = levels[min(args.verbose, len(levels) - 1)]
+    # The whole process is this client: python-tuf's own debug lines are worth seeing.
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("always", InsecureModeWarning)
     warnings.showwarning = _show_warning
@@ -129,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # the metadata or target directory itself
         print(f"otaguard-conformance {args.command}: {e.strerror}: {e.filename}", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as e:  # noqa: BLE001 - the process boundary: one line, never a traceback
+    except Exception as e:  # the process boundary: one line, never a traceback
         logging.getLogger("otaguard").debug("unexpected error", exc_info=True)
         print(
             f"otaguard-conformance {args.command}: internal error: {type(e).__name__}: "
