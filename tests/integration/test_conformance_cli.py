@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from otaguard.agent.fetcher import USER_AGENT
 from otaguard.model import Unsafe
 from otaguard.repo import ImageRepository
 from sbom_support import sbom_beside
@@ -33,9 +34,11 @@ SCRIPT = Path(sys.executable).parent / "otaguard-conformance"
 
 class _Handler(SimpleHTTPRequestHandler):
     requests: list[str]
+    user_agents: set[str]
 
     def do_GET(self) -> None:
         self.requests.append(self.path)
+        self.user_agents.add(self.headers.get("User-Agent", ""))
         super().do_GET()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -51,7 +54,10 @@ class Served:
             tmp / "repo", keys_dir=tmp / "keys", passphrases=Unsafe.PLAINTEXT_KEYS
         )
         self.requests: list[str] = []
-        handler = type("Handler", (_Handler,), {"requests": self.requests})
+        self.user_agents: set[str] = set()
+        handler = type(
+            "Handler", (_Handler,), {"requests": self.requests, "user_agents": self.user_agents}
+        )
         self.httpd = ThreadingHTTPServer(
             ("127.0.0.1", 0), partial(handler, directory=str(self.repo.dir))
         )
@@ -146,6 +152,8 @@ def test_init_refresh_download_over_the_agent_path(served: Served) -> None:
     ]  # fmt: skip
     assert served.requests[0] == "/metadata/2.root.json"  # the root update comes first
     assert served.requests[1] == "/metadata/timestamp.json"
+    # The agent's own fetcher made them (python-tuf's default would say "python-tuf/...").
+    assert served.user_agents == {USER_AGENT}
 
     served.requests.clear()
     download = served.download(name)
