@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench scan clean sysdeps postgres db-revision fuzz vboard vboard-sysdeps vboard-test
+.PHONY: demo test lint bench scan conformance conformance-checkout clean sysdeps postgres db-revision fuzz vboard vboard-sysdeps vboard-test
 
 # tpm2-pytss builds from source against libtss2 (pkg-config), hence sysdeps first.
 $(STAMP): pyproject.toml | sysdeps
@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml | sysdeps
 # tests start their own broker (mosquitto, /usr/sbin/mosquitto) with the shipped
 # deploy/mosquitto config (ADR 0026). The dashboard's tests drive Debian's headless
 # Chromium (chromium) through its chromedriver (chromium-driver) with selenium (ADR 0035).
-# As root they are installed, otherwise listed (exit 1).
+# tuf-conformance (make conformance) runs the client under faketime (faketime) for its
+# expiry tests (ADR 0037). As root they are installed, otherwise listed (exit 1).
 SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:tpm2-tools \
                 pkg-config:pkg-config gcc:gcc nginx:nginx-light tpm2-abrmd:tpm2-abrmd \
                 dbus-daemon:dbus-daemon dbus-send:dbus-bin softhsm2-util:softhsm2 \
@@ -42,7 +43,8 @@ SYSDEPS_CMDS := openssl:openssl swtpm:swtpm swtpm_setup:swtpm-tools tpm2_nvread:
                 sfdisk:fdisk losetup:util-linux partx:util-linux blkid:util-linux \
                 mkfs.ext4:e2fsprogs fw_printenv:libubootenv-tool grub-editenv:grub-common \
                 mkenvimage:u-boot-tools systemd-analyze:systemd mosquitto:mosquitto \
-                chromium:chromium chromedriver:chromium-driver
+                chromium:chromium chromedriver:chromium-driver \
+                faketime:faketime
 OSSL_MODULES := $(shell openssl version -m 2>/dev/null | sed -n 's/^MODULESDIR: "\(.*\)"/\1/p')
 sysdeps:
 	@missing=""; \
@@ -159,5 +161,35 @@ $(SCAN_VENV)/.installed:
 scan: $(STAMP) $(SCAN_VENV)/.installed
 	$(BIN)/python tools/tls_scan.py --sslyze-python $(SCAN_VENV)/bin/python
 
+# The TUF conformance suite (theupdateframework/tuf-conformance) against the agent's TUF
+# client (otaguard-conformance, docs/conformance.md). It is not on PyPI, so it is run from a
+# checkout at the pinned commit named by TUF_CONFORMANCE_DIR, in a venv of its own (it pins
+# its own tuf, securesystemslib and pytest). Not part of make test: CI machines cannot fetch it.
+TUF_CONFORMANCE_REPO   := https://github.com/theupdateframework/tuf-conformance
+TUF_CONFORMANCE_COMMIT := eec841c186f81f2d9d8d30460c7e7deefa615f9e
+TUF_CONFORMANCE_DIR    ?=
+CONFORMANCE_VENV       := .venv-conformance
+CONFORMANCE_GET := git clone $(TUF_CONFORMANCE_REPO) DIR && git -C DIR checkout $(TUF_CONFORMANCE_COMMIT)
+conformance-checkout:
+	@test -n "$(TUF_CONFORMANCE_DIR)" || { echo "conformance: set TUF_CONFORMANCE_DIR to a tuf-conformance checkout ($(CONFORMANCE_GET); make conformance TUF_CONFORMANCE_DIR=DIR)"; exit 2; }
+	@test -f "$(TUF_CONFORMANCE_DIR)/tuf_conformance/conftest.py" || { echo "conformance: $(TUF_CONFORMANCE_DIR) is not a tuf-conformance checkout ($(CONFORMANCE_GET))"; exit 2; }
+	@at=$$(git -C "$(TUF_CONFORMANCE_DIR)" rev-parse HEAD 2>/dev/null); \
+	  [ "$$at" = "$(TUF_CONFORMANCE_COMMIT)" ] || { echo "conformance: $(TUF_CONFORMANCE_DIR) is at $${at:-no git commit}, not the pinned $(TUF_CONFORMANCE_COMMIT) (git -C $(TUF_CONFORMANCE_DIR) checkout $(TUF_CONFORMANCE_COMMIT))"; exit 2; }; \
+	  git -C "$(TUF_CONFORMANCE_DIR)" diff --quiet HEAD || { echo "conformance: $(TUF_CONFORMANCE_DIR) has local changes (git -C $(TUF_CONFORMANCE_DIR) checkout .)"; exit 2; }
+
+$(CONFORMANCE_VENV)/.installed-$(TUF_CONFORMANCE_COMMIT): | conformance-checkout
+	rm -rf $(CONFORMANCE_VENV)
+	$(PYTHON) -m venv $(CONFORMANCE_VENV)
+	$(CONFORMANCE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CONFORMANCE_VENV)/bin/python -m pip install --quiet "$(TUF_CONFORMANCE_DIR)"
+	touch $@
+
+# No .xfails file: every test must pass. -c /dev/null: neither otaguard's pytest settings
+# nor any other ini file above the checkout apply to the suite.
+conformance: conformance-checkout $(STAMP) sysdeps $(CONFORMANCE_VENV)/.installed-$(TUF_CONFORMANCE_COMMIT)
+	cd "$(TUF_CONFORMANCE_DIR)" && $(abspath $(CONFORMANCE_VENV))/bin/python -m pytest -c /dev/null \
+	  -p no:cacheprovider -q -rfE tuf_conformance \
+	  --entrypoint "$(abspath $(BIN))/otaguard-conformance --insecure-http"
+
 clean:
-	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) $(CONFORMANCE_VENV) .pytest_cache .mypy_cache .ruff_cache

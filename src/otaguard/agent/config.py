@@ -19,6 +19,7 @@ __all__ = [
     "MQTT_DEFAULT_PORT",
     "DeviceConfig",
     "DevicePaths",
+    "FetchLimits",
     "parse_mqtt_url",
 ]
 
@@ -51,6 +52,27 @@ def parse_mqtt_url(url: str) -> tuple[str, int]:
     if m is None or not 0 < port < 65536:
         raise ConfigError(f"mqtt_url {url!r} must be mqtts://HOST[:PORT] (MQTT over TLS)")
     return m.group(1).strip("[]"), port
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How long and how slowly the agent's fetcher lets a server answer.
+
+    One place for the defaults, so every client of the agent's fetcher (the device and
+    ``otaguard-conformance``) applies the same limits unless a device config says otherwise.
+    """
+
+    #: seconds one TCP connect attempt may take
+    connect_timeout_s: float = 10.0
+    #: seconds one socket read or write may wait (a stalled server or TLS handshake)
+    read_timeout_s: float = 30.0
+    #: per-download deadline = base + length / min rate (slow-retrieval defence)
+    download_deadline_base_s: float = 60.0
+    #: slowest transfer accepted: a 1 GiB image may take 60 s + 4.4 h at this rate
+    download_min_rate_bps: int = 64 * 1024
+
+
+_LIMITS: Final = FetchLimits()
 
 
 @dataclass(frozen=True)
@@ -177,11 +199,11 @@ class DeviceConfig:
     poll_interval_s: float = 300.0
     #: +/- fraction of poll_interval so a fleet does not poll in lock-step
     poll_jitter: float = 0.2
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0
-    #: per-download deadline = base + length / min rate (slow-retrieval defence)
-    download_deadline_base_s: float = 60.0
-    download_min_rate_bps: int = 64 * 1024
+    #: the fetcher's limits (:class:`FetchLimits` has the defaults and the reasons)
+    connect_timeout_s: float = _LIMITS.connect_timeout_s
+    read_timeout_s: float = _LIMITS.read_timeout_s
+    download_deadline_base_s: float = _LIMITS.download_deadline_base_s
+    download_min_rate_bps: int = _LIMITS.download_min_rate_bps
     #: a streaming install fsyncs the slot and records its progress after this many
     #: bytes: what a power cut or a dropped connection can cost to download again,
     #: against one fsync and one state write per checkpoint (measured here, 256 MiB
@@ -296,6 +318,16 @@ class DeviceConfig:
             raise ConfigError(
                 'slot_devices must map "A" and "B" to a device, PARTLABEL= or PARTUUID='
             )
+
+    @property
+    def fetch_limits(self) -> FetchLimits:
+        """This device's fetcher limits."""
+        return FetchLimits(
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            download_deadline_base_s=self.download_deadline_base_s,
+            download_min_rate_bps=self.download_min_rate_bps,
+        )
 
     @classmethod
     def load(cls, path: Path) -> DeviceConfig:

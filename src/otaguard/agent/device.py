@@ -73,7 +73,14 @@ from otaguard.model.version import Version
 if TYPE_CHECKING:
     from otaguard.agent.daemon import MqttLink
 
-__all__ = ["Device", "DeviceStatus", "MarkGoodResult", "UpdateResult"]
+__all__ = [
+    "Device",
+    "DeviceStatus",
+    "MarkGoodResult",
+    "UpdateResult",
+    "read_trust_file",
+    "validate_root",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +126,12 @@ class UpdateResult:
     refused: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _read_trust_file(path: Path, what: str) -> bytes:
+def read_trust_file(path: Path, what: str) -> bytes:
+    """Read a provisioned trust file (root, director root, CA), bounded in size.
+
+    Raises:
+        ConfigError: missing, unreadable or too large (named by ``what``).
+    """
     try:
         if path.stat().st_size > MAX_TRUST_FILE_BYTES:
             raise ConfigError(f"{what} {path} is too large")
@@ -146,7 +158,7 @@ def _read_director_root(path: Path | None) -> bytes | None:
     """The director root to provision (validated), ``None`` without a director."""
     if path is None:
         return None
-    data = _read_trust_file(path, "director root metadata")
+    data = read_trust_file(path, "director root metadata")
     validate_root(data, path)
     return data
 
@@ -295,10 +307,10 @@ class Device:
             tpm=tpm_tcti,
             unsafe_file_device_key=unsafe_file_device_key,
         )
-        root_bytes = _read_trust_file(root_json, "root metadata")
+        root_bytes = read_trust_file(root_json, "root metadata")
         validate_root(root_bytes, root_json)
         director_bytes = _read_director_root(director_root)
-        ca_bytes = _read_trust_file(ca_pem, "CA certificate")
+        ca_bytes = read_trust_file(ca_pem, "CA certificate")
         try:
             x509.load_pem_x509_certificate(ca_bytes)
         except ValueError as e:
@@ -409,7 +421,7 @@ class Device:
     def _session(self) -> TufSession:
         url = self.config.server_url
         # A corrupt trust anchor is the device's own configuration, not bad repository data.
-        trusted_root = _read_trust_file(self.paths.trusted_root, "trusted root")
+        trusted_root = read_trust_file(self.paths.trusted_root, "trusted root")
         validate_root(trusted_root, self.paths.trusted_root)
         if self._fetcher_factory is not None:
             return TufSession(
@@ -431,13 +443,8 @@ class Device:
         )
 
     def _fetcher(self, tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP]) -> TlsFetcher:
-        return TlsFetcher(
-            tls=tls,
-            connect_timeout=self.config.connect_timeout_s,
-            read_timeout=self.config.read_timeout_s,
-            deadline_base=self.config.download_deadline_base_s,
-            min_rate_bps=self.config.download_min_rate_bps,
-            staging_dir=self.paths.staging,
+        return TlsFetcher.from_limits(
+            self.config.fetch_limits, tls=tls, staging_dir=self.paths.staging
         )
 
     def checked_in_fetcher(self) -> TlsFetcher:
@@ -701,7 +708,7 @@ class Device:
                 "--director, or one that withheld it)"
             )
         now = dt.datetime.now(dt.UTC)
-        trusted = _read_trust_file(self.paths.director_root, "director root")
+        trusted = read_trust_file(self.paths.director_root, "director root")
         base = self.config.server_url.rstrip("/")
 
         def fetch_root(version: int) -> bytes | None:

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from tuf.api import exceptions
 from tuf.ngclient import FetcherInterface
 
+from otaguard.agent.config import FetchLimits
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.unsafe import Unsafe
 
@@ -376,6 +377,30 @@ class TlsFetcher(Fetcher):
         self._cancelled = False  # only ever set: a plain store is signal-handler safe
         self._pool_lock = threading.Lock()
         self._idle: dict[_Key, _Connection] = {}
+
+    @classmethod
+    def from_limits(
+        cls,
+        limits: FetchLimits,
+        *,
+        tls: ssl.SSLContext | Literal[Unsafe.PLAIN_HTTP],
+        staging_dir: Path | None,
+    ) -> TlsFetcher:
+        """The agent's fetcher with ``limits`` (a device's config, or the defaults).
+
+        Args:
+            limits: timeouts, deadline and minimum rate.
+            tls: as for the constructor (``Unsafe.PLAIN_HTTP`` warns).
+            staging_dir: where downloads are staged; ``None``: the system's temp dir.
+        """
+        return cls(
+            tls=tls,
+            connect_timeout=limits.connect_timeout_s,
+            read_timeout=limits.read_timeout_s,
+            deadline_base=limits.download_deadline_base_s,
+            min_rate_bps=limits.download_min_rate_bps,
+            staging_dir=staging_dir,
+        )
 
     # -- python-tuf's FetcherInterface -------------------------------------------------
     def _fetch(self, url: str) -> Iterator[bytes]:

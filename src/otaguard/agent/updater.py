@@ -34,7 +34,15 @@ from otaguard.model.release import ReleaseInfo
 from otaguard.model.transfer import is_auxiliary_target
 from otaguard.model.version import Version
 
-__all__ = ["Offer", "Selection", "TufSession", "select_update", "tuf_errors", "updater_config"]
+__all__ = [
+    "Offer",
+    "RepositoryUrls",
+    "Selection",
+    "TufSession",
+    "select_update",
+    "tuf_errors",
+    "updater_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -168,34 +176,66 @@ def updater_config() -> UpdaterConfig:
     )
 
 
+@dataclass(frozen=True)
+class RepositoryUrls:
+    """Where a repository serves its metadata and its targets (each ends with ``/``)."""
+
+    metadata: str
+    targets: str
+
+    def __post_init__(self) -> None:
+        # ngclient joins file names to these prefixes; a missing slash names other files.
+        for name in ("metadata", "targets"):
+            if not getattr(self, name).endswith("/"):
+                object.__setattr__(self, name, getattr(self, name) + "/")
+
+    @classmethod
+    def of_server(cls, server_url: str) -> RepositoryUrls:
+        """An otaguard server's layout: ``/metadata/`` and ``/targets/`` under its URL."""
+        base = server_url.rstrip("/")
+        return cls(metadata=f"{base}/metadata/", targets=f"{base}/targets/")
+
+
 class TufSession:
-    """One update session against the image repository (one ngclient ``Updater``)."""
+    """One update session against the image repository (one ngclient ``Updater``).
+
+    Args:
+        metadata_dir: ngclient's metadata cache (what the device trusts).
+        trusted_root: the provisioned root: ngclient's bootstrap, whatever the cache holds.
+        server_url: an otaguard server's URL, or the two base URLs of any TUF repository
+            (``otaguard-conformance``).
+        fetcher: the network seam (:class:`~otaguard.agent.fetcher.TlsFetcher`).
+    """
 
     def __init__(
         self,
         *,
         metadata_dir: Path,
         trusted_root: bytes,
-        server_url: str,
+        server_url: str | RepositoryUrls,
         fetcher: Fetcher,
     ):
         self._metadata_dir = metadata_dir
         self.fetcher = fetcher
-        base = server_url.rstrip("/")
-        self._target_base_url = f"{base}/targets/"
+        urls = (
+            server_url
+            if isinstance(server_url, RepositoryUrls)
+            else RepositoryUrls.of_server(server_url)
+        )
+        self._target_base_url = urls.targets
         config = updater_config()
         with tuf_errors("loading trusted metadata"):
             # ngclient sees metadata only through the hybrid policy check (ADR 0014).
             gate = HybridGate(
                 fetcher,
-                metadata_base_url=f"{base}/metadata/",
+                metadata_base_url=urls.metadata,
                 metadata_dir=metadata_dir,
                 trusted_root=trusted_root,
             )
             self._updater = Updater(
                 metadata_dir=str(metadata_dir),
-                metadata_base_url=f"{base}/metadata/",
-                target_base_url=f"{base}/targets/",
+                metadata_base_url=urls.metadata,
+                target_base_url=urls.targets,
                 fetcher=gate,
                 config=config,
                 bootstrap=trusted_root,
@@ -249,6 +289,10 @@ class TufSession:
         """
         with tuf_errors(f"download of {target.path}"):
             return Path(self._updater.download_target(target, str(dest)))
+
+    def is_cached(self, target: TargetFile, path: Path) -> bool:
+        """True when ``path`` holds ``target`` already (its length and hashes match)."""
+        return self._updater.find_cached_target(target, str(path)) is not None
 
     def target_url(self, target: TargetFile) -> str:
         """The URL ngclient's ``download_target`` would fetch ``target`` from.
