@@ -478,9 +478,15 @@ def issue_nonce(
 
 
 def _new_nonce(
-    svc: CheckinServices, dev: AuthenticatedDevice, *, ttl: dt.timedelta, registered: bool
+    svc: CheckinServices,
+    dev: AuthenticatedDevice,
+    *,
+    ttl: dt.timedelta,
+    registered: bool,
+    replaces_claimed: bool = False,
 ) -> NonceBody:
-    """Issue a nonce to ``dev``'s certificate, valid for ``ttl`` (inside the caller's unit)."""
+    """Issue a nonce to ``dev``'s certificate, valid for ``ttl`` (inside the caller's unit;
+    ``replaces_claimed``: the unit just claimed one of the certificate's nonces)."""
     now = svc.clock()
     value = secrets.token_urlsafe(NONCE_BYTES)
     svc.checkins.issue_nonce(
@@ -491,7 +497,8 @@ def _new_nonce(
             issued_at=now,
             expires_at=now + ttl,
             used_at=None,
-        )
+        ),
+        replaces_claimed=replaces_claimed,
     )
     return NonceBody(nonce=value, expires=now + ttl, attestation_key_registered=registered)
 
@@ -526,9 +533,13 @@ def run_checkin(
             if problem is None:
                 # An accepted check-in by a device with an attestation key was attested
                 # (else it quarantines): the key is registered exactly when it was.
-                next_nonce = _new_nonce(svc, dev, ttl=NEXT_NONCE_TTL, registered=entry.attested)
+                # The claim above spent one of this certificate's nonces: one in, one out,
+                # the open ones cannot grow here (no bound to enforce, one statement less).
+                next_nonce = _new_nonce(
+                    svc, dev, ttl=NEXT_NONCE_TTL, registered=entry.attested, replaces_claimed=True
+                )
             if problem is None and svc.answer_in_unit:
-                director = _answer(svc, dev, manifest)
+                director = _answer(svc, dev, manifest, entry)
             if svc.monitor is not None:  # fleet monitoring (ADR 0026): same transaction
                 svc.monitor.note_checkin(
                     serial=dev.record.serial,
@@ -542,7 +553,7 @@ def run_checkin(
         raise
     if problem is None and not svc.answer_in_unit:
         with svc.unit():  # its own unit, after the commit; the note joins it
-            director = _answer(svc, dev, manifest)
+            director = _answer(svc, dev, manifest, entry)
             if svc.monitor is not None and director is not None:
                 svc.monitor.note_checkin(
                     serial=dev.record.serial,
@@ -584,7 +595,12 @@ def run_checkin(
     )
 
 
-def _answer(svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest) -> str | None:
+def _answer(
+    svc: CheckinServices,
+    dev: AuthenticatedDevice,
+    manifest: DeviceManifest,
+    entry: CheckinRecord,
+) -> str | None:
     """The director's signed instruction for an accepted check-in (``None``: no director)."""
     if svc.director is None:
         return None
@@ -593,6 +609,7 @@ def _answer(svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceMani
         hardware_id=dev.record.hardware_id,
         installed=manifest.installed,
         nonce=manifest.nonce,
+        recorded=entry,
     ).decode()
 
 

@@ -50,7 +50,7 @@ from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
 from otaguard.server.online import load_online_signer
 from otaguard.server.storage.assignments import Assignment, AssignmentStore
-from otaguard.server.storage.base import MetadataStore
+from otaguard.server.storage.base import CheckinRecord, MetadataStore
 
 __all__ = [
     "DIRECTOR_KEY_FILE",
@@ -91,8 +91,10 @@ class Policy(Protocol):
         running: Version | None,
         assignment: Assignment | None,
         releases: Sequence[DirectorRelease],
+        recorded: CheckinRecord | None = None,
     ) -> DirectorRelease | None:
-        """Decide."""
+        """Decide; ``recorded`` is the check-in being answered, when there is one (the
+        device's newest: a policy that reads it need not read it back)."""
 
 
 def choose_release(
@@ -102,10 +104,11 @@ def choose_release(
     running: Version | None,
     assignment: Assignment | None,
     releases: Sequence[DirectorRelease],
+    recorded: CheckinRecord | None = None,
 ) -> DirectorRelease | None:
     """The policy without channels (the server runs :mod:`.channels`). Pure.
 
-    ``serial`` is unused (the channel policy needs it).
+    ``serial`` and ``recorded`` are unused (the channel policy needs them).
 
     A ``hold`` assignment: nothing. A ``release`` assignment: that version, if the image
     repository serves it for this hardware. No assignment: the newest release for this
@@ -358,9 +361,16 @@ class Director:
             return list(self._releases[1])
 
     def answer(
-        self, *, serial: str, hardware_id: str, installed: InstalledTarget | None, nonce: str
+        self,
+        *,
+        serial: str,
+        hardware_id: str,
+        installed: InstalledTarget | None,
+        nonce: str,
+        recorded: CheckinRecord | None = None,
     ) -> bytes:
-        """The signed instruction answering one accepted check-in.
+        """The signed instruction answering one accepted check-in (``recorded``: its
+        record, when the caller has it, so the policy does not read it back).
 
         Raises:
             VerificationError: the stored targets metadata is unreadable.
@@ -384,6 +394,7 @@ class Director:
                 running=running,
                 assignment=assignment,
                 releases=releases,
+                recorded=recorded,
             )
         logger.info(
             "director instructs %s: %s", serial, release.name if release is not None else "none"

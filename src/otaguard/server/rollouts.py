@@ -43,6 +43,7 @@ from otaguard.server.channels import (
 from otaguard.server.director import DirectorRelease
 from otaguard.server.inventory import Inventory
 from otaguard.server.storage.assignments import Assignment
+from otaguard.server.storage.base import CheckinRecord
 from otaguard.server.storage.rollouts import RolloutStore
 
 __all__ = [
@@ -275,6 +276,7 @@ class ChannelPolicy:
         running: Version | None,
         assignment: Assignment | None,
         releases: Sequence[DirectorRelease],
+        recorded: CheckinRecord | None = None,
     ) -> Decision:
         """What the director tells ``serial`` now, and why (also for ``fleet show``).
 
@@ -289,8 +291,11 @@ class ChannelPolicy:
         # tables: the cost of a check-in must not grow with the fleet (ADR 0012)
         view = ro.inventory.store.device_view(serial)
         groups = view.groups if view is not None else ()
-        history = ro.inventory.checkins.history(serial, limit=1) if view is not None else []
-        last = history[0] if history else None
+        if recorded is not None:  # the check-in being answered: the device's newest
+            last: CheckinRecord | None = recorded
+        else:
+            history = ro.inventory.checkins.history(serial, limit=1) if view is not None else []
+            last = history[0] if history else None
         result = _last_result(last.manifest) if last is not None else {}
         views: list[RolloutView] = []
         for r in ro.store.list():
@@ -332,6 +337,7 @@ class ChannelPolicy:
         running: Version | None,
         assignment: Assignment | None,
         releases: Sequence[DirectorRelease],
+        recorded: CheckinRecord | None = None,
     ) -> DirectorRelease | None:
         """The :class:`~.director.Policy` call."""
         d = self.decision(
@@ -340,6 +346,7 @@ class ChannelPolicy:
             running=running,
             assignment=assignment,
             releases=releases,
+            recorded=recorded,
         )
         logger.info("director policy for %s: %s", serial, d.reason)
         return d.release

@@ -91,9 +91,14 @@ class CompromisedDirector:
         """
 
         def answer(
-            *, serial: str, hardware_id: str, installed: InstalledTarget | None, nonce: str
+            *,
+            serial: str,
+            hardware_id: str,
+            installed: InstalledTarget | None,
+            nonce: str,
+            recorded: object = None,
         ) -> bytes:
-            del installed
+            del installed, recorded
             release = DirectorRelease(
                 name=name,
                 length=length,

@@ -393,8 +393,10 @@ class CheckinStore(ABC):
     """
 
     @abstractmethod
-    def issue_nonce(self, record: NonceRecord) -> None:
-        """Store a new nonce (and forget expired ones)."""
+    def issue_nonce(self, record: NonceRecord, *, replaces_claimed: bool = False) -> None:
+        """Store a new nonce (and forget expired ones); the certificate's unused nonces
+        are bounded, except with ``replaces_claimed``: issued in the unit that just
+        claimed one of its nonces, so their number cannot have grown."""
 
     @abstractmethod
     def get_nonce(self, nonce: str) -> NonceRecord | None:

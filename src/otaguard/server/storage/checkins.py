@@ -195,7 +195,7 @@ class SQLCheckinStore(CheckinStore):
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")
 
-    def issue_nonce(self, record: NonceRecord) -> None:
+    def issue_nonce(self, record: NonceRecord, *, replaces_claimed: bool = False) -> None:
         """See :meth:`CheckinStore.issue_nonce`."""
         purge = self._last_purge is None or record.issued_at - self._last_purge >= (
             NONCE_PURGE_INTERVAL
@@ -215,7 +215,8 @@ class SQLCheckinStore(CheckinStore):
                             )
                         )
                     )
-                conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
+                if not replaces_claimed:
+                    conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
                 conn.execute(
                     _INSERT_NONCE,
                     {

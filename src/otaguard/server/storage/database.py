@@ -45,7 +45,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # SQLite writers wait this long for the file lock before failing with ServerStorageError.
-SQLITE_BUSY_TIMEOUT_MS: Final = 5000
+# One writer at a time, and SQLite's busy handler polls (every 100 ms once waiting long):
+# on an overloaded 2-core machine 16 check-ins in flight queued past 5 s and got 503s
+# ("database is locked"); a device would rather wait than poll again later.
+SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 #: connections kept open per server process: uvicorn's thread pool runs at most 40 sync
 #: requests at once, most of which are short reads; 10 + 5 overflow serve them, and N
 #: processes stay well below PostgreSQL's default max_connections (100). A connection
