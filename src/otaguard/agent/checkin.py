@@ -34,7 +34,12 @@ from otaguard.agent.config import DeviceConfig, DevicePaths
 from otaguard.agent.fetcher import Fetcher
 from otaguard.agent.install import InstallState
 from otaguard.agent.measured_boot import TpmAttestor, read_event_log
-from otaguard.agent.next_nonce import StoredNonce, store_next_nonce, take_next_nonce
+from otaguard.agent.next_nonce import (
+    StoredNonce,
+    discard_next_nonce,
+    read_next_nonce,
+    store_next_nonce,
+)
 from otaguard.agent.slots import BootEnv
 from otaguard.crypto.envelope import sign_envelope
 from otaguard.model.errors import (
@@ -305,7 +310,7 @@ def check_in(
     """
     base = config.server_url.rstrip("/")
     tpm = TpmAttestor(config.tpm) if config.tpm is not None else None
-    stored = take_next_nonce(paths, now=dt.datetime.now(dt.UTC))
+    stored = read_next_nonce(paths, now=dt.datetime.now(dt.UTC))
     accepted: dict[str, Any] | None = None
     if stored is not None and (tpm is None or stored.attestation_key_registered):
         # One request: the nonce the last accepted check-in handed out (ADR 0036).
@@ -317,7 +322,9 @@ def check_in(
             )
         except AccessDeniedError as e:
             if NONCE_REFUSAL_MARK not in str(e):
+                discard_next_nonce(paths)  # answered: it is spent either way
                 raise
+            discard_next_nonce(paths)
             # Expired, spent (an answer lost to a power cut) or forgotten by the server:
             # the protocol's first step, as for a device with no nonce kept.
             logger.info("the kept check-in nonce was refused (%s); asking for a fresh one", e)
@@ -333,7 +340,9 @@ def check_in(
         accepted = _post(fetcher, base + CHECKIN_PATH, envelope, "check-in")
     result = parse_checkin_answer(accepted, nonce=nonce, serial=config.serial)
     if result.next_nonce is not None:
-        store_next_nonce(paths, result.next_nonce)
+        store_next_nonce(paths, result.next_nonce)  # replaces the one just spent
+    else:
+        discard_next_nonce(paths)
     clear_flags(paths, manifest.attack_flags)
     logger.info(
         "checked in as %s (%s)", result.serial, "attested" if result.attested else "unattested"

@@ -3,8 +3,10 @@
 An accepted check-in's answer carries a fresh server nonce for the device's next check-in,
 so that one is a single request (the signed manifest) instead of two (ask for a nonce,
 then answer it). The agent keeps it in the device directory (written atomically, mode
-0600) and takes it out before using it: a nonce is single use, and one sent but not
-answered (a power cut, a dropped connection) is spent on the server all the same.
+0600), replaces it with the next one when the server answers, and drops it when the
+server refuses it. A check-in that never got an answer (the server down, a power cut)
+leaves it in place — a failed check-in changes nothing on the device — and if the server
+did spend it, the next check-in is refused as a replay and asks for a fresh one.
 
 Nothing here is trusted more than a nonce fetched on demand: the server still checks that
 it issued the nonce to this device and certificate, unused and unexpired, and a refusal of
@@ -24,7 +26,13 @@ from typing import Final
 from otaguard._fs import atomic_write_json
 from otaguard.agent.config import DevicePaths
 
-__all__ = ["MAX_NONCE_FILE_BYTES", "StoredNonce", "store_next_nonce", "take_next_nonce"]
+__all__ = [
+    "MAX_NONCE_FILE_BYTES",
+    "StoredNonce",
+    "discard_next_nonce",
+    "read_next_nonce",
+    "store_next_nonce",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +64,15 @@ def store_next_nonce(paths: DevicePaths, nonce: StoredNonce) -> None:
         logger.warning("cannot keep the next check-in's nonce (%s); it will ask for one", e)
 
 
-def take_next_nonce(paths: DevicePaths, *, now: dt.datetime) -> StoredNonce | None:
-    """The kept nonce, removed from the device directory (single use); ``None`` when there
-    is none, it is unreadable, or expired by this device's clock."""
+def discard_next_nonce(paths: DevicePaths) -> None:
+    """Forget the kept nonce (the server refused it, or handed out none)."""
+    with contextlib.suppress(FileNotFoundError, OSError):
+        paths.next_nonce.unlink()
+
+
+def read_next_nonce(paths: DevicePaths, *, now: dt.datetime) -> StoredNonce | None:
+    """The kept nonce; ``None`` when there is none, or it is unreadable or expired by this
+    device's clock (then it is dropped)."""
     path = paths.next_nonce
     try:
         with path.open("rb") as f:
@@ -67,10 +81,8 @@ def take_next_nonce(paths: DevicePaths, *, now: dt.datetime) -> StoredNonce | No
         return None
     except OSError as e:
         logger.warning("cannot read the kept check-in nonce %s: %s", path, e)
+        discard_next_nonce(paths)
         return None
-    finally:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            path.unlink()
     try:
         doc = json.loads(data) if len(data) <= MAX_NONCE_FILE_BYTES else {}
         if not isinstance(doc, dict):
@@ -82,7 +94,9 @@ def take_next_nonce(paths: DevicePaths, *, now: dt.datetime) -> StoredNonce | No
         )
     except (ValueError, TypeError, KeyError, UnicodeDecodeError):
         logger.warning("ignoring the kept check-in nonce %s: unreadable", path)
+        discard_next_nonce(paths)
         return None
     if stored.expires.tzinfo is None or stored.expires <= now:
+        discard_next_nonce(paths)
         return None
     return stored
