@@ -7,14 +7,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert
+from sqlalchemy import event, insert, update
 from sqlalchemy.engine import Engine
 
 from otaguard.model.manifest import BootMeasurement, DeviceManifest, InstalledTarget
 from otaguard.model.version import Version
+from otaguard.server._signal import ChangeSignal
 from otaguard.server.channels import GroupPolicy, Rollout, Window, evaluate
 from otaguard.server.inventory import Inventory
 from otaguard.server.rollouts import ChannelPolicy, Rollouts
@@ -22,7 +25,9 @@ from otaguard.server.storage.checkins import SQLCheckinStore, checkins_table
 from otaguard.server.storage.devices import SQLDeviceStore, devices_table
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
 from otaguard.server.storage.inventory import SQLInventoryStore
-from otaguard.server.storage.rollouts import SQLRolloutStore
+from otaguard.server.storage.notify import ROLLOUT_LIST_SECONDS, NotifyingRolloutStore
+from otaguard.server.storage.rollouts import SQLRolloutStore, rollouts_table
+from otaguard.server.storage.unit import unit_of_work
 
 NOW = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
 
@@ -341,3 +346,36 @@ def test_a_status_read_answers_the_monitors_pause_not_the_advance_it_stopped(
     assert (stored.state, stored.phase) == ("paused", 0)
     assert status.evaluation.rollout == stored
     assert not status.evaluation.changed
+
+
+def test_the_kept_rollout_list_sees_a_halt_by_another_process_at_once(
+    db_engine: Engine, tmp_path: Path
+) -> None:
+    """Every check-in asks for the rollout list; it is kept between announcements (ADR
+    0036). A halt written by another process sharing the data directory is announced and
+    seen by the very next read; a write that was not announced within
+    ROLLOUT_LIST_SECONDS; a write of this process at once (its own unit reads it)."""
+    signal = ChangeSignal(tmp_path, "rollouts")
+    here = NotifyingRolloutStore(db_engine, on_change=signal.touch, changes=signal.token)
+    there = NotifyingRolloutStore(db_engine, on_change=signal.touch, changes=signal.token)
+    r = _rollout()
+    here.create(r, now=NOW)
+    assert [x.state for x in there.list()] == ["active"]
+    reads: list[str] = []
+    event.listen(db_engine, "before_cursor_execute", lambda *a: reads.append(a[2]))
+    assert [x.state for x in there.list()] == ["active"]
+    assert not reads  # kept: no statement
+    assert here.change(dataclasses.replace(r, state="halted"), expect_state="active", now=NOW)
+    assert [x.state for x in there.list()] == ["halted"]  # announced: read again at once
+    # A writer that does not announce (not sharing the data directory): within the bound.
+    with db_engine.begin() as conn:
+        conn.execute(update(rollouts_table).values(reason="by hand"))
+    assert there.list()[0].reason != "by hand"
+    time.sleep(ROLLOUT_LIST_SECONDS + 0.1)
+    assert there.list()[0].reason == "by hand"
+    # This process's own write, inside a unit that reads the list again before committing.
+    with unit_of_work(db_engine):
+        assert there.change(
+            dataclasses.replace(r, state="paused", reason="p"), expect_state="halted", now=NOW
+        )
+        assert [x.state for x in there.list()] == ["paused"]

@@ -122,9 +122,12 @@ from otaguard.server.storage.database import sqlite_url
 from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.inventory import SQLInventoryStore
 from otaguard.server.storage.migrate import open_database
-from otaguard.server.storage.notify import NotifyingDeviceStore, NotifyingMetadataStore
+from otaguard.server.storage.notify import (
+    NotifyingDeviceStore,
+    NotifyingMetadataStore,
+    NotifyingRolloutStore,
+)
 from otaguard.server.storage.operators import SQLAuditStore, SQLOperatorStore
-from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sboms import SQLSbomStore
 from otaguard.server.storage.unit import unit_of_work
 from otaguard.server.storage.vulns import SQLVulnStore
@@ -660,6 +663,7 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     # fast path's caches (metadata, admitted devices) are rebuilt on the next request.
     published = ChangeSignal(data_dir, "published")
     registry = ChangeSignal(data_dir, "registry")
+    rollout_signal = ChangeSignal(data_dir, "rollouts")
     store = NotifyingMetadataStore(engine, on_change=published.touch, changes=published.token)
     served = ServedMetadata(store, signal=published)
     served_recheck = served.rechecker()
@@ -688,7 +692,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     evaluator: RolloutEvaluator | None = None
     if director is not None:
         rollouts = Rollouts(
-            store=SQLRolloutStore(engine),
+            store=NotifyingRolloutStore(
+                engine, on_change=rollout_signal.touch, changes=rollout_signal.token
+            ),
             inventory=inventory,
             releases=director.releases,
             clock=clock,

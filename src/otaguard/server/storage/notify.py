@@ -16,17 +16,28 @@ from typing import Final
 
 from sqlalchemy.engine import Engine
 
+from otaguard.server.channels import Rollout
 from otaguard.server.storage.base import DeviceRecord, DeviceState, MetadataRecord, PublishOutcome
 from otaguard.server.storage.devices import SQLDeviceStore
+from otaguard.server.storage.rollouts import SQLRolloutStore
 from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.storage.unit import after_commit
 
-__all__ = ["NEWEST_VERSION_SECONDS", "NotifyingDeviceStore", "NotifyingMetadataStore"]
+__all__ = [
+    "NEWEST_VERSION_SECONDS",
+    "ROLLOUT_LIST_SECONDS",
+    "NotifyingDeviceStore",
+    "NotifyingMetadataStore",
+    "NotifyingRolloutStore",
+]
 
 #: a role's newest version is read again at least this often even when no publication was
 #: announced: the bound for a writer that does not announce (ADR 0009 has every server
 #: process share the data directory, and so the announcement)
 NEWEST_VERSION_SECONDS: Final = 1.0
+#: the same bound for the rollout list every check-in asks for (a halt or pause by any
+#: process sharing the data directory is announced, and seen at the next check-in)
+ROLLOUT_LIST_SECONDS: Final = 1.0
 
 
 class NotifyingDeviceStore(SQLDeviceStore):
@@ -118,3 +129,60 @@ class NotifyingMetadataStore(SQLMetadataStore):
             )
         finally:
             self._on_change()
+
+
+class NotifyingRolloutStore(SQLRolloutStore):
+    """:class:`SQLRolloutStore` announcing rollout writes, and keeping the rollout list.
+
+    Every check-in reads the list (the channel policy, ADR 0011); it changes when an
+    operator creates a rollout or a phase advances, halts or pauses. The list is kept until
+    an announcement (``changes``' token differs), at most :data:`ROLLOUT_LIST_SECONDS`, and
+    dropped at once in this process when it writes one (its own unit reads its write).
+    Other processes sharing the data directory see the announcement after the commit
+    (ADR 0036).
+    """
+
+    def __init__(
+        self, engine: Engine, *, on_change: Callable[[], None], changes: Callable[[], object]
+    ):
+        """Use ``engine``; ``on_change`` announces a committed write, ``changes`` reads
+        what identifies the last announcement."""
+        super().__init__(engine)
+        self._notify_engine = engine
+        self._announce = on_change
+        self._changes = changes
+        self._kept: tuple[object, list[Rollout], float] | None = None
+
+    def _changed(self) -> None:
+        self._kept = None
+        after_commit(self._notify_engine, self._announce)
+
+    def create(self, rollout: Rollout, *, now: dt.datetime) -> None:
+        """See :meth:`SQLRolloutStore.create`; announced even when it raises."""
+        try:
+            super().create(rollout, now=now)
+        finally:
+            self._changed()
+
+    def change(self, new: Rollout, *, expect_state: str, now: dt.datetime) -> bool:
+        """See :meth:`SQLRolloutStore.change`; announced even when it refuses."""
+        try:
+            return super().change(new, expect_state=expect_state, now=now)
+        finally:
+            self._changed()
+
+    def list(self) -> list[Rollout]:
+        """See :meth:`SQLRolloutStore.list`; kept until the next announcement."""
+        token = self._changes()  # before the read: a write during it reads again
+        kept = self._kept
+        now = time.monotonic()
+        if (
+            token is not None
+            and kept is not None
+            and kept[0] == token
+            and now - kept[2] < ROLLOUT_LIST_SECONDS
+        ):
+            return list(kept[1])
+        rollouts = super().list()
+        self._kept = (token, rollouts, now)
+        return list(rollouts)
