@@ -73,7 +73,7 @@ for v in "${VERSIONS[@]}"; do
   ln -sf /opt/otaguard/bin/otaguard "$tree/usr/bin/otaguard"
   cp -a "$HERE/overlay/." "$tree/"
   install -m 0644 "$REPO/deploy/systemd/otaguard-mark-good.service" "$REPO/deploy/systemd/otaguard-agent.service" \
-    "$tree/etc/systemd/system/"
+    "$REPO/deploy/systemd/otaguard-measure-boot.service" "$tree/etc/systemd/system/"
   echo "$ver" > "$tree/etc/vboard-version"
   if [ "$v" != "$ver" ]; then  # a release whose health check fails
     sed -i 's|^ExecStart=.*|ExecStart=/bin/sh -c "echo OTAG-HEALTH: failing on purpose >/dev/ttyS0; exit 1"|' \
@@ -82,7 +82,7 @@ for v in "${VERSIONS[@]}"; do
   mkdir -p "$tree/boot/efi" "$tree/var/lib/otaguard"
   : > "$tree/etc/machine-id"
   chroot "$tree" systemctl enable --quiet systemd-networkd.service systemd-networkd-wait-online.service \
-    otaguard-mark-good.service vboard-health.service vboard-control.service
+    otaguard-measure-boot.service otaguard-mark-good.service vboard-health.service vboard-control.service
   chroot "$tree" systemctl mask --quiet getty@tty1.service serial-getty@ttyS0.service
   used=$(du -sm "$tree" | cut -f1)
   size=$(( used * 115 / 100 + 48 ))
