@@ -9,6 +9,7 @@ slots are files here and partitions of a loop device in the last test.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,9 +18,10 @@ import pytest
 from test_agent_bootloaders import board
 from test_install_memory import Mem, mem
 
-from otaguard.agent import BootEnv
+from otaguard.agent import BootEnv, DeviceConfig
 from otaguard.agent.boot import read_booted
 from otaguard.agent.checkin import build_manifest
+from otaguard.agent.envblock import GrubEnvFile
 from otaguard.agent.measured_boot import read_event_log
 from otaguard.agent.self_measure import read_boot_id
 from otaguard.cli import main
@@ -135,11 +137,7 @@ def test_refusals_are_one_line(mem: Mem, capsys: pytest.CaptureFixture[str]) -> 
 def test_the_booted_partition_is_measured_on_a_loop_device(mem: Mem, tmp_path: Path) -> None:
     """Slots are GPT partitions named by label: the booted one is read from the medium
     (O_DIRECT), over the image's length only."""
-    import dataclasses
-
     from loopdev_support import loop_disk
-
-    from otaguard.agent import DeviceConfig
 
     with loop_disk(tmp_path) as disk:
         path = mem.provision("d")
@@ -149,8 +147,6 @@ def test_the_booted_partition_is_measured_on_a_loop_device(mem: Mem, tmp_path: P
         with open(disk.part(2), "r+b") as f:
             f.write(factory)
         envfile = path / "grubenv"
-        from otaguard.agent.envblock import GrubEnvFile
-
         GrubEnvFile(envfile).update({"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0"})
         cfg = DeviceConfig.load(path / "config.json")
         dataclasses.replace(

@@ -553,11 +553,11 @@ class Device:
 
     def _booted(self) -> BootRecord:
         if self.hardware is not None:
-            record = self.hardware.record()
+            current = self.hardware.record()
             # A real bootloader measured nothing: the check-in needs this boot's
             # measurement, taken here if otaguard-measure-boot.service has not (ADR 0038).
             self.hardware.measure(self.backend)
-            return record
+            return current
         record = read_booted(self.paths)
         if record is not None:
             return record

@@ -11,8 +11,8 @@ formats.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
