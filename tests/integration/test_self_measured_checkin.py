@@ -20,9 +20,9 @@ from otaguard.model.errors import AccessDeniedError
 from otaguard.server.client import CheckinInfo, FleetClient
 
 
-def grub_device(world: World, name: str) -> Device:
+def grub_device(world: World, name: str, **kw: object) -> Device:
     """A device enrolled with the server, its boot selection moved to a virtual GRUB."""
-    dev = world.device(name)
+    dev = world.device(name, **kw)
     path = dev.paths.root
     cmdline = path / "run" / "cmdline"
     cmdline.write_text("root=/dev/vda2 rauc.slot=A\n")
@@ -75,3 +75,25 @@ def test_a_booted_slot_changed_offline_is_quarantined(world: World, tmp_path: Pa
         Device(dev.paths.root).checkin()
     status, reason, _ = shown(world, dev.config.serial)
     assert status == "quarantined" and reason.startswith("measured boot: booted"), reason
+
+
+def test_a_tpm_device_on_a_real_bootloader_checks_in_unattested(
+    world: World, tmp_path: Path
+) -> None:
+    """Its TPM keeps the floor, but nothing extended the boot PCR: no attestation key is
+    registered and no quote sent (a quote over an unextended PCR would be refused, and a
+    self-measurement extended by the agent would pass a self-report off as attested)."""
+    from tpm_support import running_swtpm
+
+    with running_swtpm(tmp_path / "tpmstate") as swtpm:
+        dev = grub_device(world, "grub-tpm", tpm_tcti=swtpm.tcti, unsafe_file_device_key=True)
+        result = dev.checkin()
+        assert not result.attested
+        with FleetClient(
+            server_url=world.server.base_url,
+            ca_cert=world.server.ca_cert,
+            token=world.server.operator_token,
+        ) as client:
+            history = client.checkins("grub-tpm")
+        assert not history.attestation_key
+        assert (history.checkins[0].outcome, history.checkins[0].attested) == ("accepted", False)
