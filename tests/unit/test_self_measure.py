@@ -68,16 +68,28 @@ def test_after_an_update_the_check_in_reports_the_new_slots_published_hash(
     assert dev.update().outcome == "awaiting-mark-good"
     assert bl.booted_slot() == "B"
     assert mem.open(path).mark_good().outcome == "updated"
+    booted = read_booted(dev.paths)  # what agent status shows
+    assert booted is not None and (booted.slot, booted.trial) == ("B", False), (
+        "status no longer says trial once the slot is marked good"
+    )
     published = hashlib.sha256(mem.image("1.1.0").read_bytes()).hexdigest()
     stale = build_manifest(dev.paths, dev.config, nonce="n" * 32, tpm=None).boot
     assert stale.slot == "A", "nothing measured this boot yet (its unit has not run)"
     mem.open(path).check()  # any agent command measures a boot that has no measurement
     boot = build_manifest(dev.paths, dev.config, nonce="n" * 32, tpm=None).boot
     assert (boot.slot, boot.sha256, boot.attested) == ("B", published, False)
-    booted = read_booted(dev.paths)
-    assert booted is not None and (booted.slot, booted.trial) == ("B", False), (
-        "status no longer says trial once the slot is marked good"
-    )
+
+
+def test_status_shows_no_trial_once_mark_good_confirmed_the_boot(mem: Mem) -> None:
+    """GRUB sets the booted slot's TRY at every boot; once mark-good confirmed it, the
+    boot record ``agent status`` shows is no longer a trial."""
+    path, _ = board(mem, "d", "grub")
+    dev = mem.open(path)
+    dev.boot()  # TRY=1 on A until confirmed
+    assert dev.status().booted is not None and dev.status().booted.trial  # type: ignore[union-attr]
+    assert mem.open(path).mark_good().outcome == "confirmed"
+    booted = mem.open(path).status().booted
+    assert booted is not None and (booted.slot, booted.trial) == ("A", False)
 
 
 def test_only_the_booted_slot_is_measured(mem: Mem) -> None:
