@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds the otaguard virtual board (ADR 0033) under $OUT (default .cache/vboard), as root:
-#   base/            minimal Debian (mmdebstrap from this machine's apt sources), cached
-#                    until this script's package list changes
+#   base-<key>/      minimal Debian (mmdebstrap from this machine's apt sources), cached
+#                    (in $VBOARD_BASE_CACHE if set) until what builds it changes
 #   wheels/          otaguard and its agent dependencies as wheels (no server extras)
 #   slot-<v>.ext4    a root file system per board version: base + otaguard's agent in a venv
 #                    (/opt/otaguard) + the overlay; "fail" versions carry a failing health unit
@@ -30,23 +30,36 @@ ESP_MB=64; SLOT_MB=768; DATA_MB=128
 PACKAGES=systemd-sysv,udev,linux-image-cloud-amd64,python3,python3-venv,e2fsprogs,iproute2,kmod
 t0=$(date +%s)
 
-# 1. Base root file system: rebuilt only when the package list changes.
-key=$(printf '%s\n' "$PACKAGES" bookworm | sha256sum | cut -c1-16)
-if [ "$(cat "$OUT/base.key" 2>/dev/null)" != "$key" ] || [ ! -d "$OUT/base" ]; then
-  rm -rf "$OUT/base.tmp"
-  sources=()
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-    [ -s "$f" ] && sources+=("$f")
-  done
-  echo "vboard: mmdebstrap bookworm ($PACKAGES)"
-  mmdebstrap --quiet --variant=minbase --include="$PACKAGES" \
-    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    bookworm "$OUT/base.tmp" "${sources[@]}"
-  rm -rf "$OUT/base"; mv "$OUT/base.tmp" "$OUT/base"
-  echo "$key" > "$OUT/base.key"
+# 1. Base root file system, cached in $VBOARD_BASE_CACHE (default $OUT; CI points it outside
+# the clone) under a key hashing what builds it: the package list, the suite, the
+# mmdebstrap options and the apt sources it reads. Rebuilt only when one of them changes.
+BASE_CACHE=${VBOARD_BASE_CACHE:-$OUT}
+mkdir -p "$BASE_CACHE"
+BASE_CACHE=$(cd "$BASE_CACHE" && pwd)
+SUITE=bookworm
+MMDEBSTRAP_OPTS=(--quiet --variant=minbase --include="$PACKAGES"
+  --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*'
+  --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias')
+sources=()
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+  [ -s "$f" ] && sources+=("$f")
+done
+key=$( { printf '%s\n' "$SUITE" "${MMDEBSTRAP_OPTS[@]}"; cat "${sources[@]}"; } | sha256sum | cut -c1-16)
+BASE="$BASE_CACHE/base-$key"
+exec 9>"$BASE_CACHE/.lock"
+flock 9  # one build of the base at a time (CI runs sharing the cache)
+if [ ! -d "$BASE" ]; then
+  rm -rf "$BASE.tmp"
+  echo "vboard: mmdebstrap $SUITE ($PACKAGES) into $BASE"
+  mmdebstrap "${MMDEBSTRAP_OPTS[@]}" "$SUITE" "$BASE.tmp" "${sources[@]}"
+  mv "$BASE.tmp" "$BASE"
+  # Older bases are of no further use: the key names what built them.
+  find "$BASE_CACHE" -maxdepth 1 -name 'base-*' ! -name "base-$key" -exec rm -rf {} +
   echo "vboard: base built in $(( $(date +%s) - t0 )) s"
+else
+  echo "vboard: base from the cache ($BASE)"
 fi
+flock -u 9
 
 # 2. The agent as wheels: otaguard itself and the base (agent) dependencies only.
 rm -rf "$OUT/wheels"
@@ -62,7 +75,7 @@ trap cleanup EXIT
 for v in "${VERSIONS[@]}"; do
   ver=${v%%-fail}
   cleanup; rm -rf "$tree"; mkdir -p "$tree"
-  cp -a "$OUT/base/." "$tree/"
+  cp -a "$BASE/." "$tree/"
   mkdir -p "$tree/tmp/wheels"; cp "$OUT"/wheels/*.whl "$tree/tmp/wheels/"
   mount --bind /dev "$tree/dev"; mount -t proc proc "$tree/proc"; mount -t sysfs sys "$tree/sys"
   # A clean environment: the host's PIP_* settings name paths that are not in the chroot.
@@ -73,7 +86,7 @@ for v in "${VERSIONS[@]}"; do
   ln -sf /opt/otaguard/bin/otaguard "$tree/usr/bin/otaguard"
   cp -a "$HERE/overlay/." "$tree/"
   install -m 0644 "$REPO/deploy/systemd/otaguard-mark-good.service" "$REPO/deploy/systemd/otaguard-agent.service" \
-    "$tree/etc/systemd/system/"
+    "$REPO/deploy/systemd/otaguard-measure-boot.service" "$tree/etc/systemd/system/"
   echo "$ver" > "$tree/etc/vboard-version"
   if [ "$v" != "$ver" ]; then  # a release whose health check fails
     sed -i 's|^ExecStart=.*|ExecStart=/bin/sh -c "echo OTAG-HEALTH: failing on purpose >/dev/ttyS0; exit 1"|' \
@@ -82,7 +95,7 @@ for v in "${VERSIONS[@]}"; do
   mkdir -p "$tree/boot/efi" "$tree/var/lib/otaguard"
   : > "$tree/etc/machine-id"
   chroot "$tree" systemctl enable --quiet systemd-networkd.service systemd-networkd-wait-online.service \
-    otaguard-mark-good.service vboard-health.service vboard-control.service
+    otaguard-measure-boot.service otaguard-mark-good.service vboard-health.service vboard-control.service
   chroot "$tree" systemctl mask --quiet getty@tty1.service serial-getty@ttyS0.service
   used=$(du -sm "$tree" | cut -f1)
   size=$(( used * 115 / 100 + 48 ))

@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
-NAMES = ("otaguard-agent.service", "otaguard-mark-good.service", "otaguard-health-example.service")
+NAMES = (
+    "otaguard-agent.service",
+    "otaguard-mark-good.service",
+    "otaguard-measure-boot.service",
+    "otaguard-health-example.service",
+)
 
 
 def _systemd_analyze() -> str:
@@ -82,10 +87,27 @@ def test_mark_good_runs_after_boot_complete_and_health_checks_before_it() -> Non
     assert health["Unit"]["Before"] == "boot-complete.target"
     assert health["Install"]["RequiredBy"] == "boot-complete.target"
     assert health["Unit"]["FailureAction"] == "reboot"
-    for name in ("otaguard-agent.service", "otaguard-mark-good.service"):
+    for name in (
+        "otaguard-agent.service",
+        "otaguard-mark-good.service",
+        "otaguard-measure-boot.service",
+    ):
         svc = _unit(name)["Service"]
         assert (svc["NoNewPrivileges"], svc["ProtectSystem"]) == ("yes", "strict"), name
         assert svc["CapabilityBoundingSet"] == "", name
+
+
+def test_the_boot_is_measured_before_the_agent_and_mark_good_run() -> None:
+    """The agent's first check-in of a boot must carry this boot's measurement (ADR 0038);
+    the unit needs no network and writes only the device directory."""
+    measure = _unit("otaguard-measure-boot.service")
+    assert measure["Unit"]["Before"].split() == [
+        "otaguard-agent.service",
+        "otaguard-mark-good.service",
+    ]
+    assert measure["Service"]["ExecStart"].endswith(" measure-boot")
+    assert measure["Service"]["PrivateNetwork"] == "yes"
+    assert measure["Service"]["ReadWritePaths"] == "/var/lib/otaguard"
 
 
 def _enabled_boot(tmp_path: Path, text_edit: tuple[str, str] | None = None) -> str:
@@ -96,6 +118,7 @@ def _enabled_boot(tmp_path: Path, text_edit: tuple[str, str] | None = None) -> s
     _installed(tmp_path, text_edit)
     for target, unit in (
         ("multi-user.target.wants", "otaguard-mark-good.service"),
+        ("multi-user.target.wants", "otaguard-measure-boot.service"),
         ("boot-complete.target.requires", "otaguard-health-example.service"),
     ):
         (tmp_path / target).mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Final
 
 import pytest
 
-__all__ = ["BOARD_DIR", "Board", "Boot", "require_board"]
+__all__ = ["BOARD_DIR", "STATUS_SCRIPT", "Board", "Boot", "require_board", "status_json"]
 
 REPO: Final = Path(__file__).resolve().parents[2]
 BOARD_DIR: Final = Path(os.environ.get("OTAGUARD_VBOARD_DIR", REPO / ".cache" / "vboard"))
@@ -168,9 +168,16 @@ class Board:
         return boot
 
 
+#: the control-script lines that print the agent's status between two markers
+STATUS_SCRIPT: Final = (
+    f"echo STATUS-BEGIN\notaguard agent --json {DEVICE_DIR} status\necho STATUS-END\n"
+)
+
+
 def status_json(text: str) -> dict[str, object]:
-    """The JSON object ``otaguard agent DIR status --json`` printed among other lines."""
-    start, end = text.find("{"), text.rfind("}")
-    assert start >= 0 < end, f"no JSON in:\n{text}"
-    parsed: dict[str, object] = json.loads(text[start : end + 1])
+    """The JSON object ``STATUS_SCRIPT`` printed, among the script's other lines."""
+    lines = text.splitlines()
+    assert "STATUS-BEGIN" in lines and "STATUS-END" in lines, f"no status in:\n{text}"
+    body = lines[lines.index("STATUS-BEGIN") + 1 : lines.index("STATUS-END")]
+    parsed: dict[str, object] = json.loads("\n".join(body))
     return parsed

@@ -7,10 +7,12 @@
      "attempts": 3}
     {"type": "uboot-mender", "env": [...], "parts": {"A": 2, "B": 3}}
 
-plus, for any type: ``cmdline`` (default ``/proc/cmdline``), ``reboot_command`` (an argv
-list, default ``["systemctl", "reboot"]``) and ``virtual`` (development and tests: a reboot
-runs the boot script's rules on the environment in-process, :mod:`.vboot`, and writes
-``cmdline``; it warns on every use). ``env`` copies are ``[path, offset, size]`` as in
+plus, for any type: ``cmdline`` (default ``/proc/cmdline``), ``boot_id`` (the current
+boot's identifier, default ``/proc/sys/kernel/random/boot_id``; on a virtual board a file
+beside ``cmdline`` that each power-on rewrites), ``reboot_command`` (an argv list, default
+``["systemctl", "reboot"]``) and ``virtual`` (development and tests: a reboot runs the boot
+script's rules on the environment in-process, :mod:`.vboot`, and writes ``cmdline`` and
+``boot_id``; it warns on every use). ``env`` copies are ``[path, offset, size]`` as in
 ``fw_env.config``; two copies make a redundant environment.
 """
 
@@ -30,6 +32,7 @@ from otaguard.agent.bootloader import (
     UBootRauc,
 )
 from otaguard.agent.envblock import GrubEnvFile, UBootEnv, UBootEnvCopy
+from otaguard.agent.self_measure import BOOT_ID
 from otaguard.agent.slots import SLOTS
 from otaguard.agent.vboot import boot_grub_rauc, boot_uboot_mender, boot_uboot_rauc
 from otaguard.model.errors import ConfigError
@@ -38,7 +41,16 @@ __all__ = ["BOOTLOADER_TYPES", "DEFAULT_REBOOT", "BootloaderSpec"]
 
 BOOTLOADER_TYPES: Final = ("grub", "uboot", "uboot-mender")
 DEFAULT_REBOOT: Final = ("systemctl", "reboot")
-_KEYS: Final = {"type", "env", "attempts", "parts", "cmdline", "reboot_command", "virtual"}
+_KEYS: Final = {
+    "type",
+    "env",
+    "attempts",
+    "parts",
+    "cmdline",
+    "boot_id",
+    "reboot_command",
+    "virtual",
+}
 
 
 def _err(key: str, why: str) -> ConfigError:
@@ -55,6 +67,8 @@ class BootloaderSpec:
     attempts: int
     parts: Mapping[str, int]
     cmdline: Path
+    #: the file holding the current boot's identifier (:mod:`.self_measure`)
+    boot_id: Path
     reboot_command: tuple[str, ...]
     virtual: bool
 
@@ -100,6 +114,11 @@ class BootloaderSpec:
         virtual = raw.get("virtual", False)
         if not isinstance(virtual, bool):
             raise _err("virtual", "must be true or false")
+        # A virtual board has no kernel of its own: its power-on writes the boot id.
+        default_boot_id = Path(cmdline).parent / "boot_id" if virtual else BOOT_ID
+        boot_id = raw.get("boot_id", str(default_boot_id))
+        if not isinstance(boot_id, str) or not boot_id.startswith("/"):
+            raise _err("boot_id", "must be an absolute path")
         return cls(
             type=kind,
             grubenv=grubenv,
@@ -107,6 +126,7 @@ class BootloaderSpec:
             attempts=attempts,
             parts=dict(parts),
             cmdline=Path(cmdline),
+            boot_id=Path(boot_id),
             reboot_command=tuple(reboot),
             virtual=virtual,
         )

@@ -309,7 +309,11 @@ def check_in(
         DeviceStorageError: the TPM failed.
     """
     base = config.server_url.rstrip("/")
-    tpm = TpmAttestor(config.tpm) if config.tpm is not None else None
+    # With a real bootloader nothing extends the boot PCR: the agent's own measurement is
+    # unattested (ADR 0038), so no attestation key and no quote; the TPM still holds the
+    # floor (and the key, if so configured).
+    attests = config.tpm is not None and config.bootloader is None
+    tpm = TpmAttestor(config.tpm) if attests and config.tpm is not None else None
     stored = read_next_nonce(paths, now=dt.datetime.now(dt.UTC))
     accepted: dict[str, Any] | None = None
     if stored is not None and (tpm is None or stored.attestation_key_registered):

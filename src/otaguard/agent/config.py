@@ -179,6 +179,11 @@ class DevicePaths:
         """What the (simulated) bootloader started; stands in for /proc/cmdline."""
         return self.root / "run" / "booted.json"
 
+    @property
+    def self_measured(self) -> Path:
+        """Which kernel boot the agent last measured itself, and what (ADR 0038)."""
+        return self.root / "run" / "self-measured.json"
+
 
 @dataclass(frozen=True)
 class DeviceConfig:

@@ -49,6 +49,7 @@ from otaguard.agent.identity import (
 from otaguard.agent.install import Action, HealthResult, InstallState, Phase
 from otaguard.agent.installer import Installer, ProgressFn, file_sha256
 from otaguard.agent.monotonic import FileMonotonicStore, Floor, MonotonicStore
+from otaguard.agent.self_measure import SelfMeasurement
 from otaguard.agent.slots import BootEnv, FileSlots, SlotBackend, SlotImage, other_slot
 from otaguard.agent.telemetry import build_report, note_boot, send_report
 from otaguard.agent.updater import Selection, TufSession, select_update
@@ -552,7 +553,11 @@ class Device:
 
     def _booted(self) -> BootRecord:
         if self.hardware is not None:
-            return self.hardware.record()
+            current = self.hardware.record()
+            # A real bootloader measured nothing: the check-in needs this boot's
+            # measurement, taken here if otaguard-measure-boot.service has not (ADR 0038).
+            self.hardware.measure(self.backend)
+            return current
         record = read_booted(self.paths)
         if record is not None:
             return record
@@ -604,12 +609,34 @@ class Device:
                     raise OperatorError("this device has a real bootloader: reboot it instead")
                 self.hardware.reboot()
                 record = self.hardware.record()
+                self.hardware.measure(self.backend)
             else:
                 record = boot(
                     self.paths, self.backend, floor=self.monotonic.read(), tpm=self.config.tpm
                 )
             note_boot(self.paths)  # a new boot session for telemetry (ADR 0026)
             return record
+
+    def measure_boot(self) -> SelfMeasurement:
+        """Measure the slot this kernel booted from, once per boot (ADR 0038).
+
+        For a bootloader that measures nothing (otaguard-measure-boot.service runs it
+        early in each boot): the booted slot, named by the kernel command line, hashed
+        over its recorded image length, logged as an unattested measurement for the
+        check-in. A boot already measured is not measured again.
+
+        Raises:
+            OperatorError: the device has the simulated bootloader (it measures itself).
+            ConfigError: no booted slot or no image recorded for it, or no boot id.
+            DeviceStorageError: the slot cannot be read, or the event log written.
+        """
+        with self._locked():
+            if self.hardware is None:
+                raise OperatorError(
+                    "measure-boot is for a real bootloader that does not measure; the "
+                    "simulated bootloader measures each boot itself"
+                )
+            return self.hardware.measure(self.backend)
 
     def status(self) -> DeviceStatus:
         """Read everything there is to show about the device."""
@@ -868,6 +895,7 @@ class Device:
                 if after.phase is not Phase.IDLE:
                     return MarkGoodResult("pending", booted.slot, booted.version, after.phase.value)
             self.hardware.bootloader.mark_good(booted.slot)
+            self.hardware.record()  # the boot record no longer says "trial"
             if finished is None:
                 return MarkGoodResult("confirmed", booted.slot, booted.version, "")
             return MarkGoodResult(

@@ -5,7 +5,9 @@ out of the loop: the booted slot comes from the kernel command line, the next sl
 the bootloader's environment (:mod:`.bootloader`), and a reboot is a real one (the
 install resumes when the agent or ``mark-good`` starts after it). ``bootenv.json`` stays
 as the record of what each slot holds (image, version, hash: RAUC's slot status file),
-which the agent reports and selects against.
+which the agent reports and selects against. Such a bootloader measures nothing: the
+agent measures the booted slot itself once per kernel boot (:meth:`HardwareBoot.measure`,
+ADR 0038), unattested.
 
 ``virtual`` runs the boot script's rules in-process instead of rebooting
 (:mod:`.vboot`): development and tests, warned on every reboot.
@@ -24,7 +26,13 @@ from otaguard.agent.boot import BootRecord
 from otaguard.agent.bootcfg import BootloaderSpec
 from otaguard.agent.bootloader import Bootloader, SlotState
 from otaguard.agent.config import DevicePaths
-from otaguard.agent.slots import BootEnv
+from otaguard.agent.self_measure import (
+    SelfMeasurement,
+    measure_booted_slot,
+    new_boot_id,
+    read_boot_id,
+)
+from otaguard.agent.slots import BootEnv, SlotBackend
 from otaguard.agent.vboot import VirtualBoard
 from otaguard.crypto.keys import warn_insecure
 from otaguard.model.errors import ConfigError, DeviceStorageError
@@ -84,6 +92,30 @@ class HardwareBoot:
             raise DeviceStorageError(f"cannot write {self.paths.booted}: {e.strerror}") from e
         return record
 
+    def boot_id(self) -> str:
+        """The current boot's identifier (a virtual board never powered on gets one).
+
+        Raises:
+            ConfigError: the boot id cannot be read.
+        """
+        if self.spec.virtual and not self.spec.boot_id.exists():
+            return new_boot_id(self.spec.boot_id)
+        return read_boot_id(self.spec.boot_id)
+
+    def measure(self, backend: SlotBackend) -> SelfMeasurement:
+        """Measure the booted slot if this boot has not been yet (:mod:`.self_measure`).
+
+        Raises:
+            ConfigError: no booted slot, no image recorded for it, or no boot id.
+            DeviceStorageError: the slot cannot be read, or the event log written.
+        """
+        return measure_booted_slot(
+            self.paths,
+            booted_slot=self.bootloader.booted_slot(),
+            backend=backend,
+            boot_id=self.boot_id(),
+        )
+
     def next_slot(self) -> str | None:
         """The slot the bootloader starts at the next boot."""
         return self.bootloader.primary()
@@ -97,7 +129,8 @@ class HardwareBoot:
         """
         if self.spec.virtual:
             warn_insecure("virtual bootloader: a reboot runs the boot script in-process")
-            slot = VirtualBoard(self.spec.boot_script(), self.spec.cmdline).power_on()
+            board = VirtualBoard(self.spec.boot_script(), self.spec.cmdline, self.spec.boot_id)
+            slot = board.power_on()
             logger.info("virtual board booted slot %s", slot)
             return
         argv = list(self.spec.reboot_command)

@@ -4,12 +4,14 @@ Each function is what the device's boot script does at power-on (RAUC's contrib/
 and contrib/grub.conf, U-Boot's bootcount with Mender's ``altbootcmd``), performed on the
 same environment file the agent's :mod:`.bootloader` backends and ``fw_setenv`` /
 ``grub-editenv`` edit. :class:`VirtualBoard` then "starts" the chosen slot by writing the
-kernel command line the backend reads (``rauc.slot=X``), so a failed boot, an exhausted
-slot and the fallback are exercised in milliseconds, with the real file formats.
+kernel command line the backend reads (``rauc.slot=X``) and a fresh boot id, so a failed
+boot, an exhausted slot and the fallback are exercised in milliseconds, with the real file
+formats.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +90,14 @@ class VirtualBoard:
 
     script: Callable[[], str | None]
     cmdline: Path
+    #: where the kernel's boot id would be: each power-on writes a fresh one
+    boot_id: Path | None = None
 
     def power_on(self) -> str | None:
         """Boot: run the script, "start" its slot. ``None``: no slot (rescue/reset)."""
         slot = self.script()
+        if self.boot_id is not None:
+            atomic_write_bytes(self.boot_id, f"{uuid.uuid4()}\n".encode())
         line = f"root=/dev/vda quiet rauc.slot={slot}\n" if slot else "rescue\n"
         atomic_write_bytes(self.cmdline, line.encode())
         return slot

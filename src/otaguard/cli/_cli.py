@@ -625,6 +625,8 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
         return _mark_good(dev)
     if a.action == "clear-rejected":
         return _clear_rejected(dev)
+    if a.action == "measure-boot":
+        return _measure_boot(dev, json_out=a.json)
     if a.action == "status":
         return _agent_status(dev, json_out=a.json)
     if a.action == "boot":
@@ -749,6 +751,35 @@ def _clear_rejected(dev: Any) -> int:
         out.print(f"forgot rolled-back image sha256 {sha}", markup=False)
     out.print(f"{len(cleared)} rolled-back image(s) may be selected again", markup=False)
     return 0
+
+
+def _measure_boot(dev: Any, *, json_out: bool) -> int:
+    """``agent measure-boot``: measure the booted slot once per boot (unattested).
+
+    Exit 1 when the slot does not hold what was written to it: the measurement is logged
+    all the same (the server quarantines the device at its next check-in).
+    """
+    m = dev.measure_boot()
+    if json_out:
+        emit_json(
+            {
+                "boot_id": m.boot_id,
+                "slot": m.slot,
+                "sha256": m.sha256,
+                "recorded_sha256": m.recorded,
+                "matches": m.matches,
+                "fresh": m.fresh,
+                "attested": False,
+            }
+        )
+    elif m.fresh:
+        out.print(f"measured slot {m.slot} (unattested): sha256 {m.sha256}", markup=False)
+    else:
+        out.print(f"boot {m.boot_id} already measured: slot {m.slot} {m.sha256}", markup=False)
+    # A fresh mismatch was logged as a warning when measured; exit 1 says it again.
+    if not m.matches and not m.fresh:
+        err.print(f"slot {m.slot} does not hold what was written to it", markup=False)
+    return 0 if m.matches else 1
 
 
 def _mark_good(dev: Any) -> int:
@@ -1323,10 +1354,22 @@ def _parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative
     )
     ag.add_argument(
         "action",
-        choices=("check", "update", "run", "status", "boot", "mark-good", "clear-rejected"),
-        help="mark-good: confirm the running slot to the bootloader, committing an install "
-        "that waited for this boot (otaguard-mark-good.service); clear-rejected: forget "
-        "the images rolled back here so they may be selected again",
+        choices=(
+            "check",
+            "update",
+            "run",
+            "status",
+            "boot",
+            "measure-boot",
+            "mark-good",
+            "clear-rejected",
+        ),
+        help="measure-boot: hash the booted slot once per boot and log it as an unattested "
+        "boot measurement, for a bootloader that measures nothing "
+        "(otaguard-measure-boot.service); mark-good: confirm the running slot to the "
+        "bootloader, committing an install that waited for this boot "
+        "(otaguard-mark-good.service); clear-rejected: forget the images rolled back here "
+        "so they may be selected again",
     )
     add_json_option(ag)
     _config_option(ag, "agent.toml")
