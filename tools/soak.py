@@ -9,6 +9,7 @@ Prints a progress line per round and, last, one summary line:
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import warnings
@@ -25,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--work-dir", type=Path, help="kept afterwards (default: a temporary one)")
+    p.add_argument(
+        "--work-dir", type=Path,
+        help="new or empty; kept afterwards (default: a temporary one, kept if a run failed)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     # The soak's devices have development file keys and no director root: each install
     # would warn twice. Said once here instead.
@@ -36,16 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.runs} runs, {r.safe} safe, {r.releases} releases, {r.elapsed:.0f} s",
               flush=True)  # fmt: skip
 
+    work = a.work_dir or Path(tempfile.mkdtemp(prefix="otaguard-soak-"))
     try:
-        with tempfile.TemporaryDirectory(prefix="otaguard-soak-") as tmp:
-            settings = SoakSettings(
-                runs=a.runs, seed=a.seed, devices=a.devices, workers=a.workers,
-                work_dir=a.work_dir or Path(tmp) / "soak",
-            )  # fmt: skip
-            report = run_soak(settings, progress=show)
+        settings = SoakSettings(
+            runs=a.runs, seed=a.seed, devices=a.devices, workers=a.workers, work_dir=work
+        )
+        report = run_soak(settings, progress=show)
     except OtaguardError as e:
         print(f"soak: cannot run: {e}", file=sys.stderr)
         return 2
+    if report.ok and a.work_dir is None:
+        shutil.rmtree(work)
+    elif not report.ok:
+        print(f"the devices, the server's data and its log are in {work}")
     for failure in report.failures:
         print(f"UNSAFE {failure}")
     print(report.line())

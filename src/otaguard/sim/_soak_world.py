@@ -16,6 +16,7 @@ every target and check it against the signed length and hashes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -120,7 +121,7 @@ class ServerProcess:
 
     def _start(self) -> None:
         self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+        self._proc = subprocess.Popen(
             [sys.executable, "-m", "otaguard", "server", "--data", str(self.data_dir),
              "--repo", str(self.repo_dir), "--port", str(self.port)],
             env=agent_env(), stdin=subprocess.DEVNULL, stdout=self._log,
@@ -173,10 +174,8 @@ class ServerProcess:
             self.up.clear()
             if self._proc is not None and self._proc.poll() is None:
                 os.killpg(self._proc.pid, signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    pass
             self._kill()
 
 
@@ -289,9 +288,7 @@ class RepositoryAudit:
 
     def _get(self, path: str, cap: int) -> bytes | None:
         try:
-            resp = self._http.request(
-                "GET", self._server.base_url + path, preload_content=False
-            )
+            resp = self._http.request("GET", self._server.base_url + path, preload_content=False)
             try:
                 if resp.status == 404:
                     return None

@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -382,7 +381,7 @@ class _Soak:
 def _agent(device_dir: Path, action: str) -> subprocess.Popen[bytes]:
     """``otaguard agent DIR ACTION`` in a process group of its own (its health check
     child dies with it, as everything does in a power cut)."""
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+    return subprocess.Popen(
         [sys.executable, "-m", "otaguard", "agent", str(device_dir), action],
         env=agent_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True,
@@ -441,26 +440,33 @@ def _cut_at(dev: Device, version: str) -> str:
 def _plan(settings: SoakSettings) -> list[_Plan]:
     """Which device each run uses, which are server kills, where each cut falls."""
     rng = random.Random(settings.seed)  # noqa: S311 - a reproducible test plan
-    server_runs = set(rng.sample(range(settings.runs), settings.runs // settings.server_kill_one_in))
+    kills = settings.runs // settings.server_kill_one_in
+    server_runs = set(rng.sample(range(settings.runs), kills))
     return [
-        _Plan(i, i % settings.devices, i in server_runs, rng.randrange(FROM_START_ONE_IN) > 0,
-              rng.random())  # fmt: skip
+        _Plan(
+            index=i,
+            device=i % settings.devices,
+            server_kill=i in server_runs,
+            in_install=rng.randrange(FROM_START_ONE_IN) > 0,
+            at=rng.random(),
+        )
         for i in range(settings.runs)
     ]
 
 
 def run_soak(settings: SoakSettings, *, progress: ProgressFn | None = None) -> SoakReport:
-    """Run the soak in ``settings.work_dir`` (created; emptied first if it exists).
+    """Run the soak in ``settings.work_dir`` (new or empty; left for inspection).
 
     Raises:
+        OperatorError: the work directory is not empty.
         OtaguardError: the soak's world could not be set up (a run's failure is counted,
             never raised).
     """
     t0 = time.monotonic()
     work = settings.work_dir
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    if work.exists() and any(work.iterdir()):
+        raise OperatorError(f"{work} is not empty: give the soak a new or empty directory")
+    work.mkdir(parents=True, exist_ok=True)
     repo, data_dir = SoakRepository.create(
         work, image_size=settings.image_bytes, seed=settings.seed
     )
