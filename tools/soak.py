@@ -9,6 +9,7 @@ Prints a progress line per round and, last, one summary line:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import shutil
 import sys
 import tempfile
@@ -31,12 +32,23 @@ def main(argv: list[str] | None = None) -> int:
         help="new or empty; kept afterwards (default: a temporary one, kept if a run failed)",
     )  # fmt: skip
     a = p.parse_args(argv)
+    # a crash of the driver (it runs devices' updates in threads) shows every thread's stack
+    faulthandler.enable()
     # The soak's devices have development file keys and no director root: each install
     # would warn twice. Said once here instead.
     print("soak: devices with development file keys and no director (warned once here)")
     warnings.filterwarnings("ignore", category=InsecureModeWarning)
 
+    shown = 0
+
+    def failures(r: SoakReport) -> None:
+        nonlocal shown
+        for failure in r.failures[shown:]:
+            print(f"UNSAFE {failure}", flush=True)
+        shown = len(r.failures)
+
     def show(r: SoakReport) -> None:
+        failures(r)
         print(f"  {r.runs} runs, {r.safe} safe, {r.releases} releases, {r.elapsed:.0f} s",
               flush=True)  # fmt: skip
 
@@ -53,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     elif not report.ok:
         print(f"the devices, the server's data and its log are in {work}")
-    for failure in report.failures:
-        print(f"UNSAFE {failure}")
+    failures(report)
     print(report.line())
     return 0 if report.ok else 1
 

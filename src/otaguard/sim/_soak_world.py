@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import json
 import logging
 import os
 import random
@@ -275,6 +274,8 @@ class RepositoryAudit:
         self._server = server
         self.highest_timestamp = 0
         self.highest_snapshot = 0
+        #: chains verified
+        self.checks = 0
         self._http = urllib3.PoolManager(
             ca_certs=str(server.ca_cert),
             timeout=AUDIT_TIMEOUT_S,
@@ -338,6 +339,7 @@ class RepositoryAudit:
                 f"before), snapshot {sn} (served {self.highest_snapshot} before)"
             )
         self.highest_timestamp, self.highest_snapshot = ts, sn
+        self.checks += 1
         return AuditResult(ts, sn, tms.targets.version, dict(tms.targets.targets))
 
     def wait_targets(self, version: int) -> AuditResult:
@@ -394,6 +396,6 @@ def sha256_prefix(path: Path, length: int) -> str:
     return h.hexdigest()
 
 
-def error_line(e: OtaguardError | json.JSONDecodeError | OSError) -> str:
+def error_line(e: OtaguardError | OSError) -> str:
     """One line naming an error and its kind."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"

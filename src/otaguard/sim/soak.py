@@ -97,6 +97,13 @@ FROM_START_ONE_IN: Final = 4
 CUT_WINDOW_SLACK: Final = 1.1
 
 
+#: held while this process holds a device's lock (its in-process boot and update) and
+#: while it starts an agent: a child between fork and exec holds a copy of every open
+#: descriptor, a device's lock among them, so an agent started while another device's
+#: update runs here could find that device "in use by another agent"
+_FORK_LOCK: Final = threading.Lock()
+
+
 @dataclass(frozen=True, kw_only=True)
 class SoakSettings:
     """How long and how wide the soak runs; ``seed`` makes its plan reproducible."""
@@ -141,6 +148,8 @@ class RunOutcome:
 class SoakReport:
     """The counts of a soak."""
 
+    #: runs the soak was to make (fewer are made if a release cannot be served)
+    planned: int = 0
     runs: int = 0
     safe: int = 0
     agent_kills: int = 0
@@ -150,6 +159,8 @@ class SoakReport:
     cut_at: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     releases: int = 0
+    #: chains verified from the offline root by a fresh client (each publication, each
+    #: server kill, the end)
     audits: int = 0
     blobs_checked: int = 0
     failures: list[str] = field(default_factory=list)
@@ -173,14 +184,14 @@ class SoakReport:
 
     @property
     def ok(self) -> bool:
-        """Every run ended safe."""
-        return self.safe == self.runs and not self.failures
+        """Every planned run was made and ended safe."""
+        return self.safe == self.runs == self.planned and not self.failures
 
     def line(self) -> str:
         """The one-line summary."""
         where = ", ".join(f"{k} {n}" for k, n in sorted(self.cut_at.items()))
         return (
-            f"soak: {self.safe}/{self.runs} safe ({self.agent_kills} agent kills, "
+            f"soak: {self.safe}/{self.planned} safe ({self.agent_kills} agent kills, "
             f"{self.server_kills} server kills, {self.finished_before_cut} agents done before "
             f"the cut; cut at: {where}; {self.retries} retries while the server was away; "
             f"{self.releases} releases, {self.audits} repository audits, "
@@ -299,26 +310,29 @@ class _Soak:
             problem = self._check_device(dev, self.repo.images[version])
             if problem is None and plan.server_kill:
                 problem = self._check_repository()
-        except OtaguardError as e:
+        except (OtaguardError, OSError) as e:  # the device's files unreadable: unsafe too
             problem = error_line(e)
         return RunOutcome(plan.index, name, version, plan.server_kill, killed, cut_at, retries,
                           problem)  # fmt: skip
 
     def _finish(self, dev: Device) -> int:
         """Power on, then update until the install ends; returns the retries needed."""
-        dev.boot()
+        with _FORK_LOCK:
+            dev.boot()
         retries = 0
         for _ in range(MAX_RESUME_ATTEMPTS):
             if not self.server.up.wait(timeout=AGENT_TIMEOUT_S):
                 raise TransportError("the server did not come back")
             try:
-                result = dev.update()
+                with _FORK_LOCK:
+                    result = dev.update()
             except TransportError:
                 retries += 1
                 time.sleep(0.2)
                 continue
             if result.outcome == "rebooting":
-                dev.boot()
+                with _FORK_LOCK:
+                    dev.boot()
                 continue
             if result.outcome not in ("updated", "up-to-date"):
                 raise OtaguardError(f"the install ended {result.outcome}: {result.detail}")
@@ -372,7 +386,7 @@ class _Soak:
         """The end: the chain from the offline root, and every served blob."""
         with self._audit_lock:
             result = self.audit.check()
-            report.audits += 1
+            report.audits = self.audit.checks
             report.blobs_checked = self.audit.check_blobs(result)
         if result.targets != self.repo.repo.latest_version("targets"):
             report.failures.append(f"the server serves targets {result.targets} at the end")
@@ -381,11 +395,12 @@ class _Soak:
 def _agent(device_dir: Path, action: str) -> subprocess.Popen[bytes]:
     """``otaguard agent DIR ACTION`` in a process group of its own (its health check
     child dies with it, as everything does in a power cut)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "otaguard", "agent", str(device_dir), action],
-        env=agent_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    with _FORK_LOCK:
+        return subprocess.Popen(
+            [sys.executable, "-m", "otaguard", "agent", str(device_dir), action],
+            env=agent_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
 
 
 def _mtime(path: Path) -> int:
@@ -476,7 +491,7 @@ def run_soak(settings: SoakSettings, *, progress: ProgressFn | None = None) -> S
     )
     server.start()
     soak = _Soak(settings, server, repo)
-    report = SoakReport()
+    report = SoakReport(planned=settings.runs)
     try:
         soak.audit.wait_targets(repo.repo.latest_version("targets"))
         for i in range(settings.devices):
@@ -488,7 +503,11 @@ def run_soak(settings: SoakSettings, *, progress: ProgressFn | None = None) -> S
         with ThreadPoolExecutor(max_workers=settings.workers) as pool:
             for r, start in enumerate(range(0, len(plans), settings.devices), start=1):
                 version = _version(r)
-                soak.publish(version)
+                try:
+                    soak.publish(version)
+                except OtaguardError as e:  # the server no longer serves what is published
+                    report.failures.append(f"release {version}: {error_line(e)}")
+                    break
                 report.releases = r + 1
                 if r == 1:
                     soak.calibrate(version)
@@ -496,6 +515,7 @@ def run_soak(settings: SoakSettings, *, progress: ProgressFn | None = None) -> S
                 for run in pool.map(lambda p, v=version: soak.run(p, v), batch):
                     report.add(run)
                 report.elapsed = time.monotonic() - t0
+                report.audits = soak.audit.checks
                 if progress is not None:
                     progress(report)
         soak.audit_all(report)
