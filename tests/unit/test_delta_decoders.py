@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import lzma
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from otaguard.delta import CompressedImageError, DeltaError, apply_delta, decomp
 from otaguard.delta.apply import LZMA_MEMLIMIT, MAX_IDLE_STEPS, MAX_VARINT_BYTES
 from otaguard.delta.build import build_delta, compress_zstd
 from otaguard.delta.transforms import DeltaTransform, ZstdTransform
-from otaguard.delta.zstd import MAX_WINDOW_SIZE, WRITE_SIZE
+from otaguard.delta.zstd import MAX_WINDOW_SIZE, WRITE_SIZE, _ChunkReader
 
 SIZE = 256 * 1024
 
@@ -198,6 +200,36 @@ def test_compressed_image_decodes_in_bounded_pieces(
     assert n == image.stat().st_size
     assert b"".join(out) == image.read_bytes()
     assert max(len(b) for b in out) <= WRITE_SIZE
+
+
+#: a child decoding a 1 MiB blob handed over in one piece, as one network read delivers it
+_ONE_BIG_CHUNK = """
+import random, zstandard
+from otaguard.delta.zstd import decode_zstd
+image = random.Random(1).randbytes(1 << 20)
+blob = zstandard.ZstdCompressor().compress(image)
+assert len(blob) > 1 << 19
+out = b"".join(decode_zstd([blob], image_length=len(image)))
+print("decoded" if out == image else "wrong bytes")
+"""
+
+
+def test_a_chunk_larger_than_the_decoder_asks_for_does_not_overflow_it() -> None:
+    """Found by the soak: chunks were handed to python-zstandard's C decoder whole, and a
+    chunk longer than its 128 KiB read buffer corrupted the heap (the process died with
+    "double free or corruption" or a segfault). In a child: a regression must fail this
+    test, not kill the test run."""
+    child = subprocess.run(
+        [sys.executable, "-c", _ONE_BIG_CHUNK], capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert (child.returncode, child.stdout.strip()) == (0, "decoded"), child
+
+
+def test_the_reader_hands_out_at_most_what_is_asked() -> None:
+    reader = _ChunkReader([b"a" * 300, b"", b"b" * 5])
+    got = [reader.read(128), reader.read(128), reader.read(128), reader.read(128), reader.read(9)]
+    assert got == [b"a" * 128, b"a" * 128, b"a" * 44, b"b" * 5, b""]
 
 
 def test_compression_bomb_is_refused_at_the_declared_length() -> None:

@@ -45,13 +45,30 @@ class CompressedImageError(VerificationError):
 
 
 class _ChunkReader:
-    """The compressed chunks as the ``read()`` the decoder pulls from."""
+    """The compressed chunks as the ``read(size)`` the decoder pulls from.
+
+    ``read`` returns at most ``size`` bytes, keeping the rest of a chunk for the next call:
+    python-zstandard's C decoder reads into a buffer of the size it asks for, and a longer
+    answer overflowed it (a network read of 1 MiB into its 128 KiB buffer: heap corruption,
+    found by the soak, ``tests/unit/test_delta_decoders.py``).
+    """
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._it: Iterator[bytes] = iter(chunks)
+        self._pending = memoryview(b"")
 
-    def read(self, _size: int = -1) -> bytes:
-        return next(self._it, b"")
+    def read(self, size: int = -1) -> bytes:
+        """The next at most ``size`` bytes (all that is pending if ``size`` < 0); ``b""``
+        at the end."""
+        while not self._pending:
+            chunk = next(self._it, None)
+            if chunk is None:
+                return b""
+            self._pending = memoryview(chunk)
+        n = len(self._pending) if size < 0 else min(size, len(self._pending))
+        out = bytes(self._pending[:n])
+        self._pending = self._pending[n:]
+        return out
 
 
 def decode_zstd(
