@@ -242,7 +242,18 @@ def audit_router(auth: OperatorAuth, audit: AuditStore) -> APIRouter:
     """``GET /api/v1/audit``: the audit log, a page at a time, oldest first."""
     router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
-    @router.get("", summary="Audit log entries", **role_route(auth, Role.VIEWER))
+    viewer = role_route(auth, Role.VIEWER)
+
+    @router.get(
+        "",
+        summary="Audit log entries",
+        dependencies=viewer["dependencies"],
+        openapi_extra=viewer["openapi_extra"],
+        responses={
+            **viewer["responses"],
+            400: {"model": ErrorBody, "description": "since names no calendar day (Feb 30)"},
+        },
+    )
     def entries(
         after: Annotated[int, Query(ge=0, le=2**62, description="entries after this seq")] = 0,
         since: Annotated[
