@@ -45,8 +45,7 @@ def _schemathesis() -> str:
 @pytest.fixture
 def live(tmp_path: Path) -> World:
     """A server with a director and a published release, over TLS."""
-    w = start_world(tmp_path, director=True)
-    return w
+    return start_world(tmp_path, director=True)
 
 
 def _run(world: World, env: dict[str, str], tags: tuple[str, ...], *, include: bool) -> str:

@@ -325,6 +325,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)  # noqa: S101
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
+        if first.get("type") == "string_pattern_mismatch":
+            # the pattern itself is in /openapi.json; a regex is no message for a person
+            shown = str(first.get("input", ""))[:80]
+            return _error(422, f"invalid request: {where}: {shown!r} is not of the form the "
+                          "API schema gives for it (see /openapi.json)")  # fmt: skip
         return _error(422, f"invalid request: {where}: {first.get('msg', 'invalid')}")
 
     app.add_exception_handler(OtaguardError, otaguard_error)

@@ -289,7 +289,9 @@ class NewOperatorRequest(StrictRequest):
     """A named operator token to make."""
 
     name: str = Field(pattern=f"^{OPERATOR_NAME_PATTERN}$", max_length=64)
-    role: Role
+    # FastAPI validates the parsed body as Python data, where strict mode wants a Role
+    # instance: the enum takes its JSON string (and only one of its values) here.
+    role: Role = Field(strict=False)
 
 
 class NewOperatorBody(BaseModel):
