@@ -12,6 +12,7 @@ running server to it, ``tests/integration/test_schemathesis.py``):
 * 400 on every operation with a JSON body (FastAPI's answer to one that does not parse);
 * 409 on every audited (state-changing) operator action: a revoked device, a taken
   name, the built-in group, a concurrent change;
+* 403 on every device route (the gate refuses a quarantined or revoked device);
 * 401 and 403 on every operation that needs an operator token;
 * 503 (storage failed or not ready, with ``Retry-After``) on every operation that reads
   the database or the blob store.
@@ -80,6 +81,9 @@ def finish_schema(schema: dict[str, Any]) -> dict[str, Any]:
             if "x-audit-action" in op:
                 # every state-changing operator action meets the state it changes
                 responses.setdefault("409", _error("The current state forbids it (reason given)"))
+            if {"device", "repository"} & set(op.get("tags", ())):
+                # the device gate on every request: quarantined, revoked, unknown certificate
+                responses.setdefault("403", _error("Device refused (reason given)"))
             if _needs_token(op):
                 responses.setdefault("401", _error("Operator token missing, wrong or revoked"))
                 responses.setdefault("403", _error("The token's role is too low for this"))

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from otaguard.model.errors import OperatorError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
-from otaguard.server._api import StrictRequest
+from otaguard.server._api import ErrorBody, StrictRequest
 from otaguard.server.audit import role_route
 from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.fleet import DeviceBody
@@ -259,7 +259,18 @@ def inventory_router(
     serial_param = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
     group_param = PathParam(description="group name", pattern=f"^{GROUP_NAME_PATTERN}$")
 
-    @devices.get("", summary="List devices", **role_route(auth, Role.VIEWER))
+    viewer = role_route(auth, Role.VIEWER)
+
+    @devices.get(
+        "",
+        summary="List devices",
+        dependencies=viewer["dependencies"],
+        openapi_extra=viewer["openapi_extra"],
+        responses={
+            **viewer["responses"],
+            404: {"model": ErrorBody, "description": "No group of that name"},
+        },
+    )
     def list_devices(
         group: Annotated[str | None, Query(pattern=f"^{GROUP_NAME_PATTERN}$")] = None,
         where: Annotated[
