@@ -187,7 +187,7 @@ def test_alerts_list_and_ack_with_roles_and_audit(
     assert status == 200
     entries = [e for e in json.loads(data) if e["action"] == "alert.ack"]
     assert sorted((e["actor"], e["target"], e["result"].split(":")[0]) for e in entries) == [
-        ("oncall", "1", "ok"), ("oncall", "999999", "refused 400"),
+        ("oncall", "1", "ok"), ("oncall", "999999", "refused 404"),
         ("watcher", "1", "refused 403"),
     ]  # fmt: skip
 

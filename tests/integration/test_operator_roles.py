@@ -293,7 +293,7 @@ def test_bootstrap_token_file_and_local_operator_commands(
         (["server", "operator", "add", "x", "--role", "admin", "--data", str(ops.world.tmp)], "not a server data directory"),
         (["server", "operator", "add", "viewer-1", "--role", "admin", "--data", data], "name taken"),
         (["server", "operator", "revoke", "nobody", "--data", data], "not found: no operator named 'nobody'"),
-        (["operator", "add", "Bad!", "--role", "viewer", *ops.opts("admin")], "body.name: String should match pattern"),
+        (["operator", "add", "Bad!", "--role", "viewer", *ops.opts("admin")], "body.name: 'Bad!' is not of the form"),
     ):  # fmt: skip
         code, _, err = run(capsys, argv)
         assert code == 2, (argv, err)

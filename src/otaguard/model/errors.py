@@ -25,6 +25,8 @@ Hierarchy (exit code of the CLI in brackets)::
     │   ├── KeyAccessError        a private key cannot be unlocked (wrong passphrase)
     │   ├── UnknownDeviceError    the fleet registry has no device with that serial
     │   ├── DeviceExistsError     the serial is already registered
+    │   ├── StateConflictError    well formed, but the resource's state forbids it
+    │   │                         (a revoked device, the built-in group, a limit)
     │   └── NotEnrolledError      the device has no certificate yet (run device enroll)
     └── StorageError        [5]   our own storage failed underneath us
         ├── DeviceStorageError    the device's (disk full, unwritable slot)
@@ -56,6 +58,7 @@ __all__ = [
     "OtaguardError",
     "RetryLaterError",
     "ServerStorageError",
+    "StateConflictError",
     "StopRequestedError",
     "StorageError",
     "TransportError",
@@ -223,6 +226,15 @@ class DeviceExistsError(OperatorError):
     @property
     def kind(self) -> str:
         return "device exists"
+
+
+class StateConflictError(OperatorError):
+    """The request is well formed, but the state of what it names forbids it (HTTP 409):
+    a revoked device, the built-in group, an operator already revoked, a limit reached."""
+
+    @property
+    def kind(self) -> str:
+        return "conflict"
 
 
 class NotEnrolledError(OperatorError):

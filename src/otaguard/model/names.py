@@ -25,7 +25,9 @@ __all__ = [
 
 # One path component: must start with a letter or digit, so ".", ".." and hidden temp
 # files (".x.tmp") never match; no "/", "%", "+" or spaces (URL- and shell-safe as is).
-MAX_TARGET_NAME: Final = 200
+# 190: the server stores a target as "<64 hex digits>.<name>", one file name, and file
+# systems cap a name at 255 bytes (NAME_MAX): 65 + 190 = 255.
+MAX_TARGET_NAME: Final = 190
 TARGET_NAME_PATTERN: Final = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TARGET_NAME - 1}}}"
 # Hardware ids are product identifiers such as "gw-v1" or "acme:gateway.2".
 MAX_HARDWARE_ID: Final = 128

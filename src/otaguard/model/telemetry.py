@@ -42,6 +42,7 @@ __all__ = [
     "hint_topic",
     "parse_telemetry",
     "serial_of_topic",
+    "telemetry_json_schema",
     "telemetry_topic",
 ]
 
@@ -92,6 +93,37 @@ _KEYS: Final = frozenset(
     }
 )
 _INSTALL_KEYS: Final = frozenset({"result", "version", "duration_s"})
+
+
+def telemetry_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a telemetry document: what :func:`parse_telemetry` accepts,
+    except that ``serial`` must also be the sender's own (a rule of the transport)."""
+    text = {"type": "string", "pattern": "^[\\x20-\\x7e]*$", "maxLength": MAX_TEXT_CHARS}
+    counter = {"type": "integer", "minimum": 0, "maximum": MAX_COUNTER}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": sorted(_KEYS),
+        "properties": {
+            "schema": {"const": TELEMETRY_SCHEMA},
+            "serial": {"type": "string", "pattern": f"^{DEVICE_SERIAL_PATTERN}$"},
+            "time": text,
+            "boot_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "running_version": text,
+            "attestation": {"enum": sorted(ATTESTATION_RESULTS)},
+            "last_install": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": sorted(_INSTALL_KEYS),
+                "properties": {
+                    "result": {"enum": sorted(INSTALL_RESULTS)},
+                    "version": text,
+                    "duration_s": {"type": "number", "minimum": 0, "maximum": MAX_INSTALL_SECONDS},
+                },
+            },
+            **{key: counter for key in _COUNTERS},
+        },
+    }
 
 
 #: MQTT topics: ``otaguard/v1/devices/<serial>/telemetry`` (the device publishes) and

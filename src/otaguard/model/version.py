@@ -5,17 +5,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import total_ordering
+from typing import Final
 
-__all__ = ["Version"]
+__all__ = ["MAX_VERSION_LENGTH", "VERSION_PATTERN", "Version"]
 
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+# ASCII digits only (Python's \d also matches other scripts' digits), and the pattern is
+# what the server's OpenAPI schema states for version fields (ECMA 262 reads it the same).
+VERSION_PATTERN: Final = (
+    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(?:-((?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)"
+    r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+_SEMVER = re.compile(VERSION_PATTERN)
 # Versions are compared component-wise; bound their size so a hostile string cannot
 # make comparisons expensive.
-MAX_VERSION_LENGTH = 64
+MAX_VERSION_LENGTH: Final = 64
 
 
 @total_ordering
@@ -37,7 +42,7 @@ class Version:
         """
         if not isinstance(text, str) or len(text) > MAX_VERSION_LENGTH:
             raise ValueError(f"invalid version {text!r}: expected X.Y.Z")
-        m = _SEMVER.match(text)
+        m = _SEMVER.fullmatch(text)
         if not m:
             raise ValueError(f"invalid version {text!r}: expected X.Y.Z")
         pre = tuple(m.group(4).split(".")) if m.group(4) else ()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from otaguard.model.errors import (
     AccessDeniedError,
@@ -12,12 +14,27 @@ from otaguard.model.errors import (
     OperatorError,
     OtaguardError,
     ServerStorageError,
+    StateConflictError,
     TransportError,
     UnknownDeviceError,
     VerificationError,
 )
 
-__all__ = ["ErrorBody", "status_for"]
+__all__ = ["RFC3339_PATTERN", "ErrorBody", "StrictRequest", "status_for"]
+
+#: an RFC 3339 time with its offset, as a query parameter states it (ASCII digits only)
+RFC3339_PATTERN: Final = (
+    r"^(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+
+
+class StrictRequest(BaseModel):
+    """A request body that accepts exactly what its schema says: no coercion of ``0`` to
+    ``false``, ``false`` to ``0`` or ``"1"`` to ``1`` (schemathesis holds the server to
+    it: a schema-invalid request must be refused)."""
+
+    model_config = ConfigDict(strict=True)
 
 
 class ErrorBody(BaseModel):
@@ -32,7 +49,7 @@ def status_for(error: OtaguardError) -> int:  # noqa: PLR0911 - one status per f
         return 403
     if isinstance(error, UnknownDeviceError):
         return 404
-    if isinstance(error, DeviceExistsError):
+    if isinstance(error, (DeviceExistsError, StateConflictError)):
         return 409
     if isinstance(error, VerificationError):
         return 422

@@ -51,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from otaguard import __version__
 from otaguard.crypto.device_ca import DEVICE_CA_DIR, DeviceCA
@@ -62,8 +63,15 @@ from otaguard.model.errors import (
     OtaguardError,
     ServerStorageError,
 )
-from otaguard.server._api import ErrorBody, status_for
-from otaguard.server._names import parse_blob_name
+from otaguard.server._api import ErrorBody, StrictRequest, status_for
+from otaguard.server._names import (
+    BLOB_NAME_PATTERN,
+    MAX_BLOB_NAME,
+    MAX_METADATA_NAME,
+    METADATA_NAME_PATTERN,
+    parse_blob_name,
+)
+from otaguard.server._openapi import install_schema
 from otaguard.server._repo_dir import refuse_private_keys
 from otaguard.server._signal import ChangeSignal
 from otaguard.server.audit import (
@@ -232,7 +240,7 @@ class BlobBody(BaseModel):
     sha256: str
 
 
-class PublishRequest(BaseModel):
+class PublishRequest(StrictRequest):
     """Signed metadata files to publish together."""
 
     metadata: dict[str, str] = Field(
@@ -261,7 +269,7 @@ class _Services:
 
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    404: {"model": ErrorBody, "description": "Unknown file"}
+    404: {"model": ErrorBody, "description": "Unknown file, or a name no file can have"}
 }
 _AUTH_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorBody, "description": "Operator token missing or wrong"},
@@ -272,7 +280,19 @@ _AUTH_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
-_TARGET_PARAM: Final = PathParam(description="<sha256 hex>.<target path>", max_length=300)
+# The path parameters state the names the server can answer (otaguard.server._names):
+# any other name is refused before it reaches a store.
+_TARGET_PARAM: Final = PathParam(
+    description="<sha256 hex>.<target path>",
+    pattern=BLOB_NAME_PATTERN,
+    max_length=MAX_BLOB_NAME,
+)
+_METADATA_PARAM: Final = PathParam(
+    description="timestamp.json, root.json, <role>.json or <version>.<role>.json",
+    pattern=METADATA_NAME_PATTERN,
+    max_length=MAX_METADATA_NAME,
+    examples=["timestamp.json", "root.json", "1.root.json"],
+)
 
 
 _status_for = status_for
@@ -296,19 +316,38 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return _error(status, exc.diagnostics(), headers)
 
-    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101
-        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path; RFC 9110 wants them all.
+            headers["Allow"] = _allowed_methods(request)
+        return _error(exc.status_code, str(exc.detail), headers)
 
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)  # noqa: S101
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
+        if first.get("type") == "string_pattern_mismatch":
+            # the pattern itself is in /openapi.json; a regex is no message for a person
+            shown = str(first.get("input", ""))[:80]
+            return _error(422, f"invalid request: {where}: {shown!r} is not of the form the "
+                          "API schema gives for it (see /openapi.json)")  # fmt: skip
         return _error(422, f"invalid request: {where}: {first.get('msg', 'invalid')}")
 
     app.add_exception_handler(OtaguardError, otaguard_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers on this request's path (the ``Allow`` of a 405)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def _not_found(what: str) -> HTTPException:
@@ -397,17 +436,13 @@ def _repository_router(svc: _Services, require_device: Callable[..., None]) -> A
         tags=["repository"], dependencies=[Depends(require_device)], responses=_DEVICE_ERRORS
     )
 
-    metadata_param = PathParam(
-        description="timestamp.json, root.json or <version>.<role>.json", max_length=100
-    )
-
     @router.get(
         "/metadata/{filename}",
         summary="Signed metadata file (exact bytes)",
         response_class=Response,
         responses={200: {"content": {"application/json": {}}}, **_ERRORS},
     )
-    def get_metadata(filename: Annotated[str, metadata_param]) -> Response:
+    def get_metadata(filename: Annotated[str, _METADATA_PARAM]) -> Response:
         """Serve a metadata file byte for byte as it was signed, from memory.
 
         ``timestamp.json`` is the currently published timestamp and ``root.json`` the
@@ -422,7 +457,7 @@ def _repository_router(svc: _Services, require_device: Callable[..., None]) -> A
         response_class=Response,
         responses={200: {"content": {"application/json": {}}}, **_ERRORS},
     )
-    def head_metadata(filename: Annotated[str, metadata_param]) -> Response:
+    def head_metadata(filename: Annotated[str, _METADATA_PARAM]) -> Response:
         """Like GET without the body."""
         return _metadata_file(filename)
 
@@ -453,7 +488,9 @@ def _repository_router(svc: _Services, require_device: Callable[..., None]) -> A
     blob_responses: dict[int | str, dict[str, Any]] = {
         200: {"content": {"application/octet-stream": {}}, "description": "The whole blob"},
         206: {"content": {"application/octet-stream": {}}, "description": "A byte range"},
-        416: {"model": ErrorBody, "description": "Range not satisfiable"},
+        # Starlette's own answers to a bad Range header: plain text, not the error body
+        400: {"content": {"text/plain": {}}, "description": "Malformed Range header"},
+        416: {"content": {"text/plain": {}}, "description": "Range not satisfiable"},
         **_ERRORS,
     }
 
@@ -532,7 +569,7 @@ def _operator_router(svc: _Services, auth: OperatorAuth) -> APIRouter:
         },
     )
     async def put_blob(
-        filename: Annotated[str, PathParam(description="<sha256 hex>.<target path>")],
+        filename: Annotated[str, _TARGET_PARAM],
         request: Request,
     ) -> BlobBody:
         """Store a blob, streamed to disk and verified against the sha256 in its name.
@@ -863,4 +900,5 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     app.include_router(est_router(fleet, gate, before_renewal=checkins.before_renewal))
     app.include_router(monitoring.router)
     app.include_router(dashboard_router())
+    install_schema(app)
     return app

@@ -35,11 +35,12 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otaguard.model.errors import OperatorError, OtaguardError
-from otaguard.server._api import ErrorBody
+from otaguard.server._api import RFC3339_PATTERN, ErrorBody, StrictRequest
 from otaguard.server.audit_chain import AuditEntry
 from otaguard.server.auth import (
     AUDIT_SCOPE_KEY,
     OPERATOR_NAME_PATTERN,
+    RESERVED_OPERATOR_NAMES,
     ROLE_ATTRIBUTE,
     AuditContext,
     Operator,
@@ -50,7 +51,12 @@ from otaguard.server.auth import (
     new_operator_token,
     note_audit,
 )
-from otaguard.server.storage.fleet_base import AuditStore, NewAuditEntry, OperatorStore
+from otaguard.server.storage.fleet_base import (
+    AuditStore,
+    NameExistsError,
+    NewAuditEntry,
+    OperatorStore,
+)
 
 __all__ = [
     "MAX_AUDIT_PAGE",
@@ -236,17 +242,34 @@ def audit_router(auth: OperatorAuth, audit: AuditStore) -> APIRouter:
     """``GET /api/v1/audit``: the audit log, a page at a time, oldest first."""
     router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
-    @router.get("", summary="Audit log entries", **role_route(auth, Role.VIEWER))
+    viewer = role_route(auth, Role.VIEWER)
+
+    @router.get(
+        "",
+        summary="Audit log entries",
+        dependencies=viewer["dependencies"],
+        openapi_extra=viewer["openapi_extra"],
+        responses={
+            **viewer["responses"],
+            400: {"model": ErrorBody, "description": "since names no calendar day (Feb 30)"},
+        },
+    )
     def entries(
-        after: Annotated[int, Query(ge=0, description="entries after this seq")] = 0,
-        since: Annotated[dt.datetime | None, Query(description="entries at or after")] = None,
+        after: Annotated[int, Query(ge=0, le=2**62, description="entries after this seq")] = 0,
+        since: Annotated[
+            str | None,
+            Query(pattern=RFC3339_PATTERN, description="entries at or after (RFC 3339 time)"),
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_PAGE)] = MAX_AUDIT_PAGE,
     ) -> list[AuditEntryBody]:
         """Entries with ``seq > after`` (and ``time >= since``), oldest first, at most
         ``limit``. A client verifying the chain reads from ``after=0`` to the end."""
-        if since is not None and since.tzinfo is None:
-            raise OperatorError("since needs a time zone (e.g. 2026-11-22T08:00:00Z)")
-        found = audit.entries(after_seq=after, since=since, limit=limit)
+        # The pattern guarantees an offset; only an impossible day (Feb 30) is left.
+        try:
+            when = dt.datetime.fromisoformat(since) if since is not None else None
+        except ValueError as e:
+            raise OperatorError(f"since {since!r} is not a calendar time") from e
+        found = audit.entries(after_seq=after, since=when, limit=limit)
         return [AuditEntryBody.of(e) for e in found]
 
     return router
@@ -262,11 +285,13 @@ class OperatorBody(BaseModel):
     revoked_at: dt.datetime | None
 
 
-class NewOperatorRequest(BaseModel):
+class NewOperatorRequest(StrictRequest):
     """A named operator token to make."""
 
     name: str = Field(pattern=f"^{OPERATOR_NAME_PATTERN}$", max_length=64)
-    role: Role
+    # FastAPI validates the parsed body as Python data, where strict mode wants a Role
+    # instance: the enum takes its JSON string (and only one of its values) here.
+    role: Role = Field(strict=False)
 
 
 class NewOperatorBody(BaseModel):
@@ -301,6 +326,8 @@ def operators_router(
     ) -> NewOperatorBody:
         """Make a named token with a role; the answer is the only place the token appears."""
         note_audit(request, target=req.name, detail=f"role {req.role.value}")
+        if req.name in RESERVED_OPERATOR_NAMES:
+            raise NameExistsError(f"operator name {req.name!r} is reserved")
         try:
             check_operator_name(req.name)
         except ValueError as e:

@@ -41,6 +41,7 @@ __all__ = [
     "BOOTSTRAP_OPERATOR",
     "OPERATOR_NAME_PATTERN",
     "OPERATOR_TOKEN_FILE",
+    "RESERVED_OPERATOR_NAMES",
     "ROLE_ATTRIBUTE",
     "AuditContext",
     "AuditIntent",
@@ -120,7 +121,7 @@ BOOTSTRAP_OPERATOR: Final = "bootstrap"
 OPERATOR_NAME_PATTERN: Final = r"[a-z0-9][a-z0-9._-]{0,63}"
 _NAME_RE: Final = re.compile(OPERATOR_NAME_PATTERN)
 # Reserved: the bootstrap token's name, and what the data-directory commands record.
-_RESERVED_NAMES: Final = frozenset({BOOTSTRAP_OPERATOR, "local"})
+RESERVED_OPERATOR_NAMES: Final = frozenset({BOOTSTRAP_OPERATOR, "local"})
 
 
 def check_operator_name(name: str) -> str:
@@ -134,7 +135,7 @@ def check_operator_name(name: str) -> str:
             f"invalid operator name {name!r}: use 1-64 lower-case letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
         )
-    if name in _RESERVED_NAMES:
+    if name in RESERVED_OPERATOR_NAMES:
         raise ValueError(f"operator name {name!r} is reserved")
     return name
 

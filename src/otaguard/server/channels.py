@@ -51,7 +51,9 @@ __all__ = [
     "MAX_ERROR_CHARS",
     "MAX_PHASES",
     "MAX_SECURITY_DELAY",
+    "MAX_WINDOW_CHARS",
     "ROLLOUT_STATES",
+    "WINDOW_PATTERN",
     "Decision",
     "DeviceFacts",
     "Evaluation",
@@ -78,11 +80,22 @@ FAILED_OUTCOMES: Final = frozenset({"failed", "rolled-back", "refused"})
 #: characters of one device's reported error kept in a rollout's status and halt reason:
 #: a halt reason names up to ten devices and must fit the store's 4,000 characters
 MAX_ERROR_CHARS: Final = 200
+#: a maintenance window is a short phrase (``Mon-Fri 02:00-05:00``)
+MAX_WINDOW_CHARS: Final = 64
 
 _DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW: Final = re.compile(
     r"^(?P<days>[A-Za-z,*-]+)\s+(?P<h1>\d\d):(?P<m1>\d\d)-(?P<h2>\d\d):(?P<m2>\d\d)$"
 )
+# The whole rule as one pattern (the OpenAPI schema states it; parse checks it first, so
+# the two agree): days (Mon..Sun in any case, longer spellings such as Monday, ranges,
+# lists, daily or *), then HH:MM-HH:MM with 24:00 as an end. ECMA 262 has no inline
+# case flag, hence the letter classes.
+_DAY_NAMES: Final = "|".join("".join(f"[{c.upper()}{c}]" for c in d) + "[A-Za-z]*" for d in _DAYS)
+_DAY_SPEC: Final = rf"(?:(?:{_DAY_NAMES})(?:-(?:{_DAY_NAMES}))?|[Dd][Aa][Ii][Ll][Yy]|\*)"
+_TIME: Final = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
+WINDOW_PATTERN: Final = rf"^ *{_DAY_SPEC}(?:,{_DAY_SPEC})* +{_TIME}-(?:{_TIME}|24:00) *$"
+_WINDOW_RULE: Final = re.compile(WINDOW_PATTERN)
 
 
 def _day(text: str) -> int:
@@ -112,7 +125,8 @@ class Window:
         Raises:
             ValueError: not of the form ``DAYS HH:MM-HH:MM``, or an empty window.
         """
-        m = _WINDOW.match(text.strip()) if len(text) <= 64 else None
+        ok = len(text) <= MAX_WINDOW_CHARS and _WINDOW_RULE.fullmatch(text) is not None
+        m = _WINDOW.match(text.strip()) if ok else None
         if m is None:
             raise ValueError(f"invalid window {text!r}: expected e.g. 'Mon-Fri 02:00-05:00'")
         days: set[int] = set()

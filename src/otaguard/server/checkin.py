@@ -47,7 +47,7 @@ from otaguard.crypto.envelope import MAX_ENVELOPE_BYTES
 from otaguard.model.errors import AccessDeniedError, OperatorError, VerificationError
 from otaguard.model.manifest import DeviceManifest
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
-from otaguard.server._api import ErrorBody
+from otaguard.server._api import ErrorBody, StrictRequest
 from otaguard.server.attestation import ListedImage, assess_boot, verify_quote
 from otaguard.server.checkin_verify import CheckinRefusedError, check_nonce, verify_manifest
 from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate, PresentedCertificate
@@ -270,7 +270,7 @@ class CheckinBody(BaseModel):
     )
 
 
-class AttestationKeyRequest(BaseModel):
+class AttestationKeyRequest(StrictRequest):
     """The public part of a device's TPM attestation key."""
 
     public_pem: str = Field(max_length=MAX_AK_PEM_CHARS, description="PEM SubjectPublicKeyInfo")
@@ -671,7 +671,7 @@ def checkin_router(svc: CheckinServices, gate: DeviceGate) -> APIRouter:
     return router
 
 
-_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
+_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
 
 
 def checkins_router(svc: CheckinServices, require_operator: Callable[..., object]) -> APIRouter:

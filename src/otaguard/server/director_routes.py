@@ -20,12 +20,12 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi import Path as PathParam
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from otaguard.model.errors import AccessDeniedError, OperatorError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
-from otaguard.model.version import Version
-from otaguard.server._api import ErrorBody
+from otaguard.model.version import MAX_VERSION_LENGTH, VERSION_PATTERN, Version
+from otaguard.server._api import ErrorBody, StrictRequest
 from otaguard.server.audit import role_route
 from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.device_auth import DeviceGate
@@ -37,16 +37,34 @@ __all__ = ["AssignmentBody", "AssignmentRequest", "director_router"]
 
 logger = logging.getLogger(__name__)
 
-_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
+_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     404: {"model": ErrorBody, "description": "No such device or root version"},
 }
 
 
-class AssignmentRequest(BaseModel):
+class AssignmentRequest(StrictRequest):
     """Assign a release (``version``) or nothing (``hold``) to one device."""
 
-    version: str | None = Field(default=None, max_length=64, description="release version")
+    # Exactly one of the two, as the schema says (the route refuses both or neither).
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["version"], "properties": {"version": {"type": "string"},
+                                                         "hold": {"const": False}}},
+                {"required": ["hold"], "properties": {"version": {"type": "null"},
+                                                      "hold": {"const": True}}},
+            ]
+        }
+    )  # fmt: skip
+
+    version: str | None = Field(
+        default=None,
+        pattern=VERSION_PATTERN,
+        max_length=MAX_VERSION_LENGTH,
+        description="release version",
+    )
     hold: bool = Field(default=False, description="install nothing until changed")
 
 

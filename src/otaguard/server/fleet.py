@@ -49,9 +49,20 @@ from pydantic import BaseModel, Field
 
 from otaguard.crypto.device_ca import DeviceCA, check_device_csr
 from otaguard.crypto.manufacturer import verify_factory_certificate
-from otaguard.model.errors import AccessDeniedError, OperatorError, VerificationError
-from otaguard.model.names import DEVICE_SERIAL_PATTERN, check_device_serial, check_hardware_id
-from otaguard.server._api import ErrorBody
+from otaguard.model.errors import (
+    AccessDeniedError,
+    OperatorError,
+    StateConflictError,
+    VerificationError,
+)
+from otaguard.model.names import (
+    DEVICE_SERIAL_PATTERN,
+    HARDWARE_ID_PATTERN,
+    MAX_HARDWARE_ID,
+    check_device_serial,
+    check_hardware_id,
+)
+from otaguard.server._api import ErrorBody, StrictRequest
 from otaguard.server._tls import client_certificate_der, client_certificate_error
 from otaguard.server.audit import role_route
 from otaguard.server.auth import OperatorAuth, Role, note_audit
@@ -79,7 +90,7 @@ MAX_EST_REQUEST_BYTES: Final = 32 * 1024
 EST_CERTS_MEDIA_TYPE: Final = "application/pkcs7-mime; smime-type=certs-only"
 EST_CSR_MEDIA_TYPE: Final = "application/pkcs10"
 
-_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
+_SERIAL_PARAM: Final = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
 
 
 # The EST request body: a CSR, base64 DER PKCS#10 (RFC 7030 §4.2).
@@ -139,11 +150,11 @@ class DeviceBody(BaseModel):
         )
 
 
-class NewDeviceRequest(BaseModel):
+class NewDeviceRequest(StrictRequest):
     """A device to register."""
 
-    serial: str = Field(pattern=DEVICE_SERIAL_PATTERN, max_length=64)
-    hardware_id: str = Field(max_length=128)
+    serial: str = Field(pattern=f"^{DEVICE_SERIAL_PATTERN}$", max_length=64)
+    hardware_id: str = Field(pattern=f"^{HARDWARE_ID_PATTERN}$", max_length=MAX_HARDWARE_ID)
 
 
 class NewDeviceBody(BaseModel):
@@ -154,7 +165,7 @@ class NewDeviceBody(BaseModel):
     token_expires: dt.datetime
 
 
-class ReasonRequest(BaseModel):
+class ReasonRequest(StrictRequest):
     """Why an operator quarantines or revokes a device."""
 
     reason: str = Field(min_length=1, max_length=500)
@@ -224,7 +235,7 @@ def fleet_router(svc: FleetServices, auth: OperatorAuth) -> APIRouter:
         """End a quarantine: the device is served again (enrolled if it has a certificate)."""
         rec = _get(serial)
         if rec.status is not DeviceState.QUARANTINED:
-            raise OperatorError(f"device {serial!r} is {rec.status.value}, not quarantined")
+            raise StateConflictError(f"device {serial!r} is {rec.status.value}, not quarantined")
         status = DeviceState.ENROLLED if rec.cert_serials else DeviceState.REGISTERED
         return DeviceBody.of(svc.devices.set_status(serial, status, reason="", now=svc.clock()))
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from otaguard.model.errors import OperatorError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
+from otaguard.server._api import ErrorBody, StrictRequest
 from otaguard.server.audit import role_route
 from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.fleet import DeviceBody
@@ -37,9 +38,11 @@ from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceReco
 from otaguard.server.storage.fleet_base import GroupRecord, InventoryStore
 from otaguard.server.tags import (
     BUILTIN_GROUP,
+    FILTER_PATTERN,
     GROUP_NAME_PATTERN,
     MAX_TAGS_PER_DEVICE,
     TAG_KEY_PATTERN,
+    TAG_VALUE_PATTERN,
     TagFilter,
     check_group_name,
     check_tag_key,
@@ -183,10 +186,13 @@ class InventoryDeviceBody(DeviceBody):
         )
 
 
-class TagsRequest(BaseModel):
+class TagsRequest(StrictRequest):
     """Tags to set and tag keys to remove."""
 
-    set: dict[str, str] = Field(default_factory=dict, max_length=MAX_TAGS_PER_DEVICE)
+    set: dict[
+        Annotated[str, Field(pattern=f"^{TAG_KEY_PATTERN}$")],
+        Annotated[str, Field(pattern=f"^{TAG_VALUE_PATTERN}$")],
+    ] = Field(default_factory=dict, max_length=MAX_TAGS_PER_DEVICE)
     remove: list[Annotated[str, Field(pattern=f"^{TAG_KEY_PATTERN}$")]] = Field(
         default_factory=list, max_length=MAX_TAGS_PER_DEVICE
     )
@@ -199,14 +205,16 @@ class TagsBody(BaseModel):
     tags: dict[str, str]
 
 
-class NewGroupRequest(BaseModel):
+class NewGroupRequest(StrictRequest):
     """A group to create: static without ``where``, dynamic with it."""
 
     name: str = Field(pattern=f"^{GROUP_NAME_PATTERN}$")
-    where: str | None = Field(default=None, max_length=1024, description="site=berlin,line=2")
+    where: str | None = Field(
+        default=None, pattern=FILTER_PATTERN, max_length=1024, description="site=berlin,line=2"
+    )
 
 
-class MembersRequest(BaseModel):
+class MembersRequest(StrictRequest):
     """Serials to add to and remove from a static group."""
 
     add: list[Annotated[str, Field(pattern=f"^{DEVICE_SERIAL_PATTERN}$")]] = Field(
@@ -251,10 +259,23 @@ def inventory_router(
     serial_param = PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
     group_param = PathParam(description="group name", pattern=f"^{GROUP_NAME_PATTERN}$")
 
-    @devices.get("", summary="List devices", **role_route(auth, Role.VIEWER))
+    viewer = role_route(auth, Role.VIEWER)
+
+    @devices.get(
+        "",
+        summary="List devices",
+        dependencies=viewer["dependencies"],
+        openapi_extra=viewer["openapi_extra"],
+        responses={
+            **viewer["responses"],
+            404: {"model": ErrorBody, "description": "No group of that name"},
+        },
+    )
     def list_devices(
         group: Annotated[str | None, Query(pattern=f"^{GROUP_NAME_PATTERN}$")] = None,
-        where: Annotated[str | None, Query(max_length=1024, description="k=v,k=v")] = None,
+        where: Annotated[
+            str | None, Query(pattern=FILTER_PATTERN, max_length=1024, description="k=v,k=v")
+        ] = None,
     ) -> list[InventoryDeviceBody]:
         """Devices by serial, with tags, groups and their last check-in; filtered by
         group membership and a tag filter when given."""
@@ -284,8 +305,6 @@ def inventory_router(
                 check_tag_key(key)
         except ValueError as e:
             raise OperatorError(str(e)) from e
-        if not new and not req.remove:
-            raise OperatorError("nothing to change: give tags to set or keys to remove")
         return TagsBody(
             serial=serial, tags=inv.store.change_tags(serial, set_tags=new, remove=req.remove)
         )
@@ -329,9 +348,8 @@ def inventory_router(
             request,
             detail=" ".join([*(f"+{s}" for s in req.add), *(f"-{s}" for s in req.remove)]),
         )
-        if not req.add and not req.remove:
-            raise OperatorError("nothing to change: give serials to add or remove")
-        inv.store.change_members(name, add=req.add, remove=req.remove)
+        if req.add or req.remove:  # nothing to change: the group as it is
+            inv.store.change_members(name, add=req.add, remove=req.remove)
         return GroupBody.of(inv.store.group(name), inv.members(name))
 
     @groups.delete(

@@ -33,7 +33,7 @@ from otaguard.fleet.anomaly import (
     silent_finding,
 )
 from otaguard.fleet.policy import Action, AlertPolicy
-from otaguard.model.errors import AccessDeniedError, OperatorError, OtaguardError
+from otaguard.model.errors import AccessDeniedError, OtaguardError
 from otaguard.model.manifest import DeviceManifest
 from otaguard.model.telemetry import Telemetry, TelemetryError, parse_telemetry
 from otaguard.server._periodic import PeriodicTask
@@ -41,6 +41,7 @@ from otaguard.server.attestation import ListedImage
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollouts import Rollouts
 from otaguard.server.storage.base import DeviceState, DeviceStore
+from otaguard.server.storage.fleet_base import UnknownNameError
 from otaguard.server.storage.monitoring import (
     TELEMETRY_RETENTION,
     AlertRecord,
@@ -445,7 +446,7 @@ class Monitor:
             OperatorError: no such alert.
         """
         if alert_id < 1:
-            raise OperatorError(f"no alert {alert_id}")
+            raise UnknownNameError(f"no alert {alert_id}")
         return self.store.ack(alert_id, by=by, now=self.clock())
 
     def hint(self, serials: Iterable[str]) -> None:

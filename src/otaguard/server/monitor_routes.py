@@ -24,7 +24,11 @@ from pydantic import BaseModel, Field
 
 from otaguard.model.errors import AccessDeniedError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
-from otaguard.model.telemetry import MAX_TELEMETRY_BYTES, TELEMETRY_SCHEMA
+from otaguard.model.telemetry import (
+    MAX_TELEMETRY_BYTES,
+    TELEMETRY_SCHEMA,
+    telemetry_json_schema,
+)
 from otaguard.server._api import ErrorBody
 from otaguard.server.audit import role_route
 from otaguard.server.auth import Operator, OperatorAuth, Role, note_audit
@@ -88,10 +92,10 @@ _TELEMETRY_BODY: Final[dict[str, Any]] = {
         "content": {
             "application/json": {
                 "schema": {
-                    "type": "object",
+                    **telemetry_json_schema(),
                     "description": f"a telemetry report, schema {TELEMETRY_SCHEMA} "
-                    f"(docs/telemetry.md), at most {MAX_TELEMETRY_BYTES} bytes",
-                    "required": ["schema", "serial", "boot_id", "seq"],
+                    f"(docs/telemetry.md), at most {MAX_TELEMETRY_BYTES} bytes; serial is "
+                    "the sending device's own (another's: 422)",
                 }
             }
         },
@@ -143,7 +147,7 @@ def monitor_router(
     )
     def device_telemetry(
         serial: Annotated[
-            str, PathParam(description="device serial", pattern=DEVICE_SERIAL_PATTERN)
+            str, PathParam(description="device serial", pattern=f"^{DEVICE_SERIAL_PATTERN}$")
         ],
         limit: Annotated[int, Query(ge=1, le=MAX_REPORTS)] = 10,
     ) -> list[TelemetryReport]:

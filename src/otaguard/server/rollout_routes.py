@@ -24,12 +24,15 @@ from pydantic import BaseModel, Field
 
 from otaguard.model.errors import OperatorError
 from otaguard.model.names import DEVICE_SERIAL_PATTERN
-from otaguard.model.version import Version
+from otaguard.model.version import MAX_VERSION_LENGTH, VERSION_PATTERN, Version
+from otaguard.server._api import StrictRequest
 from otaguard.server.audit import role_route
 from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.channels import (
     MAX_PHASES,
     MAX_SECURITY_DELAY,
+    MAX_WINDOW_CHARS,
+    WINDOW_PATTERN,
     GroupPolicy,
     Rollout,
     Window,
@@ -48,16 +51,29 @@ __all__ = [
 _NAME: Final = f"^{GROUP_NAME_PATTERN}$"
 
 
-class NewRolloutRequest(BaseModel):
+class NewRolloutRequest(StrictRequest):
     """A rollout to start."""
 
     name: str | None = Field(default=None, pattern=_NAME, description="default: GROUP-VERSION")
-    release: str = Field(max_length=64, description="version of a served release")
+    release: str = Field(
+        pattern=VERSION_PATTERN,
+        max_length=MAX_VERSION_LENGTH,
+        description="version of a served release",
+    )
     group: str = Field(pattern=_NAME)
-    phases: list[int] = Field(min_length=1, max_length=MAX_PHASES, description="e.g. 1,10,50,100")
+    phases: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        min_length=1,
+        max_length=MAX_PHASES,
+        description="increasing percentages ending at 100, e.g. 1,10,50,100",
+    )
     success_threshold: int = Field(ge=0, le=100, description="% of admitted devices succeeded")
     failure_threshold: int = Field(ge=0, le=100, description="halt above this % failed")
-    window: str | None = Field(default=None, max_length=64, description="Mon-Fri 02:00-05:00")
+    window: str | None = Field(
+        default=None,
+        pattern=WINDOW_PATTERN,
+        max_length=MAX_WINDOW_CHARS,
+        description="Mon-Fri 02:00-05:00",
+    )
 
 
 class FailureBody(BaseModel):
@@ -111,14 +127,19 @@ class RolloutBody(BaseModel):
         return body
 
 
-class GroupChannelsRequest(BaseModel):
+class GroupChannelsRequest(StrictRequest):
     """Channel settings of a group to change (a missing field stays as it is)."""
 
     no_features: bool | None = Field(default=None, description="opt out of feature releases")
     security_delay_seconds: int | None = Field(
         default=None, ge=0, le=int(MAX_SECURITY_DELAY.total_seconds())
     )
-    window: str | None = Field(default=None, max_length=64, description="'' removes it")
+    window: str | None = Field(
+        default=None,
+        pattern=f"^$|{WINDOW_PATTERN}",
+        max_length=MAX_WINDOW_CHARS,
+        description="Mon-Fri 02:00-05:00; '' removes it",
+    )
 
 
 class GroupChannelsBody(BaseModel):
@@ -130,7 +151,7 @@ class GroupChannelsBody(BaseModel):
     window: str | None
 
 
-class DeviceChannelsRequest(BaseModel):
+class DeviceChannelsRequest(StrictRequest):
     """A device's feature opt-out."""
 
     no_features: bool

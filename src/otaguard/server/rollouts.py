@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from threading import Lock
 from typing import Final
 
-from otaguard.model.errors import OperatorError, VerificationError
+from otaguard.model.errors import (
+    ConflictError,
+    StateConflictError,
+    VerificationError,
+)
 from otaguard.model.manifest import DeviceManifest, printable_text
 from otaguard.model.version import Version
 from otaguard.server._periodic import PeriodicTask
@@ -142,7 +146,7 @@ class Rollouts:
         """
         self.inventory.store.group(rollout.group)  # UnknownNameError if absent
         if not any(r.info.version == rollout.version for r in self.releases()):
-            raise OperatorError(f"release {rollout.version} is not served by this server")
+            raise StateConflictError(f"release {rollout.version} is not served by this server")
         self.store.create(rollout, now=self.clock())
         self._admit(rollout)
         logger.info(
@@ -170,11 +174,11 @@ class Rollouts:
         target = {"pause": "paused", "resume": "active", "cancel": "cancelled"}[action]
         current = self.store.get(name)
         if current.state not in allowed:
-            raise OperatorError(f"cannot {action} rollout {name}: it is {current.state}")
+            raise StateConflictError(f"cannot {action} rollout {name}: it is {current.state}")
         reason = current.reason if action == "cancel" else f"{target} by an operator"
         new = dataclasses.replace(current, state=target, reason=reason)
         if not self.store.change(new, expect_state=current.state, now=self.clock()):
-            raise OperatorError(f"rollout {name} changed meanwhile; try again")
+            raise ConflictError(f"rollout {name} changed meanwhile; try again")
         logger.info("rollout %s %s", name, target)
         if target == "active":
             self._admit(new)

@@ -14,6 +14,7 @@ from typing import Final
 
 __all__ = [
     "BUILTIN_GROUP",
+    "FILTER_PATTERN",
     "GROUP_NAME_PATTERN",
     "MAX_FILTER_TERMS",
     "MAX_TAGS_PER_DEVICE",
@@ -41,6 +42,10 @@ TAG_KEY_PATTERN: Final = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TAG_KEY - 1}}}"
 TAG_VALUE_PATTERN: Final = rf"[A-Za-z0-9._:/@+-]{{1,{MAX_TAG_VALUE}}}"
 # Group names are path components of the API: the serial alphabet.
 GROUP_NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+#: a whole filter: up to MAX_FILTER_TERMS key=value terms, spaces allowed around each
+_TERM: Final = f" *{TAG_KEY_PATTERN}={TAG_VALUE_PATTERN} *"
+FILTER_PATTERN: Final = rf"^{_TERM}(,{_TERM}){{0,{MAX_FILTER_TERMS - 1}}}$"
 
 _KEY_RE: Final = re.compile(TAG_KEY_PATTERN)
 _VALUE_RE: Final = re.compile(TAG_VALUE_PATTERN)
@@ -122,9 +127,9 @@ def parse_filter(text: str) -> TagFilter:
         ValueError: the filter is empty, malformed, too long, or names a key twice with
             different values.
     """
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text.strip(" "):
         raise ValueError("empty tag filter: expected key=value[,key=value...]")
-    terms = [t.strip() for t in text.split(",")]
+    terms = [t.strip(" ") for t in text.split(",")]
     if len(terms) > MAX_FILTER_TERMS:
         raise ValueError(f"a tag filter has at most {MAX_FILTER_TERMS} terms")
     return tuple(sorted(_pairs(terms, what="filter").items()))

@@ -42,6 +42,7 @@ from otaguard.model.errors import (
     DeviceExistsError,
     OperatorError,
     ServerStorageError,
+    StateConflictError,
     UnknownDeviceError,
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
@@ -271,7 +272,7 @@ class SQLDeviceStore(DeviceStore):
                     .values(status=status.value, reason=reason, updated_at=now)
                 ).rowcount
                 if changed != 1:
-                    raise OperatorError(f"device {serial!r} is revoked; revocation is final")
+                    raise StateConflictError(f"device {serial!r} is revoked; revocation is final")
                 if status is DeviceState.REVOKED:
                     # A revoked device can never enroll again: its open tokens die with it.
                     conn.execute(
@@ -292,7 +293,9 @@ class SQLDeviceStore(DeviceStore):
             with self._engine.begin() as conn:
                 row = self._row(conn, serial)
                 if row.status == DeviceState.REVOKED.value:
-                    raise OperatorError(f"device {serial!r} is revoked; it cannot enroll again")
+                    raise StateConflictError(
+                        f"device {serial!r} is revoked; it cannot enroll again"
+                    )
                 conn.execute(
                     update(tokens_table)
                     .where(tokens_table.c.serial == serial, tokens_table.c.used_at.is_(None))

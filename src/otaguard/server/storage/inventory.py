@@ -37,7 +37,12 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from otaguard.model.errors import OperatorError, ServerStorageError, UnknownDeviceError
+from otaguard.model.errors import (
+    OperatorError,
+    ServerStorageError,
+    StateConflictError,
+    UnknownDeviceError,
+)
 from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.fleet_base import (
     DeviceView,
@@ -147,7 +152,7 @@ class SQLInventoryStore(InventoryStore):
                     select(func.count()).where(tags_table.c.serial == serial)
                 ).scalar_one()
                 if count > MAX_TAGS_PER_DEVICE:
-                    raise OperatorError(
+                    raise StateConflictError(
                         f"device {serial} would have {count} tags; the limit is "
                         f"{MAX_TAGS_PER_DEVICE}"
                     )
@@ -193,7 +198,7 @@ class SQLInventoryStore(InventoryStore):
     def delete_group(self, name: str) -> None:
         """See :meth:`InventoryStore.delete_group`."""
         if name == BUILTIN_GROUP:
-            raise OperatorError(f"group {BUILTIN_GROUP!r} is built in; it cannot be deleted")
+            raise StateConflictError(f"group {BUILTIN_GROUP!r} is built in; it cannot be deleted")
         try:
             with self._engine.begin() as conn:
                 self._group_row(conn, name)
@@ -224,7 +229,9 @@ class SQLInventoryStore(InventoryStore):
     def change_members(self, name: str, *, add: Sequence[str], remove: Sequence[str]) -> None:
         """See :meth:`InventoryStore.change_members`."""
         if name == BUILTIN_GROUP:
-            raise OperatorError(f"group {BUILTIN_GROUP!r} holds every device; it is not edited")
+            raise StateConflictError(
+                f"group {BUILTIN_GROUP!r} holds every device; it is not edited"
+            )
         try:
             with self._engine.begin() as conn:
                 row = self._group_row(conn, name)

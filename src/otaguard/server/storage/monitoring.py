@@ -47,9 +47,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from otaguard.model.errors import OperatorError, ServerStorageError
+from otaguard.model.errors import ServerStorageError
 from otaguard.model.telemetry import Telemetry
 from otaguard.server.storage.devices import devices_table
+from otaguard.server.storage.fleet_base import UnknownNameError
 from otaguard.server.storage.unit import newest_of_device, reading, writing
 
 __all__ = [
@@ -487,7 +488,7 @@ class SQLMonitorStore(MonitorStore):
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
         if row is None:
-            raise OperatorError(f"no alert {alert_id}")
+            raise UnknownNameError(f"no alert {alert_id}")
         return _alert(row)
 
     def alert_counts(self) -> dict[tuple[str, bool], int]:

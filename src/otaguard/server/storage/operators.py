@@ -29,7 +29,7 @@ from sqlalchemy import Column, DateTime, Integer, String, Table, insert, select,
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from otaguard.model.errors import OperatorError, ServerStorageError
+from otaguard.model.errors import ServerStorageError, StateConflictError
 from otaguard.server.audit_chain import GENESIS, AuditEntry, entry_hash
 from otaguard.server.storage.fleet_base import (
     AuditStore,
@@ -166,7 +166,7 @@ class SQLOperatorStore(OperatorStore):
                 if row is None:
                     raise UnknownNameError(f"no operator named {name!r}")
                 if row.revoked_at is not None:
-                    raise OperatorError(f"operator {name!r} is already revoked")
+                    raise StateConflictError(f"operator {name!r} is already revoked")
                 conn.execute(
                     update(operators_table)
                     .where(operators_table.c.name == name)
