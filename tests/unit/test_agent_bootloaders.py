@@ -218,3 +218,35 @@ def test_the_agent_installs_into_a_partition_and_boots_it_via_a_raw_uboot_env(
         env = UBootEnv([UBootEnvCopy(Path(p), o, s) for p, o, s in copies])
         assert env.read()["BOOT_ORDER"] == "B A"
         assert UBootRauc(env).state("B") is SlotState.GOOD
+
+
+def test_agent_toml_names_the_bootloader_and_health_by_units(
+    mem: Mem, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator's agent.toml carries the device integration (README "Device
+    integration"): the same device directory runs the simulated bootloader without it and
+    the GRUB board it names with it; a bad table is one line naming the key."""
+    from otaguard.cli import main
+
+    path = mem.provision("t")
+    (path / "run" / "cmdline").write_text("root=/dev/vda2 rauc.slot=A\n")
+    envfile = path / "grubenv"
+    GrubEnvFile(envfile).update({"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0"})
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        "health_by_units = true\n"
+        "[bootloader]\n"
+        f'type = "grub"\nenv = "{envfile}"\ncmdline = "{path / "run" / "cmdline"}"\n'
+        "virtual = true\n"
+    )
+    assert main(["agent", str(path), "mark-good"]) == 2  # simulated: not for mark-good
+    capsys.readouterr()
+    assert main(["agent", str(path), "mark-good", "--config", str(toml)]) == 0
+    assert "A" in capsys.readouterr().out  # the running slot A confirmed to GRUB
+    assert GrubRauc(GrubEnvFile(envfile), cmdline=path / "run" / "cmdline").state("A") is (
+        SlotState.GOOD
+    )
+    toml.write_text('bootloader = "grub"\n')
+    assert main(["agent", str(path), "mark-good", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bootloader must be a table" in err[0], err

@@ -10,9 +10,9 @@ import random
 import shutil
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -192,6 +192,7 @@ class Device:
         *,
         fetcher_factory: Callable[[], Fetcher] | None = None,
         after_action: Callable[[Action], None] | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
     ):
         """Open a provisioned device directory.
 
@@ -200,6 +201,12 @@ class Device:
             fetcher_factory: the network seam; default a :class:`TlsFetcher` to the
                 configured server (tests pass an in-memory repository).
             after_action: called after every install action (power-cut tests).
+            config_overrides: :class:`DeviceConfig` fields over ``config.json`` (the
+                operator's agent.toml: the bootloader, the slot devices, health by units),
+                validated as the file's own values; the backends are built from the result.
+
+        Raises:
+            ConfigError: the directory, its config or an override is unusable.
         """
         self._fetcher_factory = fetcher_factory
         self._after_action = after_action
@@ -207,6 +214,11 @@ class Device:
         if not self.paths.root.is_dir():
             raise ConfigError(f"device directory {self.paths.root} does not exist")
         self.config = DeviceConfig.load(self.paths.config)
+        if config_overrides:
+            try:
+                self.config = replace(self.config, **dict(config_overrides))
+            except TypeError as e:  # an unknown field: a programming error upstream
+                raise ConfigError(f"unknown device setting: {e}") from e
         if self.config.insecure_http:
             warn_insecure(f"device {self.paths.root} talks plain HTTP")
         #: the real (or virtual) bootloader, ``None``: the simulated one (:mod:`.boot`)

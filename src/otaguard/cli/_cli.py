@@ -619,7 +619,7 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
     from otaguard.agent import Device
     from otaguard.cli._render import render_selection
 
-    dev = Device(a.device_dir)
+    dev = Device(a.device_dir, config_overrides=_device_integration(a))
     _agent_overrides(dev, a)
     if a.action == "mark-good":
         return _mark_good(dev)
@@ -690,6 +690,20 @@ def _agent(a: argparse.Namespace) -> int:  # noqa: PLR0911 - one return per acti
     )
     out.print("stopped")
     return 0
+
+
+def _device_integration(a: argparse.Namespace) -> dict[str, Any]:
+    """agent.toml's device integration (bootloader, slot devices, health by units) over
+    config.json's: the backends are built from them, so they go in before the device opens.
+    ``health_by_units = true`` replaces config.json's health command."""
+    out: dict[str, Any] = {}
+    for name in ("bootloader", "slot_devices", "health_by_units"):
+        value = getattr(a, name, None)
+        if value is not None:
+            out[name] = value
+    if out.get("health_by_units") is True:
+        out["health_command"] = None
+    return out
 
 
 def _agent_overrides(dev: Any, a: argparse.Namespace) -> None:

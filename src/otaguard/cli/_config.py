@@ -10,6 +10,7 @@ of range stops the command with one line naming the key and where it came from.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import tomllib
@@ -106,6 +107,10 @@ def _check(key: ConfigKey, value: Any, where: str) -> Any:  # noqa: PLR0912 - on
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise bad("a list of strings")
         out = list(value)
+    elif key.kind == "table":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a table (key = value pairs under [" + key.name + "])")
+        out = dict(value)
     elif key.kind == "choice":
         if value not in key.choices:
             raise bad("one of " + ", ".join(repr(c) for c in key.choices))
@@ -137,6 +142,11 @@ def _from_env(key: ConfigKey, text: str) -> Any:  # noqa: PLR0911 - one return p
             return text
     if key.kind == "list":
         return [v.strip() for v in text.split(",") if v.strip()]
+    if key.kind == "table":  # a JSON object, e.g. OTAGUARD_BOOTLOADER='{"type": "grub", ...}'
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
     return text
 
 
@@ -212,6 +222,11 @@ AGENT_KEYS: Final = (
     ConfigKey("mqtt_url", "str", flag="--mqtt-url"),
     ConfigKey("mqtt_ca", "path", flag="--mqtt-ca"),
     ConfigKey("hint_min_interval", "duration", low=1, high=86400),
+    # the device integration (README "Device integration"): over config.json's values,
+    # checked as config.json's own (the bootloader spec, "A" and "B" slots)
+    ConfigKey("bootloader", "table"),
+    ConfigKey("slot_devices", "table"),
+    ConfigKey("health_by_units", "bool"),
     _LOG,
 )
 
