@@ -226,7 +226,9 @@ def test_the_hardware_id_comes_from_the_registry_not_the_csr(world: World) -> No
     status, data = est_post(world, "hw", token, body)
     assert status == 200
     certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(data))
-    san = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # the device's certificate, not the CA's: PKCS#7 holds them as a SET, in DER order
+    (leaf,) = [c for c in certs if c.public_key() == key.public_key()]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:otaguard:hw:{HW}"]
 
 

@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 import sys
 import warnings
 from pathlib import Path
@@ -118,5 +119,38 @@ def test_request_headers_are_bounded(tmp_path: Path) -> None:
         refused = _raw_request(ca, port, huge)
         assert refused.startswith(b"HTTP/1.1 431"), refused[:100]
         assert b"too large" in refused
+    finally:
+        world.server.stop()
+
+
+def test_the_rest_of_a_body_after_an_early_answer_is_not_counted_as_headers(
+    tmp_path: Path,
+) -> None:
+    """An answer given before the request's body arrived (a refusal: 401 here, 413 for a
+    body too large) leaves the body on the keep-alive connection; the parser reads it as
+    that request's body, and the header bound must not count it as the next request's."""
+    world = start_world(tmp_path)
+    try:
+        port = int(world.server.base_url.rsplit(":", 1)[1])
+        ctx = ssl.create_default_context(cafile=str(world.server.ca_cert))
+        body = b"x" * (MAX_REQUEST_HEADER_BYTES * 4)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(
+                b"POST /api/v1/vulns HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            first = tls.recv(65536)
+            assert first.startswith(b"HTTP/1.1 401"), first[:80]  # no token: refused at once
+            for i in range(0, len(body), 8192):  # the body arrives after the answer, in pieces
+                tls.sendall(body[i : i + 8192])
+                time.sleep(0.02)
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
     finally:
         world.server.stop()

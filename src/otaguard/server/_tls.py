@@ -165,6 +165,10 @@ class TlsScopeProtocol(HttpToolsProtocol):
     _armed_after: object = None
     # bytes received since the deadline was armed (the awaited request line and headers)
     _header_bytes: int = 0
+    # a request's headers are complete and its body is still arriving: those bytes are the
+    # body's, not the next request's headers (an early answer, e.g. 413, leaves the rest of
+    # the body on the connection, which the parser reads as that request's body)
+    _in_body: bool = False
 
     @classmethod
     def with_header_timeout(cls, seconds: float) -> type[TlsScopeProtocol]:
@@ -212,13 +216,18 @@ class TlsScopeProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Feed the parser; the deadline ends when a request's headers are complete, and
         headers still incomplete after :data:`MAX_REQUEST_HEADER_BYTES` are refused."""
+        # Bytes that reach the parser while a body is still arriving are the body's: only
+        # a chunk that starts outside one counts (one that ends a body and starts the next
+        # request is not counted, so the bound may be one read late, never early).
+        counts = not self._in_body
         super().data_received(data)
         if self._header_deadline is None:
             return
         if self.cycle is not self._armed_after:
             self._cancel_header_deadline()
             return
-        self._header_bytes += len(data)
+        if counts:
+            self._header_bytes += len(data)
         if self._header_bytes > MAX_REQUEST_HEADER_BYTES and not self.transport.is_closing():
             self._cancel_header_deadline()
             logger.info(
@@ -228,6 +237,16 @@ class TlsScopeProtocol(HttpToolsProtocol):
             )
             self.transport.write(_HEADERS_TOO_LARGE)
             self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        """A request's headers are complete: its body (if any) follows."""
+        self._in_body = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        """A request's body is complete: what follows is the next request."""
+        self._in_body = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         """The next request's headers are due within the deadline (keep-alive)."""
