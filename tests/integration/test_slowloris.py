@@ -14,8 +14,8 @@ import json
 import socket
 import ssl
 import subprocess
-import time
 import sys
+import time
 import warnings
 from pathlib import Path
 
