@@ -12,7 +12,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy.engine import Engine
 
@@ -38,6 +38,15 @@ NEWEST_VERSION_SECONDS: Final = 1.0
 #: the same bound for the rollout list every check-in asks for (a halt or pause by any
 #: process sharing the data directory is announced, and seen at the next check-in)
 ROLLOUT_LIST_SECONDS: Final = 1.0
+
+
+def _still_good(
+    kept: tuple[object, Any, float] | None, *, token: object, now: float, seconds: float
+) -> bool:
+    """Whether a value kept as (announcement token, value, monotonic time) may be used: the
+    announcement is the same, it is younger than ``seconds``, and there is an announcement
+    at all (no signal file: always read)."""
+    return token is not None and kept is not None and kept[0] == token and now - kept[2] < seconds
 
 
 class NotifyingDeviceStore(SQLDeviceStore):
@@ -102,11 +111,8 @@ class NotifyingMetadataStore(SQLMetadataStore):
         token = self._changes()  # before the read: a publication during it reads again
         kept = self._versions.get(role)
         now = time.monotonic()
-        if (
-            token is not None
-            and kept is not None
-            and kept[0] == token
-            and now - kept[2] < NEWEST_VERSION_SECONDS
+        if kept is not None and _still_good(
+            kept, token=token, now=now, seconds=NEWEST_VERSION_SECONDS
         ):
             return kept[1]
         version = super().newest_version(role)
@@ -176,11 +182,8 @@ class NotifyingRolloutStore(SQLRolloutStore):
         token = self._changes()  # before the read: a write during it reads again
         kept = self._kept
         now = time.monotonic()
-        if (
-            token is not None
-            and kept is not None
-            and kept[0] == token
-            and now - kept[2] < ROLLOUT_LIST_SECONDS
+        if kept is not None and _still_good(
+            kept, token=token, now=now, seconds=ROLLOUT_LIST_SECONDS
         ):
             return list(kept[1])
         rollouts = super().list()
