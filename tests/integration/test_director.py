@@ -450,3 +450,43 @@ def test_a_check_in_and_its_answer_are_one_connection(
         assert len(checkouts) == (2 if engine == "sqlite" else 1), checkouts
         result = dev.update()
         assert (result.outcome, result.to_version) == ("updated", "1.1.0")
+
+
+
+def _statements_of_one_checkin(w: World, dev: Device) -> list[str]:
+    """The SQL statements one check-in of ``dev`` runs on the lean path's threads."""
+    db = w.server.app.state.checkins._engine
+    seen: list[str] = []
+
+    def note(_c: object, _cur: object, statement: str, *_: object) -> None:
+        if threading.current_thread().name.startswith("checkin"):
+            seen.append(" ".join(statement.split()))
+
+    event.listen(db, "before_cursor_execute", note)
+    try:
+        dev.checkin()
+    finally:
+        event.remove(db, "before_cursor_execute", note)
+    return seen
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_server_that_never_wrote_a_rollout_keeps_the_rollout_list(
+    engine: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The rollout list is kept until a rollout write is announced (ADR 0036); a server
+    that never wrote one has no announcement file to compare with, so it creates one at
+    start: without it, every check-in read the whole rollouts table again."""
+    with ExitStack() as stack:
+        url = None
+        if engine != "sqlite":
+            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
+            upgrade_database(url)
+        w = start_world(tmp_path, director=True, database_url=url)
+        stack.callback(w.server.stop)
+        w.release("1.0.0")
+        dev = w.device("kept-list")
+        dev.checkin()  # first contact: the list read once
+        statements = _statements_of_one_checkin(w, dev)
+        assert statements, "the check-in ran no statement on the lean path's threads"
+        assert not [s for s in statements if "FROM rollouts" in s], statements

@@ -35,6 +35,20 @@ class ChangeSignal:
             return None
         return (st.st_ino, st.st_size, st.st_ctime_ns)
 
+    def ensure(self) -> None:
+        """Create the file if there is none, without announcing a change: a cache kept
+        "until the next announcement" needs a file to compare with (no file reads
+        always), and a server that never wrote (no rollout yet, say) would otherwise
+        leave its caches unused. A failure is logged; callers then read every time."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return
+        except OSError as e:
+            logger.warning("cannot create the change signal %s: %s", self.path, e.strerror)
+            return
+        os.close(fd)
+
     def touch(self) -> None:
         """Announce a change: replace the file (a new inode, so the token changes even
         within one clock tick). A failure is logged; caches also expire by themselves."""

@@ -701,6 +701,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     published = ChangeSignal(data_dir, "published")
     registry = ChangeSignal(data_dir, "registry")
     rollout_signal = ChangeSignal(data_dir, "rollouts")
+    for signal in (published, registry, rollout_signal):
+        signal.ensure()  # the caches kept "until the next announcement" need the file
     store = NotifyingMetadataStore(engine, on_change=published.touch, changes=published.token)
     served = ServedMetadata(store, signal=published)
     served_recheck = served.rechecker()
