@@ -7,8 +7,8 @@ One engine per server process, shared by every SQL store (:mod:`.sql`, :mod:`.de
   ``DATA/otaguard.db``; WAL, a busy timeout and foreign keys on every connection.
 * ``postgresql+psycopg://user:password@host:5432/dbname`` (psycopg 3; plain
   ``postgresql://`` means the same): for several server processes sharing one database.
-  Every connection gets a statement and a lock timeout, the pool is bounded and checked
-  before use (:data:`POOL_SIZE` and the other limits below).
+  Every connection gets a statement and a lock timeout, the pool is bounded and a connection
+  idle for a while is checked before use (:data:`POOL_SIZE` and the other limits below).
 
 A URL may carry a password: it only ever reaches logs and messages through
 :func:`mask_url`.
@@ -17,12 +17,13 @@ A URL may carry a password: it only ever reaches logs and messages through
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
 
 from otaguard.model.errors import ConfigError, ServerStorageError
 
@@ -30,6 +31,7 @@ __all__ = [
     "CONNECT_TIMEOUT_SECONDS",
     "LOCK_TIMEOUT_MS",
     "MAX_OVERFLOW",
+    "PING_AFTER_IDLE_SECONDS",
     "POOL_RECYCLE_SECONDS",
     "POOL_SIZE",
     "POOL_TIMEOUT_SECONDS",
@@ -39,6 +41,7 @@ __all__ = [
     "describe_error",
     "mask_url",
     "normalise_url",
+    "ping_when_idle",
     "sqlite_url",
 ]
 
@@ -68,6 +71,13 @@ STATEMENT_TIMEOUT_MS: Final = 15_000
 # A row lock (a publication, a token redeemed by two clients) is held for milliseconds;
 # waiting longer than this means a stuck transaction elsewhere.
 LOCK_TIMEOUT_MS: Final = 5_000
+#: a pooled connection idle longer than this is pinged (one round trip) before a request
+#: uses it, so a database restart or failover during a quiet spell is noticed before a
+#: request fails. One used more recently is not: under load every connection is, and the
+#: ping was one statement more per check-in (ADR 0036). A connection the database dropped
+#: within this time fails its request once, and the disconnect invalidates the whole pool
+#: (SQLAlchemy's disconnect handling), so the next requests get fresh connections.
+PING_AFTER_IDLE_SECONDS: Final = 1.0
 # Connecting to an unreachable database fails after this instead of hanging start-up.
 CONNECT_TIMEOUT_SECONDS: Final = 10
 
@@ -155,6 +165,34 @@ def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
+def _idle_since(record: Any) -> float | None:
+    since = record.info.get("otaguard_idle_since")
+    return since if isinstance(since, float) else None
+
+
+def ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection on checkout when it sat idle past
+    :data:`PING_AFTER_IDLE_SECONDS`; a dead one is replaced (the pool retries)."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        record.info["otaguard_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _taken(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = _idle_since(record)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return  # new, or in use a moment ago
+        dialect = engine.dialect
+        try:
+            dialect.do_ping(dbapi_conn)
+        except dialect.loaded_dbapi.Error as e:
+            if dialect.is_disconnect(e, dbapi_conn, None):
+                # the pool discards it and checks out (or opens) another
+                raise DisconnectionError(describe_error(e, engine.url)) from e
+            raise
+
+
 def create_db_engine(url: str) -> Engine:
     """Create the engine (connection pool) for ``url``; connects lazily.
 
@@ -171,9 +209,7 @@ def create_db_engine(url: str) -> Engine:
                 max_overflow=MAX_OVERFLOW,
                 pool_timeout=POOL_TIMEOUT_SECONDS,
                 pool_recycle=POOL_RECYCLE_SECONDS,
-                # A connection the database dropped (restart, failover) is replaced
-                # before a request uses it, not discovered by the request failing.
-                pool_pre_ping=True,
+                # not pre_ping (a round trip per checkout): ping_when_idle below
                 connect_args={
                     "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                     "application_name": "otaguard",
@@ -181,6 +217,7 @@ def create_db_engine(url: str) -> Engine:
                     f"-c lock_timeout={LOCK_TIMEOUT_MS}",
                 },
             )
+            ping_when_idle(engine)
         else:
             engine = create_engine(parsed)
             event.listen(engine, "connect", sqlite_pragmas)
