@@ -96,3 +96,51 @@ def test_the_fleet_listing_is_one_statement_and_agrees_with_each_device_read(
     assert listed[0].cert_serials == ("c1", "c2")  # oldest first
     assert listed[1].cert_serials == () and listed[1].certs_valid_until is None
     devices.close()
+
+
+def test_the_registry_check_is_one_row_however_many_certificates_a_device_was_issued(
+    db_engine: Engine, tmp_path: Path
+) -> None:
+    """Day-long certificates: a device renews daily. The gate's read names the presented
+    certificate and returns one row (it read every certificate the device was ever issued),
+    and a certificate the registry did not issue to this device is still refused."""
+    from sqlalchemy import event
+
+    from otaguard.server.storage.checkins import SQLCheckinStore
+
+    ca = DeviceCA.load_or_create(tmp_path / "device-ca", now=NOW - dt.timedelta(days=1))
+    key = ec.generate_private_key(ec.SECP256R1())
+    devices = SQLDeviceStore(db_engine)
+    devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
+    certs = []
+    for day in range(30):
+        cert = ca.issue(
+            x509.load_der_x509_csr(build_csr(key, "d1")),
+            serial="d1",
+            hardware_id="hw",
+            now=NOW - dt.timedelta(days=day),
+            lifetime=LIFETIME + dt.timedelta(days=day),
+        )
+        devices.record_certificate(
+            "d1", format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc, now=NOW
+        )
+        certs.append(cert)
+    SQLCheckinStore(db_engine).register_attestation_key("d1", "AK PEM", now=NOW)
+    statements: list[str] = []
+    event.listen(db_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    gate = DeviceGate(devices, issuing_ca=ca.issuing, clock=lambda: NOW, required=True)
+    dev = gate.authenticate(_scope(certs[17]))
+    assert dev is not None and dev.record.attestation_key == "AK PEM"
+    # one statement, reading no certificate's columns (one row, not one per certificate)
+    assert len(statements) == 1 and "not_after" not in statements[0], statements
+    # a certificate of the same CA and subject the registry never recorded for d1
+    unrecorded = ca.issue(
+        x509.load_der_x509_csr(build_csr(key, "d1")),
+        serial="d1",
+        hardware_id="hw",
+        now=NOW,
+        lifetime=LIFETIME,
+    )
+    with pytest.raises(AccessDeniedError, match="was not issued to device d1 by the registry"):
+        gate.authenticate(_scope(unrecorded))
+    devices.close()

@@ -202,7 +202,7 @@ class CheckinServices:
         Raises:
             AccessDeniedError: it has an attestation key and no such check-in.
         """
-        if self.checkins.attestation_key(dev.record.serial) is not None:
+        if dev.record.attestation_key is not None:
             self.require_recent(dev, window=RENEWAL_CHECKIN_WINDOW)
 
     def listed_images(self, hardware_id: str) -> list[ListedImage]:
@@ -371,7 +371,7 @@ def _check_attestation(
 ) -> tuple[str | None, int | None]:
     """(why the device must be quarantined or None, verified TPM reset count or None)."""
     serial = dev.record.serial
-    ak = svc.checkins.attestation_key(serial)
+    ak = dev.record.attestation_key  # read with the registry check (one statement)
     if ak is None:
         if manifest.quote is not None:
             raise _refused(serial, "check-in refused: a quote, but no attestation key registered")
@@ -471,9 +471,9 @@ def issue_nonce(
         AccessDeniedError: the device or its certificate is refused (the reason).
         ServerStorageError: the database failed.
     """
-    with svc.unit():  # the registry check, the nonce and the key: one transaction
+    with svc.unit():  # the registry check (and the key) and the nonce: one transaction
         dev = gate.admit(presented, scope)
-        registered = svc.checkins.attestation_key(dev.record.serial) is not None
+        registered = dev.record.attestation_key is not None
         return _new_nonce(svc, dev, ttl=NONCE_TTL, registered=registered)
 
 

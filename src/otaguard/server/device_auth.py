@@ -34,7 +34,7 @@ from otaguard.server._tls import (
     client_certificate_error,
     client_certificate_proxy,
 )
-from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
+from otaguard.server.storage.base import DeviceStanding, DeviceState, DeviceStore
 
 __all__ = [
     "VERIFIED_CERTIFICATES_KEPT",
@@ -56,12 +56,13 @@ class AuthenticatedDevice:
     """A device whose certificate passed every check.
 
     Attributes:
-        record: its registry entry as read for this request.
+        record: its standing in the registry as read for this request (status, the
+            certificate issued to it, its attestation key).
         identity: what its certificate says.
         certificate: the certificate itself.
     """
 
-    record: DeviceRecord
+    record: DeviceStanding
     identity: DeviceIdentity
     certificate: x509.Certificate
 
@@ -214,10 +215,10 @@ class DeviceGate:
             AccessDeniedError: the device or this certificate is refused (the reason).
         """
         ident, subject = presented.identity, presented.subject
-        rec = self._devices.get(ident.serial)
+        rec = self._devices.standing(ident.serial, cert_serial=ident.cert_serial)
         if rec is None:
             raise self._refuse(f"device {ident.serial} is not in the registry", subject, scope)
-        if ident.cert_serial not in rec.cert_serials:
+        if not rec.cert_issued:
             raise self._refuse(
                 f"certificate {ident.cert_serial} was not issued to device {ident.serial} "
                 "by the registry",

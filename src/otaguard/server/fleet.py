@@ -67,7 +67,7 @@ from otaguard.server._tls import client_certificate_der, client_certificate_erro
 from otaguard.server.audit import role_route
 from otaguard.server.auth import OperatorAuth, Role, note_audit
 from otaguard.server.device_auth import AuthenticatedDevice, DeviceGate
-from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
+from otaguard.server.storage.base import DeviceRecord, DeviceStanding, DeviceState, DeviceStore
 
 __all__ = [
     "ENROLLMENT_TOKEN_BYTES",
@@ -285,7 +285,9 @@ def _certs_response(der_pkcs7: bytes) -> Response:
     )
 
 
-def issue_certificate(svc: FleetServices, rec: DeviceRecord, csr_der: bytes) -> bytes:
+def issue_certificate(
+    svc: FleetServices, rec: DeviceRecord | DeviceStanding, csr_der: bytes
+) -> bytes:
     """Issue and record a certificate for a checked device; returns the PKCS#7 (DER).
 
     Raises:

@@ -25,6 +25,7 @@ __all__ = [
     "CheckinStore",
     "DeviceAlert",
     "DeviceRecord",
+    "DeviceStanding",
     "DeviceState",
     "DeviceStore",
     "MetadataRecord",
@@ -235,6 +236,27 @@ class DeviceRecord:
     certs_valid_until: dt.datetime | None = None
 
 
+@dataclass(frozen=True)
+class DeviceStanding:
+    """What the device gate reads on every device request (:meth:`DeviceStore.standing`).
+
+    Attributes:
+        serial: the device serial.
+        hardware_id: its hardware id.
+        status: its :class:`DeviceState`.
+        reason: why it was quarantined or revoked (empty otherwise).
+        cert_issued: whether the registry issued it the certificate asked about.
+        attestation_key: the PEM of the TPM attestation key it registered, if any.
+    """
+
+    serial: str
+    hardware_id: str
+    status: DeviceState
+    reason: str
+    cert_issued: bool
+    attestation_key: str | None
+
+
 class DeviceStore(ABC):
     """The fleet registry: devices, their enrollment tokens and issued certificates.
 
@@ -261,6 +283,16 @@ class DeviceStore(ABC):
     @abstractmethod
     def get(self, serial: str) -> DeviceRecord | None:
         """Return the device with ``serial``, or ``None``."""
+
+    @abstractmethod
+    def standing(self, serial: str, *, cert_serial: str) -> DeviceStanding | None:
+        """The device's status, whether ``cert_serial`` was issued to it, and its
+        attestation key (``None``: no such device). One read whose cost does not grow
+        with the certificates a device was issued.
+
+        Raises:
+            ServerStorageError: the database failed.
+        """
 
     @abstractmethod
     def list(self) -> list[DeviceRecord]:

@@ -45,7 +45,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
-from otaguard.server.storage.devices import devices_table
+from otaguard.server.storage.devices import ak_table, devices_table
 from otaguard.server.storage.unit import newest_of_device, reading, writing
 
 __all__ = [
@@ -104,13 +104,6 @@ checkins_table = Table(
     Column("manifest", LargeBinary, nullable=False),
     Index("ix_checkins_serial_time", "serial", "time"),
     Index("ix_checkins_cert_time", "cert_serial", "time"),
-)
-ak_table = Table(
-    "attestation_keys",
-    _schema,
-    Column("serial", String(64), ForeignKey("devices.serial"), primary_key=True),
-    Column("public_pem", String(1024), nullable=False),
-    Column("registered_at", DateTime(timezone=True), nullable=False),
 )
 alerts_table = Table(
     "device_alerts",

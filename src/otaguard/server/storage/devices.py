@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     case,
+    exists,
     insert,
     select,
     update,
@@ -45,11 +46,11 @@ from otaguard.model.errors import (
     StateConflictError,
     UnknownDeviceError,
 )
-from otaguard.server.storage.base import DeviceRecord, DeviceState, DeviceStore
+from otaguard.server.storage.base import DeviceRecord, DeviceStanding, DeviceState, DeviceStore
 from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.storage.unit import reading, writing
 
-__all__ = ["MAX_REASON_CHARS", "SQLDeviceStore"]
+__all__ = ["MAX_REASON_CHARS", "SQLDeviceStore", "ak_table", "certs_table", "devices_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,40 @@ tokens_table = Table(
     Column("used_at", DateTime(timezone=True), nullable=True),
     Index("ix_enrollment_tokens_serial", "serial"),
 )
+#: a device's TPM attestation key (registered once; read with the device's standing)
+ak_table = Table(
+    "attestation_keys",
+    _schema,
+    Column("serial", String(64), ForeignKey("devices.serial"), primary_key=True),
+    Column("public_pem", String(1024), nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
 
 
-# One statement (the device gate runs it on every device request, so it is built once):
+# The device gate's read on every device request (built once): the device row, whether
+# the presented certificate was issued to it, and its attestation key. One statement and
+# one row, however many certificates the device was issued: with day-long certificates
+# that is one more a day, and reading them all made a check-in's cost grow with the
+# device's age.
+_STANDING: Final = select(
+    devices_table.c.serial,
+    devices_table.c.hardware_id,
+    devices_table.c.status,
+    devices_table.c.reason,
+    exists()
+    .where(
+        certs_table.c.cert_serial == bindparam("cert_serial"),
+        certs_table.c.serial == devices_table.c.serial,
+    )
+    .label("cert_issued"),
+    select(ak_table.c.public_pem)
+    .where(ak_table.c.serial == devices_table.c.serial)
+    .scalar_subquery()
+    .label("ak"),
+).where(devices_table.c.serial == bindparam("serial"))
+
+
+# One statement (fleet show, enrollment: built once):
 # the device row joined with its certificates, oldest first; a device without a
 # certificate yet gives one row with NULL certificate columns.
 _READ_DEVICE: Final = (
@@ -186,6 +218,26 @@ class SQLDeviceStore(DeviceStore):
         return _from_rows(rows)
 
     # -- DeviceStore ------------------------------------------------------------------
+    def standing(self, serial: str, *, cert_serial: str) -> DeviceStanding | None:
+        """See :meth:`DeviceStore.standing`."""
+        try:
+            with reading(self._engine) as conn:
+                row = conn.execute(
+                    _STANDING, {"serial": serial, "cert_serial": cert_serial}
+                ).first()
+        except SQLAlchemyError as e:
+            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+        if row is None:
+            return None
+        return DeviceStanding(
+            serial=row.serial,
+            hardware_id=row.hardware_id,
+            status=DeviceState(row.status),
+            reason=row.reason,
+            cert_issued=bool(row.cert_issued),
+            attestation_key=row.ak,
+        )
+
     def add(
         self,
         serial: str,
