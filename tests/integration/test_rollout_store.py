@@ -379,3 +379,21 @@ def test_the_kept_rollout_list_sees_a_halt_by_another_process_at_once(
             dataclasses.replace(r, state="paused", reason="p"), expect_state="halted", now=NOW
         )
         assert [x.state for x in there.list()] == ["paused"]
+
+
+def test_the_kept_group_settings_see_a_change_by_another_process_at_once(
+    db_engine: Engine, tmp_path: Path
+) -> None:
+    """The groups' channel settings are kept between announcements like the rollout list:
+    a group's new security delay set through another process is seen at the next read."""
+    signal = ChangeSignal(tmp_path, "rollouts")
+    here = NotifyingRolloutStore(db_engine, on_change=signal.touch, changes=signal.token)
+    there = NotifyingRolloutStore(db_engine, on_change=signal.touch, changes=signal.token)
+    here.set_group_policy(GroupPolicy("plant-a", security_delay=dt.timedelta(days=1)))
+    assert there.group_policies()["plant-a"].security_delay == dt.timedelta(days=1)
+    reads: list[str] = []
+    event.listen(db_engine, "before_cursor_execute", lambda *a: reads.append(a[2]))
+    assert there.group_policies()["plant-a"].security_delay == dt.timedelta(days=1)
+    assert not reads  # kept: no statement
+    here.set_group_policy(GroupPolicy("plant-a", security_delay=dt.timedelta(days=2)))
+    assert there.group_policies()["plant-a"].security_delay == dt.timedelta(days=2)

@@ -315,7 +315,8 @@ class ChannelPolicy:
                 if standing[0] == "failure":
                     r = ro.status(r).evaluation.rollout  # noqa: PLW2901 - the fresher one
             views.append(RolloutView(r, tuple(ro.inventory.members(r.group))))
-        policies, no_features = ro.store.channel_settings(serial)
+        policies = ro.store.group_policies()  # kept until a change is announced
+        no_features = view.no_features if view is not None else False
         now = ro.clock()
         return decide(
             device=DeviceFacts(

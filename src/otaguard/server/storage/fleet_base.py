@@ -151,10 +151,13 @@ class DeviceView:
     Attributes:
         tags: its tags.
         groups: ``all`` first, then its static and dynamic groups by name.
+        no_features: the device itself opted out of feature releases (``otaguard device
+            set --no-features``; a group's opt-out is the group's channel setting).
     """
 
     tags: dict[str, str]
     groups: tuple[str, ...]
+    no_features: bool = False
 
 
 class InventoryStore(ABC):

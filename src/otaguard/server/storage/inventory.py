@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     Column,
@@ -26,6 +26,7 @@ from sqlalchemy import (
     Index,
     String,
     Table,
+    bindparam,
     delete,
     func,
     insert,
@@ -51,6 +52,7 @@ from otaguard.server.storage.fleet_base import (
     NameExistsError,
     UnknownNameError,
 )
+from otaguard.server.storage.rollouts import channel_settings_table
 from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.storage.unit import reading
 from otaguard.server.tags import (
@@ -101,6 +103,28 @@ def _group(row: Row[Any]) -> GroupRecord:
 
 
 _ALL: GroupRecord = GroupRecord(name=BUILTIN_GROUP, where=None, created_at=None)
+
+
+# Every check-in's policy reads it (device_view), so it is built once.
+_DEVICE_VIEW: Final = union_all(
+    select(literal("d").label("kind"), devices_table.c.serial.label("a"), null().label("b")).where(
+        devices_table.c.serial == bindparam("serial")
+    ),
+    select(literal("t"), tags_table.c.key, tags_table.c.value).where(
+        tags_table.c.serial == bindparam("serial")
+    ),
+    select(literal("s"), members_table.c.group_name, null()).where(
+        members_table.c.serial == bindparam("serial")
+    ),
+    select(literal("g"), groups_table.c.name, groups_table.c.where_filter).where(
+        groups_table.c.where_filter.is_not(None)
+    ),
+    select(literal("n"), channel_settings_table.c.name, null()).where(
+        channel_settings_table.c.scope == "device",
+        channel_settings_table.c.name == bindparam("serial"),
+        channel_settings_table.c.no_features.is_(True),
+    ),
+)
 
 
 class SQLInventoryStore(InventoryStore):
@@ -279,26 +303,13 @@ class SQLInventoryStore(InventoryStore):
         """See :meth:`InventoryStore.device_view`.
 
         One statement, indexed by serial: the device's registry row, its tags, its
-        static memberships, and the dynamic groups' filters (a few rows an operator
-        made, however large the fleet); the filters are matched here.
+        static memberships, its own opt-out of feature releases, and the dynamic groups'
+        filters (a few rows an operator made, however large the fleet); the filters are
+        matched here. The check-in's policy reads all it needs of the device in it.
         """
-        rows = union_all(
-            select(
-                literal("d").label("kind"), devices_table.c.serial.label("a"), null().label("b")
-            ).where(devices_table.c.serial == serial),
-            select(literal("t"), tags_table.c.key, tags_table.c.value).where(
-                tags_table.c.serial == serial
-            ),
-            select(literal("s"), members_table.c.group_name, null()).where(
-                members_table.c.serial == serial
-            ),
-            select(literal("g"), groups_table.c.name, groups_table.c.where_filter).where(
-                groups_table.c.where_filter.is_not(None)
-            ),
-        )
         try:
             with reading(self._engine) as conn:
-                found = conn.execute(rows).all()
+                found = conn.execute(_DEVICE_VIEW, {"serial": serial}).all()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         if not any(r.kind == "d" for r in found):
@@ -306,7 +317,11 @@ class SQLInventoryStore(InventoryStore):
         tags = {r.a: r.b for r in found if r.kind == "t"}
         groups = {r.a for r in found if r.kind == "s"}
         groups.update(r.a for r in found if r.kind == "g" and matches(parse_filter(r.b), tags))
-        return DeviceView(tags=tags, groups=(BUILTIN_GROUP, *sorted(groups)))
+        return DeviceView(
+            tags=tags,
+            groups=(BUILTIN_GROUP, *sorted(groups)),
+            no_features=any(r.kind == "n" for r in found),
+        )
 
     def members(self, name: str) -> list[str]:
         """See :meth:`InventoryStore.members`."""

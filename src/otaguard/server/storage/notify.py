@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from sqlalchemy.engine import Engine
 
-from otaguard.server.channels import Rollout
+from otaguard.server.channels import GroupPolicy, Rollout
 from otaguard.server.storage.base import DeviceRecord, DeviceState, MetadataRecord, PublishOutcome
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
@@ -138,10 +138,12 @@ class NotifyingMetadataStore(SQLMetadataStore):
 
 
 class NotifyingRolloutStore(SQLRolloutStore):
-    """:class:`SQLRolloutStore` announcing rollout writes, and keeping the rollout list.
+    """:class:`SQLRolloutStore` announcing rollout and group-policy writes, and keeping
+    the rollout list and the groups' channel settings.
 
-    Every check-in reads the list (the channel policy, ADR 0011); it changes when an
-    operator creates a rollout or a phase advances, halts or pauses. The list is kept until
+    Every check-in reads both (the channel policy, ADR 0011); the list changes when an
+    operator creates a rollout or a phase advances, halts or pauses, the settings when an
+    operator sets a group's (``group set``). Each is kept until
     an announcement (``changes``' token differs), at most :data:`ROLLOUT_LIST_SECONDS`, and
     dropped at once in this process when it writes one (its own unit reads its write).
     Other processes sharing the data directory see the announcement after the commit
@@ -158,9 +160,11 @@ class NotifyingRolloutStore(SQLRolloutStore):
         self._announce = on_change
         self._changes = changes
         self._kept: tuple[object, list[Rollout], float] | None = None
+        self._kept_policies: tuple[object, dict[str, GroupPolicy], float] | None = None
 
     def _changed(self) -> None:
         self._kept = None
+        self._kept_policies = None
         after_commit(self._notify_engine, self._announce)
 
     def create(self, rollout: Rollout, *, now: dt.datetime) -> None:
@@ -176,6 +180,27 @@ class NotifyingRolloutStore(SQLRolloutStore):
             return super().change(new, expect_state=expect_state, now=now)
         finally:
             self._changed()
+
+    def set_group_policy(self, policy: GroupPolicy) -> None:
+        """See :meth:`SQLRolloutStore.set_group_policy`; announced even when it raises."""
+        try:
+            super().set_group_policy(policy)
+        finally:
+            self._changed()
+
+    def group_policies(self) -> dict[str, GroupPolicy]:
+        """See :meth:`SQLRolloutStore.group_policies`; kept until the next announcement
+        (every check-in's policy asks; an operator changes them)."""
+        token = self._changes()  # before the read: a write during it reads again
+        kept = self._kept_policies
+        now = time.monotonic()
+        if kept is not None and _still_good(
+            kept, token=token, now=now, seconds=ROLLOUT_LIST_SECONDS
+        ):
+            return dict(kept[1])
+        policies = super().group_policies()
+        self._kept_policies = (token, policies, now)
+        return dict(policies)
 
     def list(self) -> list[Rollout]:
         """See :meth:`SQLRolloutStore.list`; kept until the next announcement."""

@@ -157,10 +157,6 @@ class RolloutStore(ABC):
         """Whether the device opted out of feature releases."""
 
     @abstractmethod
-    def channel_settings(self, serial: str) -> tuple[dict[str, GroupPolicy], bool]:
-        """:meth:`group_policies` and :meth:`device_no_features` of ``serial`` at once."""
-
-    @abstractmethod
     def set_device_no_features(self, serial: str, no_features: bool) -> None:
         """Opt a device out of feature releases, or back in."""
 
@@ -305,21 +301,6 @@ class SQLRolloutStore(RolloutStore):
     def group_policies(self) -> dict[str, GroupPolicy]:
         """See :meth:`RolloutStore.group_policies`."""
         return {r.name: _policy(r) for r in self._settings("group")}
-
-    def channel_settings(self, serial: str) -> tuple[dict[str, GroupPolicy], bool]:
-        """See :meth:`RolloutStore.channel_settings` (one statement, for the check-in)."""
-        t = channel_settings_table
-        try:
-            with reading(self._engine) as conn:
-                rows = conn.execute(
-                    select(t).where(
-                        or_(t.c.scope == "group", (t.c.scope == "device") & (t.c.name == serial))
-                    )
-                ).all()
-        except SQLAlchemyError as e:
-            raise self._fail(e, "read") from e
-        policies = {r.name: _policy(r) for r in rows if r.scope == "group"}
-        return policies, any(r.scope == "device" and r.no_features for r in rows)
 
     def set_group_policy(self, policy: GroupPolicy) -> None:
         """See :meth:`RolloutStore.set_group_policy`."""
