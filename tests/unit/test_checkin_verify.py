@@ -256,3 +256,43 @@ def test_a_nonce_is_claimed_once_and_only_by_its_device_certificate_and_in_time(
     assert store.claim_nonce("n3", serial="d1", cert_serial="c1", now=NOW) is None
     store.close()
     devices.close()
+
+
+def test_an_accepted_check_in_is_one_claim_record_and_next_nonce_or_nothing(
+    db_engine: Engine,
+) -> None:
+    """accept_checkin (on PostgreSQL one statement): the record and the next nonce are
+    written only when the nonce is claimed now, for this device and certificate; a replay,
+    another certificate's nonce or an expired one writes nothing."""
+    from otaguard.server.storage.base import CheckinRecord
+
+    devices = SQLDeviceStore(db_engine)
+    devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
+    store = SQLCheckinStore(db_engine)
+    store.issue_nonce(record(expires_at=NOW + TTL))
+    entry = CheckinRecord(
+        serial="d1", cert_serial="c1", time=NOW, device_time="t", running_version="1.0.0",
+        target="fw", boot_sha256="0" * 64, attested=False, reset_count=None,
+        outcome="accepted", detail="", manifest=b"{}",
+    )  # fmt: skip
+
+    def accept(nonce: str, nxt: str, **changes: object) -> bool:
+        return store.accept_checkin(
+            dataclasses.replace(entry, **changes),  # type: ignore[arg-type]
+            nonce=nonce,
+            next_nonce=record(nonce=nxt, expires_at=NOW + dt.timedelta(days=1)),
+        )
+
+    assert not accept("n1", "x1", cert_serial="c2")  # another certificate's nonce
+    assert not accept("n1", "x2", time=NOW + TTL)  # expired by then
+    assert store.history("d1", limit=5) == [] and store.get_nonce("x1") is None
+    assert store.get_nonce("x2") is None
+    assert accept("n1", "next")
+    assert [c.running_version for c in store.history("d1", limit=5)] == ["1.0.0"]
+    spent, nxt = store.get_nonce("n1"), store.get_nonce("next")
+    assert spent is not None and spent.used_at == NOW
+    assert nxt is not None and nxt.used_at is None and nxt.cert_serial == "c1"
+    assert not accept("n1", "again")  # the replay: nothing more written
+    assert len(store.history("d1", limit=5)) == 1 and store.get_nonce("again") is None
+    store.close()
+    devices.close()

@@ -32,7 +32,7 @@ import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from threading import Lock
-from typing import Annotated, Any, Final, Protocol
+from typing import Annotated, Any, Final, NoReturn, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -396,8 +396,17 @@ def _claim_nonce(
 ) -> None:
     """Spend the manifest's nonce in one statement; on failure, read it to say why."""
     serial, cert_serial = dev.record.serial, dev.identity.cert_serial
-    if svc.checkins.claim_nonce(manifest.nonce, serial=serial, cert_serial=cert_serial, now=now):
-        return
+    if not svc.checkins.claim_nonce(
+        manifest.nonce, serial=serial, cert_serial=cert_serial, now=now
+    ):
+        _refuse_unclaimed(svc, dev, manifest, now=now)
+
+
+def _refuse_unclaimed(
+    svc: CheckinServices, dev: AuthenticatedDevice, manifest: DeviceManifest, *, now: dt.datetime
+) -> NoReturn:
+    """The manifest's nonce could not be claimed: read it to say why, and refuse."""
+    serial, cert_serial = dev.record.serial, dev.identity.cert_serial
     try:
         check_nonce(
             manifest,
@@ -415,11 +424,15 @@ def _claim_nonce(
 
 def _record(
     svc: CheckinServices, dev: AuthenticatedDevice, data: bytes
-) -> tuple[CheckinRecord, DeviceManifest, str | None]:
-    """Verify and record one check-in: (its record, the manifest, why it quarantines).
+) -> tuple[CheckinRecord, DeviceManifest, str | None, NonceBody | None]:
+    """Verify and record one check-in: (its record, the manifest, why it quarantines, the
+    nonce for the device's next check-in when it is accepted).
 
     Runs inside the request's unit: the nonce claim, the reads and the writes commit
-    together (a quarantine included), or not at all when a refusal raises.
+    together (a quarantine included), or not at all when a refusal raises. Everything is
+    decided before the first write (the manifest, the quote, the boot measurement), so an
+    accepted check-in is one write (:meth:`~.storage.base.CheckinStore.accept_checkin`:
+    the claim, the record and the next nonce); a refusal writes nothing.
     """
     serial, cert_serial = dev.record.serial, dev.identity.cert_serial
     now = svc.clock()
@@ -427,7 +440,6 @@ def _record(
         manifest = verify_manifest(data, certificate=dev.certificate, serial=serial)
     except CheckinRefusedError as e:
         raise _refused(serial, str(e)) from e
-    _claim_nonce(svc, dev, manifest, now=now)
     problem, reset_count = _check_attestation(svc, dev, manifest)
     if problem is None:
         problem = assess_boot(manifest, listed=svc.listed_images(dev.record.hardware_id))
@@ -450,15 +462,23 @@ def _record(
         ),
         manifest=data,
     )
-    svc.checkins.record_checkin(entry)
-    if problem is not None:
+    if problem is not None:  # recorded only against a nonce claimed now, like any check-in
+        _claim_nonce(svc, dev, manifest, now=now)
+        svc.checkins.record_checkin(entry)
         reason = f"measured boot: {problem}"
         svc.checkins.add_alert(DeviceAlert(serial, now, "measured-boot", problem))
         svc.devices.set_status(serial, DeviceState.QUARANTINED, reason=reason[:500], now=now)
-    elif manifest.attack_flags:
+        return entry, manifest, problem, None
+    # An accepted check-in by a device with an attestation key was attested (else it
+    # quarantines): the key is registered exactly when it was. The claimed nonce is
+    # replaced by the next one: the open ones cannot grow here (no bound to enforce).
+    record, next_nonce = _nonce(dev, now=now, ttl=NEXT_NONCE_TTL, registered=entry.attested)
+    if not svc.checkins.accept_checkin(entry, nonce=manifest.nonce, next_nonce=record):
+        _refuse_unclaimed(svc, dev, manifest, now=now)
+    if manifest.attack_flags:
         flags = ", ".join(manifest.attack_flags)
         svc.checkins.add_alert(DeviceAlert(serial, now, "attack", f"device refused: {flags}"))
-    return entry, manifest, problem
+    return entry, manifest, None, next_nonce
 
 
 def issue_nonce(
@@ -474,33 +494,25 @@ def issue_nonce(
     with svc.unit():  # the registry check (and the key) and the nonce: one transaction
         dev = gate.admit(presented, scope)
         registered = dev.record.attestation_key is not None
-        return _new_nonce(svc, dev, ttl=NONCE_TTL, registered=registered)
+        record, body = _nonce(dev, now=svc.clock(), ttl=NONCE_TTL, registered=registered)
+        svc.checkins.issue_nonce(record)
+        return body
 
 
-def _new_nonce(
-    svc: CheckinServices,
-    dev: AuthenticatedDevice,
-    *,
-    ttl: dt.timedelta,
-    registered: bool,
-    replaces_claimed: bool = False,
-) -> NonceBody:
-    """Issue a nonce to ``dev``'s certificate, valid for ``ttl`` (inside the caller's unit;
-    ``replaces_claimed``: the unit just claimed one of the certificate's nonces)."""
-    now = svc.clock()
+def _nonce(
+    dev: AuthenticatedDevice, *, now: dt.datetime, ttl: dt.timedelta, registered: bool
+) -> tuple[NonceRecord, NonceBody]:
+    """A new nonce for ``dev``'s certificate, valid for ``ttl``: (to store, to answer)."""
     value = secrets.token_urlsafe(NONCE_BYTES)
-    svc.checkins.issue_nonce(
-        NonceRecord(
-            nonce=value,
-            serial=dev.record.serial,
-            cert_serial=dev.identity.cert_serial,
-            issued_at=now,
-            expires_at=now + ttl,
-            used_at=None,
-        ),
-        replaces_claimed=replaces_claimed,
+    record = NonceRecord(
+        nonce=value,
+        serial=dev.record.serial,
+        cert_serial=dev.identity.cert_serial,
+        issued_at=now,
+        expires_at=now + ttl,
+        used_at=None,
     )
-    return NonceBody(nonce=value, expires=now + ttl, attestation_key_registered=registered)
+    return record, NonceBody(nonce=value, expires=now + ttl, attestation_key_registered=registered)
 
 
 def run_checkin(
@@ -525,19 +537,10 @@ def run_checkin(
     # the manifest is durable when the device reads its instruction. A quarantine commits
     # and is raised after it; it gets no answer.
     director = None
-    next_nonce = None
     try:
         with svc.unit():
             dev = gate.admit(presented, scope)
-            entry, manifest, problem = _record(svc, dev, data)
-            if problem is None:
-                # An accepted check-in by a device with an attestation key was attested
-                # (else it quarantines): the key is registered exactly when it was.
-                # The claim above spent one of this certificate's nonces: one in, one out,
-                # the open ones cannot grow here (no bound to enforce, one statement less).
-                next_nonce = _new_nonce(
-                    svc, dev, ttl=NEXT_NONCE_TTL, registered=entry.attested, replaces_claimed=True
-                )
+            entry, manifest, problem, next_nonce = _record(svc, dev, data)
             if problem is None and svc.answer_in_unit:
                 director = _answer(svc, dev, manifest, entry)
             if svc.monitor is not None:  # fleet monitoring (ADR 0026): same transaction

@@ -425,10 +425,9 @@ class CheckinStore(ABC):
     """
 
     @abstractmethod
-    def issue_nonce(self, record: NonceRecord, *, replaces_claimed: bool = False) -> None:
+    def issue_nonce(self, record: NonceRecord) -> None:
         """Store a new nonce (and forget expired ones); the certificate's unused nonces
-        are bounded, except with ``replaces_claimed``: issued in the unit that just
-        claimed one of its nonces, so their number cannot have grown."""
+        are bounded (:meth:`accept_checkin` replaces one, so it needs no bound)."""
 
     @abstractmethod
     def get_nonce(self, nonce: str) -> NonceRecord | None:
@@ -449,6 +448,13 @@ class CheckinStore(ABC):
     @abstractmethod
     def record_checkin(self, record: CheckinRecord) -> None:
         """Append a check-in to the device's history."""
+
+    @abstractmethod
+    def accept_checkin(self, record: CheckinRecord, *, nonce: str, next_nonce: NonceRecord) -> bool:
+        """An accepted check-in, all or nothing: claim ``nonce`` as :meth:`claim_nonce`
+        does (for the record's serial and certificate, at its time), append ``record`` and
+        issue ``next_nonce`` in the claimed one's place. ``False``: the nonce could not be
+        claimed and nothing was written (:meth:`get_nonce` says why)."""
 
     @abstractmethod
     def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:

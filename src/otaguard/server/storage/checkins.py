@@ -38,9 +38,10 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
@@ -151,6 +152,74 @@ _INSERT_NONCE: Final = insert(nonces_table)
 _INSERT_CHECKIN: Final = insert(checkins_table)
 
 
+# An accepted check-in on PostgreSQL (accept_checkin): the claim, the record and the next
+# nonce in one statement, each insert drawing its one row from the claim, so an unclaimed
+# nonce writes nothing. Three statements were three round trips and three executions.
+_ACCEPT_PG: Final = text(
+    """
+    WITH claimed AS (
+        UPDATE checkin_nonces SET used_at = :now
+        WHERE nonce = :n AND serial = :s AND cert_serial = :c
+          AND used_at IS NULL AND expires_at > :now
+        RETURNING serial
+    ), recorded AS (
+        INSERT INTO checkins (serial, cert_serial, time, device_time, running_version,
+                              target, boot_sha256, attested, reset_count, outcome, detail,
+                              manifest)
+        SELECT :serial, :cert_serial, :time, :device_time, :running_version, :target,
+               :boot_sha256, :attested, :reset_count, :outcome, :detail, :manifest
+        FROM claimed
+        RETURNING id
+    )
+    INSERT INTO checkin_nonces (nonce, serial, cert_serial, issued_at, expires_at, used_at)
+    SELECT :next_nonce, :next_serial, :next_cert_serial, :next_issued_at, :next_expires_at,
+           NULL
+    FROM claimed, recorded
+    RETURNING nonce
+    """
+).bindparams(
+    bindparam("now", type_=DateTime(timezone=True)),
+    bindparam("time", type_=DateTime(timezone=True)),
+    bindparam("next_issued_at", type_=DateTime(timezone=True)),
+    bindparam("next_expires_at", type_=DateTime(timezone=True)),
+    bindparam("attested", type_=Boolean),
+    bindparam("reset_count", type_=BigInteger),
+    bindparam("manifest", type_=LargeBinary),
+)
+
+
+def _checkin_params(record: CheckinRecord) -> dict[str, Any]:
+    return {
+        "serial": record.serial,
+        "cert_serial": record.cert_serial,
+        "time": record.time,
+        "device_time": record.device_time[:64],
+        "running_version": record.running_version[:256],
+        "target": record.target[:256],
+        "boot_sha256": record.boot_sha256,
+        "attested": record.attested,
+        "reset_count": record.reset_count,
+        "outcome": record.outcome,
+        "detail": record.detail[:_DETAIL_CHARS],
+        "manifest": record.manifest,
+    }
+
+
+def _nonce_params(record: NonceRecord) -> dict[str, Any]:
+    return {
+        "nonce": record.nonce,
+        "serial": record.serial,
+        "cert_serial": record.cert_serial,
+        "issued_at": record.issued_at,
+        "expires_at": record.expires_at,
+        "used_at": None,
+    }
+
+
+def _next_nonce_params(record: NonceRecord) -> dict[str, Any]:
+    return {f"next_{k}": v for k, v in _nonce_params(record).items() if k != "used_at"}
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite returns naive datetimes; every value stored here was UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -188,43 +257,63 @@ class SQLCheckinStore(CheckinStore):
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")
 
-    def issue_nonce(self, record: NonceRecord, *, replaces_claimed: bool = False) -> None:
-        """See :meth:`CheckinStore.issue_nonce`."""
-        purge = self._last_purge is None or record.issued_at - self._last_purge >= (
-            NONCE_PURGE_INTERVAL
+    def _purge_due(self, now: dt.datetime) -> bool:
+        return self._last_purge is None or now - self._last_purge >= NONCE_PURGE_INTERVAL
+
+    def _purge(self, conn: Connection, now: dt.datetime) -> None:
+        # Expired nonces can only be refused; forget them so the table stays small. So
+        # are spent ones, which are kept a while only to name a replay as one (after that
+        # it is refused as unknown): a next-check-in nonce lives a day (ADR 0036), the
+        # table about one row per device.
+        conn.execute(
+            delete(nonces_table).where(
+                or_(
+                    nonces_table.c.expires_at < now,
+                    nonces_table.c.used_at < now - SPENT_NONCE_KEPT,
+                )
+            )
         )
+
+    def issue_nonce(self, record: NonceRecord) -> None:
+        """See :meth:`CheckinStore.issue_nonce`."""
+        purge = self._purge_due(record.issued_at)
         try:
             with writing(self._engine) as conn:
                 if purge:
-                    # Expired nonces can only be refused; forget them so the table stays small.
-                    # So are spent ones, which are kept a while only to name a replay as
-                    # one (after that it is refused as unknown): a next-check-in nonce
-                    # lives a day (ADR 0036), the table about one row per device.
-                    conn.execute(
-                        delete(nonces_table).where(
-                            or_(
-                                nonces_table.c.expires_at < record.issued_at,
-                                nonces_table.c.used_at < record.issued_at - SPENT_NONCE_KEPT,
-                            )
-                        )
-                    )
-                if not replaces_claimed:
-                    conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
-                conn.execute(
-                    _INSERT_NONCE,
-                    {
-                        "nonce": record.nonce,
-                        "serial": record.serial,
-                        "cert_serial": record.cert_serial,
-                        "issued_at": record.issued_at,
-                        "expires_at": record.expires_at,
-                        "used_at": None,
-                    },
-                )
+                    self._purge(conn, record.issued_at)
+                conn.execute(_STALE_NONCES, {"cert_serial": record.cert_serial})
+                conn.execute(_INSERT_NONCE, _nonce_params(record))
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
         if purge:
             self._last_purge = record.issued_at
+
+    def accept_checkin(self, record: CheckinRecord, *, nonce: str, next_nonce: NonceRecord) -> bool:
+        """See :meth:`CheckinStore.accept_checkin`.
+
+        PostgreSQL: one statement (the claim, the record and the next nonce as one
+        data-modifying ``WITH``), atomic by itself; elsewhere the three in the unit.
+        """
+        claim = {"n": nonce, "s": record.serial, "c": record.cert_serial, "now": record.time}
+        purge = self._purge_due(record.time)
+        try:
+            with writing(self._engine) as conn:
+                if conn.dialect.name == "postgresql":
+                    params = {**claim, **_checkin_params(record), **_next_nonce_params(next_nonce)}
+                    accepted = conn.execute(_ACCEPT_PG, params).first() is not None
+                elif conn.execute(_CLAIM_NONCE, claim).first() is None:
+                    accepted = False
+                else:
+                    conn.execute(_INSERT_CHECKIN, _checkin_params(record))
+                    conn.execute(_INSERT_NONCE, _nonce_params(next_nonce))
+                    accepted = True
+                if accepted and purge:  # after the claim: a refusal names an expired nonce
+                    self._purge(conn, record.time)
+        except SQLAlchemyError as e:
+            raise self._fail(e, "write") from e
+        if accepted and purge:
+            self._last_purge = record.time
+        return accepted
 
     def get_nonce(self, nonce: str) -> NonceRecord | None:
         """See :meth:`CheckinStore.get_nonce`."""
@@ -285,23 +374,7 @@ class SQLCheckinStore(CheckinStore):
         """See :meth:`CheckinStore.record_checkin`."""
         try:
             with writing(self._engine) as conn:
-                conn.execute(
-                    _INSERT_CHECKIN,
-                    {
-                        "serial": record.serial,
-                        "cert_serial": record.cert_serial,
-                        "time": record.time,
-                        "device_time": record.device_time[:64],
-                        "running_version": record.running_version[:256],
-                        "target": record.target[:256],
-                        "boot_sha256": record.boot_sha256,
-                        "attested": record.attested,
-                        "reset_count": record.reset_count,
-                        "outcome": record.outcome,
-                        "detail": record.detail[:_DETAIL_CHARS],
-                        "manifest": record.manifest,
-                    },
-                )
+                conn.execute(_INSERT_CHECKIN, _checkin_params(record))
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
 
