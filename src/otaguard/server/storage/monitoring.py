@@ -38,6 +38,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    bindparam,
     delete,
     func,
     insert,
@@ -284,6 +285,26 @@ class MonitorStore(ABC):
         """Number of alerts per (signal, acknowledged)."""
 
 
+# Every check-in writes it (note_checkin), so it is built once: building and keying the
+# statement per call cost more of a worker than running it.
+_NOTE_CHECKIN: Final = (
+    update(health_table)
+    .where(health_table.c.serial == bindparam("s"))
+    .values(
+        {
+            c: bindparam(f"v_{c}")
+            for c in (
+                "hardware_id",
+                "last_seen",
+                "running_version",
+                "instructed_image",
+                "instructed_at",
+            )
+        }
+    )
+)
+
+
 class SQLMonitorStore(MonitorStore):
     """:class:`MonitorStore` on any SQLAlchemy 2 database URL."""
 
@@ -314,7 +335,7 @@ class SQLMonitorStore(MonitorStore):
         try:
             with writing(self._engine) as conn:
                 done = conn.execute(
-                    update(health_table).where(health_table.c.serial == serial).values(**values)
+                    _NOTE_CHECKIN, {"s": serial, **{f"v_{k}": v for k, v in values.items()}}
                 )
                 if done.rowcount == 0:
                     conn.execute(insert(health_table).values(serial=serial, **values))
