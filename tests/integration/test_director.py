@@ -471,16 +471,16 @@ def _statements_of_one_checkin(w: World, dev: Device) -> list[str]:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_steady_state_check_in_is_five_statements_on_postgresql(
+def test_a_steady_state_check_in_is_four_statements_on_postgresql(
     engine: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """What a check-in of a device that kept its nonce costs the database (ADR 0036): the
     device's standing (status, certificate issued, attestation key); the nonce claim, the
-    record and the next nonce (on PostgreSQL one statement); the assignment; the device's
-    view (tags, groups, opt-out); the health row. The rollout list and the groups'
-    settings are kept until a write is announced: a server that never wrote a rollout
-    creates the announcement file at start (without it every check-in read the rollouts
-    table again)."""
+    record and the next nonce (on PostgreSQL one statement); the device's view (tags,
+    groups, opt-out); the health row. The rollout list, the groups' settings and the
+    operators' assignments are kept until a write is announced: a server that never wrote
+    one creates the announcement file at start (without it every check-in read the
+    rollouts table again)."""
     with ExitStack() as stack:
         url = None
         if engine != "sqlite":
@@ -499,7 +499,7 @@ def test_a_steady_state_check_in_is_five_statements_on_postgresql(
         ]  # fmt: skip
         # (SQLite answers in a unit of its own after the commit: another order)
         assert sorted(tables) == sorted(
-            ["devices", *accept, "director_assignments", "devices", "device_health"]
+            ["devices", *accept, "devices", "device_health"]
         ), statements
         assert not [s for s in statements if "rollouts" in s or "channel_settings" in s[:40]]
 

@@ -21,6 +21,7 @@ from otaguard.server._signal import ChangeSignal
 from otaguard.server.channels import GroupPolicy, Rollout, Window, evaluate
 from otaguard.server.inventory import Inventory
 from otaguard.server.rollouts import ChannelPolicy, Rollouts
+from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.checkins import SQLCheckinStore, checkins_table
 from otaguard.server.storage.devices import SQLDeviceStore, devices_table
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
@@ -397,3 +398,46 @@ def test_the_kept_group_settings_see_a_change_by_another_process_at_once(
     assert not reads  # kept: no statement
     here.set_group_policy(GroupPolicy("plant-a", security_delay=dt.timedelta(days=2)))
     assert there.group_policies()["plant-a"].security_delay == dt.timedelta(days=2)
+
+
+def test_the_kept_assignments_see_a_change_by_another_process_at_once(
+    db_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every check-in's answer asks for the device's assignment; the few an operator made
+    are kept until a write is announced (at most ASSIGNMENTS_SECONDS): a hold set through
+    another process is seen by the very next check-in; past MAX_KEPT_ASSIGNMENTS each
+    check-in reads its own row."""
+    from otaguard.server.storage import notify
+    from otaguard.server.storage.assignments import Assignment
+    from otaguard.server.storage.notify import ASSIGNMENTS_SECONDS, NotifyingAssignmentStore
+
+    devices = SQLDeviceStore(db_engine)
+    for serial in ("a1", "a2", "a3"):
+        devices.add(serial, "hw", token_hash=serial * 32, token_expires=NOW, now=NOW)
+    signal = ChangeSignal(tmp_path, "assignments")
+    signal.ensure()
+    here = NotifyingAssignmentStore(db_engine, on_change=signal.touch, changes=signal.token)
+    there = NotifyingAssignmentStore(db_engine, on_change=signal.touch, changes=signal.token)
+    assert there.get("a1") is None
+    reads: list[str] = []
+    event.listen(db_engine, "before_cursor_execute", lambda *a: reads.append(a[2]))
+    assert there.get("a2") is None and there.get("a1") is None
+    assert not reads  # kept: no statement
+    here.set(Assignment("a1", "hold", None, NOW))
+    got = there.get("a1")
+    assert got is not None and got.mode == "hold"  # announced: read again at once
+    # A writer that does not announce: within the bound.
+    SQLAssignmentStore(db_engine).set(Assignment("a2", "release", "1.2.0", NOW))
+    assert there.get("a2") is None
+    time.sleep(ASSIGNMENTS_SECONDS + 0.1)
+    got = there.get("a2")
+    assert got is not None and got.version == "1.2.0"
+    # Too many to keep: each asks for its own row (and still sees the newest).
+    monkeypatch.setattr(notify, "MAX_KEPT_ASSIGNMENTS", 1)
+    here.clear("a1")
+    here.set(Assignment("a3", "hold", None, NOW))
+    reads.clear()
+    assert there.get("a1") is None
+    got = there.get("a2")
+    assert got is not None and got.version == "1.2.0"
+    assert len([r for r in reads if "director_assignments" in r]) == 3  # all + 2 own rows

@@ -118,7 +118,6 @@ from otaguard.server.sbom_routes import sbom_router
 from otaguard.server.served import ServedMetadata
 from otaguard.server.settings import ServerSettings
 from otaguard.server.static_tree import StaticTreeExporter
-from otaguard.server.storage.assignments import SQLAssignmentStore
 from otaguard.server.storage.base import (
     MAX_BLOB_BYTES,
     BlobStore,
@@ -131,6 +130,7 @@ from otaguard.server.storage.files import FileBlobStore
 from otaguard.server.storage.inventory import SQLInventoryStore
 from otaguard.server.storage.migrate import open_database
 from otaguard.server.storage.notify import (
+    NotifyingAssignmentStore,
     NotifyingDeviceStore,
     NotifyingMetadataStore,
     NotifyingRolloutStore,
@@ -701,7 +701,8 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
     published = ChangeSignal(data_dir, "published")
     registry = ChangeSignal(data_dir, "registry")
     rollout_signal = ChangeSignal(data_dir, "rollouts")
-    for signal in (published, registry, rollout_signal):
+    assignment_signal = ChangeSignal(data_dir, "assignments")
+    for signal in (published, registry, rollout_signal, assignment_signal):
         signal.ensure()  # the caches kept "until the next announcement" need the file
     store = NotifyingMetadataStore(engine, on_change=published.touch, changes=published.token)
     served = ServedMetadata(store, signal=published)
@@ -719,7 +720,9 @@ def create_app(  # noqa: PLR0915 - the app factory wires every store and router
             signer=director_signer,
             roots=roots,
             director_dir=settings.director_dir,
-            assignments=SQLAssignmentStore(engine),
+            assignments=NotifyingAssignmentStore(
+                engine, on_change=assignment_signal.touch, changes=assignment_signal.token
+            ),
             metadata=store,
             clock=clock,
             unit=partial(unit_of_work, engine),

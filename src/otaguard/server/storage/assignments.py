@@ -124,6 +124,17 @@ class SQLAssignmentStore(AssignmentStore):
             return None
         return Assignment(row.serial, row.mode, row.version, _utc(row.assigned_at))
 
+    def all(self, *, limit: int) -> list[Assignment]:
+        """Every assignment, at most ``limit`` of them (by serial)."""
+        try:
+            with reading(self._engine) as conn:
+                rows = conn.execute(
+                    select(assignments_table).order_by(assignments_table.c.serial).limit(limit)
+                ).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return [Assignment(r.serial, r.mode, r.version, _utc(r.assigned_at)) for r in rows]
+
     def set(self, assignment: Assignment) -> None:
         """See :meth:`AssignmentStore.set`."""
         try:

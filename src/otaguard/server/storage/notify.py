@@ -17,6 +17,7 @@ from typing import Any, Final
 from sqlalchemy.engine import Engine
 
 from otaguard.server.channels import GroupPolicy, Rollout
+from otaguard.server.storage.assignments import Assignment, SQLAssignmentStore
 from otaguard.server.storage.base import DeviceRecord, DeviceState, MetadataRecord, PublishOutcome
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.rollouts import SQLRolloutStore
@@ -24,8 +25,11 @@ from otaguard.server.storage.sql import SQLMetadataStore
 from otaguard.server.storage.unit import after_commit
 
 __all__ = [
+    "ASSIGNMENTS_SECONDS",
+    "MAX_KEPT_ASSIGNMENTS",
     "NEWEST_VERSION_SECONDS",
     "ROLLOUT_LIST_SECONDS",
+    "NotifyingAssignmentStore",
     "NotifyingDeviceStore",
     "NotifyingMetadataStore",
     "NotifyingRolloutStore",
@@ -38,6 +42,12 @@ NEWEST_VERSION_SECONDS: Final = 1.0
 #: the same bound for the rollout list every check-in asks for (a halt or pause by any
 #: process sharing the data directory is announced, and seen at the next check-in)
 ROLLOUT_LIST_SECONDS: Final = 1.0
+#: the same bound for the operators' per-device assignments (every check-in's answer asks)
+ASSIGNMENTS_SECONDS: Final = 1.0
+#: assignments kept in memory at most: operators pin a few devices (a hold, a version);
+#: past this many (read again every ASSIGNMENTS_SECONDS at the most) each check-in reads
+#: its own row instead
+MAX_KEPT_ASSIGNMENTS: Final = 10_000
 
 
 def _still_good(
@@ -214,3 +224,57 @@ class NotifyingRolloutStore(SQLRolloutStore):
         rollouts = super().list()
         self._kept = (token, rollouts, now)
         return list(rollouts)
+
+
+class NotifyingAssignmentStore(SQLAssignmentStore):
+    """:class:`SQLAssignmentStore` announcing its writes, and keeping every assignment.
+
+    Every check-in's answer asks for the device's assignment, and almost every device has
+    none: the whole table (a few rows an operator made) is kept until an announcement, at
+    most :data:`ASSIGNMENTS_SECONDS`, so a check-in reads none. Past
+    :data:`MAX_KEPT_ASSIGNMENTS` rows each check-in reads its own row.
+    """
+
+    def __init__(
+        self, engine: Engine, *, on_change: Callable[[], None], changes: Callable[[], object]
+    ):
+        """Use ``engine``; ``on_change`` announces a committed write, ``changes`` reads
+        what identifies the last announcement."""
+        super().__init__(engine)
+        self._notify_engine = engine
+        self._announce = on_change
+        self._changes = changes
+        # (token, {serial: assignment} or None when there are too many to keep, time)
+        self._kept: tuple[object, dict[str, Assignment] | None, float] | None = None
+
+    def _changed(self) -> None:
+        self._kept = None
+        after_commit(self._notify_engine, self._announce)
+
+    def set(self, assignment: Assignment) -> None:
+        """See :meth:`SQLAssignmentStore.set`; announced even when it raises."""
+        try:
+            super().set(assignment)
+        finally:
+            self._changed()
+
+    def clear(self, serial: str) -> None:
+        """See :meth:`SQLAssignmentStore.clear`; announced even when it raises."""
+        try:
+            super().clear(serial)
+        finally:
+            self._changed()
+
+    def get(self, serial: str) -> Assignment | None:
+        """See :meth:`SQLAssignmentStore.get`; from the kept table when it is kept."""
+        token = self._changes()  # before the read: a write during it reads again
+        kept = self._kept
+        now = time.monotonic()
+        if kept is None or not _still_good(kept, token=token, now=now, seconds=ASSIGNMENTS_SECONDS):
+            rows = self.all(limit=MAX_KEPT_ASSIGNMENTS + 1)
+            table = {a.serial: a for a in rows} if len(rows) <= MAX_KEPT_ASSIGNMENTS else None
+            kept = self._kept = (token, table, now)
+        table = kept[1]
+        if not isinstance(table, dict):
+            return super().get(serial)
+        return table.get(serial)
