@@ -453,6 +453,7 @@ def measure(  # noqa: PLR0917 - a script's helper
         identity_dir=ids,
         initial_version="1.0.0",
         concurrency=CONCURRENCY,
+        tls_contexts_kept=devices + WARMUP_DEVICES,  # the generator's CPU on the server's
     )
     sim = FleetSim(settings)
     warm = FleetSim(dataclasses.replace(settings, devices=WARMUP_DEVICES, serial_prefix="warmup"))

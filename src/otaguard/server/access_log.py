@@ -23,8 +23,9 @@ __all__ = ["ACCESS_LOGGER", "AccessLog"]
 
 ACCESS_LOGGER: Final = "otaguard.access"
 logger = logging.getLogger(ACCESS_LOGGER)
-#: distinct client certificates whose CN is kept parsed (a fleet's worth of recent ones)
-_IDENTITY_CACHE: Final = 4096
+#: distinct client certificates whose CN is kept parsed (a fleet's worth of recent ones:
+#: each worker sees the whole fleet, as the device gate's kept verifications)
+_IDENTITY_CACHE: Final = 16384
 #: a request path is shown up to this many characters (a hostile URL stays one short line)
 _MAX_PATH_CHARS: Final = 512
 

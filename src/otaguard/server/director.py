@@ -396,9 +396,10 @@ class Director:
                 releases=releases,
                 recorded=recorded,
             )
-        logger.info(
-            "director instructs %s: %s", serial, release.name if release is not None else "none"
-        )
+        if release is not None:
+            logger.info("director instructs %s: %s", serial, release.name)
+        else:  # most check-ins: the check-in's own line says it happened
+            logger.debug("director instructs %s: none", serial)
         return sign_instruction(
             release,
             serial=serial,
