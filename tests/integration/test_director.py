@@ -498,9 +498,9 @@ def test_a_steady_state_check_in_is_four_statements_on_postgresql(
             "checkin_nonces", "checkins", "checkin_nonces"
         ]  # fmt: skip
         # (SQLite answers in a unit of its own after the commit: another order)
-        assert sorted(tables) == sorted(
-            ["devices", *accept, "devices", "device_health"]
-        ), statements
+        assert sorted(tables) == sorted(["devices", *accept, "devices", "device_health"]), (
+            statements
+        )
         assert not [s for s in statements if "rollouts" in s or "channel_settings" in s[:40]]
 
 
