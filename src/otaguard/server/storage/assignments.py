@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.storage.unit import reading
 
@@ -111,7 +112,7 @@ class SQLAssignmentStore(AssignmentStore):
         self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"assignment store {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"assignment store {what} failed", self._engine)
 
     def get(self, serial: str) -> Assignment | None:
         """See :meth:`AssignmentStore.get`."""

@@ -46,6 +46,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
 from otaguard.server.storage.base import CheckinRecord, CheckinStore, DeviceAlert, NonceRecord
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.devices import ak_table, devices_table
 from otaguard.server.storage.unit import newest_of_device, reading, writing
 
@@ -255,7 +256,7 @@ class SQLCheckinStore(CheckinStore):
         self._last_purge: dt.datetime | None = None
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"check-in store {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"check-in store {what} failed", self._engine)
 
     def _purge_due(self, now: dt.datetime) -> bool:
         return self._last_purge is None or now - self._last_purge >= NONCE_PURGE_INTERVAL

@@ -43,6 +43,7 @@ __all__ = [
     "normalise_url",
     "ping_when_idle",
     "sqlite_url",
+    "storage_failure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,14 @@ def describe_error(e: BaseException, url: str | URL) -> str:
         first = first.replace(str(password), "***")
     first = first[:_MAX_ERROR_CHARS]
     return f"{e.__class__.__name__}: {first}" if first else e.__class__.__name__
+
+
+def storage_failure(e: SQLAlchemyError, message: str, engine: Engine) -> ServerStorageError:
+    """The error a store raises for a failed statement: ``message: ErrorClass`` for the
+    caller and the client (nothing of the database's own text), after logging the
+    driver's first line for the operator (the URL's password cut out)."""
+    logger.error("%s: %s", message, describe_error(e, engine.url))
+    return ServerStorageError(f"{message}: {e.__class__.__name__}")
 
 
 def normalise_url(url: str) -> URL:

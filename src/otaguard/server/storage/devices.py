@@ -42,11 +42,11 @@ from otaguard.model.errors import (
     AccessDeniedError,
     DeviceExistsError,
     OperatorError,
-    ServerStorageError,
     StateConflictError,
     UnknownDeviceError,
 )
 from otaguard.server.storage.base import DeviceRecord, DeviceStanding, DeviceState, DeviceStore
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.storage.unit import reading, writing
 
@@ -212,7 +212,7 @@ class SQLDeviceStore(DeviceStore):
             with reading(self._engine) as conn:
                 rows = conn.execute(_READ_DEVICE, {"serial": serial}).all()
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry read failed", self._engine) from e
         if not rows:
             raise UnknownDeviceError(f"no device {serial!r} in the registry")
         return _from_rows(rows)
@@ -226,7 +226,7 @@ class SQLDeviceStore(DeviceStore):
                     _STANDING, {"serial": serial, "cert_serial": cert_serial}
                 ).first()
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry read failed", self._engine) from e
         if row is None:
             return None
         return DeviceStanding(
@@ -268,7 +268,7 @@ class SQLDeviceStore(DeviceStore):
         except IntegrityError as e:
             raise DeviceExistsError(f"device {serial!r} is already registered") from e
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry write failed", self._engine) from e
         logger.info("registered device %s (hardware id %s)", serial, hardware_id)
         return self._read(serial)
 
@@ -285,7 +285,7 @@ class SQLDeviceStore(DeviceStore):
             with reading(self._engine) as conn:
                 return {str(r.hardware_id) for r in conn.execute(_HARDWARE_IDS)}
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry read failed", self._engine) from e
 
     def list(self) -> builtins.list[DeviceRecord]:
         """See :meth:`DeviceStore.list`."""
@@ -295,7 +295,7 @@ class SQLDeviceStore(DeviceStore):
             with reading(self._engine) as conn:
                 rows = conn.execute(_LIST_DEVICES).all()
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry read failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry read failed", self._engine) from e
         out: builtins.list[DeviceRecord] = []
         start = 0
         for i in range(1, len(rows) + 1):
@@ -333,7 +333,7 @@ class SQLDeviceStore(DeviceStore):
                         .values(used_at=now)
                     )
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry write failed", self._engine) from e
         logger.info("device %s is now %s", serial, status.value)
         return self._read(serial)
 
@@ -359,7 +359,7 @@ class SQLDeviceStore(DeviceStore):
                     )
                 )
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry write failed", self._engine) from e
         return self._read(serial)
 
     def redeem_token(self, serial: str, token_hash: str, *, now: dt.datetime) -> DeviceRecord:
@@ -391,7 +391,7 @@ class SQLDeviceStore(DeviceStore):
                     raise AccessDeniedError("the enrollment token was already used")
                 return self._record(conn, row)
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry write failed", self._engine) from e
 
     def record_certificate(
         self, serial: str, cert_serial: str, *, not_after: dt.datetime, now: dt.datetime
@@ -422,7 +422,7 @@ class SQLDeviceStore(DeviceStore):
                     )
                 )
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"device registry write failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "device registry write failed", self._engine) from e
         logger.info("issued certificate %s to device %s", cert_serial, serial)
         return self._read(serial)
 

@@ -44,6 +44,7 @@ from otaguard.model.errors import (
     StateConflictError,
     UnknownDeviceError,
 )
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.fleet_base import (
     DeviceView,
@@ -139,7 +140,7 @@ class SQLInventoryStore(InventoryStore):
         self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"inventory {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"inventory {what} failed", self._engine)
 
     @staticmethod
     def _require_device(conn: Connection, serial: str) -> None:

@@ -50,6 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError
 from otaguard.model.telemetry import Telemetry
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.devices import devices_table
 from otaguard.server.storage.fleet_base import UnknownNameError
 from otaguard.server.storage.unit import newest_of_device, reading, writing
@@ -313,7 +314,7 @@ class SQLMonitorStore(MonitorStore):
         self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"monitor store {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"monitor store {what} failed", self._engine)
 
     def note_checkin(
         self,

@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from otaguard.model.errors import ServerStorageError, StateConflictError
 from otaguard.server.audit_chain import GENESIS, AuditEntry, entry_hash
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.fleet_base import (
     AuditStore,
     NameExistsError,
@@ -111,7 +112,7 @@ class SQLOperatorStore(OperatorStore):
         self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"operator store {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"operator store {what} failed", self._engine)
 
     def add(
         self, name: str, *, role: str, token_hash: str, created_by: str, now: dt.datetime
@@ -253,7 +254,7 @@ class SQLAuditStore(AuditStore):
                 time.sleep(random.uniform(0, _RETRY_JITTER))  # noqa: S311 - not a secret
                 continue
             except SQLAlchemyError as e:
-                raise ServerStorageError(f"audit log write failed: {e.__class__.__name__}") from e
+                raise storage_failure(e, "audit log write failed", self._engine) from e
             return AuditEntry(seq=seq, time=now, prev=prev, hash=digest, **fields)
         raise ServerStorageError(f"audit log write lost {APPEND_ATTEMPTS} races in a row")
 
@@ -268,7 +269,7 @@ class SQLAuditStore(AuditStore):
             with self._engine.connect() as conn:
                 rows = conn.execute(stmt.order_by(audit_table.c.seq).limit(limit)).all()
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"audit log read failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "audit log read failed", self._engine) from e
         return [_entry(r) for r in rows]
 
     def close(self) -> None:

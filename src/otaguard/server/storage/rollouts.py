@@ -53,6 +53,7 @@ from otaguard.model.errors import ServerStorageError
 from otaguard.model.version import Version
 from otaguard.server.channels import GroupPolicy, Rollout, Window
 from otaguard.server.storage.checkins import checkins_table
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.fleet_base import NameExistsError, UnknownNameError
 from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.storage.unit import reading, writing
@@ -209,7 +210,7 @@ class SQLRolloutStore(RolloutStore):
         self._seen_lock = Lock()
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"rollout store {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"rollout store {what} failed", self._engine)
 
     def create(self, rollout: Rollout, *, now: dt.datetime) -> None:
         """See :meth:`RolloutStore.create`."""

@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.model.sbom import Component
 from otaguard.server.storage.checkins import checkins_table
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.schema import SCHEMA
 
 __all__ = [
@@ -149,7 +150,7 @@ class SQLSbomStore(SbomStore):
         self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"SBOM index {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"SBOM index {what} failed", self._engine)
 
     def indexed(self) -> set[str]:
         """See :meth:`SbomStore.indexed`."""

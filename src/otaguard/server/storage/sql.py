@@ -38,13 +38,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from otaguard.model.errors import ConflictError, ServerStorageError, VerificationError
+from otaguard.model.errors import ConflictError, VerificationError
 from otaguard.server.storage.base import (
     MetadataRecord,
     MetadataStore,
     PublishOutcome,
 )
-from otaguard.server.storage.database import sqlite_url
+from otaguard.server.storage.database import sqlite_url, storage_failure
 from otaguard.server.storage.schema import SCHEMA
 from otaguard.server.storage.unit import reading
 
@@ -110,9 +110,7 @@ class SQLMetadataStore(MetadataStore):
             with reading(self._engine) as conn:
                 return conn.execute(stmt, params).first()
         except SQLAlchemyError as e:
-            raise ServerStorageError(
-                f"metadata database read failed: {e.__class__.__name__}"
-            ) from e
+            raise storage_failure(e, "metadata database read failed", self._engine) from e
 
     def get(self, filename: str) -> bytes | None:
         """Return the stored bytes of ``filename``, or ``None``."""
@@ -203,7 +201,7 @@ class SQLMetadataStore(MetadataStore):
             # same filename or the first pointer between our check and our insert.
             raise ConflictError("a concurrent publish changed the repository; retry") from e
         except SQLAlchemyError as e:
-            raise ServerStorageError(f"publish transaction failed: {e.__class__.__name__}") from e
+            raise storage_failure(e, "publish transaction failed", self._engine) from e
         if moved:
             logger.info("timestamp pointer moved to %s", timestamp)
         return PublishOutcome(

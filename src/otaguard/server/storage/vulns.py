@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from otaguard.model.errors import ServerStorageError
 from otaguard.model.vuln import Vulnerability
 from otaguard.server.storage.checkins import checkins_table
+from otaguard.server.storage.database import storage_failure
 from otaguard.server.storage.sboms import sbom_components_table, sbom_releases_table
 from otaguard.server.storage.schema import SCHEMA
 
@@ -145,7 +146,7 @@ class SQLVulnStore(VulnStore):
         self._engine = engine
 
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
-        return ServerStorageError(f"vulnerability store {what} failed: {e.__class__.__name__}")
+        return storage_failure(e, f"vulnerability store {what} failed", self._engine)
 
     def put(self, vuln: Vulnerability, *, actor: str, now: dt.datetime) -> bool:
         """See :meth:`VulnStore.put`."""
