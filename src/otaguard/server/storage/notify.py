@@ -9,10 +9,9 @@ whether it succeeded or not (a failed write changes nothing, a spurious refresh 
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from sqlalchemy.engine import Engine
 
@@ -34,6 +33,8 @@ __all__ = [
     "NotifyingMetadataStore",
     "NotifyingRolloutStore",
 ]
+
+T = TypeVar("T")
 
 #: a role's newest version is read again at least this often even when no publication was
 #: announced: the bound for a writer that does not announce (ADR 0009 has every server
@@ -57,6 +58,29 @@ def _still_good(
     announcement is the same, it is younger than ``seconds``, and there is an announcement
     at all (no signal file: always read)."""
     return token is not None and kept is not None and kept[0] == token and now - kept[2] < seconds
+
+
+class _Kept(Generic[T]):
+    """One value read again only after an announcement (``changes``' token differs) or
+    ``seconds``, or once :meth:`drop` was called (this process wrote)."""
+
+    def __init__(self, changes: Callable[[], object], *, seconds: float):
+        self._changes = changes
+        self._seconds = seconds
+        self._kept: tuple[object, T, float] | None = None
+
+    def get(self, read: Callable[[], T]) -> T:
+        token = self._changes()  # before the read: a write during it reads again
+        kept = self._kept
+        now = time.monotonic()
+        if kept is not None and _still_good(kept, token=token, now=now, seconds=self._seconds):
+            return kept[1]
+        value = read()
+        self._kept = (token, value, now)
+        return value
+
+    def drop(self) -> None:
+        self._kept = None
 
 
 class NotifyingDeviceStore(SQLDeviceStore):
@@ -111,24 +135,16 @@ class NotifyingMetadataStore(SQLMetadataStore):
         super().__init__(engine)
         self._on_change = on_change
         self._changes = changes
-        self._versions: dict[str, tuple[object, int | None, float]] = {}
-        self._versions_lock = threading.Lock()
+        self._versions: dict[str, _Kept[int | None]] = {}
 
     def newest_version(self, role: str) -> int | None:
         """See :meth:`SQLMetadataStore.newest_version`; kept until the next announcement."""
         if self._changes is None:
             return super().newest_version(role)
-        token = self._changes()  # before the read: a publication during it reads again
         kept = self._versions.get(role)
-        now = time.monotonic()
-        if kept is not None and _still_good(
-            kept, token=token, now=now, seconds=NEWEST_VERSION_SECONDS
-        ):
-            return kept[1]
-        version = super().newest_version(role)
-        with self._versions_lock:
-            self._versions[role] = (token, version, now)
-        return version
+        if kept is None:  # a few roles: a lost race makes one more read, nothing worse
+            kept = self._versions[role] = _Kept(self._changes, seconds=NEWEST_VERSION_SECONDS)
+        return kept.get(lambda: super(NotifyingMetadataStore, self).newest_version(role))
 
     def publish(
         self,
@@ -169,12 +185,12 @@ class NotifyingRolloutStore(SQLRolloutStore):
         self._notify_engine = engine
         self._announce = on_change
         self._changes = changes
-        self._kept: tuple[object, list[Rollout], float] | None = None
-        self._kept_policies: tuple[object, dict[str, GroupPolicy], float] | None = None
+        self._list: _Kept[list[Rollout]] = _Kept(changes, seconds=ROLLOUT_LIST_SECONDS)
+        self._policies: _Kept[dict[str, GroupPolicy]] = _Kept(changes, seconds=ROLLOUT_LIST_SECONDS)
 
     def _changed(self) -> None:
-        self._kept = None
-        self._kept_policies = None
+        self._list.drop()
+        self._policies.drop()
         after_commit(self._notify_engine, self._announce)
 
     def create(self, rollout: Rollout, *, now: dt.datetime) -> None:
@@ -201,29 +217,11 @@ class NotifyingRolloutStore(SQLRolloutStore):
     def group_policies(self) -> dict[str, GroupPolicy]:
         """See :meth:`SQLRolloutStore.group_policies`; kept until the next announcement
         (every check-in's policy asks; an operator changes them)."""
-        token = self._changes()  # before the read: a write during it reads again
-        kept = self._kept_policies
-        now = time.monotonic()
-        if kept is not None and _still_good(
-            kept, token=token, now=now, seconds=ROLLOUT_LIST_SECONDS
-        ):
-            return dict(kept[1])
-        policies = super().group_policies()
-        self._kept_policies = (token, policies, now)
-        return dict(policies)
+        return dict(self._policies.get(super().group_policies))
 
     def list(self) -> list[Rollout]:
         """See :meth:`SQLRolloutStore.list`; kept until the next announcement."""
-        token = self._changes()  # before the read: a write during it reads again
-        kept = self._kept
-        now = time.monotonic()
-        if kept is not None and _still_good(
-            kept, token=token, now=now, seconds=ROLLOUT_LIST_SECONDS
-        ):
-            return list(kept[1])
-        rollouts = super().list()
-        self._kept = (token, rollouts, now)
-        return list(rollouts)
+        return list(self._list.get(super().list))
 
 
 class NotifyingAssignmentStore(SQLAssignmentStore):
@@ -244,11 +242,13 @@ class NotifyingAssignmentStore(SQLAssignmentStore):
         self._notify_engine = engine
         self._announce = on_change
         self._changes = changes
-        # (token, {serial: assignment} or None when there are too many to keep, time)
-        self._kept: tuple[object, dict[str, Assignment] | None, float] | None = None
+        # {serial: assignment}, or None when there are too many to keep
+        self._table: _Kept[dict[str, Assignment] | None] = _Kept(
+            changes, seconds=ASSIGNMENTS_SECONDS
+        )
 
     def _changed(self) -> None:
-        self._kept = None
+        self._table.drop()
         after_commit(self._notify_engine, self._announce)
 
     def set(self, assignment: Assignment) -> None:
@@ -267,14 +267,9 @@ class NotifyingAssignmentStore(SQLAssignmentStore):
 
     def get(self, serial: str) -> Assignment | None:
         """See :meth:`SQLAssignmentStore.get`; from the kept table when it is kept."""
-        token = self._changes()  # before the read: a write during it reads again
-        kept = self._kept
-        now = time.monotonic()
-        if kept is None or not _still_good(kept, token=token, now=now, seconds=ASSIGNMENTS_SECONDS):
-            rows = self.all(limit=MAX_KEPT_ASSIGNMENTS + 1)
-            table = {a.serial: a for a in rows} if len(rows) <= MAX_KEPT_ASSIGNMENTS else None
-            kept = self._kept = (token, table, now)
-        table = kept[1]
-        if not isinstance(table, dict):
-            return super().get(serial)
-        return table.get(serial)
+        table = self._table.get(self._read_table)
+        return super().get(serial) if table is None else table.get(serial)
+
+    def _read_table(self) -> dict[str, Assignment] | None:
+        rows = self.all(limit=MAX_KEPT_ASSIGNMENTS + 1)
+        return {a.serial: a for a in rows} if len(rows) <= MAX_KEPT_ASSIGNMENTS else None
