@@ -412,6 +412,20 @@ def test_assign_on_a_server_without_director_says_so(world: World) -> None:
         f.assign("p1", version="1.0.0")
 
 
+def _director_world(
+    stack: ExitStack, engine: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> World:
+    """A world with a director on ``engine`` (SQLite: the embedded database, as the world
+    fixture runs it; PostgreSQL: a fresh database, migrated), stopped with ``stack``."""
+    url = None
+    if engine != "sqlite":
+        url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
+        upgrade_database(url)
+    w = start_world(tmp_path, director=True, database_url=url)
+    stack.callback(w.server.stop)
+    return w
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_check_in_and_its_answer_are_one_connection(
     engine: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -423,12 +437,7 @@ def test_a_check_in_and_its_answer_are_one_connection(
     On SQLite the answer keeps its own unit (one file lock; ADR 0019). The device still
     verifies and installs what it is told."""
     with ExitStack() as stack:
-        url = None  # SQLite: the embedded database, as the world fixture runs it
-        if engine != "sqlite":
-            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
-            upgrade_database(url)
-        w = start_world(tmp_path, director=True, database_url=url)
-        stack.callback(w.server.stop)
+        w = _director_world(stack, engine, request, tmp_path)
         w.release("1.0.0")
         dev = w.device("one-unit")
         dev.checkin()  # untimed first contact: caches filled
@@ -482,12 +491,7 @@ def test_a_steady_state_check_in_is_four_statements_on_postgresql(
     one creates the announcement file at start (without it every check-in read the
     rollouts table again)."""
     with ExitStack() as stack:
-        url = None
-        if engine != "sqlite":
-            url = stack.enter_context(fresh_database(request.config, engine, tmp_path))
-            upgrade_database(url)
-        w = start_world(tmp_path, director=True, database_url=url)
-        stack.callback(w.server.stop)
+        w = _director_world(stack, engine, request, tmp_path)
         w.release("1.0.0")
         dev = w.device("kept-list")
         dev.checkin()  # first contact: caches filled (the release's first sighting recorded)

@@ -33,18 +33,25 @@ def _scope(cert: x509.Certificate) -> dict[str, object]:
     return {"extensions": {TLS_EXTENSION: {"client_cert_chain": [pem]}}}
 
 
+def _issue(
+    ca: DeviceCA, key: ec.EllipticCurvePrivateKey, *, now: dt.datetime, lifetime: dt.timedelta
+) -> x509.Certificate:
+    """A certificate for device d1 (hardware id hw) from ``ca``."""
+    return ca.issue(
+        x509.load_der_x509_csr(build_csr(key, "d1")),
+        serial="d1",
+        hardware_id="hw",
+        now=now,
+        lifetime=lifetime,
+    )
+
+
 def test_a_verified_certificate_is_still_checked_for_expiry_and_registry_on_each_request(
     db_engine: Engine, tmp_path: Path
 ) -> None:
     ca = DeviceCA.load_or_create(tmp_path / "device-ca", now=NOW - dt.timedelta(days=1))
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(
-        x509.load_der_x509_csr(build_csr(key, "d1")),
-        serial="d1",
-        hardware_id="hw",
-        now=NOW,
-        lifetime=LIFETIME,
-    )
+    cert = _issue(ca, key, now=NOW, lifetime=LIFETIME)
     devices = SQLDeviceStore(db_engine)
     devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
     devices.record_certificate(
@@ -68,13 +75,7 @@ def test_a_verified_certificate_is_still_checked_for_expiry_and_registry_on_each
     # A certificate with the same subject and key, signed by another CA, is not the kept one.
     clock[0] = NOW
     rogue = DeviceCA.load_or_create(tmp_path / "rogue-ca", now=NOW - dt.timedelta(days=1))
-    forged = rogue.issue(
-        x509.load_der_x509_csr(build_csr(key, "d1")),
-        serial="d1",
-        hardware_id="hw",
-        now=NOW,
-        lifetime=LIFETIME,
-    )
+    forged = _issue(rogue, key, now=NOW, lifetime=LIFETIME)
     with pytest.raises(AccessDeniedError, match="device CA"):
         gate.authenticate(_scope(forged))
     devices.close()
@@ -114,12 +115,8 @@ def test_the_registry_check_is_one_row_however_many_certificates_a_device_was_is
     devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
     certs = []
     for day in range(30):
-        cert = ca.issue(
-            x509.load_der_x509_csr(build_csr(key, "d1")),
-            serial="d1",
-            hardware_id="hw",
-            now=NOW - dt.timedelta(days=day),
-            lifetime=LIFETIME + dt.timedelta(days=day),
+        cert = _issue(
+            ca, key, now=NOW - dt.timedelta(days=day), lifetime=LIFETIME + dt.timedelta(days=day)
         )
         devices.record_certificate(
             "d1", format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc, now=NOW
@@ -134,13 +131,7 @@ def test_the_registry_check_is_one_row_however_many_certificates_a_device_was_is
     # one statement, reading no certificate's columns (one row, not one per certificate)
     assert len(statements) == 1 and "not_after" not in statements[0], statements
     # a certificate of the same CA and subject the registry never recorded for d1
-    unrecorded = ca.issue(
-        x509.load_der_x509_csr(build_csr(key, "d1")),
-        serial="d1",
-        hardware_id="hw",
-        now=NOW,
-        lifetime=LIFETIME,
-    )
+    unrecorded = _issue(ca, key, now=NOW, lifetime=LIFETIME)
     with pytest.raises(AccessDeniedError, match="was not issued to device d1 by the registry"):
         gate.authenticate(_scope(unrecorded))
     devices.close()
