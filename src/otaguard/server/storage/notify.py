@@ -83,6 +83,21 @@ class _Kept(Generic[T]):
         self._kept = None
 
 
+class _Announcer:
+    """A notifying store's write: what it keeps is dropped at once (its own unit reads
+    its write), the announcement made once the write is committed."""
+
+    def __init__(self, engine: Engine, announce: Callable[[], None], *kept: _Kept[Any]):
+        self._engine = engine
+        self._announce = announce
+        self._kept = kept
+
+    def __call__(self) -> None:
+        for k in self._kept:
+            k.drop()
+        after_commit(self._engine, self._announce)
+
+
 class NotifyingDeviceStore(SQLDeviceStore):
     """:class:`SQLDeviceStore` calling ``on_change`` after status and certificate writes
     (inside a unit of work: once the unit committed)."""
@@ -182,16 +197,9 @@ class NotifyingRolloutStore(SQLRolloutStore):
         """Use ``engine``; ``on_change`` announces a committed write, ``changes`` reads
         what identifies the last announcement."""
         super().__init__(engine)
-        self._notify_engine = engine
-        self._announce = on_change
-        self._changes = changes
         self._list: _Kept[list[Rollout]] = _Kept(changes, seconds=ROLLOUT_LIST_SECONDS)
         self._policies: _Kept[dict[str, GroupPolicy]] = _Kept(changes, seconds=ROLLOUT_LIST_SECONDS)
-
-    def _changed(self) -> None:
-        self._list.drop()
-        self._policies.drop()
-        after_commit(self._notify_engine, self._announce)
+        self._changed = _Announcer(engine, on_change, self._list, self._policies)
 
     def create(self, rollout: Rollout, *, now: dt.datetime) -> None:
         """See :meth:`SQLRolloutStore.create`; announced even when it raises."""
@@ -239,17 +247,11 @@ class NotifyingAssignmentStore(SQLAssignmentStore):
         """Use ``engine``; ``on_change`` announces a committed write, ``changes`` reads
         what identifies the last announcement."""
         super().__init__(engine)
-        self._notify_engine = engine
-        self._announce = on_change
-        self._changes = changes
         # {serial: assignment}, or None when there are too many to keep
         self._table: _Kept[dict[str, Assignment] | None] = _Kept(
             changes, seconds=ASSIGNMENTS_SECONDS
         )
-
-    def _changed(self) -> None:
-        self._table.drop()
-        after_commit(self._notify_engine, self._announce)
+        self._changed = _Announcer(engine, on_change, self._table)
 
     def set(self, assignment: Assignment) -> None:
         """See :meth:`SQLAssignmentStore.set`; announced even when it raises."""
