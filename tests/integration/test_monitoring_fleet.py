@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.client
-import json
 import os
-import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -31,23 +26,21 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-import urllib3
 
 from conftest import HW, World, same_passphrase
 from db_support import fresh_database
-from nginx_support import free_port
 from otaguard.crypto import read_public_key
 from otaguard.model.version import Version
 from otaguard.repo import ImageRepository
 from otaguard.repo.director import init_director
 from otaguard.server import init_data_dir
-from otaguard.server.auth import OPERATOR_TOKEN_FILE
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollout_client import RolloutClient, RolloutInfo
 from otaguard.server.storage import upgrade_database
 from otaguard.sim.fleetsim import FleetSim, SimSettings
 from otaguard.sim.rollout_driver import poll_round, running
 from otaguard.sim.scenarios import clone_device, tamper_slot
+from process_server import ProcessServer
 
 DEVICES: Final = int(os.environ.get("OTAGUARD_MONITOR_FLEET", "60"))
 #: ``postgresql`` runs the server on a fresh PostgreSQL database (the scale-out store;
@@ -55,65 +48,6 @@ DEVICES: Final = int(os.environ.get("OTAGUARD_MONITOR_FLEET", "60"))
 ENGINE: Final = os.environ.get("OTAGUARD_MONITOR_FLEET_DB", "sqlite")
 PHASES: Final = (10, 50, 100)
 MAX_ROUNDS: Final = 12
-
-
-class ProcessServer:
-    """``otaguard server`` in its own process with fast rollout and monitor intervals."""
-
-    def __init__(
-        self,
-        tmp: Path,
-        *,
-        repo: Path,
-        director: Path,
-        data_dir: Path,
-        ca: Path,
-        database_url: str | None = None,
-    ):
-        self.port = free_port()
-        self.base_url = f"https://127.0.0.1:{self.port}"
-        self.ca_cert = ca
-        self.operator_token = (data_dir / OPERATOR_TOKEN_FILE).read_text().strip()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
-        self.log_path = tmp / "server.log"
-        self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "otaguard", "server", "--data", str(data_dir),
-             "--repo", str(repo), "--director", str(director), "--port", str(self.port),
-             "--rollout-interval", "0.2", "--monitor-interval", "0.5",
-             *(["--database-url", database_url] if database_url else [])],
-            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        ctx = ssl.create_default_context(cafile=str(ca))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
-            conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=2)
-            try:
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-            finally:
-                conn.close()
-        raise AssertionError("the server did not come up")
-
-    def get(self, path: str) -> Any:
-        http = urllib3.PoolManager(ca_certs=str(self.ca_cert), retries=False)
-        resp = http.request("GET", self.base_url + path,
-                            headers={"Authorization": f"Bearer {self.operator_token}"})  # fmt: skip
-        assert resp.status == 200, resp.data
-        return json.loads(resp.data)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @dataclasses.dataclass
@@ -166,7 +100,8 @@ def _fleet(tmp: Path, database_url: str | None) -> Iterator[Fleet]:
     )
     server = ProcessServer(tmp, repo=repo.dir, director=tmp / "director",
                            data_dir=paths.data_dir, ca=paths.ca_cert,
-                           database_url=database_url)  # fmt: skip
+                           database_url=database_url,
+                           extra_args=("--monitor-interval", "0.5"))  # fmt: skip
     w = World(tmp, repo, server, {}, {}, director_root)  # type: ignore[arg-type]
     try:
         w.release("1.0.0")

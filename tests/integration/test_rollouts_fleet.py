@@ -14,31 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.client
-import os
 import re
-import ssl
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Final
 
 import pytest
 
 from conftest import HW, World, same_passphrase
-from nginx_support import free_port
 from otaguard.crypto import read_public_key
 from otaguard.model.version import Version
 from otaguard.repo import ImageRepository
 from otaguard.repo.director import init_director
 from otaguard.server import init_data_dir
-from otaguard.server.auth import OPERATOR_TOKEN_FILE
 from otaguard.server.channels import Rollout, admitted
 from otaguard.server.rollout_client import RolloutClient
 from otaguard.sim.fleetsim import FleetSim, SimSettings
 from otaguard.sim.rollout_driver import drive_rollout, running
+from process_server import ProcessServer
 
 DEVICES: Final = 500
 PHASES: Final = (1, 10, 50, 100)
@@ -55,49 +47,6 @@ class Fleet:
     def client(self) -> RolloutClient:
         s = self.world.server
         return RolloutClient(server_url=s.base_url, ca_cert=s.ca_cert, token=s.operator_token)
-
-
-class ProcessServer:
-    """``otaguard server`` in its own process (what an operator runs): the simulator and
-    the server then use a core each instead of sharing one process's GIL."""
-
-    def __init__(self, tmp: Path, *, repo: Path, director: Path, data_dir: Path, ca: Path):
-        self.port = free_port()
-        self.base_url = f"https://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.ca_cert = ca
-        self.operator_token = (data_dir / OPERATOR_TOKEN_FILE).read_text().strip()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
-        self.log = (tmp / "server.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "otaguard", "server", "--data", str(data_dir),
-             "--repo", str(repo), "--director", str(director), "--port", str(self.port),
-             "--rollout-interval", "0.2"],
-            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        ctx = ssl.create_default_context(cafile=str(ca))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (tmp / "server.log").read_text()[-2000:]
-            conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=2)
-            try:
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-            finally:
-                conn.close()
-        raise AssertionError("the server did not come up")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
