@@ -46,6 +46,17 @@ def _rollout(**kw: object) -> Rollout:
     return Rollout(**(base | kw))  # type: ignore[arg-type]
 
 
+def _sql_rollouts(db_engine: Engine) -> tuple[SQLRolloutStore, Rollouts]:
+    """The rollout store and the rollouts over the SQL stores, no releases, at NOW."""
+    store = SQLRolloutStore(db_engine)
+    inventory = Inventory(
+        devices=SQLDeviceStore(db_engine),
+        checkins=SQLCheckinStore(db_engine),
+        store=SQLInventoryStore(db_engine),
+    )
+    return store, Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+
+
 def test_rollouts_round_trip_and_names_are_unique(db_engine: Engine) -> None:
     store = SQLRolloutStore(db_engine)
     r = _rollout()
@@ -188,13 +199,7 @@ def test_evaluating_a_rollout_costs_the_same_queries_for_20_or_10000_members(
     group (the former per-member history read made it 10,000 statements), and the
     result is the pure evaluation's from the outcomes the fleet was built with."""
     _load_fleet(db_engine, size, runs=size // 2, failed=size // 4)
-    store = SQLRolloutStore(db_engine)
-    inventory = Inventory(
-        devices=SQLDeviceStore(db_engine),
-        checkins=SQLCheckinStore(db_engine),
-        store=SQLInventoryStore(db_engine),
-    )
-    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    store, rollouts = _sql_rollouts(db_engine)
     r = _rollout(version=Version.parse("2.0.0"), group="all", window=None,
                  phases=(1, 10, 50, 100), success_threshold=95, failure_threshold=30)  # fmt: skip
     store.create(r, now=NOW)
@@ -228,13 +233,7 @@ def test_a_hostile_manifest_does_not_stop_the_evaluation(db_engine: Engine) -> N
     with db_engine.begin() as conn:
         conn.execute(insert(devices_table), devices)
         conn.execute(insert(checkins_table), checkins)
-    store = SQLRolloutStore(db_engine)
-    inventory = Inventory(
-        devices=SQLDeviceStore(db_engine),
-        checkins=SQLCheckinStore(db_engine),
-        store=SQLInventoryStore(db_engine),
-    )
-    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    store, rollouts = _sql_rollouts(db_engine)
     store.create(_rollout(version=Version.parse("2.0.0"), group="all", window=None,
                           phases=(100,)), now=NOW)  # fmt: skip
     status = rollouts.status(store.get("r1"))
@@ -247,15 +246,8 @@ def test_a_check_in_decision_does_not_read_past_rollouts(db_engine: Engine) -> N
     """Rollouts of what a device runs or older change nothing for it: the director's
     decision reads no member list for them, so its statements do not grow with them."""
     _load_fleet(db_engine, 20, runs=20, failed=0)  # everybody runs 2.0.0
-    store = SQLRolloutStore(db_engine)
-    inventory = Inventory(
-        devices=SQLDeviceStore(db_engine),
-        checkins=SQLCheckinStore(db_engine),
-        store=SQLInventoryStore(db_engine),
-    )
-    policy = ChannelPolicy(
-        rollouts=Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
-    )
+    store, rollouts = _sql_rollouts(db_engine)
+    policy = ChannelPolicy(rollouts=rollouts)
 
     def statements() -> int:
         queries = _count_queries(db_engine)
@@ -327,13 +319,7 @@ def test_a_status_read_answers_the_monitors_pause_not_the_advance_it_stopped(
     advance is then not stored, and the status read that triggered it answers the stored
     pause (it answered the unstored advance: "active, phase 2" for a paused rollout)."""
     _load_fleet(db_engine, 20, runs=20, failed=0)
-    store = SQLRolloutStore(db_engine)
-    inventory = Inventory(
-        devices=SQLDeviceStore(db_engine),
-        checkins=SQLCheckinStore(db_engine),
-        store=SQLInventoryStore(db_engine),
-    )
-    rollouts = Rollouts(store=store, inventory=inventory, releases=list, clock=lambda: NOW)
+    store, rollouts = _sql_rollouts(db_engine)
     store.create(_rollout(version=Version.parse("2.0.0"), group="all", window=None,
                           phases=(10, 50, 100)), now=NOW)  # fmt: skip
 
