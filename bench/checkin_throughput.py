@@ -238,6 +238,10 @@ def prepare(work: Path) -> Setup:
     )
 
 
+#: each server process's log, to say why one exited
+_LOGS: Final[dict[int, Path]] = {}
+
+
 def _env(database_url: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTAGUARD_")}
     if database_url is not None:
@@ -253,9 +257,18 @@ def start_server(
     if proxy:
         args += ["--trusted-proxy", "127.0.0.1"]
     with log.open("ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             args, env=_env(database_url), stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
+    _LOGS[proc.pid] = log
+    return proc
+
+
+def _last_line(proc: subprocess.Popen[bytes]) -> str:
+    """The last line a server process wrote to its log (why it exited)."""
+    log = _LOGS.get(proc.pid)
+    lines = log.read_text(errors="replace").strip().splitlines() if log and log.exists() else []
+    return lines[-1] if lines else "(no output)"
 
 
 def wait_served(url: str, s: Setup, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -265,7 +278,7 @@ def wait_served(url: str, s: Setup, procs: list[subprocess.Popen[bytes]]) -> Non
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise SystemExit(f"a server process exited with {p.returncode}")
+                raise SystemExit(f"a server process exited with {p.returncode}: {_last_line(p)}")
         try:
             req = urllib.request.Request(  # noqa: S310 - https to the bench's own server
                 url + "/metadata/timestamp.json", headers={"Authorization": f"Bearer {s.token}"}
