@@ -103,9 +103,7 @@ class FleetCollector(Collector):
         for status, n in sorted(by_status.items()):
             devices.add_metric([status], n)
         yield devices
-        running = Counter(
-            (h.hardware_id, h.running_version) for h in self.monitor.store.all_health()
-        )
+        running = self.monitor.store.running_counts()
         versions = GaugeMetricFamily(
             "otaguard_devices_running",
             "Devices by hardware id and the version their last check-in reported",

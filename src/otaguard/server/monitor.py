@@ -304,8 +304,8 @@ class Monitor:
     def sweep(self) -> None:
         """Look for silence, cohort and rollout-phase anomalies; purge old telemetry."""
         now = self.clock()
-        health = self.store.all_health()
-        for h in health:
+        limit = dt.timedelta(seconds=self.poll_interval * self.silent_intervals)
+        for h in self.store.silent_instructed(seen_before=now - limit):
             if h.instructed_image and h.last_seen is not None:
                 found = silent_finding(
                     serial=h.serial,
@@ -316,7 +316,7 @@ class Monitor:
                 )
                 if found is not None:
                     self.raise_finding(found)
-        for found in cohort_findings(_cohort(health)):
+        for found in cohort_findings(_cohort(self.store.reporting())):
             self.raise_finding(found)
         if self.rollouts is not None:
             for rollout in self.rollouts.store.list():
@@ -336,7 +336,7 @@ class Monitor:
         crash-looping by telemetry); a finding pauses the rollout per the policy.
         """
         version = str(rollout.version)
-        for found in cohort_findings(_cohort(self.store.all_health())):
+        for found in cohort_findings(_cohort(self.store.reporting())):
             if found.version == version:
                 self.raise_finding(found)
         phase = phase_failure_finding(rollout.name, self._phase_counts(rollout))

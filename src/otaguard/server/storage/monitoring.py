@@ -47,6 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.elements import ColumnElement
 
 from otaguard.model.errors import ServerStorageError
 from otaguard.model.telemetry import Telemetry
@@ -244,8 +245,18 @@ class MonitorStore(ABC):
         """Store a parsed report and fold it into the device's health row."""
 
     @abstractmethod
-    def all_health(self) -> list[DeviceHealth]:
-        """Every device's health row (the sweeps)."""
+    def silent_instructed(self, *, seen_before: dt.datetime) -> list[DeviceHealth]:
+        """The devices told to install an image whose last check-in is older than
+        ``seen_before`` (the silence sweep: the rows it may raise for, not the fleet)."""
+
+    @abstractmethod
+    def reporting(self) -> list[DeviceHealth]:
+        """The devices that sent telemetry about the release they run (the cohorts'
+        rates: a device without a report has none to compare)."""
+
+    @abstractmethod
+    def running_counts(self) -> dict[tuple[str, str], int]:
+        """Number of devices per (hardware id, version its last check-in reported)."""
 
     @abstractmethod
     def telemetry(self, serial: str, *, limit: int) -> list[tuple[dt.datetime, str, bytes]]:
@@ -410,14 +421,38 @@ class SQLMonitorStore(MonitorStore):
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
 
-    def all_health(self) -> list[DeviceHealth]:
-        """See :meth:`MonitorStore.all_health`."""
+    def _health_rows(self, *where: ColumnElement[bool]) -> list[DeviceHealth]:
         try:
             with reading(self._engine) as conn:
-                rows = conn.execute(select(health_table)).all()
+                rows = conn.execute(select(health_table).where(*where)).all()
         except SQLAlchemyError as e:
             raise self._fail(e, "read") from e
         return [_health(r) for r in rows]
+
+    def silent_instructed(self, *, seen_before: dt.datetime) -> list[DeviceHealth]:
+        """See :meth:`MonitorStore.silent_instructed`."""
+        # The filter in the database: reading every row made each sweep cost about 70 us
+        # of a worker per device (0.7 s every 30 s in each worker at 10,000 devices).
+        return self._health_rows(
+            health_table.c.instructed_image.is_not(None),
+            health_table.c.last_seen < seen_before,
+        )
+
+    def reporting(self) -> list[DeviceHealth]:
+        """See :meth:`MonitorStore.reporting`."""
+        return self._health_rows(
+            health_table.c.release_version.is_not(None), health_table.c.release_reports > 0
+        )
+
+    def running_counts(self) -> dict[tuple[str, str], int]:
+        """See :meth:`MonitorStore.running_counts`."""
+        hw, version = health_table.c.hardware_id, health_table.c.running_version
+        try:
+            with reading(self._engine) as conn:
+                rows = conn.execute(select(hw, version, func.count()).group_by(hw, version)).all()
+        except SQLAlchemyError as e:
+            raise self._fail(e, "read") from e
+        return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def telemetry(self, serial: str, *, limit: int) -> list[tuple[dt.datetime, str, bytes]]:
         """See :meth:`MonitorStore.telemetry`."""
