@@ -480,16 +480,16 @@ def _statements_of_one_checkin(w: World, dev: Device) -> list[str]:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_steady_state_check_in_is_four_statements_on_postgresql(
+def test_a_steady_state_check_in_is_three_statements_on_postgresql(
     engine: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """What a check-in of a device that kept its nonce costs the database (ADR 0036): the
     device's standing (status, certificate issued, attestation key); the nonce claim, the
-    record and the next nonce (on PostgreSQL one statement); the device's view (tags,
-    groups, opt-out); the health row. The rollout list, the groups' settings and the
-    operators' assignments are kept until a write is announced: a server that never wrote
-    one creates the announcement file at start (without it every check-in read the
-    rollouts table again)."""
+    record, the health row and the next nonce (on PostgreSQL one statement); the device's
+    view (tags, groups, opt-out). An answer naming nothing to install writes nothing more.
+    The rollout list, the groups' settings and the operators' assignments are kept until a
+    write is announced: a server that never wrote one creates the announcement file at
+    start (without it every check-in read the rollouts table again)."""
     with ExitStack() as stack:
         w = _director_world(stack, engine, request, tmp_path)
         w.release("1.0.0")
@@ -497,15 +497,45 @@ def test_a_steady_state_check_in_is_four_statements_on_postgresql(
         dev.checkin()  # first contact: caches filled (the release's first sighting recorded)
         dev.checkin()  # ... and read back
         statements = _statements_of_one_checkin(w, dev)
-        tables = [next((t for t in _TABLES if f" {t}" in s), s[:40]) for s in statements]
-        accept = ["checkin_nonces"] if engine == "postgresql" else [
-            "checkin_nonces", "checkins", "checkin_nonces"
+        tables = [
+            "the accept statement" if s.startswith("WITH claimed")
+            else next((t for t in _TABLES if f" {t}" in s), s[:40])
+            for s in statements
+        ]  # fmt: skip
+        accept = ["the accept statement"] if engine == "postgresql" else [
+            "checkin_nonces", "checkins", "device_health", "checkin_nonces"
         ]  # fmt: skip
         # (SQLite answers in a unit of its own after the commit: another order)
-        assert sorted(tables) == sorted(["devices", *accept, "devices", "device_health"]), (
-            statements
-        )
+        assert sorted(tables) == sorted(["devices", *accept, "devices"]), statements
         assert not [s for s in statements if "rollouts" in s or "channel_settings" in s[:40]]
+
+
+def test_an_instruction_is_noted_on_the_health_row_with_the_answer(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The check-in writes the health row before the director answers; an answer naming an
+    image adds it to the row in the same transaction (the silence sweep watches the
+    device), and the next answer naming nothing clears it."""
+    with ExitStack() as stack:
+        w = _director_world(stack, "postgresql", request, tmp_path)
+        store = w.server.app.state.monitoring.monitor.store
+        w.release("1.0.0")
+        dev = w.device("instructed")
+        dev.checkin()
+
+        def health() -> tuple[str, str | None]:
+            row = store.health(dev.config.serial)
+            assert row is not None
+            return row.running_version, row.instructed_image
+
+        assert health() == ("1.0.0", None)
+        w.release("1.1.0", security=True)
+        dev.checkin()
+        running, image = health()
+        assert running == "1.0.0" and image is not None and "1.1.0" in image
+        assert dev.update().to_version == "1.1.0"
+        dev.checkin()
+        assert health() == ("1.1.0", None)
 
 
 _TABLES: Final = (

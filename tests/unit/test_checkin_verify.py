@@ -261,10 +261,11 @@ def test_a_nonce_is_claimed_once_and_only_by_its_device_certificate_and_in_time(
 def test_an_accepted_check_in_is_one_claim_record_and_next_nonce_or_nothing(
     db_engine: Engine,
 ) -> None:
-    """accept_checkin (on PostgreSQL one statement): the record and the next nonce are
-    written only when the nonce is claimed now, for this device and certificate; a replay,
-    another certificate's nonce or an expired one writes nothing."""
+    """accept_checkin (on PostgreSQL one statement): the record, the health row and the
+    next nonce are written only when the nonce is claimed now, for this device and
+    certificate; a replay, another certificate's nonce or an expired one writes nothing."""
     from otaguard.server.storage.base import CheckinRecord
+    from otaguard.server.storage.monitoring import HealthNote, SQLMonitorStore
 
     devices = SQLDeviceStore(db_engine)
     devices.add("d1", "hw", token_hash="0" * 64, token_expires=NOW, now=NOW)
@@ -276,23 +277,36 @@ def test_an_accepted_check_in_is_one_claim_record_and_next_nonce_or_nothing(
         outcome="accepted", detail="", manifest=b"{}",
     )  # fmt: skip
 
+    monitor = SQLMonitorStore(db_engine)
+
     def accept(nonce: str, nxt: str, **changes: object) -> bool:
+        checkin = dataclasses.replace(entry, **changes)  # type: ignore[arg-type]
         return store.accept_checkin(
-            dataclasses.replace(entry, **changes),  # type: ignore[arg-type]
+            checkin,
             nonce=nonce,
             next_nonce=record(nonce=nxt, expires_at=NOW + dt.timedelta(days=1)),
+            health=HealthNote("d1", "hw", checkin.running_version, None, checkin.time),
         )
+
+    def running() -> tuple[str, dt.datetime | None] | None:
+        health = monitor.health("d1")
+        return None if health is None else (health.running_version, health.last_seen)
 
     assert not accept("n1", "x1", cert_serial="c2")  # another certificate's nonce
     assert not accept("n1", "x2", time=NOW + TTL)  # expired by then
     assert store.history("d1", limit=5) == [] and store.get_nonce("x1") is None
-    assert store.get_nonce("x2") is None
+    assert store.get_nonce("x2") is None and running() is None
     assert accept("n1", "next")
     assert [c.running_version for c in store.history("d1", limit=5)] == ["1.0.0"]
+    assert running() == ("1.0.0", NOW)  # the health row made with the record
     spent, nxt = store.get_nonce("n1"), store.get_nonce("next")
     assert spent is not None and spent.used_at == NOW
     assert nxt is not None and nxt.used_at is None and nxt.cert_serial == "c1"
-    assert not accept("n1", "again")  # the replay: nothing more written
+    assert not accept("n1", "again", running_version="6.6.6")  # the replay: nothing written
     assert len(store.history("d1", limit=5)) == 1 and store.get_nonce("again") is None
+    assert running() == ("1.0.0", NOW)
+    later = NOW + dt.timedelta(minutes=1)
+    assert accept("next", "third", running_version="1.1.0", time=later)
+    assert running() == ("1.1.0", later)  # the row updated in place
     store.close()
     devices.close()

@@ -61,6 +61,7 @@ from otaguard.server.storage.base import (
     MetadataStore,
     NonceRecord,
 )
+from otaguard.server.storage.monitoring import HealthNote
 
 __all__ = [
     "CHECKIN_WINDOW",
@@ -111,17 +112,18 @@ class CheckinObserver(Protocol):
     def checkin_refused(self, reason: str) -> None:
         """A check-in was refused before it was recorded."""
 
-    def note_checkin(
-        self,
-        *,
-        serial: str,
-        hardware_id: str,
-        manifest: DeviceManifest,
-        answer: bytes | None,
-        only_instructed: bool = False,
+    def checkin_note(
+        self, *, serial: str, hardware_id: str, manifest: DeviceManifest, now: dt.datetime
+    ) -> HealthNote:
+        """The health row a check-in writes with its record (in the same statement)."""
+
+    def note_checkin(self, note: HealthNote) -> None:
+        """Inside the check-in's transaction: write ``note`` (a quarantining check-in)."""
+
+    def note_instructed(
+        self, *, serial: str, hardware_id: str, manifest: DeviceManifest, answer: bytes
     ) -> None:
-        """Inside the check-in's transaction: note the device's state (one row); with
-        ``only_instructed``, after it: the instruction, if the answer names an image."""
+        """Inside the answer's transaction: the instruction, if ``answer`` names an image."""
 
     def after_checkin(
         self,
@@ -462,18 +464,29 @@ def _record(
         ),
         manifest=data,
     )
+    health = (
+        None
+        if svc.monitor is None  # fleet monitoring (ADR 0026): the device's health row
+        else svc.monitor.checkin_note(
+            serial=serial, hardware_id=dev.record.hardware_id, manifest=manifest, now=now
+        )
+    )
     if problem is not None:  # recorded only against a nonce claimed now, like any check-in
         _claim_nonce(svc, dev, manifest, now=now)
         svc.checkins.record_checkin(entry)
         reason = f"measured boot: {problem}"
         svc.checkins.add_alert(DeviceAlert(serial, now, "measured-boot", problem))
         svc.devices.set_status(serial, DeviceState.QUARANTINED, reason=reason[:500], now=now)
+        if svc.monitor is not None and health is not None:
+            svc.monitor.note_checkin(health)
         return entry, manifest, problem, None
     # An accepted check-in by a device with an attestation key was attested (else it
     # quarantines): the key is registered exactly when it was. The claimed nonce is
     # replaced by the next one: the open ones cannot grow here (no bound to enforce).
     record, next_nonce = _nonce(dev, now=now, ttl=NEXT_NONCE_TTL, registered=entry.attested)
-    if not svc.checkins.accept_checkin(entry, nonce=manifest.nonce, next_nonce=record):
+    if not svc.checkins.accept_checkin(
+        entry, nonce=manifest.nonce, next_nonce=record, health=health
+    ):
         _refuse_unclaimed(svc, dev, manifest, now=now)
     if manifest.attack_flags:
         flags = ", ".join(manifest.attack_flags)
@@ -543,13 +556,6 @@ def run_checkin(
             entry, manifest, problem, next_nonce = _record(svc, dev, data)
             if problem is None and svc.answer_in_unit:
                 director = _answer(svc, dev, manifest, entry)
-            if svc.monitor is not None:  # fleet monitoring (ADR 0026): same transaction
-                svc.monitor.note_checkin(
-                    serial=dev.record.serial,
-                    hardware_id=dev.record.hardware_id,
-                    manifest=manifest,
-                    answer=director.encode() if director is not None else None,
-                )
     except CheckinRefusedError as e:
         if svc.monitor is not None:
             svc.monitor.checkin_refused(str(e))
@@ -557,14 +563,6 @@ def run_checkin(
     if problem is None and not svc.answer_in_unit:
         with svc.unit():  # its own unit, after the commit; the note joins it
             director = _answer(svc, dev, manifest, entry)
-            if svc.monitor is not None and director is not None:
-                svc.monitor.note_checkin(
-                    serial=dev.record.serial,
-                    hardware_id=dev.record.hardware_id,
-                    manifest=manifest,
-                    answer=director.encode(),
-                    only_instructed=True,
-                )
     serial = dev.record.serial
     if svc.monitor is not None:  # fleet monitoring (ADR 0026), after the commit
         svc.monitor.after_checkin(
@@ -604,16 +602,23 @@ def _answer(
     manifest: DeviceManifest,
     entry: CheckinRecord,
 ) -> str | None:
-    """The director's signed instruction for an accepted check-in (``None``: no director)."""
+    """The director's signed instruction for an accepted check-in (``None``: no director),
+    noted on the device's health row when it names an image (in the caller's unit)."""
     if svc.director is None:
         return None
-    return svc.director.answer(
-        serial=dev.record.serial,
-        hardware_id=dev.record.hardware_id,
+    serial, hardware_id = dev.record.serial, dev.record.hardware_id
+    answer = svc.director.answer(
+        serial=serial,
+        hardware_id=hardware_id,
         installed=manifest.installed,
         nonce=manifest.nonce,
         recorded=entry,
-    ).decode()
+    )
+    if svc.monitor is not None:
+        svc.monitor.note_instructed(
+            serial=serial, hardware_id=hardware_id, manifest=manifest, answer=answer
+        )
+    return answer.decode()
 
 
 def _checked_ak(pem: str) -> str:

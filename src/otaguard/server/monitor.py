@@ -46,6 +46,7 @@ from otaguard.server.storage.monitoring import (
     TELEMETRY_RETENTION,
     AlertRecord,
     DeviceHealth,
+    HealthNote,
     MonitorStore,
 )
 
@@ -164,39 +165,41 @@ class Monitor:
         self.counts["verification_failures", "checkin"] += 1
         logger.debug("check-in refusal counted: %s", reason)
 
-    def note_checkin(
-        self,
-        *,
-        serial: str,
-        hardware_id: str,
-        manifest: DeviceManifest,
-        answer: bytes | None,
-        only_instructed: bool = False,
-    ) -> None:
-        """Note the device's state of one check-in (one row write). Called inside the
-        check-in's unit of work, so it joins its transaction: on SQLite a second write
-        transaction per check-in contends for the file's lock (503s at 500 devices).
-
-        ``answer`` is the director's signed instruction (``None`` without a director, or
-        when the answer is signed after the commit: then it is noted again afterwards with
-        ``only_instructed``, which writes only when the answer names an image to install).
-        """
+    @staticmethod
+    def checkin_note(
+        *, serial: str, hardware_id: str, manifest: DeviceManifest, now: dt.datetime
+    ) -> HealthNote:
+        """The health row a check-in writes with its record (what the device runs; what it
+        is told to install comes after, :meth:`note_instructed`). The check-in store
+        writes it in the check-in's one statement (ADR 0036); on SQLite a second write
+        transaction per check-in contended for the file's lock (503s at 500 devices)."""
         installed = manifest.installed
-        running = installed.version if installed else "recovery"
-        image = (
-            instructed_image(answer, running=installed.name if installed else None)
-            if answer is not None
-            else None
-        )
-        if only_instructed and image is None:
-            return  # nothing to add to the row written inside the check-in's transaction
-        self.store.note_checkin(
-            serial,
+        return HealthNote(
+            serial=serial,
             hardware_id=hardware_id,
-            running_version=running,
-            instructed_image=image,
-            now=self.clock(),
+            running_version=installed.version if installed else "recovery",
+            instructed_image=None,
+            now=now,
         )
+
+    def note_checkin(self, note: HealthNote) -> None:
+        """Write ``note`` (a check-in the store did not write it with: a quarantine)."""
+        self.store.note_checkin(note)
+
+    def note_instructed(
+        self, *, serial: str, hardware_id: str, manifest: DeviceManifest, answer: bytes
+    ) -> None:
+        """The director's signed ``answer`` to an accepted check-in: when it names an image
+        to install, note it on the health row (the silence sweep watches the device);
+        otherwise the row the check-in wrote says it already (nothing written)."""
+        installed = manifest.installed
+        image = instructed_image(answer, running=installed.name if installed else None)
+        if image is None:
+            return
+        note = self.checkin_note(
+            serial=serial, hardware_id=hardware_id, manifest=manifest, now=self.clock()
+        )
+        self.store.note_checkin(dataclasses.replace(note, instructed_image=image))
 
     def after_checkin(
         self,

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # its module imports this one
+    from otaguard.server.storage.monitoring import HealthNote
 
 __all__ = [
     "MAX_BLOB_BYTES",
@@ -450,11 +453,20 @@ class CheckinStore(ABC):
         """Append a check-in to the device's history."""
 
     @abstractmethod
-    def accept_checkin(self, record: CheckinRecord, *, nonce: str, next_nonce: NonceRecord) -> bool:
+    def accept_checkin(
+        self,
+        record: CheckinRecord,
+        *,
+        nonce: str,
+        next_nonce: NonceRecord,
+        health: HealthNote | None,
+    ) -> bool:
         """An accepted check-in, all or nothing: claim ``nonce`` as :meth:`claim_nonce`
-        does (for the record's serial and certificate, at its time), append ``record`` and
-        issue ``next_nonce`` in the claimed one's place. ``False``: the nonce could not be
-        claimed and nothing was written (:meth:`get_nonce` says why)."""
+        does (for the record's serial and certificate, at its time), append ``record``,
+        issue ``next_nonce`` in the claimed one's place and write ``health`` to the
+        device's health row (fleet monitoring, ADR 0026; ``None``: not monitored).
+        ``False``: the nonce could not be claimed and nothing was written
+        (:meth:`get_nonce` says why)."""
 
     @abstractmethod
     def history(self, serial: str, *, limit: int) -> list[CheckinRecord]:

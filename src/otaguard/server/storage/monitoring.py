@@ -45,7 +45,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -60,8 +60,10 @@ __all__ = [
     "TELEMETRY_RETENTION",
     "AlertRecord",
     "DeviceHealth",
+    "HealthNote",
     "MonitorStore",
     "SQLMonitorStore",
+    "write_health_note",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,6 +158,29 @@ class DeviceHealth:
 
 
 @dataclass(frozen=True)
+class HealthNote:
+    """What a check-in writes to its device's health row: last seen ``now``, running
+    ``running_version``, told to install ``instructed_image`` (``None``: nothing)."""
+
+    serial: str
+    hardware_id: str
+    running_version: str
+    instructed_image: str | None
+    now: dt.datetime
+
+    def values(self) -> dict[str, Any]:
+        """The row's check-in columns (bounded as the table is)."""
+        image = self.instructed_image
+        return {
+            "hardware_id": self.hardware_id,
+            "last_seen": self.now,
+            "running_version": self.running_version[:64],
+            "instructed_image": image[:256] if image else None,
+            "instructed_at": self.now if image else None,
+        }
+
+
+@dataclass(frozen=True)
 class AlertRecord:
     """One explainable alert: signal, subject, observed value, threshold, action taken."""
 
@@ -217,16 +242,8 @@ class MonitorStore(ABC):
     """Device health, telemetry history and alerts."""
 
     @abstractmethod
-    def note_checkin(
-        self,
-        serial: str,
-        *,
-        hardware_id: str,
-        running_version: str,
-        instructed_image: str | None,
-        now: dt.datetime,
-    ) -> None:
-        """An accepted check-in: last seen now, what it runs, what it was told to install."""
+    def note_checkin(self, note: HealthNote) -> None:
+        """A check-in: last seen now, what it runs, what it was told to install."""
 
     @abstractmethod
     def health(self, serial: str) -> DeviceHealth | None:
@@ -317,6 +334,17 @@ _NOTE_CHECKIN: Final = (
 )
 
 
+def write_health_note(conn: Connection, note: HealthNote) -> None:
+    """Write ``note`` to its device's health row in ``conn``'s transaction (the row is
+    made at the device's first check-in or report)."""
+    values = note.values()
+    done = conn.execute(
+        _NOTE_CHECKIN, {"s": note.serial, **{f"v_{k}": v for k, v in values.items()}}
+    )
+    if done.rowcount == 0:
+        conn.execute(insert(health_table).values(serial=note.serial, **values))
+
+
 class SQLMonitorStore(MonitorStore):
     """:class:`MonitorStore` on any SQLAlchemy 2 database URL."""
 
@@ -327,30 +355,11 @@ class SQLMonitorStore(MonitorStore):
     def _fail(self, e: SQLAlchemyError, what: str) -> ServerStorageError:
         return storage_failure(e, f"monitor store {what} failed", self._engine)
 
-    def note_checkin(
-        self,
-        serial: str,
-        *,
-        hardware_id: str,
-        running_version: str,
-        instructed_image: str | None,
-        now: dt.datetime,
-    ) -> None:
+    def note_checkin(self, note: HealthNote) -> None:
         """See :meth:`MonitorStore.note_checkin`."""
-        values = {
-            "hardware_id": hardware_id,
-            "last_seen": now,
-            "running_version": running_version[:64],
-            "instructed_image": instructed_image[:256] if instructed_image else None,
-            "instructed_at": now if instructed_image else None,
-        }
         try:
             with writing(self._engine) as conn:
-                done = conn.execute(
-                    _NOTE_CHECKIN, {"s": serial, **{f"v_{k}": v for k, v in values.items()}}
-                )
-                if done.rowcount == 0:
-                    conn.execute(insert(health_table).values(serial=serial, **values))
+                write_health_note(conn, note)
         except SQLAlchemyError as e:
             raise self._fail(e, "write") from e
 
