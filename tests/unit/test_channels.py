@@ -11,6 +11,7 @@ from otaguard.model.release import ReleaseInfo
 from otaguard.model.version import Version
 from otaguard.server.channels import (
     MAX_SECURITY_DELAY,
+    UP_TO_DATE,
     Decision,
     DeviceFacts,
     GroupPolicy,
@@ -21,6 +22,7 @@ from otaguard.server.channels import (
     decide,
     evaluate,
     install_outcome,
+    nothing_newer,
     orphan_releases,
 )
 from otaguard.server.director import DirectorRelease
@@ -519,3 +521,33 @@ def test_orphan_releases_name_their_unknown_hardware() -> None:
     found = orphan_releases([rel("2.3.0"), typo], {"gw"})
     assert found == [(typo, ("gw-typo",))]
     assert orphan_releases([rel("2.3.0")], {"gw"}) == []
+
+
+@pytest.mark.parametrize(
+    ("running", "listed", "newer"),
+    [
+        ("2.4.0", ["2.3.1", "2.4.0"], False),  # on the newest: nothing to decide
+        ("2.3.0", ["2.3.1", "2.4.0"], True),  # a fix on its own line
+        ("2.4.0", ["2.4.1-rc1"], True),  # a pre-release newer than what runs
+        ("2.4.0-rc1", ["2.4.0"], True),  # the final release after its candidate
+        (None, ["2.4.0"], False),  # recovery: decide() chooses (not "nothing newer")
+    ],
+)
+def test_nothing_newer_is_exactly_when_decide_has_nothing_to_weigh(
+    running: str | None, listed: list[str], newer: bool
+) -> None:
+    """The policy skips reading a device's groups, opt-out and rollouts when nothing newer
+    is listed for its hardware (``nothing_newer``); decide() must then answer none with
+    nothing to explain, whatever those facts are. Another hardware's newer release does
+    not count."""
+    releases = [rel(v, kind="security") for v in listed] + [rel("9.0.0", hw="other")]
+    version = Version.parse(running) if running else None
+    skip = nothing_newer(hardware_id=HW, running=version, releases=releases)
+    assert skip == (running is not None and not newer)
+    everything = (view(ro(listed[-1], phases=(100,))),)
+    for facts in (dev(running), dev(running, no_features=True, groups=("all", "lab"))):
+        d = choose(facts, releases, everything)
+        if skip:
+            assert d == Decision(None, UP_TO_DATE)
+        else:
+            assert d.release is not None or d.reason != UP_TO_DATE

@@ -53,6 +53,7 @@ __all__ = [
     "MAX_SECURITY_DELAY",
     "MAX_WINDOW_CHARS",
     "ROLLOUT_STATES",
+    "UP_TO_DATE",
     "WINDOW_PATTERN",
     "Decision",
     "DeviceFacts",
@@ -65,6 +66,7 @@ __all__ = [
     "decide",
     "evaluate",
     "install_outcome",
+    "nothing_newer",
     "orphan_releases",
 ]
 
@@ -77,6 +79,8 @@ MAX_PHASES: Final = 10
 ROLLOUT_STATES: Final = ("active", "paused", "halted", "cancelled", "completed")
 #: a device's last install result with one of these outcomes counts as a failure
 FAILED_OUTCOMES: Final = frozenset({"failed", "rolled-back", "refused"})
+#: the reason of a decision that offers nothing and has nothing to explain
+UP_TO_DATE: Final = "up to date for its channels"
 #: characters of one device's reported error kept in a rollout's status and halt reason:
 #: a halt reason names up to ten devices and must fit the store's 4,000 characters
 MAX_ERROR_CHARS: Final = 200
@@ -353,6 +357,19 @@ def _assigned(a: Assignment, running: Version | None, mine: Sequence[DirectorRel
     return Decision(chosen, f"assigned {a.version} by an operator")
 
 
+def nothing_newer(
+    *, hardware_id: str, running: Version | None, releases: Sequence[DirectorRelease]
+) -> bool:
+    """Whether no release for ``hardware_id`` is newer than ``running`` (a known version):
+    then :func:`decide` answers nothing, with :data:`UP_TO_DATE`, for a device without an
+    assignment, whatever its groups, opt-out and rollouts (every rule offers, or explains
+    holding back, only a newer release). Most check-ins are such a device's: its policy
+    needs no more facts of it."""
+    return running is not None and not any(
+        hardware_id in r.info.hardware_ids and r.info.version > running for r in releases
+    )
+
+
 def decide(
     *,
     device: DeviceFacts,
@@ -377,6 +394,8 @@ def decide(
     running = device.running
     if device.assignment is not None:
         return _assigned(device.assignment, running, mine)
+    if nothing_newer(hardware_id=device.hardware_id, running=running, releases=mine):
+        return Decision(None, UP_TO_DATE)
     if running is None:
         final = [r for r in mine if not r.info.version.prerelease]
         best = max(final, key=lambda r: r.info.version, default=None)
@@ -405,7 +424,7 @@ def decide(
         if r.info.security_counter < floor and r.info.version > running
     )
     if not candidates:
-        return Decision(None, "; ".join(notes) or "up to date for its channels")
+        return Decision(None, "; ".join(notes) or UP_TO_DATE)
     return Decision(*max(candidates, key=lambda c: c[0].info.version))
 
 

@@ -33,6 +33,7 @@ from otaguard.model.manifest import DeviceManifest, printable_text
 from otaguard.model.version import Version
 from otaguard.server._periodic import PeriodicTask
 from otaguard.server.channels import (
+    UP_TO_DATE,
     Decision,
     DeviceFacts,
     Evaluation,
@@ -42,6 +43,7 @@ from otaguard.server.channels import (
     decide,
     evaluate,
     install_outcome,
+    nothing_newer,
     orphan_releases,
 )
 from otaguard.server.director import DirectorRelease
@@ -291,6 +293,13 @@ class ChannelPolicy:
         would cost a set-based evaluation per check-in of every updated device.
         """
         ro = self.rollouts
+        if assignment is None and nothing_newer(
+            hardware_id=hardware_id, running=running, releases=releases
+        ):
+            # most check-ins: a device on the newest release for its hardware, which no
+            # group, opt-out or rollout can change (decide() answers the same): nothing
+            # of the device to read (a statement per check-in, a fifth of its SQL)
+            return Decision(None, UP_TO_DATE)
         # this device's rows only (one indexed statement), not the inventory's whole
         # tables: the cost of a check-in must not grow with the fleet (ADR 0012)
         view = ro.inventory.store.device_view(serial)
