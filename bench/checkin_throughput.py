@@ -24,8 +24,10 @@ each: the ratio says what a check-in costs over serving a file. One worker's pro
 (py-spy, when installed) says where the time goes.
 
 The load generator is one Python process on the same two cores as the servers and
-nginx: its own TLS handshakes, signatures and verification take CPU from them (more per
-check-in than the whole server side), so the wall figures are a lower bound for a server
+nginx, on uvloop's event loop (its TLS layer in C: about an eighth less of the
+generator's CPU per check-in than asyncio's own, measured side by side): its own TLS
+handshakes, signatures and verification take CPU from them (less per check-in than the
+server side), so the wall figures are a lower bound for a server
 on its own machine. Beside them the bench reads, from ``/proc``, the CPU time the server
 side spent during the timed check-ins -- nginx and its workers, the otaguard processes,
 the PostgreSQL backends of the bench database -- and prints the CPU per check-in and the
@@ -43,7 +45,6 @@ Usage: python bench/checkin_throughput.py [--devices 1000,10000] [--workers 2]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import dataclasses
 import functools
@@ -62,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import uvloop
 from _nginx import prepare_nginx_dir, run_nginx
 
 from otaguard.crypto import read_public_key
@@ -78,6 +80,8 @@ PASSPHRASE: Final = b"bench passphrase"
 ADMIN_URL: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 FLOOR_RATE: Final = 350.0
 FLOOR_P99_MS: Final = 100.0
+#: nginx's CPU per full handshake on this kind of machine when the floor was set (issue 7)
+NGINX_REFERENCE_MS: Final = 1.3
 #: devices (other serials) checking in once, untimed, before the timed phase: the
 #: workers' connection pools fill, their caches and PostgreSQL's prepared statements are
 #: made, so the timed phase measures the steady state (a PostgreSQL backend started in it
@@ -471,21 +475,21 @@ def measure(  # noqa: PLR0917 - a script's helper
     sim = FleetSim(settings)
     warm = FleetSim(dataclasses.replace(settings, devices=WARMUP_DEVICES, serial_prefix="warmup"))
     t0 = time.perf_counter()
-    asyncio.run(sim.enroll(operator_token=s.token))
-    asyncio.run(warm.enroll(operator_token=s.token))
+    uvloop.run(sim.enroll(operator_token=s.token))
+    uvloop.run(warm.enroll(operator_token=s.token))
     enroll_s = time.perf_counter() - t0
-    asyncio.run(warm.run(cycles=1))  # untimed: pools, caches, prepared statements
+    uvloop.run(warm.run(cycles=1))  # untimed: pools, caches, prepared statements
     # untimed: each device's first contact (it asks for a nonce, installs 1.1.0 and keeps
     # the nonce its accepted check-in handed out, ADR 0036)
-    first = asyncio.run(sim.run(cycles=1))
+    first = uvloop.run(sim.run(cycles=1))
     sim.stats = FleetStats(devices=devices, enrolled=first.enrolled)
     on_start()
     cpu.start()
-    checkin = asyncio.run(sim.run(cycles=1))  # timed: the steady state, one request each
+    checkin = uvloop.run(sim.run(cycles=1))  # timed: the steady state, one request each
     server_cpu, generator_cpu = cpu.stop()
     # The same devices (checked in just now), the same TLS contexts, fresh counters.
     sim.stats = FleetStats(devices=devices, enrolled=checkin.enrolled)
-    static = asyncio.run(sim.run(cycles=1, static_path=STATIC_PATH))
+    static = uvloop.run(sim.run(cycles=1, static_path=STATIC_PATH))
     for stats in (checkin, static):
         for kind, n in stats.errors.items():
             print(f"    {topology} errors {kind}: {n} ({stats.error_examples[kind]})")
@@ -627,6 +631,18 @@ def report(results: list[Figures], profiles: list[str], workers: int) -> int:
     print("CPU per check-in (from /proc, the timed check-ins only):")
     for r in results:
         print(r.cpu_line())
+    # nginx's share is a TLS handshake and a proxied request whatever otaguard does: how
+    # fast this (virtual) machine ran during the run, which swings by a third here.
+    gauges = [
+        f"{r.topology} {r.devices}: {1000 * r.server_cpu['nginx'] / max(r.checkin.checkins, 1):.2f}"
+        for r in results
+        if "nginx" in r.server_cpu
+    ]
+    if gauges:
+        print(
+            f"machine speed: nginx ms per check-in {', '.join(gauges)} (about "
+            f"{NGINX_REFERENCE_MS} when the floor was set; higher is a slower machine)"
+        )
     print("where the time goes:")
     for line in profiles:
         print(line)
