@@ -33,6 +33,7 @@ closed (llhttp itself sets no such bound).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import ssl
@@ -66,6 +67,8 @@ CLIENT_CERT_HEADER: Final = "x-client-cert"
 CLIENT_VERIFY_HEADER: Final = "x-client-verify"
 # A URL-encoded P-256 certificate is about 1.2 KB; a header this long is not one.
 MAX_FORWARDED_CERT_BYTES: Final = 16 * 1024
+#: peer addresses whose trust is kept decided (the proxies, and any others that connect)
+PEERS_KEPT: Final = 1024
 #: a request line and headers may be this long (a device's request is a few hundred bytes;
 #: a forwarded certificate header about 1.2 KB); more is answered 431 and the connection closed
 MAX_REQUEST_HEADER_BYTES: Final = 16 * 1024
@@ -326,17 +329,23 @@ class ForwardedClientCert:
         """Wrap ``app``; ``trusted_proxies`` are the only peers whose headers count."""
         self._app = app
         self._trusted = tuple(trusted_proxies)
+        # Every request asks, from the same few proxies: parsing the address each time was
+        # a visible share of a check-in's event-loop work.
+        self._trusted_address = functools.lru_cache(maxsize=PEERS_KEPT)(self._check_address)
 
-    def _is_trusted(self, peer: Any) -> bool:
-        if not self._trusted or not peer:
-            return False
+    def _check_address(self, host: str) -> bool:
         try:
-            addr = ipaddress.ip_address(str(peer[0]))
+            addr = ipaddress.ip_address(host)
         except ValueError:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers this way
         return any(addr in net for net in self._trusted)
+
+    def _is_trusted(self, peer: Any) -> bool:
+        if not self._trusted or not peer:
+            return False
+        return bool(self._trusted_address(str(peer[0])))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Handle one ASGI call (only HTTP requests are touched)."""

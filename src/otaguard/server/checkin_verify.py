@@ -17,6 +17,7 @@ records the check-in. Checks (each refusal names its reason):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Final
 
 from cryptography import x509
@@ -37,6 +38,9 @@ __all__ = [
     "verify_manifest",
 ]
 
+#: device keys kept once made (as many as device_auth.VERIFIED_CERTIFICATES_KEPT: a fleet of
+#: 10,000 devices checking in in turn would otherwise make every key again)
+DEVICE_KEYS_KEPT: Final = 16384
 #: the securesystemslib scheme of device keys (EC P-256, as the device CA requires)
 ECDSA_P256_SCHEME: Final = "ecdsa-sha2-nistp256"
 
@@ -45,6 +49,9 @@ class CheckinRefusedError(AccessDeniedError):
     """A check-in was refused: bad signature, wrong serial, unknown/used/foreign nonce."""
 
 
+# A device presents the same certificate at every check-in for a day: its key is made
+# once, as the gate verifies the certificate once (as many kept as the gate keeps).
+@functools.lru_cache(maxsize=DEVICE_KEYS_KEPT)
 def device_key(certificate: x509.Certificate) -> SSlibKey:
     """The securesystemslib key of a device certificate's public key.
 
