@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import errno
 import functools
+import gc
 import ipaddress
 import logging
 import resource
@@ -321,6 +322,13 @@ def run_server(settings: ServerSettings) -> None:
     )
     if renewer is not None:
         renewer.start()
+    # What start-up made (the application, its routes and schema, keys, parsed metadata)
+    # lives as long as the process: out of the collector's generations, so that a full
+    # collection no longer walks it (a pause of every request in flight; the check-in
+    # bench's p99 and CPU both improved). Here, not in the application: a test process
+    # starts many applications, whose garbage must stay collectable.
+    gc.collect()
+    gc.freeze()
     try:
         _Server(config, tls_handshake_timeout=settings.tls_handshake_timeout).run(sockets=[sock])
     finally:
