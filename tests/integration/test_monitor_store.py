@@ -9,7 +9,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 from otaguard.server.storage.devices import SQLDeviceStore
-from otaguard.server.storage.monitoring import SQLMonitorStore, health_table
+from otaguard.server.storage.monitoring import HealthNote, SQLMonitorStore, health_table
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -29,9 +29,7 @@ def _fleet(engine: Engine) -> SQLMonitorStore:
         hw = seen[serial][0] if serial in seen else "hw1"
         devices.add(serial, hw, token_hash=serial * 64, token_expires=NOW + HOUR, now=NOW)
     for serial, (hw, running, image, when) in seen.items():
-        store.note_checkin(
-            serial, hardware_id=hw, running_version=running, instructed_image=image, now=when
-        )
+        store.note_checkin(HealthNote(serial, hw, running, image, when))
     return store
 
 
