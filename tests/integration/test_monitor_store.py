@@ -1,5 +1,6 @@
-"""The monitor store's sweep reads, on SQLite and on PostgreSQL: the database hands back
-the rows a sweep may raise for, not the whole fleet (ADR 0026)."""
+"""The monitor store's sweep reads and the metrics' counts, on SQLite and on PostgreSQL: the
+database hands back the rows a sweep may raise for and the counts, not the whole fleet
+(ADR 0026)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import datetime as dt
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
+from otaguard.server.storage.base import DeviceState
 from otaguard.server.storage.devices import SQLDeviceStore
 from otaguard.server.storage.monitoring import HealthNote, SQLMonitorStore, health_table
 
@@ -77,4 +79,18 @@ def test_running_versions_are_counted_by_the_database(db_engine: Engine) -> None
         ("hw1", "1.0.0"): 2,
         ("hw1", "2.0.0"): 1,
         ("hw2", "1.0.0"): 1,
+    }
+
+
+def test_device_states_are_counted_by_the_database(db_engine: Engine) -> None:
+    """/metrics counts devices per state with one grouped read, not a list of the fleet."""
+    _fleet(db_engine)
+    devices = SQLDeviceStore(db_engine)
+    devices.set_status("a", DeviceState.QUARANTINED, reason="test", now=NOW)
+    devices.set_status("b", DeviceState.QUARANTINED, reason="test", now=NOW)
+    devices.set_status("c", DeviceState.REVOKED, reason="test", now=NOW)
+    assert devices.status_counts() == {
+        DeviceState.QUARANTINED: 2,
+        DeviceState.REVOKED: 1,
+        DeviceState.REGISTERED: 2,
     }

@@ -96,7 +96,7 @@ class FleetCollector(Collector):
         yield from self._expiries(now)
 
     def _fleet(self) -> Iterable[Metric]:
-        by_status = Counter(d.status.value for d in self.devices.list())
+        by_status = {k.value: n for k, n in self.devices.status_counts().items()}
         devices = GaugeMetricFamily(
             "otaguard_devices", "Devices in the registry by status", labels=["status"]
         )

@@ -311,6 +311,15 @@ class DeviceStore(ABC):
         """
 
     @abstractmethod
+    def status_counts(self) -> dict[DeviceState, int]:
+        """Return how many devices are in each state (one read, whatever the fleet's
+        size; states no device is in are absent).
+
+        Raises:
+            ServerStorageError: the database failed.
+        """
+
+    @abstractmethod
     def set_status(
         self, serial: str, status: DeviceState, *, reason: str, now: dt.datetime
     ) -> DeviceRecord:

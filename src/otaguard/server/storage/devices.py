@@ -31,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     case,
     exists,
+    func,
     insert,
     select,
     update,
@@ -286,6 +287,16 @@ class SQLDeviceStore(DeviceStore):
                 return {str(r.hardware_id) for r in conn.execute(_HARDWARE_IDS)}
         except SQLAlchemyError as e:
             raise storage_failure(e, "device registry read failed", self._engine) from e
+
+    def status_counts(self) -> dict[DeviceState, int]:
+        """See :meth:`DeviceStore.status_counts`."""
+        status = devices_table.c.status
+        try:
+            with reading(self._engine) as conn:
+                rows = conn.execute(select(status, func.count()).group_by(status)).all()
+        except SQLAlchemyError as e:
+            raise storage_failure(e, "device registry read failed", self._engine) from e
+        return {DeviceState(r[0]): int(r[1]) for r in rows}
 
     def list(self) -> builtins.list[DeviceRecord]:
         """See :meth:`DeviceStore.list`."""
