@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,10 +19,30 @@ import urllib3
 from nginx_support import free_port
 from otaguard.server.auth import OPERATOR_TOKEN_FILE
 
-__all__ = ["ProcessServer"]
+__all__ = ["ProcessServer", "wait_healthy"]
 
 #: a server process answers /healthz within this (it imports the repository first)
 START_TIMEOUT_S: Final = 30.0
+
+
+def wait_healthy(
+    port: int, ctx: ssl.SSLContext, *, alive: Callable[[], bool], why: Callable[[], str]
+) -> None:
+    """Until the server on ``port`` answers ``/healthz`` (asserting, with ``why``, that it
+    stays ``alive`` meanwhile), at most :data:`START_TIMEOUT_S`."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert alive(), why()
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=2)
+        try:
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            conn.close()
+    raise AssertionError(f"the server on port {port} did not come up")
 
 
 class ProcessServer:
@@ -58,19 +79,10 @@ class ProcessServer:
 
     def _wait_healthy(self) -> None:
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
-            conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=2)
-            try:
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-            finally:
-                conn.close()
-        raise AssertionError("the server did not come up")
+        wait_healthy(
+            self.port, ctx, alive=lambda: self.proc.poll() is None,
+            why=lambda: self.log_path.read_text()[-2000:],
+        )  # fmt: skip
 
     def get(self, path: str) -> Any:
         """GET ``path`` with the operator token; the JSON answer (200 asserted)."""

@@ -40,11 +40,11 @@ from otaguard.server.client import FleetClient
 from otaguard.server.ops_client import OpsClient
 from otaguard.server.rollout_client import RolloutClient
 from otaguard.server.storage import upgrade_database
+from process_server import wait_healthy
 
 #: a password in B's URL: PostgreSQL's trust authentication never asks for it, so it can
 #: only ever show up in B's output if otaguard leaked it
 PASSWORD = "s3cret-db-password"
-STARTUP_SECONDS = 30
 
 
 def _csr(serial: str) -> bytes:
@@ -77,22 +77,6 @@ def _enroll(port: int, ctx: ssl.SSLContext, serial: str, token: str) -> tuple[in
         conn.close()
 
 
-def _wait_up(port: int, ctx: ssl.SSLContext, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0]
-        try:
-            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.1)
-        finally:
-            conn.close()
-    raise AssertionError("server B did not come up")
-
-
 def test_two_servers_share_the_registry_and_a_raced_token_enrolls_once(
     postgres_url: str, tmp_path: Path
 ) -> None:
@@ -113,7 +97,9 @@ def test_two_servers_share_the_registry_and_a_raced_token_enrolls_once(
     output = ""
     try:
         ctx = ssl.create_default_context(cafile=str(paths.ca_cert))
-        _wait_up(port_b, ctx, proc)
+        wait_healthy(
+            port_b, ctx, alive=lambda: proc.poll() is None, why=lambda: proc.communicate()[0]
+        )
         base_b = f"https://127.0.0.1:{port_b}"
         with FleetClient(
             server_url=a.base_url, ca_cert=paths.ca_cert, token=a.operator_token
